@@ -45,6 +45,7 @@ class SendRequest:
     path: str
     deadline: float
     body: bytes = field(repr=False)
+    scheduled_at: float = 0.0  # when a POLL was due on the grid (else when it was issued)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +100,5 @@ class KeyRejected:
     keeper_ids: tuple[int, ...]
 
 
-Report = (
-    KeeperStateChanged | KeeperReseeded | KeeperMisbehaved | PhaseChanged | KeyRecovered | KeyRejected
-)
+Report = KeeperStateChanged | KeeperReseeded | KeeperMisbehaved | PhaseChanged | KeyRecovered | KeyRejected
 Effect = SendRequest | Report

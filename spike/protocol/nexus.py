@@ -288,7 +288,7 @@ class NexusCustody:
                 self._keepers[op.keeper_id].op = None
                 self._failed(self._keepers[op.keeper_id], "no answer before the deadline", now)
             else:
-                self._poll(self._keepers[entry[3]], now)
+                self._poll(self._keepers[entry[3]], now, scheduled=entry[0])
 
     def receive(self, answer: Answer, now: float) -> None:
         """Feed the outcome of a `SendRequest`.  Late or unknown answers are ignored."""
@@ -313,12 +313,8 @@ class NexusCustody:
         for one that does not fit this Nexus's keepers and threshold, and
         `AlreadyInitialised` when another record is in place and not `replace`.
         """
-        record.validate()
-        self._check_record(record)
-        if self._record == record:
+        if not self.check_initialise(record, replace=replace):
             return False
-        if self._record is not None and not replace:
-            raise AlreadyInitialised(f"already initialised with key epoch {self._record.epoch}")
         self._forget_key()
         self._record = record
         self._from_operator.clear()
@@ -333,6 +329,19 @@ class NexusCustody:
             keeper.cycle = 0
             keeper.next_poll_at = now
             self._push_timer(now, _POLL, keeper.id)
+        return True
+
+    def check_initialise(self, record: KeyRecord, *, replace: bool = False) -> bool:
+        """Raise what `initialise` would raise; True if it would change anything.
+
+        Lets a caller persist a record only once it is known to be acceptable.
+        """
+        record.validate()
+        self._check_record(record)
+        if self._record == record:
+            return False
+        if self._record is not None and not replace:
+            raise AlreadyInitialised(f"already initialised with key epoch {self._record.epoch}")
         return True
 
     def submit_shard(self, share: Share, now: float) -> RestoreProgress:
@@ -389,7 +398,7 @@ class NexusCustody:
         offset = (2.0 * self._rng.random() - 1.0) * self._schedule.jitter * interval
         return self._anchor + keeper.slot + cycle * interval + offset
 
-    def _poll(self, keeper: _Keeper, now: float) -> None:
+    def _poll(self, keeper: _Keeper, now: float, *, scheduled: float) -> None:
         if keeper.op is not None:  # cannot happen while deadlines are capped; kept as a guard
             self._inflight.pop(keeper.op.request_id, None)
             keeper.op = None
@@ -405,9 +414,17 @@ class NexusCustody:
         self._push_timer(due, _POLL, keeper.id)
         keeper.polls += 1
         keeper.last_poll_at = now
-        self._send(keeper, RequestKind.POLL, KEEPER_SHARD_PATH, _EMPTY_BODY, now)
+        self._send(keeper, RequestKind.POLL, KEEPER_SHARD_PATH, _EMPTY_BODY, now, scheduled)
 
-    def _send(self, keeper: _Keeper, kind: RequestKind, path: str, body: bytes, now: float) -> None:
+    def _send(
+        self,
+        keeper: _Keeper,
+        kind: RequestKind,
+        path: str,
+        body: bytes,
+        now: float,
+        scheduled: float | None = None,
+    ) -> None:
         request_id = self._next_request_id
         self._next_request_id += 1
         deadline = min(now + self._schedule.request_timeout, keeper.next_poll_at)
@@ -415,7 +432,11 @@ class NexusCustody:
         keeper.op = op
         self._inflight[request_id] = op
         self._push_timer(deadline, _TIMEOUT, request_id)
-        self._effects.append(SendRequest(keeper.id, request_id, kind, path, deadline, body))
+        self._effects.append(
+            SendRequest(
+                keeper.id, request_id, kind, path, deadline, body, now if scheduled is None else scheduled
+            )
+        )
 
     def _push(self, keeper: _Keeper, now: float) -> None:
         record = self._require_record()
@@ -482,7 +503,7 @@ class NexusCustody:
             self._misbehaved(keeper, problem, now)
             self._after_read(keeper, regular, needs_seed=True, now=now)
             return
-        self._set_state(keeper, KeeperState.HOLDING, now)
+        self._set_state(keeper, KeeperState.HOLDING, now, "" if regular else "re-seeded and confirmed")
         keeper.needs_seed = False
         if not regular:
             keeper.reseeds += 1
