@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from spike.app.devca import DevIdentity, mint_dev_identity

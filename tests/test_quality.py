@@ -1,0 +1,45 @@
+"""Repository-level checks that belong in the test command: lint, types, docs match CI."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=False)
+
+
+def test_ruff_is_clean() -> None:
+    result = _run(str(BIN / "ruff"), "check", "spike", "tests")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_strict_is_clean() -> None:
+    result = _run(str(BIN / "mypy"), "spike")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_readme_opens_with_exactly_two_commands_and_ci_runs_the_second() -> None:
+    readme = (ROOT / "README.md").read_text()
+    first_section = readme.split("\n## ", 2)[1]
+    commands = re.findall(r"```sh\n(.*?)\n```", first_section, flags=re.S)
+    assert len(commands) == 2, commands
+    assert all("\n" not in c for c in commands)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert commands[1] in ci.splitlines(), "the README's test command must be what .ci/run runs"
+
+
+def test_protocol_imports_no_io_modules() -> None:
+    code = (
+        "import sys, spike.protocol; "
+        "bad = [m for m in ('anyio', 'h11', 'ssl', 'socket', 'asyncio', 'logging') if m in sys.modules]; "
+        "print(bad); raise SystemExit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout
