@@ -189,6 +189,9 @@ class NexusCustody:
         self._recovery_started = now
         self._phase = Phase.UNINITIALISED
         if record is not None:
+            # A stored record is checked like one from bootstrap (`initialise`): a
+            # malformed one would otherwise raise later, inside `receive`.
+            record.validate()
             self._check_record(record)
             self._record = record
             self._phase = Phase.RECOVERING

@@ -1,0 +1,758 @@
+"""NexusCustody, rule by rule (see the module docstring of spike.protocol.nexus)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections.abc import Callable
+
+import msgspec
+import pytest
+from core_helpers import OTHER_KEY_INT, ConstantRandom, Rig, key_from_int, of_type, shard_body
+
+from spike.protocol import (
+    KEEPER_CONTRIBUTE_PATH,
+    KEEPER_SHARD_PATH,
+    AlreadyInitialised,
+    ApiRequest,
+    Effect,
+    Keeper,
+    KeeperMisbehaved,
+    KeeperReseeded,
+    KeeperState,
+    KeeperStateChanged,
+    KeyRecord,
+    KeyRecovered,
+    KeyRejected,
+    LocalProtocolError,
+    NexusCustody,
+    Phase,
+    PhaseChanged,
+    PollSchedule,
+    RemoteProtocolError,
+    RequestFailed,
+    RequestKind,
+    ResponseReceived,
+    RestoreProgress,
+    Role,
+    SendRequest,
+    ShamirError,
+    ShardContribution,
+    Share,
+    ShareRejected,
+    TrustDomains,
+    deal,
+    seal_key,
+    share_for,
+)
+from spike.protocol.wire import decode
+
+NOT_FOUND = b'{"err":"api_not_found"}'
+GO_EMPTY = b'{"err":"api_bad_request"}'
+
+
+def pushed_share(request: SendRequest) -> ShardContribution:
+    assert request.kind is RequestKind.PUSH
+    assert request.path == KEEPER_CONTRIBUTE_PATH
+    return decode(request.body, ShardContribution)
+
+
+# ---------------------------------------------------------------- construction
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"interval": 0.0},
+        {"interval": -1.0},
+        {"interval": math.inf},
+        {"interval": math.nan},
+        {"jitter": -0.01},
+        {"jitter": 0.26},
+        {"request_timeout": 0.0},
+        {"request_timeout": 5.01},
+    ],
+)
+def test_poll_schedule_rejects_nonsense(kwargs: dict[str, float]) -> None:
+    with pytest.raises(LocalProtocolError):
+        PollSchedule(**{"interval": 5.0, **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("ids", "threshold"), [((1, 2), 3), ((1, 2), 0), ((1, 1, 2), 2), ((0, 1), 1), ((), 1)]
+)
+def test_custody_rejects_bad_shamir_parameters(ids: tuple[int, ...], threshold: int) -> None:
+    with pytest.raises(ShamirError):
+        NexusCustody(ids, threshold=threshold, schedule=PollSchedule(), rng=random.Random(0), now=0.0)
+
+
+def test_custody_rejects_a_record_for_other_keepers_or_threshold() -> None:
+    rig = Rig()
+    for ids, threshold in (((1, 2, 4), 2), ((1, 2, 3), 3), ((1, 2), 2)):
+        with pytest.raises(LocalProtocolError):
+            NexusCustody(
+                ids,
+                threshold=threshold,
+                schedule=rig.schedule,
+                rng=random.Random(0),
+                now=0.0,
+                record=rig.record,
+            )
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [{"epoch": 2**63}, {"epoch": -1}, {"check": b"\x00" * 31}, {"commitments": {}}],
+    ids=["epoch-too-big", "epoch-negative", "short-check", "no-commitments"],
+)
+def test_custody_refuses_a_malformed_stored_record_up_front(broken: dict[str, object]) -> None:
+    # A record read back from storage is as untrusted as one from bootstrap:
+    # it must be refused when the machine is built, not blow up later inside
+    # `receive` when a keeper's shard is checked against it.
+    record = msgspec.structs.replace(Rig().record, **broken)
+    with pytest.raises(RemoteProtocolError):
+        NexusCustody(
+            (1, 2, 3), threshold=2, schedule=PollSchedule(), rng=random.Random(0), now=0.0, record=record
+        )
+
+
+def test_a_new_custody_with_a_record_is_recovering_without_a_key() -> None:
+    rig = Rig()
+    assert rig.custody.phase is Phase.RECOVERING
+    assert rig.custody.shards_needed == 2
+    assert rig.custody.effects() == []
+    with pytest.raises(LocalProtocolError, match="no root key"):
+        _ = rig.custody.root_key
+    assert all(v.state is KeeperState.UNKNOWN for v in rig.custody.keepers())
+
+
+# ---------------------------------------------------------------- polling schedule
+
+
+def test_first_round_of_polls_is_immediate() -> None:
+    rig = Rig(now=100.0)
+    assert rig.custody.next_deadline() == 100.0
+    rig.custody.handle_timer(99.99)
+    assert rig.custody.effects() == []
+    polls = rig.requests(rig.start(), RequestKind.POLL)
+    assert sorted(p.keeper_id for p in polls) == [1, 2, 3]
+    for poll in polls:
+        assert (poll.path, poll.body, poll.deadline) == (KEEPER_SHARD_PATH, b"{}", 102.0)
+    assert len({p.request_id for p in polls}) == 3
+
+
+def test_keepers_are_spread_over_the_interval_on_their_own_phase() -> None:
+    rig = Rig(ids=(1, 2, 3), interval=9.0, jitter=0.0, now=0.0)
+    rig.start()
+    assert [v.next_poll_at for v in rig.custody.keepers()] == [9.0, 12.0, 15.0]
+    assert rig.custody.next_deadline() == 2.0  # the first timeouts come first
+
+
+Answerer = Callable[[Rig, SendRequest], list[Effect]]
+
+
+def poll_times(rig: Rig, until: float, answer: Answerer) -> dict[int, list[float]]:
+    """Run `rig` until `until`, answering each request with `answer`; return POLL times per keeper."""
+    times: dict[int, list[float]] = {i: [] for i in rig.custody.keeper_ids}
+    queue = rig.requests(rig.start())
+    while True:
+        while queue:
+            request = queue.pop(0)
+            if request.kind is RequestKind.POLL:
+                times[request.keeper_id].append(rig.now)
+            view = rig.view(request.keeper_id)
+            assert request.deadline <= view.next_poll_at, "a request outlives the next poll"
+            assert request.deadline <= rig.now + rig.schedule.request_timeout
+            queue += rig.requests(answer(rig, request))
+        if rig.custody.next_deadline() > until:
+            return times
+        queue += rig.requests(rig.tick())
+
+
+def answer_correctly(rig: Rig, request: SendRequest) -> list[Effect]:
+    if request.kind is RequestKind.PUSH:
+        return rig.reply(request.keeper_id, 200)
+    return rig.reply_shard(request.keeper_id)
+
+
+def answer_badly(rig: Rig, request: SendRequest) -> list[Effect]:
+    """A rotating menu of every bad answer; no correct shard is ever given."""
+    choice = (request.request_id + request.keeper_id) % 7
+    wrong = share_for(key_from_int(OTHER_KEY_INT), epoch=7, threshold=2, id=request.keeper_id)
+    if choice == 0:
+        return rig.reply(request.keeper_id, 404, NOT_FOUND)
+    if choice == 1:
+        return rig.reply(request.keeper_id, 400, GO_EMPTY)
+    if choice == 2:
+        return rig.reply(request.keeper_id, 200, b"\x00garbage")
+    if choice == 3:
+        return rig.reply_shard(request.keeper_id, wrong)
+    if choice == 4:
+        return rig.fail(request.keeper_id)
+    if choice == 5:
+        return rig.reply(request.keeper_id, 500, b"oops")
+    return []  # never answered: the request times out
+
+
+def answer_one_keeper_always_empty(rig: Rig, request: SendRequest) -> list[Effect]:
+    if request.keeper_id == 3 and request.kind is not RequestKind.PUSH:
+        return rig.reply(3, 404, NOT_FOUND)
+    return answer_correctly(rig, request)
+
+
+@pytest.mark.parametrize(
+    "answer", [answer_badly, answer_one_keeper_always_empty], ids=["bad-answers", "one-always-empty"]
+)
+def test_the_poll_schedule_does_not_depend_on_what_keepers_answer(answer: Answerer) -> None:
+    good = poll_times(Rig(seed=42, jitter=0.2), 100.0 + 40 * 10.0, answer_correctly)
+    other = poll_times(Rig(seed=42, jitter=0.2), 100.0 + 40 * 10.0, answer)
+    assert other == good
+    assert all(len(times) >= 39 for times in good.values())
+
+
+def test_poll_gaps_stay_within_interval_and_jitter() -> None:
+    jitter, interval = 0.25, 10.0
+    times = poll_times(Rig(ids=(1, 2, 3, 4), seed=3, jitter=jitter, interval=interval), 2000.0, answer_badly)
+    for keeper_id, polls in times.items():
+        gaps = [b - a for a, b in itertools.pairwise(polls)]
+        assert interval * (1 - jitter) <= gaps[0] <= interval * (2 + jitter), keeper_id
+        for gap in gaps[1:]:
+            assert interval * (1 - 2 * jitter) <= gap <= interval * (1 + 2 * jitter), keeper_id
+        assert 2000.0 - polls[-1] <= interval * (1 + 2 * jitter), "a keeper stopped being polled"
+
+
+def test_deadlines_are_capped_at_the_next_poll() -> None:
+    # With the timeout as long as the interval, the cap is what keeps a request
+    # from outliving the next poll; poll_times() asserts it for every request.
+    rig = Rig(seed=5, jitter=0.25, interval=4.0, timeout=4.0)
+    capped: list[SendRequest] = []
+
+    def never_answer(rig: Rig, request: SendRequest) -> list[Effect]:
+        if request.deadline < rig.now + rig.schedule.request_timeout:
+            capped.append(request)
+        return []
+
+    poll_times(rig, 400.0, never_answer)
+    assert capped, "the cap never bound, so this test checked nothing"
+    assert all(v.state is KeeperState.UNREACHABLE for v in rig.custody.keepers())
+
+
+def test_a_keeper_that_keeps_failing_costs_at_most_three_requests_per_interval() -> None:
+    rig = Rig(seed=9, jitter=0.0)
+    per_keeper3: list[tuple[float, RequestKind]] = []
+
+    def answer(rig: Rig, request: SendRequest) -> list[Effect]:
+        if request.keeper_id == 3:
+            per_keeper3.append((rig.now, request.kind))
+        return answer_one_keeper_always_empty(rig, request)
+
+    poll_times(rig, 100.0 + 20 * 10.0, answer)
+    kinds = [k for _, k in per_keeper3]
+    assert kinds.count(RequestKind.PUSH) >= 19  # re-seeded after every poll once ready
+    for start in range(100, 300, 10):
+        in_window = [t for t, _ in per_keeper3 if start + 6 <= t < start + 16]  # keeper 3's slot is +6.67
+        assert len(in_window) <= 3
+
+
+# ---------------------------------------------------------------- recovering
+
+
+def test_key_is_recovered_from_threshold_verified_shards() -> None:
+    rig = Rig()
+    rig.start()
+    rig.reply_shard(1)
+    assert rig.custody.phase is Phase.RECOVERING
+    assert rig.custody.shards_needed == 1
+    effects = rig.reply_shard(2)
+    [recovered] = of_type(effects, KeyRecovered)
+    assert (recovered.epoch, recovered.keeper_ids, recovered.source, recovered.started_at) == (
+        7,
+        (1, 2),
+        "keepers",
+        100.0,
+    )
+    assert of_type(effects, PhaseChanged) == [PhaseChanged(Phase.RECOVERING, Phase.READY, rig.now)]
+    assert rig.custody.phase is Phase.READY
+    assert rig.custody.root_key == rig.key
+    assert rig.custody.shards_needed == 0
+    assert rig.requests(effects) == []  # keeper 3 has a poll in flight: nothing to push yet
+    rig.reply_shard(3)
+    assert rig.custody.redundancy == 1
+
+
+def test_go_keeper_answers_without_extension_fields_are_verified_by_commitment() -> None:
+    rig = Rig()
+    rig.start()
+    rig.reply_shard(1, extension=False)
+    rig.reply_shard(3, extension=False)
+    assert rig.custody.phase is Phase.READY
+    assert rig.custody.root_key == rig.key
+
+
+@pytest.mark.parametrize("bad_position", [0, 1, 2, 3])
+def test_three_of_five_with_one_bad_shard_among_four_names_and_skips_it(bad_position: int) -> None:
+    rig = Rig(ids=(1, 2, 3, 4, 5), threshold=3)
+    rig.start()
+    order = [1, 2, 4, 5]
+    bad = order[bad_position]
+    effects = []
+    for keeper_id in order:
+        if keeper_id == bad:
+            wrong = share_for(key_from_int(OTHER_KEY_INT), epoch=7, threshold=3, id=bad)
+            effects += rig.reply_shard(bad, wrong)
+        else:
+            effects += rig.reply_shard(keeper_id)
+    [recovered] = of_type(effects, KeyRecovered)
+    assert bad not in recovered.keeper_ids
+    assert len(recovered.keeper_ids) == 3
+    assert rig.custody.root_key == rig.key
+    assert [m.keeper_id for m in of_type(effects, KeeperMisbehaved)] == [bad]
+    assert rig.state(bad) is KeeperState.WRONG_SHARD
+    # ... and the bad keeper gets its own shard as soon as the key is known.
+    [push] = rig.requests(effects, RequestKind.PUSH)
+    assert push.keeper_id == bad
+    assert pushed_share(push).shard_bytes() == rig.shares[bad].secret_bytes()
+
+
+def test_not_enough_verified_shards_means_no_key() -> None:
+    rig = Rig(ids=(1, 2, 3, 4, 5), threshold=3)
+    rig.start()
+    rig.reply_shard(1)
+    rig.reply_shard(2, rig.shares[1])  # keeper 1's shard, offered by keeper 2
+    rig.reply(3, 404, NOT_FOUND)
+    rig.fail(4)
+    rig.reply_shard(5)
+    assert rig.custody.phase is Phase.RECOVERING
+    assert rig.custody.shards_needed == 1
+    with pytest.raises(LocalProtocolError):
+        _ = rig.custody.root_key
+
+
+def test_verified_shards_from_different_rounds_add_up() -> None:
+    rig = Rig()
+    rig.start()
+    rig.reply_shard(1)
+    rig.fail(2)
+    rig.fail(3)
+    while 2 not in rig.pending or rig.pending[2].request_id < 4:
+        rig.tick()
+    effects = rig.reply_shard(2)
+    assert of_type(effects, KeyRecovered)[0].keeper_ids == (1, 2)
+
+
+def test_commitments_matching_but_check_value_failing_is_key_rejected() -> None:
+    rig = Rig()
+    record = msgspec.structs.replace(rig.record, check=bytes(32))
+    rig = Rig(record=record)
+    rig.start()
+    rig.reply_shard(1)
+    effects = rig.reply_shard(2)
+    assert of_type(effects, KeyRejected) == [KeyRejected(7, rig.now, (1, 2))]
+    assert of_type(effects, KeyRecovered) == []
+    assert rig.custody.phase is Phase.RECOVERING
+    assert rig.requests(effects) == []
+    with pytest.raises(LocalProtocolError):
+        _ = rig.custody.root_key
+    # The shards are dropped: one more shard is not enough to try again.
+    assert of_type(rig.reply_shard(3), KeyRejected) == []
+
+
+# ---------------------------------------------------------------- keeper states and reports
+
+
+def test_repeated_404s_are_one_state_change_and_counted() -> None:
+    rig = Rig(ids=(1, 2), threshold=2)
+    rig.start()
+    for _ in range(5):
+        while 1 not in rig.pending:
+            rig.tick()
+        rig.reply(1, 404, NOT_FOUND)
+    view = rig.view(1)
+    assert (view.state, view.empty_answers, view.polls) == (KeeperState.EMPTY, 5, 5)
+    assert [(c.previous, c.state) for c in rig.changes(1)] == [(KeeperState.UNKNOWN, KeeperState.EMPTY)]
+
+
+def run_to_ready_with_keeper3(rig: Rig, status: int, body: bytes) -> list[object]:
+    rig.recover(1, 2)
+    return list(rig.reply(3, status, body))
+
+
+@pytest.mark.parametrize(
+    ("status", "body"), [(404, NOT_FOUND), (400, GO_EMPTY)], ids=["404", "go-keeper-400"]
+)
+def test_an_empty_keeper_is_pushed_confirmed_and_reported_reseeded(status: int, body: bytes) -> None:
+    rig = Rig()
+    effects = run_to_ready_with_keeper3(rig, status, body)
+    assert rig.state(3) is KeeperState.EMPTY
+    [push] = rig.requests(effects)  # type: ignore[arg-type]
+    assert push.keeper_id == 3
+    contribution = pushed_share(push)
+    assert contribution.shard_bytes() == rig.shares[3].secret_bytes()
+    assert (contribution.id, contribution.epoch) == (3, 7)
+
+    # Hand the push to a real keeper, then feed its real answers back.
+    keeper = Keeper(TrustDomains())
+    nexus = TrustDomains().id_of(Role.NEXUS)
+    stored = keeper.handle(ApiRequest("POST", push.path, nexus, push.body)).response
+    [confirm] = rig.requests(rig.reply(3, stored.status, stored.body), RequestKind.CONFIRM)
+    assert (confirm.path, confirm.body) == (KEEPER_SHARD_PATH, b"{}")
+    answer = keeper.handle(ApiRequest("POST", confirm.path, nexus, confirm.body)).response
+    effects = rig.reply(3, answer.status, answer.body)
+    assert of_type(effects, KeeperReseeded) == [KeeperReseeded(3, rig.now, KeeperState.EMPTY)]
+    assert [(c.keeper_id, c.previous, c.state, c.at) for c in of_type(effects, KeeperStateChanged)] == [
+        (3, KeeperState.EMPTY, KeeperState.HOLDING, rig.now)
+    ]
+    assert rig.requests(effects) == []
+    assert rig.view(3).reseeds == 1
+    assert rig.custody.redundancy == 1
+    assert [(c.previous, c.state) for c in rig.changes(3)] == [
+        (KeeperState.UNKNOWN, KeeperState.EMPTY),
+        (KeeperState.EMPTY, KeeperState.HOLDING),
+    ]
+
+
+def test_an_empty_answer_before_recovery_is_pushed_the_moment_the_key_is_known() -> None:
+    rig = Rig()
+    rig.start()
+    assert rig.requests(rig.reply(3, 404, NOT_FOUND)) == []
+    rig.reply_shard(1)
+    effects = rig.reply_shard(2)
+    assert of_type(effects, KeyRecovered)
+    [push] = rig.requests(effects)
+    assert push.keeper_id == 3
+    assert pushed_share(push).shard_bytes() == rig.shares[3].secret_bytes()
+
+
+WRONG_SHARDS: dict[str, tuple[Callable[[Rig], Share], bool, str]] = {
+    "stale-epoch-labelled": (
+        lambda r: share_for(r.key, epoch=6, threshold=2, id=3),
+        True,
+        "stale shard of epoch 6",
+    ),
+    "stale-epoch-go": (lambda r: share_for(r.key, epoch=6, threshold=2, id=3), False, "commitment"),
+    "other-keeper-labelled": (lambda r: r.shares[1], True, "shard of keeper 1"),
+    "other-keeper-go": (lambda r: r.shares[1], False, "commitment"),
+    "other-key": (
+        lambda r: share_for(key_from_int(OTHER_KEY_INT), epoch=7, threshold=2, id=3),
+        True,
+        "commitment",
+    ),
+    "random-bytes": (lambda r: Share(3, 7, random.Random(1).randbytes(32)), False, "commitment"),
+    "all-zero": (lambda r: Share(3, 7, bytes(32)), False, "commitment"),
+}
+
+
+@pytest.mark.parametrize("case", WRONG_SHARDS.values(), ids=WRONG_SHARDS.keys())
+def test_a_wrong_shard_when_ready_is_reported_and_replaced(
+    case: tuple[Callable[[Rig], Share], bool, str],
+) -> None:
+    make, extension, problem = case
+    rig = Rig()
+    rig.recover(1, 2)
+    effects = rig.reply_shard(3, make(rig), extension=extension)
+    [misbehaved] = of_type(effects, KeeperMisbehaved)
+    assert misbehaved.keeper_id == 3
+    assert problem in misbehaved.problem
+    view = rig.view(3)
+    assert view.state is KeeperState.WRONG_SHARD
+    assert problem in view.detail
+    [push] = rig.requests(effects)
+    assert pushed_share(push).shard_bytes() == rig.shares[3].secret_bytes()
+    rig.reply(3, 200)
+    effects = rig.reply_shard(3)
+    assert of_type(effects, KeeperReseeded) == [KeeperReseeded(3, rig.now, KeeperState.WRONG_SHARD)]
+    assert rig.custody.root_key == rig.key
+
+
+@pytest.mark.parametrize("case", WRONG_SHARDS.values(), ids=WRONG_SHARDS.keys())
+def test_a_wrong_shard_while_recovering_is_left_out(case: tuple[Callable[[Rig], Share], bool, str]) -> None:
+    make, extension, _ = case
+    rig = Rig()
+    rig.start()
+    rig.reply_shard(1)
+    effects = rig.reply_shard(3, make(rig), extension=extension)
+    assert [m.keeper_id for m in of_type(effects, KeeperMisbehaved)] == [3]
+    assert rig.custody.phase is Phase.RECOVERING
+    effects = rig.reply_shard(2)
+    assert of_type(effects, KeyRecovered)[0].keeper_ids == (1, 2)
+    assert rig.custody.root_key == rig.key
+
+
+GARBAGE: dict[str, tuple[int, bytes]] = {
+    "invalid-json": (200, b"{not json"),
+    "binary": (200, bytes(range(256))),
+    "empty-body": (200, b""),
+    "empty-object": (200, b"{}"),
+    "null": (200, b"null"),
+    "shard-string": (200, b'{"shard":"AAAA"}'),
+    "shard-floats": (200, msgspec.json.encode({"shard": [1.5] * 32})),
+    "31-bytes": (200, msgspec.json.encode({"shard": [1] * 31})),
+    "33-bytes": (200, msgspec.json.encode({"shard": [1] * 33})),
+    "value-256": (200, msgspec.json.encode({"shard": [256] * 32})),
+    "out-of-field": (200, msgspec.json.encode({"shard": [255] * 32})),
+    "bad-id-field": (200, msgspec.json.encode({"shard": [1] * 32, "id": 0})),
+    "http-500": (500, b'{"err":"api_internal_error"}'),
+    "http-401": (401, b'{"err":"access_unauthorized"}'),
+    "http-302": (302, b""),
+}
+
+
+@pytest.mark.parametrize(("ready", "case"), [(r, c) for r in (False, True) for c in GARBAGE], ids=str)
+def test_garbage_answers_become_bad_answer_reports_not_exceptions(ready: bool, case: str) -> None:
+    status, body = GARBAGE[case]
+    rig = Rig()
+    if ready:
+        rig.recover(1, 2)
+    else:
+        rig.start()
+    effects = rig.reply(3, status, body)
+    assert rig.state(3) is KeeperState.BAD_ANSWER
+    assert [m.keeper_id for m in of_type(effects, KeeperMisbehaved)] == [3]
+    assert rig.custody.phase is (Phase.READY if ready else Phase.RECOVERING)
+    # Polling goes on as before.
+    while 3 not in rig.pending or rig.pending[3].kind is not RequestKind.POLL:
+        rig.tick()
+    assert rig.view(3).polls == 2
+
+
+def test_failures_and_timeouts_make_a_keeper_unreachable() -> None:
+    rig = Rig()
+    rig.start()
+    rig.fail(1, "connection refused")
+    assert (rig.state(1), rig.view(1).detail, rig.view(1).failures) == (
+        KeeperState.UNREACHABLE,
+        "connection refused",
+        1,
+    )
+    rig.tick(102.0)  # the deadline of the other two polls
+    for keeper_id in (2, 3):
+        assert rig.state(keeper_id) is KeeperState.UNREACHABLE
+        assert "deadline" in rig.view(keeper_id).detail
+    # Exactly one change each, none repeated when a keeper stays unreachable.
+    assert len(rig.changes(2)) == 1
+
+
+def test_a_push_that_is_refused_is_reported_and_retried_after_the_next_poll() -> None:
+    rig = Rig()
+    run_to_ready_with_keeper3(rig, 404, NOT_FOUND)
+    effects = rig.reply(3, 500, b"{}")
+    assert "refused its shard" in of_type(effects, KeeperMisbehaved)[0].problem
+    assert rig.requests(effects) == []
+    while 3 not in rig.pending:
+        rig.tick()
+    assert rig.pending[3].kind is RequestKind.POLL
+    [push] = rig.requests(rig.reply(3, 404, NOT_FOUND))
+    assert push.kind is RequestKind.PUSH
+
+
+def test_a_keeper_still_empty_after_accepting_is_reported_without_a_second_push() -> None:
+    rig = Rig()
+    run_to_ready_with_keeper3(rig, 404, NOT_FOUND)
+    rig.reply(3, 200)
+    effects = rig.reply(3, 404, NOT_FOUND)  # the CONFIRM read
+    assert "still empty" in of_type(effects, KeeperMisbehaved)[0].problem
+    assert rig.requests(effects) == []
+    assert of_type(effects, KeeperReseeded) == []
+
+
+def test_late_and_unknown_answers_are_ignored() -> None:
+    rig = Rig()
+    rig.start()
+    stale = rig.pending[1]
+    rig.tick(102.0)  # every first poll times out
+    before = rig.custody.keepers()
+    rig.custody.receive(ResponseReceived(stale.request_id, 200, shard_body(rig.shares[1])), 102.5)
+    rig.custody.receive(ResponseReceived(9999, 200, shard_body(rig.shares[2])), 102.5)
+    rig.custody.receive(RequestFailed(12345, "late"), 102.5)
+    assert rig.custody.effects() == []
+    assert rig.custody.keepers() == before
+    assert rig.custody.shards_needed == 2
+
+
+def test_an_answer_is_used_only_once() -> None:
+    rig = Rig()
+    rig.start()
+    request = rig.pending[1]
+    body = shard_body(rig.shares[1])
+    rig.custody.receive(ResponseReceived(request.request_id, 200, body), 100.1)
+    rig.custody.receive(ResponseReceived(request.request_id, 200, body), 100.2)
+    assert rig.custody.phase is Phase.RECOVERING
+    assert rig.custody.shards_needed == 1
+
+
+def test_keeper_views_count_what_happened() -> None:
+    rig = Rig()
+    rig.recover(1, 2)
+    rig.reply(3, 404, NOT_FOUND)
+    view = rig.view(3)
+    assert view.polls == 1
+    assert view.empty_answers == 1
+    assert view.last_poll_at == 100.0
+    assert view.last_answer_at == pytest.approx(100.03)
+    assert view.latency == pytest.approx(0.03)
+
+
+# ---------------------------------------------------------------- uninitialised and initialise
+
+
+def test_uninitialised_nexus_polls_but_invents_no_key() -> None:
+    rig = Rig(with_record=False)
+    assert rig.custody.phase is Phase.UNINITIALISED
+    rig.start()
+    effects = rig.reply_shard(1) + rig.reply_shard(2) + rig.reply(3, 404, NOT_FOUND)
+    assert rig.state(1) is KeeperState.UNVERIFIED
+    assert rig.state(3) is KeeperState.EMPTY
+    assert rig.custody.phase is Phase.UNINITIALISED
+    assert rig.requests(effects) == []
+    assert of_type(effects, KeyRecovered) == []
+    with pytest.raises(LocalProtocolError):
+        _ = rig.custody.root_key
+    with pytest.raises(LocalProtocolError, match="bootstrap"):
+        rig.custody.export_shards()
+    with pytest.raises(LocalProtocolError, match="bootstrap"):
+        rig.custody.submit_shard(rig.shares[1], rig.now)
+    assert rig.requests(rig.tick(), RequestKind.POLL)  # still polling
+
+
+def test_initialise_starts_an_immediate_round_and_ignores_older_answers() -> None:
+    rig = Rig(with_record=False)
+    rig.start()
+    old = rig.pending[1]
+    rig.now = 101.0
+    assert rig.custody.initialise(rig.record, rig.now) is True
+    assert of_type(rig.take(), PhaseChanged) == [PhaseChanged(Phase.UNINITIALISED, Phase.RECOVERING, 101.0)]
+    assert rig.custody.next_deadline() == 101.0
+    polls = rig.requests(rig.tick(101.0), RequestKind.POLL)
+    assert sorted(p.keeper_id for p in polls) == [1, 2, 3]
+    rig.custody.receive(ResponseReceived(old.request_id, 200, shard_body(rig.shares[1])), 101.1)
+    assert rig.custody.effects() == []
+    rig.reply_shard(1)
+    rig.reply_shard(2)
+    assert rig.custody.root_key == rig.key
+
+
+def test_initialise_is_idempotent_with_the_same_record() -> None:
+    rig = Rig(with_record=False)
+    assert rig.custody.initialise(rig.record, 100.0)
+    rig.take()
+    assert rig.custody.initialise(rig.record, 101.0) is False
+    assert rig.custody.effects() == []
+    rig.recover(1, 2)
+    assert rig.custody.initialise(rig.record, rig.now) is False
+    assert rig.custody.phase is Phase.READY
+
+
+def test_initialise_with_a_different_record_needs_replace() -> None:
+    rig = Rig()
+    rig.recover(1, 2)
+    other, _ = seal_key(key_from_int(OTHER_KEY_INT), epoch=8, threshold=2, keeper_ids=(1, 2, 3))
+    with pytest.raises(AlreadyInitialised, match="epoch 7"):
+        rig.custody.initialise(other, rig.now)
+    assert rig.custody.record == rig.record
+    assert rig.custody.root_key == rig.key
+    assert rig.custody.initialise(other, rig.now, replace=True) is True
+    assert rig.custody.record == other
+    assert rig.custody.phase is Phase.RECOVERING
+    with pytest.raises(LocalProtocolError):
+        _ = rig.custody.root_key
+    assert rig.custody.next_deadline() == rig.now
+
+
+@pytest.mark.parametrize(("ids", "threshold"), [((1, 2, 4), 2), ((1, 2, 3), 3), ((1, 2, 3, 4), 2)])
+def test_initialise_refuses_a_record_for_other_keepers_or_threshold(
+    ids: tuple[int, ...], threshold: int
+) -> None:
+    rig = Rig(with_record=False)
+    record, _ = seal_key(rig.key, epoch=7, threshold=threshold, keeper_ids=ids)
+    with pytest.raises(LocalProtocolError, match="configured"):
+        rig.custody.initialise(record, 100.0)
+    assert rig.custody.phase is Phase.UNINITIALISED
+
+
+def test_initialise_refuses_a_malformed_record() -> None:
+    rig = Rig(with_record=False)
+    broken: KeyRecord = msgspec.structs.replace(rig.record, check=b"short")
+    with pytest.raises(RemoteProtocolError):
+        rig.custody.initialise(broken, 100.0)
+    assert rig.custody.record is None
+
+
+# ---------------------------------------------------------------- operator restore
+
+
+def test_operator_restore_rebuilds_the_key_and_reseeds_every_keeper() -> None:
+    rig = Rig()
+    rig.start()
+    for keeper_id in (1, 2, 3):
+        rig.reply(keeper_id, 404, NOT_FOUND)
+    assert rig.custody.submit_shard(rig.shares[1], rig.now) == RestoreProgress(
+        accepted=1, needed=1, ready=False
+    )
+    progress = rig.custody.submit_shard(rig.shares[3], rig.now)
+    assert progress == RestoreProgress(accepted=2, needed=0, ready=True)
+    effects = rig.take()
+    [recovered] = of_type(effects, KeyRecovered)
+    assert (recovered.source, recovered.keeper_ids) == ("operator", (1, 3))
+    assert rig.custody.root_key == rig.key
+    pushes = rig.requests(effects, RequestKind.PUSH)
+    assert sorted(p.keeper_id for p in pushes) == [1, 2, 3]
+    for push in pushes:
+        assert pushed_share(push).shard_bytes() == rig.shares[push.keeper_id].secret_bytes()
+    with pytest.raises(LocalProtocolError, match="already holds"):
+        rig.custody.submit_shard(rig.shares[2], rig.now)
+
+
+def test_operator_restore_refuses_duplicate_foreign_and_stale_shards() -> None:
+    rig = Rig()
+    rig.custody.submit_shard(rig.shares[1], rig.now)
+    rejected = [
+        rig.shares[1],  # duplicate
+        Share(9, 7, rig.shares[1].secret_bytes()),  # not a configured keeper id
+        share_for(rig.key, epoch=6, threshold=2, id=2),  # another epoch
+        share_for(key_from_int(OTHER_KEY_INT), epoch=7, threshold=2, id=2),  # another key
+        Share(2, 7, rig.shares[3].secret_bytes()),  # keeper 3's bytes under id 2
+    ]
+    for share in rejected:
+        with pytest.raises(ShareRejected):
+            rig.custody.submit_shard(share, rig.now)
+    assert rig.custody.phase is Phase.RECOVERING
+    assert rig.custody.shards_needed == 1
+    assert rig.custody.submit_shard(rig.shares[2], rig.now).ready
+
+
+def test_operator_shards_add_to_verified_keeper_shards() -> None:
+    rig = Rig()
+    rig.start()
+    rig.reply_shard(1)
+    rig.reply(2, 404, NOT_FOUND)
+    # keeper 3 still has its poll in flight: it will be handled by its answer.
+    progress = rig.custody.submit_shard(rig.shares[3], rig.now)
+    assert progress.ready and progress.accepted == 2
+    effects = rig.take()
+    assert of_type(effects, KeyRecovered)[0].keeper_ids == (1, 3)
+    assert sorted(p.keeper_id for p in rig.requests(effects, RequestKind.PUSH)) == [2]
+    [push3] = rig.requests(rig.reply(3, 404, NOT_FOUND))
+    assert (push3.keeper_id, push3.kind) == (3, RequestKind.PUSH)
+
+
+# ---------------------------------------------------------------- export
+
+
+def test_export_shards_equals_deal() -> None:
+    rig = Rig(ids=(2, 5, 9, 11), threshold=3)
+    with pytest.raises(LocalProtocolError):
+        rig.custody.export_shards()
+    rig.recover(2, 5, 9)
+    assert rig.custody.export_shards() == deal(rig.key, epoch=7, threshold=3, ids=[2, 5, 9, 11])
+    assert rig.custody.export_shards() == rig.shares
+
+
+def test_custody_works_with_a_constant_random_source() -> None:
+    custody = NexusCustody(
+        [1], threshold=1, schedule=PollSchedule(5.0, 0.1, 1.0), rng=ConstantRandom(0.0), now=0.0
+    )
+    custody.handle_timer(0.0)
+    [poll] = of_type(custody.effects(), SendRequest)
+    assert [v.next_poll_at for v in custody.keepers()] == [4.5]  # the earliest jitter
+    assert poll.deadline == 1.0
