@@ -380,7 +380,6 @@ class World:
         self._live: dict[int, SendRequest] = {}
         self._verified: set[int] = set()
         self._from_operator: set[int] = set()
-        self._phase = Phase.UNINITIALISED
         for keeper_id, wrong, holds in s.initially:
             if holds:
                 self._contribute(keeper_id, self._own_bodies[keeper_id])
@@ -435,7 +434,6 @@ class World:
             if isinstance(effect, SendRequest):
                 self._perform(effect)
             elif isinstance(effect, PhaseChanged):
-                self._phase = effect.phase
                 self.facts.append(PhaseIs(self.now, effect.phase))
             elif isinstance(effect, KeyRecovered):
                 matches = self.nexus.root_key == self.key
@@ -569,7 +567,6 @@ class World:
         self._live.clear()
         self._verified.clear()
         self._from_operator.clear()
-        self._phase = nexus.phase
         self.facts.append(NexusStarted(self.now, self._generation, record is not None, reason))
         self.facts.append(PhaseIs(self.now, nexus.phase))
         return nexus
