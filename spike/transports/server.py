@@ -48,6 +48,9 @@ _REASONS = {
 }
 
 
+_ACCEPT_RETRY_DELAY = 0.1
+
+
 @dataclass(frozen=True, slots=True)
 class ServerLimits:
     max_header_bytes: int = 16 * 1024
@@ -83,8 +86,18 @@ class HttpsServer:
         return self._open
 
     async def serve(self, listener: anyio.abc.Listener[anyio.abc.SocketStream]) -> None:
-        async with listener:
-            await listener.serve(self._guarded)
+        async with listener, anyio.create_task_group() as connections:
+            while True:
+                try:
+                    await listener.serve(self._guarded, task_group=connections)
+                except* OSError as failed:
+                    # accept() fails while the process is out of file descriptors or
+                    # memory (EMFILE, ENFILE, ENOBUFS ...); that passes as connections
+                    # close, so wait and accept again (as trio does) rather than end the
+                    # server.  Open connections live in `connections` and carry on.
+                    reasons = sorted({str(getattr(exc, "strerror", None) or exc) for exc in failed.exceptions})
+                    log.warning("accepting a connection failed (%s): retrying", "; ".join(reasons))
+                await anyio.sleep(_ACCEPT_RETRY_DELAY)
 
     async def _guarded(self, stream: anyio.abc.SocketStream) -> None:
         if self._open >= self.limits.max_connections:
@@ -159,6 +172,8 @@ class HttpsServer:
                 continue
             if isinstance(event, h11.Request):
                 head = event
+                if _head_size(event) > limits.max_header_bytes:
+                    raise _Reject(431)
                 if _content_length(event) > limits.max_body_bytes:
                     raise _Reject(413)
             elif isinstance(event, h11.Data):
@@ -198,6 +213,13 @@ async def _receive(stream: anyio.abc.ByteStream, wait: float, *, reject_on_timeo
         return b""
     except (anyio.BrokenResourceError, OSError, ssl.SSLError):
         raise _ClientGone from None
+
+
+def _head_size(request: h11.Request) -> int:
+    # h11 bounds only a head that is still incomplete in its buffer; one that
+    # arrives whole in a single read (a TLS record holds up to 16 KiB) is measured here.
+    size = len(request.method) + len(request.target) + len(b"  HTTP/1.1\r\n\r\n")
+    return size + sum(len(name) + len(value) + 4 for name, value in request.headers)
 
 
 def _content_length(request: h11.Request) -> int:
