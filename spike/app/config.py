@@ -161,10 +161,10 @@ def common(args: argparse.Namespace, env: Env) -> Common:
     except InvalidSpiffeId as exc:
         raise ConfigError(f"trust domain: {exc}") from None
     files = []
-    for flag, env_name in (
-        ("svid_cert", "SPIKE_SVID_CERT"),
-        ("svid_key", "SPIKE_SVID_KEY"),
-        ("svid_bundle", "SPIKE_SVID_BUNDLE"),
+    for flag, env_name, what in (
+        ("svid_cert", "SPIKE_SVID_CERT", "SVID certificate"),
+        ("svid_key", "SPIKE_SVID_KEY", "SVID private key"),
+        ("svid_bundle", "SPIKE_SVID_BUNDLE", "trust bundle"),
     ):
         value = _pick(args, flag, env, env_name)
         if not value:
@@ -172,7 +172,11 @@ def common(args: argparse.Namespace, env: Env) -> Common:
                 f"no X.509 SVID configured: set --{flag.replace('_', '-')} or {env_name} "
                 "(`spike dev-identity` mints a development set)"
             )
-        files.append(Path(value).expanduser())
+        path = Path(value).expanduser()
+        if not path.is_file():  # checked here: the TLS layer cannot say which file is missing
+            problem = "no such file" if not path.exists() else "not a regular file"
+            raise ConfigError(f"{what} {str(path)!r}: {problem} (--{flag.replace('_', '-')} or {env_name})")
+        files.append(path)
     level = (_pick(args, "log_level", env, "SPIKE_LOG_LEVEL", default="info") or "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log level must be debug, info, warning or error, not {level!r}")

@@ -47,11 +47,16 @@ def run(config: KeeperConfig) -> None:
     keeper = Keeper(config.common.trust)
     server = HttpsServer(server_context(config.common.svid), KeeperHandler(keeper), KEEPER_LIMITS)
 
+    started = False
+
     def listening(host: str, port: int) -> None:
+        nonlocal started
+        started = True
         log.info("keeper listening on %s:%d (empty until Nexus or bootstrap seeds it)", host, port)
 
     try:
         anyio.run(lambda: serve(config.bind, server, on_listening=listening))
     finally:
         keeper.forget()
-        log.info("keeper stopped; its shard is gone from memory")
+        if started:  # a keeper that could not start says so in one line, from the CLI
+            log.info("keeper stopped; its shard is gone from memory")

@@ -55,6 +55,11 @@ class WaitingSummary:
 
 
 def run(config: NexusConfig) -> None:
+    trust = config.common.trust
+    svid = config.common.svid
+    # The identity first: a Nexus that cannot use its SVID must not touch its data dir.
+    ssl_client = client_context(svid)
+    ssl_server = server_context(svid)
     store = NexusStore(config.data_dir)
     record = store.load_key_record()
     if record is not None and (
@@ -65,10 +70,8 @@ def run(config: NexusConfig) -> None:
             f"with threshold {record.threshold}, but the configuration says keepers "
             f"{sorted(config.keepers)} with threshold {config.threshold}"
         )
-    trust = config.common.trust
-    svid = config.common.svid
-    ssl_client = client_context(svid)
-    ssl_server = server_context(svid)
+
+    started = False
 
     async def main() -> None:
         # The machine's clock must be the event loop's, so it is created inside the loop.
@@ -88,12 +91,14 @@ def run(config: NexusConfig) -> None:
             custody, config.keepers, ssl_context=ssl_client, trust=trust, on_report=reports
         )
         server = HttpsServer(ssl_server, NexusApi(driver, store, trust), ServerLimits())
-        if record is None:
-            log.info("no key record in %s: waiting for `spike bootstrap`", config.data_dir)
-        else:
-            log.info("key record for epoch %d found: recovering the root key from keepers", record.epoch)
 
         def listening(host: str, port: int) -> None:
+            nonlocal started
+            started = True
+            if record is None:
+                log.info("no key record in %s: waiting for `spike bootstrap`", config.data_dir)
+            else:
+                log.info("key record for epoch %d found: recovering the root key from keepers", record.epoch)
             log.info(
                 "Nexus listening on %s:%d; polling %d keepers every %gs (pid %d)",
                 host,
@@ -118,4 +123,5 @@ def run(config: NexusConfig) -> None:
         anyio.run(main)
     finally:
         store.close()
-        log.info("Nexus stopped; the root key is gone from memory")
+        if started:  # a Nexus that could not start says so in one line, from the CLI
+            log.info("Nexus stopped; the root key is gone from memory")
