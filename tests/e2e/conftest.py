@@ -1,0 +1,74 @@
+"""Fixtures for the end-to-end tier: clusters of real `spike` processes.
+
+Every cluster is killed in its fixture's finalizer, whatever the test did.
+Before that, the shards its live keepers hold are read back (acting as
+Nexus) and kept, with the cluster's log directory, for the log-hygiene test,
+which runs after every other e2e test and greps every log for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import Cluster, SecretsSeen
+
+from spike.app.devca import DevIdentity
+
+
+@pytest.fixture(scope="session")
+def secrets_seen() -> SecretsSeen:
+    return SecretsSeen()
+
+
+@pytest.fixture
+def make_cluster(
+    dev_identity: DevIdentity, tmp_path: Path, secrets_seen: SecretsSeen, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Cluster]]:
+    clusters: list[Cluster] = []
+
+    def make(**options: Any) -> Cluster:
+        cluster = Cluster(dev_identity, tmp_path / f"cluster-{len(clusters) + 1}", **options)
+        clusters.append(cluster)
+        return cluster
+
+    try:
+        yield make
+    finally:
+        for number, cluster in enumerate(clusters, start=1):
+            try:
+                secrets_seen.add_cluster(cluster, f"{request.node.name}#{number}")
+            finally:
+                cluster.close()
+
+
+@pytest.fixture
+def cluster(make_cluster: Callable[..., Cluster]) -> Cluster:
+    """Three keepers and a Nexus (2-of-3), not started yet."""
+    return make_cluster()
+
+
+@pytest.fixture
+def ready_cluster(cluster: Cluster) -> Cluster:
+    """Three keepers and a Nexus, bootstrapped once (epoch 1) and ready with redundancy 1."""
+    cluster.start()
+    result = cluster.bootstrap()
+    assert result.returncode == 0, result
+    cluster.wait_status(
+        lambda s: s["phase"] == "ready" and s["redundancy"] == 1, "ready with every keeper holding"
+    )
+    return cluster
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The log-hygiene sweep looks at what every other e2e test left behind: run it last."""
+    last = [item for item in items if item.get_closest_marker("after_all_e2e")]
+    for item in last:
+        items.remove(item)
+    items.extend(last)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "after_all_e2e: run after every other test of the session")

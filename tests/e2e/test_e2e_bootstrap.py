@@ -1,0 +1,91 @@
+"""`spike bootstrap` against a running deployment.
+
+One deployment's life: bootstrapped once it is ready with a spare shard
+(acceptance criterion 1); a second run is refused and changes nothing, and
+`--force` replaces the key (criterion 5).
+"""
+
+from __future__ import annotations
+
+import pytest
+from harness import Cluster
+
+pytestmark = pytest.mark.e2e
+
+EXIT_READY = 0
+
+
+def lines_with(text: str, needle: str) -> list[str]:
+    return [line for line in text.splitlines() if needle in line]
+
+
+def shard_lines(c: Cluster) -> dict[int, int]:
+    """How many times each keeper's current incarnation has logged storing or replacing a shard."""
+    return {
+        i: sum("shard stored" in line or "shard replaced" in line for line in c.keeper(i).text().splitlines())
+        for i in c.keeper_ids
+    }
+
+
+def test_bootstrap_once_then_refuses_a_second_run_and_force_replaces_the_key(cluster: Cluster) -> None:
+    c = cluster
+    c.start()
+
+    # 1. Three keepers, a Nexus (2-of-3), one bootstrap: ready, redundancy 1, exit code 0.
+    result = c.bootstrap()
+    assert result.returncode == 0, result
+    assert "bootstrap complete: Nexus rebuilt and verified root key epoch 1" in result.stdout
+    c.wait_status(lambda s: s["phase"] == "ready" and s["redundancy"] == 1, "every keeper holding")
+    code, before = c.status()
+    assert code == EXIT_READY
+    assert (before["epoch"], before["threshold"], before["shares"], before["shards_needed"]) == (1, 2, 3, 0)
+    assert [k["state"] for k in before["keepers"]] == ["holding"] * 3
+    human = c.run("status")
+    assert human.returncode == EXIT_READY, human
+    assert "ready: root key epoch 1, 2-of-3" in human.stdout
+    assert "shard redundancy: 1" in human.stdout
+    nexus = c.nexus()
+    log = nexus.text()
+    assert len(lines_with(log, "Nexus is ready: it holds the verified root key")) == 1
+    rebuilt = lines_with(log, "root key (epoch 1) rebuilt from the shards of keepers")
+    assert len(rebuilt) == 1 and rebuilt[0].endswith("and verified")
+    assert "Traceback" not in log
+
+    # 5. A second run is refused with one line, and nothing changes.
+    shards_before = c.read_shards()
+    assert sorted(shards_before) == [1, 2, 3]
+    stored_before = shard_lines(c)
+    mark = len(nexus.text())
+
+    refused = c.bootstrap()
+    assert refused.returncode == 1, refused
+    assert refused.stdout == ""
+    assert len(refused.stderr.splitlines()) == 1, refused
+    assert refused.stderr.startswith("spike bootstrap: Nexus is already initialised (key epoch 1, ready)")
+    assert "--force" in refused.stderr and "Traceback" not in refused.stderr
+
+    code, after = c.status()
+    assert code == EXIT_READY and after["phase"] == "ready" and after["epoch"] == before["epoch"] == 1
+    assert c.read_shards() == shards_before  # the same shards in the same keepers
+    assert shard_lines(c) == stored_before  # nobody was sent one
+    assert "installed" not in nexus.text()[mark:]
+
+    # `--force` makes a new key: epoch + 1, new shards everywhere, ready again.
+    forced = c.bootstrap("--force")
+    assert forced.returncode == 0, forced
+    assert "bootstrap complete: Nexus rebuilt and verified root key epoch 2" in forced.stdout
+    c.wait_status(
+        lambda s: s["phase"] == "ready" and s["epoch"] == 2 and s["redundancy"] == 1, "epoch 2 ready"
+    )
+    code, status = c.status()
+    assert code == EXIT_READY and status["epoch"] == 2 and status["redundancy"] == 1
+    shards_after = c.read_shards()
+    assert sorted(shards_after) == [1, 2, 3]
+    for keeper_id, share in shards_after.items():
+        assert share.epoch == 2
+        assert share.secret_bytes() != shards_before[keeper_id].secret_bytes()
+    assert "key record for epoch 2 installed" in nexus.text()[mark:]
+
+    # And the new key is just as protected against a plain second run.
+    again = c.bootstrap()
+    assert again.returncode == 1 and "key epoch 2" in again.stderr, again
