@@ -150,7 +150,7 @@ def test_keys_compare_by_value() -> None:
 def test_shares_are_immutable_and_compare_by_value() -> None:
     share = share_for(KEY, epoch=1, threshold=2, id=1)
     with pytest.raises(AttributeError):
-        share.id = 2  # type: ignore[misc]
+        share.id = 2
     assert share == Share(1, 1, share.secret_bytes())
     assert share != Share(1, 2, share.secret_bytes())
     assert share != Share(2, 1, share.secret_bytes())

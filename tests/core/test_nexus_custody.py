@@ -262,7 +262,7 @@ def test_key_is_recovered_from_threshold_verified_shards() -> None:
     rig = Rig()
     rig.start()
     rig.reply_shard(1)
-    assert rig.custody.phase is Phase.RECOVERING
+    assert rig.phase() is Phase.RECOVERING
     assert rig.custody.shards_needed == 1
     effects = rig.reply_shard(2)
     [recovered] = of_type(effects, KeyRecovered)
@@ -373,9 +373,9 @@ def test_repeated_404s_are_one_state_change_and_counted() -> None:
     assert [(c.previous, c.state) for c in rig.changes(1)] == [(KeeperState.UNKNOWN, KeeperState.EMPTY)]
 
 
-def run_to_ready_with_keeper3(rig: Rig, status: int, body: bytes) -> list[object]:
+def run_to_ready_with_keeper3(rig: Rig, status: int, body: bytes) -> list[Effect]:
     rig.recover(1, 2)
-    return list(rig.reply(3, status, body))
+    return rig.reply(3, status, body)
 
 
 @pytest.mark.parametrize(
@@ -385,7 +385,7 @@ def test_an_empty_keeper_is_pushed_confirmed_and_reported_reseeded(status: int, 
     rig = Rig()
     effects = run_to_ready_with_keeper3(rig, status, body)
     assert rig.state(3) is KeeperState.EMPTY
-    [push] = rig.requests(effects)  # type: ignore[arg-type]
+    [push] = rig.requests(effects)
     assert push.keeper_id == 3
     contribution = pushed_share(push)
     assert contribution.shard_bytes() == rig.shares[3].secret_bytes()

@@ -220,7 +220,9 @@ class NexusCustodyMachine(RuleBasedStateMachine):
             return False
         if not isinstance(answer, dict) or answer.get("shard") != list(self.shares[keeper_id].secret_bytes()):
             return False
-        return answer.get("id", keeper_id) == keeper_id and answer.get("epoch", self.epoch) == self.epoch
+        return bool(
+            answer.get("id", keeper_id) == keeper_id and answer.get("epoch", self.epoch) == self.epoch
+        )
 
     @precondition(lambda self: bool(self._answerable()))
     @rule(data=st.data(), kind=st.sampled_from(ANSWERS))

@@ -83,19 +83,13 @@ def test_deal_is_a_function_of_key_epoch_threshold_and_id() -> None:
 
 
 @pytest.mark.parametrize(
-    "changed",
-    [
-        {"epoch": 12},
-        {"threshold": 4},
-        {"key": key_from_int(OTHER_KEY_INT)},
-    ],
+    ("key", "epoch", "threshold"),
+    [(KEY, 12, 3), (KEY, 11, 4), (key_from_int(OTHER_KEY_INT), 11, 3)],
     ids=["epoch", "threshold", "key"],
 )
-def test_deal_changes_when_any_input_changes(changed: dict[str, object]) -> None:
-    params: dict[str, object] = {"key": KEY, "epoch": 11, "threshold": 3}
+def test_deal_changes_when_any_input_changes(key: RootKey, epoch: int, threshold: int) -> None:
     base = deal(KEY, epoch=11, threshold=3, ids=[1, 2, 3, 4, 5])
-    params.update(changed)
-    other = deal(params["key"], epoch=params["epoch"], threshold=params["threshold"], ids=[1, 2, 3, 4, 5])  # type: ignore[arg-type]
+    other = deal(key, epoch=epoch, threshold=threshold, ids=[1, 2, 3, 4, 5])
     for i in base:
         assert base[i].secret_bytes() != other[i].secret_bytes(), i
 

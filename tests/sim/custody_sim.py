@@ -24,6 +24,7 @@ intervals is a few thousand heap events.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import heapq
 import math
@@ -321,8 +322,6 @@ class Custody(Protocol):
 
 CustodyFactory = Callable[..., Custody]
 
-_ANSWER, _FAULT, _MODE_END = 0, 1, 2
-
 GO_EMPTY = b'{"err":"api_bad_request"}'
 GARBAGE_ANSWERS: tuple[tuple[int, bytes], ...] = (
     (200, b""),
@@ -369,7 +368,7 @@ class World:
         self._schedule = PollSchedule(self.config.interval, s.jitter, self.config.request_timeout)
         self.now = 0.0
         self.facts: list[Fact] = []
-        self._events: list[tuple[float, int, int, object]] = []
+        self._events: list[tuple[float, int, Callable[[], None]]] = []  # (when, order, what)
         self._seq = 0
         self._trace: list[tuple[float, int, Effect]] = []
         self._requests = 0
@@ -388,7 +387,7 @@ class World:
             self.facts.append(KeeperHolds(0.0, keeper_id, self._slots[keeper_id].holds_own))
             self.facts.append(KeeperMode(0.0, keeper_id, Mode.UP))
         for fault in s.faults:
-            self._at(fault.at, _FAULT, fault)
+            self._at(fault.at, functools.partial(self._fault, fault))
         self.nexus = self._new_nexus("start")
 
     # ------------------------------------------------------------ running
@@ -404,14 +403,8 @@ class World:
                 break
             self._handled += 1
             if event_time <= timer:  # answers and faults first, then timers due at the same instant
-                at, _, kind, payload = heapq.heappop(events)
-                self.now = at
-                if kind == _ANSWER:
-                    self._deliver(*payload)  # type: ignore[misc]
-                elif kind == _FAULT:
-                    self._fault(payload)  # type: ignore[arg-type]
-                else:
-                    self._mode_end(*payload)  # type: ignore[misc]
+                self.now, _, action = heapq.heappop(events)
+                action()
                 nexus_deadline = self.nexus.next_deadline  # a Nexus restart replaces the machine
             else:
                 self.now = timer
@@ -422,9 +415,9 @@ class World:
         self.facts.append(RunEnded(end, self.nexus.phase, key_matches))
         return Run(self.scenario, self.config, self.facts, self._trace, self._requests, self._handled)
 
-    def _at(self, when: float, kind: int, payload: object) -> None:
+    def _at(self, when: float, action: Callable[[], None]) -> None:
         self._seq += 1
-        heapq.heappush(self._events, (when, self._seq, kind, payload))
+        heapq.heappush(self._events, (when, self._seq, action))
 
     def _drain(self) -> list[Effect]:
         effects = self.nexus.effects()
@@ -476,7 +469,7 @@ class World:
                 body = rng.randbytes(rng.randrange(64))
             answer = ResponseReceived(request.request_id, status, body)
             when = self.now + rng.uniform(0.001, self.config.max_latency)
-        self._at(when, _ANSWER, (self._generation, keeper_id, answer))
+        self._at(when, functools.partial(self._deliver, self._generation, keeper_id, answer))
 
     def _keeper_handles(self, keeper_id: int, request: SendRequest) -> tuple[int, bytes]:
         return self._keeper_request(keeper_id, request.path, NEXUS_PEER, request.body)
@@ -546,7 +539,7 @@ class World:
         if slot.mode is not mode:
             slot.mode = mode
             self.facts.append(KeeperMode(self.now, keeper_id, mode))
-        self._at(self.now + duration, _MODE_END, (keeper_id, slot.mode_token))
+        self._at(self.now + duration, functools.partial(self._mode_end, keeper_id, slot.mode_token))
 
     def _mode_end(self, keeper_id: int, token: int) -> None:
         slot = self._slots[keeper_id]
