@@ -93,9 +93,7 @@ def run(config: BootstrapConfig, say: Say = print) -> None:
         epoch = (status.epoch or 0) + 1
         key = RootKey.generate(os.urandom)
         try:
-            record, shares = seal_key(
-                key, epoch=epoch, threshold=status.threshold, keeper_ids=sorted(keepers)
-            )
+            record, shares = seal_key(key, epoch=epoch, threshold=status.threshold, keeper_ids=sorted(keepers))
             _install_record(nexus, InitRequest(record=record, replace=config.force))
             say(f"key record for epoch {epoch} installed in Nexus ({status.threshold}-of-{len(keepers)})")
             seeded = _seed_keepers(session, trust, keepers, shares, status.threshold, deadline, say)
@@ -201,9 +199,7 @@ def _verify(nexus: BlockingConnection, key: RootKey) -> None:
     plaintext = os.urandom(32)
     nonce = os.urandom(12)
     ciphertext = AESGCM(derive_key(key, VERIFY_INFO)).encrypt(nonce, plaintext, VERIFY_INFO)
-    status, body = nexus.post(
-        BOOTSTRAP_VERIFY_PATH, encode(VerifyRequest(nonce=nonce, ciphertext=ciphertext))
-    )
+    status, body = nexus.post(BOOTSTRAP_VERIFY_PATH, encode(VerifyRequest(nonce=nonce, ciphertext=ciphertext)))
     if status != 200:
         raise CommandError(f"Nexus could not decrypt the verification message (HTTP {status})")
     answer = decode(body, VerifyResponse)

@@ -29,9 +29,7 @@ def _identity_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--trust-domain", type=cfg.trust_domain_arg, help="trust domain of every role (env SPIKE_TRUST_ROOT)"
     )
-    parser.add_argument(
-        "--log-level", choices=["debug", "info", "warning", "error"], help="env SPIKE_LOG_LEVEL"
-    )
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="env SPIKE_LOG_LEVEL")
     parser.add_argument("--log-format", choices=["text", "json"], help="env SPIKE_LOG_FORMAT")
 
 
@@ -41,9 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     keeper = sub.add_parser("keeper", help="hold one shard of the root key in memory")
-    keeper.add_argument(
-        "--listen", metavar="ADDR", help="e.g. :8443 or 127.0.0.1:8443 (env SPIKE_KEEPER_TLS_PORT)"
-    )
+    keeper.add_argument("--listen", metavar="ADDR", help="e.g. :8443 or 127.0.0.1:8443 (env SPIKE_KEEPER_TLS_PORT)")
     _identity_flags(keeper)
 
     nexus = sub.add_parser("nexus", help="the secrets store; keeps the keepers seeded")
@@ -53,9 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PEERS",
         help="'1=https://k1:8443,2=https://k2:8443,...' (env SPIKE_NEXUS_KEEPER_PEERS)",
     )
-    nexus.add_argument(
-        "--shares", metavar="N", help="number of shards (env SPIKE_NEXUS_SHAMIR_SHARES, default 3)"
-    )
+    nexus.add_argument("--shares", metavar="N", help="number of shards (env SPIKE_NEXUS_SHAMIR_SHARES, default 3)")
     nexus.add_argument(
         "--threshold",
         metavar="T",
@@ -73,15 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     _identity_flags(nexus)
 
     boot = sub.add_parser("bootstrap", help="make a root key, seed the keepers, verify Nexus holds it")
-    boot.add_argument(
-        "--nexus", metavar="URL", help="env SPIKE_NEXUS_API_URL, default https://localhost:8553"
-    )
-    boot.add_argument(
-        "--keepers", metavar="PEERS", help="keeper URLs as seen from here (default: Nexus's list)"
-    )
-    boot.add_argument(
-        "--force", action="store_true", help="replace an existing root key (old secrets are lost)"
-    )
+    boot.add_argument("--nexus", metavar="URL", help="env SPIKE_NEXUS_API_URL, default https://localhost:8553")
+    boot.add_argument("--keepers", metavar="PEERS", help="keeper URLs as seen from here (default: Nexus's list)")
+    boot.add_argument("--force", action="store_true", help="replace an existing root key (old secrets are lost)")
     boot.add_argument("--timeout", metavar="DUR", help="give up after this long (default 60s)")
     _identity_flags(boot)
 
@@ -102,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     ident.add_argument("--dir", type=Path, required=True, help="where to write the PEM files")
     ident.add_argument("--trust-domain", type=cfg.trust_domain_arg, default=cfg.DEFAULT_TRUST_DOMAIN)
     ident.add_argument("--keepers", default="1,2,3", help="keeper ids to mint SVIDs for (default 1,2,3)")
+
+    from .secret_cli import add_parsers
+
+    add_parsers(sub, _identity_flags)
 
     sub.add_parser("version", help="print the version")
     return parser
@@ -169,12 +161,24 @@ def _dev_identity(args: argparse.Namespace) -> int:
     try:
         ids = [int(x) for x in args.keepers.split(",") if x.strip()]
     except ValueError:
-        raise cfg.ConfigError(
-            f"--keepers must be a comma-separated list of ids, not {args.keepers!r}"
-        ) from None
+        raise cfg.ConfigError(f"--keepers must be a comma-separated list of ids, not {args.keepers!r}") from None
     identity = mint_dev_identity(args.dir, args.trust_domain, ids)
     print(f"development SVIDs for spiffe://{args.trust_domain} written to {identity.directory}")
     return 0
+
+
+def _secret(args: argparse.Namespace) -> int:
+    from .secret_cli import run_secret
+
+    _setup_logs(cfg.common(args, cfg.environ()))
+    return run_secret(args)
+
+
+def _cipher(args: argparse.Namespace) -> int:
+    from .secret_cli import run_cipher
+
+    _setup_logs(cfg.common(args, cfg.environ()))
+    return run_cipher(args)
 
 
 def _version(args: argparse.Namespace) -> int:
@@ -189,12 +193,21 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": _status,
     "dev": _dev,
     "dev-identity": _dev_identity,
+    "secret": _secret,
+    "cipher": _cipher,
     "version": _version,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `spike secret put PATH --cas 1 key=value`: argparse cannot take positionals
+    # after an option, so KEY=VALUE words left over are the values.
+    if extra and hasattr(args, "pairs") and all("=" in word and not word.startswith("-") for word in extra):
+        args.pairs = [*args.pairs, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     name = f"spike {args.command}"
     # Imported here so that `spike --version` and `spike keeper` stay quick to start.
     from spike.transports.runner import BindError

@@ -75,9 +75,7 @@ class ClientConfig:
     output: str
 
 
-def _pick(
-    args: argparse.Namespace, flag: str, env: Env, *names: str, default: str | None = None
-) -> str | None:
+def _pick(args: argparse.Namespace, flag: str, env: Env, *names: str, default: str | None = None) -> str | None:
     value = getattr(args, flag, None)
     if value is not None:
         return str(value)

@@ -83,9 +83,7 @@ class Deployment:
         self.options = options
         self.say = say
         self.temporary = options.data_dir is None
-        self.root = (
-            Path(tempfile.mkdtemp(prefix="spike-dev-")) if options.data_dir is None else options.data_dir
-        )
+        self.root = Path(tempfile.mkdtemp(prefix="spike-dev-")) if options.data_dir is None else options.data_dir
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.logs = self.root / "logs"
         self.logs.mkdir(exist_ok=True)

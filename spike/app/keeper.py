@@ -30,9 +30,7 @@ class KeeperHandler:
         if outcome.change is KeeperChange.STORED:
             log.info("shard stored (from %s)", request.peer, extra={"event": "shard_stored"})
         elif outcome.change is KeeperChange.REPLACED:
-            log.warning(
-                "shard replaced by a different one (from %s)", request.peer, extra={"event": "shard_replaced"}
-            )
+            log.warning("shard replaced by a different one (from %s)", request.peer, extra={"event": "shard_replaced"})
         if outcome.refused:
             log.info(
                 "refused %s from %s: %s",

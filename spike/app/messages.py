@@ -60,3 +60,108 @@ class VerifyRequest(msgspec.Struct, kw_only=True):
 
 class VerifyResponse(msgspec.Struct, kw_only=True):
     hash: str
+
+
+# ---------------------------------------------------------------- secrets (SPIKE shapes, Vault KV v2 extras)
+
+SECRETS_PATH = "/v1/store/secrets"
+SECRETS_METADATA_PATH = "/v1/store/secrets/metadata"
+
+
+class SecretPutRequest(msgspec.Struct, kw_only=True):
+    path: str
+    values: dict[str, str]
+    cas: int | None = None  # 0: only if absent; n: only if the current version is n
+
+
+class SecretPutResponse(msgspec.Struct, kw_only=True):
+    version: int
+
+
+class SecretGetRequest(msgspec.Struct, kw_only=True):
+    path: str
+    version: int = 0  # 0: the current version
+
+
+class SecretGetResponse(msgspec.Struct, kw_only=True):
+    data: dict[str, str]
+    version: int
+
+
+class SecretVersionsRequest(msgspec.Struct, kw_only=True):
+    """delete, undelete and destroy: no versions means the current one."""
+
+    path: str
+    versions: list[int] = msgspec.field(default_factory=list)
+
+
+class SecretListRequest(msgspec.Struct, kw_only=True):
+    prefix: str = ""
+    limit: int = 1000
+    after: str = ""
+
+
+class SecretListResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
+    keys: list[str]
+    next_after: str | None = None  # set when more keys follow: pass it as `after`
+
+
+class SecretPathRequest(msgspec.Struct, kw_only=True):
+    path: str
+
+
+class SecretMetadataUpdate(msgspec.Struct, kw_only=True):
+    path: str
+    max_versions: int | None = None
+    cas_required: bool | None = None
+    custom_metadata: dict[str, str] | None = None
+
+
+class VersionMetadata(msgspec.Struct, kw_only=True):
+    createdTime: str
+    version: int
+    deletedTime: str | None
+    destroyed: bool
+
+
+class MetadataContent(msgspec.Struct, kw_only=True):
+    currentVersion: int
+    oldestVersion: int
+    createdTime: str
+    updatedTime: str
+    maxVersions: int
+    casRequired: bool
+    customMetadata: dict[str, str]
+
+
+class SecretMetadataResponse(msgspec.Struct, kw_only=True):
+    versions: dict[int, VersionMetadata]
+    metadata: MetadataContent
+
+
+# ---------------------------------------------------------------- encryption as a service
+
+CIPHER_ENCRYPT_PATH = "/v1/cipher/encrypt"
+CIPHER_DECRYPT_PATH = "/v1/cipher/decrypt"
+
+
+class CipherEncryptRequest(msgspec.Struct, kw_only=True):
+    plaintext: bytes
+    algorithm: str = ""
+
+
+class CipherEncryptResponse(msgspec.Struct, kw_only=True):
+    version: int
+    nonce: bytes
+    ciphertext: bytes
+
+
+class CipherDecryptRequest(msgspec.Struct, kw_only=True):
+    version: int
+    nonce: bytes
+    ciphertext: bytes
+    algorithm: str = ""
+
+
+class CipherDecryptResponse(msgspec.Struct, kw_only=True):
+    plaintext: bytes

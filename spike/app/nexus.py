@@ -8,17 +8,21 @@ import random
 
 import anyio
 
-from spike.protocol.effects import Phase
+from spike.protocol.effects import KeyRecovered, Phase, PhaseChanged, Report
 from spike.protocol.errors import LocalProtocolError
 from spike.protocol.nexus import NexusCustody
-from spike.transports.custody_driver import CustodyDriver
+from spike.transports.custody_driver import CustodyDriver, ReportSink
 from spike.transports.runner import serve
 from spike.transports.server import HttpsServer, ServerLimits
 from spike.transports.tls import client_context, server_context
 
+from .cipher_api import MAX_PLAINTEXT, CipherApi
 from .config import ConfigError, NexusConfig
 from .logs import ReportLogger
 from .nexus_api import NexusApi
+from .sealing import Sealer
+from .secret_store import SecretStore
+from .secrets_api import SecretsApi
 from .storage import NexusStore
 
 log = logging.getLogger("spike.nexus")
@@ -45,13 +49,36 @@ class WaitingSummary:
             log.info("not initialised: waiting for `spike bootstrap` (keepers: %s)", states)
         else:
             log.warning(
-                "waiting for shards: %d more verified shard(s) needed of %d (keepers: %s); "
-                "polling continues every %gs",
+                "waiting for shards: %d more verified shard(s) needed of %d (keepers: %s); polling continues every %gs",
                 custody.shards_needed,
                 custody.threshold,
                 states,
                 custody.schedule.interval,
             )
+
+
+# Bodies up to a cipher plaintext (1 MiB) plus its JSON and base64 overhead.
+NEXUS_LIMITS = ServerLimits(max_body_bytes=MAX_PLAINTEXT * 4 // 3 + 4096)
+
+
+class KeyUsers:
+    """Passes reports on, and hands the verified key to what needs it (and takes it back)."""
+
+    def __init__(self, custody: NexusCustody, secrets: SecretStore, cipher: CipherApi, then: ReportSink) -> None:
+        self._custody = custody
+        self._secrets = secrets
+        self._cipher = cipher
+        self._then = then
+
+    def __call__(self, report: Report) -> None:
+        if isinstance(report, KeyRecovered):
+            key = self._custody.root_key
+            self._secrets.unlock(Sealer(key), report.epoch)
+            self._cipher.unlock(key)
+        elif isinstance(report, PhaseChanged) and report.previous is Phase.READY:
+            self._secrets.lock()
+            self._cipher.lock()
+        self._then(report)
 
 
 def run(config: NexusConfig) -> None:
@@ -62,15 +89,14 @@ def run(config: NexusConfig) -> None:
     ssl_server = server_context(svid)
     store = NexusStore(config.data_dir)
     record = store.load_key_record()
-    if record is not None and (
-        set(record.keeper_ids) != set(config.keepers) or record.threshold != config.threshold
-    ):
+    if record is not None and (set(record.keeper_ids) != set(config.keepers) or record.threshold != config.threshold):
         raise ConfigError(
             f"the data dir {config.data_dir} was initialised for keepers {list(record.keeper_ids)} "
             f"with threshold {record.threshold}, but the configuration says keepers "
             f"{sorted(config.keepers)} with threshold {config.threshold}"
         )
 
+    secrets = SecretStore(config.data_dir)
     started = False
 
     async def main() -> None:
@@ -86,11 +112,11 @@ def run(config: NexusConfig) -> None:
             )
         except LocalProtocolError as exc:
             raise ConfigError(str(exc)) from None
-        reports = ReportLogger(log, config.keepers, anyio.current_time)
-        driver = CustodyDriver(
-            custody, config.keepers, ssl_context=ssl_client, trust=trust, on_report=reports
-        )
-        server = HttpsServer(ssl_server, NexusApi(driver, store, trust), ServerLimits())
+        cipher = CipherApi()
+        keys = KeyUsers(custody, secrets, cipher, ReportLogger(log, config.keepers, anyio.current_time))
+        driver = CustodyDriver(custody, config.keepers, ssl_context=ssl_client, trust=trust, on_report=keys)
+        api = NexusApi(driver, store, trust, secrets=SecretsApi(secrets), cipher=cipher)
+        server = HttpsServer(ssl_server, api, NEXUS_LIMITS)
 
         def listening(host: str, port: int) -> None:
             nonlocal started
@@ -117,11 +143,12 @@ def run(config: NexusConfig) -> None:
                 on_listening=listening,
             )
         finally:
-            custody.forget()
+            custody.forget(anyio.current_time())
 
     try:
         anyio.run(main)
     finally:
+        secrets.close()  # lets queued writes finish their commit
         store.close()
         if started:  # a Nexus that could not start says so in one line, from the CLI
             log.info("Nexus stopped; the root key is gone from memory")

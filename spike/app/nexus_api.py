@@ -11,6 +11,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -26,9 +27,14 @@ from spike.protocol.nexus import AlreadyInitialised
 from spike.protocol.wire import decode
 from spike.transports.custody_driver import CustodyDriver
 
+from .cipher_api import CipherApi
 from .messages import (
     BOOTSTRAP_INIT_PATH,
     BOOTSTRAP_VERIFY_PATH,
+    CIPHER_DECRYPT_PATH,
+    CIPHER_ENCRYPT_PATH,
+    SECRETS_METADATA_PATH,
+    SECRETS_PATH,
     STATUS_PATH,
     VERIFY_INFO,
     InitRequest,
@@ -38,40 +44,64 @@ from .messages import (
     VerifyRequest,
     VerifyResponse,
 )
+from .secrets_api import SecretsApi
 from .storage import NexusStore, StorageError
 
 log = logging.getLogger("spike.nexus.api")
 
-RouteHandler = Callable[[ApiRequest], ApiResponse]
+Reply = ApiResponse | Future[ApiResponse]
+RouteHandler = Callable[[ApiRequest], Reply]
+PILOTS = frozenset({Role.PILOT_SUPERUSER, Role.PILOT_RECOVER, Role.PILOT_RESTORE})
+SUPERUSER = frozenset({Role.PILOT_SUPERUSER})
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
     handler: RouteHandler
-    allowed: frozenset[Role]  # the guard: an empty set would admit nobody
+    allowed: frozenset[Role]  # the guard: who may call it (an empty set admits nobody)
+    needs_key: bool = False  # answer 503 state_not_ready until the root key is verified
 
 
 class NexusApi:
-    def __init__(self, driver: CustodyDriver, store: NexusStore, trust: TrustDomains) -> None:
+    """Routes by (path, action): SPIKE selects operations with ``?action=``."""
+
+    def __init__(
+        self,
+        driver: CustodyDriver,
+        store: NexusStore,
+        trust: TrustDomains,
+        *,
+        secrets: SecretsApi,
+        cipher: CipherApi,
+    ) -> None:
         self._driver = driver
         self._store = store
         self._trust = trust
-        pilots = {Role.PILOT_SUPERUSER, Role.PILOT_RECOVER, Role.PILOT_RESTORE}
-        self.routes: dict[str, Route] = {
-            STATUS_PATH: Route(self.status, frozenset({Role.BOOTSTRAP, *pilots})),
-            BOOTSTRAP_INIT_PATH: Route(self.bootstrap_init, frozenset({Role.BOOTSTRAP})),
-            BOOTSTRAP_VERIFY_PATH: Route(self.bootstrap_verify, frozenset({Role.BOOTSTRAP})),
+        routes: dict[tuple[str, str], Route] = {
+            (STATUS_PATH, ""): Route(self.status, frozenset({Role.BOOTSTRAP, *PILOTS})),
+            (BOOTSTRAP_INIT_PATH, ""): Route(self.bootstrap_init, frozenset({Role.BOOTSTRAP})),
+            (BOOTSTRAP_VERIFY_PATH, ""): Route(self.bootstrap_verify, frozenset({Role.BOOTSTRAP})),
+            (CIPHER_ENCRYPT_PATH, ""): Route(cipher.encrypt, SUPERUSER, needs_key=True),
+            (CIPHER_DECRYPT_PATH, ""): Route(cipher.decrypt, SUPERUSER, needs_key=True),
         }
+        for action, handler in secrets.handlers().items():
+            routes[(SECRETS_PATH, action)] = Route(handler, SUPERUSER, needs_key=True)
+        for action, handler in secrets.metadata_handlers().items():
+            routes[(SECRETS_METADATA_PATH, action)] = Route(handler, SUPERUSER, needs_key=True)
+        self.routes = routes
+        self._paths = {path for path, _ in routes}
 
-    def __call__(self, request: ApiRequest) -> ApiResponse:
-        route = self.routes.get(request.path)
+    def __call__(self, request: ApiRequest) -> Reply:
+        route = self.routes.get((request.path, request.action()))
         if route is None:
-            return api.NOT_FOUND
+            return api.BAD_REQUEST if request.path in self._paths else api.NOT_FOUND
         if request.method != "POST":
             return api.METHOD_NOT_ALLOWED
         if self._trust.role_of(request.peer) not in route.allowed:
             log.info("refused %s for %s", request.path, request.peer or "a peer without SPIFFE ID")
             return api.UNAUTHORIZED
+        if route.needs_key and self._driver.custody.phase is not Phase.READY:
+            return api.NOT_READY
         return route.handler(request)
 
     # -------------------------------------------------------------------- routes

@@ -52,9 +52,7 @@ def render(status: StatusBody, url: str) -> str:
         head = "not initialised: run `spike bootstrap`"
     lines = [f"Nexus {url}: {head}"]
     if status.redundancy is not None:
-        lines.append(
-            f"shard redundancy: {status.redundancy} (keepers holding their verified shard minus threshold)"
-        )
+        lines.append(f"shard redundancy: {status.redundancy} (keepers holding their verified shard minus threshold)")
     lines.append(f"keepers polled every {status.poll_interval:g}s")
     rows = [("ID", "URL", "STATE", "SINCE", "LAST POLL", "LATENCY", "POLLS", "404s", "FAILS", "RESEEDS")]
     for k in status.keepers:

@@ -30,7 +30,37 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             updated_at TEXT NOT NULL
         )""",
     ),
+    (
+        """CREATE TABLE secret (
+            path TEXT PRIMARY KEY,
+            current_version INTEGER NOT NULL,
+            oldest_version INTEGER NOT NULL,
+            max_versions INTEGER NOT NULL,
+            cas_required INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            custom_metadata BLOB
+        ) WITHOUT ROWID""",
+        """CREATE TABLE secret_version (
+            path TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            sealed BLOB,
+            created_at REAL NOT NULL,
+            deleted_at REAL,
+            key_epoch INTEGER NOT NULL,
+            PRIMARY KEY (path, version)
+        ) WITHOUT ROWID""",
+    ),
 )
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection with the settings every user of the database relies on."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")  # an acknowledged write survives power loss
+    db.execute("PRAGMA busy_timeout=5000")
+    return db
 
 
 class StorageError(Exception):
@@ -44,10 +74,7 @@ class NexusStore:
             path = data_dir / DB_NAME
             if not path.exists():
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged write survives power loss
-            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db = connect(path)
             self._migrate()
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"cannot open the database in {data_dir}: {exc}") from None

@@ -22,6 +22,15 @@ class ApiRequest:
     peer: SpiffeId | None
     body: bytes = field(default=b"", repr=False)
     query: str = ""
+    content_type: str = ""
+
+    def action(self) -> str:
+        """The ``action=`` query parameter SPIKE's API uses to pick an operation ("" if none)."""
+        for part in self.query.split("&"):
+            name, _, value = part.partition("=")
+            if name == "action":
+                return value
+        return ""
 
 
 @dataclass(frozen=True, slots=True)

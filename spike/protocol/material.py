@@ -111,11 +111,7 @@ class Share:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Share):
             return NotImplemented
-        return (
-            self.id == other.id
-            and self.epoch == other.epoch
-            and hmac.compare_digest(self._value, other._value)
-        )
+        return self.id == other.id and self.epoch == other.epoch and hmac.compare_digest(self._value, other._value)
 
     def __hash__(self) -> int:
         return hash((self.id, self.epoch))

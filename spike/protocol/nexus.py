@@ -179,8 +179,7 @@ class NexusCustody:
         self._anchor = now
         n = len(ids)
         self._keepers = {
-            keeper_id: _Keeper(keeper_id, schedule.interval * index / n, now)
-            for index, keeper_id in enumerate(ids)
+            keeper_id: _Keeper(keeper_id, schedule.interval * index / n, now) for index, keeper_id in enumerate(ids)
         }
         self._record: KeyRecord | None = None
         self._key: RootKey | None = None
@@ -364,9 +363,16 @@ class NexusCustody:
         ready = self._try_recover(now, source="operator")
         return RestoreProgress(accepted=accepted, needed=self.shards_needed, ready=ready)
 
-    def forget(self) -> None:
-        """Overwrite and drop the key and any collected shards (shutdown)."""
+    def forget(self, now: float) -> None:
+        """Overwrite and drop the key and any collected shards (shutdown).
+
+        The machine stays usable: without its key it is recovering again, so a
+        late answer is handled as in any other recovery.
+        """
         self._forget_key()
+        if self._phase is Phase.READY:
+            self._recovery_started = now
+            self._set_phase(Phase.RECOVERING, now)
 
     # ------------------------------------------------------------------ internals
 
@@ -376,9 +382,7 @@ class NexusCustody:
                 f"key record is for keepers {list(record.keeper_ids)}, configured are {list(self._ids)}"
             )
         if record.threshold != self._threshold:
-            raise LocalProtocolError(
-                f"key record has threshold {record.threshold}, configured is {self._threshold}"
-            )
+            raise LocalProtocolError(f"key record has threshold {record.threshold}, configured is {self._threshold}")
 
     def _require_record(self) -> KeyRecord:
         if self._record is None:
@@ -436,9 +440,7 @@ class NexusCustody:
         self._inflight[request_id] = op
         self._push_timer(deadline, _TIMEOUT, request_id)
         self._effects.append(
-            SendRequest(
-                keeper.id, request_id, kind, path, deadline, body, now if scheduled is None else scheduled
-            )
+            SendRequest(keeper.id, request_id, kind, path, deadline, body, now if scheduled is None else scheduled)
         )
 
     def _push(self, keeper: _Keeper, now: float) -> None:

@@ -25,14 +25,21 @@ class BlockingConnection:
         self._connection = connection
         self._timeout = timeout
 
-    def post(self, path: str, body: bytes = b"{}", *, timeout: float | None = None) -> tuple[int, bytes]:
+    def post(
+        self,
+        path: str,
+        body: bytes = b"{}",
+        *,
+        timeout: float | None = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, bytes]:
         """(status, body); raises `TransportError` (a timeout included)."""
-        return self._portal.call(self._post, path, body, timeout or self._timeout)
+        return self._portal.call(self._post, path, body, timeout or self._timeout, content_type)
 
-    async def _post(self, path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
+    async def _post(self, path: str, body: bytes, timeout: float, content_type: str) -> tuple[int, bytes]:
         try:
             with anyio.fail_after(timeout):
-                return await self._connection.request("POST", path, body)
+                return await self._connection.request("POST", path, body, content_type)
         except TimeoutError:
             raise TransportError(f"no answer within {timeout:g} s") from None
 
@@ -67,7 +74,5 @@ class ClientSession:
     def __enter__(self) -> ClientSession:
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()

@@ -99,9 +99,7 @@ class HttpsConnection:
             with anyio.fail_after(self._connect_timeout):
                 tcp = await anyio.connect_tcp(self.host, self.port)
                 try:
-                    tls = await TLSStream.wrap(
-                        tcp, hostname=self.host, ssl_context=context, standard_compatible=False
-                    )
+                    tls = await TLSStream.wrap(tcp, hostname=self.host, ssl_context=context, standard_compatible=False)
                 except BaseException:
                     await tcp.aclose()
                     raise

@@ -9,11 +9,13 @@ connection; nothing a client sends can end the server.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
 import ssl
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import anyio
@@ -28,7 +30,10 @@ from .tls import spiffe_id_of
 
 log = logging.getLogger("spike.transports.server")
 
-Handler = Callable[[ApiRequest], ApiResponse]
+# A handler answers at once, or with a future that another thread (the
+# storage writer) resolves, for example once a group commit is durable.
+Reply = ApiResponse | Future[ApiResponse]
+Handler = Callable[[ApiRequest], Reply]
 
 _REASONS = {
     200: b"OK",
@@ -73,9 +78,7 @@ class _Reject(Exception):
 class HttpsServer:
     """Serves `handler` to mTLS clients; the handler sees the peer's SPIFFE ID."""
 
-    def __init__(
-        self, ssl_context: ssl.SSLContext, handler: Handler, limits: ServerLimits | None = None
-    ) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext, handler: Handler, limits: ServerLimits | None = None) -> None:
         self._ssl_context = ssl_context
         self._handler = handler
         self.limits = limits or ServerLimits()
@@ -134,7 +137,8 @@ class HttpsServer:
                     return
                 if request is None:
                     return
-                response = self._respond(request)
+                reply = self._respond(request)
+                response = reply if isinstance(reply, ApiResponse) else await _settled(reply, request)
                 await _send_response(tls, conn, response, close=False)
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                     return
@@ -144,7 +148,7 @@ class HttpsServer:
         finally:
             await _close(tls)
 
-    def _respond(self, request: ApiRequest) -> ApiResponse:
+    def _respond(self, request: ApiRequest) -> Reply:
         try:
             return self._handler(request)
         except Exception:
@@ -184,6 +188,7 @@ class HttpsServer:
                 target = head.target.decode("ascii", "replace")
                 path, _, query = target.partition("?")
                 return ApiRequest(
+                    content_type=_header(head, b"content-type").decode("ascii", "replace").partition(";")[0].strip(),
                     method=head.method.decode("ascii", "replace"),
                     path=path,
                     peer=peer,  # type: ignore[arg-type]
@@ -222,11 +227,30 @@ def _head_size(request: h11.Request) -> int:
     return size + sum(len(name) + len(value) + 4 for name, value in request.headers)
 
 
-def _content_length(request: h11.Request) -> int:
+def _header(request: h11.Request, wanted: bytes) -> bytes:
     for name, value in request.headers:
-        if name == b"content-length":
-            return int(value)  # h11 has already checked it is a number
-    return 0
+        if name == wanted:
+            return bytes(value)
+    return b""
+
+
+def _content_length(request: h11.Request) -> int:
+    return int(_header(request, b"content-length") or 0)  # h11 has already checked it is a number
+
+
+async def _settled(reply: Future[ApiResponse], request: ApiRequest) -> ApiResponse:
+    """Wait for a handler's future without blocking the loop.
+
+    Shielded: once a write is queued it completes whatever happens to this
+    connection, so its answer is awaited even while the server shuts down.
+    """
+    response = ApiResponse(500, error_body(ErrorCode.INTERNAL))
+    with anyio.CancelScope(shield=True):
+        try:
+            response = await asyncio.wrap_future(reply)
+        except Exception:
+            log.exception("handler failed on %s %s", request.method, request.path)
+    return response
 
 
 async def _send_response(

@@ -758,13 +758,9 @@ def test_custody_works_with_a_constant_random_source() -> None:
     assert poll.deadline == 1.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="forget() leaves phase READY without a key; a later 404 makes receive() raise (not fixed)",
-)
 def test_forget_leaves_a_consistent_machine() -> None:
     rig = Rig()
     rig.recover(1, 2)
-    rig.custody.forget()
+    rig.custody.forget(rig.now)
     assert rig.custody.phase is not Phase.READY
     rig.reply(3, 404, NOT_FOUND)  # an answer still on its way must not raise

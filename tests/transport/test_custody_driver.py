@@ -129,7 +129,7 @@ async def driving(
             yield driver, reports
         finally:
             tg.cancel_scope.cancel()
-            custody.forget()
+            custody.forget(anyio.current_time())
 
 
 def view(driver: CustodyDriver, keeper_id: int) -> KeeperView:

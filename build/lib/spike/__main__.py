@@ -1,0 +1,3 @@
+from spike.app.cli import main
+
+raise SystemExit(main())

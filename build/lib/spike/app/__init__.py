@@ -1,0 +1,1 @@
+"""Wiring: CLI, configuration, runners, storage and logging."""

@@ -1,0 +1,218 @@
+"""The `spike` command: one executable, one subcommand per role.
+
+Every failure a user can cause ends in one line on stderr and a non-zero
+exit code (2 for configuration, 1 for everything else); tracebacks are for
+bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import spike
+
+from . import config as cfg
+from .errors import CommandError
+
+EXIT_CONFIG = 2
+
+
+def _identity_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("identity (X.509 SVID files; env SPIKE_SVID_CERT/KEY/BUNDLE)")
+    group.add_argument("--svid-cert", metavar="PEM", help="certificate chain of this workload's SVID")
+    group.add_argument("--svid-key", metavar="PEM", help="private key of the SVID")
+    group.add_argument("--svid-bundle", metavar="PEM", help="trust bundle (CA certificates)")
+    group.add_argument(
+        "--trust-domain", type=cfg.trust_domain_arg, help="trust domain of every role (env SPIKE_TRUST_ROOT)"
+    )
+    parser.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="env SPIKE_LOG_LEVEL"
+    )
+    parser.add_argument("--log-format", choices=["text", "json"], help="env SPIKE_LOG_FORMAT")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spike", description="SPIFFE-native secrets manager")
+    parser.add_argument("--version", action="version", version=f"spike {spike.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    keeper = sub.add_parser("keeper", help="hold one shard of the root key in memory")
+    keeper.add_argument(
+        "--listen", metavar="ADDR", help="e.g. :8443 or 127.0.0.1:8443 (env SPIKE_KEEPER_TLS_PORT)"
+    )
+    _identity_flags(keeper)
+
+    nexus = sub.add_parser("nexus", help="the secrets store; keeps the keepers seeded")
+    nexus.add_argument("--listen", metavar="ADDR", help="e.g. :8553 (env SPIKE_NEXUS_TLS_PORT)")
+    nexus.add_argument(
+        "--keepers",
+        metavar="PEERS",
+        help="'1=https://k1:8443,2=https://k2:8443,...' (env SPIKE_NEXUS_KEEPER_PEERS)",
+    )
+    nexus.add_argument(
+        "--shares", metavar="N", help="number of shards (env SPIKE_NEXUS_SHAMIR_SHARES, default 3)"
+    )
+    nexus.add_argument(
+        "--threshold",
+        metavar="T",
+        help="shards needed to rebuild (env SPIKE_NEXUS_SHAMIR_THRESHOLD, default 2)",
+    )
+    nexus.add_argument(
+        "--poll-interval",
+        metavar="DUR",
+        help="keeper poll interval (env SPIKE_NEXUS_KEEPER_POLL_INTERVAL, default 5s)",
+    )
+    nexus.add_argument(
+        "--keeper-timeout", metavar="DUR", help="per-request keeper timeout (env SPIKE_NEXUS_KEEPER_TIMEOUT)"
+    )
+    nexus.add_argument("--data-dir", metavar="DIR", help="env SPIKE_NEXUS_DATA_DIR, default ~/.spike/data")
+    _identity_flags(nexus)
+
+    boot = sub.add_parser("bootstrap", help="make a root key, seed the keepers, verify Nexus holds it")
+    boot.add_argument(
+        "--nexus", metavar="URL", help="env SPIKE_NEXUS_API_URL, default https://localhost:8553"
+    )
+    boot.add_argument(
+        "--keepers", metavar="PEERS", help="keeper URLs as seen from here (default: Nexus's list)"
+    )
+    boot.add_argument(
+        "--force", action="store_true", help="replace an existing root key (old secrets are lost)"
+    )
+    boot.add_argument("--timeout", metavar="DUR", help="give up after this long (default 60s)")
+    _identity_flags(boot)
+
+    status = sub.add_parser("status", help="Nexus phase, redundancy and every keeper's state")
+    status.add_argument("--nexus", metavar="URL", help="env SPIKE_NEXUS_API_URL")
+    status.add_argument("--format", choices=["human", "json"], default="human")
+    _identity_flags(status)
+
+    dev = sub.add_parser("dev", help="run a local deployment: 3 keepers, a Nexus, bootstrapped")
+    dev.add_argument("--data-dir", type=Path, help="keep state here (default: a temporary dir)")
+    dev.add_argument("--keepers", type=int, default=3)
+    dev.add_argument("--threshold", type=int, default=2)
+    dev.add_argument("--trust-domain", type=cfg.trust_domain_arg, default=cfg.DEFAULT_TRUST_DOMAIN)
+    dev.add_argument("--poll-interval", default="2s")
+    dev.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+
+    ident = sub.add_parser("dev-identity", help="mint a development CA and SVIDs for every role")
+    ident.add_argument("--dir", type=Path, required=True, help="where to write the PEM files")
+    ident.add_argument("--trust-domain", type=cfg.trust_domain_arg, default=cfg.DEFAULT_TRUST_DOMAIN)
+    ident.add_argument("--keepers", default="1,2,3", help="keeper ids to mint SVIDs for (default 1,2,3)")
+
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def _setup_logs(common: cfg.Common) -> None:
+    from .logs import setup
+
+    setup(common.log_level, common.log_format)
+
+
+def _keeper(args: argparse.Namespace) -> int:
+    from . import keeper
+
+    config = cfg.keeper(args, cfg.environ())
+    _setup_logs(config.common)
+    keeper.run(config)
+    return 0
+
+
+def _nexus(args: argparse.Namespace) -> int:
+    from . import nexus
+
+    config = cfg.nexus(args, cfg.environ())
+    _setup_logs(config.common)
+    nexus.run(config)
+    return 0
+
+
+def _bootstrap(args: argparse.Namespace) -> int:
+    from . import bootstrap
+
+    config = cfg.bootstrap(args, cfg.environ())
+    _setup_logs(config.common)
+    bootstrap.run(config)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from . import status
+
+    config = cfg.client(args, cfg.environ())
+    _setup_logs(config.common)
+    return status.run(config)
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from . import dev
+
+    return dev.run(
+        dev.DevOptions(
+            data_dir=args.data_dir,
+            keepers=args.keepers,
+            threshold=args.threshold,
+            trust_domain=args.trust_domain,
+            poll_interval=args.poll_interval,
+            log_level=args.log_level,
+        )
+    )
+
+
+def _dev_identity(args: argparse.Namespace) -> int:
+    from .devca import mint_dev_identity
+
+    try:
+        ids = [int(x) for x in args.keepers.split(",") if x.strip()]
+    except ValueError:
+        raise cfg.ConfigError(
+            f"--keepers must be a comma-separated list of ids, not {args.keepers!r}"
+        ) from None
+    identity = mint_dev_identity(args.dir, args.trust_domain, ids)
+    print(f"development SVIDs for spiffe://{args.trust_domain} written to {identity.directory}")
+    return 0
+
+
+def _version(args: argparse.Namespace) -> int:
+    print(f"spike {spike.__version__}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "keeper": _keeper,
+    "nexus": _nexus,
+    "bootstrap": _bootstrap,
+    "status": _status,
+    "dev": _dev,
+    "dev-identity": _dev_identity,
+    "version": _version,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    name = f"spike {args.command}"
+    # Imported here so that `spike --version` and `spike keeper` stay quick to start.
+    from spike.transports.runner import BindError
+    from spike.transports.tls import IdentityError
+
+    from .storage import StorageError
+
+    try:
+        return COMMANDS[args.command](args)
+    except cfg.ConfigError as exc:
+        print(f"{name}: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (IdentityError, BindError, StorageError) as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except CommandError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        logging.getLogger("spike").info("interrupted")
+        return 130

@@ -1,0 +1,263 @@
+"""Configuration: the only place that reads flags and environment variables.
+
+Precedence, highest first: command-line flag, environment variable (SPIKE's
+names where SPIKE has one), built-in default.  Every value is checked here,
+at start, so that a bad configuration stops the process with one clear
+sentence instead of failing later at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from spike.protocol.errors import LocalProtocolError
+from spike.protocol.identity import InvalidSpiffeId, TrustDomains, check_trust_domain
+from spike.protocol.material import MAX_KEEPER_ID, MIN_KEEPER_ID
+from spike.protocol.nexus import PollSchedule
+from spike.transports.client import parse_origin
+from spike.transports.tls import SvidFiles
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or invalid; the message is for the operator."""
+
+
+Env = Mapping[str, str]
+
+DEFAULT_TRUST_DOMAIN = "spike.ist"
+DEFAULT_KEEPER_PORT = 8443
+DEFAULT_NEXUS_PORT = 8553
+DEFAULT_NEXUS_URL = f"https://localhost:{DEFAULT_NEXUS_PORT}"
+
+
+@dataclass(frozen=True, slots=True)
+class Common:
+    trust: TrustDomains
+    svid: SvidFiles
+    log_level: str
+    log_format: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeeperConfig:
+    common: Common
+    bind: tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class NexusConfig:
+    common: Common
+    bind: tuple[str, int]
+    keepers: dict[int, str]
+    threshold: int
+    schedule: PollSchedule
+    data_dir: Path
+
+
+@dataclass(frozen=True, slots=True)
+class BootstrapConfig:
+    common: Common
+    nexus_url: str
+    keepers: dict[int, str] | None  # None: take them from Nexus
+    force: bool
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    common: Common
+    nexus_url: str
+    output: str
+
+
+def _pick(
+    args: argparse.Namespace, flag: str, env: Env, *names: str, default: str | None = None
+) -> str | None:
+    value = getattr(args, flag, None)
+    if value is not None:
+        return str(value)
+    for name in names:
+        if env.get(name):
+            return env[name]
+    return default
+
+
+def parse_duration(text: str, what: str) -> float:
+    """'500ms', '2s', '1m', '1.5' (seconds) -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", text)
+    if not match:
+        raise ConfigError(f"{what}: {text!r} is not a duration (examples: 500ms, 5s, 1m)")
+    value = float(match.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
+    if value <= 0:
+        raise ConfigError(f"{what} must be greater than zero")
+    return value
+
+
+def parse_bind(text: str, what: str) -> tuple[str, int]:
+    """':8443', '8443', '127.0.0.1:8443' or '[::1]:8443' -> (host, port)."""
+    text = text.strip()
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = "", text
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - SPIKE's ':port' form means every interface
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{what}: {text!r} is not a listen address (examples: :8443, 127.0.0.1:8443)")
+    return host, int(port_text)
+
+
+def parse_keeper_peers(text: str) -> dict[int, str]:
+    """'1=https://k1:8443,2=https://k2:8443' or the positional 'https://k1:8443,https://k2:8443'."""
+    entries = [e.strip() for e in text.split(",") if e.strip()]
+    if not entries:
+        raise ConfigError("no keepers configured (SPIKE_NEXUS_KEEPER_PEERS)")
+    with_ids = [e for e in entries if "=" in e.split("://", 1)[0]]
+    if with_ids and len(with_ids) != len(entries):
+        raise ConfigError("keeper peers: use either 'id=url' for every keeper or for none")
+    keepers: dict[int, str] = {}
+    for position, entry in enumerate(entries, start=1):
+        if with_ids:
+            id_text, _, url = entry.partition("=")
+            if not id_text.strip().isdigit():
+                raise ConfigError(f"keeper peers: {id_text!r} is not a keeper id (1-255)")
+            keeper_id = int(id_text)
+        else:
+            keeper_id, url = position, entry
+        url = url.strip().rstrip("/")
+        if not MIN_KEEPER_ID <= keeper_id <= MAX_KEEPER_ID:
+            raise ConfigError(f"keeper peers: id {keeper_id} is outside 1-255")
+        if keeper_id in keepers:
+            raise ConfigError(f"keeper peers: id {keeper_id} appears twice")
+        try:
+            parse_origin(url)
+        except ValueError as exc:
+            raise ConfigError(f"keeper peers: keeper {keeper_id}: {exc}") from None
+        if url in keepers.values():
+            raise ConfigError(f"keeper peers: {url} is listed twice")
+        keepers[keeper_id] = url
+    return keepers
+
+
+def _int(text: str | None, what: str) -> int:
+    if text is None or not text.strip().isdigit():
+        raise ConfigError(f"{what} must be a whole number, not {text!r}")
+    return int(text)
+
+
+def common(args: argparse.Namespace, env: Env) -> Common:
+    default_domain = _pick(args, "trust_domain", env, "SPIKE_TRUST_ROOT", default=DEFAULT_TRUST_DOMAIN)
+    assert default_domain is not None
+    try:
+        trust = TrustDomains(
+            nexus=env.get("SPIKE_TRUST_ROOT_NEXUS") or default_domain,
+            keeper=env.get("SPIKE_TRUST_ROOT_KEEPER") or default_domain,
+            bootstrap=env.get("SPIKE_TRUST_ROOT_BOOTSTRAP") or default_domain,
+            pilot=env.get("SPIKE_TRUST_ROOT_PILOT") or default_domain,
+        )
+    except InvalidSpiffeId as exc:
+        raise ConfigError(f"trust domain: {exc}") from None
+    files = []
+    for flag, env_name in (
+        ("svid_cert", "SPIKE_SVID_CERT"),
+        ("svid_key", "SPIKE_SVID_KEY"),
+        ("svid_bundle", "SPIKE_SVID_BUNDLE"),
+    ):
+        value = _pick(args, flag, env, env_name)
+        if not value:
+            raise ConfigError(
+                f"no X.509 SVID configured: set --{flag.replace('_', '-')} or {env_name} "
+                "(`spike dev-identity` mints a development set)"
+            )
+        files.append(Path(value).expanduser())
+    level = (_pick(args, "log_level", env, "SPIKE_LOG_LEVEL", default="info") or "info").lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log level must be debug, info, warning or error, not {level!r}")
+    fmt = (_pick(args, "log_format", env, "SPIKE_LOG_FORMAT", default="text") or "text").lower()
+    if fmt not in ("text", "json"):
+        raise ConfigError(f"log format must be text or json, not {fmt!r}")
+    return Common(trust, SvidFiles(*files), level, fmt)
+
+
+def keeper(args: argparse.Namespace, env: Env) -> KeeperConfig:
+    listen = _pick(args, "listen", env, "SPIKE_KEEPER_TLS_PORT", default=f":{DEFAULT_KEEPER_PORT}")
+    assert listen is not None
+    return KeeperConfig(common(args, env), parse_bind(listen, "keeper listen address"))
+
+
+def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
+    base = common(args, env)
+    listen = _pick(args, "listen", env, "SPIKE_NEXUS_TLS_PORT", default=f":{DEFAULT_NEXUS_PORT}")
+    assert listen is not None
+    peers = _pick(args, "keepers", env, "SPIKE_NEXUS_KEEPER_PEERS")
+    if not peers:
+        raise ConfigError("no keepers configured: set --keepers or SPIKE_NEXUS_KEEPER_PEERS")
+    keepers = parse_keeper_peers(peers)
+    shares = _int(_pick(args, "shares", env, "SPIKE_NEXUS_SHAMIR_SHARES", default="3"), "shares")
+    threshold = _int(_pick(args, "threshold", env, "SPIKE_NEXUS_SHAMIR_THRESHOLD", default="2"), "threshold")
+    if threshold < 1:
+        raise ConfigError("threshold must be at least 1")
+    if threshold > shares:
+        raise ConfigError(f"threshold ({threshold}) cannot be larger than shares ({shares})")
+    if len(keepers) != shares:
+        raise ConfigError(f"{len(keepers)} keepers are configured but shares is {shares}: they must be equal")
+    interval_text = _pick(args, "poll_interval", env, "SPIKE_NEXUS_KEEPER_POLL_INTERVAL", default="5s")
+    interval = parse_duration(interval_text or "5s", "poll interval")
+    timeout_text = _pick(args, "keeper_timeout", env, "SPIKE_NEXUS_KEEPER_TIMEOUT")
+    timeout = parse_duration(timeout_text, "keeper timeout") if timeout_text else min(2.0, interval / 2)
+    try:
+        schedule = PollSchedule(interval=interval, request_timeout=timeout)
+    except LocalProtocolError as exc:
+        raise ConfigError(str(exc)) from None
+    data_dir = _pick(args, "data_dir", env, "SPIKE_NEXUS_DATA_DIR", default="~/.spike/data")
+    assert data_dir is not None
+    return NexusConfig(
+        base,
+        parse_bind(listen, "Nexus listen address"),
+        keepers,
+        threshold,
+        schedule,
+        Path(data_dir).expanduser(),
+    )
+
+
+def nexus_url(args: argparse.Namespace, env: Env) -> str:
+    url = _pick(args, "nexus", env, "SPIKE_NEXUS_API_URL", default=DEFAULT_NEXUS_URL)
+    assert url is not None
+    url = url.rstrip("/")
+    try:
+        parse_origin(url)
+    except ValueError as exc:
+        raise ConfigError(f"Nexus URL: {exc}") from None
+    return url
+
+
+def bootstrap(args: argparse.Namespace, env: Env) -> BootstrapConfig:
+    peers = _pick(args, "keepers", env, "SPIKE_NEXUS_KEEPER_PEERS")
+    timeout_text = _pick(args, "timeout", env, "SPIKE_BOOTSTRAP_TIMEOUT", default="60s")
+    return BootstrapConfig(
+        common(args, env),
+        nexus_url(args, env),
+        parse_keeper_peers(peers) if peers else None,
+        bool(getattr(args, "force", False)),
+        parse_duration(timeout_text or "60s", "bootstrap timeout"),
+    )
+
+
+def client(args: argparse.Namespace, env: Env) -> ClientConfig:
+    output = (getattr(args, "format", None) or "human").lower()
+    return ClientConfig(common(args, env), nexus_url(args, env), output)
+
+
+def trust_domain_arg(text: str) -> str:
+    try:
+        return check_trust_domain(text)
+    except InvalidSpiffeId as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def environ() -> Env:
+    return os.environ

@@ -1,0 +1,200 @@
+"""A throw-away development trust domain: a CA and one X.509 SVID per role.
+
+For local deployments and tests only; production identities come from SPIRE
+(or any SPIFFE issuer).  Keys are written with mode 0600 in a 0700 directory.
+Re-running on the same directory keeps the CA and re-mints only the SVIDs
+that are missing or about to expire.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from spike.protocol.identity import Role, TrustDomains
+from spike.transports.tls import SvidFiles
+
+CA_CERT = "bundle.pem"
+CA_KEY = "ca-key.pem"
+ROLES = {
+    "nexus": Role.NEXUS,
+    "bootstrap": Role.BOOTSTRAP,
+    "pilot-superuser": Role.PILOT_SUPERUSER,
+    "pilot-recover": Role.PILOT_RECOVER,
+    "pilot-restore": Role.PILOT_RESTORE,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DevIdentity:
+    directory: Path
+    trust_domain: str
+
+    def files(self, name: str) -> SvidFiles:
+        return SvidFiles(
+            self.directory / f"{name}.pem",
+            self.directory / f"{name}-key.pem",
+            self.directory / CA_CERT,
+        )
+
+    def keeper(self, keeper_id: int) -> SvidFiles:
+        return self.files(f"keeper-{keeper_id}")
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _load_or_make_ca(
+    directory: Path, trust_domain: str, now: dt.datetime
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert_path, key_path = directory / CA_CERT, directory / CA_KEY
+    if cert_path.exists() and key_path.exists():
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        ca_domain = uris.get_values_for_type(x509.UniformResourceIdentifier)
+        if ca_domain == [f"spiffe://{trust_domain}"] and isinstance(key, ec.EllipticCurvePrivateKey):
+            return cert, key
+        raise ValueError(f"{directory} holds a CA for another trust domain ({ca_domain})")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"spike dev CA for {trust_domain}")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write(key_path, _key_pem(key), 0o600)
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return cert, key
+
+
+def mint_svid(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    spiffe_id: str,
+    *,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+) -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM) of an X.509 SVID for `spiffe_id`, signed by the CA."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "spike dev")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+def _still_valid(path: Path, now: dt.datetime) -> bool:
+    if not path.exists():
+        return False
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    return cert.not_valid_after_utc - now > dt.timedelta(days=7)
+
+
+def mint_dev_identity(
+    directory: Path, trust_domain: str, keeper_ids: Iterable[int], *, validity_days: int = 90
+) -> DevIdentity:
+    """Create (or top up) a development CA and SVIDs for every role and keeper."""
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    now = dt.datetime.now(dt.UTC)
+    ca_cert, ca_key = _load_or_make_ca(directory, trust_domain, now)
+    trust = TrustDomains.single(trust_domain)
+    identity = DevIdentity(directory, trust_domain)
+    wanted = {name: str(trust.id_of(role)) for name, role in ROLES.items()}
+    for keeper_id in keeper_ids:
+        wanted[f"keeper-{keeper_id}"] = str(trust.id_of(Role.KEEPER, keeper_id))
+    for name, spiffe_id in wanted.items():
+        files = identity.files(name)
+        if _still_valid(files.cert, now) and files.key.exists():
+            continue
+        cert_pem, key_pem = mint_svid(
+            ca_cert,
+            ca_key,
+            spiffe_id,
+            not_before=now - dt.timedelta(minutes=5),
+            not_after=now + dt.timedelta(days=validity_days),
+        )
+        _write(files.key, key_pem, 0o600)
+        _write(files.cert, cert_pem + ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return identity

@@ -1,0 +1,57 @@
+"""`spike keeper`: serve one shard from memory, to Nexus only."""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+
+from spike.protocol.api import ApiRequest, ApiResponse
+from spike.protocol.keeper import MAX_KEEPER_BODY, Keeper, KeeperChange
+from spike.transports.runner import serve
+from spike.transports.server import HttpsServer, ServerLimits
+from spike.transports.tls import server_context
+
+from .config import KeeperConfig
+
+log = logging.getLogger("spike.keeper")
+
+KEEPER_LIMITS = ServerLimits(max_body_bytes=MAX_KEEPER_BODY, max_header_bytes=8192, max_connections=256)
+
+
+class KeeperHandler:
+    """Runs the keeper machine and logs what changed (never the shard)."""
+
+    def __init__(self, keeper: Keeper) -> None:
+        self.keeper = keeper
+
+    def __call__(self, request: ApiRequest) -> ApiResponse:
+        outcome = self.keeper.handle(request)
+        if outcome.change is KeeperChange.STORED:
+            log.info("shard stored (from %s)", request.peer, extra={"event": "shard_stored"})
+        elif outcome.change is KeeperChange.REPLACED:
+            log.warning(
+                "shard replaced by a different one (from %s)", request.peer, extra={"event": "shard_replaced"}
+            )
+        if outcome.refused:
+            log.info(
+                "refused %s from %s: %s",
+                request.path,
+                request.peer or "a peer without SPIFFE ID",
+                outcome.refused,
+            )
+        return outcome.response
+
+
+def run(config: KeeperConfig) -> None:
+    keeper = Keeper(config.common.trust)
+    server = HttpsServer(server_context(config.common.svid), KeeperHandler(keeper), KEEPER_LIMITS)
+
+    def listening(host: str, port: int) -> None:
+        log.info("keeper listening on %s:%d (empty until Nexus or bootstrap seeds it)", host, port)
+
+    try:
+        anyio.run(lambda: serve(config.bind, server, on_listening=listening))
+    finally:
+        keeper.forget()
+        log.info("keeper stopped; its shard is gone from memory")

@@ -1,0 +1,162 @@
+"""Operational logging: text or JSON lines on stderr, and what each report says.
+
+Reports from the custody machine are turned into one line per *change* (a
+keeper going empty, coming back, being re-seeded), never one line per poll.
+Nothing here is ever given a key, a shard or a secret value: reports carry
+ids, states and times only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping
+
+from spike.protocol.effects import (
+    KeeperMisbehaved,
+    KeeperReseeded,
+    KeeperState,
+    KeeperStateChanged,
+    KeyRecovered,
+    KeyRejected,
+    Phase,
+    PhaseChanged,
+    Report,
+)
+
+_RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and not key.startswith("_"):
+                line[key] = value
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def setup(level: str, fmt: str, stream: object = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def wall_time(monotonic_at: float, now: Callable[[], float]) -> str:
+    """ISO time of a moment given on the driver's monotonic clock."""
+    moment = time.time() - (now() - monotonic_at)
+    return dt.datetime.fromtimestamp(moment, dt.UTC).isoformat(timespec="seconds")
+
+
+class ReportLogger:
+    """Turns custody reports into log lines, one per change.
+
+    A keeper that keeps misbehaving the same way is logged once, then at
+    most every `repeat_every` seconds, so a hostile or broken keeper cannot
+    flood the log (its counters still grow in the status and metrics).
+    """
+
+    def __init__(
+        self,
+        log: logging.Logger,
+        keeper_urls: Mapping[int, str],
+        now: Callable[[], float],
+        *,
+        repeat_every: float = 300.0,
+    ) -> None:
+        self._log = log
+        self._urls = keeper_urls
+        self._now = now
+        self._repeat_every = repeat_every
+        self._last_problem: dict[tuple[int, str], float] = {}
+
+    def _keeper(self, keeper_id: int) -> str:
+        return f"keeper {keeper_id} ({self._urls.get(keeper_id, '?')})"
+
+    def __call__(self, report: Report) -> None:
+        log = self._log
+        if isinstance(report, KeeperStateChanged):
+            self._state_changed(report)
+        elif isinstance(report, KeeperReseeded):
+            # The state change to HOLDING that comes with it already said so at INFO.
+            log.debug(
+                "%s re-seeded with its shard and confirmed (was %s)",
+                self._keeper(report.keeper_id),
+                report.was.value,
+                extra={"keeper_id": report.keeper_id, "event": "keeper_reseeded"},
+            )
+        elif isinstance(report, KeeperMisbehaved):
+            key = (report.keeper_id, report.problem)
+            last = self._last_problem.get(key)
+            if last is None or report.at - last >= self._repeat_every:
+                self._last_problem[key] = report.at
+                log.warning(
+                    "%s: %s",
+                    self._keeper(report.keeper_id),
+                    report.problem,
+                    extra={"keeper_id": report.keeper_id, "event": "keeper_misbehaved"},
+                )
+        elif isinstance(report, PhaseChanged):
+            self._phase_changed(report)
+        elif isinstance(report, KeyRecovered):
+            log.info(
+                "root key (epoch %d) rebuilt from the shards of keepers %s in %.0f ms and verified",
+                report.epoch,
+                ", ".join(map(str, report.keeper_ids)),
+                (report.at - report.started_at) * 1000,
+                extra={"event": "key_recovered", "source": report.source, "epoch": report.epoch},
+            )
+        elif isinstance(report, KeyRejected):
+            log.error(
+                "shards of keepers %s passed their commitments but rebuilt a key that fails the key "
+                "check value of epoch %d: the key record is inconsistent; the key is not used",
+                ", ".join(map(str, report.keeper_ids)),
+                report.epoch,
+                extra={"event": "key_rejected"},
+            )
+
+    def _state_changed(self, report: KeeperStateChanged) -> None:
+        who = self._keeper(report.keeper_id)
+        extra = {"keeper_id": report.keeper_id, "state": report.state.value, "event": "keeper_state"}
+        state = report.state
+        if state is KeeperState.HOLDING:
+            how = f" again: {report.detail}" if report.detail else ""
+            was = "" if report.previous is KeeperState.UNKNOWN else f" (was {report.previous.value})"
+            self._log.info("%s holds its shard%s%s", who, how, was, extra=extra)
+        elif state is KeeperState.EMPTY:
+            self._log.warning("%s is empty (%s)", who, report.detail, extra=extra)
+        elif state is KeeperState.UNREACHABLE:
+            since = wall_time(report.at, self._now)
+            self._log.warning("%s unreachable since %s: %s", who, since, report.detail, extra=extra)
+        elif state is KeeperState.UNVERIFIED:
+            self._log.warning(
+                "%s holds a shard, but this Nexus has no key record to check it against", who, extra=extra
+            )
+        elif state is KeeperState.UNKNOWN:
+            self._log.info("%s state unknown", who, extra=extra)
+        else:
+            self._log.error("%s %s: %s", who, state.value.replace("_", " "), report.detail, extra=extra)
+
+    def _phase_changed(self, report: PhaseChanged) -> None:
+        extra = {"phase": report.phase.value, "event": "phase"}
+        if report.phase is Phase.READY:
+            self._log.info("Nexus is ready: it holds the verified root key", extra=extra)
+        elif report.phase is Phase.RECOVERING:
+            self._log.info("Nexus is waiting for shards to rebuild the root key", extra=extra)
+        else:
+            self._log.info("Nexus is not initialised: waiting for bootstrap", extra=extra)

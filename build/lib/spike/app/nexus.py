@@ -1,0 +1,121 @@
+"""`spike nexus`: hold the root key, recover it from keepers, keep them seeded."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import anyio
+
+from spike.protocol.effects import Phase
+from spike.protocol.errors import LocalProtocolError
+from spike.protocol.nexus import NexusCustody
+from spike.transports.custody_driver import CustodyDriver
+from spike.transports.runner import serve
+from spike.transports.server import HttpsServer, ServerLimits
+from spike.transports.tls import client_context, server_context
+
+from .config import ConfigError, NexusConfig
+from .logs import ReportLogger
+from .nexus_api import NexusApi
+from .storage import NexusStore
+
+log = logging.getLogger("spike.nexus")
+
+WAITING_SUMMARY_EVERY = 30.0
+
+
+class WaitingSummary:
+    """While Nexus cannot rebuild its key, say so periodically, with what is missing."""
+
+    def __init__(self, driver: CustodyDriver, every: float = WAITING_SUMMARY_EVERY) -> None:
+        self._driver = driver
+        self._every = every
+        self._last = -float("inf")
+
+    def __call__(self) -> None:
+        custody = self._driver.custody
+        now = self._driver.now()
+        if custody.phase is Phase.READY or now - self._last < self._every:
+            return
+        self._last = now
+        states = ", ".join(f"{v.keeper_id}={v.state.value}" for v in custody.keepers())
+        if custody.phase is Phase.UNINITIALISED:
+            log.info("not initialised: waiting for `spike bootstrap` (keepers: %s)", states)
+        else:
+            log.warning(
+                "waiting for shards: %d more verified shard(s) needed of %d (keepers: %s); "
+                "polling continues every %gs",
+                custody.shards_needed,
+                custody.threshold,
+                states,
+                custody.schedule.interval,
+            )
+
+
+def run(config: NexusConfig) -> None:
+    store = NexusStore(config.data_dir)
+    record = store.load_key_record()
+    if record is not None and (
+        set(record.keeper_ids) != set(config.keepers) or record.threshold != config.threshold
+    ):
+        raise ConfigError(
+            f"the data dir {config.data_dir} was initialised for keepers {list(record.keeper_ids)} "
+            f"with threshold {record.threshold}, but the configuration says keepers "
+            f"{sorted(config.keepers)} with threshold {config.threshold}"
+        )
+    trust = config.common.trust
+    svid = config.common.svid
+    ssl_client = client_context(svid)
+    ssl_server = server_context(svid)
+
+    async def main() -> None:
+        # The machine's clock must be the event loop's, so it is created inside the loop.
+        try:
+            custody = NexusCustody(
+                config.keepers,
+                threshold=config.threshold,
+                schedule=config.schedule,
+                rng=random.SystemRandom(),
+                now=anyio.current_time(),
+                record=record,
+            )
+        except LocalProtocolError as exc:
+            raise ConfigError(str(exc)) from None
+        reports = ReportLogger(log, config.keepers, anyio.current_time)
+        driver = CustodyDriver(
+            custody, config.keepers, ssl_context=ssl_client, trust=trust, on_report=reports
+        )
+        server = HttpsServer(ssl_server, NexusApi(driver, store, trust), ServerLimits())
+        if record is None:
+            log.info("no key record in %s: waiting for `spike bootstrap`", config.data_dir)
+        else:
+            log.info("key record for epoch %d found: recovering the root key from keepers", record.epoch)
+
+        def listening(host: str, port: int) -> None:
+            log.info(
+                "Nexus listening on %s:%d; polling %d keepers every %gs (pid %d)",
+                host,
+                port,
+                len(config.keepers),
+                config.schedule.interval,
+                os.getpid(),
+            )
+
+        try:
+            await serve(
+                config.bind,
+                server,
+                background=[driver.run],
+                periodic=WaitingSummary(driver),
+                on_listening=listening,
+            )
+        finally:
+            custody.forget()
+
+    try:
+        anyio.run(main)
+    finally:
+        store.close()
+        log.info("Nexus stopped; the root key is gone from memory")

@@ -1,0 +1,154 @@
+"""Nexus's HTTP API: a route table where every route names who may call it.
+
+Handlers are plain functions run on the event loop thread, next to the
+custody machine they read and drive.  Error bodies carry only a code; the
+detail goes to the log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from spike.protocol import api
+from spike.protocol.api import ApiRequest, ApiResponse
+from spike.protocol.effects import Phase
+from spike.protocol.errors import LocalProtocolError, RemoteProtocolError
+from spike.protocol.identity import Role, TrustDomains
+from spike.protocol.material import derive_key
+from spike.protocol.nexus import AlreadyInitialised
+from spike.protocol.wire import decode
+from spike.transports.custody_driver import CustodyDriver
+
+from .messages import (
+    BOOTSTRAP_INIT_PATH,
+    BOOTSTRAP_VERIFY_PATH,
+    STATUS_PATH,
+    VERIFY_INFO,
+    InitRequest,
+    InitResponse,
+    KeeperStatus,
+    StatusBody,
+    VerifyRequest,
+    VerifyResponse,
+)
+from .storage import NexusStore, StorageError
+
+log = logging.getLogger("spike.nexus.api")
+
+RouteHandler = Callable[[ApiRequest], ApiResponse]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    handler: RouteHandler
+    allowed: frozenset[Role]  # the guard: an empty set would admit nobody
+
+
+class NexusApi:
+    def __init__(self, driver: CustodyDriver, store: NexusStore, trust: TrustDomains) -> None:
+        self._driver = driver
+        self._store = store
+        self._trust = trust
+        pilots = {Role.PILOT_SUPERUSER, Role.PILOT_RECOVER, Role.PILOT_RESTORE}
+        self.routes: dict[str, Route] = {
+            STATUS_PATH: Route(self.status, frozenset({Role.BOOTSTRAP, *pilots})),
+            BOOTSTRAP_INIT_PATH: Route(self.bootstrap_init, frozenset({Role.BOOTSTRAP})),
+            BOOTSTRAP_VERIFY_PATH: Route(self.bootstrap_verify, frozenset({Role.BOOTSTRAP})),
+        }
+
+    def __call__(self, request: ApiRequest) -> ApiResponse:
+        route = self.routes.get(request.path)
+        if route is None:
+            return api.NOT_FOUND
+        if request.method != "POST":
+            return api.METHOD_NOT_ALLOWED
+        if self._trust.role_of(request.peer) not in route.allowed:
+            log.info("refused %s for %s", request.path, request.peer or "a peer without SPIFFE ID")
+            return api.UNAUTHORIZED
+        return route.handler(request)
+
+    # -------------------------------------------------------------------- routes
+
+    def status(self, request: ApiRequest) -> ApiResponse:
+        custody = self._driver.custody
+        now_mono, now_wall = self._driver.now(), time.time()
+
+        def wall(moment: float | None) -> float | None:
+            return None if moment is None else now_wall - (now_mono - moment)
+
+        record = custody.record
+        keepers = [
+            KeeperStatus(
+                id=view.keeper_id,
+                url=self._driver.keeper_urls[view.keeper_id],
+                state=view.state.value,
+                since=now_wall - (now_mono - view.since),
+                detail=view.detail,
+                polls=view.polls,
+                empty_answers=view.empty_answers,
+                failures=view.failures,
+                reseeds=view.reseeds,
+                last_poll=wall(view.last_poll_at),
+                latency_ms=None if view.latency is None else round(view.latency * 1000, 3),
+            )
+            for view in custody.keepers()
+        ]
+        body = StatusBody(
+            phase=custody.phase.value,
+            epoch=record.epoch if record else None,
+            threshold=custody.threshold,
+            shares=len(custody.keeper_ids),
+            shards_needed=custody.shards_needed,
+            redundancy=custody.redundancy if record else None,
+            poll_interval=custody.schedule.interval,
+            keepers=keepers,
+            time=now_wall,
+        )
+        return ApiResponse.json(body)
+
+    def bootstrap_init(self, request: ApiRequest) -> ApiResponse:
+        try:
+            body = decode(request.body, InitRequest)
+            changed = self._driver.custody.check_initialise(body.record, replace=body.replace)
+        except AlreadyInitialised as exc:
+            log.warning("bootstrap refused: %s", exc)
+            return api.CONFLICT
+        except (RemoteProtocolError, LocalProtocolError) as exc:
+            log.warning("bootstrap sent an unusable key record: %s", exc)
+            return api.BAD_REQUEST
+        if changed:
+            try:
+                # Persist first: a record Nexus acts on must survive a crash.
+                self._store.save_key_record(body.record)
+            except StorageError as exc:
+                log.error("cannot install the key record: %s", exc)  # noqa: TRY400 - a one-line cause, not a bug
+                return api.INTERNAL_ERROR
+            self._driver.initialise(body.record, replace=body.replace)
+            log.info(
+                "key record for epoch %d installed by %s (%d-of-%d)",
+                body.record.epoch,
+                request.peer,
+                body.record.threshold,
+                body.record.shares,
+            )
+        return ApiResponse.json(InitResponse(changed=changed, epoch=body.record.epoch))
+
+    def bootstrap_verify(self, request: ApiRequest) -> ApiResponse:
+        custody = self._driver.custody
+        if custody.phase is not Phase.READY:
+            return api.NOT_READY
+        try:
+            body = decode(request.body, VerifyRequest)
+            key = derive_key(custody.root_key, VERIFY_INFO)
+            plaintext = AESGCM(key).decrypt(body.nonce, body.ciphertext, VERIFY_INFO)
+        except (RemoteProtocolError, InvalidTag, ValueError) as exc:
+            log.warning("bootstrap verification failed: %s", exc.__class__.__name__)
+            return api.BAD_REQUEST
+        return ApiResponse.json(VerifyResponse(hash=hashlib.sha256(plaintext).hexdigest()))

@@ -1,0 +1,101 @@
+"""Nexus's SQLite database: one file in the data dir, WAL, fsync on commit.
+
+It holds what Nexus needs to recognise its root key (the key record: epoch,
+threshold, keeper ids, key check value and shard commitments) and never the
+key itself.  The schema is versioned with ``PRAGMA user_version`` and
+migrated forward in one transaction at open.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sqlite3
+from pathlib import Path
+
+import msgspec
+
+from spike.protocol.record import KeyRecord
+
+DB_NAME = "spike.db"
+
+# Entry i moves the schema from version i to i + 1: its statements run in one
+# transaction.  Released entries never change; new ones are appended.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE key_record (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            epoch INTEGER NOT NULL,
+            record BLOB NOT NULL,
+            updated_at TEXT NOT NULL
+        )""",
+    ),
+)
+
+
+class StorageError(Exception):
+    """The database cannot be opened, read or written; the message says why."""
+
+
+class NexusStore:
+    def __init__(self, data_dir: Path) -> None:
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path = data_dir / DB_NAME
+            if not path.exists():
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged write survives power loss
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._migrate()
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageError(f"cannot open the database in {data_dir}: {exc}") from None
+        self.path = path
+
+    def _migrate(self) -> None:
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version > len(MIGRATIONS):
+            raise StorageError(
+                f"the database has schema version {version}, newer than this spike knows "
+                f"({len(MIGRATIONS)}): upgrade spike"
+            )
+        if version == len(MIGRATIONS):
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for step in MIGRATIONS[version:]:
+                for statement in step:
+                    self._db.execute(statement)
+            self._db.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def load_key_record(self) -> KeyRecord | None:
+        try:
+            row = self._db.execute("SELECT record FROM key_record WHERE id = 1").fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read the key record: {exc}") from None
+        if row is None:
+            return None
+        try:
+            return msgspec.json.decode(row[0], type=KeyRecord).validate()
+        except (msgspec.DecodeError, ValueError) as exc:
+            raise StorageError(f"the stored key record is damaged: {exc}") from None
+
+    def save_key_record(self, record: KeyRecord) -> None:
+        now = dt.datetime.now(dt.UTC).isoformat()
+        try:
+            self._db.execute(
+                "INSERT INTO key_record (id, epoch, record, updated_at) VALUES (1, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET epoch = excluded.epoch, record = excluded.record, "
+                "updated_at = excluded.updated_at",
+                (record.epoch, msgspec.json.encode(record), now),
+            )
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot save the key record: {exc}") from None
+
+    def close(self) -> None:
+        self._db.close()

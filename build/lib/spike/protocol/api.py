@@ -1,0 +1,49 @@
+"""Transport-neutral request and response values for the servers' handlers.
+
+A transport parses HTTP and TLS and hands the core an `ApiRequest` with the
+peer's already verified SPIFFE ID; the handler returns an `ApiResponse`.
+Bodies are excluded from ``repr`` because they may carry shards or secrets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .identity import SpiffeId
+from .wire import ErrorCode, encode, error_body
+
+JSON = "application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class ApiRequest:
+    method: str
+    path: str
+    peer: SpiffeId | None
+    body: bytes = field(default=b"", repr=False)
+    query: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiResponse:
+    status: int
+    body: bytes = field(default=b"{}", repr=False)
+    content_type: str = JSON
+
+    @classmethod
+    def json(cls, value: object, status: int = 200) -> ApiResponse:
+        return cls(status, encode(value))
+
+    @classmethod
+    def error(cls, status: int, code: ErrorCode) -> ApiResponse:
+        return cls(status, error_body(code))
+
+
+BAD_REQUEST = ApiResponse.error(400, ErrorCode.BAD_REQUEST)
+UNAUTHORIZED = ApiResponse.error(401, ErrorCode.UNAUTHORIZED)
+NOT_FOUND = ApiResponse.error(404, ErrorCode.NOT_FOUND)
+METHOD_NOT_ALLOWED = ApiResponse.error(405, ErrorCode.BAD_REQUEST)
+CONFLICT = ApiResponse.error(409, ErrorCode.CONFLICT)
+NOT_READY = ApiResponse.error(503, ErrorCode.NOT_READY)
+INTERNAL_ERROR = ApiResponse.error(500, ErrorCode.INTERNAL)
+OK_EMPTY = ApiResponse(200, b"{}")

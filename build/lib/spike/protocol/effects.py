@@ -1,0 +1,104 @@
+"""What the Nexus custody machine asks its driver to do, or wants reported.
+
+`SendRequest` is the only effect that must be performed; the others are
+reports for logs, metrics and status, carrying ids, states and times but
+never key or shard bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Phase(Enum):
+    UNINITIALISED = "uninitialised"  # no key record: waiting for bootstrap
+    RECOVERING = "recovering"  # key record, no key: collecting shards
+    READY = "ready"  # verified root key in memory
+
+
+class KeeperState(Enum):
+    """Nexus's view of one keeper, from its latest answer."""
+
+    UNKNOWN = "unknown"  # not answered yet
+    HOLDING = "holding"  # holds its verified current shard
+    EMPTY = "empty"  # answered 404 (or a Go keeper's 400)
+    WRONG_SHARD = "wrong_shard"  # holds a shard that fails its commitment
+    UNVERIFIED = "unverified"  # holds a shard, and there is no key record to check it
+    UNREACHABLE = "unreachable"  # no HTTP answer
+    BAD_ANSWER = "bad_answer"  # an answer that breaks the wire contract
+
+
+class RequestKind(Enum):
+    POLL = "poll"  # regular scheduled shard read
+    PUSH = "push"  # re-seed: contribute its shard
+    CONFIRM = "confirm"  # shard read right after a push
+
+
+@dataclass(frozen=True, slots=True)
+class SendRequest:
+    """POST `body` to `path` on keeper `keeper_id`; give up at `deadline`."""
+
+    keeper_id: int
+    request_id: int
+    kind: RequestKind
+    path: str
+    deadline: float
+    body: bytes = field(repr=False)
+    scheduled_at: float = 0.0  # when a POLL was due on the grid (else when it was issued)
+
+
+@dataclass(frozen=True, slots=True)
+class KeeperStateChanged:
+    keeper_id: int
+    previous: KeeperState
+    state: KeeperState
+    at: float
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class KeeperReseeded:
+    """A push was confirmed by reading the shard back."""
+
+    keeper_id: int
+    at: float
+    was: KeeperState
+
+
+@dataclass(frozen=True, slots=True)
+class KeeperMisbehaved:
+    """A keeper answered something wrong: a bad or stale shard, garbage, a refusal."""
+
+    keeper_id: int
+    at: float
+    problem: str
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseChanged:
+    previous: Phase
+    phase: Phase
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecovered:
+    epoch: int
+    at: float
+    keeper_ids: tuple[int, ...]  # whose shards rebuilt the key
+    source: str  # "keepers" or "operator"
+    started_at: float  # when this recovery began, for its duration
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRejected:
+    """Shards that passed their commitments rebuilt a key that fails the check value."""
+
+    epoch: int
+    at: float
+    keeper_ids: tuple[int, ...]
+
+
+Report = KeeperStateChanged | KeeperReseeded | KeeperMisbehaved | PhaseChanged | KeyRecovered | KeyRejected
+Effect = SendRequest | Report

@@ -1,0 +1,129 @@
+"""SPIFFE IDs and the roles of a spike deployment.
+
+Pure string logic: parsing follows the SPIFFE ID specification (lower-case
+trust domain, no empty, ``.`` or ``..`` segments, no query, fragment, port or
+user info), and roles are decided by exact IDs, never by prefixes that a
+look-alike name could satisfy.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+from .errors import LocalProtocolError
+
+_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
+_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+_SCHEME = "spiffe://"
+MAX_ID_LENGTH = 2048
+
+
+class InvalidSpiffeId(LocalProtocolError, ValueError):
+    """A string is not a valid SPIFFE ID or trust domain name."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpiffeId:
+    trust_domain: str
+    path: str  # "" or "/seg/seg"
+
+    @classmethod
+    def parse(cls, text: str) -> SpiffeId:
+        if len(text) > MAX_ID_LENGTH:
+            raise InvalidSpiffeId("SPIFFE ID is too long")
+        if not text.startswith(_SCHEME):
+            raise InvalidSpiffeId(f"not a spiffe:// URI: {text[:80]!r}")
+        rest = text[len(_SCHEME) :]
+        domain, slash, path = rest.partition("/")
+        check_trust_domain(domain)
+        if not slash:
+            return cls(domain, "")
+        for segment in path.split("/"):
+            if segment in ("", ".", "..") or not _SEGMENT.fullmatch(segment):
+                raise InvalidSpiffeId(f"invalid path segment in SPIFFE ID {text[:80]!r}")
+        return cls(domain, "/" + path)
+
+    def __str__(self) -> str:
+        return f"{_SCHEME}{self.trust_domain}{self.path}"
+
+
+def check_trust_domain(name: str) -> str:
+    if not _TRUST_DOMAIN.fullmatch(name):
+        raise InvalidSpiffeId(f"invalid trust domain name {name[:80]!r}")
+    return name
+
+
+class Role(Enum):
+    NEXUS = "nexus"
+    KEEPER = "keeper"
+    BOOTSTRAP = "bootstrap"
+    PILOT_SUPERUSER = "pilot-superuser"
+    PILOT_RECOVER = "pilot-recover"
+    PILOT_RESTORE = "pilot-restore"
+
+
+_ROLE_PATHS = {
+    Role.NEXUS: "/spike/nexus",
+    Role.BOOTSTRAP: "/spike/bootstrap",
+    Role.PILOT_SUPERUSER: "/spike/pilot/role/superuser",
+    Role.PILOT_RECOVER: "/spike/pilot/role/recover",
+    Role.PILOT_RESTORE: "/spike/pilot/role/restore",
+}
+_KEEPER_PREFIX = "/spike/keeper/"
+
+
+@dataclass(frozen=True, slots=True)
+class TrustDomains:
+    """Which trust domain each role's SVIDs come from.
+
+    SPIKE configures these separately (``SPIKE_TRUST_ROOT_NEXUS`` and friends)
+    so that, for instance, pilots can live in another domain than servers.
+    """
+
+    nexus: str = "spike.ist"
+    keeper: str = "spike.ist"
+    bootstrap: str = "spike.ist"
+    pilot: str = "spike.ist"
+
+    @classmethod
+    def single(cls, domain: str) -> TrustDomains:
+        check_trust_domain(domain)
+        return cls(domain, domain, domain, domain)
+
+    def __post_init__(self) -> None:
+        for name in (self.nexus, self.keeper, self.bootstrap, self.pilot):
+            check_trust_domain(name)
+
+    def _domain(self, role: Role) -> str:
+        if role is Role.NEXUS:
+            return self.nexus
+        if role is Role.KEEPER:
+            return self.keeper
+        if role is Role.BOOTSTRAP:
+            return self.bootstrap
+        return self.pilot
+
+    def id_of(self, role: Role, keeper_id: int | None = None) -> SpiffeId:
+        if role is Role.KEEPER:
+            if keeper_id is None:
+                raise LocalProtocolError("a keeper's SPIFFE ID needs its keeper id")
+            return SpiffeId(self.keeper, f"{_KEEPER_PREFIX}{keeper_id}")
+        return SpiffeId(self._domain(role), _ROLE_PATHS[role])
+
+    def role_of(self, peer: SpiffeId | None) -> Role | None:
+        """The role a peer's ID grants, or None for any other ID."""
+        if peer is None:
+            return None
+        for role, path in _ROLE_PATHS.items():
+            if peer.path == path and peer.trust_domain == self._domain(role):
+                return role
+        if peer.trust_domain == self.keeper and peer.path.startswith(_KEEPER_PREFIX):
+            suffix = peer.path[len(_KEEPER_PREFIX) :]
+            if suffix.isdigit() and not suffix.startswith("0"):
+                return Role.KEEPER
+        return None
+
+    def is_keeper(self, peer: SpiffeId | None, keeper_id: int) -> bool:
+        return peer == self.id_of(Role.KEEPER, keeper_id)

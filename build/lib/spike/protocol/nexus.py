@@ -1,0 +1,562 @@
+"""The Nexus custody state machine: polls, 404s, re-seeding and key recovery.
+
+Sans-IO in the manner of aioquic: every call takes ``now`` (seconds on any
+monotonic clock the driver likes), randomness comes from an injected
+`RandomSource`, and the machine answers with effects (`effects()`) and one
+deadline (`next_deadline()`).  A driver loop is::
+
+    custody = NexusCustody(ids, threshold=2, schedule=PollSchedule(), rng=rng, now=clock())
+    while True:
+        for effect in custody.effects():
+            perform(effect)                 # SendRequest -> later custody.receive(answer, clock())
+        wait_until(custody.next_deadline())  # or until an answer arrives
+        custody.handle_timer(clock())
+
+Rules kept here (DESIGN.md section 2 and ADR-0022):
+
+* Every configured keeper is polled on a fixed grid (its own phase, one
+  interval apart, a little jitter) that no answer ever moves, and no keeper
+  is ever dropped.  The first round is immediate, so a restarted Nexus
+  recovers as fast as its keepers answer.
+* A request never outlives the keeper's next scheduled poll: its deadline is
+  capped there, so at most one request per keeper is in flight.
+* Each shard is checked against its commitment in the key record before it
+  is used; a rebuilt key is used only if it matches the key check value.
+* Holding the key, an empty keeper (404, or 400 from SPIKE's Go keeper) or
+  one with a wrong shard gets its own shard pushed at once and read back to
+  confirm.  A push follows only a scheduled poll (or the moment the key is
+  recovered), so a keeper that keeps failing costs at most three requests per
+  interval.
+* Garbage from a keeper becomes a state and a report; it never raises.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from .effects import (
+    Effect,
+    KeeperMisbehaved,
+    KeeperReseeded,
+    KeeperState,
+    KeeperStateChanged,
+    KeyRecovered,
+    KeyRejected,
+    Phase,
+    PhaseChanged,
+    RequestKind,
+    SendRequest,
+)
+from .errors import LocalProtocolError, RemoteProtocolError, ShamirError
+from .events import Answer, RequestFailed, ResponseReceived
+from .material import RootKey, Share
+from .record import KeyRecord
+from .shamir import check_parameters, combine, deal, share_for
+from .wire import KEEPER_CONTRIBUTE_PATH, KEEPER_SHARD_PATH, ShardAnswer, ShardContribution, decode, encode
+
+_EMPTY_BODY = b"{}"
+_TIMEOUT, _POLL = 0, 1  # heap priorities: a timeout due at the same instant as a poll goes first
+
+
+class RandomSource(Protocol):
+    """Anything with ``random() -> float`` in [0, 1), e.g. `random.Random(seed)`."""
+
+    def random(self) -> float: ...
+
+
+class AlreadyInitialised(LocalProtocolError):
+    """A different key record is in place and replacing it was not asked for."""
+
+
+class ShareRejected(LocalProtocolError):
+    """An operator-supplied share is malformed, foreign, stale or a duplicate."""
+
+
+@dataclass(frozen=True, slots=True)
+class PollSchedule:
+    interval: float = 5.0
+    jitter: float = 0.1  # fraction of the interval, either way
+    request_timeout: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not (self.interval > 0 and math.isfinite(self.interval)):
+            raise LocalProtocolError("poll interval must be a positive number of seconds")
+        if not 0 <= self.jitter <= 0.25:
+            raise LocalProtocolError("poll jitter must be between 0 and 0.25 of the interval")
+        if not 0 < self.request_timeout <= self.interval:
+            raise LocalProtocolError("request timeout must be positive and at most the poll interval")
+
+
+@dataclass(frozen=True, slots=True)
+class KeeperView:
+    """A snapshot of Nexus's knowledge of one keeper, for status and metrics."""
+
+    keeper_id: int
+    state: KeeperState
+    since: float
+    detail: str
+    polls: int
+    empty_answers: int
+    failures: int
+    reseeds: int
+    last_poll_at: float | None
+    last_answer_at: float | None
+    latency: float | None
+    next_poll_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreProgress:
+    accepted: int  # shards in hand
+    needed: int  # still missing before the key can be rebuilt
+    ready: bool
+
+
+@dataclass(slots=True)
+class _Op:
+    request_id: int
+    keeper_id: int
+    kind: RequestKind
+    issued_at: float
+    deadline: float
+
+
+class _Keeper:
+    __slots__ = (
+        "id", "slot", "state", "since", "detail", "polls", "empty_answers", "failures",
+        "reseeds", "last_poll_at", "last_answer_at", "latency", "cycle", "next_poll_at",
+        "op", "needs_seed", "reseed_from",
+    )  # fmt: skip
+
+    def __init__(self, keeper_id: int, slot: float, now: float) -> None:
+        self.id = keeper_id
+        self.slot = slot  # this keeper's phase within an interval, in seconds
+        self.state = KeeperState.UNKNOWN
+        self.since = now
+        self.detail = ""
+        self.polls = 0
+        self.empty_answers = 0
+        self.failures = 0
+        self.reseeds = 0
+        self.last_poll_at: float | None = None
+        self.last_answer_at: float | None = None
+        self.latency: float | None = None
+        self.cycle = 0
+        self.next_poll_at = now
+        self.op: _Op | None = None
+        self.needs_seed = False  # its last regular answer showed it lacks its shard
+        self.reseed_from = KeeperState.UNKNOWN
+
+
+class NexusCustody:
+    """Custody of the root key across a fixed set of keepers."""
+
+    def __init__(
+        self,
+        keeper_ids: Iterable[int],
+        *,
+        threshold: int,
+        schedule: PollSchedule,
+        rng: RandomSource,
+        now: float,
+        record: KeyRecord | None = None,
+    ) -> None:
+        ids = sorted(keeper_ids)
+        check_parameters(threshold, ids)
+        self._ids = tuple(ids)
+        self._threshold = threshold
+        self._schedule = schedule
+        self._rng = rng
+        self._effects: list[Effect] = []
+        self._timers: list[tuple[float, int, int, int]] = []  # (when, priority, seq, key)
+        self._seq = 0
+        self._next_request_id = 1
+        self._inflight: dict[int, _Op] = {}
+        self._anchor = now
+        n = len(ids)
+        self._keepers = {
+            keeper_id: _Keeper(keeper_id, schedule.interval * index / n, now)
+            for index, keeper_id in enumerate(ids)
+        }
+        self._record: KeyRecord | None = None
+        self._key: RootKey | None = None
+        self._collected: dict[int, Share] = {}
+        self._from_operator: set[int] = set()
+        self._recovery_started = now
+        self._phase = Phase.UNINITIALISED
+        if record is not None:
+            self._check_record(record)
+            self._record = record
+            self._phase = Phase.RECOVERING
+        for keeper in self._keepers.values():
+            self._push_timer(keeper.next_poll_at, _POLL, keeper.id)
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @property
+    def record(self) -> KeyRecord | None:
+        return self._record
+
+    @property
+    def threshold(self) -> int:
+        return self._threshold
+
+    @property
+    def keeper_ids(self) -> tuple[int, ...]:
+        return self._ids
+
+    @property
+    def schedule(self) -> PollSchedule:
+        return self._schedule
+
+    @property
+    def root_key(self) -> RootKey:
+        if self._key is None:
+            raise LocalProtocolError(f"no root key while {self._phase.value}")
+        return self._key
+
+    @property
+    def shards_needed(self) -> int:
+        """Verified shards still missing before the key can be rebuilt (0 when ready)."""
+        if self._phase is Phase.READY:
+            return 0
+        return max(0, self._threshold - len(self._collected))
+
+    @property
+    def redundancy(self) -> int:
+        """Keepers holding their verified current shard, minus the threshold."""
+        holding = sum(k.state is KeeperState.HOLDING for k in self._keepers.values())
+        return holding - self._threshold
+
+    def keepers(self) -> tuple[KeeperView, ...]:
+        return tuple(
+            KeeperView(
+                keeper_id=k.id,
+                state=k.state,
+                since=k.since,
+                detail=k.detail,
+                polls=k.polls,
+                empty_answers=k.empty_answers,
+                failures=k.failures,
+                reseeds=k.reseeds,
+                last_poll_at=k.last_poll_at,
+                last_answer_at=k.last_answer_at,
+                latency=k.latency,
+                next_poll_at=k.next_poll_at,
+            )
+            for k in self._keepers.values()
+        )
+
+    def export_shards(self) -> dict[int, Share]:
+        """Every keeper's current shard, for the operator's recovery files."""
+        record = self._require_record()
+        return deal(self.root_key, epoch=record.epoch, threshold=self._threshold, ids=self._ids)
+
+    # ------------------------------------------------------------------ outputs
+
+    def effects(self) -> list[Effect]:
+        """Take the pending effects, oldest first."""
+        out, self._effects = self._effects, []
+        return out
+
+    def next_deadline(self) -> float:
+        """When `handle_timer` must next be called (``inf`` if never)."""
+        timers = self._timers
+        while timers and not self._timer_live(timers[0]):
+            heapq.heappop(timers)
+        return timers[0][0] if timers else math.inf
+
+    # ------------------------------------------------------------------ inputs
+
+    def handle_timer(self, now: float) -> None:
+        """Time out overdue requests and issue the polls that are due."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            entry = heapq.heappop(timers)
+            if not self._timer_live(entry):
+                continue
+            if entry[1] == _TIMEOUT:
+                op = self._inflight.pop(entry[3])
+                self._keepers[op.keeper_id].op = None
+                self._failed(self._keepers[op.keeper_id], "no answer before the deadline", now)
+            else:
+                self._poll(self._keepers[entry[3]], now, scheduled=entry[0])
+
+    def receive(self, answer: Answer, now: float) -> None:
+        """Feed the outcome of a `SendRequest`.  Late or unknown answers are ignored."""
+        op = self._inflight.pop(answer.request_id, None)
+        if op is None:
+            return
+        keeper = self._keepers[op.keeper_id]
+        keeper.op = None
+        keeper.last_answer_at = now
+        keeper.latency = now - op.issued_at
+        if isinstance(answer, RequestFailed):
+            self._failed(keeper, answer.reason, now)
+        elif op.kind is RequestKind.PUSH:
+            self._pushed(keeper, answer, now)
+        else:
+            self._read(keeper, op.kind, answer, now)
+
+    def initialise(self, record: KeyRecord, now: float, *, replace: bool = False) -> bool:
+        """Adopt a new key record (from bootstrap).  Returns False if it is already in place.
+
+        Raises `RemoteProtocolError` for a malformed record, `LocalProtocolError`
+        for one that does not fit this Nexus's keepers and threshold, and
+        `AlreadyInitialised` when another record is in place and not `replace`.
+        """
+        if not self.check_initialise(record, replace=replace):
+            return False
+        self._forget_key()
+        self._record = record
+        self._from_operator.clear()
+        self._recovery_started = now
+        self._set_phase(Phase.RECOVERING, now)
+        # Answers to requests made for the old record must not count for the new one.
+        for op in self._inflight.values():
+            self._keepers[op.keeper_id].op = None
+        self._inflight.clear()
+        self._anchor = now
+        for keeper in self._keepers.values():
+            keeper.cycle = 0
+            keeper.next_poll_at = now
+            self._push_timer(now, _POLL, keeper.id)
+        return True
+
+    def check_initialise(self, record: KeyRecord, *, replace: bool = False) -> bool:
+        """Raise what `initialise` would raise; True if it would change anything.
+
+        Lets a caller persist a record only once it is known to be acceptable.
+        """
+        record.validate()
+        self._check_record(record)
+        if self._record == record:
+            return False
+        if self._record is not None and not replace:
+            raise AlreadyInitialised(f"already initialised with key epoch {self._record.epoch}")
+        return True
+
+    def submit_shard(self, share: Share, now: float) -> RestoreProgress:
+        """An operator hands in a recovery shard (break-glass restore)."""
+        record = self._require_record()
+        if self._phase is Phase.READY:
+            raise LocalProtocolError("Nexus already holds the verified root key")
+        if share.id not in self._keepers:
+            raise ShareRejected(f"shard id {share.id} is not one of this deployment's keeper ids")
+        if share.id in self._from_operator:
+            raise ShareRejected(f"shard {share.id} was already given")
+        if not record.matches_share(share):
+            raise ShareRejected(f"shard {share.id} does not belong to key epoch {record.epoch}")
+        self._from_operator.add(share.id)
+        self._collected[share.id] = share
+        accepted = len(self._collected)
+        ready = self._try_recover(now, source="operator")
+        return RestoreProgress(accepted=accepted, needed=self.shards_needed, ready=ready)
+
+    def forget(self) -> None:
+        """Overwrite and drop the key and any collected shards (shutdown)."""
+        self._forget_key()
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_record(self, record: KeyRecord) -> None:
+        if tuple(sorted(record.keeper_ids)) != self._ids:
+            raise LocalProtocolError(
+                f"key record is for keepers {list(record.keeper_ids)}, configured are {list(self._ids)}"
+            )
+        if record.threshold != self._threshold:
+            raise LocalProtocolError(
+                f"key record has threshold {record.threshold}, configured is {self._threshold}"
+            )
+
+    def _require_record(self) -> KeyRecord:
+        if self._record is None:
+            raise LocalProtocolError("Nexus has no key record yet: run bootstrap first")
+        return self._record
+
+    def _push_timer(self, when: float, priority: int, key: int) -> None:
+        self._seq += 1
+        heapq.heappush(self._timers, (when, priority, self._seq, key))
+
+    def _timer_live(self, entry: tuple[float, int, int, int]) -> bool:
+        when, priority, _, key = entry
+        if priority == _TIMEOUT:
+            op = self._inflight.get(key)
+            return op is not None and op.deadline == when
+        return self._keepers[key].next_poll_at == when
+
+    def _grid_time(self, keeper: _Keeper, cycle: int) -> float:
+        interval = self._schedule.interval
+        offset = (2.0 * self._rng.random() - 1.0) * self._schedule.jitter * interval
+        return self._anchor + keeper.slot + cycle * interval + offset
+
+    def _poll(self, keeper: _Keeper, now: float, *, scheduled: float) -> None:
+        if keeper.op is not None:  # cannot happen while deadlines are capped; kept as a guard
+            self._inflight.pop(keeper.op.request_id, None)
+            keeper.op = None
+        keeper.cycle += 1
+        due = self._grid_time(keeper, keeper.cycle)
+        if due <= now:
+            # The driver fell behind by more than a cycle: skip missed slots
+            # rather than firing a burst, and stay on the same grid.
+            elapsed = now - self._anchor - keeper.slot
+            keeper.cycle = max(keeper.cycle, int(elapsed // self._schedule.interval) + 1)
+            due = max(self._grid_time(keeper, keeper.cycle), now + 1e-3)
+        keeper.next_poll_at = due
+        self._push_timer(due, _POLL, keeper.id)
+        keeper.polls += 1
+        keeper.last_poll_at = now
+        self._send(keeper, RequestKind.POLL, KEEPER_SHARD_PATH, _EMPTY_BODY, now, scheduled)
+
+    def _send(
+        self,
+        keeper: _Keeper,
+        kind: RequestKind,
+        path: str,
+        body: bytes,
+        now: float,
+        scheduled: float | None = None,
+    ) -> None:
+        request_id = self._next_request_id
+        self._next_request_id += 1
+        deadline = min(now + self._schedule.request_timeout, keeper.next_poll_at)
+        op = _Op(request_id, keeper.id, kind, now, deadline)
+        keeper.op = op
+        self._inflight[request_id] = op
+        self._push_timer(deadline, _TIMEOUT, request_id)
+        self._effects.append(
+            SendRequest(
+                keeper.id, request_id, kind, path, deadline, body, now if scheduled is None else scheduled
+            )
+        )
+
+    def _push(self, keeper: _Keeper, now: float) -> None:
+        record = self._require_record()
+        share = share_for(self.root_key, epoch=record.epoch, threshold=self._threshold, id=keeper.id)
+        keeper.reseed_from = keeper.state
+        body = encode(ShardContribution.of(share))
+        self._send(keeper, RequestKind.PUSH, KEEPER_CONTRIBUTE_PATH, body, now)
+
+    def _set_state(self, keeper: _Keeper, state: KeeperState, now: float, detail: str = "") -> None:
+        keeper.detail = detail
+        if state is keeper.state:
+            return
+        previous = keeper.state
+        keeper.state = state
+        keeper.since = now
+        self._effects.append(KeeperStateChanged(keeper.id, previous, state, now, detail))
+
+    def _set_phase(self, phase: Phase, now: float) -> None:
+        if phase is not self._phase:
+            previous, self._phase = self._phase, phase
+            self._effects.append(PhaseChanged(previous, phase, now))
+
+    def _misbehaved(self, keeper: _Keeper, problem: str, now: float) -> None:
+        self._effects.append(KeeperMisbehaved(keeper.id, now, problem))
+
+    def _failed(self, keeper: _Keeper, reason: str, now: float) -> None:
+        keeper.failures += 1
+        self._set_state(keeper, KeeperState.UNREACHABLE, now, reason)
+
+    def _pushed(self, keeper: _Keeper, answer: ResponseReceived, now: float) -> None:
+        if answer.status == 200:
+            self._send(keeper, RequestKind.CONFIRM, KEEPER_SHARD_PATH, _EMPTY_BODY, now)
+        else:
+            self._misbehaved(keeper, f"refused its shard with HTTP {answer.status}", now)
+
+    def _read(self, keeper: _Keeper, kind: RequestKind, answer: ResponseReceived, now: float) -> None:
+        regular = kind is RequestKind.POLL
+        if answer.status in (404, 400):  # 400 is how SPIKE's Go keeper says "empty"
+            keeper.empty_answers += 1
+            self._set_state(keeper, KeeperState.EMPTY, now, f"HTTP {answer.status}")
+            if not regular:
+                self._misbehaved(keeper, "still empty right after accepting its shard", now)
+            self._after_read(keeper, regular, needs_seed=True, now=now)
+            return
+        if answer.status != 200:
+            self._set_state(keeper, KeeperState.BAD_ANSWER, now, f"HTTP {answer.status}")
+            self._misbehaved(keeper, f"answered HTTP {answer.status} to a shard read", now)
+            return
+        try:
+            body = decode(answer.body, ShardAnswer)
+            epoch = self._record.epoch if self._record is not None else 0
+            share = Share(keeper.id, epoch, body.shard_bytes())
+        except (RemoteProtocolError, ShamirError) as exc:
+            self._set_state(keeper, KeeperState.BAD_ANSWER, now, "malformed shard answer")
+            self._misbehaved(keeper, f"malformed shard answer: {exc}", now)
+            self._after_read(keeper, regular, needs_seed=True, now=now)
+            return
+        if self._record is None:
+            self._set_state(keeper, KeeperState.UNVERIFIED, now, "holds a shard, no key record")
+            return
+        problem = self._share_problem(self._record, keeper.id, body, share)
+        if problem:
+            self._set_state(keeper, KeeperState.WRONG_SHARD, now, problem)
+            self._misbehaved(keeper, problem, now)
+            self._after_read(keeper, regular, needs_seed=True, now=now)
+            return
+        self._set_state(keeper, KeeperState.HOLDING, now, "" if regular else "re-seeded and confirmed")
+        keeper.needs_seed = False
+        if not regular:
+            keeper.reseeds += 1
+            self._effects.append(KeeperReseeded(keeper.id, now, keeper.reseed_from))
+        if self._phase is Phase.RECOVERING:
+            self._collected[keeper.id] = share
+            self._try_recover(now, source="keepers")
+
+    @staticmethod
+    def _share_problem(record: KeyRecord, keeper_id: int, body: ShardAnswer, share: Share) -> str:
+        if body.id is not None and body.id != keeper_id:
+            return f"holds the shard of keeper {body.id}"
+        if body.epoch is not None and body.epoch != record.epoch:
+            return f"holds a stale shard of epoch {body.epoch} (current {record.epoch})"
+        if not record.matches_share(share):
+            return f"holds a shard that does not match its commitment for epoch {record.epoch}"
+        return ""
+
+    def _after_read(self, keeper: _Keeper, regular: bool, *, needs_seed: bool, now: float) -> None:
+        if not regular:
+            return
+        keeper.needs_seed = needs_seed
+        if needs_seed and self._phase is Phase.READY and keeper.op is None:
+            self._push(keeper, now)
+
+    def _try_recover(self, now: float, *, source: str) -> bool:
+        """Rebuild the key if enough verified shards are in; True once it is in use."""
+        record = self._record
+        if record is None or self._phase is not Phase.RECOVERING:
+            return False
+        if len(self._collected) < self._threshold:
+            return False
+        used = tuple(sorted(self._collected)[: self._threshold])
+        key = combine((self._collected[i] for i in used), self._threshold)
+        if not record.matches_key(key):
+            # Every shard passed its commitment, so the record itself is inconsistent.
+            key.wipe()
+            self._collected.clear()
+            self._effects.append(KeyRejected(record.epoch, now, used))
+            return False
+        self._key = key
+        self._collected.clear()
+        self._from_operator.clear()
+        self._set_phase(Phase.READY, now)
+        self._effects.append(KeyRecovered(record.epoch, now, used, source, self._recovery_started))
+        for keeper in self._keepers.values():
+            wanted = keeper.needs_seed or (source == "operator" and keeper.state is not KeeperState.HOLDING)
+            if wanted and keeper.op is None:
+                self._push(keeper, now)
+        return True
+
+    def _forget_key(self) -> None:
+        if self._key is not None:
+            self._key.wipe()
+            self._key = None
+        self._collected.clear()

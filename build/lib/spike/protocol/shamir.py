@@ -1,0 +1,136 @@
+"""Shamir's secret sharing over the P-256 scalar field.
+
+The secret is the root key read as a big-endian integer; share ``x`` is the
+keeper's stable id, share ``y`` is 32 big-endian bytes.  `deal` derives the
+polynomial's coefficients from the key itself (HMAC-SHA512, reduced modulo
+the field order) so that the same key, epoch and threshold always give the
+same share for the same keeper: every Nexus instance, restart and re-seed
+agree on what a keeper should hold.  Reducing 512 bits modulo a 256-bit prime
+leaves a bias below 2**-256.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+
+from .errors import ShamirError
+from .material import MAX_KEEPER_ID, MIN_KEEPER_ID, ORDER, SHARD_SIZE, RootKey, Share
+
+_COEFFICIENT_LABEL = b"spike/v1/shamir-coefficient"
+
+
+def check_parameters(threshold: int, ids: Sequence[int]) -> None:
+    """Raise `ShamirError` unless ``1 <= threshold <= len(ids)`` with distinct ids in 1..255."""
+    if not ids:
+        raise ShamirError("at least one share id is needed")
+    if threshold < 1:
+        raise ShamirError(f"threshold must be at least 1, not {threshold}")
+    if threshold > len(ids):
+        raise ShamirError(f"threshold {threshold} is larger than the number of shares {len(ids)}")
+    seen: set[int] = set()
+    for i in ids:
+        _check_id(i)
+        if i in seen:
+            raise ShamirError(f"share id {i} appears twice")
+        seen.add(i)
+
+
+def _check_id(i: int) -> None:
+    if not isinstance(i, int) or not MIN_KEEPER_ID <= i <= MAX_KEEPER_ID:
+        raise ShamirError(f"share id {i!r} is not between {MIN_KEEPER_ID} and {MAX_KEEPER_ID}")
+
+
+def _coefficients(key: RootKey, epoch: int, threshold: int) -> list[int]:
+    secret = key.secret_bytes()
+    prefix = _COEFFICIENT_LABEL + epoch.to_bytes(8, "big") + threshold.to_bytes(1, "big")
+    coefficients = [int.from_bytes(secret, "big")]
+    for j in range(1, threshold):
+        digest = hmac.new(secret, prefix + j.to_bytes(1, "big"), "sha512").digest()
+        coefficients.append(int.from_bytes(digest, "big") % ORDER)
+    return coefficients
+
+
+def _evaluate(coefficients: Sequence[int], x: int) -> int:
+    result = 0
+    for c in reversed(coefficients):
+        result = (result * x + c) % ORDER
+    return result
+
+
+def _to_share(x: int, epoch: int, y: int) -> Share:
+    return Share(x, epoch, y.to_bytes(SHARD_SIZE, "big"))
+
+
+def deal(key: RootKey, *, epoch: int, threshold: int, ids: Sequence[int]) -> dict[int, Share]:
+    """Split `key` into one share per id; any `threshold` of them rebuild it."""
+    check_parameters(threshold, ids)
+    coefficients = _coefficients(key, epoch, threshold)
+    return {i: _to_share(i, epoch, _evaluate(coefficients, i)) for i in ids}
+
+
+def share_for(key: RootKey, *, epoch: int, threshold: int, id: int) -> Share:
+    """The share `deal` gives to `id`, without computing the others."""
+    if threshold < 1:
+        raise ShamirError(f"threshold must be at least 1, not {threshold}")
+    _check_id(id)
+    return _to_share(id, epoch, _evaluate(_coefficients(key, epoch, threshold), id))
+
+
+def split_with(secret: int, coefficients: Sequence[int], ids: Sequence[int]) -> dict[int, int]:
+    """Textbook split with caller-chosen coefficients (``a1 .. a(t-1)``); for embedding and tests."""
+    check_parameters(len(coefficients) + 1, ids)
+    if not 0 <= secret < ORDER or any(not 0 <= c < ORDER for c in coefficients):
+        raise ShamirError("secret and coefficients must be field elements")
+    poly = [secret, *coefficients]
+    return {i: _evaluate(poly, i) for i in ids}
+
+
+@lru_cache(maxsize=256)
+def _lagrange_at_zero(ids: tuple[int, ...]) -> tuple[int, ...]:
+    # Depends only on which ids take part, so the inversions are paid once per id set.
+    weights = []
+    for i in ids:
+        numerator = 1
+        denominator = 1
+        for j in ids:
+            if j != i:
+                numerator = numerator * j % ORDER
+                denominator = denominator * (j - i) % ORDER
+        weights.append(numerator * pow(denominator, -1, ORDER) % ORDER)
+    return tuple(weights)
+
+
+def interpolate(points: dict[int, int]) -> int:
+    """The polynomial's value at zero through the given (x, y) points."""
+    ids = tuple(sorted(points))
+    weights = _lagrange_at_zero(ids)
+    return sum(w * points[i] for w, i in zip(weights, ids, strict=True)) % ORDER
+
+
+def combine(shares: Iterable[Share], threshold: int) -> RootKey:
+    """Rebuild the key from at least `threshold` shares of one epoch.
+
+    Exactly `threshold` shares (the lowest ids) are used; checking the rest
+    is the job of the shard commitments and the key check value, which can
+    name the bad shard instead of just failing.
+    """
+    given = list(shares)
+    if threshold < 1:
+        raise ShamirError(f"threshold must be at least 1, not {threshold}")
+    if len(given) < threshold:
+        raise ShamirError(f"{threshold} shares are needed, only {len(given)} given")
+    epochs = {s.epoch for s in given}
+    if len(epochs) > 1:
+        raise ShamirError(f"shares of different epochs cannot be combined: {sorted(epochs)}")
+    by_id: dict[int, Share] = {}
+    for share in given:
+        if share.id in by_id:
+            raise ShamirError(f"share id {share.id} appears twice")
+        by_id[share.id] = share
+    chosen = sorted(by_id)[:threshold]
+    secret = interpolate({i: by_id[i].as_int() for i in chosen})
+    if secret == 0:
+        raise ShamirError("these shares do not rebuild a valid key")
+    return RootKey(secret.to_bytes(SHARD_SIZE, "big"))

@@ -1,0 +1,93 @@
+"""Wire formats (msgspec structs), byte-compatible with SPIKE's keeper JSON.
+
+A shard travels as ``{"shard": [32 ints 0-255]}``, which is how Go encodes a
+``[32]byte``.  Our extension fields (``id``, ``epoch``) are optional and
+omitted when unset, and unknown fields are ignored, so SPIKE's Go Nexus can
+talk to our keeper and our Nexus to a Go keeper.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+
+from .errors import RemoteProtocolError
+from .material import MAX_EPOCH, MAX_KEEPER_ID, MIN_KEEPER_ID, SHARD_SIZE, Share
+
+KEEPER_CONTRIBUTE_PATH = "/v1/store/contribute"
+KEEPER_SHARD_PATH = "/v1/store/shard"
+
+Byte = Annotated[int, msgspec.Meta(ge=0, le=255)]
+ShardBytes = Annotated[list[Byte], msgspec.Meta(min_length=SHARD_SIZE, max_length=SHARD_SIZE)]
+KeeperId = Annotated[int, msgspec.Meta(ge=MIN_KEEPER_ID, le=MAX_KEEPER_ID)]
+Epoch = Annotated[int, msgspec.Meta(ge=0, le=MAX_EPOCH)]
+
+
+class ErrorCode(StrEnum):
+    """The only thing an error body carries: details go to the log, never to the peer."""
+
+    BAD_REQUEST = "api_bad_request"
+    NOT_FOUND = "api_not_found"
+    UNAUTHORIZED = "access_unauthorized"
+    NOT_READY = "state_not_ready"
+    CONFLICT = "api_conflict"
+    INTERNAL = "api_internal_error"
+
+
+class ErrorBody(msgspec.Struct):
+    err: str
+
+
+class EmptyBody(msgspec.Struct):
+    pass
+
+
+class ShardContribution(msgspec.Struct, omit_defaults=True):
+    """Body of ``POST /v1/store/contribute`` (and of a keeper's shard answer)."""
+
+    shard: ShardBytes
+    id: KeeperId | None = None
+    epoch: Epoch | None = None
+
+    def __repr__(self) -> str:
+        return f"ShardContribution(shard=<redacted>, id={self.id}, epoch={self.epoch})"
+
+    @classmethod
+    def of(cls, share: Share) -> ShardContribution:
+        return cls(shard=list(share.secret_bytes()), id=share.id, epoch=share.epoch)
+
+    def shard_bytes(self) -> bytes:
+        return bytes(self.shard)
+
+
+#: A keeper's answer to ``POST /v1/store/shard`` has the same shape.
+ShardAnswer = ShardContribution
+
+_encoder = msgspec.json.Encoder()
+T = TypeVar("T")
+
+
+def encode(value: Any) -> bytes:
+    return _encoder.encode(value)
+
+
+_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+
+
+def decode(data: bytes, kind: type[T]) -> T:
+    """Decode JSON into `kind`, turning every failure into `RemoteProtocolError`."""
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        decoder = _decoders[kind] = msgspec.json.Decoder(kind)
+    try:
+        result: T = decoder.decode(data)
+    except msgspec.DecodeError as exc:  # ValidationError is a subclass
+        # msgspec's message names the field and the rule, never the value.
+        raise RemoteProtocolError(f"malformed body: {exc}") from None
+    return result
+
+
+def error_body(code: ErrorCode) -> bytes:
+    return encode(ErrorBody(err=code.value))

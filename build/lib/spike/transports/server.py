@@ -1,0 +1,233 @@
+"""HTTP/1.1 over mutual TLS, served with h11 on anyio.
+
+One task per connection, keep-alive, and limits on everything a client
+controls: handshake time, idle time, time to deliver a whole request, header
+size, body size and the number of open connections.  A client that breaks
+any of them gets a 4xx (when HTTP is still possible) and a closed
+connection; nothing a client sends can end the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+import h11
+from anyio.streams.tls import TLSAttribute, TLSStream
+
+from spike.protocol.api import ApiRequest, ApiResponse
+from spike.protocol.wire import ErrorCode, error_body
+
+from .tls import spiffe_id_of
+
+log = logging.getLogger("spike.transports.server")
+
+Handler = Callable[[ApiRequest], ApiResponse]
+
+_REASONS = {
+    200: b"OK",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    409: b"Conflict",
+    411: b"Length Required",
+    413: b"Content Too Large",
+    415: b"Unsupported Media Type",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    503: b"Service Unavailable",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    max_header_bytes: int = 16 * 1024
+    max_body_bytes: int = 64 * 1024
+    handshake_timeout: float = 10.0
+    request_timeout: float = 10.0  # from a request's first byte to its last
+    idle_timeout: float = 60.0  # keep-alive wait for the next request
+    max_connections: int = 1024
+
+
+class _ClientGone(Exception):
+    """The connection ended or stalled: nothing more can be said to this client."""
+
+
+class _Reject(Exception):
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+class HttpsServer:
+    """Serves `handler` to mTLS clients; the handler sees the peer's SPIFFE ID."""
+
+    def __init__(
+        self, ssl_context: ssl.SSLContext, handler: Handler, limits: ServerLimits | None = None
+    ) -> None:
+        self._ssl_context = ssl_context
+        self._handler = handler
+        self.limits = limits or ServerLimits()
+        self._open = 0
+
+    @property
+    def open_connections(self) -> int:
+        return self._open
+
+    async def serve(self, listener: anyio.abc.Listener[anyio.abc.SocketStream]) -> None:
+        async with listener:
+            await listener.serve(self._guarded)
+
+    async def _guarded(self, stream: anyio.abc.SocketStream) -> None:
+        if self._open >= self.limits.max_connections:
+            log.warning("connection limit (%d) reached: closing a new connection", self._open)
+            await _close(stream)
+            return
+        self._open += 1
+        try:
+            await self.handle_connection(stream)
+        except Exception:
+            # One connection's failure must never reach the listener's task group.
+            log.exception("unexpected error on a connection")
+        finally:
+            self._open -= 1
+            await _close(stream)
+
+    async def handle_connection(self, stream: anyio.abc.ByteStream) -> None:
+        try:
+            with anyio.fail_after(self.limits.handshake_timeout):
+                tls = await TLSStream.wrap(
+                    stream, server_side=True, ssl_context=self._ssl_context, standard_compatible=False
+                )
+        except (TimeoutError, OSError, ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
+            log.debug("TLS handshake failed: %s", exc.__class__.__name__)
+            return
+        peer = spiffe_id_of(tls.extra(TLSAttribute.peer_certificate, None))
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
+        try:
+            while True:
+                try:
+                    request = await self._read_request(tls, conn, peer)
+                except _Reject as reject:
+                    await self._send_error(tls, conn, reject.status)
+                    return
+                if request is None:
+                    return
+                response = self._respond(request)
+                await _send_response(tls, conn, response, close=False)
+                if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                    return
+                conn.start_next_cycle()
+        except _ClientGone:
+            return
+        finally:
+            await _close(tls)
+
+    def _respond(self, request: ApiRequest) -> ApiResponse:
+        try:
+            return self._handler(request)
+        except Exception:
+            log.exception("handler failed on %s %s", request.method, request.path)
+            return ApiResponse(500, error_body(ErrorCode.INTERNAL))
+
+    async def _read_request(
+        self, stream: anyio.abc.ByteStream, conn: h11.Connection, peer: object
+    ) -> ApiRequest | None:
+        limits = self.limits
+        deadline = math.inf  # set once the request's first byte has arrived
+        head: h11.Request | None = None
+        body = bytearray()
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _Reject(exc.error_status_hint) from None
+            if event is h11.NEED_DATA:
+                wait = limits.idle_timeout if deadline == math.inf else deadline - anyio.current_time()
+                data = await _receive(stream, wait, reject_on_timeout=head is not None)
+                if deadline == math.inf:
+                    deadline = anyio.current_time() + limits.request_timeout
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Request):
+                head = event
+                if _content_length(event) > limits.max_body_bytes:
+                    raise _Reject(413)
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > limits.max_body_bytes:
+                    raise _Reject(413)
+            elif isinstance(event, h11.EndOfMessage) and head is not None:
+                target = head.target.decode("ascii", "replace")
+                path, _, query = target.partition("?")
+                return ApiRequest(
+                    method=head.method.decode("ascii", "replace"),
+                    path=path,
+                    peer=peer,  # type: ignore[arg-type]
+                    body=bytes(body),
+                    query=query,
+                )
+            elif isinstance(event, h11.ConnectionClosed):
+                return None
+
+    async def _send_error(self, stream: anyio.abc.ByteStream, conn: h11.Connection, status: int) -> None:
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        code = ErrorCode.BAD_REQUEST if status < 500 else ErrorCode.INTERNAL
+        with contextlib.suppress(_ClientGone, h11.LocalProtocolError):
+            await _send_response(stream, conn, ApiResponse(status, error_body(code)), close=True)
+
+
+async def _receive(stream: anyio.abc.ByteStream, wait: float, *, reject_on_timeout: bool) -> bytes:
+    try:
+        with anyio.fail_after(max(wait, 0.0)):
+            return await stream.receive(65536)
+    except TimeoutError:
+        if reject_on_timeout:
+            raise _Reject(408) from None
+        raise _ClientGone from None
+    except anyio.EndOfStream:
+        return b""
+    except (anyio.BrokenResourceError, OSError, ssl.SSLError):
+        raise _ClientGone from None
+
+
+def _content_length(request: h11.Request) -> int:
+    for name, value in request.headers:
+        if name == b"content-length":
+            return int(value)  # h11 has already checked it is a number
+    return 0
+
+
+async def _send_response(
+    stream: anyio.abc.ByteStream, conn: h11.Connection, response: ApiResponse, *, close: bool
+) -> None:
+    headers = [
+        (b"content-type", response.content_type.encode()),
+        (b"content-length", str(len(response.body)).encode()),
+        (b"cache-control", b"no-store"),
+    ]
+    if close:
+        headers.append((b"connection", b"close"))
+    reason = _REASONS.get(response.status, b"")
+    data = conn.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
+    data = (data or b"") + (conn.send(h11.Data(data=response.body)) or b"")
+    data += conn.send(h11.EndOfMessage()) or b""
+    try:
+        await stream.send(data)
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ssl.SSLError):
+        raise _ClientGone from None
+
+
+async def _close(stream: anyio.abc.AsyncResource) -> None:
+    with anyio.move_on_after(1, shield=True):
+        with contextlib.suppress(OSError, ssl.SSLError, anyio.BrokenResourceError):
+            await stream.aclose()

@@ -1,0 +1,104 @@
+"""Encryption as a service: AES-256-GCM under a key derived from the root key.
+
+As in SPIKE, two forms: JSON with base64 fields, or raw bytes
+(``application/octet-stream``) where the ciphertext is
+``version byte || 12-byte nonce || ciphertext+tag``.  Callers never see the
+key, and plaintexts are limited to `MAX_PLAINTEXT` bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from spike.protocol import api
+from spike.protocol.api import ApiRequest, ApiResponse
+from spike.protocol.errors import RemoteProtocolError
+from spike.protocol.material import RootKey, derive_key
+from spike.protocol.wire import decode
+
+from .messages import (
+    CipherDecryptRequest,
+    CipherDecryptResponse,
+    CipherEncryptRequest,
+    CipherEncryptResponse,
+)
+
+log = logging.getLogger("spike.nexus.cipher")
+
+CIPHER_KEY_INFO = b"spike/v1/cipher-key"
+CIPHER_AAD = b"spike/v1/cipher"
+VERSION = 1
+NONCE_SIZE = 12
+MAX_PLAINTEXT = 1024 * 1024
+OCTET_STREAM = "application/octet-stream"
+ALGORITHMS = ("", "AES-GCM", "aes-256-gcm")
+
+
+class CipherApi:
+    def __init__(self, random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+        self._aead: AESGCM | None = None
+        self._random = random_bytes
+
+    def unlock(self, key: RootKey) -> None:
+        self._aead = AESGCM(derive_key(key, CIPHER_KEY_INFO))
+
+    def lock(self) -> None:
+        self._aead = None
+
+    def encrypt(self, request: ApiRequest) -> ApiResponse:
+        aead = self._aead
+        if aead is None:
+            return api.NOT_READY
+        stream = request.content_type == OCTET_STREAM
+        if stream:
+            plaintext = request.body
+        else:
+            try:
+                body = decode(request.body, CipherEncryptRequest)
+            except RemoteProtocolError as exc:
+                log.info("encrypt: %s", exc)
+                return api.BAD_REQUEST
+            if body.algorithm not in ALGORITHMS:
+                log.info("encrypt: unsupported algorithm")
+                return api.BAD_REQUEST
+            plaintext = body.plaintext
+        if len(plaintext) > MAX_PLAINTEXT:
+            log.info("encrypt: plaintext of %d bytes exceeds %d", len(plaintext), MAX_PLAINTEXT)
+            return api.BAD_REQUEST
+        nonce = self._random(NONCE_SIZE)
+        ciphertext = aead.encrypt(nonce, plaintext, CIPHER_AAD)
+        if stream:
+            return ApiResponse(200, bytes([VERSION]) + nonce + ciphertext, OCTET_STREAM)
+        return ApiResponse.json(CipherEncryptResponse(version=VERSION, nonce=nonce, ciphertext=ciphertext))
+
+    def decrypt(self, request: ApiRequest) -> ApiResponse:
+        aead = self._aead
+        if aead is None:
+            return api.NOT_READY
+        stream = request.content_type == OCTET_STREAM
+        if stream:
+            blob = request.body
+            version, nonce, ciphertext = (blob[0] if blob else -1), blob[1 : 1 + NONCE_SIZE], blob[1 + NONCE_SIZE :]
+        else:
+            try:
+                body = decode(request.body, CipherDecryptRequest)
+            except RemoteProtocolError as exc:
+                log.info("decrypt: %s", exc)
+                return api.BAD_REQUEST
+            version, nonce, ciphertext = body.version, body.nonce, body.ciphertext
+        if version != VERSION or len(nonce) != NONCE_SIZE:
+            log.info("decrypt: unknown version or malformed nonce")
+            return api.BAD_REQUEST
+        try:
+            plaintext = aead.decrypt(nonce, ciphertext, CIPHER_AAD)
+        except InvalidTag:
+            log.info("decrypt: ciphertext failed authentication")
+            return api.BAD_REQUEST
+        if stream:
+            return ApiResponse(200, plaintext, OCTET_STREAM)
+        return ApiResponse.json(CipherDecryptResponse(plaintext=plaintext))

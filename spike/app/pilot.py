@@ -1,0 +1,115 @@
+"""The operator's client for Nexus (SPIKE calls it Pilot): one call, one sentence on failure.
+
+Every command-line tool that talks to Nexus goes through `NexusClient`, so
+that "unreachable", "refused", "not ready" and "not found" read the same
+everywhere and always end in a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any, TypeVar
+
+import msgspec
+
+from spike.protocol.errors import RemoteProtocolError
+from spike.protocol.identity import Role, TrustDomains
+from spike.protocol.wire import ErrorBody, decode
+from spike.transports.blocking import BlockingConnection, ClientSession
+from spike.transports.client import TransportError
+from spike.transports.tls import SvidFiles, client_context, role_check
+
+from .errors import CommandError
+
+T = TypeVar("T")
+
+_MEANINGS = {
+    "access_unauthorized": "Nexus refused this identity: check the SVID, the trust domain and the policies",
+    "state_not_ready": "Nexus is not ready: it is waiting for the shards of its root key (see `spike status`)",
+    "api_internal_error": "Nexus failed to carry out the request (see its log)",
+    "api_bad_request": "Nexus rejected the request as invalid (see its log)",
+    "api_conflict": "the request conflicts with the current state",
+    "api_not_found": "not found",
+}
+
+
+def nexus_connection(session: ClientSession, url: str, trust: TrustDomains) -> BlockingConnection:
+    return session.connect(url, role_check(trust, Role.NEXUS), expected_peer=str(trust.id_of(Role.NEXUS)))
+
+
+class NexusError(CommandError):
+    def __init__(self, message: str, status: int, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class NexusClient:
+    def __init__(self, url: str, svid: SvidFiles, trust: TrustDomains, *, timeout: float = 10.0) -> None:
+        self.url = url
+        self._session = ClientSession(client_context(svid), timeout=timeout)
+        self._nexus = nexus_connection(self._session, url, trust)
+
+    def call(
+        self,
+        path: str,
+        body: object,
+        answer: type[T],
+        *,
+        action: str = "",
+        not_found: str = "",
+        conflict: str = "",
+    ) -> T:
+        """POST `body` as JSON, decode the answer as `answer`; raise `NexusError` on any failure."""
+        target = f"{path}?action={action}" if action else path
+        payload = body if isinstance(body, bytes) else msgspec.json.encode(body)
+        raw = self._post(target, payload, "application/json", not_found=not_found, conflict=conflict)
+        try:
+            return decode(raw, answer)
+        except RemoteProtocolError as exc:
+            raise NexusError(f"Nexus sent an answer this spike cannot read: {exc}", 200, "") from None
+
+    def call_bytes(self, path: str, data: bytes) -> bytes:
+        """POST raw bytes (application/octet-stream) and return the raw answer."""
+        return self._post(path, data, "application/octet-stream")
+
+    def _post(
+        self, target: str, payload: bytes, content_type: str, *, not_found: str = "", conflict: str = ""
+    ) -> bytes:
+        try:
+            status, raw = self._nexus.post(target, payload, content_type=content_type)
+        except TransportError as exc:
+            raise NexusError(f"Nexus at {self.url} is unreachable: {exc}", 0, "") from None
+        if status != 200:
+            code = _error_code(raw)
+            message = _MEANINGS.get(code, f"Nexus answered HTTP {status}")
+            if code == "api_not_found" and not_found:
+                message = not_found
+            elif code == "api_conflict" and conflict:
+                message = conflict
+            raise NexusError(message, status, code)
+        return raw
+
+    def close(self) -> None:
+        self._session.close()
+
+    def __enter__(self) -> NexusClient:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+def _error_code(raw: bytes) -> str:
+    try:
+        return decode(raw, ErrorBody).err
+    except RemoteProtocolError:
+        return ""
+
+
+class Empty(msgspec.Struct):
+    """An answer whose body carries nothing we need."""
+
+
+def as_dict(value: Any) -> Any:
+    return msgspec.to_builtins(value)

@@ -1,0 +1,277 @@
+"""`spike secret ...` and `spike cipher ...`: the operator's commands for data.
+
+Values can come from arguments (``key=value``), a JSON file, or standard
+input, so that they need not appear in shell history.  `get PATH KEY` prints
+just the value, for scripts.  Every failure is one sentence on stderr and a
+non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import msgspec
+
+from . import config as cfg
+from . import kv
+from .errors import CommandError
+from .messages import (
+    CIPHER_DECRYPT_PATH,
+    CIPHER_ENCRYPT_PATH,
+    SECRETS_METADATA_PATH,
+    SECRETS_PATH,
+    SecretGetRequest,
+    SecretGetResponse,
+    SecretListRequest,
+    SecretListResponse,
+    SecretMetadataResponse,
+    SecretMetadataUpdate,
+    SecretPathRequest,
+    SecretPutRequest,
+    SecretPutResponse,
+    SecretVersionsRequest,
+)
+from .pilot import Empty, NexusClient
+
+Say = Callable[[str], None]
+
+
+def add_parsers(sub: Any, common_flags: Callable[[argparse.ArgumentParser], None]) -> None:
+    secret = sub.add_parser("secret", help="read and write secrets")
+    actions = secret.add_subparsers(dest="secret_command", metavar="ACTION", required=True)
+
+    def parser(name: str, help_text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = actions.add_parser(name, help=help_text)
+        p.add_argument("--nexus", metavar="URL", help="env SPIKE_NEXUS_API_URL")
+        p.add_argument("--format", choices=["human", "json"], default="human")
+        common_flags(p)
+        return p
+
+    put = parser("put", "write a new version of a secret")
+    put.add_argument("path")
+    put.add_argument("pairs", nargs="*", metavar="KEY=VALUE", help="values (visible in shell history)")
+    put.add_argument("--file", metavar="FILE", help="JSON object of values; '-' reads standard input")
+    put.add_argument("--stdin", metavar="KEY", help="read the value of KEY from standard input")
+    put.add_argument("--cas", type=int, metavar="N", help="write only if the current version is N (0: absent)")
+
+    get = parser("get", "read a secret (or one key of it)")
+    get.add_argument("path")
+    get.add_argument("key", nargs="?", help="print only this key's value")
+    get.add_argument("--version", type=int, default=0, help="version to read (default: current)")
+
+    lst = parser("list", "list secret paths")
+    lst.add_argument("prefix", nargs="?", default="")
+    lst.add_argument("--limit", type=int, default=1000)
+    lst.add_argument("--after", default="", help="continue after this path")
+
+    for name, help_text in (
+        ("delete", "soft-delete versions (default: the current one)"),
+        ("undelete", "restore soft-deleted versions"),
+        ("destroy", "remove versions for good"),
+    ):
+        p = parser(name, help_text)
+        p.add_argument("path")
+        p.add_argument("--versions", default="", metavar="N,M", help="comma-separated version numbers")
+
+    meta = parser("metadata", "show a secret's versions and metadata")
+    meta.add_argument("path")
+    meta.add_argument("--version", type=int, default=0)
+
+    tune = parser("tune", "set a secret's max versions, check-and-set requirement, custom metadata")
+    tune.add_argument("path")
+    tune.add_argument("--max-versions", type=int)
+    tune.add_argument("--cas-required", choices=["true", "false"])
+    tune.add_argument("--custom", nargs="*", metavar="KEY=VALUE", help="replaces all custom metadata")
+
+    purge = parser("purge", "delete a secret with all its versions and metadata")
+    purge.add_argument("path")
+
+    cipher = sub.add_parser("cipher", help="encrypt and decrypt with Nexus's key (never exported)")
+    cactions = cipher.add_subparsers(dest="cipher_command", metavar="ACTION", required=True)
+    for name in ("encrypt", "decrypt"):
+        p = cactions.add_parser(name, help=f"{name} bytes (standard input to standard output by default)")
+        p.add_argument("--in", dest="infile", metavar="FILE", help="input file (default: standard input)")
+        p.add_argument("--out", dest="outfile", metavar="FILE", help="output file (default: standard output)")
+        p.add_argument("--nexus", metavar="URL", help="env SPIKE_NEXUS_API_URL")
+        common_flags(p)
+
+
+def _pairs(pairs: list[str], what: str) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CommandError(f"{what}: expected KEY=VALUE, got {pair.split('=')[0]!r}...", exit_code=2)
+        values[key] = value
+    return values
+
+
+def _read_values(args: argparse.Namespace, stdin: BinaryIO) -> dict[str, str]:
+    values = _pairs(args.pairs, "values")
+    if args.file:
+        raw = stdin.read() if args.file == "-" else _read_file(args.file)
+        try:
+            loaded = msgspec.json.decode(raw, type=dict[str, str])
+        except msgspec.DecodeError as exc:
+            raise CommandError(f"--file must hold a JSON object of strings: {exc}", exit_code=2) from None
+        values.update(loaded)
+    if args.stdin:
+        data = stdin.read()
+        try:
+            values[args.stdin] = data.decode().removesuffix("\n")
+        except UnicodeDecodeError:
+            raise CommandError("standard input is not UTF-8 text", exit_code=2) from None
+    return values
+
+
+def _read_file(name: str) -> bytes:
+    try:
+        return Path(name).read_bytes()
+    except OSError as exc:
+        raise CommandError(f"cannot read {name}: {exc.strerror}", exit_code=2) from None
+
+
+def _versions(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CommandError(f"--versions must be comma-separated numbers, not {text!r}", exit_code=2) from None
+
+
+def _check(check: Callable[[Any], Any], value: Any) -> None:
+    """Validate locally first: a clear sentence beats a bare 400 from the server."""
+    try:
+        check(value)
+    except kv.KvError as exc:
+        raise CommandError(str(exc), exit_code=2) from None
+
+
+def run_secret(args: argparse.Namespace, say: Say = print, stdin: BinaryIO | None = None) -> int:
+    config = cfg.client(args, cfg.environ())
+    stdin = stdin if stdin is not None else sys.stdin.buffer
+    command = args.secret_command
+    path: str = getattr(args, "path", "")
+    if path:
+        _check(kv.check_path, path)
+    missing = f"no readable version of {path} (no such secret, or deleted or destroyed)"
+    with NexusClient(config.nexus_url, config.common.svid, config.common.trust) as nexus:
+        if command == "put":
+            values = _read_values(args, stdin)
+            _check(kv.check_values, values)
+            put = nexus.call(
+                SECRETS_PATH,
+                SecretPutRequest(path=path, values=values, cas=args.cas),
+                SecretPutResponse,
+                conflict=f"check-and-set failed: {path} is not at version {args.cas}",
+            )
+            _out(config.output, say, {"path": path, "version": put.version}, f"wrote {path} version {put.version}")
+        elif command == "get":
+            if args.version:
+                missing = f"version {args.version} of {path} does not exist, or is deleted or destroyed"
+            got = nexus.call(
+                SECRETS_PATH,
+                SecretGetRequest(path=path, version=args.version),
+                SecretGetResponse,
+                action="get",
+                not_found=missing,
+            )
+            if args.key is not None:
+                if args.key not in got.data:
+                    raise CommandError(f"{path} (version {got.version}) has no key {args.key!r}")
+                say(got.data[args.key])
+            elif config.output == "json":
+                say(json.dumps({"data": got.data, "version": got.version}))
+            else:
+                for key in sorted(got.data):
+                    say(f"{key}: {got.data[key]}")
+        elif command == "list":
+            if args.prefix:
+                _check(kv.check_prefix, args.prefix)
+            listed = nexus.call(
+                SECRETS_PATH,
+                SecretListRequest(prefix=args.prefix, limit=args.limit, after=args.after),
+                SecretListResponse,
+                action="list",
+            )
+            if config.output == "json":
+                say(json.dumps(msgspec.to_builtins(listed)))
+            else:
+                for key in listed.keys:
+                    say(key)
+                if listed.next_after:
+                    say(f"(more: --after {listed.next_after})")
+        elif command in ("delete", "undelete", "destroy"):
+            versions = _versions(args.versions)
+            _check(kv.check_versions, versions)
+            nexus.call(
+                SECRETS_PATH,
+                SecretVersionsRequest(path=path, versions=versions),
+                Empty,
+                action=command,
+                not_found=missing,
+            )
+            which = f"versions {args.versions}" if versions else "the current version"
+            _out(config.output, say, {"path": path, "action": command}, f"{command}d {which} of {path}")
+        elif command == "metadata":
+            meta = nexus.call(
+                SECRETS_METADATA_PATH,
+                SecretGetRequest(path=path, version=args.version),
+                SecretMetadataResponse,
+                action="get",
+                not_found=missing,
+            )
+            _print_metadata(meta, path, config.output, say)
+        elif command == "tune":
+            custom = None if args.custom is None else _pairs(args.custom, "--custom")
+            cas_required = None if args.cas_required is None else args.cas_required == "true"
+            update = SecretMetadataUpdate(
+                path=path, max_versions=args.max_versions, cas_required=cas_required, custom_metadata=custom
+            )
+            nexus.call(SECRETS_METADATA_PATH, update, Empty, action="put")
+            _out(config.output, say, {"path": path}, f"updated the metadata of {path}")
+        elif command == "purge":
+            nexus.call(SECRETS_METADATA_PATH, SecretPathRequest(path=path), Empty, action="delete", not_found=missing)
+            _out(config.output, say, {"path": path}, f"deleted {path} with all its versions and metadata")
+    return 0
+
+
+def _out(output: str, say: Say, data: dict[str, Any], human: str) -> None:
+    say(json.dumps(data) if output == "json" else human)
+
+
+def _print_metadata(meta: SecretMetadataResponse, path: str, output: str, say: Say) -> None:
+    if output == "json":
+        say(json.dumps(msgspec.to_builtins(meta)))
+        return
+    m = meta.metadata
+    say(f"{path}: current version {m.currentVersion}, oldest {m.oldestVersion}, keeps {m.maxVersions}")
+    say(f"created {m.createdTime}, updated {m.updatedTime}, check-and-set required: {m.casRequired}")
+    for key, value in sorted(m.customMetadata.items()):
+        say(f"custom {key}: {value}")
+    for number in sorted(meta.versions):
+        v = meta.versions[number]
+        state = "destroyed" if v.destroyed else (f"deleted {v.deletedTime}" if v.deletedTime else "live")
+        say(f"  version {number}: created {v.createdTime}, {state}")
+
+
+def run_cipher(args: argparse.Namespace, stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> int:
+    config = cfg.client(args, cfg.environ())
+    data = _read_file(args.infile) if args.infile else (stdin or sys.stdin.buffer).read()
+    path = CIPHER_ENCRYPT_PATH if args.cipher_command == "encrypt" else CIPHER_DECRYPT_PATH
+    with NexusClient(config.nexus_url, config.common.svid, config.common.trust) as nexus:
+        result = nexus.call_bytes(path, data)
+    if args.outfile:
+        try:
+            Path(args.outfile).write_bytes(result)
+        except OSError as exc:
+            raise CommandError(f"cannot write {args.outfile}: {exc.strerror}") from None
+    else:
+        out = stdout or sys.stdout.buffer
+        out.write(result)
+        out.flush()
+    return 0

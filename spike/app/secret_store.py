@@ -1,0 +1,317 @@
+"""Secrets in SQLite: point reads on the caller's thread, writes group-committed.
+
+Reads use their own connection and touch only the rows they name (primary
+key lookups, or a range of the path index for listing), so they stay fast
+with any number of secrets.  Writes go to one writer thread that takes every
+write waiting at that moment, runs each in its own savepoint (one failing
+write does not undo the others), and commits them with a single fsync: the
+caller's future resolves only after that commit, so an acknowledged write
+is durable.  Serialising writes in one thread also makes check-and-set
+exact: there is no lost update between two writers.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+from . import kv
+from .sealing import Sealer, TamperedData, metadata_aad, secret_aad
+from .storage import DB_NAME, StorageError, connect
+
+log = logging.getLogger("spike.nexus.store")
+
+T = TypeVar("T")
+WriteOp = Callable[[sqlite3.Connection], T]
+MAX_BATCH = 512
+
+_values_encoder = msgspec.json.Encoder()
+_values_decoder = msgspec.json.Decoder(dict[str, str])
+
+_SELECT_META = (
+    "SELECT current_version, oldest_version, max_versions, cas_required, created_at, updated_at, "
+    "custom_metadata FROM secret WHERE path = ?"
+)
+_SELECT_VALUE = (
+    "SELECT v.version, v.sealed, v.deleted_at, v.key_epoch FROM secret AS s "
+    "JOIN secret_version AS v ON v.path = s.path "
+    "AND v.version = CASE WHEN ?2 = 0 THEN s.current_version ELSE ?2 END WHERE s.path = ?1"
+)
+
+
+class _Stop:
+    pass
+
+
+class SecretStore:
+    def __init__(self, data_dir: Path, *, default_max_versions: int = kv.DEFAULT_MAX_VERSIONS) -> None:
+        self._path = data_dir / DB_NAME
+        self._reader = connect(self._path)
+        self._sealer: Sealer | None = None
+        self._epoch = 0
+        self.default_max_versions = default_max_versions
+        self._queue: queue.SimpleQueue[tuple[WriteOp[Any], Future[Any]] | _Stop] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_loop, name="spike-writer", daemon=True)
+        self._writer_db = connect(self._path)
+        self.batches = 0
+        self.writes = 0
+        self._writer.start()
+
+    # ------------------------------------------------------------------ key
+
+    def unlock(self, sealer: Sealer, epoch: int) -> None:
+        """Start sealing and opening with the data key of the verified root key."""
+        self._sealer, self._epoch = sealer, epoch
+
+    def lock(self) -> None:
+        self._sealer = None
+
+    def _require_sealer(self) -> Sealer:
+        if self._sealer is None:
+            raise StorageError("the store is locked: no root key")
+        return self._sealer
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, path: str, version: int) -> tuple[int, dict[str, str]]:
+        try:
+            row = self._reader.execute(_SELECT_VALUE, (path, version)).fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read {path}: {exc}") from None
+        if row is None:
+            raise kv.NotFound("no such secret or version")
+        found, sealed, deleted_at, epoch = row
+        if sealed is None or deleted_at is not None:
+            raise kv.NotFound("this version is deleted or destroyed")
+        plaintext = self._open(sealed, secret_aad(path, found), epoch, f"{path} version {found}")
+        return found, _values_decoder.decode(plaintext)
+
+    def _open(self, sealed: bytes, aad: bytes, epoch: int, what: str) -> bytes:
+        if epoch != self._epoch:
+            raise TamperedData(f"{what} is sealed under key epoch {epoch}, the current key is {self._epoch}")
+        try:
+            return self._require_sealer().open(sealed, aad)
+        except TamperedData as exc:
+            raise TamperedData(f"{what}: {exc} (tampered with, or moved from another path)") from None
+
+    def metadata(self, path: str) -> tuple[kv.SecretMeta, list[kv.VersionInfo]]:
+        meta = _load_meta(self._reader, path, self)
+        if meta is None:
+            raise kv.NotFound("no such secret")
+        rows = self._reader.execute(
+            "SELECT version, created_at, deleted_at, sealed IS NULL FROM secret_version "
+            "WHERE path = ? ORDER BY version",
+            (path,),
+        ).fetchall()
+        return meta, [kv.VersionInfo(v, c, d, bool(x)) for v, c, d, x in rows]
+
+    def list_paths(self, prefix: str, *, limit: int, after: str = "") -> list[str]:
+        """Paths that start with `prefix`, in order, after `after`, at most `limit`.
+
+        A range scan of the primary key: cost grows with the page returned,
+        not with the number of secrets stored.
+        """
+        if after and after >= prefix:
+            sql, args = "SELECT path FROM secret WHERE path > ?", [after]
+        else:
+            sql, args = "SELECT path FROM secret WHERE path >= ?", [prefix]
+        if prefix:
+            sql += " AND path < ?"
+            args.append(prefix[:-1] + chr(ord(prefix[-1]) + 1))
+        rows = self._reader.execute(sql + " ORDER BY path LIMIT ?", [*args, limit])
+        return [p for (p,) in rows]
+
+    def count(self) -> int:
+        return int(self._reader.execute("SELECT count(*) FROM secret").fetchone()[0])
+
+    # ------------------------------------------------------------------ writes
+
+    def submit(self, op: WriteOp[T]) -> Future[T]:
+        future: Future[T] = Future()
+        self._queue.put((op, future))
+        return future
+
+    def put(self, path: str, values: dict[str, str], cas: int | None) -> Future[int]:
+        plaintext = _values_encoder.encode(values)
+        sealer = self._require_sealer()
+        epoch = self._epoch
+        default = self.default_max_versions
+
+        def op(db: sqlite3.Connection) -> int:
+            now = time.time()
+            meta = _load_meta(db, path, None)
+            stored = [v for (v,) in db.execute("SELECT version FROM secret_version WHERE path = ?", (path,))]
+            plan = kv.plan_put(meta, stored, path=path, cas=cas, now=now, default_max_versions=default)
+            sealed = sealer.seal(plaintext, secret_aad(path, plan.version))
+            if meta is None:
+                db.execute(
+                    "INSERT INTO secret (path, current_version, oldest_version, max_versions, "
+                    "cas_required, created_at, updated_at, custom_metadata) VALUES (?, ?, ?, 0, 0, ?, ?, NULL)",
+                    (path, plan.version, plan.meta.oldest_version, now, now),
+                )
+            else:
+                db.execute(
+                    "UPDATE secret SET current_version = ?, oldest_version = ?, updated_at = ? WHERE path = ?",
+                    (plan.version, plan.meta.oldest_version, now, path),
+                )
+            db.execute(
+                "INSERT INTO secret_version (path, version, sealed, created_at, deleted_at, key_epoch) "
+                "VALUES (?, ?, ?, ?, NULL, ?)",
+                (path, plan.version, sealed, now, epoch),
+            )
+            if plan.pruned:
+                db.executemany(
+                    "DELETE FROM secret_version WHERE path = ? AND version = ?",
+                    [(path, v) for v in plan.pruned],
+                )
+            return plan.version
+
+        return self.submit(op)
+
+    def delete(self, path: str, versions: list[int]) -> Future[None]:
+        return self._mark(path, versions, "deleted_at = ?", lambda: (time.time(),))
+
+    def undelete(self, path: str, versions: list[int]) -> Future[None]:
+        return self._mark(path, versions, "deleted_at = NULL", lambda: ())
+
+    def destroy(self, path: str, versions: list[int]) -> Future[None]:
+        return self._mark(path, versions, "sealed = NULL", lambda: ())
+
+    def _mark(
+        self, path: str, versions: list[int], assignment: str, args: Callable[[], tuple[Any, ...]]
+    ) -> Future[None]:
+        def op(db: sqlite3.Connection) -> None:
+            meta = _load_meta(db, path, None)
+            if meta is None:
+                raise kv.NotFound("no such secret")
+            db.executemany(
+                f"UPDATE secret_version SET {assignment} WHERE path = ? AND version = ? AND sealed IS NOT NULL",  # noqa: S608 - fixed strings
+                [(*args(), path, v) for v in kv.targets(meta, versions)],
+            )
+            db.execute("UPDATE secret SET updated_at = ? WHERE path = ?", (time.time(), path))
+
+        return self.submit(op)
+
+    def update_metadata(
+        self,
+        path: str,
+        *,
+        max_versions: int | None,
+        cas_required: bool | None,
+        custom_metadata: dict[str, str] | None,
+    ) -> Future[None]:
+        sealer = self._require_sealer()
+        sealed_custom = (
+            None
+            if custom_metadata is None
+            else sealer.seal(_values_encoder.encode(custom_metadata), metadata_aad(path))
+        )
+
+        def op(db: sqlite3.Connection) -> None:
+            now = time.time()
+            if _load_meta(db, path, None) is None:
+                # Like Vault, metadata may be written before the first version.
+                db.execute(
+                    "INSERT INTO secret (path, current_version, oldest_version, max_versions, "
+                    "cas_required, created_at, updated_at, custom_metadata) VALUES (?, 0, 0, 0, 0, ?, ?, NULL)",
+                    (path, now, now),
+                )
+            if max_versions is not None:
+                db.execute("UPDATE secret SET max_versions = ? WHERE path = ?", (max_versions, path))
+            if cas_required is not None:
+                db.execute("UPDATE secret SET cas_required = ? WHERE path = ?", (int(cas_required), path))
+            if sealed_custom is not None:
+                db.execute("UPDATE secret SET custom_metadata = ? WHERE path = ?", (sealed_custom, path))
+            db.execute("UPDATE secret SET updated_at = ? WHERE path = ?", (now, path))
+
+        return self.submit(op)
+
+    def delete_all(self, path: str) -> Future[None]:
+        """Remove a secret with every version and its metadata."""
+
+        def op(db: sqlite3.Connection) -> None:
+            if db.execute("DELETE FROM secret WHERE path = ?", (path,)).rowcount == 0:
+                raise kv.NotFound("no such secret")
+            db.execute("DELETE FROM secret_version WHERE path = ?", (path,))
+
+        return self.submit(op)
+
+    # ------------------------------------------------------------------ writer thread
+
+    def _write_loop(self) -> None:
+        db = self._writer_db
+        while True:
+            first = self._queue.get()
+            if isinstance(first, _Stop):
+                return
+            batch = [first]
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, _Stop):
+                    self._queue.put(item)
+                    break
+                batch.append(item)
+            self._commit(db, batch)
+
+    def _commit(self, db: sqlite3.Connection, batch: list[tuple[WriteOp[Any], Future[Any]]]) -> None:
+        outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for op, future in batch:
+                db.execute("SAVEPOINT op")
+                try:
+                    result = op(db)
+                except Exception as exc:  # the op's own failure: undo just this op
+                    db.execute("ROLLBACK TO op")
+                    db.execute("RELEASE op")
+                    outcomes.append((future, None, exc))
+                else:
+                    db.execute("RELEASE op")
+                    outcomes.append((future, result, None))
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            log.error("write of %d operation(s) failed and was rolled back: %s", len(batch), exc)  # noqa: TRY400
+            error = StorageError(f"the database refused the write: {exc}")
+            for _, future in batch:
+                future.set_exception(error)
+            return
+        self.batches += 1
+        self.writes += len(batch)
+        for future, result, failure in outcomes:
+            if failure is None:
+                future.set_result(result)
+            else:
+                future.set_exception(failure)
+
+    def close(self) -> None:
+        self._queue.put(_Stop())
+        self._writer.join(timeout=10)
+        self._reader.close()
+        self._writer_db.close()
+
+
+def _load_meta(db: sqlite3.Connection, path: str, store: SecretStore | None) -> kv.SecretMeta | None:
+    row = db.execute(_SELECT_META, (path,)).fetchone()
+    if row is None:
+        return None
+    current, oldest, max_versions, cas_required, created, updated, custom_sealed = row
+    custom: dict[str, str] = {}
+    if custom_sealed is not None and store is not None:
+        custom = _values_decoder.decode(
+            store._open(custom_sealed, metadata_aad(path), store._epoch, f"{path} metadata")
+        )
+    return kv.SecretMeta(path, current, oldest, max_versions, bool(cas_required), created, updated, custom)

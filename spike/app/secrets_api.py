@@ -1,0 +1,202 @@
+"""The secrets routes of Nexus: SPIKE's shapes, with Vault KV v2's extras.
+
+Reads are answered inline (a primary key lookup and one decryption); writes
+return a future that resolves once the group commit holding them is on disk.
+Every failure is a code in the body and a sentence in the log, never a value.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from spike.protocol import api
+from spike.protocol.api import ApiRequest, ApiResponse
+from spike.protocol.errors import RemoteProtocolError
+from spike.protocol.wire import ErrorCode, decode
+
+from . import kv
+from .messages import (
+    MetadataContent,
+    SecretGetRequest,
+    SecretGetResponse,
+    SecretListRequest,
+    SecretListResponse,
+    SecretMetadataResponse,
+    SecretMetadataUpdate,
+    SecretPathRequest,
+    SecretPutRequest,
+    SecretPutResponse,
+    SecretVersionsRequest,
+    VersionMetadata,
+)
+from .sealing import TamperedData
+from .secret_store import SecretStore
+from .storage import StorageError
+
+log = logging.getLogger("spike.nexus.secrets")
+
+MAX_LIST_LIMIT = 10_000
+T = TypeVar("T")
+Reply = ApiResponse | Future[ApiResponse]
+
+
+def _iso(moment: float | None) -> str | None:
+    if moment is None:
+        return None
+    return dt.datetime.fromtimestamp(moment, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def error_response(exc: BaseException, what: str) -> ApiResponse:
+    """Map a failure to its API answer; log what the caller is not told."""
+    if isinstance(exc, kv.KvError):
+        log.info("%s: %s", what, exc)
+        return ApiResponse.error(exc.status, ErrorCode(exc.code))
+    if isinstance(exc, RemoteProtocolError):
+        log.info("%s: %s", what, exc)
+        return api.BAD_REQUEST
+    if isinstance(exc, TamperedData):
+        log.error("%s: REFUSED TAMPERED DATA: %s", what, exc)
+        return api.INTERNAL_ERROR
+    if isinstance(exc, StorageError):
+        log.error("%s: %s", what, exc)
+        return api.INTERNAL_ERROR
+    log.error("%s: unexpected %s", what, exc.__class__.__name__, exc_info=exc)
+    return api.INTERNAL_ERROR
+
+
+def when_done(future: Future[T], answer: Callable[[T], ApiResponse], what: str) -> Future[ApiResponse]:
+    """A future of the API answer for a future store result."""
+    reply: Future[ApiResponse] = Future()
+
+    def done(source: Future[T]) -> None:
+        failure = source.exception()
+        reply.set_result(answer(source.result()) if failure is None else error_response(failure, what))
+
+    future.add_done_callback(done)
+    return reply
+
+
+class SecretsApi:
+    def __init__(self, store: SecretStore) -> None:
+        self._store = store
+
+    def _guarded(self, handler: Callable[[Any], Reply], kind: type[Any], what: str) -> Callable[[ApiRequest], Reply]:
+        def run(request: ApiRequest) -> Reply:
+            try:
+                body = decode(request.body, kind)
+                return handler(body)
+            except (kv.KvError, RemoteProtocolError, TamperedData, StorageError) as exc:
+                return error_response(exc, what)
+
+        return run
+
+    def handlers(self) -> dict[str, Callable[[ApiRequest], Reply]]:
+        """action -> handler for SECRETS_PATH ('' is put, as in SPIKE)."""
+        return {
+            "": self._guarded(self.put, SecretPutRequest, "put"),
+            "get": self._guarded(self.get, SecretGetRequest, "get"),
+            "delete": self._guarded(self.delete, SecretVersionsRequest, "delete"),
+            "undelete": self._guarded(self.undelete, SecretVersionsRequest, "undelete"),
+            "destroy": self._guarded(self.destroy, SecretVersionsRequest, "destroy"),
+            "list": self._guarded(self.list, SecretListRequest, "list"),
+        }
+
+    def metadata_handlers(self) -> dict[str, Callable[[ApiRequest], Reply]]:
+        """action -> handler for SECRETS_METADATA_PATH."""
+        return {
+            "get": self._guarded(self.metadata_get, SecretGetRequest, "metadata get"),
+            "put": self._guarded(self.metadata_put, SecretMetadataUpdate, "metadata put"),
+            "delete": self._guarded(self.metadata_delete, SecretPathRequest, "metadata delete"),
+        }
+
+    # ------------------------------------------------------------------ data
+
+    def put(self, body: SecretPutRequest) -> Reply:
+        path = kv.check_path(body.path)
+        values = kv.check_values(body.values)
+        if body.cas is not None:
+            kv.check_version(body.cas)
+        future = self._store.put(path, values, body.cas)
+        return when_done(future, lambda version: ApiResponse.json(SecretPutResponse(version=version)), "put")
+
+    def get(self, body: SecretGetRequest) -> Reply:
+        version, values = self._store.get(kv.check_path(body.path), kv.check_version(body.version))
+        return ApiResponse.json(SecretGetResponse(data=values, version=version))
+
+    def delete(self, body: SecretVersionsRequest) -> Reply:
+        return self._versions(self._store.delete, body, "delete")
+
+    def undelete(self, body: SecretVersionsRequest) -> Reply:
+        return self._versions(self._store.undelete, body, "undelete")
+
+    def destroy(self, body: SecretVersionsRequest) -> Reply:
+        return self._versions(self._store.destroy, body, "destroy")
+
+    def _versions(
+        self, action: Callable[[str, list[int]], Future[None]], body: SecretVersionsRequest, what: str
+    ) -> Reply:
+        future = action(kv.check_path(body.path), kv.check_versions(body.versions))
+        return when_done(future, lambda _: api.OK_EMPTY, what)
+
+    def list(self, body: SecretListRequest) -> Reply:
+        prefix = kv.check_prefix(body.prefix)
+        if not 1 <= body.limit <= MAX_LIST_LIMIT:
+            raise kv.InvalidRequest(f"limit must be between 1 and {MAX_LIST_LIMIT}")
+        if body.after:
+            kv.check_path(body.after)
+        keys = self._store.list_paths(prefix, limit=body.limit + 1, after=body.after)
+        more = len(keys) > body.limit
+        keys = keys[: body.limit]
+        return ApiResponse.json(SecretListResponse(keys=keys, next_after=keys[-1] if more else None))
+
+    # ------------------------------------------------------------------ metadata
+
+    def metadata_get(self, body: SecretGetRequest) -> Reply:
+        meta, versions = self._store.metadata(kv.check_path(body.path))
+        wanted = [v for v in versions if body.version in (0, v.version)]
+        if body.version and not wanted:
+            raise kv.NotFound("no such version")
+        return ApiResponse.json(
+            SecretMetadataResponse(
+                versions={
+                    v.version: VersionMetadata(
+                        createdTime=_iso(v.created_at) or "",
+                        version=v.version,
+                        deletedTime=_iso(v.deleted_at),
+                        destroyed=v.destroyed,
+                    )
+                    for v in wanted
+                },
+                metadata=MetadataContent(
+                    currentVersion=meta.current_version,
+                    oldestVersion=meta.oldest_version,
+                    createdTime=_iso(meta.created_at) or "",
+                    updatedTime=_iso(meta.updated_at) or "",
+                    maxVersions=meta.effective_max_versions(self._store.default_max_versions),
+                    casRequired=meta.cas_required,
+                    customMetadata=meta.custom_metadata,
+                ),
+            )
+        )
+
+    def metadata_put(self, body: SecretMetadataUpdate) -> Reply:
+        path = kv.check_path(body.path)
+        if body.max_versions is not None:
+            kv.check_max_versions(body.max_versions)
+        if body.custom_metadata is not None:
+            kv.check_custom_metadata(body.custom_metadata)
+        future = self._store.update_metadata(
+            path,
+            max_versions=body.max_versions,
+            cas_required=body.cas_required,
+            custom_metadata=body.custom_metadata,
+        )
+        return when_done(future, lambda _: api.OK_EMPTY, "metadata put")
+
+    def metadata_delete(self, body: SecretPathRequest) -> Reply:
+        future = self._store.delete_all(kv.check_path(body.path))
+        return when_done(future, lambda _: api.OK_EMPTY, "metadata delete")
