@@ -1,3 +1,0 @@
-from spike.app.cli import main
-
-raise SystemExit(main())

@@ -1,1 +1,0 @@
-"""Wiring: CLI, configuration, runners, storage and logging."""
