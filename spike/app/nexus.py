@@ -37,11 +37,19 @@ class WaitingSummary:
         self._driver = driver
         self._every = every
         self._last = -float("inf")
+        self._waiting_since: float | None = None
 
     def __call__(self) -> None:
         custody = self._driver.custody
         now = self._driver.now()
-        if custody.phase is Phase.READY or now - self._last < self._every:
+        if custody.phase is Phase.READY:
+            self._waiting_since = None
+            return
+        if self._waiting_since is None:
+            self._waiting_since = now
+        # A normal recovery or bootstrap takes a poll or two: only a wait longer
+        # than that is news.
+        if now - self._waiting_since < 2 * custody.schedule.interval or now - self._last < self._every:
             return
         self._last = now
         states = ", ".join(f"{v.keeper_id}={v.state.value}" for v in custody.keepers())

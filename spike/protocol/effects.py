@@ -33,6 +33,7 @@ class RequestKind(Enum):
     POLL = "poll"  # regular scheduled shard read
     PUSH = "push"  # re-seed: contribute its shard
     CONFIRM = "confirm"  # shard read right after a push
+    CHECK = "check"  # shard read when the key was just rebuilt, before pushing on an old answer
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,9 +24,9 @@ Rules kept here (DESIGN.md section 2 and ADR-0022):
   is used; a rebuilt key is used only if it matches the key check value.
 * Holding the key, an empty keeper (404, or 400 from SPIKE's Go keeper) or
   one with a wrong shard gets its own shard pushed at once and read back to
-  confirm.  A push follows only a scheduled poll (or the moment the key is
-  recovered), so a keeper that keeps failing costs at most three requests per
-  interval.
+  confirm.  A push follows only a scheduled poll (or, once the key is
+  rebuilt, a fresh read of a keeper last seen without its shard), so a keeper
+  that keeps failing costs at most three requests per interval.
 * Garbage from a keeper becomes a state and a report; it never raises.
 """
 
@@ -478,7 +478,7 @@ class NexusCustody:
             self._misbehaved(keeper, f"refused its shard with HTTP {answer.status}", now)
 
     def _read(self, keeper: _Keeper, kind: RequestKind, answer: ResponseReceived, now: float) -> None:
-        regular = kind is RequestKind.POLL
+        regular = kind is not RequestKind.CONFIRM  # a POLL or a CHECK: the answer may lead to a push
         if answer.status in (404, 400):  # 400 is how SPIKE's Go keeper says "empty"
             keeper.empty_answers += 1
             self._set_state(keeper, KeeperState.EMPTY, now, f"HTTP {answer.status}")
@@ -555,9 +555,14 @@ class NexusCustody:
         self._set_phase(Phase.READY, now)
         self._effects.append(KeyRecovered(record.epoch, now, used, source, self._recovery_started))
         for keeper in self._keepers.values():
-            wanted = keeper.needs_seed or (source == "operator" and keeper.state is not KeeperState.HOLDING)
-            if wanted and keeper.op is None:
-                self._push(keeper, now)
+            if keeper.op is not None:
+                continue  # its answer is on the way and is handled when it comes
+            if source == "operator" and keeper.state is not KeeperState.HOLDING:
+                self._push(keeper, now)  # after a restore every keeper is presumably empty
+            elif keeper.needs_seed:
+                # The answer that said so may be old (bootstrap seeds keepers while
+                # Nexus recovers): ask again rather than push on stale news.
+                self._send(keeper, RequestKind.CHECK, KEEPER_SHARD_PATH, _EMPTY_BODY, now)
         return True
 
     def _forget_key(self) -> None:
