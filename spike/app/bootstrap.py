@@ -24,7 +24,8 @@ from spike.protocol.record import seal_key
 from spike.protocol.wire import KEEPER_CONTRIBUTE_PATH, ShardContribution, decode, encode
 from spike.transports.blocking import BlockingConnection, ClientSession
 from spike.transports.client import TransportError
-from spike.transports.tls import client_context, keeper_check, role_check
+from spike.transports.identity import identity_source
+from spike.transports.tls import keeper_check, role_check
 
 from .config import BootstrapConfig
 from .errors import CommandError
@@ -79,7 +80,10 @@ def _wait_for_nexus(nexus: BlockingConnection, deadline: float, url: str) -> Sta
 def run(config: BootstrapConfig, say: Say = print) -> None:
     trust = config.common.trust
     deadline = time.monotonic() + config.timeout
-    with ClientSession(client_context(config.common.svid), timeout=5.0) as session:
+    with (
+        identity_source(config.common.svid, trust) as identity,
+        ClientSession(identity.client_context, timeout=5.0) as session,
+    ):
         nexus = nexus_connection(session, config.nexus_url, trust)
         status = _wait_for_nexus(nexus, deadline, config.nexus_url)
         keepers = {k.id: k.url for k in status.keepers}

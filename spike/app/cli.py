@@ -22,7 +22,15 @@ EXIT_CONFIG = 2
 
 
 def _identity_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("identity (X.509 SVID files; env SPIKE_SVID_CERT/KEY/BUNDLE)")
+    group = parser.add_argument_group(
+        "identity (the SPIFFE Workload API at SPIFFE_ENDPOINT_SOCKET, or X.509 SVID files: SPIKE_SVID_CERT/KEY/BUNDLE)"
+    )
+    group.add_argument(
+        "--identity",
+        choices=["workload-api", "files"],
+        help="where the SVID comes from (env SPIKE_IDENTITY; default: workload-api when SPIFFE_ENDPOINT_SOCKET "
+        "is set and no SVID file is given, else files)",
+    )
     group.add_argument("--svid-cert", metavar="PEM", help="certificate chain of this workload's SVID")
     group.add_argument("--svid-key", metavar="PEM", help="private key of the SVID")
     group.add_argument("--svid-bundle", metavar="PEM", help="trust bundle (CA certificates)")

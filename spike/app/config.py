@@ -20,6 +20,7 @@ from spike.protocol.identity import InvalidSpiffeId, TrustDomains, check_trust_d
 from spike.protocol.material import MAX_KEEPER_ID, MIN_KEEPER_ID
 from spike.protocol.nexus import PollSchedule
 from spike.transports.client import parse_origin
+from spike.transports.identity import IdentitySpec, WorkloadApiSpec, workload_api_address
 from spike.transports.tls import SvidFiles
 
 
@@ -38,7 +39,7 @@ DEFAULT_NEXUS_URL = f"https://localhost:{DEFAULT_NEXUS_PORT}"
 @dataclass(frozen=True, slots=True)
 class Common:
     trust: TrustDomains
-    svid: SvidFiles
+    svid: IdentitySpec  # SVID files, or the SPIFFE Workload API to fetch the SVID from
     log_level: str
     log_format: str
 
@@ -158,30 +159,67 @@ def common(args: argparse.Namespace, env: Env) -> Common:
         )
     except InvalidSpiffeId as exc:
         raise ConfigError(f"trust domain: {exc}") from None
-    files = []
-    for flag, env_name, what in (
-        ("svid_cert", "SPIKE_SVID_CERT", "SVID certificate"),
-        ("svid_key", "SPIKE_SVID_KEY", "SVID private key"),
-        ("svid_bundle", "SPIKE_SVID_BUNDLE", "trust bundle"),
-    ):
-        value = _pick(args, flag, env, env_name)
-        if not value:
-            raise ConfigError(
-                f"no X.509 SVID configured: set --{flag.replace('_', '-')} or {env_name} "
-                "(`spike dev-identity` mints a development set)"
-            )
-        path = Path(value).expanduser()
-        if not path.is_file():  # checked here: the TLS layer cannot say which file is missing
-            problem = "no such file" if not path.exists() else "not a regular file"
-            raise ConfigError(f"{what} {str(path)!r}: {problem} (--{flag.replace('_', '-')} or {env_name})")
-        files.append(path)
+    svid = identity(args, env)
     level = (_pick(args, "log_level", env, "SPIKE_LOG_LEVEL", default="info") or "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log level must be debug, info, warning or error, not {level!r}")
     fmt = (_pick(args, "log_format", env, "SPIKE_LOG_FORMAT", default="text") or "text").lower()
     if fmt not in ("text", "json"):
         raise ConfigError(f"log format must be text or json, not {fmt!r}")
-    return Common(trust, SvidFiles(*files), level, fmt)
+    return Common(trust, svid, level, fmt)
+
+
+_SVID_FILES = (
+    ("svid_cert", "SPIKE_SVID_CERT", "SVID certificate"),
+    ("svid_key", "SPIKE_SVID_KEY", "SVID private key"),
+    ("svid_bundle", "SPIKE_SVID_BUNDLE", "trust bundle"),
+)
+
+
+def identity(args: argparse.Namespace, env: Env) -> IdentitySpec:
+    """Where this workload's X.509 SVID comes from: `--identity` (SPIKE_IDENTITY) workload-api or files.
+
+    Unset, it is the SPIFFE Workload API when SPIFFE_ENDPOINT_SOCKET is set and
+    no SVID file is configured, and SVID files otherwise.
+    """
+    choice = _pick(args, "identity", env, "SPIKE_IDENTITY")
+    socket = env.get("SPIFFE_ENDPOINT_SOCKET", "").strip()
+    if choice is None:
+        files_given = any(_pick(args, flag, env, env_name) for flag, env_name, _ in _SVID_FILES)
+        choice = "workload-api" if socket and not files_given else "files"
+    choice = choice.strip().lower()
+    if choice == "files":
+        return svid_files(args, env)
+    if choice != "workload-api":
+        raise ConfigError(f"identity source must be workload-api or files, not {choice!r} (--identity, SPIKE_IDENTITY)")
+    if not socket:
+        raise ConfigError(
+            "the Workload API identity source needs SPIFFE_ENDPOINT_SOCKET (e.g. unix:///run/spire/agent.sock)"
+        )
+    try:
+        address = workload_api_address(socket)
+    except ValueError as exc:
+        raise ConfigError(f"SPIFFE_ENDPOINT_SOCKET: {exc}") from None
+    timeout = _pick(args, "workload_api_timeout", env, "SPIKE_WORKLOAD_API_TIMEOUT", default="10s")
+    return WorkloadApiSpec(address, parse_duration(timeout or "10s", "Workload API timeout"))
+
+
+def svid_files(args: argparse.Namespace, env: Env) -> SvidFiles:
+    """The three PEM files of an X.509 SVID (--svid-cert/--svid-key/--svid-bundle or SPIKE_SVID_*)."""
+    files = []
+    for flag, env_name, what in _SVID_FILES:
+        value = _pick(args, flag, env, env_name)
+        if not value:
+            raise ConfigError(
+                f"no X.509 SVID configured: set --{flag.replace('_', '-')} or {env_name}, or SPIFFE_ENDPOINT_SOCKET "
+                "for the SPIFFE Workload API (`spike dev-identity` mints a development set)"
+            )
+        path = Path(value).expanduser()
+        if not path.is_file():  # checked here: the TLS layer cannot say which file is missing
+            problem = "no such file" if not path.exists() else "not a regular file"
+            raise ConfigError(f"{what} {str(path)!r}: {problem} (--{flag.replace('_', '-')} or {env_name})")
+        files.append(path)
+    return SvidFiles(*files)
 
 
 def keeper(args: argparse.Namespace, env: Env) -> KeeperConfig:

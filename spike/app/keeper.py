@@ -8,9 +8,9 @@ import anyio
 
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.keeper import MAX_KEEPER_BODY, Keeper, KeeperChange
+from spike.transports.identity import identity_source
 from spike.transports.runner import serve
 from spike.transports.server import HttpsServer, ServerLimits
-from spike.transports.tls import server_context
 
 from .config import KeeperConfig
 
@@ -43,7 +43,9 @@ class KeeperHandler:
 
 def run(config: KeeperConfig) -> None:
     keeper = Keeper(config.common.trust)
-    server = HttpsServer(server_context(config.common.svid), KeeperHandler(keeper), KEEPER_LIMITS)
+    identity = identity_source(config.common.svid, config.common.trust).start()
+    # Each new connection gets the current SVID: a rotation needs no restart.
+    server = HttpsServer(identity.server_context, KeeperHandler(keeper), KEEPER_LIMITS)
 
     started = False
 
@@ -56,5 +58,6 @@ def run(config: KeeperConfig) -> None:
         anyio.run(lambda: serve(config.bind, server, on_listening=listening))
     finally:
         keeper.forget()
+        identity.stop()
         if started:  # a keeper that could not start says so in one line, from the CLI
             log.info("keeper stopped; its shard is gone from memory")

@@ -12,9 +12,9 @@ from spike.protocol.effects import KeyRecovered, Phase, PhaseChanged, Report
 from spike.protocol.errors import LocalProtocolError
 from spike.protocol.nexus import NexusCustody
 from spike.transports.custody_driver import CustodyDriver, ReportSink
+from spike.transports.identity import IdentitySource, identity_source
 from spike.transports.runner import serve
 from spike.transports.server import HttpsServer, ServerLimits
-from spike.transports.tls import client_context, server_context
 
 from .cipher_api import MAX_PLAINTEXT, CipherApi
 from .config import ConfigError, NexusConfig
@@ -90,11 +90,16 @@ class KeyUsers:
 
 
 def run(config: NexusConfig) -> None:
-    trust = config.common.trust
-    svid = config.common.svid
     # The identity first: a Nexus that cannot use its SVID must not touch its data dir.
-    ssl_client = client_context(svid)
-    ssl_server = server_context(svid)
+    with identity_source(config.common.svid, config.common.trust) as identity:
+        _run(config, identity)
+
+
+def _run(config: NexusConfig, identity: IdentitySource) -> None:
+    trust = config.common.trust
+    # Every new connection, to keepers or from clients, asks for the current SVID.
+    ssl_client = identity.client_context
+    ssl_server = identity.server_context
     store = NexusStore(config.data_dir)
     record = store.load_key_record()
     if record is not None and (set(record.keeper_ids) != set(config.keepers) or record.threshold != config.threshold):

@@ -17,7 +17,8 @@ from spike.protocol.identity import Role, TrustDomains
 from spike.protocol.wire import ErrorBody, decode
 from spike.transports.blocking import BlockingConnection, ClientSession
 from spike.transports.client import TransportError
-from spike.transports.tls import SvidFiles, client_context, role_check
+from spike.transports.identity import IdentitySpec, identity_source
+from spike.transports.tls import role_check
 
 from .errors import CommandError
 
@@ -45,9 +46,14 @@ class NexusError(CommandError):
 
 
 class NexusClient:
-    def __init__(self, url: str, svid: SvidFiles, trust: TrustDomains, *, timeout: float = 10.0) -> None:
+    def __init__(self, url: str, svid: IdentitySpec, trust: TrustDomains, *, timeout: float = 10.0) -> None:
         self.url = url
-        self._session = ClientSession(client_context(svid), timeout=timeout)
+        self._identity = identity_source(svid, trust).start()
+        try:
+            self._session = ClientSession(self._identity.client_context, timeout=timeout)
+        except BaseException:
+            self._identity.stop()
+            raise
         self._nexus = nexus_connection(self._session, url, trust)
 
     def call(
@@ -91,7 +97,10 @@ class NexusClient:
         return raw
 
     def close(self) -> None:
-        self._session.close()
+        try:
+            self._session.close()
+        finally:
+            self._identity.stop()
 
     def __enter__(self) -> NexusClient:
         return self

@@ -15,7 +15,7 @@ import msgspec
 
 from spike.transports.blocking import ClientSession
 from spike.transports.client import TransportError
-from spike.transports.tls import client_context
+from spike.transports.identity import identity_source
 
 from .bootstrap import fetch_status, nexus_connection
 from .config import ClientConfig
@@ -77,7 +77,10 @@ def render(status: StatusBody, url: str) -> str:
 
 
 def run(config: ClientConfig, say: Callable[[str], None] = print) -> int:
-    with ClientSession(client_context(config.common.svid), timeout=5.0) as session:
+    with (
+        identity_source(config.common.svid, config.common.trust) as identity,
+        ClientSession(identity.client_context, timeout=5.0) as session,
+    ):
         nexus = nexus_connection(session, config.nexus_url, config.common.trust)
         try:
             status = fetch_status(nexus)

@@ -9,6 +9,7 @@ the servers.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from contextlib import ExitStack
 from types import TracebackType
 
@@ -48,9 +49,13 @@ class BlockingConnection:
 
 
 class ClientSession:
-    """Owns the portal; hands out blocking connections that share it."""
+    """Owns the portal; hands out blocking connections that share it.
 
-    def __init__(self, ssl_context: ssl.SSLContext, *, timeout: float = 10.0) -> None:
+    `ssl_context` may be a function returning the current context (an identity
+    source's `client_context`): each new connection then uses the current SVID.
+    """
+
+    def __init__(self, ssl_context: ssl.SSLContext | Callable[[], ssl.SSLContext], *, timeout: float = 10.0) -> None:
         self._ssl_context = ssl_context
         self._timeout = timeout
         self._stack = ExitStack()

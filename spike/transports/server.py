@@ -30,6 +30,11 @@ from .tls import spiffe_id_of
 
 log = logging.getLogger("spike.transports.server")
 
+# The server's TLS context, or a function returning the current one: each new
+# connection asks it, so a rotated SVID is presented from the next handshake on
+# while connections already open keep theirs.
+ContextSource = ssl.SSLContext | Callable[[], ssl.SSLContext]
+
 # A handler answers at once, or with a future that another thread (the
 # storage writer) resolves, for example once a group commit is durable.
 Reply = ApiResponse | Future[ApiResponse]
@@ -78,7 +83,7 @@ class _Reject(Exception):
 class HttpsServer:
     """Serves `handler` to mTLS clients; the handler sees the peer's SPIFFE ID."""
 
-    def __init__(self, ssl_context: ssl.SSLContext, handler: Handler, limits: ServerLimits | None = None) -> None:
+    def __init__(self, ssl_context: ContextSource, handler: Handler, limits: ServerLimits | None = None) -> None:
         self._ssl_context = ssl_context
         self._handler = handler
         self.limits = limits or ServerLimits()
@@ -118,11 +123,10 @@ class HttpsServer:
             await _close(stream)
 
     async def handle_connection(self, stream: anyio.abc.ByteStream) -> None:
+        context = self._ssl_context if isinstance(self._ssl_context, ssl.SSLContext) else self._ssl_context()
         try:
             with anyio.fail_after(self.limits.handshake_timeout):
-                tls = await TLSStream.wrap(
-                    stream, server_side=True, ssl_context=self._ssl_context, standard_compatible=False
-                )
+                tls = await TLSStream.wrap(stream, server_side=True, ssl_context=context, standard_compatible=False)
         except (TimeoutError, OSError, ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
             log.debug("TLS handshake failed: %s", exc.__class__.__name__)
             return

@@ -18,7 +18,7 @@ from spike.protocol.identity import InvalidSpiffeId, Role, SpiffeId, TrustDomain
 
 
 class IdentityError(Exception):
-    """The SVID files cannot be loaded or do not form a usable identity."""
+    """No usable X.509 SVID: the files or the Workload API do not give one; the message says why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,10 +30,19 @@ class SvidFiles:
     bundle: Path
 
 
-def _base_context(purpose: int, files: SvidFiles) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(purpose)
+def new_context(*, server_side: bool) -> ssl.SSLContext:
+    """An mTLS context with no identity loaded yet: TLS 1.2+, peer certificates required, HTTP/1.1."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_REQUIRED
+    if not server_side:
+        ctx.check_hostname = False  # identity is the SPIFFE ID, checked after the handshake
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def _base_context(server_side: bool, files: SvidFiles) -> ssl.SSLContext:
+    ctx = new_context(server_side=server_side)
     try:
         ctx.load_cert_chain(str(files.cert), str(files.key))
         ctx.load_verify_locations(cafile=str(files.bundle))
@@ -47,16 +56,11 @@ def _base_context(purpose: int, files: SvidFiles) -> ssl.SSLContext:
 
 
 def server_context(files: SvidFiles) -> ssl.SSLContext:
-    ctx = _base_context(ssl.PROTOCOL_TLS_SERVER, files)
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
+    return _base_context(True, files)
 
 
 def client_context(files: SvidFiles) -> ssl.SSLContext:
-    ctx = _base_context(ssl.PROTOCOL_TLS_CLIENT, files)
-    ctx.check_hostname = False  # identity is the SPIFFE ID, checked after the handshake
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
+    return _base_context(False, files)
 
 
 def spiffe_id_of(peer_certificate: dict[str, Any] | None) -> SpiffeId | None:
