@@ -35,6 +35,7 @@ CIPHER_AAD = b"spike/v1/cipher"
 VERSION = 1
 NONCE_SIZE = 12
 MAX_PLAINTEXT = 1024 * 1024
+MAX_OVERHEAD = 1 + NONCE_SIZE + 16  # version byte, nonce and tag: a stream ciphertext's extra bytes
 OCTET_STREAM = "application/octet-stream"
 ALGORITHMS = ("", "AES-GCM", "aes-256-gcm")
 

@@ -8,6 +8,7 @@ bugs only.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ def _identity_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="env SPIKE_LOG_LEVEL")
     parser.add_argument("--log-format", choices=["text", "json"], help="env SPIKE_LOG_FORMAT")
+    parser.add_argument("--config", metavar="TOML", help="settings file (env SPIKE_CONFIG); flags and env win")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--keeper-timeout", metavar="DUR", help="per-request keeper timeout (env SPIKE_NEXUS_KEEPER_TIMEOUT)"
     )
     nexus.add_argument("--data-dir", metavar="DIR", help="env SPIKE_NEXUS_DATA_DIR, default ~/.spike/data")
+    nexus.add_argument(
+        "--metrics-listen", metavar="ADDR", help="plain-HTTP /metrics /healthz /readyz (SPIKE_NEXUS_METRICS_LISTEN)"
+    )
+    nexus.add_argument("--audit-log", metavar="FILE", help="env SPIKE_NEXUS_AUDIT_LOG, default <data-dir>/audit.log")
+    nexus.add_argument("--shutdown-grace", metavar="DUR", help="time to finish requests on SIGTERM (default 5s)")
+    nexus.add_argument("--check-config", action="store_true", help="print the effective configuration and exit")
     _identity_flags(nexus)
 
     boot = sub.add_parser("bootstrap", help="make a root key, seed the keepers, verify Nexus holds it")
@@ -103,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_parsers(sub, _identity_flags)
 
+    operator = sub.add_parser("operator", help="break-glass: export recovery shards, restore from them")
+    op = operator.add_subparsers(dest="operator_command", metavar="ACTION", required=True)
+    rec = op.add_parser("recover", help="write all shards to files (recover role only)")
+    rec.add_argument("--dir", type=Path, required=True, help="directory for the shard files (created 0700)")
+    res = op.add_parser("restore", help="give Nexus one shard (restore role only); run once per shard")
+    res.add_argument("--file", type=Path, help="read the shard from this file (default: hidden prompt or stdin)")
+    for p in (rec, res):
+        p.add_argument("--nexus", metavar="URL", help="env SPIKE_NEXUS_API_URL")
+        _identity_flags(p)
+
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -116,7 +134,7 @@ def _setup_logs(common: cfg.Common) -> None:
 def _keeper(args: argparse.Namespace) -> int:
     from . import keeper
 
-    config = cfg.keeper(args, cfg.environ())
+    config = cfg.keeper(args, cfg.environ(args))
     _setup_logs(config.common)
     keeper.run(config)
     return 0
@@ -125,7 +143,10 @@ def _keeper(args: argparse.Namespace) -> int:
 def _nexus(args: argparse.Namespace) -> int:
     from . import nexus
 
-    config = cfg.nexus(args, cfg.environ())
+    config = cfg.nexus(args, cfg.environ(args))
+    if args.check_config:
+        print(json.dumps(cfg.describe(config), indent=2, default=str))
+        return 0
     _setup_logs(config.common)
     nexus.run(config)
     return 0
@@ -134,7 +155,7 @@ def _nexus(args: argparse.Namespace) -> int:
 def _bootstrap(args: argparse.Namespace) -> int:
     from . import bootstrap
 
-    config = cfg.bootstrap(args, cfg.environ())
+    config = cfg.bootstrap(args, cfg.environ(args))
     _setup_logs(config.common)
     bootstrap.run(config)
     return 0
@@ -143,7 +164,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from . import status
 
-    config = cfg.client(args, cfg.environ())
+    config = cfg.client(args, cfg.environ(args))
     _setup_logs(config.common)
     return status.run(config)
 
@@ -178,15 +199,34 @@ def _dev_identity(args: argparse.Namespace) -> int:
 def _secret(args: argparse.Namespace) -> int:
     from .secret_cli import run_secret
 
-    _setup_logs(cfg.common(args, cfg.environ()))
+    _setup_logs(cfg.common(args, cfg.environ(args)))
     return run_secret(args)
 
 
 def _cipher(args: argparse.Namespace) -> int:
     from .secret_cli import run_cipher
 
-    _setup_logs(cfg.common(args, cfg.environ()))
+    _setup_logs(cfg.common(args, cfg.environ(args)))
     return run_cipher(args)
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from . import operator
+    from .pilot import NexusClient
+
+    config = cfg.client(args, cfg.environ(args))
+    _setup_logs(config.common)
+    with NexusClient(config.nexus_url, config.common.svid, config.common.trust) as client:
+        if args.operator_command == "recover":
+            return operator.recover(client, args.dir, print)
+        if args.file is not None:
+            try:
+                text = args.file.read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise CommandError(f"cannot read {args.file}: {exc}", exit_code=2) from None
+        else:
+            text = operator.read_shard_text(sys.stdin)
+        return operator.restore(client, text, print)
 
 
 def _version(args: argparse.Namespace) -> int:
@@ -203,6 +243,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "dev-identity": _dev_identity,
     "secret": _secret,
     "cipher": _cipher,
+    "operator": _operator,
     "version": _version,
 }
 

@@ -58,6 +58,9 @@ class NexusConfig:
     threshold: int
     schedule: PollSchedule
     data_dir: Path
+    metrics_bind: tuple[str, int] | None = None  # plain-HTTP /metrics, /healthz, /readyz; off when None
+    audit_log: Path | None = None  # JSON lines of every API call; None: <data_dir>/audit.log
+    shutdown_grace: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +257,9 @@ def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
         raise ConfigError(str(exc)) from None
     data_dir = _pick(args, "data_dir", env, "SPIKE_NEXUS_DATA_DIR", default="~/.spike/data")
     assert data_dir is not None
+    metrics = _pick(args, "metrics_listen", env, "SPIKE_NEXUS_METRICS_LISTEN")
+    audit = _pick(args, "audit_log", env, "SPIKE_NEXUS_AUDIT_LOG")
+    grace = _pick(args, "shutdown_grace", env, "SPIKE_NEXUS_SHUTDOWN_GRACE", default="5s")
     return NexusConfig(
         base,
         parse_bind(listen, "Nexus listen address"),
@@ -261,6 +267,9 @@ def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
         threshold,
         schedule,
         Path(data_dir).expanduser(),
+        parse_bind(metrics, "metrics listen address") if metrics else None,
+        Path(audit).expanduser() if audit else None,
+        parse_duration(grace or "5s", "shutdown grace"),
     )
 
 
@@ -299,5 +308,105 @@ def trust_domain_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def environ() -> Env:
-    return os.environ
+# The optional TOML file (--config or SPIKE_CONFIG): each key stands for the
+# environment variable it maps to, so the precedence is one rule everywhere:
+# flag > environment > file > default.
+TOML_KEYS: dict[str, dict[str, str]] = {
+    "": {
+        "trust_domain": "SPIKE_TRUST_ROOT",
+        "svid_cert": "SPIKE_SVID_CERT",
+        "svid_key": "SPIKE_SVID_KEY",
+        "svid_bundle": "SPIKE_SVID_BUNDLE",
+        "log_level": "SPIKE_LOG_LEVEL",
+        "log_format": "SPIKE_LOG_FORMAT",
+        "nexus_url": "SPIKE_NEXUS_API_URL",
+    },
+    "trust": {
+        "nexus": "SPIKE_TRUST_ROOT_NEXUS",
+        "keeper": "SPIKE_TRUST_ROOT_KEEPER",
+        "bootstrap": "SPIKE_TRUST_ROOT_BOOTSTRAP",
+        "pilot": "SPIKE_TRUST_ROOT_PILOT",
+    },
+    "keeper": {"listen": "SPIKE_KEEPER_TLS_PORT"},
+    "nexus": {
+        "listen": "SPIKE_NEXUS_TLS_PORT",
+        "keepers": "SPIKE_NEXUS_KEEPER_PEERS",
+        "shares": "SPIKE_NEXUS_SHAMIR_SHARES",
+        "threshold": "SPIKE_NEXUS_SHAMIR_THRESHOLD",
+        "poll_interval": "SPIKE_NEXUS_KEEPER_POLL_INTERVAL",
+        "keeper_timeout": "SPIKE_NEXUS_KEEPER_TIMEOUT",
+        "data_dir": "SPIKE_NEXUS_DATA_DIR",
+        "metrics_listen": "SPIKE_NEXUS_METRICS_LISTEN",
+        "audit_log": "SPIKE_NEXUS_AUDIT_LOG",
+        "shutdown_grace": "SPIKE_NEXUS_SHUTDOWN_GRACE",
+    },
+    "bootstrap": {"timeout": "SPIKE_BOOTSTRAP_TIMEOUT"},
+}
+
+
+def _toml_value(section: str, key: str, value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | str):
+        return str(value)
+    if section == "nexus" and key == "keepers" and isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())  # [nexus.keepers] 1 = "https://..."
+    if section == "nexus" and key == "keepers" and isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    raise ConfigError(f"config file: {section + '.' if section else ''}{key} has an unsupported value type")
+
+
+def load_config_file(path: Path) -> dict[str, str]:
+    """The file's settings, keyed by the environment variable each one stands for."""
+    import tomllib
+
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"the config file {path} is not valid TOML: {exc}") from None
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key in TOML_KEYS and key != "":
+            for inner, inner_value in value.items():
+                name = TOML_KEYS[key].get(inner)
+                if name is None:
+                    raise ConfigError(f"config file {path}: unknown setting {key}.{inner}")
+                out[name] = _toml_value(key, inner, inner_value)
+        else:
+            name = TOML_KEYS[""].get(key)
+            if name is None:
+                raise ConfigError(f"config file {path}: unknown setting {key}")
+            out[name] = _toml_value("", key, value)
+    return out
+
+
+def environ(args: argparse.Namespace | None = None) -> Env:
+    """The environment, over the config file's settings (if one is given)."""
+    from collections import ChainMap
+
+    file = getattr(args, "config", None) or os.environ.get("SPIKE_CONFIG")
+    if not file:
+        return os.environ
+    return ChainMap(dict(os.environ), load_config_file(Path(file).expanduser()))
+
+
+def describe(config: object) -> dict[str, object]:
+    """A printable view of a configuration (paths and names only: nothing secret lives here)."""
+    import dataclasses
+
+    def plain(value: object) -> object:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    result = plain(config)
+    assert isinstance(result, dict)
+    return result

@@ -5,21 +5,25 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Callable
 
 import anyio
 
-from spike.protocol.effects import KeyRecovered, Phase, PhaseChanged, Report
+from spike.protocol.effects import KeeperState, KeyRecovered, Phase, PhaseChanged, Report
 from spike.protocol.errors import LocalProtocolError
 from spike.protocol.nexus import NexusCustody
-from spike.transports.custody_driver import CustodyDriver, ReportSink
+from spike.transports.custody_driver import CustodyDriver
 from spike.transports.identity import IdentitySource, identity_source
-from spike.transports.runner import serve
+from spike.transports.runner import Listener, serve
 from spike.transports.server import HttpsServer, ServerLimits
 
+from .audit import AuditLog, secret_path_of
 from .cipher_api import MAX_PLAINTEXT, CipherApi
 from .config import ConfigError, NexusConfig
-from .logs import ReportLogger
-from .nexus_api import NexusApi
+from .logs import ReportLogger, wall_time
+from .metrics import NexusMetrics
+from .nexus_api import ApiCall, NexusApi
+from .operator import OperatorApi
 from .sealing import Sealer
 from .secret_store import SecretStore
 from .secrets_api import SecretsApi
@@ -28,15 +32,26 @@ from .storage import NexusStore
 log = logging.getLogger("spike.nexus")
 
 WAITING_SUMMARY_EVERY = 30.0
+KEEPER_SUMMARY_EVERY = 300.0
+
+# Bodies up to a cipher plaintext (1 MiB) plus its JSON and base64 overhead.
+NEXUS_LIMITS = ServerLimits(max_body_bytes=MAX_PLAINTEXT * 4 // 3 + 4096)
+METRICS_LIMITS = ServerLimits(max_body_bytes=0, max_header_bytes=8192, max_connections=64)
 
 
-class WaitingSummary:
-    """While Nexus cannot rebuild its key, say so periodically, with what is missing."""
+class Summaries:
+    """What stays wrong is said again now and then, never once per poll.
 
-    def __init__(self, driver: CustodyDriver, every: float = WAITING_SUMMARY_EVERY) -> None:
+    While Nexus cannot rebuild its key it says so every 30 s (after the
+    couple of polls a normal recovery takes); while a keeper stays without
+    its shard, every 5 minutes.
+    """
+
+    def __init__(self, driver: CustodyDriver, urls: dict[int, str]) -> None:
         self._driver = driver
-        self._every = every
-        self._last = -float("inf")
+        self._urls = urls
+        self._last_waiting = -float("inf")
+        self._last_keepers = -float("inf")
         self._waiting_since: float | None = None
 
     def __call__(self) -> None:
@@ -44,14 +59,15 @@ class WaitingSummary:
         now = self._driver.now()
         if custody.phase is Phase.READY:
             self._waiting_since = None
+            self._keepers(custody, now)
             return
         if self._waiting_since is None:
             self._waiting_since = now
-        # A normal recovery or bootstrap takes a poll or two: only a wait longer
-        # than that is news.
-        if now - self._waiting_since < 2 * custody.schedule.interval or now - self._last < self._every:
+        if now - self._waiting_since < 2 * custody.schedule.interval:
             return
-        self._last = now
+        if now - self._last_waiting < WAITING_SUMMARY_EVERY:
+            return
+        self._last_waiting = now
         states = ", ".join(f"{v.keeper_id}={v.state.value}" for v in custody.keepers())
         if custody.phase is Phase.UNINITIALISED:
             log.info("not initialised: waiting for `spike bootstrap` (keepers: %s)", states)
@@ -64,15 +80,36 @@ class WaitingSummary:
                 custody.schedule.interval,
             )
 
-
-# Bodies up to a cipher plaintext (1 MiB) plus its JSON and base64 overhead.
-NEXUS_LIMITS = ServerLimits(max_body_bytes=MAX_PLAINTEXT * 4 // 3 + 4096)
+    def _keepers(self, custody: NexusCustody, now: float) -> None:
+        lasting = [
+            v
+            for v in custody.keepers()
+            if v.state is not KeeperState.HOLDING and now - v.since >= KEEPER_SUMMARY_EVERY
+        ]
+        if not lasting or now - self._last_keepers < KEEPER_SUMMARY_EVERY:
+            return
+        self._last_keepers = now
+        for view in lasting:
+            log.warning(
+                "keeper %d (%s) still %s since %s (%d polls, %d empty, %d failed); shard redundancy %d",
+                view.keeper_id,
+                self._urls[view.keeper_id],
+                view.state.value.replace("_", " "),
+                wall_time(view.since, self._driver.now),
+                view.polls,
+                view.empty_answers,
+                view.failures,
+                custody.redundancy,
+                extra={"keeper_id": view.keeper_id, "event": "keeper_summary"},
+            )
 
 
 class KeyUsers:
     """Passes reports on, and hands the verified key to what needs it (and takes it back)."""
 
-    def __init__(self, custody: NexusCustody, secrets: SecretStore, cipher: CipherApi, then: ReportSink) -> None:
+    def __init__(
+        self, custody: NexusCustody, secrets: SecretStore, cipher: CipherApi, then: list[Callable[[Report], None]]
+    ) -> None:
         self._custody = custody
         self._secrets = secrets
         self._cipher = cipher
@@ -86,20 +123,46 @@ class KeyUsers:
         elif isinstance(report, PhaseChanged) and report.previous is Phase.READY:
             self._secrets.lock()
             self._cipher.lock()
-        self._then(report)
+        for sink in self._then:
+            sink(report)
+
+
+class CallRecorder:
+    """Every API call goes to the audit log and the request metrics."""
+
+    def __init__(self, audit: AuditLog, metrics: NexusMetrics) -> None:
+        self._audit = audit
+        self._metrics = metrics
+
+    def __call__(self, call: ApiCall, status: int, seconds: float) -> None:
+        request = call.request
+        route = f"{request.path}?action={call.action}" if call.action else request.path
+        self._audit.record(
+            caller=str(request.peer) if request.peer else "",
+            route=request.path,
+            action=call.action,
+            path=secret_path_of(request.body, request.content_type),
+            decision=call.decision,
+            status=status,
+            seconds=seconds,
+        )
+        self._metrics.api_request(route if call.known_route else "other", status, seconds)
 
 
 def run(config: NexusConfig) -> None:
+    trust = config.common.trust
+    svid = config.common.svid
     # The identity first: a Nexus that cannot use its SVID must not touch its data dir.
-    with identity_source(config.common.svid, config.common.trust) as identity:
+    # New connections (to keepers, from clients) always take the current SVID.
+    identity = identity_source(svid, trust).start()
+    try:
         _run(config, identity)
+    finally:
+        identity.stop()
 
 
 def _run(config: NexusConfig, identity: IdentitySource) -> None:
     trust = config.common.trust
-    # Every new connection, to keepers or from clients, asks for the current SVID.
-    ssl_client = identity.client_context
-    ssl_server = identity.server_context
     store = NexusStore(config.data_dir)
     record = store.load_key_record()
     if record is not None and (set(record.keeper_ids) != set(config.keepers) or record.threshold != config.threshold):
@@ -108,8 +171,8 @@ def _run(config: NexusConfig, identity: IdentitySource) -> None:
             f"with threshold {record.threshold}, but the configuration says keepers "
             f"{sorted(config.keepers)} with threshold {config.threshold}"
         )
-
     secrets = SecretStore(config.data_dir)
+    audit = AuditLog.to_file(config.audit_log or config.data_dir / "audit.log")
     started = False
 
     async def main() -> None:
@@ -125,11 +188,35 @@ def _run(config: NexusConfig, identity: IdentitySource) -> None:
             )
         except LocalProtocolError as exc:
             raise ConfigError(str(exc)) from None
+        metrics = NexusMetrics(lambda: custody, config.keepers, anyio.current_time)
         cipher = CipherApi()
-        keys = KeyUsers(custody, secrets, cipher, ReportLogger(log, config.keepers, anyio.current_time))
-        driver = CustodyDriver(custody, config.keepers, ssl_context=ssl_client, trust=trust, on_report=keys)
-        api = NexusApi(driver, store, trust, secrets=SecretsApi(secrets), cipher=cipher)
-        server = HttpsServer(ssl_server, api, NEXUS_LIMITS)
+        sinks: list[Callable[[Report], None]] = [ReportLogger(log, config.keepers, anyio.current_time), metrics.report]
+        driver = CustodyDriver(
+            custody,
+            config.keepers,
+            ssl_context=identity.client_context,
+            trust=trust,
+            on_report=KeyUsers(custody, secrets, cipher, sinks),
+            on_answer=metrics.keeper_request,
+        )
+        api = NexusApi(
+            driver,
+            store,
+            trust,
+            secrets=SecretsApi(secrets),
+            cipher=cipher,
+            operator=OperatorApi(driver),
+            observer=CallRecorder(audit, metrics),
+        )
+        extra = []
+        if config.metrics_bind is not None:
+            extra.append(
+                Listener(
+                    config.metrics_bind,
+                    HttpsServer(None, metrics.handler, METRICS_LIMITS),
+                    lambda host, port: log.info("metrics, /healthz and /readyz on http://%s:%d", host, port),
+                )
+            )
 
         def listening(host: str, port: int) -> None:
             nonlocal started
@@ -150,18 +237,23 @@ def _run(config: NexusConfig, identity: IdentitySource) -> None:
         try:
             await serve(
                 config.bind,
-                server,
+                HttpsServer(identity.server_context, api, NEXUS_LIMITS),
                 background=[driver.run],
-                periodic=WaitingSummary(driver),
+                periodic=Summaries(driver, config.keepers),
                 on_listening=listening,
+                extra=extra,
+                grace=config.shutdown_grace,
             )
         finally:
             custody.forget(anyio.current_time())
+            secrets.lock()
+            cipher.lock()
 
     try:
         anyio.run(main)
     finally:
         secrets.close()  # lets queued writes finish their commit
         store.close()
+        audit.close()
         if started:  # a Nexus that could not start says so in one line, from the CLI
             log.info("Nexus stopped; the root key is gone from memory")

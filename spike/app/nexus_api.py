@@ -44,6 +44,7 @@ from .messages import (
     VerifyRequest,
     VerifyResponse,
 )
+from .operator import RECOVER_PATH, RESTORE_PATH, OperatorApi
 from .secrets_api import SecretsApi
 from .storage import NexusStore, StorageError
 
@@ -53,6 +54,19 @@ Reply = ApiResponse | Future[ApiResponse]
 RouteHandler = Callable[[ApiRequest], Reply]
 PILOTS = frozenset({Role.PILOT_SUPERUSER, Role.PILOT_RECOVER, Role.PILOT_RESTORE})
 SUPERUSER = frozenset({Role.PILOT_SUPERUSER})
+
+
+@dataclass(frozen=True, slots=True)
+class ApiCall:
+    """What the audit log and metrics learn of a call: never its body."""
+
+    request: ApiRequest
+    known_route: bool
+    action: str
+    decision: str  # allowed, denied, no_route
+
+
+Observer = Callable[[ApiCall, int, float], None]  # the call, its HTTP status, seconds until answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,14 +87,19 @@ class NexusApi:
         *,
         secrets: SecretsApi,
         cipher: CipherApi,
+        operator: OperatorApi,
+        observer: Observer | None = None,
     ) -> None:
         self._driver = driver
+        self._observer = observer
         self._store = store
         self._trust = trust
         routes: dict[tuple[str, str], Route] = {
             (STATUS_PATH, ""): Route(self.status, frozenset({Role.BOOTSTRAP, *PILOTS})),
             (BOOTSTRAP_INIT_PATH, ""): Route(self.bootstrap_init, frozenset({Role.BOOTSTRAP})),
             (BOOTSTRAP_VERIFY_PATH, ""): Route(self.bootstrap_verify, frozenset({Role.BOOTSTRAP})),
+            (RECOVER_PATH, ""): Route(operator.recover, frozenset({Role.PILOT_RECOVER}), needs_key=True),
+            (RESTORE_PATH, ""): Route(operator.restore, frozenset({Role.PILOT_RESTORE})),
             (CIPHER_ENCRYPT_PATH, ""): Route(cipher.encrypt, SUPERUSER, needs_key=True),
             (CIPHER_DECRYPT_PATH, ""): Route(cipher.decrypt, SUPERUSER, needs_key=True),
         }
@@ -92,17 +111,48 @@ class NexusApi:
         self._paths = {path for path, _ in routes}
 
     def __call__(self, request: ApiRequest) -> Reply:
-        route = self.routes.get((request.path, request.action()))
+        started = time.perf_counter()
+        action = request.action()
+        route = self.routes.get((request.path, action))
+        decision = "allowed"
+        reply: Reply
         if route is None:
-            return api.BAD_REQUEST if request.path in self._paths else api.NOT_FOUND
-        if request.method != "POST":
-            return api.METHOD_NOT_ALLOWED
-        if self._trust.role_of(request.peer) not in route.allowed:
+            decision = "no_route"
+            reply = api.BAD_REQUEST if request.path in self._paths else api.NOT_FOUND
+        elif request.method != "POST":
+            reply = api.METHOD_NOT_ALLOWED
+        elif self._trust.role_of(request.peer) not in route.allowed:
             log.info("refused %s for %s", request.path, request.peer or "a peer without SPIFFE ID")
-            return api.UNAUTHORIZED
-        if route.needs_key and self._driver.custody.phase is not Phase.READY:
-            return api.NOT_READY
-        return route.handler(request)
+            decision = "denied"
+            reply = api.UNAUTHORIZED
+        elif route.needs_key and self._driver.custody.phase is not Phase.READY:
+            reply = api.NOT_READY
+        else:
+            reply = route.handler(request)
+        if self._observer is not None:
+            self._observe(self._observer, request, route is not None, action, decision, reply, started)
+        return reply
+
+    @staticmethod
+    def _observe(
+        observer: Observer,
+        request: ApiRequest,
+        known: bool,
+        action: str,
+        decision: str,
+        reply: Reply,
+        started: float,
+    ) -> None:
+        call = ApiCall(request, known, action, decision)
+        if isinstance(reply, ApiResponse):
+            observer(call, reply.status, time.perf_counter() - started)
+            return
+
+        def done(future: Future[ApiResponse]) -> None:
+            status = 500 if future.exception() is not None else future.result().status
+            observer(call, status, time.perf_counter() - started)
+
+        reply.add_done_callback(done)
 
     # -------------------------------------------------------------------- routes
 

@@ -20,9 +20,13 @@ from spike.transports.client import TransportError
 from spike.transports.identity import IdentitySpec, identity_source
 from spike.transports.tls import role_check
 
+from .cipher_api import MAX_PLAINTEXT
 from .errors import CommandError
 
 T = TypeVar("T")
+
+# The largest answer Nexus gives: a 1 MiB cipher plaintext, sealed and base64-encoded in JSON.
+MAX_ANSWER_BYTES = MAX_PLAINTEXT * 4 // 3 + 4096
 
 _MEANINGS = {
     "access_unauthorized": "Nexus refused this identity: check the SVID, the trust domain and the policies",
@@ -35,7 +39,12 @@ _MEANINGS = {
 
 
 def nexus_connection(session: ClientSession, url: str, trust: TrustDomains) -> BlockingConnection:
-    return session.connect(url, role_check(trust, Role.NEXUS), expected_peer=str(trust.id_of(Role.NEXUS)))
+    return session.connect(
+        url,
+        role_check(trust, Role.NEXUS),
+        expected_peer=str(trust.id_of(Role.NEXUS)),
+        max_response_bytes=MAX_ANSWER_BYTES,
+    )
 
 
 class NexusError(CommandError):

@@ -19,6 +19,7 @@ import msgspec
 
 from . import config as cfg
 from . import kv
+from .cipher_api import MAX_OVERHEAD, MAX_PLAINTEXT
 from .errors import CommandError
 from .messages import (
     CIPHER_DECRYPT_PATH,
@@ -152,7 +153,7 @@ def _check(check: Callable[[Any], Any], value: Any) -> None:
 
 
 def run_secret(args: argparse.Namespace, say: Say = print, stdin: BinaryIO | None = None) -> int:
-    config = cfg.client(args, cfg.environ())
+    config = cfg.client(args, cfg.environ(args))
     stdin = stdin if stdin is not None else sys.stdin.buffer
     command = args.secret_command
     path: str = getattr(args, "path", "")
@@ -216,7 +217,8 @@ def run_secret(args: argparse.Namespace, say: Say = print, stdin: BinaryIO | Non
                 not_found=missing,
             )
             which = f"versions {args.versions}" if versions else "the current version"
-            _out(config.output, say, {"path": path, "action": command}, f"{command}d {which} of {path}")
+            done = {"delete": "deleted", "undelete": "undeleted", "destroy": "destroyed"}[command]
+            _out(config.output, say, {"path": path, "action": command}, f"{done} {which} of {path}")
         elif command == "metadata":
             meta = nexus.call(
                 SECRETS_METADATA_PATH,
@@ -260,9 +262,14 @@ def _print_metadata(meta: SecretMetadataResponse, path: str, output: str, say: S
 
 
 def run_cipher(args: argparse.Namespace, stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> int:
-    config = cfg.client(args, cfg.environ())
+    config = cfg.client(args, cfg.environ(args))
     data = _read_file(args.infile) if args.infile else (stdin or sys.stdin.buffer).read()
     path = CIPHER_ENCRYPT_PATH if args.cipher_command == "encrypt" else CIPHER_DECRYPT_PATH
+    limit = MAX_PLAINTEXT if args.cipher_command == "encrypt" else MAX_PLAINTEXT + MAX_OVERHEAD
+    if len(data) > limit:
+        raise CommandError(
+            f"{len(data)} bytes is more than Nexus {args.cipher_command}s at once ({limit})", exit_code=2
+        )
     with NexusClient(config.nexus_url, config.common.svid, config.common.trust) as nexus:
         result = nexus.call_bytes(path, data)
     if args.outfile:

@@ -156,9 +156,10 @@ class SecretsApi:
     # ------------------------------------------------------------------ metadata
 
     def metadata_get(self, body: SecretGetRequest) -> Reply:
-        meta, versions = self._store.metadata(kv.check_path(body.path))
-        wanted = [v for v in versions if body.version in (0, v.version)]
-        if body.version and not wanted:
+        path, version = kv.check_path(body.path), kv.check_version(body.version)
+        meta, versions = self._store.metadata(path)
+        wanted = [v for v in versions if version in (0, v.version)]
+        if version and not wanted:
             raise kv.NotFound("no such version")
         return ApiResponse.json(
             SecretMetadataResponse(

@@ -27,6 +27,7 @@ from .keeper import Keeper, KeeperChange, KeeperOutcome
 from .material import ORDER, RootKey, Share, derive_key, key_check_value, shard_commitment
 from .nexus import (
     AlreadyInitialised,
+    DuplicateShare,
     KeeperView,
     NexusCustody,
     PollSchedule,
@@ -49,6 +50,7 @@ __all__ = [
     "KEEPER_SHARD_PATH",
     "ORDER",
     "AlreadyInitialised",
+    "DuplicateShare",
     "Answer",
     "ApiRequest",
     "ApiResponse",

@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from .effects import (
@@ -73,7 +73,11 @@ class AlreadyInitialised(LocalProtocolError):
 
 
 class ShareRejected(LocalProtocolError):
-    """An operator-supplied share is malformed, foreign, stale or a duplicate."""
+    """An operator-supplied share is foreign, stale or for an unknown keeper id."""
+
+
+class DuplicateShare(ShareRejected):
+    """An operator gave the same keeper's share twice."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +111,7 @@ class KeeperView:
     last_answer_at: float | None
     latency: float | None
     next_poll_at: float
+    outcomes: Mapping[str, int] = field(default_factory=dict)  # answers by outcome (KeeperState value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +134,7 @@ class _Keeper:
     __slots__ = (
         "id", "slot", "state", "since", "detail", "polls", "empty_answers", "failures",
         "reseeds", "last_poll_at", "last_answer_at", "latency", "cycle", "next_poll_at",
-        "op", "needs_seed", "reseed_from",
+        "op", "needs_seed", "reseed_from", "outcomes",
     )  # fmt: skip
 
     def __init__(self, keeper_id: int, slot: float, now: float) -> None:
@@ -150,6 +155,7 @@ class _Keeper:
         self.op: _Op | None = None
         self.needs_seed = False  # its last regular answer showed it lacks its shard
         self.reseed_from = KeeperState.UNKNOWN
+        self.outcomes: dict[str, int] = {}  # answers by the state they showed
 
 
 class NexusCustody:
@@ -253,6 +259,7 @@ class NexusCustody:
                 last_answer_at=k.last_answer_at,
                 latency=k.latency,
                 next_poll_at=k.next_poll_at,
+                outcomes=dict(k.outcomes),
             )
             for k in self._keepers.values()
         )
@@ -354,7 +361,7 @@ class NexusCustody:
         if share.id not in self._keepers:
             raise ShareRejected(f"shard id {share.id} is not one of this deployment's keeper ids")
         if share.id in self._from_operator:
-            raise ShareRejected(f"shard {share.id} was already given")
+            raise DuplicateShare(f"shard {share.id} was already given")
         if not record.matches_share(share):
             raise ShareRejected(f"shard {share.id} does not belong to key epoch {record.epoch}")
         self._from_operator.add(share.id)
@@ -451,6 +458,8 @@ class NexusCustody:
         self._send(keeper, RequestKind.PUSH, KEEPER_CONTRIBUTE_PATH, body, now)
 
     def _set_state(self, keeper: _Keeper, state: KeeperState, now: float, detail: str = "") -> None:
+        # Called once per answer (or failure), so it also counts answers by outcome.
+        keeper.outcomes[state.value] = keeper.outcomes.get(state.value, 0) + 1
         keeper.detail = detail
         if state is keeper.state:
             return

@@ -62,10 +62,14 @@ class ClientSession:
         self._portal = self._stack.enter_context(start_blocking_portal())
         self._connections: list[BlockingConnection] = []
 
-    def connect(self, url: str, peer_check: PeerCheck, *, expected_peer: str = "") -> BlockingConnection:
+    def connect(
+        self, url: str, peer_check: PeerCheck, *, expected_peer: str = "", max_response_bytes: int = 1024 * 1024
+    ) -> BlockingConnection:
         connection = BlockingConnection(
             self._portal,
-            HttpsConnection(url, self._ssl_context, peer_check, expected_peer=expected_peer),
+            HttpsConnection(
+                url, self._ssl_context, peer_check, expected_peer=expected_peer, max_response_bytes=max_response_bytes
+            ),
             self._timeout,
         )
         self._connections.append(connection)

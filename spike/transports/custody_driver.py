@@ -29,6 +29,7 @@ from .client import HttpsConnection, TransportError
 from .tls import keeper_check
 
 ReportSink = Callable[[Report], None]
+AnswerSink = Callable[[SendRequest, Answer, float], None]  # request, its outcome, seconds taken
 
 
 @dataclass(slots=True)
@@ -52,11 +53,13 @@ class CustodyDriver:
         ssl_context: ssl.SSLContext | Callable[[], ssl.SSLContext],
         trust: TrustDomains,
         on_report: ReportSink,
+        on_answer: AnswerSink | None = None,
     ) -> None:
         if set(keeper_urls) != set(custody.keeper_ids):
             raise ValueError("keeper URLs must be given for exactly the custody machine's keepers")
         self.custody = custody
         self._on_report = on_report
+        self._on_answer = on_answer
         self._connections = {
             keeper_id: HttpsConnection(
                 url,
@@ -140,7 +143,10 @@ class CustodyDriver:
                 answer = RequestFailed(request.request_id, str(exc))
             else:
                 answer = ResponseReceived(request.request_id, status, body)
-        self.custody.receive(answer, self.now())
+        finished = self.now()
+        if self._on_answer is not None:
+            self._on_answer(request, answer, finished - start)
+        self.custody.receive(answer, finished)
         self._dispatch()
 
     def _dispatch(self) -> None:

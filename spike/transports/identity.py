@@ -586,6 +586,9 @@ class WorkloadApiSource(_Source):
             raise IdentityError(f"cannot reach the SPIFFE Workload API socket {path}: {exc.strerror}") from None
         if not stat.S_ISSOCK(mode):
             raise IdentityError(f"{path} is not a socket (SPIFFE_ENDPOINT_SOCKET)")
+        # gRPC's fork handlers can abort a child forked while a stream is open
+        # (grpc/grpc#43055); spike forks only to exec, so it needs none of them.
+        os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
         from spiffe import WorkloadApiClient
         from spiffe.errors import ArgumentError
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import anyio
@@ -40,6 +42,15 @@ def _bound_port(listener: anyio.abc.Listener[anyio.abc.SocketStream]) -> int:
     return int(inner.extra(SocketAttribute.local_port))
 
 
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """One more server to run beside the main one (e.g. the metrics listener)."""
+
+    bind: tuple[str, int]
+    server: HttpsServer
+    on_listening: Callable[[str, int], None] = lambda host, port: None
+
+
 async def serve(
     bind: tuple[str, int],
     server: HttpsServer,
@@ -47,24 +58,39 @@ async def serve(
     background: Sequence[Background] = (),
     periodic: Callable[[], None] | None = None,
     on_listening: Callable[[str, int], None] = lambda host, port: None,
+    extra: Sequence[Listener] = (),
+    grace: float = 5.0,
 ) -> None:
+    """Serve until SIGTERM/SIGINT; then drain: stop accepting, let requests under way
+    finish for up to `grace` seconds, and stop.  A second signal stops at once."""
     listener = await _open_listener(*bind)
+    others = [(await _open_listener(*more.bind), more) for more in extra]
     on_listening(bind[0], _bound_port(listener))
+    for opened, more in others:
+        more.on_listening(more.bind[0], _bound_port(opened))
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_stop_on_signal, tg.cancel_scope)
+        servers = [server, *(more.server for _, more in others)]
+        tg.start_soon(_stop_on_signal, servers, tg.cancel_scope)
         for task in background:
             tg.start_soon(task)
         if periodic is not None:
             tg.start_soon(_every_second, periodic)
-        await server.serve(listener)
+        for opened, more in others:
+            tg.start_soon(partial(more.server.serve, opened, grace=grace))
+        await server.serve(listener, grace=grace)
+        tg.cancel_scope.cancel()
 
 
-async def _stop_on_signal(scope: anyio.CancelScope) -> None:
+async def _stop_on_signal(servers: Sequence[HttpsServer], scope: anyio.CancelScope) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
-            log.info("received %s: shutting down", signal.Signals(signum).name)
-            scope.cancel()
-            return
+            if servers[0].draining:
+                log.info("received %s again: stopping now", signal.Signals(signum).name)
+                scope.cancel()
+                return
+            log.info("received %s: finishing requests under way, then stopping", signal.Signals(signum).name)
+            for server in servers:
+                server.drain()
 
 
 async def _every_second(callback: Callable[[], None]) -> None:

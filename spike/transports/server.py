@@ -83,29 +83,63 @@ class _Reject(Exception):
 class HttpsServer:
     """Serves `handler` to mTLS clients; the handler sees the peer's SPIFFE ID."""
 
-    def __init__(self, ssl_context: ContextSource, handler: Handler, limits: ServerLimits | None = None) -> None:
+    def __init__(
+        self, ssl_context: ContextSource | None, handler: Handler, limits: ServerLimits | None = None
+    ) -> None:
+        # ssl_context=None serves plain HTTP: only for the loopback metrics listener.
         self._ssl_context = ssl_context
         self._handler = handler
         self.limits = limits or ServerLimits()
         self._open = 0
+        self._accepting: anyio.CancelScope | None = None
+        self._draining = False
+        self._idle: set[anyio.CancelScope] = set()
+        self._all_closed: anyio.Event | None = None
 
     @property
     def open_connections(self) -> int:
         return self._open
 
-    async def serve(self, listener: anyio.abc.Listener[anyio.abc.SocketStream]) -> None:
-        async with listener, anyio.create_task_group() as connections:
-            while True:
-                try:
-                    await listener.serve(self._guarded, task_group=connections)
-                except* OSError as failed:
-                    # accept() fails while the process is out of file descriptors or
-                    # memory (EMFILE, ENFILE, ENOBUFS ...); that passes as connections
-                    # close, so wait and accept again (as trio does) rather than end the
-                    # server.  Open connections live in `connections` and carry on.
-                    reasons = sorted({str(getattr(exc, "strerror", None) or exc) for exc in failed.exceptions})
-                    log.warning("accepting a connection failed (%s): retrying", "; ".join(reasons))
-                await anyio.sleep(_ACCEPT_RETRY_DELAY)
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    async def serve(self, listener: anyio.abc.Listener[anyio.abc.SocketStream], *, grace: float = 5.0) -> None:
+        """Serve until `drain()`; then let open requests finish for up to `grace` seconds."""
+        self._accepting = anyio.CancelScope()
+        self._all_closed = anyio.Event()
+        if self._draining:
+            self._accepting.cancel()
+        async with anyio.create_task_group() as connections:
+            with self._accepting:
+                async with listener:
+                    while True:
+                        try:
+                            await listener.serve(self._guarded, task_group=connections)
+                        except* OSError as failed:
+                            # accept() fails while the process is out of file descriptors
+                            # or memory (EMFILE, ENFILE, ENOBUFS ...); that passes as
+                            # connections close, so wait and accept again (as trio does)
+                            # rather than end the server.  Open connections carry on.
+                            reasons = sorted({str(getattr(e, "strerror", None) or e) for e in failed.exceptions})
+                            log.warning("accepting a connection failed (%s): retrying", "; ".join(reasons))
+                        await anyio.sleep(_ACCEPT_RETRY_DELAY)
+            if self._open:
+                with anyio.move_on_after(grace):
+                    await self._all_closed.wait()
+                if self._open:
+                    log.warning("%d connection(s) still busy after %gs: closing them", self._open, grace)
+            connections.cancel_scope.cancel()
+
+    def drain(self) -> None:
+        """Stop accepting, close idle keep-alive connections, finish requests under way."""
+        self._draining = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for scope in self._idle:
+            scope.cancel()
+        if not self._open and self._all_closed is not None:
+            self._all_closed.set()
 
     async def _guarded(self, stream: anyio.abc.SocketStream) -> None:
         if self._open >= self.limits.max_connections:
@@ -120,20 +154,28 @@ class HttpsServer:
             log.exception("unexpected error on a connection")
         finally:
             self._open -= 1
+            if self._draining and not self._open and self._all_closed is not None:
+                self._all_closed.set()
             await _close(stream)
 
     async def handle_connection(self, stream: anyio.abc.ByteStream) -> None:
-        context = self._ssl_context if isinstance(self._ssl_context, ssl.SSLContext) else self._ssl_context()
-        try:
-            with anyio.fail_after(self.limits.handshake_timeout):
-                tls = await TLSStream.wrap(stream, server_side=True, ssl_context=context, standard_compatible=False)
-        except (TimeoutError, OSError, ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
-            log.debug("TLS handshake failed: %s", exc.__class__.__name__)
-            return
-        peer = spiffe_id_of(tls.extra(TLSAttribute.peer_certificate, None))
+        if self._ssl_context is None:
+            tls: anyio.abc.ByteStream = stream
+            peer = None
+        else:
+            context = self._ssl_context if isinstance(self._ssl_context, ssl.SSLContext) else self._ssl_context()
+            try:
+                with anyio.fail_after(self.limits.handshake_timeout):
+                    tls = await TLSStream.wrap(
+                        stream, server_side=True, ssl_context=context, standard_compatible=False
+                    )
+            except (TimeoutError, OSError, ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
+                log.debug("TLS handshake failed: %s", exc.__class__.__name__)
+                return
+            peer = spiffe_id_of(tls.extra(TLSAttribute.peer_certificate, None))
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
         try:
-            while True:
+            while not self._draining:
                 try:
                     request = await self._read_request(tls, conn, peer)
                 except _Reject as reject:
@@ -143,7 +185,7 @@ class HttpsServer:
                     return
                 reply = self._respond(request)
                 response = reply if isinstance(reply, ApiResponse) else await _settled(reply, request)
-                await _send_response(tls, conn, response, close=False)
+                await _send_response(tls, conn, response, close=self._draining)
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                     return
                 conn.start_next_cycle()
@@ -172,8 +214,18 @@ class HttpsServer:
             except h11.RemoteProtocolError as exc:
                 raise _Reject(exc.error_status_hint) from None
             if event is h11.NEED_DATA:
-                wait = limits.idle_timeout if deadline == math.inf else deadline - anyio.current_time()
-                data = await _receive(stream, wait, reject_on_timeout=head is not None)
+                if deadline == math.inf:
+                    # Waiting for a request to begin: idle, so a drain may close it.
+                    with anyio.CancelScope() as idle:
+                        self._idle.add(idle)
+                        try:
+                            data = await _receive(stream, limits.idle_timeout, reject_on_timeout=False)
+                        finally:
+                            self._idle.discard(idle)
+                    if idle.cancelled_caught:
+                        return None
+                else:
+                    data = await _receive(stream, deadline - anyio.current_time(), reject_on_timeout=head is not None)
                 if deadline == math.inf:
                     deadline = anyio.current_time() + limits.request_timeout
                 conn.receive_data(data)

@@ -1,0 +1,140 @@
+"""Prometheus metrics, `/healthz` and `/readyz`, on a separate plain-HTTP listener.
+
+Off by default (`--metrics-listen`).  Keeper gauges and counters are read
+from the custody machine at scrape time, so they cannot drift from what
+`spike status` shows; API and keeper-request latencies are histograms fed as
+requests finish.  Nothing here ever sees a key, a shard or a secret value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from spike.protocol.api import ApiRequest, ApiResponse
+from spike.protocol.effects import (
+    KeeperMisbehaved,
+    KeeperState,
+    KeyRecovered,
+    Phase,
+    Report,
+    SendRequest,
+)
+from spike.protocol.events import Answer, ResponseReceived
+from spike.protocol.nexus import NexusCustody
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class _CustodyCollector(Collector):
+    def __init__(self, custody: Callable[[], NexusCustody], urls: dict[int, str], now: Callable[[], float]) -> None:
+        self._custody = custody
+        self._urls = urls
+        self._now = now
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        custody = self._custody()
+        phase = GaugeMetricFamily("spike_nexus_phase", "1 for the phase Nexus is in", labels=["phase"])
+        for p in Phase:
+            phase.add_metric([p.value], float(custody.phase is p))
+        yield phase
+        record = custody.record
+        yield GaugeMetricFamily("spike_key_epoch", "epoch of the root key record", value=record.epoch if record else 0)
+        yield GaugeMetricFamily("spike_shamir_threshold", "shards needed to rebuild the key", value=custody.threshold)
+        yield GaugeMetricFamily(
+            "spike_shard_redundancy",
+            "keepers holding their verified current shard, minus the threshold",
+            value=custody.redundancy,
+        )
+        yield GaugeMetricFamily("spike_shards_needed", "verified shards missing to rebuild the key",
+                                value=custody.shards_needed)  # fmt: skip
+        labels = ["keeper", "url"]
+        state = GaugeMetricFamily("spike_keeper_state", "1 for the state each keeper is in", labels=[*labels, "state"])
+        since = GaugeMetricFamily("spike_keeper_state_age_seconds", "time since the keeper entered its state",
+                                  labels=labels)  # fmt: skip
+        polls = CounterMetricFamily("spike_keeper_polls", "scheduled polls sent", labels=labels)
+        answers = CounterMetricFamily(
+            "spike_keeper_answers", "keeper answers (and failures) by outcome", labels=[*labels, "outcome"]
+        )
+        empties = CounterMetricFamily("spike_keeper_empty_answers", "404 (empty) answers", labels=labels)
+        failures = CounterMetricFamily("spike_keeper_failures", "requests without an answer", labels=labels)
+        reseeds = CounterMetricFamily("spike_keeper_reseeds", "confirmed re-seeds", labels=labels)
+        now = self._now()
+        for view in custody.keepers():
+            key = [str(view.keeper_id), self._urls.get(view.keeper_id, "")]
+            for s in KeeperState:
+                state.add_metric([*key, s.value], float(view.state is s))
+            since.add_metric(key, max(0.0, now - view.since))
+            polls.add_metric(key, view.polls)
+            for outcome, count in view.outcomes.items():
+                answers.add_metric([*key, outcome], count)
+            empties.add_metric(key, view.empty_answers)
+            failures.add_metric(key, view.failures)
+            reseeds.add_metric(key, view.reseeds)
+        yield from (state, since, polls, answers, empties, failures, reseeds)
+
+
+class NexusMetrics:
+    def __init__(self, custody: Callable[[], NexusCustody], urls: dict[int, str], now: Callable[[], float]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_CustodyCollector(custody, urls, now))
+        self._custody = custody
+        self.api_requests = Counter(
+            "spike_api_requests", "API requests by route and status", ["route", "status"], registry=self.registry
+        )
+        self.api_latency = Histogram(
+            "spike_api_request_duration_seconds",
+            "API request duration, until the answer is ready (writes: until durable)",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.keeper_latency = Histogram(
+            "spike_keeper_request_duration_seconds",
+            "duration of requests to keepers",
+            ["keeper", "kind", "result"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.misbehaved = Counter(
+            "spike_keeper_misbehaved", "wrong shards, garbage and refusals from keepers", ["keeper"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.recoveries = Counter(
+            "spike_key_recoveries", "root key rebuilt and verified", ["source"], registry=self.registry
+        )
+        self.recovery_seconds = Gauge(
+            "spike_key_recovery_duration_seconds", "how long the last key recovery took", registry=self.registry
+        )
+
+    def report(self, report: Report) -> None:
+        if isinstance(report, KeeperMisbehaved):
+            self.misbehaved.labels(str(report.keeper_id)).inc()
+        elif isinstance(report, KeyRecovered):
+            self.recoveries.labels(report.source).inc()
+            self.recovery_seconds.set(report.at - report.started_at)
+
+    def keeper_request(self, request: SendRequest, answer: Answer, seconds: float) -> None:
+        result = str(answer.status) if isinstance(answer, ResponseReceived) else "failed"
+        self.keeper_latency.labels(str(request.keeper_id), request.kind.value, result).observe(seconds)
+
+    def api_request(self, route: str, status: int, seconds: float) -> None:
+        self.api_requests.labels(route, str(status)).inc()
+        self.api_latency.labels(route).observe(seconds)
+
+    def handler(self, request: ApiRequest) -> ApiResponse:
+        """The metrics listener: GET /metrics, /healthz, /readyz."""
+        if request.method != "GET":
+            return ApiResponse(405, b"method not allowed\n", "text/plain")
+        if request.path == "/metrics":
+            return ApiResponse(200, generate_latest(self.registry), PROMETHEUS_TEXT)
+        if request.path == "/healthz":
+            return ApiResponse(200, b"ok\n", "text/plain")
+        if request.path == "/readyz":
+            ready = self._custody().phase is Phase.READY
+            return ApiResponse(200 if ready else 503, b"ready\n" if ready else b"not ready\n", "text/plain")
+        return ApiResponse(404, b"not found\n", "text/plain")

@@ -1,0 +1,193 @@
+"""Break-glass: export recovery shards, and restore the root key from them.
+
+`spike operator recover` (only the recover role) asks a ready Nexus for all
+n shards and writes each to its own 0600 file as ``spike:<id>:<64 hex>``.
+`spike operator restore` (only the restore role) hands one shard per run to
+a Nexus that is waiting for shards; once t valid shards are in, Nexus
+rebuilds the key, checks it against its key check value, becomes ready and
+re-seeds every keeper at once.  Nothing about a shard is ever logged.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+import msgspec
+
+from spike.protocol import api
+from spike.protocol.api import ApiRequest, ApiResponse
+from spike.protocol.effects import Phase
+from spike.protocol.errors import LocalProtocolError, RemoteProtocolError, ShamirError
+from spike.protocol.material import Share
+from spike.protocol.nexus import DuplicateShare, ShareRejected
+from spike.protocol.wire import ShardBytes, decode
+from spike.transports.custody_driver import CustodyDriver
+
+from .errors import CommandError
+from .messages import STATUS_PATH, StatusBody
+from .pilot import NexusClient, NexusError
+
+log = logging.getLogger("spike.nexus.operator")
+
+RECOVER_PATH = "/v1/operator/recover"
+RESTORE_PATH = "/v1/operator/restore"
+_TEXT_FORM = re.compile(r"spike:(\d{1,3}):([0-9a-fA-F]{64})")
+
+Say = Callable[[str], None]
+
+
+class RecoverResponse(msgspec.Struct, kw_only=True):
+    shards: dict[int, ShardBytes]
+
+    def __repr__(self) -> str:
+        return f"RecoverResponse(shards=<{len(self.shards)} redacted>)"
+
+
+class RestoreRequest(msgspec.Struct, kw_only=True):
+    id: int
+    shard: ShardBytes
+
+    def __repr__(self) -> str:
+        return f"RestoreRequest(id={self.id}, shard=<redacted>)"
+
+
+class RestorationStatus(msgspec.Struct, kw_only=True):
+    """SPIKE's shape: shards collected, shards still needed, whether the key is back."""
+
+    collected: int
+    remaining: int
+    restored: bool
+
+
+def format_shard(share: Share) -> str:
+    return f"spike:{share.id}:{share.secret_bytes().hex()}"
+
+
+def parse_shard(text: str, epoch: int = 0) -> Share:
+    """Read the ``spike:<id>:<hex>`` form; raise CommandError with what is wrong (never the value)."""
+    match = _TEXT_FORM.fullmatch(text.strip())
+    if match is None:
+        raise CommandError("a recovery shard looks like spike:<id>:<64 hex digits>", exit_code=2)
+    try:
+        return Share(int(match.group(1)), epoch, bytes.fromhex(match.group(2)))
+    except ShamirError as exc:
+        raise CommandError(f"not a valid recovery shard: {exc}", exit_code=2) from None
+
+
+# ------------------------------------------------------------------ Nexus side
+
+
+class OperatorApi:
+    def __init__(self, driver: CustodyDriver) -> None:
+        self._driver = driver
+
+    def recover(self, request: ApiRequest) -> ApiResponse:
+        custody = self._driver.custody
+        if custody.phase is not Phase.READY:
+            return api.NOT_READY
+        shares = custody.export_shards()
+        log.warning("recovery shards exported to %s", request.peer, extra={"event": "shards_exported"})
+        return ApiResponse.json(RecoverResponse(shards={i: list(s.secret_bytes()) for i, s in shares.items()}))
+
+    def restore(self, request: ApiRequest) -> ApiResponse:
+        custody = self._driver.custody
+        record = custody.record
+        if record is None:
+            log.info("restore refused: no key record (bootstrap first)")
+            return api.NOT_READY
+        if custody.phase is Phase.READY:
+            log.info("restore refused: Nexus already holds its root key")
+            return api.CONFLICT
+        try:
+            body = decode(request.body, RestoreRequest)
+            share = Share(body.id, record.epoch, bytes(body.shard))
+            progress = self._driver.submit_shard(share)
+        except (RemoteProtocolError, ShamirError) as exc:
+            log.info("restore refused: malformed shard: %s", exc)
+            return api.BAD_REQUEST
+        except DuplicateShare as exc:
+            log.info("restore refused: %s", exc)
+            return api.CONFLICT
+        except ShareRejected as exc:
+            log.warning("restore refused: %s", exc)
+            return api.BAD_REQUEST
+        except LocalProtocolError as exc:
+            log.info("restore refused: %s", exc)
+            return api.CONFLICT
+        log.info(
+            "recovery shard %d accepted from %s: %d more needed",
+            share.id,
+            request.peer,
+            progress.needed,
+            extra={"event": "shard_restored"},
+        )
+        return ApiResponse.json(
+            RestorationStatus(collected=progress.accepted, remaining=progress.needed, restored=progress.ready)
+        )
+
+
+# ------------------------------------------------------------------ operator side
+
+
+def recover(client: NexusClient, directory: Path, say: Say) -> int:
+    answer = client.call(RECOVER_PATH, b"{}", RecoverResponse)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for keeper_id, shard in sorted(answer.shards.items()):
+        share = Share(keeper_id, 0, bytes(shard))
+        target = directory / f"spike.recovery.{keeper_id}.txt"
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, (format_shard(share) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    say(
+        f"wrote {len(answer.shards)} recovery shards to {directory} (mode 0600, one per file): "
+        "keep them apart, offline; any threshold of them rebuild the root key"
+    )
+    return 0
+
+
+def read_shard_text(stdin: TextIO, prompt: Callable[[str], str] = getpass.getpass) -> str:
+    if stdin.isatty():
+        return prompt("recovery shard (spike:<id>:<hex>, not echoed): ")
+    line = stdin.readline()
+    if not line:
+        raise CommandError("no recovery shard on standard input", exit_code=2)
+    return line
+
+
+def restore(client: NexusClient, text: str, say: Say) -> int:
+    share = parse_shard(text)
+    state = client.call(STATUS_PATH, b"{}", StatusBody)
+    if state.phase == "ready":
+        raise CommandError("Nexus already holds its verified root key: there is nothing to restore")
+    if state.phase == "uninitialised":
+        raise CommandError("Nexus has no key record (a new data dir?): restore needs the data dir the shards belong to")
+    try:
+        status = client.call(
+            RESTORE_PATH,
+            RestoreRequest(id=share.id, shard=list(share.secret_bytes())),
+            RestorationStatus,
+            conflict=f"shard {share.id} was already given",
+        )
+    except NexusError as exc:
+        if exc.code == "api_bad_request":
+            raise CommandError(
+                f"Nexus refused shard {share.id}: it does not belong to this deployment's key "
+                "(another key or epoch, or the wrong id)"
+            ) from None
+        raise
+    if status.restored:
+        say(f"shard {share.id} accepted: the root key is restored and verified; Nexus re-seeds its keepers now")
+    else:
+        say(f"shard {share.id} accepted: {status.remaining} more shard(s) needed")
+    return 0
+
