@@ -21,6 +21,7 @@ objects with devca's `mint_svid`, so they are exactly what `spike dev` issues.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 import tempfile
 import threading
@@ -29,6 +30,10 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+# Before gRPC is loaded: its fork handlers can abort a child forked while this
+# server streams (grpc/grpc#43055), and the tests fork `spike` processes.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import grpc
 from cryptography import x509

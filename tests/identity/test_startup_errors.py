@@ -1,0 +1,123 @@
+"""`spike` under the Workload API identity source that cannot get an identity: one clear line, exit 2.
+
+Real processes (`python -m spike ...`), all started at once and then waited
+for, so the whole table costs about one interpreter start.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from workload_api import WorkloadApi
+
+SPIKE = [sys.executable, "-m", "spike"]
+TD = "spike.test"
+PEERS = "1=https://127.0.0.1:1,2=https://127.0.0.1:2,3=https://127.0.0.1:3"
+
+
+@dataclass
+class Case:
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    expect: tuple[str, ...]  # all in the one line on stderr
+
+
+def base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPIKE_", "SPIFFE_"))}
+    env["SPIKE_TRUST_ROOT"] = TD
+    return env
+
+
+def test_identity_failures_at_start_are_one_line_and_exit_2(workload_api: WorkloadApi, tmp_path: Path) -> None:
+    workload_api.add("stranger", f"spiffe://{TD}/spike/nexus", register=False)
+    no_bundle = workload_api.add("bootstrap", f"spiffe://{TD}/spike/bootstrap")
+    workload_api.send("bootstrap", workload_api.response(no_bundle, bundle=b""))
+    missing = f"unix://{tmp_path}/agent.sock"
+    data_dir = tmp_path / "nexus-data"
+    cases = [
+        Case(
+            "keeper, no socket",
+            ["keeper", "--listen", "127.0.0.1:0"],
+            {"SPIFFE_ENDPOINT_SOCKET": missing},
+            ("spike keeper: no SPIFFE Workload API socket at", "agent.sock"),
+        ),
+        Case(
+            "nexus, no SVID for this workload",
+            ["nexus", "--listen", "127.0.0.1:0", "--keepers", PEERS, "--data-dir", str(data_dir)],
+            {"SPIFFE_ENDPOINT_SOCKET": workload_api.address("stranger"), "SPIKE_WORKLOAD_API_TIMEOUT": "500ms"},
+            ("spike nexus: ", "sent no X.509 SVID within 0.5s", "no identity issued"),
+        ),
+        Case(
+            "bootstrap, no trust bundle",
+            ["bootstrap", "--nexus", "https://127.0.0.1:1"],
+            {"SPIFFE_ENDPOINT_SOCKET": workload_api.address("bootstrap")},
+            ("spike bootstrap: ", "sent no usable trust bundle"),
+        ),
+        Case(
+            "status, no socket",
+            ["status", "--nexus", "https://127.0.0.1:1"],
+            {"SPIFFE_ENDPOINT_SOCKET": missing},
+            ("spike status: no SPIFFE Workload API socket at",),
+        ),
+        Case(
+            "secret, no socket",
+            ["secret", "get", "apps/db", "--nexus", "https://127.0.0.1:1"],
+            {"SPIFFE_ENDPOINT_SOCKET": missing},
+            ("spike secret: no SPIFFE Workload API socket at",),
+        ),
+        Case(
+            "keeper, Workload API chosen without a socket",
+            ["keeper", "--identity", "workload-api", "--listen", "127.0.0.1:0"],
+            {},
+            ("spike keeper: configuration error: ", "needs SPIFFE_ENDPOINT_SOCKET"),
+        ),
+    ]
+    running = [
+        (
+            case,
+            subprocess.Popen(
+                [*SPIKE, *case.args],
+                env={**base_env(), **case.env},
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            ),
+        )
+        for case in cases
+    ]
+    failures = []
+    for case, process in running:
+        try:
+            out, err = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+        lines = err.decode(errors="replace").splitlines()
+        ok = process.returncode == 2 and len(lines) == 1 and all(part in lines[0] for part in case.expect)
+        if not ok or out:
+            failures.append(f"{case.name}: exit {process.returncode}, stdout {out!r}, stderr {lines}")
+    assert not failures, "\n".join(failures)
+    assert not data_dir.exists(), "a Nexus without an identity must not touch its data dir"
+
+
+@pytest.mark.parametrize("command", [["keeper", "--listen", "127.0.0.1:0"]])
+def test_a_missing_svid_file_still_says_which(command: list[str], tmp_path: Path) -> None:
+    """Unchanged for the files source: the configuration check names the missing file."""
+    env = {
+        **base_env(),
+        "SPIKE_SVID_CERT": str(tmp_path / "svid.pem"),
+        "SPIKE_SVID_KEY": str(tmp_path / "svid_key.pem"),
+        "SPIKE_SVID_BUNDLE": str(tmp_path / "bundle.pem"),
+    }
+    done = subprocess.run([*SPIKE, *command], env=env, capture_output=True, timeout=30, check=False)
+    lines = done.stderr.decode().splitlines()
+    assert done.returncode == 2
+    assert len(lines) == 1
+    assert "SVID certificate" in lines[0]
+    assert "no such file" in lines[0]
