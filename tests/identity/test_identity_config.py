@@ -93,3 +93,14 @@ def test_the_spec_picks_the_source(tmp_path: Path, dev_identity: DevIdentity) ->
     assert isinstance(source, WorkloadApiSource)
     assert source.timeout == 3.0
     assert source.trust_domains == {cfg.DEFAULT_TRUST_DOMAIN}
+
+
+def test_the_config_file_can_choose_the_workload_api(tmp_path: Path) -> None:
+    toml = tmp_path / "spike.toml"
+    toml.write_text(
+        'identity = "workload-api"\n'
+        'spiffe_endpoint_socket = "unix:///run/spire/agent.sock"\n'
+        'workload_api_timeout = "3s"\n'
+    )
+    spec = cfg.identity(args(), cfg.load_config_file(toml))
+    assert spec == WorkloadApiSpec("unix:///run/spire/agent.sock", 3.0)
