@@ -107,9 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     ident.add_argument("--trust-domain", type=cfg.trust_domain_arg, default=cfg.DEFAULT_TRUST_DOMAIN)
     ident.add_argument("--keepers", default="1,2,3", help="keeper ids to mint SVIDs for (default 1,2,3)")
 
+    from .policy_cli import add_parser as add_policy_parser
     from .secret_cli import add_parsers
 
     add_parsers(sub, _identity_flags)
+    add_policy_parser(sub, _identity_flags)
 
     operator = sub.add_parser("operator", help="break-glass: export recovery shards, restore from them")
     op = operator.add_subparsers(dest="operator_command", metavar="ACTION", required=True)
@@ -210,6 +212,13 @@ def _cipher(args: argparse.Namespace) -> int:
     return run_cipher(args)
 
 
+def _policy(args: argparse.Namespace) -> int:
+    from . import policy_cli
+
+    _setup_logs(cfg.common(args, cfg.environ(args)))
+    return policy_cli.run(args)
+
+
 def _operator(args: argparse.Namespace) -> int:
     from . import operator
     from .pilot import NexusClient
@@ -244,6 +253,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "secret": _secret,
     "cipher": _cipher,
     "operator": _operator,
+    "policy": _policy,
     "version": _version,
 }
 

@@ -165,3 +165,49 @@ class CipherDecryptRequest(msgspec.Struct, kw_only=True):
 
 class CipherDecryptResponse(msgspec.Struct, kw_only=True):
     plaintext: bytes
+
+
+# ---------------------------------------------------------------- policies (SPIKE's /v1/acl/policy)
+
+POLICY_PATH = "/v1/acl/policy"
+
+
+class PolicyPutRequest(msgspec.Struct, kw_only=True):
+    name: str
+    spiffeidPattern: str
+    pathPattern: str
+    permissions: list[str]
+    createOnly: bool = False  # create, or fail if the name exists (default: create or replace)
+
+
+class PolicyPutResponse(msgspec.Struct, kw_only=True):
+    id: str
+    created: bool
+
+
+class PolicyIdRequest(msgspec.Struct, kw_only=True):
+    id: str  # the id or the name
+
+
+class PolicyBody(msgspec.Struct, kw_only=True):
+    id: str
+    name: str
+    spiffeidPattern: str
+    pathPattern: str
+    permissions: list[str]
+    createdAt: str
+    updatedAt: str
+
+
+class PolicyListRequest(msgspec.Struct, kw_only=True):
+    spiffeidPattern: str = ""
+    pathPattern: str = ""
+
+
+class PolicyListItem(msgspec.Struct, kw_only=True):
+    id: str
+    name: str
+
+
+class PolicyListResponse(msgspec.Struct, kw_only=True):
+    policies: list[PolicyListItem]

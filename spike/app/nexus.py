@@ -24,6 +24,9 @@ from .logs import ReportLogger, wall_time
 from .metrics import NexusMetrics
 from .nexus_api import ApiCall, NexusApi
 from .operator import OperatorApi
+from .policies import Authorizer
+from .policy_api import PolicyApi
+from .policy_store import PolicyStore
 from .sealing import Sealer
 from .secret_store import SecretStore
 from .secrets_api import SecretsApi
@@ -108,11 +111,17 @@ class KeyUsers:
     """Passes reports on, and hands the verified key to what needs it (and takes it back)."""
 
     def __init__(
-        self, custody: NexusCustody, secrets: SecretStore, cipher: CipherApi, then: list[Callable[[Report], None]]
+        self,
+        custody: NexusCustody,
+        secrets: SecretStore,
+        cipher: CipherApi,
+        authorizer: Authorizer,
+        then: list[Callable[[Report], None]],
     ) -> None:
         self._custody = custody
         self._secrets = secrets
         self._cipher = cipher
+        self._authorizer = authorizer
         self._then = then
 
     def __call__(self, report: Report) -> None:
@@ -120,9 +129,11 @@ class KeyUsers:
             key = self._custody.root_key
             self._secrets.unlock(Sealer(key), report.epoch)
             self._cipher.unlock(key)
+            self._authorizer.invalidate()  # policies are sealed: readable only now
         elif isinstance(report, PhaseChanged) and report.previous is Phase.READY:
             self._secrets.lock()
             self._cipher.lock()
+            self._authorizer.clear()
         for sink in self._then:
             sink(report)
 
@@ -142,7 +153,7 @@ class CallRecorder:
             route=request.path,
             action=call.action,
             path=secret_path_of(request.body, request.content_type),
-            decision=call.decision,
+            decision="denied" if status == 401 else call.decision,
             status=status,
             seconds=seconds,
         )
@@ -190,22 +201,26 @@ def _run(config: NexusConfig, identity: IdentitySource) -> None:
             raise ConfigError(str(exc)) from None
         metrics = NexusMetrics(lambda: custody, config.keepers, anyio.current_time)
         cipher = CipherApi()
+        policies = PolicyStore(secrets)
+        authorizer = Authorizer(trust, policies.load_all)
         sinks: list[Callable[[Report], None]] = [ReportLogger(log, config.keepers, anyio.current_time), metrics.report]
         driver = CustodyDriver(
             custody,
             config.keepers,
             ssl_context=identity.client_context,
             trust=trust,
-            on_report=KeyUsers(custody, secrets, cipher, sinks),
+            on_report=KeyUsers(custody, secrets, cipher, authorizer, sinks),
             on_answer=metrics.keeper_request,
         )
         api = NexusApi(
             driver,
             store,
             trust,
-            secrets=SecretsApi(secrets),
+            secrets=SecretsApi(secrets, authorizer),
             cipher=cipher,
             operator=OperatorApi(driver),
+            policies=PolicyApi(policies, authorizer),
+            authorizer=authorizer,
             observer=CallRecorder(audit, metrics),
         )
         extra = []

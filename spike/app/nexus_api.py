@@ -33,6 +33,7 @@ from .messages import (
     BOOTSTRAP_VERIFY_PATH,
     CIPHER_DECRYPT_PATH,
     CIPHER_ENCRYPT_PATH,
+    POLICY_PATH,
     SECRETS_METADATA_PATH,
     SECRETS_PATH,
     STATUS_PATH,
@@ -45,6 +46,8 @@ from .messages import (
     VerifyResponse,
 )
 from .operator import RECOVER_PATH, RESTORE_PATH, OperatorApi
+from .policies import Authorizer, Permission
+from .policy_api import PolicyApi
 from .secrets_api import SecretsApi
 from .storage import NexusStore, StorageError
 
@@ -53,7 +56,11 @@ log = logging.getLogger("spike.nexus.api")
 Reply = ApiResponse | Future[ApiResponse]
 RouteHandler = Callable[[ApiRequest], Reply]
 PILOTS = frozenset({Role.PILOT_SUPERUSER, Role.PILOT_RECOVER, Role.PILOT_RESTORE})
-SUPERUSER = frozenset({Role.PILOT_SUPERUSER})
+# System functions live under the reserved "spike/" paths, which a policy
+# reaches only if its path pattern starts with them literally.
+CIPHER_ENCRYPT_SYSTEM_PATH = "spike/cipher/encrypt"
+CIPHER_DECRYPT_SYSTEM_PATH = "spike/cipher/decrypt"
+POLICY_SYSTEM_PATH = "spike/acl/policies"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +77,32 @@ Observer = Callable[[ApiCall, int, float], None]  # the call, its HTTP status, s
 
 
 @dataclass(frozen=True, slots=True)
+class Roles:
+    """Guard: only these spike roles (an empty set admits nobody)."""
+
+    roles: frozenset[Role]
+
+
+@dataclass(frozen=True, slots=True)
+class Granted:
+    """Guard: a policy (or the superuser role) must grant `permission` on `path`.
+
+    With no fixed `path` the route acts on the secret path in its body: the
+    guard admits only callers that some policy gives this permission, and the
+    handler checks the exact path once it has decoded the body.
+    """
+
+    permission: Permission
+    path: str | None = None
+
+
+Guard = Roles | Granted
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     handler: RouteHandler
-    allowed: frozenset[Role]  # the guard: who may call it (an empty set admits nobody)
+    guard: Guard  # required: no route without an explicit guard
     needs_key: bool = False  # answer 503 state_not_ready until the root key is verified
 
 
@@ -88,25 +118,36 @@ class NexusApi:
         secrets: SecretsApi,
         cipher: CipherApi,
         operator: OperatorApi,
+        policies: PolicyApi,
+        authorizer: Authorizer,
         observer: Observer | None = None,
     ) -> None:
         self._driver = driver
         self._observer = observer
         self._store = store
         self._trust = trust
+        self._authorizer = authorizer
         routes: dict[tuple[str, str], Route] = {
-            (STATUS_PATH, ""): Route(self.status, frozenset({Role.BOOTSTRAP, *PILOTS})),
-            (BOOTSTRAP_INIT_PATH, ""): Route(self.bootstrap_init, frozenset({Role.BOOTSTRAP})),
-            (BOOTSTRAP_VERIFY_PATH, ""): Route(self.bootstrap_verify, frozenset({Role.BOOTSTRAP})),
-            (RECOVER_PATH, ""): Route(operator.recover, frozenset({Role.PILOT_RECOVER}), needs_key=True),
-            (RESTORE_PATH, ""): Route(operator.restore, frozenset({Role.PILOT_RESTORE})),
-            (CIPHER_ENCRYPT_PATH, ""): Route(cipher.encrypt, SUPERUSER, needs_key=True),
-            (CIPHER_DECRYPT_PATH, ""): Route(cipher.decrypt, SUPERUSER, needs_key=True),
+            (STATUS_PATH, ""): Route(self.status, Roles(frozenset({Role.BOOTSTRAP, *PILOTS}))),
+            (BOOTSTRAP_INIT_PATH, ""): Route(self.bootstrap_init, Roles(frozenset({Role.BOOTSTRAP}))),
+            (BOOTSTRAP_VERIFY_PATH, ""): Route(self.bootstrap_verify, Roles(frozenset({Role.BOOTSTRAP}))),
+            (RECOVER_PATH, ""): Route(operator.recover, Roles(frozenset({Role.PILOT_RECOVER})), needs_key=True),
+            (RESTORE_PATH, ""): Route(operator.restore, Roles(frozenset({Role.PILOT_RESTORE}))),
+            (CIPHER_ENCRYPT_PATH, ""): Route(
+                cipher.encrypt, Granted(Permission.EXECUTE, CIPHER_ENCRYPT_SYSTEM_PATH), needs_key=True
+            ),
+            (CIPHER_DECRYPT_PATH, ""): Route(
+                cipher.decrypt, Granted(Permission.EXECUTE, CIPHER_DECRYPT_SYSTEM_PATH), needs_key=True
+            ),
         }
-        for action, handler in secrets.handlers().items():
-            routes[(SECRETS_PATH, action)] = Route(handler, SUPERUSER, needs_key=True)
-        for action, handler in secrets.metadata_handlers().items():
-            routes[(SECRETS_METADATA_PATH, action)] = Route(handler, SUPERUSER, needs_key=True)
+        for action, (handler, permission) in secrets.handlers().items():
+            routes[(SECRETS_PATH, action)] = Route(handler, Granted(permission), needs_key=True)
+        for action, (handler, permission) in secrets.metadata_handlers().items():
+            routes[(SECRETS_METADATA_PATH, action)] = Route(handler, Granted(permission), needs_key=True)
+        for action, handler in policies.handlers().items():
+            routes[(POLICY_PATH, action)] = Route(
+                handler, Granted(Permission.SUPER, POLICY_SYSTEM_PATH), needs_key=True
+            )
         self.routes = routes
         self._paths = {path for path, _ in routes}
 
@@ -121,17 +162,25 @@ class NexusApi:
             reply = api.BAD_REQUEST if request.path in self._paths else api.NOT_FOUND
         elif request.method != "POST":
             reply = api.METHOD_NOT_ALLOWED
-        elif self._trust.role_of(request.peer) not in route.allowed:
+        elif route.needs_key and self._driver.custody.phase is not Phase.READY:
+            # Before the key, policies cannot even be read: nothing but "not ready" can be said.
+            reply = api.NOT_READY
+        elif not self._admits(route.guard, request):
             log.info("refused %s for %s", request.path, request.peer or "a peer without SPIFFE ID")
             decision = "denied"
             reply = api.UNAUTHORIZED
-        elif route.needs_key and self._driver.custody.phase is not Phase.READY:
-            reply = api.NOT_READY
         else:
             reply = route.handler(request)
         if self._observer is not None:
             self._observe(self._observer, request, route is not None, action, decision, reply, started)
         return reply
+
+    def _admits(self, guard: Guard, request: ApiRequest) -> bool:
+        if isinstance(guard, Roles):
+            return self._trust.role_of(request.peer) in guard.roles
+        if guard.path is not None:
+            return self._authorizer.allows(request.peer, guard.permission, guard.path)
+        return self._authorizer.may_ever(request.peer, guard.permission)
 
     @staticmethod
     def _observe(

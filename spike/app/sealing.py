@@ -39,6 +39,10 @@ def metadata_aad(path: str) -> bytes:
     return _aad(b"custom-metadata", path.encode())
 
 
+def policy_aad(policy_id: str, name: str) -> bytes:
+    return _aad(b"policy", policy_id.encode(), name.encode())
+
+
 class Sealer:
     """Seals and opens blobs with one data key; thread-safe (AESGCM objects are)."""
 

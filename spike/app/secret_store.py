@@ -75,6 +75,14 @@ class SecretStore:
     def lock(self) -> None:
         self._sealer = None
 
+    @property
+    def reader(self) -> sqlite3.Connection:
+        """The read connection (for the event loop's thread only), shared with the policy store."""
+        return self._reader
+
+    def sealer(self) -> Sealer:
+        return self._require_sealer()
+
     def _require_sealer(self) -> Sealer:
         if self._sealer is None:
             raise StorageError("the store is locked: no root key")

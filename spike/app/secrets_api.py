@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from spike.protocol import api
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.errors import RemoteProtocolError
+from spike.protocol.identity import SpiffeId
 from spike.protocol.wire import ErrorCode, decode
 
 from . import kv
@@ -33,6 +34,7 @@ from .messages import (
     SecretVersionsRequest,
     VersionMetadata,
 )
+from .policies import Authorizer, Permission, reserved
 from .sealing import TamperedData
 from .secret_store import SecretStore
 from .storage import StorageError
@@ -80,37 +82,60 @@ def when_done(future: Future[T], answer: Callable[[T], ApiResponse], what: str) 
     return reply
 
 
-class SecretsApi:
-    def __init__(self, store: SecretStore) -> None:
-        self._store = store
+class Forbidden(kv.KvError):
+    status = 401
+    code = "access_unauthorized"
 
-    def _guarded(self, handler: Callable[[Any], Reply], kind: type[Any], what: str) -> Callable[[ApiRequest], Reply]:
+
+Handler = Callable[[ApiRequest], Reply]
+
+
+class SecretsApi:
+    """Each handler decodes its body, checks the caller's permission on that path, then acts."""
+
+    def __init__(self, store: SecretStore, authorizer: Authorizer) -> None:
+        self._store = store
+        self._authorizer = authorizer
+
+    def _guarded(
+        self, handler: Callable[..., Reply], kind: type[Any], what: str, permission: Permission
+    ) -> tuple[Handler, Permission]:
+        authorizer = self._authorizer
+
         def run(request: ApiRequest) -> Reply:
             try:
                 body = decode(request.body, kind)
-                return handler(body)
+                path = getattr(body, "path", None)
+                if path is not None:
+                    path = kv.check_path(path)
+                    if reserved(path):
+                        raise kv.InvalidRequest("paths under spike/ are reserved for the system")
+                    if not authorizer.allows(request.peer, permission, path):
+                        raise Forbidden(f"{request.peer} may not {permission.value} {path}")
+                    return handler(body)
+                return handler(body, request.peer)
             except (kv.KvError, RemoteProtocolError, TamperedData, StorageError) as exc:
                 return error_response(exc, what)
 
-        return run
+        return run, permission
 
-    def handlers(self) -> dict[str, Callable[[ApiRequest], Reply]]:
-        """action -> handler for SECRETS_PATH ('' is put, as in SPIKE)."""
+    def handlers(self) -> dict[str, tuple[Handler, Permission]]:
+        """action -> (handler, permission it needs) for SECRETS_PATH ('' is put, as in SPIKE)."""
         return {
-            "": self._guarded(self.put, SecretPutRequest, "put"),
-            "get": self._guarded(self.get, SecretGetRequest, "get"),
-            "delete": self._guarded(self.delete, SecretVersionsRequest, "delete"),
-            "undelete": self._guarded(self.undelete, SecretVersionsRequest, "undelete"),
-            "destroy": self._guarded(self.destroy, SecretVersionsRequest, "destroy"),
-            "list": self._guarded(self.list, SecretListRequest, "list"),
+            "": self._guarded(self.put, SecretPutRequest, "put", Permission.WRITE),
+            "get": self._guarded(self.get, SecretGetRequest, "get", Permission.READ),
+            "delete": self._guarded(self.delete, SecretVersionsRequest, "delete", Permission.WRITE),
+            "undelete": self._guarded(self.undelete, SecretVersionsRequest, "undelete", Permission.WRITE),
+            "destroy": self._guarded(self.destroy, SecretVersionsRequest, "destroy", Permission.WRITE),
+            "list": self._guarded(self.list, SecretListRequest, "list", Permission.LIST),
         }
 
-    def metadata_handlers(self) -> dict[str, Callable[[ApiRequest], Reply]]:
-        """action -> handler for SECRETS_METADATA_PATH."""
+    def metadata_handlers(self) -> dict[str, tuple[Handler, Permission]]:
+        """action -> (handler, permission it needs) for SECRETS_METADATA_PATH."""
         return {
-            "get": self._guarded(self.metadata_get, SecretGetRequest, "metadata get"),
-            "put": self._guarded(self.metadata_put, SecretMetadataUpdate, "metadata put"),
-            "delete": self._guarded(self.metadata_delete, SecretPathRequest, "metadata delete"),
+            "get": self._guarded(self.metadata_get, SecretGetRequest, "metadata get", Permission.READ),
+            "put": self._guarded(self.metadata_put, SecretMetadataUpdate, "metadata put", Permission.WRITE),
+            "delete": self._guarded(self.metadata_delete, SecretPathRequest, "metadata delete", Permission.WRITE),
         }
 
     # ------------------------------------------------------------------ data
@@ -142,7 +167,7 @@ class SecretsApi:
         future = action(kv.check_path(body.path), kv.check_versions(body.versions))
         return when_done(future, lambda _: api.OK_EMPTY, what)
 
-    def list(self, body: SecretListRequest) -> Reply:
+    def list(self, body: SecretListRequest, caller: SpiffeId | None) -> Reply:
         prefix = kv.check_prefix(body.prefix)
         if not 1 <= body.limit <= MAX_LIST_LIMIT:
             raise kv.InvalidRequest(f"limit must be between 1 and {MAX_LIST_LIMIT}")
@@ -151,7 +176,12 @@ class SecretsApi:
         keys = self._store.list_paths(prefix, limit=body.limit + 1, after=body.after)
         more = len(keys) > body.limit
         keys = keys[: body.limit]
-        return ApiResponse.json(SecretListResponse(keys=keys, next_after=keys[-1] if more else None))
+        next_after = keys[-1] if more else None
+        # A page holds only the paths this caller may list (possibly fewer than
+        # `limit`; `next_after` still continues where the scan stopped).
+        if not self._authorizer.is_superuser(caller):
+            keys = [k for k in keys if self._authorizer.allows(caller, Permission.LIST, k)]
+        return ApiResponse.json(SecretListResponse(keys=keys, next_after=next_after))
 
     # ------------------------------------------------------------------ metadata
 

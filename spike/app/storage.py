@@ -51,6 +51,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (path, version)
         ) WITHOUT ROWID""",
     ),
+    (
+        """CREATE TABLE policy (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            sealed BLOB NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+    ),
 )
 
 
