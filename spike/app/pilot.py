@@ -44,6 +44,9 @@ def nexus_connection(session: ClientSession, url: str, trust: TrustDomains) -> B
         role_check(trust, Role.NEXUS),
         expected_peer=str(trust.id_of(Role.NEXUS)),
         max_response_bytes=MAX_ANSWER_BYTES,
+        # A write may have been carried out before the connection broke: never send it twice,
+        # and say the connection broke (the write is in doubt) rather than "refused".
+        retry_stale=False,
     )
 
 

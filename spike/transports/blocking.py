@@ -63,12 +63,23 @@ class ClientSession:
         self._connections: list[BlockingConnection] = []
 
     def connect(
-        self, url: str, peer_check: PeerCheck, *, expected_peer: str = "", max_response_bytes: int = 1024 * 1024
+        self,
+        url: str,
+        peer_check: PeerCheck,
+        *,
+        expected_peer: str = "",
+        max_response_bytes: int = 1024 * 1024,
+        retry_stale: bool = True,
     ) -> BlockingConnection:
         connection = BlockingConnection(
             self._portal,
             HttpsConnection(
-                url, self._ssl_context, peer_check, expected_peer=expected_peer, max_response_bytes=max_response_bytes
+                url,
+                self._ssl_context,
+                peer_check,
+                expected_peer=expected_peer,
+                max_response_bytes=max_response_bytes,
+                retry_stale=retry_stale,
             ),
             self._timeout,
         )

@@ -51,7 +51,11 @@ class HttpsConnection:
         expected_peer: str = "",
         max_response_bytes: int = 1024 * 1024,
         connect_timeout: float = 5.0,
+        retry_stale: bool = True,
     ) -> None:
+        """`retry_stale`: when a kept-alive connection closes before answering, send the
+        request once more on a new connection.  Only for requests that are safe to repeat:
+        the server may have acted on the first one before it closed (or died)."""
         self.host, self.port = parse_origin(url)
         self._host_header = url.split("://", 1)[1].rstrip("/").encode()
         self._ssl_context = ssl_context
@@ -59,6 +63,7 @@ class HttpsConnection:
         self._expected_peer = expected_peer
         self._max_response_bytes = max_response_bytes
         self._connect_timeout = connect_timeout
+        self._retry_stale = retry_stale
         self._stream: TLSStream | None = None
         self._conn: h11.Connection | None = None
         self._lock = anyio.Lock()
@@ -84,7 +89,7 @@ class HttpsConnection:
             # restarted keeper does this): that says nothing about the server
             # now, so try once more on a fresh connection.
             await self.aclose()
-            if not reused:
+            if not reused or not self._retry_stale:
                 raise TransportError("connection closed before an answer") from None
         try:
             return await self._exchange(method, path, body, content_type)

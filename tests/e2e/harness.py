@@ -46,6 +46,7 @@ import msgspec
 from spike.app.bootstrap import fetch_status, nexus_connection
 from spike.app.devca import DevIdentity
 from spike.app.errors import CommandError
+from spike.app.pilot import NexusClient
 from spike.app.status import exit_code as status_exit_code
 from spike.protocol.identity import Role, TrustDomains
 from spike.protocol.material import Share
@@ -151,6 +152,13 @@ class Proc:
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGKILL)
         self.popen.wait(timeout=10)
+
+    def pause(self) -> None:
+        """SIGSTOP: the process keeps its memory but answers nothing (a hung host, for its peers)."""
+        self.popen.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.popen.send_signal(signal.SIGCONT)
 
 
 @dataclass
@@ -321,15 +329,19 @@ class Cluster:
     # ------------------------------------------------------------------ one-shot commands
 
     def run(
-        self, *args: str, identity: str = "pilot-superuser", env: dict[str, str] | None = None
+        self,
+        *args: str,
+        identity: str = "pilot-superuser",
+        env: dict[str, str] | None = None,
+        stdin: bytes = b"",
     ) -> CliResult:
-        """Run a one-shot `spike` command; its output is also kept in the logs dir."""
+        """Run a one-shot `spike` command (`stdin` on its standard input); its output is also kept in the logs dir."""
         full_env = self._env(self.identity.files(identity), {"SPIKE_NEXUS_API_URL": self.nexus_url})
         full_env.update(env or {})
         done = subprocess.run(
             [*SPIKE, *args],
             env=full_env,
-            stdin=subprocess.DEVNULL,
+            input=stdin,
             capture_output=True,
             timeout=CLI_TIMEOUT,
             check=False,
@@ -396,6 +408,10 @@ class Cluster:
             return body["phase"] == "ready" and (epoch is None or body["epoch"] == epoch)
 
         return self.wait_status(ready, f"Nexus ready (epoch {epoch})", timeout)[1]
+
+    def client(self, identity: str = "pilot-superuser", timeout: float = 5.0) -> NexusClient:
+        """The operator's client (what `spike secret` uses), in this process; close it after use."""
+        return NexusClient(self.nexus_url, self.identity.files(identity), self.trust, timeout=timeout)
 
     # ------------------------------------------------------------------ logs
 

@@ -1,0 +1,36 @@
+"""Fixtures for the storage tier: `SecretStore` on a real SQLite file in tmp_path."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from store_helpers import ROOT_KEY, CountingSealer, open_store
+
+from spike.app.secret_store import SecretStore
+from spike.app.storage import DB_NAME
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def sealer() -> CountingSealer:
+    return CountingSealer(ROOT_KEY)
+
+
+@pytest.fixture
+def store(data_dir: Path, sealer: CountingSealer) -> Iterator[SecretStore]:
+    store = open_store(data_dir, sealer=sealer)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def db_file(data_dir: Path) -> Path:
+    return data_dir / DB_NAME

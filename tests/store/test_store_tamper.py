@@ -1,0 +1,230 @@
+"""Sealed values refuse to be read when the database has been tampered with.
+
+Every stored value is AES-256-GCM with associated data naming its path and
+version, so the tests below play an attacker with write access to the file
+(through sqlite3, and once with raw bytes): flip a bit anywhere in a sealed
+value, truncate it, copy a row to another path or version, swap two values,
+relabel its key epoch, move custom metadata.  Each read must raise
+`TamperedData`; through the API it is a bare 500 `api_internal_error` and one
+error line in the log naming what was refused, and the value itself appears
+nowhere: not in the answer, not in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import msgspec
+import pytest
+from store_helpers import OTHER_KEY, WAIT, open_store, raw_db
+
+from spike.app.messages import SECRETS_METADATA_PATH, SECRETS_PATH
+from spike.app.policies import Authorizer
+from spike.app.sealing import FORMAT_V1, NONCE_SIZE, Sealer, TamperedData, secret_aad
+from spike.app.secret_store import SecretStore
+from spike.app.secrets_api import SecretsApi
+from spike.app.storage import DB_NAME
+from spike.protocol.api import ApiRequest, ApiResponse
+from spike.protocol.identity import Role, TrustDomains
+
+VALUE = "s3cr3t-VALUE-do-not-leak"
+OTHER = "another-VALUE-do-not-leak"
+
+
+@pytest.fixture
+def filled(store: SecretStore) -> SecretStore:
+    store.put("app/db", {"password": VALUE}, None).result(WAIT)
+    store.put("app/db", {"password": VALUE + "-2"}, None).result(WAIT)
+    store.put("app/other", {"password": OTHER}, None).result(WAIT)
+    return store
+
+
+def sealed_of(data_dir: Path, path: str, version: int) -> bytes:
+    with raw_db(data_dir) as db:
+        (blob,) = db.execute(
+            "SELECT sealed FROM secret_version WHERE path = ? AND version = ?", (path, version)
+        ).fetchone()
+    return bytes(blob)
+
+
+def set_sealed(data_dir: Path, path: str, version: int, blob: bytes) -> None:
+    with raw_db(data_dir) as db:
+        changed = db.execute(
+            "UPDATE secret_version SET sealed = ? WHERE path = ? AND version = ?", (blob, path, version)
+        ).rowcount
+    assert changed == 1
+
+
+TRUST = TrustDomains.single("spike.test")
+
+
+def api_get(store: SecretStore, path: str, version: int = 0, *, metadata: bool = False) -> ApiResponse:
+    api = SecretsApi(store, Authorizer(TRUST))
+    handler, _ = (api.metadata_handlers() if metadata else api.handlers())["get"]
+    request = ApiRequest(
+        "POST",
+        SECRETS_METADATA_PATH if metadata else SECRETS_PATH,
+        TRUST.id_of(Role.PILOT_SUPERUSER),
+        msgspec.json.encode({"path": path, "version": version}),
+        "action=get",
+    )
+    reply = handler(request)
+    assert isinstance(reply, ApiResponse)  # reads answer inline
+    return reply
+
+
+def assert_refused(
+    store: SecretStore, caplog: pytest.LogCaptureFixture, path: str, version: int = 0, *, metadata: bool = False
+) -> None:
+    """The store raises; the API answers a bare 500 and logs one error line; the value is nowhere."""
+    if metadata:
+        with pytest.raises(TamperedData):
+            store.metadata(path)
+    else:
+        with pytest.raises(TamperedData):
+            store.get(path, version)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="spike"):
+        response = api_get(store, path, version, metadata=metadata)
+    assert (response.status, response.body) == (500, b'{"err":"api_internal_error"}')
+    refused = [r for r in caplog.records if "REFUSED TAMPERED DATA" in r.getMessage()]
+    assert len(refused) == 1, caplog.text
+    assert refused[0].levelno == logging.ERROR
+    assert path in refused[0].getMessage()
+    for secret in (VALUE, OTHER):
+        assert secret not in caplog.text
+        assert secret.encode() not in response.body
+
+
+@pytest.mark.parametrize(
+    "offset",
+    [0, 1, 1 + NONCE_SIZE - 1, 1 + NONCE_SIZE, 1 + NONCE_SIZE + 5, -16, -1],
+    ids=["format", "nonce-first", "nonce-last", "ciphertext-first", "ciphertext", "tag-first", "tag-last"],
+)
+def test_a_flipped_bit_anywhere_is_refused(
+    filled: SecretStore, data_dir: Path, caplog: pytest.LogCaptureFixture, offset: int
+) -> None:
+    blob = bytearray(sealed_of(data_dir, "app/db", 2))
+    blob[offset] ^= 0x01
+    set_sealed(data_dir, "app/db", 2, bytes(blob))
+    assert_refused(filled, caplog, "app/db")
+    assert filled.get("app/db", 1) == (1, {"password": VALUE})  # its neighbours are untouched
+    assert filled.get("app/other", 0) == (1, {"password": OTHER})
+
+
+@pytest.mark.parametrize("length", [0, 1, 1 + NONCE_SIZE, 1 + NONCE_SIZE + 15, -1])
+def test_a_truncated_value_is_refused(
+    filled: SecretStore, data_dir: Path, caplog: pytest.LogCaptureFixture, length: int
+) -> None:
+    set_sealed(data_dir, "app/db", 2, sealed_of(data_dir, "app/db", 2)[:length])
+    assert_refused(filled, caplog, "app/db")
+
+
+def test_a_row_copied_to_another_path_is_refused(
+    filled: SecretStore, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Moved onto an existing secret, and planted as a new secret with its own metadata row."""
+    stolen = sealed_of(data_dir, "app/db", 1)
+    set_sealed(data_dir, "app/other", 1, stolen)
+    with raw_db(data_dir) as db:
+        db.execute(
+            "INSERT INTO secret SELECT 'planted/db', current_version, oldest_version, max_versions, cas_required, "
+            "created_at, updated_at, NULL FROM secret WHERE path = 'app/db'"
+        )
+        db.execute(
+            "INSERT INTO secret_version SELECT 'planted/db', version, sealed, created_at, deleted_at, key_epoch "
+            "FROM secret_version WHERE path = 'app/db'"
+        )
+    assert_refused(filled, caplog, "app/other")
+    assert_refused(filled, caplog, "planted/db")
+    assert_refused(filled, caplog, "planted/db", 1)
+
+
+def test_a_row_copied_to_another_version_is_refused(
+    filled: SecretStore, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rolling a secret back by copying its old value over the current version."""
+    set_sealed(data_dir, "app/db", 2, sealed_of(data_dir, "app/db", 1))
+    assert_refused(filled, caplog, "app/db")
+    assert_refused(filled, caplog, "app/db", 2)
+
+
+def test_two_values_swapped_are_both_refused(
+    filled: SecretStore, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    mine, theirs = sealed_of(data_dir, "app/db", 1), sealed_of(data_dir, "app/other", 1)
+    set_sealed(data_dir, "app/db", 1, theirs)
+    set_sealed(data_dir, "app/other", 1, mine)
+    assert_refused(filled, caplog, "app/db", 1)
+    assert_refused(filled, caplog, "app/other", 1)
+
+
+def test_a_value_relabelled_with_another_key_epoch_is_refused(
+    filled: SecretStore, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with raw_db(data_dir) as db:
+        db.execute("UPDATE secret_version SET key_epoch = 2 WHERE path = 'app/db' AND version = 2")
+    assert_refused(filled, caplog, "app/db")
+
+
+def test_custom_metadata_moved_to_another_path_is_refused(
+    filled: SecretStore, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    filled.update_metadata("app/db", max_versions=None, cas_required=None, custom_metadata={"owner": VALUE}).result(
+        WAIT
+    )
+    assert filled.metadata("app/db")[0].custom_metadata == {"owner": VALUE}
+    with raw_db(data_dir) as db:
+        db.execute(
+            "UPDATE secret SET custom_metadata = (SELECT custom_metadata FROM secret WHERE path = 'app/db') "
+            "WHERE path = 'app/other'"
+        )
+    assert_refused(filled, caplog, "app/other", metadata=True)
+
+
+def test_a_flipped_byte_in_the_database_file_is_refused(data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Raw bytes this time: the sealed value is found in spike.db and one byte of it changed on disk."""
+    store = open_store(data_dir)
+    store.put("app/db", {"password": VALUE}, None).result(WAIT)
+    store.put("app/other", {"password": OTHER}, None).result(WAIT)
+    store.close()  # the last connection checkpoints the WAL into the main file
+    blob = sealed_of(data_dir, "app/db", 1)
+    db_file = data_dir / DB_NAME
+    raw = bytearray(db_file.read_bytes())
+    assert raw.count(blob) == 1
+    assert VALUE.encode() not in raw and OTHER.encode() not in raw  # nothing is stored in clear
+    raw[raw.index(blob) + len(blob) // 2] ^= 0x80
+    db_file.write_bytes(bytes(raw))
+
+    store = open_store(data_dir)
+    try:
+        assert_refused(store, caplog, "app/db")
+        assert store.get("app/other", 0) == (1, {"password": OTHER})
+    finally:
+        store.close()
+
+
+def test_another_root_key_reads_nothing(data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A wrong key is an authentication failure, never garbage returned as a value."""
+    store = open_store(data_dir)
+    store.put("app/db", {"password": VALUE}, None).result(WAIT)
+    store.close()
+    wrong = open_store(data_dir, OTHER_KEY)
+    try:
+        assert_refused(wrong, caplog, "app/db")
+    finally:
+        wrong.close()
+
+
+def test_sealing_uses_a_fresh_nonce_and_binds_path_and_version() -> None:
+    sealer = Sealer(OTHER_KEY)
+    plaintext = msgspec.json.encode({"password": VALUE})
+    first, second = sealer.seal(plaintext, secret_aad("a/b", 1)), sealer.seal(plaintext, secret_aad("a/b", 1))
+    assert first[0] == second[0] == FORMAT_V1
+    assert first[1 : 1 + NONCE_SIZE] != second[1 : 1 + NONCE_SIZE]  # fresh nonce
+    assert first != second
+    assert sealer.open(first, secret_aad("a/b", 1)) == sealer.open(second, secret_aad("a/b", 1)) == plaintext
+    for aad in (secret_aad("a/c", 1), secret_aad("a/b", 2), secret_aad("a/b/", 1)):
+        with pytest.raises(TamperedData):
+            sealer.open(first, aad)
