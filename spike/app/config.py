@@ -1,7 +1,8 @@
 """Configuration: the only place that reads flags and environment variables.
 
 Precedence, highest first: command-line flag, environment variable (SPIKE's
-names where SPIKE has one), built-in default.  Every value is checked here,
+names where SPIKE has one), the optional TOML file (`--config` or
+SPIKE_CONFIG), built-in default.  Every value is checked here,
 at start, so that a bad configuration stops the process with one clear
 sentence instead of failing later at run time.
 """
@@ -34,6 +35,9 @@ DEFAULT_TRUST_DOMAIN = "spike.ist"
 DEFAULT_KEEPER_PORT = 8443
 DEFAULT_NEXUS_PORT = 8553
 DEFAULT_NEXUS_URL = f"https://localhost:{DEFAULT_NEXUS_PORT}"
+# How often Nexus says again, in its log, what stays wrong (see `Summaries` in nexus.py).
+WAITING_SUMMARY_EVERY = 30.0  # while it waits for shards
+KEEPER_SUMMARY_EVERY = 300.0  # while a keeper stays without its shard
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +65,8 @@ class NexusConfig:
     metrics_bind: tuple[str, int] | None = None  # plain-HTTP /metrics, /healthz, /readyz; off when None
     audit_log: Path | None = None  # JSON lines of every API call; None: <data_dir>/audit.log
     shutdown_grace: float = 5.0
+    waiting_summary_every: float = WAITING_SUMMARY_EVERY
+    keeper_summary_every: float = KEEPER_SUMMARY_EVERY
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,16 +266,21 @@ def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
     metrics = _pick(args, "metrics_listen", env, "SPIKE_NEXUS_METRICS_LISTEN")
     audit = _pick(args, "audit_log", env, "SPIKE_NEXUS_AUDIT_LOG")
     grace = _pick(args, "shutdown_grace", env, "SPIKE_NEXUS_SHUTDOWN_GRACE", default="5s")
+    waiting = _pick(args, "waiting_summary_interval", env, "SPIKE_NEXUS_WAITING_SUMMARY_INTERVAL")
+    lasting = _pick(args, "keeper_summary_interval", env, "SPIKE_NEXUS_KEEPER_SUMMARY_INTERVAL")
+    data = Path(data_dir).expanduser()
     return NexusConfig(
         base,
         parse_bind(listen, "Nexus listen address"),
         keepers,
         threshold,
         schedule,
-        Path(data_dir).expanduser(),
+        data,
         parse_bind(metrics, "metrics listen address") if metrics else None,
-        Path(audit).expanduser() if audit else None,
+        Path(audit).expanduser() if audit else data / "audit.log",
         parse_duration(grace or "5s", "shutdown grace"),
+        parse_duration(waiting, "waiting summary interval") if waiting else WAITING_SUMMARY_EVERY,
+        parse_duration(lasting, "keeper summary interval") if lasting else KEEPER_SUMMARY_EVERY,
     )
 
 
@@ -342,12 +353,14 @@ TOML_KEYS: dict[str, dict[str, str]] = {
         "metrics_listen": "SPIKE_NEXUS_METRICS_LISTEN",
         "audit_log": "SPIKE_NEXUS_AUDIT_LOG",
         "shutdown_grace": "SPIKE_NEXUS_SHUTDOWN_GRACE",
+        "waiting_summary_interval": "SPIKE_NEXUS_WAITING_SUMMARY_INTERVAL",
+        "keeper_summary_interval": "SPIKE_NEXUS_KEEPER_SUMMARY_INTERVAL",
     },
     "bootstrap": {"timeout": "SPIKE_BOOTSTRAP_TIMEOUT"},
 }
 
 
-def _toml_value(section: str, key: str, value: object) -> str:
+def _toml_value(path: Path, section: str, key: str, value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float | str):
@@ -356,7 +369,7 @@ def _toml_value(section: str, key: str, value: object) -> str:
         return ",".join(f"{k}={v}" for k, v in value.items())  # [nexus.keepers] 1 = "https://..."
     if section == "nexus" and key == "keepers" and isinstance(value, list):
         return ",".join(str(v) for v in value)
-    raise ConfigError(f"config file: {section + '.' if section else ''}{key} has an unsupported value type")
+    raise ConfigError(f"config file {path}: {section + '.' if section else ''}{key} has an unsupported value type")
 
 
 def load_config_file(path: Path) -> dict[str, str]:
@@ -371,17 +384,19 @@ def load_config_file(path: Path) -> dict[str, str]:
         raise ConfigError(f"the config file {path} is not valid TOML: {exc}") from None
     out: dict[str, str] = {}
     for key, value in data.items():
-        if isinstance(value, dict) and key in TOML_KEYS and key != "":
+        if key in TOML_KEYS and key != "":
+            if not isinstance(value, dict):
+                raise ConfigError(f"config file {path}: {key} must be a table ([{key}]) of settings")
             for inner, inner_value in value.items():
                 name = TOML_KEYS[key].get(inner)
                 if name is None:
                     raise ConfigError(f"config file {path}: unknown setting {key}.{inner}")
-                out[name] = _toml_value(key, inner, inner_value)
+                out[name] = _toml_value(path, key, inner, inner_value)
         else:
             name = TOML_KEYS[""].get(key)
             if name is None:
                 raise ConfigError(f"config file {path}: unknown setting {key}")
-            out[name] = _toml_value("", key, value)
+            out[name] = _toml_value(path, "", key, value)
     return out
 
 
@@ -392,7 +407,8 @@ def environ(args: argparse.Namespace | None = None) -> Env:
     file = getattr(args, "config", None) or os.environ.get("SPIKE_CONFIG")
     if not file:
         return os.environ
-    return ChainMap(dict(os.environ), load_config_file(Path(file).expanduser()))
+    # An empty variable counts as unset (as everywhere else): it must not hide the file's value.
+    return ChainMap({k: v for k, v in os.environ.items() if v}, load_config_file(Path(file).expanduser()))
 
 
 def describe(config: object) -> dict[str, object]:

@@ -19,7 +19,7 @@ from spike.transports.server import HttpsServer, ServerLimits
 
 from .audit import AuditLog, secret_path_of
 from .cipher_api import MAX_PLAINTEXT, CipherApi
-from .config import ConfigError, NexusConfig
+from .config import KEEPER_SUMMARY_EVERY, WAITING_SUMMARY_EVERY, ConfigError, NexusConfig
 from .logs import ReportLogger, wall_time
 from .metrics import NexusMetrics
 from .nexus_api import ApiCall, NexusApi
@@ -34,9 +34,6 @@ from .storage import NexusStore
 
 log = logging.getLogger("spike.nexus")
 
-WAITING_SUMMARY_EVERY = 30.0
-KEEPER_SUMMARY_EVERY = 300.0
-
 # Bodies up to a cipher plaintext (1 MiB) plus its JSON and base64 overhead.
 NEXUS_LIMITS = ServerLimits(max_body_bytes=MAX_PLAINTEXT * 4 // 3 + 4096)
 METRICS_LIMITS = ServerLimits(max_body_bytes=0, max_header_bytes=8192, max_connections=64)
@@ -45,14 +42,24 @@ METRICS_LIMITS = ServerLimits(max_body_bytes=0, max_header_bytes=8192, max_conne
 class Summaries:
     """What stays wrong is said again now and then, never once per poll.
 
-    While Nexus cannot rebuild its key it says so every 30 s (after the
-    couple of polls a normal recovery takes); while a keeper stays without
-    its shard, every 5 minutes.
+    While Nexus cannot rebuild its key it says so every `waiting_every`
+    seconds (30 s by default; the first time after the couple of polls a
+    normal recovery takes); while a keeper stays without its shard, every
+    `keepers_every` seconds (5 minutes).
     """
 
-    def __init__(self, driver: CustodyDriver, urls: dict[int, str]) -> None:
+    def __init__(
+        self,
+        driver: CustodyDriver,
+        urls: dict[int, str],
+        *,
+        waiting_every: float = WAITING_SUMMARY_EVERY,
+        keepers_every: float = KEEPER_SUMMARY_EVERY,
+    ) -> None:
         self._driver = driver
         self._urls = urls
+        self._waiting_every = waiting_every
+        self._keepers_every = keepers_every
         self._last_waiting = -float("inf")
         self._last_keepers = -float("inf")
         self._waiting_since: float | None = None
@@ -68,7 +75,7 @@ class Summaries:
             self._waiting_since = now
         if now - self._waiting_since < 2 * custody.schedule.interval:
             return
-        if now - self._last_waiting < WAITING_SUMMARY_EVERY:
+        if now - self._last_waiting < self._waiting_every:
             return
         self._last_waiting = now
         states = ", ".join(f"{v.keeper_id}={v.state.value}" for v in custody.keepers())
@@ -85,11 +92,9 @@ class Summaries:
 
     def _keepers(self, custody: NexusCustody, now: float) -> None:
         lasting = [
-            v
-            for v in custody.keepers()
-            if v.state is not KeeperState.HOLDING and now - v.since >= KEEPER_SUMMARY_EVERY
+            v for v in custody.keepers() if v.state is not KeeperState.HOLDING and now - v.since >= self._keepers_every
         ]
-        if not lasting or now - self._last_keepers < KEEPER_SUMMARY_EVERY:
+        if not lasting or now - self._last_keepers < self._keepers_every:
             return
         self._last_keepers = now
         for view in lasting:
@@ -254,7 +259,12 @@ def _run(config: NexusConfig, identity: IdentitySource) -> None:
                 config.bind,
                 HttpsServer(identity.server_context, api, NEXUS_LIMITS),
                 background=[driver.run],
-                periodic=Summaries(driver, config.keepers),
+                periodic=Summaries(
+                    driver,
+                    config.keepers,
+                    waiting_every=config.waiting_summary_every,
+                    keepers_every=config.keeper_summary_every,
+                ),
                 on_listening=listening,
                 extra=extra,
                 grace=config.shutdown_grace,

@@ -8,6 +8,7 @@ grace period; the caller wipes key material after it returns.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 from collections.abc import Callable, Coroutine, Sequence
@@ -62,7 +63,8 @@ async def serve(
     grace: float = 5.0,
 ) -> None:
     """Serve until SIGTERM/SIGINT; then drain: stop accepting, let requests under way
-    finish for up to `grace` seconds, and stop.  A second signal stops at once."""
+    finish for up to `grace` seconds, and stop.  A second signal stops at once; once
+    stopped by a signal, further ones are ignored while the caller cleans up."""
     listener = await _open_listener(*bind)
     others = [(await _open_listener(*more.bind), more) for more in extra]
     on_listening(bind[0], _bound_port(listener))
@@ -82,15 +84,30 @@ async def serve(
 
 
 async def _stop_on_signal(servers: Sequence[HttpsServer], scope: anyio.CancelScope) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            if servers[0].draining:
-                log.info("received %s again: stopping now", signal.Signals(signum).name)
-                scope.cancel()
-                return
-            log.info("received %s: finishing requests under way, then stopping", signal.Signals(signum).name)
-            for server in servers:
-                server.drain()
+    stopping = False
+    try:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                stopping = True
+                if servers[0].draining:
+                    log.info("received %s again: stopping now", signal.Signals(signum).name)
+                    scope.cancel()
+                    return
+                log.info("received %s: finishing requests under way, then stopping", signal.Signals(signum).name)
+                for server in servers:
+                    server.drain()
+    finally:
+        if stopping:
+            _ignore_stop_signals()
+
+
+def _ignore_stop_signals() -> None:
+    """The process is stopping: a further SIGTERM or Ctrl-C must not cut short what the caller does
+    after `serve` returns (wiping key material, finishing the last commit) with a default-action
+    kill or a KeyboardInterrupt in the middle of it."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError):  # not the main thread: nothing was ours to change
+            signal.signal(signum, signal.SIG_IGN)
 
 
 async def _every_second(callback: Callable[[], None]) -> None:

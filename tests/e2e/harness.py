@@ -21,6 +21,11 @@ Typical use (see conftest.py for the fixtures)::
     cluster.start_keeper(2)                # same port, empty
     code, status = cluster.wait_status(lambda s: s["redundancy"] == 1, "keeper 2 re-seeded")
     cluster.wait_log(cluster.nexus(), r"keeper 2 .* re-seeded and confirmed")
+
+`Cluster(metrics=True)` gives Nexus its plain-HTTP metrics listener: `http_get`
+reads /healthz and /readyz, `scrape` and `wait_metrics` read /metrics parsed by
+prometheus_client (each scrape is kept in the logs dir, for the hygiene
+sweeps).  `nexus_env` holds more settings for every Nexus start.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +55,10 @@ from spike.app.devca import DevIdentity
 from spike.app.errors import CommandError
 from spike.app.pilot import NexusClient
 from spike.app.status import exit_code as status_exit_code
+from spike.app.storage import NexusStore
 from spike.protocol.identity import Role, TrustDomains
 from spike.protocol.material import Share
+from spike.protocol.shamir import combine
 from spike.protocol.wire import KEEPER_SHARD_PATH, ShardAnswer, decode
 from spike.transports.blocking import ClientSession
 from spike.transports.client import TransportError
@@ -186,6 +195,9 @@ class Cluster:
     log_level: str = "info"
     log_format: str = "text"
     poll_with_cli: bool = False  # wait_status through `spike status --format json` itself (slower)
+    metrics: bool = False  # Nexus serves /metrics, /healthz and /readyz on metrics_port (see `scrape`)
+    nexus_env: dict[str, str] = field(default_factory=dict)  # settings for every Nexus start
+    metrics_port: int = 0
     keeper_ids: list[int] = field(default_factory=list)
     keeper_ports: dict[int, int] = field(default_factory=dict)
     nexus_port: int = 0
@@ -201,7 +213,10 @@ class Cluster:
         self.keeper_ids = list(range(1, self.keepers + 1))
         self.keeper_ports = {i: pick_port() for i in self.keeper_ids}
         self.nexus_port = pick_port()
+        if self.metrics:
+            self.metrics_port = pick_port()
         self.trust = TrustDomains.single(self.identity.trust_domain)
+        self._scrapes = 0
 
     # ------------------------------------------------------------------ addresses
 
@@ -278,6 +293,8 @@ class Cluster:
                 "SPIKE_NEXUS_KEEPER_PEERS": self.peers,
                 "SPIKE_NEXUS_SHAMIR_SHARES": str(self.keepers),
                 "SPIKE_NEXUS_SHAMIR_THRESHOLD": str(self.threshold),
+                **({"SPIKE_NEXUS_METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}"} if self.metrics else {}),
+                **self.nexus_env,
                 **(extra_env or {}),
             },
         )
@@ -295,8 +312,8 @@ class Cluster:
     def start_keeper(self, keeper_id: int) -> Proc:
         return self._await_listening(self.spawn_keeper(keeper_id))
 
-    def start_nexus(self) -> Proc:
-        return self._await_listening(self.spawn_nexus())
+    def start_nexus(self, extra_env: dict[str, str] | None = None) -> Proc:
+        return self._await_listening(self.spawn_nexus(extra_env))
 
     def start(self, keeper_ids: Iterable[int] | None = None, *, nexus: bool = True) -> None:
         """Start keepers (all by default) and Nexus together, then wait until each listens."""
@@ -413,6 +430,50 @@ class Cluster:
         """The operator's client (what `spike secret` uses), in this process; close it after use."""
         return NexusClient(self.nexus_url, self.identity.files(identity), self.trust, timeout=timeout)
 
+    # ------------------------------------------------------------------ the metrics listener
+
+    def http_get(self, path: str) -> tuple[int, str]:
+        """GET `path` on Nexus's plain-HTTP metrics listener: (status, body); (0, reason) if nothing answers."""
+        if not self.metrics:
+            raise HarnessError("this cluster's Nexus has no metrics listener (Cluster(metrics=True))")
+        url = f"http://127.0.0.1:{self.metrics_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except (urllib.error.URLError, OSError) as exc:
+            return 0, str(exc)
+
+    def scrape(self) -> Scrape:
+        """/metrics, parsed by prometheus_client's own parser; every scrape is kept in the logs dir."""
+        status, text = self.http_get("/metrics")
+        if status != 200:
+            raise HarnessError(f"/metrics answered {status}: {text}")
+        self._scrapes += 1
+        (self.logs / f"metrics.{self._scrapes}.txt").write_text(text)
+        return Scrape.parse(text)
+
+    def wait_metrics(self, predicate: Callable[[Scrape], bool], what: str, timeout: float = DEFAULT_TIMEOUT) -> Scrape:
+        """Scrape until `predicate` holds (a failed scrape counts as not yet)."""
+        last: list[Scrape | str] = ["nothing yet"]
+
+        def check() -> Scrape | None:
+            status, text = self.http_get("/metrics")
+            if status != 200:
+                last[0] = f"HTTP {status}: {text}"
+                return None
+            found = last[0] = Scrape.parse(text)
+            return found if predicate(found) else None
+
+        try:
+            result: Scrape = wait_until(check, what, timeout, every=0.05)
+        except HarnessError as exc:
+            raise HarnessError(f"{exc}; last scrape: {last[0]}") from None
+        self._scrapes += 1
+        (self.logs / f"metrics.{self._scrapes}.txt").write_text(result.text)
+        return result
+
     # ------------------------------------------------------------------ logs
 
     def wait_log(
@@ -473,15 +534,75 @@ class Cluster:
         return shards
 
 
+@dataclass
+class Scrape:
+    """One /metrics answer: its text and its samples (name, labels, value)."""
+
+    text: str
+    samples: list[tuple[str, dict[str, str], float]]
+
+    @classmethod
+    def parse(cls, text: str) -> Scrape:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        samples = [
+            (s.name, dict(s.labels), s.value) for family in text_string_to_metric_families(text) for s in family.samples
+        ]
+        return cls(text, samples)
+
+    def value(self, name: str, **labels: str) -> float:
+        """The one sample named `name` whose labels include `labels`; 0 if only other label values were seen
+        (a counter for them not yet counted), an error if nothing of that name is there (a misspelt name)."""
+        named = [(ls, v) for n, ls, v in self.samples if n == name]
+        if not named:
+            raise HarnessError(f"no sample named {name} in the scrape")
+        found = [v for ls, v in named if labels.items() <= ls.items()]
+        if len(found) > 1:
+            raise HarnessError(f"{len(found)} samples of {name} match {labels}")
+        return found[0] if found else 0.0
+
+    def __str__(self) -> str:
+        return self.text
+
+
 # ---------------------------------------------------------------------- secret hunting
 
 
 @dataclass
 class SecretsSeen:
-    """Shards read back from keepers during the session, and every log directory written."""
+    """Shards read back from keepers during the session (and other secrets tests add), and the directories to sweep."""
 
     shards: dict[str, bytes] = field(default_factory=dict)
     log_dirs: list[Path] = field(default_factory=list)
+
+    def add_secret(self, name: str, secret: bytes) -> None:
+        """More bytes no file may hold: a secret value, a root key."""
+        self.shards[name] = secret
+
+    def add_dir(self, directory: Path) -> None:
+        """One more directory to sweep (a Nexus data dir: database, WAL, audit log)."""
+        if directory not in self.log_dirs:
+            self.log_dirs.append(directory)
+
+    def add_keys(self, cluster: Cluster, label: str) -> None:
+        """Now: every live keeper's shard, and the root key two of them rebuild (checked against the key record)."""
+        shards = cluster.read_shards()
+        store = NexusStore(cluster.data_dir)
+        try:
+            record = store.load_key_record()
+        finally:
+            store.close()
+        if record is None or len(shards) < record.threshold:
+            raise HarnessError(f"{label}: no key record, or fewer than threshold keepers hold a shard")
+        for keeper_id, share in shards.items():
+            self.shards[f"{label} keeper {keeper_id} epoch {share.epoch} shard"] = share.secret_bytes()
+        key = combine(list(shards.values())[: record.threshold], record.threshold)
+        try:
+            if not record.matches_key(key):
+                raise HarnessError(f"{label}: the keepers' shards do not rebuild the recorded key")
+            self.shards[f"{label} root key epoch {record.epoch}"] = key.secret_bytes()
+        finally:
+            key.wipe()
 
     def add_cluster(self, cluster: Cluster, label: str) -> None:
         if cluster.logs not in self.log_dirs:
