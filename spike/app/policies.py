@@ -8,9 +8,10 @@ everything).  Patterns are Python regular expressions matched against the
 pattern grant far more than it seems to.
 
 Paths whose first segment is ``spike`` are reserved for the system (the
-cipher is ``spike/cipher/encrypt`` and ``spike/cipher/decrypt``).  A policy
-reaches them only if its path pattern itself starts with the literal
-``spike/``: a loose pattern such as ``.*`` never does.
+cipher is ``spike/cipher/encrypt`` and ``spike/cipher/decrypt``, policy
+administration ``spike/acl/policies``).  A policy reaches them only if its
+path pattern itself starts with the literal ``spike/`` (after an optional
+``^``): a loose pattern such as ``.*`` never does.
 
 Evaluation reads nothing from the database: policies are decrypted once
 (at unlock, and after every change) into compiled patterns, and the
@@ -48,6 +49,11 @@ class Permission(StrEnum):
 
 def reserved(path: str) -> bool:
     return path == "spike" or path.startswith(RESERVED_PREFIX)
+
+
+def reaches_reserved(path_pattern: str) -> bool:
+    """Whether a path pattern names the reserved paths explicitly (``spike/...``, or ``^spike/...``)."""
+    return path_pattern.removeprefix("^").startswith(RESERVED_PREFIX)
 
 
 def _compile(pattern: str, what: str) -> re.Pattern[str]:
@@ -131,7 +137,7 @@ class Authorizer:
                 re.compile(p.spiffe_id_pattern),
                 re.compile(p.path_pattern),
                 p.permissions,
-                p.path_pattern.startswith(RESERVED_PREFIX),
+                reaches_reserved(p.path_pattern),
             )
             for p in policies
         )
@@ -144,10 +150,21 @@ class Authorizer:
         self._stale = False
         self.load(())
 
+    def _reload(self, loader: Callable[[], Iterable[Policy]]) -> None:
+        self._stale = False  # first: a change committed while loading marks it stale again
+        try:
+            policies = list(loader())
+        except BaseException:
+            # Fail closed: the policies read before may have been changed or deleted since.
+            # Nothing is granted until a reload succeeds (tried again on the next check).
+            self.load(())
+            self._stale = True
+            raise
+        self.load(policies)
+
     def _for(self, caller: SpiffeId) -> tuple[_Compiled, ...]:
         if self._stale and self._loader is not None:
-            self._stale = False
-            self.load(self._loader())
+            self._reload(self._loader)
         found = self._per_caller.get(caller)
         if found is None:
             text = str(caller)

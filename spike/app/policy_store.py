@@ -2,12 +2,17 @@
 
 The id and name are stored in clear (they are looked up and listed); the
 patterns and permissions are sealed under the data key with associated data
-naming the policy, so a tampered or swapped row is refused.  Writes go
+naming the policy, so a tampered or swapped row is refused: `get` fails,
+and `load_all` leaves it out (it grants nothing) and logs it.  Writes go
 through the same group-committing writer as secrets.
+
+`get` and `delete` take an id or a name; an id wins, so a policy whose name
+happens to be another policy's id never shadows it.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets as random_tokens
 import sqlite3
 import time
@@ -20,6 +25,12 @@ from .kv import InvalidRequest, NotFound
 from .policies import MAX_POLICIES, Permission, Policy
 from .sealing import TamperedData, policy_aad
 from .secret_store import SecretStore
+
+log = logging.getLogger("spike.nexus.policy")
+
+_SELECT = "SELECT id, name, sealed, created_at, updated_at FROM policy"
+# One row for an id or a name, the id first (ids are random; names are chosen by people).
+_ONE = f"{_SELECT} WHERE id = ?1 OR name = ?1 ORDER BY id = ?1 DESC LIMIT 1"
 
 
 class _Sealed(msgspec.Struct):
@@ -49,16 +60,18 @@ class PolicyStore:
         return Policy(policy_id, name, body.spiffe_id_pattern, body.path_pattern, permissions, created, updated)
 
     def load_all(self) -> list[Policy]:
-        rows = self._store.reader.execute(
-            "SELECT id, name, sealed, created_at, updated_at FROM policy ORDER BY name"
-        ).fetchall()
-        return [self._decode(row) for row in rows]
+        """Every policy that opens; a tampered one is logged and left out, so it grants nothing."""
+        policies = []
+        for row in self._store.reader.execute(f"{_SELECT} ORDER BY name").fetchall():
+            try:
+                policies.append(self._decode(row))
+            except TamperedData as exc:
+                # A one-line cause, not a bug: no traceback.
+                log.error("REFUSED TAMPERED DATA: %s; it grants nothing", exc, extra={"event": "policy_tampered"})  # noqa: TRY400
+        return policies
 
     def get(self, id_or_name: str) -> Policy:
-        row = self._store.reader.execute(
-            "SELECT id, name, sealed, created_at, updated_at FROM policy WHERE id = ? OR name = ?",
-            (id_or_name, id_or_name),
-        ).fetchone()
+        row = self._store.reader.execute(_ONE, (id_or_name,)).fetchone()
         if row is None:
             raise NotFound("no such policy")
         return self._decode(row)
@@ -105,7 +118,9 @@ class PolicyStore:
 
     def delete(self, id_or_name: str) -> Future[None]:
         def op(db: sqlite3.Connection) -> None:
-            if db.execute("DELETE FROM policy WHERE id = ? OR name = ?", (id_or_name, id_or_name)).rowcount == 0:
+            row = db.execute(_ONE, (id_or_name,)).fetchone()
+            if row is None:
                 raise NotFound("no such policy")
+            db.execute("DELETE FROM policy WHERE id = ?", (row[0],))
 
         return self._store.submit(op)
