@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import logging
 
-import anyio
-
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.keeper import MAX_KEEPER_BODY, Keeper, KeeperChange
 from spike.transports.identity import identity_source
-from spike.transports.runner import serve
+from spike.transports.runner import run_event_loop, serve
 from spike.transports.server import HttpsServer, ServerLimits
 
 from .config import KeeperConfig
@@ -55,7 +53,7 @@ def run(config: KeeperConfig) -> None:
         log.info("keeper listening on %s:%d (empty until Nexus or bootstrap seeds it)", host, port)
 
     try:
-        anyio.run(lambda: serve(config.bind, server, on_listening=listening))
+        run_event_loop(lambda: serve(config.bind, server, on_listening=listening))
     finally:
         keeper.forget()
         identity.stop()

@@ -14,7 +14,7 @@ from spike.protocol.errors import LocalProtocolError
 from spike.protocol.nexus import NexusCustody
 from spike.transports.custody_driver import CustodyDriver
 from spike.transports.identity import IdentitySource, identity_source
-from spike.transports.runner import Listener, serve
+from spike.transports.runner import Listener, run_event_loop, serve
 from spike.transports.server import HttpsServer, ServerLimits
 
 from .audit import AuditLog, secret_path_of
@@ -275,7 +275,7 @@ def _run(config: NexusConfig, identity: IdentitySource) -> None:
             cipher.lock()
 
     try:
-        anyio.run(main)
+        run_event_loop(main)
     finally:
         secrets.close()  # lets queued writes finish their commit
         store.close()

@@ -17,6 +17,7 @@ import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from .client import HttpsConnection, TransportError
+from .runner import backend_options
 from .tls import PeerCheck
 
 
@@ -59,7 +60,7 @@ class ClientSession:
         self._ssl_context = ssl_context
         self._timeout = timeout
         self._stack = ExitStack()
-        self._portal = self._stack.enter_context(start_blocking_portal())
+        self._portal = self._stack.enter_context(start_blocking_portal(backend_options=backend_options()))
         self._connections: list[BlockingConnection] = []
 
     def connect(

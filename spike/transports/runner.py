@@ -27,6 +27,20 @@ log = logging.getLogger("spike.transports.runner")
 Background = Callable[[], Coroutine[Any, Any, None]]
 
 
+def backend_options() -> dict[str, Any]:
+    """uvloop when it is installed: its C event loop and TLS roughly halve the server's cost per request."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
+
+
+def run_event_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run a server's main coroutine on the asyncio backend (uvloop if available)."""
+    anyio.run(main, backend="asyncio", backend_options=backend_options())
+
+
 class BindError(Exception):
     """The listen address cannot be bound (in use, not permitted, not local)."""
 

@@ -1,64 +1,61 @@
-"""HTTP/1.1 over mutual TLS, served with h11 on anyio.
+"""HTTP/1.1 over mutual TLS: spike's server, on the event loop's own transports.
 
-One task per connection, keep-alive, and limits on everything a client
-controls: handshake time, idle time, time to deliver a whole request, header
-size, body size and the number of open connections.  A client that breaks
-any of them gets a 4xx (when HTTP is still possible) and a closed
-connection; nothing a client sends can end the server.
+Each connection is an `asyncio.Protocol`: bytes arrive in `data_received`,
+the sans-IO `RequestParser` (spike/transports/http1.py) turns them into
+requests, the handler answers inline (or with a future that the storage
+writer thread resolves), and the answer is written in one call.  There is no
+task and no await per request: with uvloop, TLS and socket I/O run in C,
+which is what makes the server's per-request cost small (see
+docs/benchmarks.md for the measurements that led here).  The process is
+still run by anyio (`serve` is an anyio-cancellable coroutine); sockets are
+accepted by our own loop (so running out of file descriptors is waited
+out, not logged a thousand times) and each one's TLS handshake runs on its
+own with the identity source's current SSL context: an SVID rotation needs
+no restart.
+
+Limits on everything a client controls: TLS handshake time, idle time
+between requests, time to deliver a whole request (slow clients), head and
+body size, open connections, and unread responses (a client that sends but
+never reads is paused).  A client that breaks one gets a 4xx when HTTP is
+still possible and a closed connection; nothing a client sends ends the
+server or touches another connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import errno
 import logging
-import math
+import socket
 import ssl
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import cast
 
 import anyio
 import anyio.abc
-import h11
-from anyio.streams.tls import TLSAttribute, TLSStream
+from anyio.abc import SocketAttribute
 
 from spike.protocol.api import ApiRequest, ApiResponse
+from spike.protocol.identity import SpiffeId
 from spike.protocol.wire import ErrorCode, error_body
 
+from .http1 import CONTINUE, HttpError, Request, RequestParser, response
 from .tls import spiffe_id_of
 
 log = logging.getLogger("spike.transports.server")
-
-# The server's TLS context, or a function returning the current one: each new
-# connection asks it, so a rotated SVID is presented from the next handshake on
-# while connections already open keep theirs.
-ContextSource = ssl.SSLContext | Callable[[], ssl.SSLContext]
 
 # A handler answers at once, or with a future that another thread (the
 # storage writer) resolves, for example once a group commit is durable.
 Reply = ApiResponse | Future[ApiResponse]
 Handler = Callable[[ApiRequest], Reply]
+ContextSource = ssl.SSLContext | Callable[[], ssl.SSLContext]
 
-_REASONS = {
-    200: b"OK",
-    400: b"Bad Request",
-    401: b"Unauthorized",
-    403: b"Forbidden",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    408: b"Request Timeout",
-    409: b"Conflict",
-    411: b"Length Required",
-    413: b"Content Too Large",
-    415: b"Unsupported Media Type",
-    431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error",
-    503: b"Service Unavailable",
-}
-
-
+_INTERNAL_ERROR = ApiResponse(500, error_body(ErrorCode.INTERNAL))
 _ACCEPT_RETRY_DELAY = 0.1
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_CLOSE_LINGER = 0.5  # seconds a closing connection may take to flush and say goodbye
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,265 +68,341 @@ class ServerLimits:
     max_connections: int = 1024
 
 
-class _ClientGone(Exception):
-    """The connection ended or stalled: nothing more can be said to this client."""
-
-
-class _Reject(Exception):
-    def __init__(self, status: int) -> None:
-        self.status = status
-
-
 class HttpsServer:
-    """Serves `handler` to mTLS clients; the handler sees the peer's SPIFFE ID."""
+    """Serves `handler` to mTLS clients (plain HTTP if `ssl_context` is None: metrics only)."""
 
-    def __init__(
-        self, ssl_context: ContextSource | None, handler: Handler, limits: ServerLimits | None = None
-    ) -> None:
-        # ssl_context=None serves plain HTTP: only for the loopback metrics listener.
+    def __init__(self, ssl_context: ContextSource | None, handler: Handler, limits: ServerLimits | None = None) -> None:
         self._ssl_context = ssl_context
-        self._handler = handler
+        self.handler = handler
         self.limits = limits or ServerLimits()
-        self._open = 0
+        self.accepted = 0  # TCP connections accepted, for tests and metrics
+        self._connections: set[_Connection] = set()
         self._accepting: anyio.CancelScope | None = None
+        self._pending = 0  # accepted sockets still in their TLS handshake
         self._draining = False
-        self._idle: set[anyio.CancelScope] = set()
+        self._drained: anyio.Event | None = None
         self._all_closed: anyio.Event | None = None
 
     @property
     def open_connections(self) -> int:
-        return self._open
+        return len(self._connections)
 
     @property
     def draining(self) -> bool:
         return self._draining
 
+    def context(self) -> ssl.SSLContext | None:
+        source = self._ssl_context
+        return source if source is None or isinstance(source, ssl.SSLContext) else source()
+
     async def serve(self, listener: anyio.abc.Listener[anyio.abc.SocketStream], *, grace: float = 5.0) -> None:
-        """Serve until `drain()`; then let open requests finish for up to `grace` seconds."""
-        self._accepting = anyio.CancelScope()
+        """Serve on the listener's sockets until `drain()` (or cancellation).
+
+        After a drain, requests under way get up to `grace` seconds to finish;
+        on cancellation every connection is closed at once.
+        """
+        self._drained = anyio.Event()
         self._all_closed = anyio.Event()
-        if self._draining:
-            self._accepting.cancel()
-        async with anyio.create_task_group() as connections:
-            with self._accepting:
-                async with listener:
-                    while True:
-                        try:
-                            await listener.serve(self._guarded, task_group=connections)
-                        except* OSError as failed:
-                            # accept() fails while the process is out of file descriptors
-                            # or memory (EMFILE, ENFILE, ENOBUFS ...); that passes as
-                            # connections close, so wait and accept again (as trio does)
-                            # rather than end the server.  Open connections carry on.
-                            reasons = sorted({str(getattr(e, "strerror", None) or e) for e in failed.exceptions})
-                            log.warning("accepting a connection failed (%s): retrying", "; ".join(reasons))
-                        await anyio.sleep(_ACCEPT_RETRY_DELAY)
-            if self._open:
+        sockets = [one.extra(SocketAttribute.raw_socket) for one in getattr(listener, "listeners", [listener])]
+        try:
+            async with anyio.create_task_group() as accepting:
+                self._accepting = accepting.cancel_scope
+                for sock in sockets:
+                    accepting.start_soon(self._accept_loop, sock, accepting)
+                if self._draining:
+                    self.drain()
+            # Accepting has stopped: nobody new can connect while requests finish.
+            with anyio.CancelScope(shield=True):
+                await listener.aclose()
+            await self._drained.wait()
+            if self._connections:
                 with anyio.move_on_after(grace):
                     await self._all_closed.wait()
-                if self._open:
-                    log.warning("%d connection(s) still busy after %gs: closing them", self._open, grace)
-            connections.cancel_scope.cancel()
+                if self._connections:
+                    log.warning("%d connection(s) still busy after %gs: closing them", len(self._connections), grace)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await listener.aclose()
+            for connection in list(self._connections):
+                connection.abort()
+
+    async def _accept_loop(self, sock: socket.socket, handshakes: anyio.abc.TaskGroup) -> None:
+        loop = asyncio.get_running_loop()
+        starved = False
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise
+                # Out of file descriptors or memory: that passes as connections
+                # close; wait and accept again (as trio does), saying so once.
+                if not starved:
+                    log.warning("accepting connections failed (%s): retrying", exc.strerror)
+                    starved = True
+                await anyio.sleep(_ACCEPT_RETRY_DELAY)
+                continue
+            starved = False
+            self.accepted += 1
+            if self._draining or self._pending + len(self._connections) >= self.limits.max_connections:
+                if not self._draining:
+                    log.warning("connection limit (%d) reached: closing a new connection", self.limits.max_connections)
+                conn.close()
+                continue
+            # Each handshake runs on its own, so a slow or silent client delays nobody.
+            self._pending += 1
+            handshakes.start_soon(self._secure, loop, conn)
+
+    async def _secure(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+        # The SSL context is taken now, per connection: a rotated SVID needs no restart.
+        context = self.context()
+        try:
+            if context is None:
+                await loop.connect_accepted_socket(lambda: _Connection(self), conn)
+            else:
+                await loop.connect_accepted_socket(
+                    lambda: _Connection(self),
+                    conn,
+                    ssl=context,
+                    ssl_handshake_timeout=self.limits.handshake_timeout,
+                )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            log.debug("TLS handshake failed: %s", exc.__class__.__name__)
+            conn.close()
+        except BaseException:
+            conn.close()  # cancelled: the server is stopping
+            raise
+        finally:
+            self._pending -= 1
+            self._maybe_all_closed()
 
     def drain(self) -> None:
-        """Stop accepting, close idle keep-alive connections, finish requests under way."""
+        """Stop accepting, close idle keep-alive connections, let requests under way finish."""
         self._draining = True
         if self._accepting is not None:
             self._accepting.cancel()
-        for scope in self._idle:
-            scope.cancel()
-        if not self._open and self._all_closed is not None:
+        for connection in list(self._connections):
+            connection.drain()
+        if self._drained is not None:
+            self._drained.set()
+        self._maybe_all_closed()
+
+    def _maybe_all_closed(self) -> None:
+        if self._draining and not self._connections and not self._pending and self._all_closed is not None:
             self._all_closed.set()
 
-    async def _guarded(self, stream: anyio.abc.SocketStream) -> None:
-        if self._open >= self.limits.max_connections:
-            log.warning("connection limit (%d) reached: closing a new connection", self._open)
-            await _close(stream)
-            return
-        self._open += 1
-        try:
-            await self.handle_connection(stream)
-        except Exception:
-            # One connection's failure must never reach the listener's task group.
-            log.exception("unexpected error on a connection")
-        finally:
-            self._open -= 1
-            if self._draining and not self._open and self._all_closed is not None:
-                self._all_closed.set()
-            await _close(stream)
+    def _opened(self, connection: _Connection) -> None:
+        self._connections.add(connection)
 
-    async def handle_connection(self, stream: anyio.abc.ByteStream) -> None:
-        if self._ssl_context is None:
-            tls: anyio.abc.ByteStream = stream
-            peer = None
+    def _closed(self, connection: _Connection) -> None:
+        self._connections.discard(connection)
+        self._maybe_all_closed()
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: TLS, then requests answered one at a time, in order."""
+
+    def __init__(self, server: HttpsServer) -> None:
+        self._server = server
+        limits = server.limits
+        self._limits = limits
+        self._parser = RequestParser(max_head=limits.max_header_bytes, max_body=limits.max_body_bytes)
+        self._transport: asyncio.Transport | None = None
+        self._writer: asyncio.Transport | None = None  # set once TLS (if any) is up
+        self._peer: SpiffeId | None = None
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_kind = ""  # "idle" or "request"
+        self._busy = False  # a reply is pending: later requests wait in the parser
+        self._write_paused = False
+        self._closing = False
+        self._tracked = False
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Called once the TLS handshake (if any) is done.  uvloop's transports
+        # implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self._transport = transport
+        self._server._opened(self)
+        self._tracked = True
+        self._ready(transport, transport.get_extra_info("peercert"))
+
+    def _ready(self, transport: asyncio.Transport, peer_certificate: object) -> None:
+        self._writer = transport
+        self._peer = spiffe_id_of(peer_certificate) if isinstance(peer_certificate, dict) else None
+        if self._server.draining:
+            self.drain()
         else:
-            context = self._ssl_context if isinstance(self._ssl_context, ssl.SSLContext) else self._ssl_context()
+            self._process()  # answers what arrived during the handshake, then arms the idle timer
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost()
+
+    def _lost(self) -> None:
+        self._closing = True
+        self._cancel_timer()
+        if self._tracked:
+            self._tracked = False
+            self._server._closed(self)
+
+    def abort(self) -> None:
+        self._closing = True
+        transport = self._writer or self._transport
+        if transport is not None:
+            transport.abort()
+        self._lost()
+
+    def drain(self) -> None:
+        """Close now if idle; otherwise after the answer under way."""
+        if not self._busy and not self._parser.in_progress:
+            self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        self._cancel_timer()
+        writer = self._writer
+        if writer is not None:
+            # close() flushes what is written, then TLS waits for the peer's
+            # close_notify; a peer that never sends it must not hold the socket.
+            writer.close()
+            self._loop.call_later(_CLOSE_LINGER, writer.abort)
+        elif self._transport is not None:
+            self._transport.abort()
+
+    # ---------------------------------------------------------------- timers
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timer_kind = ""
+
+    def _arm_idle(self) -> None:
+        self._cancel_timer()
+        self._timer = self._loop.call_later(self._limits.idle_timeout, self._close)
+        self._timer_kind = "idle"
+
+    def _arm_request(self) -> None:
+        # From a request's first byte: a client must finish it within the limit, however it trickles.
+        if self._timer_kind == "request":
+            return
+        self._cancel_timer()
+        self._timer = self._loop.call_later(self._limits.request_timeout, self._request_too_slow)
+        self._timer_kind = "request"
+
+    def _request_too_slow(self) -> None:
+        self._timer = None
+        self._timer_kind = ""
+        if self._parser.head_received:
+            self._fail(408)
+        else:
+            self._close()  # not even a whole head: nothing to answer
+
+    # ---------------------------------------------------------------- data
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._parser.feed(data)
+        if not self._busy and self._writer is not None:
+            self._process()
+
+    def eof_received(self) -> bool | None:
+        if not self._busy:
+            self._close()
+        return None
+
+    def pause_writing(self) -> None:
+        # The client does not read its answers: stop reading its requests.
+        self._write_paused = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if not self._busy:
+            self._resume_reading()
+            self._process()
+
+    def _pause_reading(self) -> None:
+        if self._writer is not None and self._writer.is_reading():
+            self._writer.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._writer is not None and not self._writer.is_reading() and not self._closing:
+            self._writer.resume_reading()
+
+    def _process(self) -> None:
+        while not self._busy and not self._closing and not self._write_paused:
             try:
-                with anyio.fail_after(self.limits.handshake_timeout):
-                    tls = await TLSStream.wrap(
-                        stream, server_side=True, ssl_context=context, standard_compatible=False
-                    )
-            except (TimeoutError, OSError, ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
-                log.debug("TLS handshake failed: %s", exc.__class__.__name__)
+                request = self._parser.next_request()
+            except HttpError as exc:
+                log.debug("refused a request: %s", exc)
+                self._fail(exc.status)
                 return
-            peer = spiffe_id_of(tls.extra(TLSAttribute.peer_certificate, None))
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
-        try:
-            while not self._draining:
-                try:
-                    request = await self._read_request(tls, conn, peer)
-                except _Reject as reject:
-                    await self._send_error(tls, conn, reject.status)
-                    return
-                if request is None:
-                    return
-                reply = self._respond(request)
-                response = reply if isinstance(reply, ApiResponse) else await _settled(reply, request)
-                await _send_response(tls, conn, response, close=self._draining)
-                if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
-                    return
-                conn.start_next_cycle()
-        except _ClientGone:
-            return
-        finally:
-            await _close(tls)
-
-    def _respond(self, request: ApiRequest) -> Reply:
-        try:
-            return self._handler(request)
-        except Exception:
-            log.exception("handler failed on %s %s", request.method, request.path)
-            return ApiResponse(500, error_body(ErrorCode.INTERNAL))
-
-    async def _read_request(
-        self, stream: anyio.abc.ByteStream, conn: h11.Connection, peer: object
-    ) -> ApiRequest | None:
-        limits = self.limits
-        deadline = math.inf  # set once the request's first byte has arrived
-        head: h11.Request | None = None
-        body = bytearray()
-        while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise _Reject(exc.error_status_hint) from None
-            if event is h11.NEED_DATA:
-                if deadline == math.inf:
-                    # Waiting for a request to begin: idle, so a drain may close it.
-                    with anyio.CancelScope() as idle:
-                        self._idle.add(idle)
-                        try:
-                            data = await _receive(stream, limits.idle_timeout, reject_on_timeout=False)
-                        finally:
-                            self._idle.discard(idle)
-                    if idle.cancelled_caught:
-                        return None
+            if request is None:
+                if self._parser.continue_wanted and self._writer is not None:
+                    self._parser.continue_wanted = False
+                    self._writer.write(CONTINUE)
+                if self._parser.in_progress:
+                    self._arm_request()
                 else:
-                    data = await _receive(stream, deadline - anyio.current_time(), reject_on_timeout=head is not None)
-                if deadline == math.inf:
-                    deadline = anyio.current_time() + limits.request_timeout
-                conn.receive_data(data)
-                continue
-            if isinstance(event, h11.Request):
-                head = event
-                if _head_size(event) > limits.max_header_bytes:
-                    raise _Reject(431)
-                if _content_length(event) > limits.max_body_bytes:
-                    raise _Reject(413)
-            elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > limits.max_body_bytes:
-                    raise _Reject(413)
-            elif isinstance(event, h11.EndOfMessage) and head is not None:
-                target = head.target.decode("ascii", "replace")
-                path, _, query = target.partition("?")
-                return ApiRequest(
-                    content_type=_header(head, b"content-type").decode("ascii", "replace").partition(";")[0].strip(),
-                    method=head.method.decode("ascii", "replace"),
-                    path=path,
-                    peer=peer,  # type: ignore[arg-type]
-                    body=bytes(body),
-                    query=query,
-                )
-            elif isinstance(event, h11.ConnectionClosed):
-                return None
+                    self._arm_idle()
+                return
+            self._cancel_timer()
+            self._dispatch(request)
 
-    async def _send_error(self, stream: anyio.abc.ByteStream, conn: h11.Connection, status: int) -> None:
-        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
-        code = ErrorCode.BAD_REQUEST if status < 500 else ErrorCode.INTERNAL
-        with contextlib.suppress(_ClientGone, h11.LocalProtocolError):
-            await _send_response(stream, conn, ApiResponse(status, error_body(code)), close=True)
-
-
-async def _receive(stream: anyio.abc.ByteStream, wait: float, *, reject_on_timeout: bool) -> bytes:
-    try:
-        with anyio.fail_after(max(wait, 0.0)):
-            return await stream.receive(65536)
-    except TimeoutError:
-        if reject_on_timeout:
-            raise _Reject(408) from None
-        raise _ClientGone from None
-    except anyio.EndOfStream:
-        return b""
-    except (anyio.BrokenResourceError, OSError, ssl.SSLError):
-        raise _ClientGone from None
-
-
-def _head_size(request: h11.Request) -> int:
-    # h11 bounds only a head that is still incomplete in its buffer; one that
-    # arrives whole in a single read (a TLS record holds up to 16 KiB) is measured here.
-    size = len(request.method) + len(request.target) + len(b"  HTTP/1.1\r\n\r\n")
-    return size + sum(len(name) + len(value) + 4 for name, value in request.headers)
-
-
-def _header(request: h11.Request, wanted: bytes) -> bytes:
-    for name, value in request.headers:
-        if name == wanted:
-            return bytes(value)
-    return b""
-
-
-def _content_length(request: h11.Request) -> int:
-    return int(_header(request, b"content-length") or 0)  # h11 has already checked it is a number
-
-
-async def _settled(reply: Future[ApiResponse], request: ApiRequest) -> ApiResponse:
-    """Wait for a handler's future without blocking the loop.
-
-    Shielded: once a write is queued it completes whatever happens to this
-    connection, so its answer is awaited even while the server shuts down.
-    """
-    response = ApiResponse(500, error_body(ErrorCode.INTERNAL))
-    with anyio.CancelScope(shield=True):
+    def _dispatch(self, request: Request) -> None:
+        target = request.target
+        path, _, query = target.partition("?")
+        api_request = ApiRequest(
+            method=request.method,
+            path=path,
+            peer=self._peer,
+            body=request.body,
+            query=query,
+            content_type=request.headers.get(b"content-type", b"").partition(b";")[0].strip().decode("latin-1"),
+        )
         try:
-            response = await asyncio.wrap_future(reply)
+            reply = self._server.handler(api_request)
         except Exception:
-            log.exception("handler failed on %s %s", request.method, request.path)
-    return response
+            log.exception("handler failed on %s %s", request.method, path)
+            reply = _INTERNAL_ERROR
+        if isinstance(reply, ApiResponse):
+            self._answer(reply, request.keep_alive)
+            return
+        # Wait for the writer thread; later pipelined requests stay in the parser.
+        self._busy = True
+        self._pause_reading()
+        waiting = asyncio.wrap_future(reply, loop=self._loop)
+        waiting.add_done_callback(lambda done: self._settled(done, request))
 
+    def _settled(self, done: asyncio.Future[ApiResponse], request: Request) -> None:
+        if done.cancelled() or done.exception() is not None:
+            if not done.cancelled():
+                log.error("handler failed on %s %s", request.method, request.target, exc_info=done.exception())
+            reply = _INTERNAL_ERROR
+        else:
+            reply = done.result()
+        self._busy = False
+        if self._closing:
+            return
+        self._answer(reply, request.keep_alive)
+        if not self._closing:
+            self._resume_reading()
+            self._process()
 
-async def _send_response(
-    stream: anyio.abc.ByteStream, conn: h11.Connection, response: ApiResponse, *, close: bool
-) -> None:
-    headers = [
-        (b"content-type", response.content_type.encode()),
-        (b"content-length", str(len(response.body)).encode()),
-        (b"cache-control", b"no-store"),
-    ]
-    if close:
-        headers.append((b"connection", b"close"))
-    reason = _REASONS.get(response.status, b"")
-    data = conn.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
-    data = (data or b"") + (conn.send(h11.Data(data=response.body)) or b"")
-    data += conn.send(h11.EndOfMessage()) or b""
-    try:
-        await stream.send(data)
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ssl.SSLError):
-        raise _ClientGone from None
+    def _answer(self, reply: ApiResponse, keep_alive: bool) -> None:
+        close = not keep_alive or self._server.draining
+        if self._writer is None:
+            return
+        self._writer.write(response(reply.status, reply.content_type, reply.body, close=close))
+        if close:
+            self._close()
 
-
-async def _close(stream: anyio.abc.AsyncResource) -> None:
-    with anyio.move_on_after(1, shield=True):
-        with contextlib.suppress(OSError, ssl.SSLError, anyio.BrokenResourceError):
-            await stream.aclose()
+    def _fail(self, status: int) -> None:
+        code = ErrorCode.BAD_REQUEST if status < 500 else ErrorCode.INTERNAL
+        if self._writer is not None and not self._closing:
+            self._writer.write(response(status, "application/json", error_body(code), close=True))
+        self._close()

@@ -67,11 +67,22 @@ class CountingListener(anyio.abc.Listener[anyio.abc.SocketStream]):
         return self.inner.extra_attributes
 
 
+class AcceptCount:
+    """The server's own count of accepted TCP connections (it accepts on the event loop directly)."""
+
+    def __init__(self, server: HttpsServer) -> None:
+        self._server = server
+
+    @property
+    def accepted(self) -> int:
+        return self._server.accepted
+
+
 @dataclass
 class Served:
     port: int
     server: HttpsServer
-    listener: CountingListener
+    listener: AcceptCount
 
     @property
     def url(self) -> str:
@@ -89,12 +100,11 @@ async def serving(
     """Run an `HttpsServer` on 127.0.0.1 until the block ends (then every connection is closed)."""
     inner = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=port)
     bound = int(inner.listeners[0].extra(SocketAttribute.local_port))
-    listener = CountingListener(inner)
     server = HttpsServer(ssl_context, handler, limits)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve, listener)
+        tg.start_soon(server.serve, inner)
         try:
-            yield Served(bound, server, listener)
+            yield Served(bound, server, AcceptCount(server))
         finally:
             tg.cancel_scope.cancel()
 
