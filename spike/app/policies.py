@@ -56,6 +56,42 @@ def reaches_reserved(path_pattern: str) -> bool:
     return path_pattern.removeprefix("^").startswith(RESERVED_PREFIX)
 
 
+def _top_level_alternatives(pattern: str) -> list[str]:
+    """Split a regular expression at the ``|`` that are not escaped, grouped or in a class."""
+    parts, depth, in_class, escaped, start = [], 0, False, False, 0
+    for i, char in enumerate(pattern):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        elif char == "|" and depth == 0:
+            parts.append(pattern[start:i])
+            start = i + 1
+    parts.append(pattern[start:])
+    return parts
+
+
+def reserved_matcher(path_pattern: str) -> re.Pattern[str] | None:
+    """The part of a pattern that may match reserved paths: its alternatives written as ``spike/...``.
+
+    ``spike/cipher/.*|.*`` grants the cipher and every ordinary path, but its
+    ``.*`` alternative never reaches ``spike/acl/policies``: only alternatives
+    that name the reserved prefix literally (``spike/`` or ``^spike/``) do.
+    """
+    explicit = [a for a in _top_level_alternatives(path_pattern) if reaches_reserved(a)]
+    if not explicit:
+        return None
+    return re.compile("|".join(f"(?:{a})" for a in explicit))
+
+
 def _compile(pattern: str, what: str) -> re.Pattern[str]:
     if not pattern or len(pattern) > MAX_PATTERN:
         raise InvalidRequest(f"{what} must be 1-{MAX_PATTERN} characters")
@@ -102,13 +138,13 @@ class _Compiled:
     ids: re.Pattern[str]
     paths: re.Pattern[str]
     permissions: frozenset[Permission]
-    reaches_reserved: bool
+    reserved_paths: re.Pattern[str] | None  # None: this policy never reaches spike/ paths
 
     def grants(self, permission: Permission, path: str) -> bool:
         if Permission.SUPER not in self.permissions and permission not in self.permissions:
             return False
-        if reserved(path) and not self.reaches_reserved:
-            return False
+        if reserved(path):
+            return self.reserved_paths is not None and self.reserved_paths.fullmatch(path) is not None
         return self.paths.fullmatch(path) is not None
 
 
@@ -137,7 +173,7 @@ class Authorizer:
                 re.compile(p.spiffe_id_pattern),
                 re.compile(p.path_pattern),
                 p.permissions,
-                reaches_reserved(p.path_pattern),
+                reserved_matcher(p.path_pattern),
             )
             for p in policies
         )

@@ -694,3 +694,16 @@ def test_cli_errors_are_one_line_and_apply_nothing(
     assert policies_table(deployment) == []
     # An identity without the right is refused in one sentence.
     one_line_error(spike_policy("list", identity="pilot-recover"), 1, "Nexus refused this identity")
+
+
+def test_only_alternatives_that_name_the_reserved_prefix_reach_it() -> None:
+    from spike.app.policies import reserved_matcher
+
+    matcher = reserved_matcher("spike/cipher/encrypt|.*")
+    assert matcher is not None
+    assert matcher.fullmatch("spike/cipher/encrypt")
+    assert not matcher.fullmatch("spike/acl/policies")  # the loose `.*` alternative does not reach it
+    assert reserved_matcher(".*|(spike/acl/policies|x)") is None  # grouped: not literally spike/
+    both = reserved_matcher("^spike/cipher/.*|spike/acl/policies")
+    assert both is not None and both.fullmatch("spike/acl/policies") and both.fullmatch("spike/cipher/decrypt")
+    assert reserved_matcher(r"spike/a\|b") is not None  # an escaped bar does not split
