@@ -107,6 +107,8 @@ class NexusMetrics:
         self.recoveries = Counter(
             "spike_key_recoveries", "root key rebuilt and verified", ["source"], registry=self.registry
         )
+        self._counters: dict[tuple[str, int], Counter] = {}
+        self._histograms: dict[str, Histogram] = {}
         self.recovery_seconds = Gauge(
             "spike_key_recovery_duration_seconds", "how long the last key recovery took", registry=self.registry
         )
@@ -123,8 +125,16 @@ class NexusMetrics:
         self.keeper_latency.labels(str(request.keeper_id), request.kind.value, result).observe(seconds)
 
     def api_request(self, route: str, status: int, seconds: float) -> None:
-        self.api_requests.labels(route, str(status)).inc()
-        self.api_latency.labels(route).observe(seconds)
+        # Looking a labelled child up costs more than updating it: keep them (routes
+        # and statuses are few, so the caches stay small).
+        counter = self._counters.get((route, status))
+        if counter is None:
+            counter = self._counters[(route, status)] = self.api_requests.labels(route, str(status))
+        counter.inc()
+        histogram = self._histograms.get(route)
+        if histogram is None:
+            histogram = self._histograms[route] = self.api_latency.labels(route)
+        histogram.observe(seconds)
 
     def handler(self, request: ApiRequest) -> ApiResponse:
         """The metrics listener: GET /metrics, /healthz, /readyz."""
