@@ -2,7 +2,19 @@
 
 Nothing in this package performs I/O, reads a clock or draws randomness by
 itself: time comes in as ``now``, randomness is injected, and decisions come
-out as effects.  See ``docs/embedding.md``.
+out as effects.  Everything listed in ``__all__`` is the public API, under
+the compatibility policy of ``docs/api-policy.md``; names reached only
+through submodules are internal.  ``docs/embedding.md`` is the guide:
+
+* Nexus side: `NexusCustody` (with `PollSchedule`, a `RandomSource`, a
+  `KeyRecord`) emits effects -- `SendRequest` to perform, `Report` values to
+  log -- and takes answers (`ResponseReceived`, `RequestFailed`).
+* Keeper side: `Keeper` turns an `ApiRequest` into a `KeeperOutcome`.
+* Material: `RootKey`, `Share`, `seal_key`, Shamir (`deal`, `combine`, ...).
+* Identity: `SpiffeId`, `TrustDomains`, `Role`, `peer_spiffe_id`.
+* Wire: `ShardContribution` / `ShardAnswer`, `encode`, `decode`, paths.
+* Errors: `LocalProtocolError` (the caller's mistake), `RemoteProtocolError`
+  (a peer's), both `SpikeError`.
 """
 
 from .api import ApiRequest, ApiResponse
@@ -22,8 +34,8 @@ from .effects import (
 )
 from .errors import LocalProtocolError, RemoteProtocolError, ShamirError, SpikeError
 from .events import Answer, RequestFailed, ResponseReceived
-from .identity import InvalidSpiffeId, Role, SpiffeId, TrustDomains
-from .keeper import Keeper, KeeperChange, KeeperOutcome
+from .identity import InvalidSpiffeId, Role, SpiffeId, TrustDomains, peer_spiffe_id
+from .keeper import MAX_KEEPER_BODY, Keeper, KeeperChange, KeeperOutcome
 from .material import ORDER, RootKey, Share, derive_key, key_check_value, shard_commitment
 from .nexus import (
     AlreadyInitialised,
@@ -43,11 +55,14 @@ from .wire import (
     ErrorCode,
     ShardAnswer,
     ShardContribution,
+    decode,
+    encode,
 )
 
 __all__ = [
     "KEEPER_CONTRIBUTE_PATH",
     "KEEPER_SHARD_PATH",
+    "MAX_KEEPER_BODY",
     "ORDER",
     "AlreadyInitialised",
     "DuplicateShare",
@@ -93,8 +108,11 @@ __all__ = [
     "TrustDomains",
     "combine",
     "deal",
+    "decode",
     "derive_key",
+    "encode",
     "key_check_value",
+    "peer_spiffe_id",
     "seal_key",
     "shard_commitment",
     "share_for",

@@ -17,6 +17,13 @@ JSON = "application/json"
 
 @dataclass(frozen=True, slots=True)
 class ApiRequest:
+    """One HTTP request as a handler sees it.
+
+    `peer` is the SPIFFE ID of the client's verified certificate (None when
+    it has none: see `peer_spiffe_id`); the transport has already enforced
+    its body size limit.  `query` is the raw query string without ``?``.
+    """
+
     method: str
     path: str
     peer: SpiffeId | None
@@ -35,16 +42,20 @@ class ApiRequest:
 
 @dataclass(frozen=True, slots=True)
 class ApiResponse:
+    """What to send back: a status, a body (JSON unless `content_type` says otherwise)."""
+
     status: int
     body: bytes = field(default=b"{}", repr=False)
     content_type: str = JSON
 
     @classmethod
     def json(cls, value: object, status: int = 200) -> ApiResponse:
+        """A JSON response encoding `value` (a wire struct, dict, list, ...)."""
         return cls(status, encode(value))
 
     @classmethod
     def error(cls, status: int, code: ErrorCode) -> ApiResponse:
+        """An error response: ``{"err": code}`` and nothing else, whatever went wrong."""
         return cls(status, error_body(code))
 
 

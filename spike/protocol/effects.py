@@ -12,6 +12,8 @@ from enum import Enum
 
 
 class Phase(Enum):
+    """Where Nexus stands with its root key."""
+
     UNINITIALISED = "uninitialised"  # no key record: waiting for bootstrap
     RECOVERING = "recovering"  # key record, no key: collecting shards
     READY = "ready"  # verified root key in memory
@@ -30,6 +32,8 @@ class KeeperState(Enum):
 
 
 class RequestKind(Enum):
+    """Why a `SendRequest` was issued (informational: the driver performs every kind the same way)."""
+
     POLL = "poll"  # regular scheduled shard read
     PUSH = "push"  # re-seed: contribute its shard
     CONFIRM = "confirm"  # shard read right after a push
@@ -51,6 +55,8 @@ class SendRequest:
 
 @dataclass(frozen=True, slots=True)
 class KeeperStateChanged:
+    """A keeper's state (Nexus's view of it) changed; `detail` says why, in words."""
+
     keeper_id: int
     previous: KeeperState
     state: KeeperState
@@ -78,6 +84,8 @@ class KeeperMisbehaved:
 
 @dataclass(frozen=True, slots=True)
 class PhaseChanged:
+    """Nexus moved from one `Phase` to another."""
+
     previous: Phase
     phase: Phase
     at: float
@@ -85,6 +93,8 @@ class PhaseChanged:
 
 @dataclass(frozen=True, slots=True)
 class KeyRecovered:
+    """The root key was rebuilt and verified: Nexus is READY."""
+
     epoch: int
     at: float
     keeper_ids: tuple[int, ...]  # whose shards rebuilt the key

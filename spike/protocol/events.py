@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, slots=True)
 class ResponseReceived:
+    """An HTTP answer, whatever its status: the raw status code and body bytes."""
+
     request_id: int
     status: int
     body: bytes = field(repr=False)

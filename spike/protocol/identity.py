@@ -9,8 +9,10 @@ look-alike name could satisfy.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from .errors import LocalProtocolError
 
@@ -26,11 +28,14 @@ class InvalidSpiffeId(LocalProtocolError, ValueError):
 
 @dataclass(frozen=True, slots=True)
 class SpiffeId:
+    """A parsed SPIFFE ID: ``spiffe://<trust_domain><path>``; ``str()`` gives the URI back."""
+
     trust_domain: str
     path: str  # "" or "/seg/seg"
 
     @classmethod
     def parse(cls, text: str) -> SpiffeId:
+        """Parse a ``spiffe://`` URI; raises `InvalidSpiffeId` for anything the specification forbids."""
         if len(text) > MAX_ID_LENGTH:
             raise InvalidSpiffeId("SPIFFE ID is too long")
         if not text.startswith(_SCHEME):
@@ -49,13 +54,43 @@ class SpiffeId:
         return f"{_SCHEME}{self.trust_domain}{self.path}"
 
 
+def peer_spiffe_id(peer_certificate: Mapping[str, Any] | None) -> SpiffeId | None:
+    """The SPIFFE ID of a verified peer certificate, in the form ``ssl.SSLSocket.getpeercert()`` gives.
+
+    An X.509 SVID has exactly one URI SAN; a certificate with none, several,
+    or an invalid one has no SPIFFE identity, and the answer is None (never an
+    exception: the certificate is the peer's input).  Only pass certificates
+    that TLS has verified against the trust bundle (``ssl.CERT_REQUIRED``):
+    this function reads a name, it does not check signatures.
+    """
+    if not peer_certificate:
+        return None
+    sans = peer_certificate.get("subjectAltName", ())
+    if not isinstance(sans, tuple | list):
+        return None
+    uris = [
+        entry[1]
+        for entry in sans
+        if isinstance(entry, tuple | list) and len(entry) == 2 and entry[0] == "URI" and isinstance(entry[1], str)
+    ]
+    if len(uris) != 1:
+        return None
+    try:
+        return SpiffeId.parse(uris[0])
+    except InvalidSpiffeId:
+        return None
+
+
 def check_trust_domain(name: str) -> str:
+    """Return `name` if it is a valid trust domain name, else raise `InvalidSpiffeId`."""
     if not _TRUST_DOMAIN.fullmatch(name):
         raise InvalidSpiffeId(f"invalid trust domain name {name[:80]!r}")
     return name
 
 
 class Role(Enum):
+    """What a SPIFFE ID may do in a deployment; `TrustDomains.role_of` maps an ID to its role."""
+
     NEXUS = "nexus"
     KEEPER = "keeper"
     BOOTSTRAP = "bootstrap"
@@ -89,6 +124,7 @@ class TrustDomains:
 
     @classmethod
     def single(cls, domain: str) -> TrustDomains:
+        """Every role in one trust domain (the usual deployment)."""
         check_trust_domain(domain)
         return cls(domain, domain, domain, domain)
 
@@ -106,6 +142,7 @@ class TrustDomains:
         return self.pilot
 
     def id_of(self, role: Role, keeper_id: int | None = None) -> SpiffeId:
+        """The SPIFFE ID that holds `role` (a keeper's needs its `keeper_id`: ``/spike/keeper/<id>``)."""
         if role is Role.KEEPER:
             if keeper_id is None:
                 raise LocalProtocolError("a keeper's SPIFFE ID needs its keeper id")
@@ -126,4 +163,5 @@ class TrustDomains:
         return None
 
     def is_keeper(self, peer: SpiffeId | None, keeper_id: int) -> bool:
+        """True only for keeper `keeper_id`'s own ID: check it before sending that keeper anything."""
         return peer == self.id_of(Role.KEEPER, keeper_id)

@@ -30,6 +30,7 @@ from .errors import RemoteProtocolError
 from .identity import Role, TrustDomains
 from .wire import KEEPER_CONTRIBUTE_PATH, KEEPER_SHARD_PATH, ShardContribution, decode
 
+#: The largest request body a keeper server should accept (a shard contribution is ~150 bytes).
 MAX_KEEPER_BODY = 4096
 
 
@@ -43,13 +44,19 @@ class KeeperChange(Enum):
 
 @dataclass(frozen=True, slots=True)
 class KeeperOutcome:
+    """The keeper's answer to one request, and what to log about it (never shard bytes)."""
+
     response: ApiResponse
     change: KeeperChange = KeeperChange.NONE
     refused: str | None = None  # why a request was refused, for the log
 
 
 class Keeper:
-    """Sans-IO keeper: feed it requests, send back what it answers."""
+    """Sans-IO keeper: feed it requests, send back what it answers.
+
+    Not thread-safe: a server that handles requests on several threads calls
+    `handle` under one lock (it never blocks, so the lock is held briefly).
+    """
 
     def __init__(self, trust: TrustDomains) -> None:
         self._trust = trust
@@ -58,9 +65,14 @@ class Keeper:
 
     @property
     def holds_shard(self) -> bool:
+        """True once a shard has been contributed (until `forget`)."""
         return self._shard is not None
 
     def handle(self, request: ApiRequest) -> KeeperOutcome:
+        """Answer one request.  Never raises for anything the peer sent: bad input is a 4xx outcome.
+
+        Bodies longer than `MAX_KEEPER_BODY` should be refused by the server before they get here.
+        """
         if request.path not in (KEEPER_CONTRIBUTE_PATH, KEEPER_SHARD_PATH):
             return KeeperOutcome(NOT_FOUND, refused="unknown path")
         if request.method != "POST":

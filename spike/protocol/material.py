@@ -56,14 +56,17 @@ class RootKey:
                 return cls(candidate)
 
     def secret_bytes(self) -> bytes:
+        """The 32 key bytes (a copy).  Secret: never log them."""
         if not any(self._buf):
             raise LocalProtocolError("this root key has been wiped")
         return bytes(self._buf)
 
     def as_int(self) -> int:
+        """The key as a field element."""
         return int.from_bytes(self.secret_bytes(), "big")
 
     def wipe(self) -> None:
+        """Overwrite the key bytes with zeros; the key is unusable afterwards."""
         for i in range(len(self._buf)):
             self._buf[i] = 0
 
@@ -103,9 +106,11 @@ class Share:
         raise AttributeError("Share is immutable")
 
     def secret_bytes(self) -> bytes:
+        """The 32 share bytes.  Secret: never log them."""
         return self._value
 
     def as_int(self) -> int:
+        """The share's y as a field element."""
         return int.from_bytes(self._value, "big")
 
     def __eq__(self, other: object) -> bool:

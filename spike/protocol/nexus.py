@@ -65,7 +65,9 @@ _TIMEOUT, _POLL = 0, 1  # heap priorities: a timeout due at the same instant as 
 class RandomSource(Protocol):
     """Anything with ``random() -> float`` in [0, 1), e.g. `random.Random(seed)`."""
 
-    def random(self) -> float: ...
+    def random(self) -> float:
+        """A float in [0, 1)."""
+        ...
 
 
 class AlreadyInitialised(LocalProtocolError):
@@ -82,6 +84,12 @@ class DuplicateShare(ShareRejected):
 
 @dataclass(frozen=True, slots=True)
 class PollSchedule:
+    """How often each keeper is polled (seconds), and how long a request may take.
+
+    Raises `LocalProtocolError` for a non-positive interval, jitter outside
+    0..0.25, or a request timeout outside (0, interval].
+    """
+
     interval: float = 5.0
     jitter: float = 0.1  # fraction of the interval, either way
     request_timeout: float = 2.0
@@ -116,6 +124,8 @@ class KeeperView:
 
 @dataclass(frozen=True, slots=True)
 class RestoreProgress:
+    """What `NexusCustody.submit_shard` achieved: shards in hand, still needed, key rebuilt."""
+
     accepted: int  # shards in hand
     needed: int  # still missing before the key can be rebuilt
     ready: bool
@@ -159,7 +169,17 @@ class _Keeper:
 
 
 class NexusCustody:
-    """Custody of the root key across a fixed set of keepers."""
+    """Custody of the root key across a fixed set of keepers.
+
+    `keeper_ids` are the keepers' stable ids (1-255, also their Shamir x);
+    `now` is the caller's monotonic clock, in seconds, in this and every later
+    call; `rng` only jitters the poll grid.  With `record` (a stored key
+    record) the machine starts RECOVERING, without it UNINITIALISED.  Raises
+    `ShamirError` for bad ids or threshold, `LocalProtocolError` for a record
+    that does not fit them, `RemoteProtocolError` for a malformed record.
+
+    Not thread-safe: one thread (or one event loop) makes every call.
+    """
 
     def __init__(
         self,
@@ -207,26 +227,32 @@ class NexusCustody:
 
     @property
     def phase(self) -> Phase:
+        """UNINITIALISED, RECOVERING or READY."""
         return self._phase
 
     @property
     def record(self) -> KeyRecord | None:
+        """The key record in force (persist it when `initialise` changes it)."""
         return self._record
 
     @property
     def threshold(self) -> int:
+        """Shards needed to rebuild the key."""
         return self._threshold
 
     @property
     def keeper_ids(self) -> tuple[int, ...]:
+        """The configured keeper ids, sorted."""
         return self._ids
 
     @property
     def schedule(self) -> PollSchedule:
+        """The poll schedule given at construction."""
         return self._schedule
 
     @property
     def root_key(self) -> RootKey:
+        """The verified root key; raises `LocalProtocolError` unless READY.  Secret: never log it."""
         if self._key is None:
             raise LocalProtocolError(f"no root key while {self._phase.value}")
         return self._key
@@ -245,6 +271,7 @@ class NexusCustody:
         return holding - self._threshold
 
     def keepers(self) -> tuple[KeeperView, ...]:
+        """A snapshot of every keeper, for status pages and metrics."""
         return tuple(
             KeeperView(
                 keeper_id=k.id,

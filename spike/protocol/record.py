@@ -19,6 +19,12 @@ from .shamir import check_parameters, deal
 
 
 class KeyRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Everything needed to verify shards and the rebuilt key, and no secret.
+
+    Store it next to the data (``encode(record)``; read it back with
+    ``decode(data, KeyRecord).validate()``).  Make one with `seal_key`.
+    """
+
     epoch: int
     threshold: int
     keeper_ids: tuple[int, ...]
@@ -27,6 +33,7 @@ class KeyRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     @property
     def shares(self) -> int:
+        """The number of shards (keepers), n."""
         return len(self.keeper_ids)
 
     def validate(self) -> KeyRecord:
@@ -46,9 +53,11 @@ class KeyRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return self
 
     def matches_key(self, key: RootKey) -> bool:
+        """True if `key` is the key this record describes (constant-time comparison)."""
         return hmac.compare_digest(key_check_value(key, self.epoch), self.check)
 
     def matches_share(self, share: Share) -> bool:
+        """True if `share` is keeper `share.id`'s shard of this epoch."""
         expected = self.commitments.get(share.id)
         if expected is None or share.epoch != self.epoch:
             return False

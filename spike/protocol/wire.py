@@ -16,7 +16,9 @@ import msgspec
 from .errors import RemoteProtocolError
 from .material import MAX_EPOCH, MAX_KEEPER_ID, MIN_KEEPER_ID, SHARD_SIZE, Share
 
+#: A keeper's path for receiving its shard (``POST``, body `ShardContribution`).
 KEEPER_CONTRIBUTE_PATH = "/v1/store/contribute"
+#: A keeper's path for handing its shard to Nexus (``POST``, body ``{}``, answer `ShardAnswer` or 404).
 KEEPER_SHARD_PATH = "/v1/store/shard"
 
 Byte = Annotated[int, msgspec.Meta(ge=0, le=255)]
@@ -56,9 +58,11 @@ class ShardContribution(msgspec.Struct, omit_defaults=True):
 
     @classmethod
     def of(cls, share: Share) -> ShardContribution:
+        """The contribution that gives keeper `share.id` its shard (with the id and epoch extensions)."""
         return cls(shard=list(share.secret_bytes()), id=share.id, epoch=share.epoch)
 
     def shard_bytes(self) -> bytes:
+        """The 32 shard bytes.  Secret: never log them."""
         return bytes(self.shard)
 
 
@@ -70,6 +74,7 @@ T = TypeVar("T")
 
 
 def encode(value: Any) -> bytes:
+    """JSON-encode a wire struct (or any msgspec-encodable value)."""
     return _encoder.encode(value)
 
 

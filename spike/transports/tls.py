@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spike.protocol.identity import InvalidSpiffeId, Role, SpiffeId, TrustDomains
+from spike.protocol.identity import Role, SpiffeId, TrustDomains, peer_spiffe_id
 
 
 class IdentityError(Exception):
@@ -67,17 +67,10 @@ def spiffe_id_of(peer_certificate: dict[str, Any] | None) -> SpiffeId | None:
     """The SPIFFE ID in a verified peer certificate (as `getpeercert()` gives it).
 
     An X.509 SVID has exactly one URI SAN; a certificate with none, several,
-    or an invalid one has no SPIFFE identity.
+    or an invalid one has no SPIFFE identity.  The rule lives in the core
+    (`spike.protocol.peer_spiffe_id`) so that embedders apply the same one.
     """
-    if not peer_certificate:
-        return None
-    uris = [value for kind, value in peer_certificate.get("subjectAltName", ()) if kind == "URI"]
-    if len(uris) != 1:
-        return None
-    try:
-        return SpiffeId.parse(uris[0])
-    except InvalidSpiffeId:
-        return None
+    return peer_spiffe_id(peer_certificate)
 
 
 PeerCheck = Callable[[SpiffeId | None], bool]

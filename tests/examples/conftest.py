@@ -1,0 +1,30 @@
+"""Fixtures for the embedding tier: real `spike keeper` processes for the example drivers.
+
+The processes are started and killed with the end-to-end harness
+(tests/e2e/harness.py), so they behave exactly as in the e2e tier.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "e2e"))
+
+from harness import Cluster
+
+from spike.app.devca import DevIdentity
+
+
+@pytest.fixture
+def keepers(dev_identity: DevIdentity, tmp_path: Path) -> Iterator[Cluster]:
+    """Keepers 1-3 (no Nexus), started and listening; killed at the end."""
+    cluster = Cluster(dev_identity, tmp_path / "cluster", keepers=3)
+    try:
+        cluster.start(nexus=False)
+        yield cluster
+    finally:
+        cluster.close()
