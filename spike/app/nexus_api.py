@@ -162,8 +162,14 @@ class NexusApi:
             reply = api.BAD_REQUEST if request.path in self._paths else api.NOT_FOUND
         elif request.method != "POST":
             reply = api.METHOD_NOT_ALLOWED
+        elif self._refused_outright(route.guard, request):
+            log.info("refused %s for %s", request.path, request.peer or "a peer without SPIFFE ID")
+            decision = "denied"
+            reply = api.UNAUTHORIZED
         elif route.needs_key and self._driver.custody.phase is not Phase.READY:
-            # Before the key, policies cannot even be read: nothing but "not ready" can be said.
+            # Before the key, policies cannot even be read: for a caller that a policy
+            # might admit, nothing but "not ready" can be said.
+            decision = "not_ready"
             reply = api.NOT_READY
         elif not self._admits(route.guard, request):
             log.info("refused %s for %s", request.path, request.peer or "a peer without SPIFFE ID")
@@ -174,6 +180,14 @@ class NexusApi:
         if self._observer is not None:
             self._observe(self._observer, request, route is not None, action, decision, reply, started)
         return reply
+
+    def _refused_outright(self, guard: Guard, request: ApiRequest) -> bool:
+        """A role guard needs no key: its refusal comes first.
+
+        Policy-guarded (data) routes answer 503 to everyone until the key is
+        verified: policies are sealed, so who may do what is not known before.
+        """
+        return isinstance(guard, Roles) and self._trust.role_of(request.peer) not in guard.roles
 
     def _admits(self, guard: Guard, request: ApiRequest) -> bool:
         if isinstance(guard, Roles):
