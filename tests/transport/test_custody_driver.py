@@ -167,6 +167,7 @@ async def test_recover_reseed_outage_and_connection_reuse(dev_identity: DevIdent
             await wait_for(lambda: all(v.state is KeeperState.HOLDING for v in custody.keepers()), MAX_GAP + SLACK)
 
             # 2. Keeper 2 restarts empty on the same port: re-seeded and confirmed within a poll gap.
+            failed_before_restart = view(driver, 2).failures
             await slots[2].stop()
             restarted = anyio.current_time()
             fresh = await slots[2].start()
@@ -196,18 +197,20 @@ async def test_recover_reseed_outage_and_connection_reuse(dev_identity: DevIdent
             assert custody.redundancy == 0
 
             # 4. It comes back empty: re-seeded as well.
+            failed_while_down = view(driver, 3).failures
             back = await slots[3].start()
             await wait_for(lambda: back.keeper.holds_shard, MAX_GAP + SLACK, "keeper 3 to be re-seeded")
             await wait_for(lambda: view(driver, 3).state is KeeperState.HOLDING, SLACK, "keeper 3 confirmed")
             assert custody.redundancy == 1
 
-            # 5. One TLS connection per keeper, however many polls (and the push and confirm).
+            # 5. One TLS connection per keeper, however many polls (and the push and confirm);
+            # only a request that failed (a deadline on a loaded machine) costs a new one.
             k1 = view(driver, 1)
             assert k1.polls >= 6
-            assert accepted(slots[1]) - baseline[1] == 1
+            assert accepted(slots[1]) - baseline[1] == 1 + k1.failures
             # The restarted server: the driver's one (poll, push, confirm, polls) and our read_shard.
-            assert accepted(slots[2]) == 2
-            assert accepted(slots[3]) == 1
+            assert accepted(slots[2]) == 2 + view(driver, 2).failures - failed_before_restart
+            assert accepted(slots[3]) == 1 + view(driver, 3).failures - failed_while_down
             # Polls follow the schedule, not a burst and not a stall.
             elapsed = anyio.current_time() - recovered[0].started_at
             assert abs(k1.polls - elapsed / SCHEDULE.interval) <= 2
