@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     nexus.add_argument("--data-dir", metavar="DIR", help="env SPIKE_NEXUS_DATA_DIR, default ~/.spike/data")
     nexus.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="postgresql://user@host/db: share one PostgreSQL with other Nexus instances "
+        "(env SPIKE_NEXUS_DATABASE_URL; default SQLite in the data dir)",
+    )
+    nexus.add_argument(
         "--metrics-listen", metavar="ADDR", help="plain-HTTP /metrics /healthz /readyz (SPIKE_NEXUS_METRICS_LISTEN)"
     )
     nexus.add_argument("--audit-log", metavar="FILE", help="env SPIKE_NEXUS_AUDIT_LOG, default <data-dir>/audit.log")

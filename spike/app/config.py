@@ -67,6 +67,7 @@ class NexusConfig:
     shutdown_grace: float = 5.0
     waiting_summary_every: float = WAITING_SUMMARY_EVERY
     keeper_summary_every: float = KEEPER_SUMMARY_EVERY
+    database_url: str | None = None  # postgresql://...: several instances share it; None: SQLite in data_dir
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +269,7 @@ def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
     grace = _pick(args, "shutdown_grace", env, "SPIKE_NEXUS_SHUTDOWN_GRACE", default="5s")
     waiting = _pick(args, "waiting_summary_interval", env, "SPIKE_NEXUS_WAITING_SUMMARY_INTERVAL")
     lasting = _pick(args, "keeper_summary_interval", env, "SPIKE_NEXUS_KEEPER_SUMMARY_INTERVAL")
+    database = _pick(args, "database_url", env, "SPIKE_NEXUS_DATABASE_URL")
     data = Path(data_dir).expanduser()
     return NexusConfig(
         base,
@@ -281,7 +283,39 @@ def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
         parse_duration(grace or "5s", "shutdown grace"),
         parse_duration(waiting, "waiting summary interval") if waiting else WAITING_SUMMARY_EVERY,
         parse_duration(lasting, "keeper summary interval") if lasting else KEEPER_SUMMARY_EVERY,
+        database_url(database) if database else None,
     )
+
+
+def mask_url(url: str) -> str:
+    """A URL fit for logs and --check-config: its password (in the user info or a query) replaced by ***."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    netloc, tail = rest[:cut], rest[cut:]
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
+    tail = re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", tail)
+    return f"{scheme}://{netloc}{tail}"
+
+
+def database_url(text: str) -> str:
+    """A PostgreSQL connection URL (postgresql://user:password@host:port/db?options)."""
+    from urllib.parse import urlsplit
+
+    text = text.strip()
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError as exc:
+        raise ConfigError(f"database URL {mask_url(text)!r}: {exc}") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(
+            f"database URL {mask_url(text)!r} is not a PostgreSQL URL (postgresql://user@host:5432/dbname)"
+        )
+    return text
 
 
 def nexus_url(args: argparse.Namespace, env: Env) -> str:
@@ -355,6 +389,7 @@ TOML_KEYS: dict[str, dict[str, str]] = {
         "shutdown_grace": "SPIKE_NEXUS_SHUTDOWN_GRACE",
         "waiting_summary_interval": "SPIKE_NEXUS_WAITING_SUMMARY_INTERVAL",
         "keeper_summary_interval": "SPIKE_NEXUS_KEEPER_SUMMARY_INTERVAL",
+        "database_url": "SPIKE_NEXUS_DATABASE_URL",
     },
     "bootstrap": {"timeout": "SPIKE_BOOTSTRAP_TIMEOUT"},
 }
@@ -412,7 +447,7 @@ def environ(args: argparse.Namespace | None = None) -> Env:
 
 
 def describe(config: object) -> dict[str, object]:
-    """A printable view of a configuration (paths and names only: nothing secret lives here)."""
+    """A printable view of a configuration (paths and names; a database URL without its password)."""
     import dataclasses
 
     def plain(value: object) -> object:
@@ -424,6 +459,8 @@ def describe(config: object) -> dict[str, object]:
             return [plain(v) for v in value]
         if isinstance(value, Path):
             return str(value)
+        if isinstance(value, str) and "://" in value:
+            return mask_url(value)
         return value
 
     result = plain(config)

@@ -6,18 +6,24 @@ import logging
 import os
 import random
 from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
+import anyio.to_thread
 
-from spike.protocol.effects import KeeperState, KeyRecovered, Phase, PhaseChanged, Report
+from spike.protocol.effects import KeeperState, KeeperStateChanged, KeyRecovered, Phase, PhaseChanged, Report
 from spike.protocol.errors import LocalProtocolError
 from spike.protocol.nexus import NexusCustody
+from spike.protocol.record import KeyRecord
 from spike.transports.custody_driver import CustodyDriver
 from spike.transports.identity import IdentitySource, identity_source
 from spike.transports.runner import Listener, run_event_loop, serve
 from spike.transports.server import HttpsServer, ServerLimits
 
 from .audit import AuditLog, secret_path_of
+from .backend import Backend, ClusterState, SecretBackend
 from .cipher_api import MAX_PLAINTEXT, CipherApi
 from .config import KEEPER_SUMMARY_EVERY, WAITING_SUMMARY_EVERY, ConfigError, NexusConfig
 from .logs import ReportLogger, wall_time
@@ -28,15 +34,17 @@ from .policies import Authorizer
 from .policy_api import PolicyApi
 from .policy_store import PolicyStore
 from .sealing import Sealer
-from .secret_store import SecretStore
+from .secret_store import SqliteBackend
 from .secrets_api import SecretsApi
-from .storage import NexusStore
+from .storage import StorageError
 
 log = logging.getLogger("spike.nexus")
 
 # Bodies up to a cipher plaintext (1 MiB) plus its JSON and base64 overhead.
 NEXUS_LIMITS = ServerLimits(max_body_bytes=MAX_PLAINTEXT * 4 // 3 + 4096)
 METRICS_LIMITS = ServerLimits(max_body_bytes=0, max_header_bytes=8192, max_connections=64)
+# Several instances on one database: how often each reads what the others may have changed.
+CLUSTER_WATCH_INTERVAL = 1.0
 
 
 class Summaries:
@@ -118,7 +126,7 @@ class KeyUsers:
     def __init__(
         self,
         custody: NexusCustody,
-        secrets: SecretStore,
+        secrets: SecretBackend,
         cipher: CipherApi,
         authorizer: Authorizer,
         then: list[Callable[[Report], None]],
@@ -141,6 +149,96 @@ class KeyUsers:
             self._authorizer.clear()
         for sink in self._then:
             sink(report)
+
+
+class ClusterWatch:
+    """Several Nexus instances on one database: notice what the others changed.
+
+    Every `interval` seconds, and at once when a keeper shows a shard of a key
+    epoch newer than this instance's record or a write finds the key replaced,
+    it reads the stored key record and the policy change counter (off the
+    event loop) and then, on the loop:
+
+    * a record installed through another instance (`spike bootstrap` talked to
+      it): this one adopts it and recovers the root key from the keepers;
+    * a record replaced through another instance (`bootstrap --force`): this one
+      drops its key at once and recovers the new one from the keepers;
+    * policies changed through another instance: the authorizer reloads them
+      before its next check.  A policy change made through one instance is in
+      force on every other within `interval` (plus one read).
+    """
+
+    def __init__(self, backend: Backend, api: NexusApi, authorizer: Authorizer, interval: float) -> None:
+        self._backend = backend
+        self._api = api
+        self._authorizer = authorizer
+        self._interval = interval
+        self._policy_version: int | None = None
+        self._refused: object = None
+        self._wake = anyio.Event()
+
+    def poke(self) -> None:
+        """Look now (event loop thread only)."""
+        self._wake.set()
+
+    def report(self, report: Report) -> None:
+        custody = self._api.custody
+        if (
+            isinstance(report, KeeperStateChanged)
+            and report.state is KeeperState.UNVERIFIED
+            and custody.record is not None
+        ):
+            self.poke()  # a keeper holds a shard of a newer key: another instance's bootstrap --force
+
+    async def run(self) -> None:
+        while True:
+            with anyio.move_on_after(self._interval):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+            try:
+                state = await anyio.to_thread.run_sync(self._backend.cluster_state, abandon_on_cancel=True)
+            except StorageError:
+                continue  # an outage: logged once by the backend; data routes answer 503 meanwhile
+            self.apply(state)
+
+    def apply(self, state: ClusterState) -> None:
+        custody = self._api.custody
+        record = state.record
+        if record is not None and record not in (custody.record, self._refused):
+            previous = custody.record
+            if self._api.adopt(record):
+                if previous is None:
+                    log.info(
+                        "key record for epoch %d installed through another Nexus instance: "
+                        "recovering the root key from keepers",
+                        record.epoch,
+                    )
+                else:
+                    log.warning(
+                        "key record replaced through another Nexus instance (epoch %d -> %d): "
+                        "the old key is dropped; recovering the new one from keepers",
+                        previous.epoch,
+                        record.epoch,
+                    )
+            else:
+                self._refused = record  # said once, in adopt's log line
+        if self._policy_version is not None and state.policy_version != self._policy_version:
+            self._authorizer.invalidate()
+        self._policy_version = state.policy_version
+
+
+@runtime_checkable
+class _StaleKeyHook(Protocol):
+    on_stale_key: Callable[[], None]
+
+
+def open_backend(config: NexusConfig) -> Backend:
+    """PostgreSQL when a database URL is configured, else SQLite in the data dir."""
+    if config.database_url:
+        from .postgres import PostgresBackend
+
+        return PostgresBackend(config.database_url)
+    return SqliteBackend(config.data_dir)
 
 
 class CallRecorder:
@@ -177,18 +275,25 @@ def run(config: NexusConfig) -> None:
         identity.stop()
 
 
-def _run(config: NexusConfig, identity: IdentitySource) -> None:
-    trust = config.common.trust
-    store = NexusStore(config.data_dir)
-    record = store.load_key_record()
+def _check_record_fits(record: KeyRecord | None, config: NexusConfig, where: str) -> None:
     if record is not None and (set(record.keeper_ids) != set(config.keepers) or record.threshold != config.threshold):
         raise ConfigError(
-            f"the data dir {config.data_dir} was initialised for keepers {list(record.keeper_ids)} "
+            f"{where} was initialised for keepers {list(record.keeper_ids)} "
             f"with threshold {record.threshold}, but the configuration says keepers "
             f"{sorted(config.keepers)} with threshold {config.threshold}"
         )
-    secrets = SecretStore(config.data_dir)
-    audit = AuditLog.to_file(config.audit_log or config.data_dir / "audit.log")
+
+
+def _run(config: NexusConfig, identity: IdentitySource) -> None:
+    trust = config.common.trust
+    secrets = open_backend(config)
+    try:
+        record = secrets.load_key_record()
+        _check_record_fits(record, config, secrets.description)
+        audit = AuditLog.to_file(config.audit_log or config.data_dir / "audit.log")
+    except BaseException:
+        secrets.close()
+        raise
     started = False
 
     async def main() -> None:
@@ -219,7 +324,7 @@ def _run(config: NexusConfig, identity: IdentitySource) -> None:
         )
         api = NexusApi(
             driver,
-            store,
+            secrets,
             trust,
             secrets=SecretsApi(secrets, authorizer),
             cipher=cipher,
@@ -228,6 +333,15 @@ def _run(config: NexusConfig, identity: IdentitySource) -> None:
             authorizer=authorizer,
             observer=CallRecorder(audit, metrics),
         )
+        background = [driver.run]
+        if secrets.shared:
+            watch = ClusterWatch(secrets, api, authorizer, CLUSTER_WATCH_INTERVAL)
+            sinks.append(watch.report)
+            if isinstance(secrets, _StaleKeyHook):
+                # A write found the key replaced: look now (called on the writer thread).
+                token = anyio.lowlevel.current_token()
+                secrets.on_stale_key = lambda: anyio.from_thread.run_sync(watch.poke, token=token)
+            background.append(watch.run)
         extra = []
         if config.metrics_bind is not None:
             extra.append(
@@ -242,7 +356,7 @@ def _run(config: NexusConfig, identity: IdentitySource) -> None:
             nonlocal started
             started = True
             if record is None:
-                log.info("no key record in %s: waiting for `spike bootstrap`", config.data_dir)
+                log.info("no key record in %s: waiting for `spike bootstrap`", secrets.description)
             else:
                 log.info("key record for epoch %d found: recovering the root key from keepers", record.epoch)
             log.info(
@@ -258,7 +372,7 @@ def _run(config: NexusConfig, identity: IdentitySource) -> None:
             await serve(
                 config.bind,
                 HttpsServer(identity.server_context, api, NEXUS_LIMITS),
-                background=[driver.run],
+                background=background,
                 periodic=Summaries(
                     driver,
                     config.keepers,
@@ -278,7 +392,6 @@ def _run(config: NexusConfig, identity: IdentitySource) -> None:
         run_event_loop(main)
     finally:
         secrets.close()  # lets queued writes finish their commit
-        store.close()
         audit.close()
         if started:  # a Nexus that could not start says so in one line, from the CLI
             log.info("Nexus stopped; the root key is gone from memory")

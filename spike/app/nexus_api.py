@@ -23,10 +23,12 @@ from spike.protocol.effects import Phase
 from spike.protocol.errors import LocalProtocolError, RemoteProtocolError
 from spike.protocol.identity import Role, TrustDomains
 from spike.protocol.material import derive_key
-from spike.protocol.nexus import AlreadyInitialised
+from spike.protocol.nexus import AlreadyInitialised, NexusCustody
+from spike.protocol.record import KeyRecord
 from spike.protocol.wire import decode
 from spike.transports.custody_driver import CustodyDriver
 
+from .backend import DatabaseUnavailable, KeyRecordStore
 from .cipher_api import CipherApi
 from .messages import (
     BOOTSTRAP_INIT_PATH,
@@ -49,7 +51,7 @@ from .operator import RECOVER_PATH, RESTORE_PATH, OperatorApi
 from .policies import Authorizer, Permission
 from .policy_api import PolicyApi
 from .secrets_api import SecretsApi
-from .storage import NexusStore, StorageError
+from .storage import StorageError
 
 log = logging.getLogger("spike.nexus.api")
 
@@ -112,7 +114,7 @@ class NexusApi:
     def __init__(
         self,
         driver: CustodyDriver,
-        store: NexusStore,
+        store: KeyRecordStore,
         trust: TrustDomains,
         *,
         secrets: SecretsApi,
@@ -171,12 +173,21 @@ class NexusApi:
             # might admit, nothing but "not ready" can be said.
             decision = "not_ready"
             reply = api.NOT_READY
-        elif not self._admits(route.guard, request):
-            log.info("refused %s for %s", request.path, request.peer or "a peer without SPIFFE ID")
-            decision = "denied"
-            reply = api.UNAUTHORIZED
         else:
-            reply = route.handler(request)
+            try:
+                admitted = self._admits(route.guard, request)
+            except StorageError as exc:  # the policies could not be read: nothing is granted
+                log.debug("cannot check %s for %s: %s", request.path, request.peer, exc)
+                admitted = None
+                reply = api.NOT_READY if isinstance(exc, DatabaseUnavailable) else api.INTERNAL_ERROR
+            if admitted is None:
+                decision = "denied"
+            elif not admitted:
+                log.info("refused %s for %s", request.path, request.peer or "a peer without SPIFFE ID")
+                decision = "denied"
+                reply = api.UNAUTHORIZED
+            else:
+                reply = route.handler(request)
         if self._observer is not None:
             self._observe(self._observer, request, route is not None, action, decision, reply, started)
         return reply
@@ -267,12 +278,22 @@ class NexusApi:
             log.warning("bootstrap sent an unusable key record: %s", exc)
             return api.BAD_REQUEST
         if changed:
+            previous = self._driver.custody.record
             try:
-                # Persist first: a record Nexus acts on must survive a crash.
-                self._store.save_key_record(body.record)
+                # Persist first: a record Nexus acts on must survive a crash.  Atomic: with several
+                # Nexus instances on one database, of two bootstraps at once only one record wins.
+                installed = self._store.install_key_record(body.record, replace=previous if body.replace else None)
             except StorageError as exc:
                 log.error("cannot install the key record: %s", exc)  # noqa: TRY400 - a one-line cause, not a bug
-                return api.INTERNAL_ERROR
+                return api.NOT_READY if isinstance(exc, DatabaseUnavailable) else api.INTERNAL_ERROR
+            if installed != body.record:
+                log.warning(
+                    "bootstrap refused: the database already holds another key record (epoch %d), "
+                    "installed through another Nexus instance; using it",
+                    installed.epoch,
+                )
+                self.adopt(installed)
+                return api.CONFLICT
             self._driver.initialise(body.record, replace=body.replace)
             log.info(
                 "key record for epoch %d installed by %s (%d-of-%d)",
@@ -282,6 +303,21 @@ class NexusApi:
                 body.record.shares,
             )
         return ApiResponse.json(InitResponse(changed=changed, epoch=body.record.epoch))
+
+    @property
+    def custody(self) -> NexusCustody:
+        return self._driver.custody
+
+    def adopt(self, record: KeyRecord) -> bool:
+        """Use the key record another Nexus instance installed: recover its key from the keepers."""
+        custody = self._driver.custody
+        if custody.record == record:
+            return False
+        try:
+            return self._driver.initialise(record, replace=True)
+        except (RemoteProtocolError, LocalProtocolError) as exc:
+            log.error("the stored key record does not fit this Nexus: %s", exc)  # noqa: TRY400 - a one-line cause
+            return False
 
     def bootstrap_verify(self, request: ApiRequest) -> ApiResponse:
         custody = self._driver.custody

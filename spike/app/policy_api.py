@@ -26,7 +26,7 @@ from .messages import (
 from .policies import Authorizer, Policy, check_policy_fields
 from .policy_store import PolicyStore
 from .sealing import TamperedData
-from .secrets_api import Reply, error_response, when_done
+from .secrets_api import Reply, error_response, read_reply, when_done
 from .storage import StorageError
 
 log = logging.getLogger("spike.nexus.policy")
@@ -89,21 +89,23 @@ class PolicyApi:
         return when_done(future, answer, "policy put")
 
     def get(self, body: PolicyIdRequest) -> Reply:
-        return ApiResponse.json(policy_body(self._store.get(body.id)))
+        store = self._store
+        return read_reply(store.backend, lambda: policy_body(store.get(body.id)), ApiResponse.json, "policy get")
 
     def list(self, body: PolicyListRequest) -> Reply:
+        return read_reply(self._store.backend, lambda: self._list(body), ApiResponse.json, "policy list")
+
+    def _list(self, body: PolicyListRequest) -> PolicyListResponse:
         if not body.spiffeidPattern and not body.pathPattern:
             # Ids and names are stored in clear: every policy is listed, even one that no longer opens.
-            return ApiResponse.json(
-                PolicyListResponse(policies=[PolicyListItem(id=i, name=n) for i, n in self._store.list()])
-            )
+            return PolicyListResponse(policies=[PolicyListItem(id=i, name=n) for i, n in self._store.list()])
         items = [
             PolicyListItem(id=p.id, name=p.name)
             for p in self._store.load_all()
             if (not body.spiffeidPattern or p.spiffe_id_pattern == body.spiffeidPattern)
             and (not body.pathPattern or p.path_pattern == body.pathPattern)
         ]
-        return ApiResponse.json(PolicyListResponse(policies=items))
+        return PolicyListResponse(policies=items)
 
     def delete(self, body: PolicyIdRequest) -> Reply:
         future = self._store.delete(body.id)

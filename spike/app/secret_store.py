@@ -1,4 +1,4 @@
-"""Secrets in SQLite: point reads on the caller's thread, writes group-committed.
+"""Secrets and policies in SQLite: point reads on the caller's thread, writes group-committed.
 
 Reads use their own connection and touch only the rows they name (primary
 key lookups, or a range of the path index for listing), so they stay fast
@@ -8,6 +8,10 @@ write does not undo the others), and commits them with a single fsync: the
 caller's future resolves only after that commit, so an acknowledged write
 is durable.  Serialising writes in one thread also makes check-and-set
 exact: there is no lost update between two writers.
+
+`SqliteBackend` is the whole storage `Backend` (backend.py) on one SQLite
+file: this store, plus the key record of `NexusStore`.  One Nexus process
+uses the file; several instances need PostgreSQL (postgres.py).
 """
 
 from __future__ import annotations
@@ -24,9 +28,13 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from spike.protocol.record import KeyRecord
+
 from . import kv
+from .backend import ClusterState, PolicyRow, resolved
+from .policies import MAX_POLICIES
 from .sealing import Sealer, TamperedData, metadata_aad, secret_aad
-from .storage import DB_NAME, StorageError, connect
+from .storage import DB_NAME, NexusStore, StorageError, connect
 
 log = logging.getLogger("spike.nexus.store")
 
@@ -48,11 +56,23 @@ _SELECT_VALUE = (
 )
 
 
+_SELECT_POLICY = "SELECT id, name, sealed, created_at, updated_at FROM policy"
+# One row for an id or a name, the id first (ids are random; names are chosen by people).
+_ONE_POLICY = f"{_SELECT_POLICY} WHERE id = ?1 OR name = ?1 ORDER BY id = ?1 DESC LIMIT 1"
+
+
+class PolicyNameTaken(kv.InvalidRequest):
+    status = 409
+    code = "api_conflict"
+
+
 class _Stop:
     pass
 
 
 class SecretStore:
+    inline_reads = True  # a local file: reads are short enough for the event loop's thread
+
     def __init__(self, data_dir: Path, *, default_max_versions: int = kv.DEFAULT_MAX_VERSIONS) -> None:
         self._path = data_dir / DB_NAME
         self._reader = connect(self._path)
@@ -89,6 +109,9 @@ class SecretStore:
         return self._sealer
 
     # ------------------------------------------------------------------ reads
+
+    def read(self, call: Callable[[], T]) -> Future[T]:
+        return resolved(call)
 
     def get(self, path: str, version: int) -> tuple[int, dict[str, str]]:
         try:
@@ -140,6 +163,53 @@ class SecretStore:
 
     def count(self) -> int:
         return int(self._reader.execute("SELECT count(*) FROM secret").fetchone()[0])
+
+    # ------------------------------------------------------------------ policies
+
+    def policy_rows(self) -> list[PolicyRow]:
+        return self._reader.execute(f"{_SELECT_POLICY} ORDER BY name").fetchall()
+
+    def policy_row(self, id_or_name: str) -> PolicyRow | None:
+        row: PolicyRow | None = self._reader.execute(_ONE_POLICY, (id_or_name,)).fetchone()
+        return row
+
+    def policy_names(self) -> list[tuple[str, str]]:
+        return [(i, n) for i, n in self._reader.execute("SELECT id, name FROM policy ORDER BY name")]
+
+    def policy_put(
+        self, name: str, seal: Callable[[str], bytes], *, create_only: bool, new_id: Callable[[], str]
+    ) -> Future[tuple[str, bool]]:
+        def op(db: sqlite3.Connection) -> tuple[str, bool]:
+            now = time.time()
+            row = db.execute("SELECT id FROM policy WHERE name = ?", (name,)).fetchone()
+            if row is not None:
+                if create_only:
+                    raise PolicyNameTaken(f"a policy named {name} exists")
+                (policy_id,) = row
+                db.execute(
+                    "UPDATE policy SET sealed = ?, updated_at = ? WHERE id = ?", (seal(policy_id), now, policy_id)
+                )
+                return policy_id, False
+            (count,) = db.execute("SELECT count(*) FROM policy").fetchone()
+            if count >= MAX_POLICIES:
+                raise kv.InvalidRequest(f"at most {MAX_POLICIES} policies")
+            policy_id = new_id()
+            db.execute(
+                "INSERT INTO policy (id, name, sealed, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+                (policy_id, name, seal(policy_id), now, now),
+            )
+            return policy_id, True
+
+        return self.submit(op)
+
+    def policy_delete(self, id_or_name: str) -> Future[None]:
+        def op(db: sqlite3.Connection) -> None:
+            row = db.execute(_ONE_POLICY, (id_or_name,)).fetchone()
+            if row is None:
+                raise kv.NotFound("no such policy")
+            db.execute("DELETE FROM policy WHERE id = ?", (row[0],))
+
+        return self.submit(op)
 
     # ------------------------------------------------------------------ writes
 
@@ -310,6 +380,34 @@ class SecretStore:
         self._writer.join(timeout=10)
         self._reader.close()
         self._writer_db.close()
+
+
+class SqliteBackend(SecretStore):
+    """The storage `Backend` on one SQLite file in the data dir: for one Nexus process."""
+
+    shared = False
+
+    def __init__(self, data_dir: Path, *, default_max_versions: int = kv.DEFAULT_MAX_VERSIONS) -> None:
+        self._records = NexusStore(data_dir)  # opens (creating and migrating) the file first
+        try:
+            super().__init__(data_dir, default_max_versions=default_max_versions)
+        except sqlite3.Error as exc:
+            self._records.close()
+            raise StorageError(f"cannot open the database in {data_dir}: {exc}") from None
+        self.description = f"the data dir {data_dir}"
+
+    def load_key_record(self) -> KeyRecord | None:
+        return self._records.load_key_record()
+
+    def install_key_record(self, record: KeyRecord, *, replace: KeyRecord | None) -> KeyRecord:
+        return self._records.install_key_record(record, replace=replace)
+
+    def cluster_state(self) -> ClusterState:
+        return ClusterState(self.load_key_record(), 0)
+
+    def close(self) -> None:
+        super().close()
+        self._records.close()
 
 
 def _load_meta(db: sqlite3.Connection, path: str, store: SecretStore | None) -> kv.SecretMeta | None:

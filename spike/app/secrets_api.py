@@ -1,8 +1,10 @@
 """The secrets routes of Nexus: SPIKE's shapes, with Vault KV v2's extras.
 
-Reads are answered inline (a primary key lookup and one decryption); writes
-return a future that resolves once the group commit holding them is on disk.
-Every failure is a code in the body and a sentence in the log, never a value.
+Reads are answered inline on a local database (a primary key lookup and one
+decryption) and through a future on a remote one; writes return a future that
+resolves once the commit holding them is durable.  Every failure is a code in
+the body and a sentence in the log, never a value.  A database that cannot be
+reached is 503 `state_not_ready` (its outage is logged once, by the backend).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from spike.protocol.identity import SpiffeId
 from spike.protocol.wire import ErrorCode, decode
 
 from . import kv
+from .backend import DatabaseUnavailable, SecretBackend
 from .messages import (
     MetadataContent,
     SecretGetRequest,
@@ -36,7 +39,6 @@ from .messages import (
 )
 from .policies import Authorizer, Permission, reserved
 from .sealing import TamperedData
-from .secret_store import SecretStore
 from .storage import StorageError
 
 log = logging.getLogger("spike.nexus.secrets")
@@ -63,6 +65,9 @@ def error_response(exc: BaseException, what: str) -> ApiResponse:
     if isinstance(exc, TamperedData):
         log.error("%s: REFUSED TAMPERED DATA: %s", what, exc)
         return api.INTERNAL_ERROR
+    if isinstance(exc, DatabaseUnavailable):
+        log.debug("%s: %s", what, exc)  # the outage itself is logged once, when it starts
+        return api.NOT_READY
     if isinstance(exc, StorageError):
         log.error("%s: %s", what, exc)
         return api.INTERNAL_ERROR
@@ -82,6 +87,13 @@ def when_done(future: Future[T], answer: Callable[[T], ApiResponse], what: str) 
     return reply
 
 
+def read_reply(store: SecretBackend, call: Callable[[], T], answer: Callable[[T], ApiResponse], what: str) -> Reply:
+    """Answer from a read: inline on a local database, through a future on a remote one."""
+    if store.inline_reads:
+        return answer(call())
+    return when_done(store.read(call), answer, what)
+
+
 class Forbidden(kv.KvError):
     status = 401
     code = "access_unauthorized"
@@ -93,7 +105,7 @@ Handler = Callable[[ApiRequest], Reply]
 class SecretsApi:
     """Each handler decodes its body, checks the caller's permission on that path, then acts."""
 
-    def __init__(self, store: SecretStore, authorizer: Authorizer) -> None:
+    def __init__(self, store: SecretBackend, authorizer: Authorizer) -> None:
         self._store = store
         self._authorizer = authorizer
 
@@ -149,8 +161,12 @@ class SecretsApi:
         return when_done(future, lambda version: ApiResponse.json(SecretPutResponse(version=version)), "put")
 
     def get(self, body: SecretGetRequest) -> Reply:
-        version, values = self._store.get(kv.check_path(body.path), kv.check_version(body.version))
-        return ApiResponse.json(SecretGetResponse(data=values, version=version))
+        path, version = kv.check_path(body.path), kv.check_version(body.version)
+
+        def answer(found: tuple[int, dict[str, str]]) -> ApiResponse:
+            return ApiResponse.json(SecretGetResponse(data=found[1], version=found[0]))
+
+        return read_reply(self._store, lambda: self._store.get(path, version), answer, "get")
 
     def delete(self, body: SecretVersionsRequest) -> Reply:
         return self._versions(self._store.delete, body, "delete")
@@ -173,45 +189,52 @@ class SecretsApi:
             raise kv.InvalidRequest(f"limit must be between 1 and {MAX_LIST_LIMIT}")
         if body.after:
             kv.check_path(body.after)
-        keys = self._store.list_paths(prefix, limit=body.limit + 1, after=body.after)
-        more = len(keys) > body.limit
-        keys = keys[: body.limit]
-        next_after = keys[-1] if more else None
-        # A page holds only the paths this caller may list (possibly fewer than
-        # `limit`; `next_after` still continues where the scan stopped).
-        if not self._authorizer.is_superuser(caller):
-            keys = [k for k in keys if self._authorizer.allows(caller, Permission.LIST, k)]
-        return ApiResponse.json(SecretListResponse(keys=keys, next_after=next_after))
+        limit = body.limit
+
+        def answer(keys: list[str]) -> ApiResponse:
+            more = len(keys) > limit
+            keys = keys[:limit]
+            next_after = keys[-1] if more else None
+            # A page holds only the paths this caller may list (possibly fewer than
+            # `limit`; `next_after` still continues where the scan stopped).
+            if not self._authorizer.is_superuser(caller):
+                keys = [k for k in keys if self._authorizer.allows(caller, Permission.LIST, k)]
+            return ApiResponse.json(SecretListResponse(keys=keys, next_after=next_after))
+
+        return read_reply(
+            self._store, lambda: self._store.list_paths(prefix, limit=limit + 1, after=body.after), answer, "list"
+        )
 
     # ------------------------------------------------------------------ metadata
 
     def metadata_get(self, body: SecretGetRequest) -> Reply:
         path, version = kv.check_path(body.path), kv.check_version(body.version)
+        return read_reply(self._store, lambda: self._metadata(path, version), ApiResponse.json, "metadata get")
+
+    def _metadata(self, path: str, version: int) -> SecretMetadataResponse:
         meta, versions = self._store.metadata(path)
         wanted = [v for v in versions if version in (0, v.version)]
         if version and not wanted:
             raise kv.NotFound("no such version")
-        return ApiResponse.json(
-            SecretMetadataResponse(
-                versions={
-                    v.version: VersionMetadata(
-                        createdTime=_iso(v.created_at) or "",
-                        version=v.version,
-                        deletedTime=_iso(v.deleted_at),
-                        destroyed=v.destroyed,
-                    )
-                    for v in wanted
-                },
-                metadata=MetadataContent(
-                    currentVersion=meta.current_version,
-                    oldestVersion=meta.oldest_version,
-                    createdTime=_iso(meta.created_at) or "",
-                    updatedTime=_iso(meta.updated_at) or "",
-                    maxVersions=meta.effective_max_versions(self._store.default_max_versions),
-                    casRequired=meta.cas_required,
-                    customMetadata=meta.custom_metadata,
-                ),
-            )
+        return SecretMetadataResponse(
+            versions={
+                v.version: VersionMetadata(
+                    createdTime=_iso(v.created_at) or "",
+                    version=v.version,
+                    deletedTime=_iso(v.deleted_at),
+                    destroyed=v.destroyed,
+                )
+                for v in wanted
+            },
+            metadata=MetadataContent(
+                currentVersion=meta.current_version,
+                oldestVersion=meta.oldest_version,
+                createdTime=_iso(meta.created_at) or "",
+                updatedTime=_iso(meta.updated_at) or "",
+                maxVersions=meta.effective_max_versions(self._store.default_max_versions),
+                casRequired=meta.cas_required,
+                customMetadata=meta.custom_metadata,
+            ),
         )
 
     def metadata_put(self, body: SecretMetadataUpdate) -> Reply:

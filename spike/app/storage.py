@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import sqlite3
+import threading
 from pathlib import Path
 
 import msgspec
@@ -88,6 +89,7 @@ class NexusStore:
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"cannot open the database in {data_dir}: {exc}") from None
         self.path = path
+        self._install_lock = threading.Lock()
 
     def _migrate(self) -> None:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
@@ -132,6 +134,27 @@ class NexusStore:
             )
         except sqlite3.Error as exc:
             raise StorageError(f"cannot save the key record: {exc}") from None
+
+    def install_key_record(self, record: KeyRecord, *, replace: KeyRecord | None) -> KeyRecord:
+        """Store `record` unless another record than `replace` is there; the record now in force."""
+        with self._install_lock:  # one connection, callers on any thread
+            return self._install(record, replace)
+
+    def _install(self, record: KeyRecord, replace: KeyRecord | None) -> KeyRecord:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                current = self.load_key_record()
+                if current is None or (replace is not None and current == replace):
+                    self.save_key_record(record)
+                    current = record
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot save the key record: {exc}") from None
+        return current
 
     def close(self) -> None:
         self._db.close()

@@ -112,6 +112,11 @@ SETTINGS = [
             lambda c: c["waiting_summary_every"], (30.0, 10.0, 20.0, 20.0)),
     Setting("nexus", "keeper_summary_interval", "SPIKE_NEXUS_KEEPER_SUMMARY_INTERVAL", None, ("1m", "2m", None),
             lambda c: c["keeper_summary_every"], (300.0, 60.0, 120.0, 120.0)),
+    Setting("nexus", "database_url", "SPIKE_NEXUS_DATABASE_URL", "--database-url",
+            ("postgresql://f:pw-file@db.test/spike", "postgresql://e@db.test:5433/spike",
+             "postgres://g:pw-flag@[::1]/spike?password=pw-query&sslmode=require"),
+            lambda c: c["database_url"], (None, "postgresql://f:***@db.test/spike", "postgresql://e@db.test:5433/spike",
+                                          "postgres://g:***@[::1]/spike?password=***&sslmode=require")),
     Setting("", "log_level", "SPIKE_LOG_LEVEL", "--log-level", ("debug", "WARNING", "error"),
             lambda c: c["common"]["log_level"], ("info", "debug", "warning", "error")),
     Setting("", "log_format", "SPIKE_LOG_FORMAT", "--log-format", ("json", "text", "json"),
@@ -225,7 +230,7 @@ def test_check_config_prints_the_whole_effective_configuration_and_touches_nothi
     shown = json.loads(out)
     assert set(shown) == {
         "common", "bind", "keepers", "threshold", "schedule", "data_dir", "metrics_bind", "audit_log",
-        "shutdown_grace", "waiting_summary_every", "keeper_summary_every",
+        "shutdown_grace", "waiting_summary_every", "keeper_summary_every", "database_url",
     }  # fmt: skip
     assert set(shown["common"]) == {"trust", "svid", "log_level", "log_format"}
     assert shown["audit_log"] == str(data / "audit.log")
@@ -326,3 +331,24 @@ def test_an_unreadable_file_is_one_line_and_exit_2(
     code, out, err = run(["nexus", "--check-config", "--config", str(path)], capsys)
     assert (code, out) == (2, "")
     assert err.count("\n") == 1 and f"cannot read the config file {path}" in err, err
+
+
+def test_check_config_never_prints_the_database_password(
+    svid: DevIdentity, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SPIKE_NEXUS_KEEPER_PEERS", PEERS_ENV)
+    url = "postgresql://spike:Sup3r-S3cret%40x@db.test:5432/spike?password=An0ther-S3cret"
+    code, out, err = run(["nexus", "--check-config", "--database-url", url], capsys)
+    assert code == 0, err
+    assert json.loads(out)["database_url"] == "postgresql://spike:***@db.test:5432/spike?password=***"
+    assert "S3cret" not in out + err
+
+
+@pytest.mark.parametrize("url", ["mysql://db.test/spike", "db.test:5432", "postgresql://db.test:port/x"])
+def test_a_database_url_that_is_not_postgresql_stops_the_start(
+    svid: DevIdentity, url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SPIKE_NEXUS_KEEPER_PEERS", PEERS_ENV)
+    code, _, err = run(["nexus", "--check-config", "--database-url", url], capsys)
+    assert code == 2
+    assert "database URL" in err

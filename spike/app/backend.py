@@ -1,0 +1,178 @@
+"""The storage interface Nexus runs on, whatever the database.
+
+Two implementations: `SqliteBackend` (secret_store.py: one file next to one
+Nexus, the embedded default) and `PostgresBackend` (postgres.py: one
+PostgreSQL database shared by several Nexus instances).  Both keep the same
+tables, seal every value the same way (sealing.py) and take the same
+decisions (kv.py); the conformance tests in tests/store run against both.
+
+The contract every implementation keeps:
+
+* Reads (`get`, `metadata`, `list_paths`, `count`, the policy reads) are
+  blocking calls, safe from any thread.  When `inline_reads` is true they are
+  local and short, and the API calls them on the event loop's thread; when it
+  is false (a database across a network) the API runs them through `read`,
+  which answers with a `Future`, so the event loop never waits on the network.
+* Writes return a `Future` that resolves once the write is committed (durable),
+  with the write's result or the `kv.KvError` that refused it.  Writes submitted
+  one after the other by one caller are applied in that order.  Check-and-set is
+  exact: of two writes with the same `cas`, whichever Nexus they went to,
+  exactly one wins.
+* Database trouble is a `StorageError`; `DatabaseUnavailable` (its subclass)
+  means "not now": the API answers 503 and the caller may try again.  A write
+  whose outcome could not be learnt is `OutcomeUnknown`, never a guess.
+* The key record is installed with `install_key_record`, atomically: of two
+  instances installing different records at once, one wins and both learn
+  which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from spike.protocol.record import KeyRecord
+
+from . import kv
+from .sealing import Sealer
+from .storage import StorageError
+
+T = TypeVar("T")
+
+# id, name, sealed body, created_at, updated_at
+PolicyRow = tuple[str, str, bytes, float, float]
+
+
+class DatabaseUnavailable(StorageError):
+    """The database cannot be reached or did not answer in time: try again later (HTTP 503)."""
+
+
+class OutcomeUnknown(StorageError):
+    """The connection broke while a commit was under way and whether it happened could not be learnt."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterState:
+    """What other Nexus instances may have changed: the key record and the policies' change counter."""
+
+    record: KeyRecord | None
+    policy_version: int
+
+
+class KeyRecordStore(Protocol):
+    def load_key_record(self) -> KeyRecord | None:
+        """The stored key record, or None before the first bootstrap."""
+        ...
+
+    def install_key_record(self, record: KeyRecord, *, replace: KeyRecord | None) -> KeyRecord:
+        """Store `record` and return the record now in force.
+
+        With `replace` None, only if no record is stored yet; otherwise only if
+        the stored record is still `replace` (or none is stored).  When the
+        answer is not `record`, another record was there first: use it instead.
+        """
+        ...
+
+
+class SecretBackend(Protocol):
+    """Secrets and policies, sealed with the data key handed over by `unlock`."""
+
+    default_max_versions: int
+
+    @property
+    def inline_reads(self) -> bool:
+        """True: reads are cheap local calls, fine on the event loop; False: go through `read`."""
+        ...
+
+    def read(self, call: Callable[[], T]) -> Future[T]:
+        """Run a blocking read away from the caller's thread."""
+        ...
+
+    def unlock(self, sealer: Sealer, epoch: int) -> None: ...
+
+    def lock(self) -> None: ...
+
+    def sealer(self) -> Sealer:
+        """The data key's sealer; `StorageError` while locked."""
+        ...
+
+    # secrets
+    def get(self, path: str, version: int) -> tuple[int, dict[str, str]]: ...
+
+    def metadata(self, path: str) -> tuple[kv.SecretMeta, list[kv.VersionInfo]]: ...
+
+    def list_paths(self, prefix: str, *, limit: int, after: str = "") -> list[str]: ...
+
+    def count(self) -> int: ...
+
+    def put(self, path: str, values: dict[str, str], cas: int | None) -> Future[int]: ...
+
+    def delete(self, path: str, versions: list[int]) -> Future[None]: ...
+
+    def undelete(self, path: str, versions: list[int]) -> Future[None]: ...
+
+    def destroy(self, path: str, versions: list[int]) -> Future[None]: ...
+
+    def update_metadata(
+        self,
+        path: str,
+        *,
+        max_versions: int | None,
+        cas_required: bool | None,
+        custom_metadata: dict[str, str] | None,
+    ) -> Future[None]: ...
+
+    def delete_all(self, path: str) -> Future[None]: ...
+
+    # policies (sealed and opened by PolicyStore; rows here)
+    def policy_rows(self) -> list[PolicyRow]:
+        """Every policy row, by name."""
+        ...
+
+    def policy_row(self, id_or_name: str) -> PolicyRow | None:
+        """The row with this id, else the one with this name."""
+        ...
+
+    def policy_names(self) -> list[tuple[str, str]]:
+        """(id, name) of every policy, by name."""
+        ...
+
+    def policy_put(
+        self, name: str, seal: Callable[[str], bytes], *, create_only: bool, new_id: Callable[[], str]
+    ) -> Future[tuple[str, bool]]:
+        """Create the policy named `name` or replace its body (`seal(id)`); (id, created)."""
+        ...
+
+    def policy_delete(self, id_or_name: str) -> Future[None]: ...
+
+    def close(self) -> None: ...
+
+
+class Backend(SecretBackend, KeyRecordStore, Protocol):
+    """Everything Nexus keeps: the key record, secrets and policies."""
+
+    @property
+    def shared(self) -> bool:
+        """True if other Nexus instances may use the same database at the same time."""
+        ...
+
+    @property
+    def description(self) -> str:
+        """Where the data lives, for logs (never a password)."""
+        ...
+
+    def cluster_state(self) -> ClusterState:
+        """The key record and policy change counter as stored now (what other instances may have changed)."""
+        ...
+
+
+def resolved(call: Callable[[], T]) -> Future[T]:
+    """A future already settled with what `call()` returned or raised (reads of a local database)."""
+    future: Future[T] = Future()
+    try:
+        future.set_result(call())
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
