@@ -1,12 +1,13 @@
-"""Fixtures for the storage tier: `SecretStore` on a real SQLite file in tmp_path."""
+"""Fixtures for the storage tier: `SecretStore` on a real SQLite file in tmp_path; `backend` on each backend."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from store_helpers import ROOT_KEY, CountingSealer, open_store
+from store_helpers import BACKENDS, ROOT_KEY, CountingSealer, open_backend, open_store
 
 from spike.app.secret_store import SecretStore
 from spike.app.storage import DB_NAME
@@ -34,3 +35,13 @@ def store(data_dir: Path, sealer: CountingSealer) -> Iterator[SecretStore]:
 @pytest.fixture
 def db_file(data_dir: Path) -> Path:
     return data_dir / DB_NAME
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """The storage backend under test, unlocked: SQLite, then PostgreSQL (a real server, a fresh database)."""
+    backend = open_backend(request.param, tmp_path / "data")
+    try:
+        yield backend
+    finally:
+        backend.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from spike.app.sealing import Sealer
-from spike.app.secret_store import SecretStore
+from spike.app.secret_store import SecretStore, SqliteBackend
 from spike.app.storage import DB_NAME, NexusStore
 from spike.protocol.material import RootKey
 
@@ -62,3 +62,21 @@ def snapshot(data_dir: Path) -> tuple[list[Any], list[Any]]:
         secrets = db.execute("SELECT * FROM secret ORDER BY path").fetchall()
         versions = db.execute("SELECT * FROM secret_version ORDER BY path, version").fetchall()
     return secrets, versions
+
+
+BACKENDS = ("sqlite", "postgres")
+
+
+def open_backend(kind: str, data_dir: Path, *, unlock: bool = True, **options: Any) -> Any:
+    """A whole storage backend, empty, on SQLite (a file in `data_dir`) or a fresh PostgreSQL database."""
+    if kind == "sqlite":
+        backend: Any = SqliteBackend(data_dir, **options)
+    else:
+        import pg_server
+
+        from spike.app.postgres import PostgresBackend
+
+        backend = PostgresBackend(pg_server.server().database(), read_threads=2, **options)
+    if unlock:
+        backend.unlock(Sealer(ROOT_KEY), EPOCH)
+    return backend

@@ -1,6 +1,7 @@
 """Versioning semantics against a plain in-memory model of Vault KV v2 (hypothesis stateful).
 
-The machine drives a real `SecretStore` on a SQLite file and, step by step,
+The machine drives a real storage backend (a `SecretStore` on a SQLite file,
+and again a `PostgresBackend` on a real PostgreSQL server) and, step by step,
 a dictionary model written from the KV v2 rules alone: versions count up from
 1 per path; check-and-set (0 = only if absent, n = only if the current version
 is n); a per-secret max_versions (0 = the store's default, here 3) after which
@@ -29,7 +30,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from kv_model import DEFAULT_MAX, Model, Outcome, WriteOp, settle
-from store_helpers import open_store
+from store_helpers import open_backend, open_store
 
 from spike.app import kv
 
@@ -59,13 +60,18 @@ write_ops = st.one_of(
 
 
 class KvMachine(RuleBasedStateMachine):
+    backend = "sqlite"
+
     def __init__(self) -> None:
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="spike-kv-"))
-        self.store = open_store(self.dir, default_max_versions=DEFAULT_MAX)
-        # Semantics only: durability is the crash test's.  Without an fsync per commit a failing
-        # run shrinks to its smallest example several times faster.
-        self.store._writer_db.execute("PRAGMA synchronous=OFF")
+        if self.backend == "sqlite":
+            self.store: Any = open_store(self.dir, default_max_versions=DEFAULT_MAX)
+            # Semantics only: durability is the crash test's.  Without an fsync per commit a failing
+            # run shrinks to its smallest example several times faster.
+            self.store._writer_db.execute("PRAGMA synchronous=OFF")
+        else:
+            self.store = open_backend(self.backend, self.dir, default_max_versions=DEFAULT_MAX)
         self.model = Model()
 
     def teardown(self) -> None:
@@ -154,6 +160,21 @@ KvMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_kv_semantics_match_the_model = KvMachine.TestCase
+
+
+class PostgresKvMachine(KvMachine):
+    """The same rules on PostgreSQL: a fresh schema per example on the test run's server."""
+
+    backend = "postgres"
+
+
+PostgresKvMachine.TestCase.settings = settings(
+    max_examples=12,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_kv_semantics_match_the_model_on_postgres = PostgresKvMachine.TestCase
 
 
 @pytest.mark.parametrize(

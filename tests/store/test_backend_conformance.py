@@ -1,0 +1,285 @@
+"""One conformance suite for every storage backend: SQLite and PostgreSQL (a real server).
+
+Each test takes the `backend` fixture, so it runs once per backend: the
+interface of spike/app/backend.py (key record, secrets, policies, reads
+through futures, writes through futures) must behave the same on both.
+The tests marked `shared` are about several Nexus instances on one database
+and run where the backend says it can be shared.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from store_helpers import EPOCH, OTHER_KEY, ROOT_KEY, WAIT
+
+from spike.app import kv
+from spike.app.backend import Backend
+from spike.app.policies import Permission
+from spike.app.policy_store import NameTaken, PolicyStore
+from spike.app.sealing import Sealer, TamperedData
+from spike.app.storage import StorageError
+from spike.protocol.record import KeyRecord, seal_key
+
+RECORD, _ = seal_key(ROOT_KEY, epoch=1, threshold=2, keeper_ids=[1, 2, 3])
+OTHER_RECORD, _ = seal_key(OTHER_KEY, epoch=1, threshold=2, keeper_ids=[1, 2, 3])
+NEXT_RECORD, _ = seal_key(OTHER_KEY, epoch=2, threshold=2, keeper_ids=[1, 2, 3])
+
+
+def outcome(future: Future[Any]) -> Any:
+    try:
+        return future.result(WAIT)
+    except Exception as exc:
+        return exc
+
+
+def race(threads: int, work: Any) -> list[Any]:
+    barrier = threading.Barrier(threads)
+
+    def run(i: int) -> Any:
+        barrier.wait(timeout=WAIT)
+        try:
+            return work(i)
+        except kv.KvError as exc:
+            return exc
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(run, range(threads)))
+
+
+def second(backend: Backend, tmp_path: Path) -> Any:
+    """Another instance on the same data: the same file for SQLite, the same database for PostgreSQL."""
+    if backend.shared:
+        from spike.app.postgres import PostgresBackend
+
+        assert isinstance(backend, PostgresBackend)
+        other: Any = PostgresBackend(backend._url, read_threads=2)
+    else:
+        from spike.app.secret_store import SqliteBackend
+
+        other = SqliteBackend(tmp_path / "data")
+    other.unlock(Sealer(ROOT_KEY), EPOCH)
+    return other
+
+
+# ---------------------------------------------------------------------- key record
+
+
+def test_the_key_record_is_installed_once_and_replaced_only_over_the_one_in_force(backend: Backend) -> None:
+    assert backend.load_key_record() is None
+    assert backend.cluster_state().record is None
+    assert backend.install_key_record(RECORD, replace=None) == RECORD
+    assert backend.load_key_record() == RECORD
+    # A second first install loses: the record in force comes back.
+    assert backend.install_key_record(OTHER_RECORD, replace=None) == RECORD
+    # Replacing needs the record in force; a stale `replace` loses too.
+    assert backend.install_key_record(NEXT_RECORD, replace=OTHER_RECORD) == RECORD
+    assert backend.install_key_record(NEXT_RECORD, replace=RECORD) == NEXT_RECORD
+    assert backend.load_key_record() == NEXT_RECORD
+    assert backend.cluster_state().record == NEXT_RECORD
+
+
+def test_installs_at_the_same_moment_agree_on_one_record(backend: Backend) -> None:
+    records = [seal_key(ROOT_KEY, epoch=1, threshold=2, keeper_ids=[1, 2, 3])[0] for _ in range(8)]
+    winners = race(8, lambda i: backend.install_key_record(records[i], replace=None))
+    assert len({r.check for r in winners}) == 1
+    assert isinstance(winners[0], KeyRecord)
+    assert backend.load_key_record() == winners[0]
+
+
+# ---------------------------------------------------------------------- secrets
+
+
+def test_versions_cas_marks_metadata_and_purge(backend: Backend) -> None:
+    assert backend.put("app/db", {"user": "u", "pw": "1"}, None).result(WAIT) == 1
+    assert backend.put("app/db", {"pw": "2"}, 1).result(WAIT) == 2
+    assert isinstance(outcome(backend.put("app/db", {"pw": "x"}, 1)), kv.CasMismatch)
+    assert isinstance(outcome(backend.put("new", {"k": "v"}, 3)), kv.CasMismatch)
+    assert backend.get("app/db", 0) == (2, {"pw": "2"})
+    assert backend.get("app/db", 1) == (1, {"user": "u", "pw": "1"})
+    with pytest.raises(kv.NotFound):
+        backend.get("app/db", 3)
+    with pytest.raises(kv.NotFound):
+        backend.get("nothing", 0)
+
+    backend.delete("app/db", []).result(WAIT)
+    with pytest.raises(kv.NotFound):
+        backend.get("app/db", 0)
+    backend.undelete("app/db", [2]).result(WAIT)
+    assert backend.get("app/db", 0) == (2, {"pw": "2"})
+    backend.destroy("app/db", [1]).result(WAIT)
+    backend.undelete("app/db", [1]).result(WAIT)  # destroy is final
+    with pytest.raises(kv.NotFound):
+        backend.get("app/db", 1)
+    assert isinstance(outcome(backend.delete("nothing", [])), kv.NotFound)
+
+    backend.update_metadata("app/db", max_versions=2, cas_required=True, custom_metadata={"team": "a"}).result(WAIT)
+    assert isinstance(outcome(backend.put("app/db", {"pw": "3"}, None)), kv.InvalidRequest)  # cas required
+    assert backend.put("app/db", {"pw": "3"}, 2).result(WAIT) == 3
+    meta, versions = backend.metadata("app/db")
+    assert (meta.current_version, meta.oldest_version, meta.max_versions, meta.cas_required) == (3, 2, 2, True)
+    assert meta.custom_metadata == {"team": "a"}
+    assert [(v.version, v.deleted_at is None, v.destroyed) for v in versions] == [(2, True, False), (3, True, False)]
+
+    # Metadata before the first version, then cas 0.
+    backend.update_metadata("early", max_versions=None, cas_required=True, custom_metadata=None).result(WAIT)
+    meta, versions = backend.metadata("early")
+    assert (meta.current_version, meta.cas_required, versions) == (0, True, [])
+    assert backend.put("early", {"k": "v"}, 0).result(WAIT) == 1
+
+    backend.delete_all("app/db").result(WAIT)
+    with pytest.raises(kv.NotFound):
+        backend.metadata("app/db")
+    assert isinstance(outcome(backend.delete_all("app/db")), kv.NotFound)
+    assert backend.put("app/db", {"k": "again"}, 0).result(WAIT) == 1  # a purged path starts over
+
+
+def test_listing_by_prefix_page_by_page(backend: Backend) -> None:
+    paths = ["a", "a/b", "a/b/c", "a~", "ab", "b/x", "a/z"]
+    for future in [backend.put(p, {"k": "v"}, None) for p in paths]:
+        future.result(WAIT)
+    assert backend.count() == len(paths)
+    for prefix in ["", "a", "a/", "a/b", "b/", "c"]:
+        listed: list[str] = []
+        after = ""
+        while True:
+            page = backend.list_paths(prefix, limit=2, after=after)
+            listed += page
+            if len(page) < 2:
+                break
+            after = page[-1]
+        assert listed == sorted(p for p in paths if p.startswith(prefix)), prefix
+
+
+def test_reads_through_futures_answer_the_same(backend: Backend) -> None:
+    backend.put("f", {"k": "v"}, None).result(WAIT)
+    assert backend.read(lambda: backend.get("f", 0)).result(WAIT) == (1, {"k": "v"})
+    assert isinstance(outcome(backend.read(lambda: backend.get("g", 0))), kv.NotFound)
+
+
+def test_a_failing_write_in_a_burst_leaves_the_others(backend: Backend) -> None:
+    futures = [backend.put(f"burst/{i}", {"i": str(i)}, None) for i in range(20)]
+    futures.insert(10, backend.put("burst/3", {"i": "late"}, 7))
+    outcomes = [outcome(f) for f in futures]
+    assert isinstance(outcomes.pop(10), kv.CasMismatch)
+    assert outcomes == [1] * 20
+    assert all(backend.get(f"burst/{i}", 0) == (1, {"i": str(i)}) for i in range(20))
+
+
+def test_writes_submitted_in_order_apply_in_order(backend: Backend) -> None:
+    futures = [backend.put("order", {"n": str(n)}, n) for n in range(30)]
+    assert [f.result(WAIT) for f in futures] == list(range(1, 31))
+    assert backend.get("order", 0) == (30, {"n": "29"})
+
+
+def test_cas_race_has_exactly_one_winner_per_round(backend: Backend) -> None:
+    for current in range(4):
+        outcomes = race(12, lambda i, c=current: backend.put("race", {"by": str(i)}, cas=c).result(WAIT))
+        winners = [(i, o) for i, o in enumerate(outcomes) if not isinstance(o, Exception)]
+        assert len(winners) == 1, outcomes
+        assert all(isinstance(o, kv.CasMismatch) for o in outcomes if isinstance(o, Exception)), outcomes
+        assert backend.get("race", 0) == (current + 1, {"by": str(winners[0][0])})
+
+
+def test_concurrent_writes_share_commits(backend: Backend) -> None:
+    futures = [backend.put(f"group/{i}", {"n": str(i)}, None) for i in range(200)]
+    assert [f.result(WAIT) for f in futures] == [1] * 200
+    assert backend.count() == 200
+    assert getattr(backend, "batches") < 200  # noqa: B009 - both backends count their commits
+
+
+def test_a_locked_backend_seals_and_opens_nothing(backend: Backend) -> None:
+    backend.put("sealed", {"k": "v"}, None).result(WAIT)
+    backend.lock()
+    with pytest.raises(StorageError):
+        backend.put("sealed", {"k": "w"}, None)
+    with pytest.raises(StorageError):
+        backend.get("sealed", 0)
+    backend.unlock(Sealer(OTHER_KEY), EPOCH)
+    with pytest.raises(TamperedData):
+        backend.get("sealed", 0)  # another key opens nothing
+    backend.unlock(Sealer(ROOT_KEY), EPOCH + 1)
+    with pytest.raises(TamperedData, match="epoch"):
+        backend.get("sealed", 0)
+
+
+def test_an_acknowledged_write_is_read_by_another_instance_at_once(backend: Backend, tmp_path: Path) -> None:
+    other = second(backend, tmp_path)
+    try:
+        for n in range(20):
+            version = backend.put("shared", {"n": str(n)}, None).result(WAIT)
+            assert other.get("shared", 0) == (version, {"n": str(n)})
+            other.delete("shared", []).result(WAIT)
+            with pytest.raises(kv.NotFound):
+                backend.get("shared", 0)
+    finally:
+        other.close()
+
+
+# ---------------------------------------------------------------------- policies
+
+
+def test_policies_create_replace_get_list_delete(backend: Backend) -> None:
+    ids = iter(["id-1", "id-2", "id-3"])
+    store = PolicyStore(backend, new_id=lambda: next(ids))
+    before = backend.cluster_state().policy_version
+    assert store.put("readers", "spiffe://x/.*", "a/.*", frozenset({Permission.READ}), create_only=True).result(
+        WAIT
+    ) == ("id-1", True)
+    assert store.put("readers", "spiffe://x/y", "b/.*", frozenset({Permission.LIST}), create_only=False).result(
+        WAIT
+    ) == ("id-1", False)
+    assert isinstance(
+        outcome(store.put("readers", "spiffe://x/y", "b/.*", frozenset({Permission.LIST}), create_only=True)),
+        NameTaken,
+    )
+    store.put("id-1", "spiffe://z/.*", "c", frozenset({Permission.WRITE}), create_only=True).result(WAIT)
+    assert store.get("id-1").name == "readers"  # an id wins over a name
+    assert store.get("readers").path_pattern == "b/.*"
+    assert store.list() == [("id-2", "id-1"), ("id-1", "readers")]
+    assert [p.name for p in store.load_all()] == ["id-1", "readers"]
+    store.delete("readers").result(WAIT)
+    assert isinstance(outcome(store.delete("readers")), kv.NotFound)
+    with pytest.raises(kv.NotFound):
+        store.get("readers")
+    if backend.shared:  # other instances reload their policies when this moves
+        assert backend.cluster_state().policy_version >= before + 3
+
+
+# ---------------------------------------------------------------------- several instances
+
+
+def test_cas_across_two_instances_has_exactly_one_winner(backend: Backend, tmp_path: Path) -> None:
+    if not backend.shared:
+        pytest.skip("one Nexus process per SQLite file")
+    other = second(backend, tmp_path)
+    try:
+        instances = [backend, other]
+        for current in range(6):
+            outcomes = race(8, lambda i, c=current: instances[i % 2].put("x", {"by": str(i)}, cas=c).result(WAIT))
+            winners = [o for o in outcomes if not isinstance(o, Exception)]
+            assert winners == [current + 1], outcomes
+        # No lost update across instances: increments with cas retries.
+        backend.put("counter", {"n": "0"}, 0).result(WAIT)
+
+        def increment(i: int) -> int:
+            store, done, conflicts = instances[i % 2], 0, 0
+            while done < 10:
+                version, values = store.get("counter", 0)
+                try:
+                    store.put("counter", {"n": str(int(values["n"]) + 1)}, version).result(WAIT)
+                except kv.CasMismatch:
+                    conflicts += 1
+                    continue
+                done += 1
+            return conflicts
+
+        conflicts = race(6, increment)
+        assert other.get("counter", 0) == (61, {"n": "60"})
+        assert sum(conflicts) > 0
+    finally:
+        other.close()

@@ -1,0 +1,185 @@
+"""What only PostgreSQL has: a server that goes away and comes back, instances starting at once, key epochs.
+
+A real server (tests/pg_server.py), stopped and started under the backend:
+reads and writes fail with `DatabaseUnavailable` (the API's 503) while it is
+away, the outage is logged once, and the same backend serves again when it is
+back, without being reopened.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import pg_server
+import psycopg
+import pytest
+from store_helpers import EPOCH, ROOT_KEY, WAIT
+
+from spike.app import kv
+from spike.app.backend import DatabaseUnavailable
+from spike.app.postgres import MIGRATIONS, PostgresBackend, StaleKey
+from spike.app.sealing import Sealer
+from spike.app.storage import StorageError
+from spike.protocol.record import seal_key
+
+
+def open_pg(url: str) -> PostgresBackend:
+    backend = PostgresBackend(url, read_threads=2)
+    backend.unlock(Sealer(ROOT_KEY), EPOCH)
+    return backend
+
+
+@pytest.fixture
+def url() -> str:
+    return pg_server.server().database()
+
+
+def outcome(future: Any) -> Any:
+    try:
+        return future.result(WAIT)
+    except Exception as exc:
+        return exc
+
+
+def test_a_lost_server_is_503_logged_once_and_served_again_when_back(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = pg_server.server()
+    backend = open_pg(url)
+    try:
+        assert backend.put("p", {"k": "1"}, None).result(WAIT) == 1
+        caplog.set_level(logging.INFO, logger="spike.nexus.store")
+        server.stop("fast")
+        try:
+            for _ in range(5):
+                with pytest.raises(DatabaseUnavailable):
+                    backend.get("p", 0)
+                assert isinstance(outcome(backend.put("p", {"k": "x"}, None)), DatabaseUnavailable)
+                assert isinstance(outcome(backend.read(backend.count)), DatabaseUnavailable)
+        finally:
+            server.start()
+        # Back: the same backend, no reopen; the stale pooled connections are replaced on the way.
+        assert backend.get("p", 0) == (1, {"k": "1"})
+        assert backend.put("p", {"k": "2"}, 1).result(WAIT) == 2
+        assert backend.read(lambda: backend.get("p", 0)).result(WAIT) == (2, {"k": "2"})
+    finally:
+        backend.close()
+    down = [r for r in caplog.records if "is unavailable" in r.getMessage()]
+    up = [r for r in caplog.records if "available again" in r.getMessage()]
+    assert len(down) == 1, [r.getMessage() for r in caplog.records]
+    assert len(up) == 1
+    assert server.password not in caplog.text  # the URL is logged without its password
+
+
+def test_a_restart_between_two_requests_costs_no_error(url: str) -> None:
+    """Idle connections broken by a server restart are replaced before anything fails."""
+    server = pg_server.server()
+    backend = open_pg(url)
+    try:
+        backend.put("r", {"k": "1"}, None).result(WAIT)
+        backend.get("r", 0)
+        server.restart("fast")
+        assert backend.get("r", 0) == (1, {"k": "1"})
+        assert backend.put("r", {"k": "2"}, 1).result(WAIT) == 2
+    finally:
+        backend.close()
+
+
+def test_instances_started_at_once_on_an_empty_database_share_one_schema(url: str) -> None:
+    opened: list[Any] = []
+    barrier = threading.Barrier(4)
+
+    def start() -> None:
+        barrier.wait(WAIT)
+        try:
+            opened.append(open_pg(url))
+        except Exception as exc:
+            opened.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    try:
+        assert all(isinstance(b, PostgresBackend) for b in opened), opened
+        opened[0].put("once", {"k": "v"}, 0).result(WAIT)
+        assert all(b.get("once", 0) == (1, {"k": "v"}) for b in opened)
+    finally:
+        for backend in opened:
+            if isinstance(backend, PostgresBackend):
+                backend.close()
+
+
+def test_a_newer_schema_is_refused(url: str) -> None:
+    open_pg(url).close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE spike_schema SET version = %s", (len(MIGRATIONS) + 1,))
+    with pytest.raises(StorageError, match="newer than this spike knows"):
+        PostgresBackend(url)
+
+
+def test_an_unreachable_server_at_start_is_one_clear_error() -> None:
+    server = pg_server.server()
+    url = f"postgresql://spike:{server.password}@127.0.0.1:{pg_server._free_port()}/spike"
+    with pytest.raises(DatabaseUnavailable, match=r"cannot reach PostgreSQL at postgresql://spike:\*\*\*@") as caught:
+        PostgresBackend(url)
+    assert server.password not in str(caught.value)
+
+
+def test_a_write_sealed_under_a_replaced_key_is_refused(url: str) -> None:
+    """bootstrap --force through another instance: this one's writes under the old key must not land."""
+    first, _ = seal_key(ROOT_KEY, epoch=EPOCH, threshold=2, keeper_ids=[1, 2, 3])
+    newer, _ = seal_key(ROOT_KEY, epoch=EPOCH + 1, threshold=2, keeper_ids=[1, 2, 3])
+    mine, other = open_pg(url), open_pg(url)
+    told = threading.Event()
+    mine.on_stale_key = told.set
+    try:
+        assert mine.install_key_record(first, replace=None) == first
+        assert mine.put("s", {"k": "1"}, None).result(WAIT) == 1
+        assert other.install_key_record(newer, replace=first) == newer
+        refused = outcome(mine.put("s", {"k": "2"}, None))
+        assert isinstance(refused, StaleKey)  # a DatabaseUnavailable: 503, try again once recovered
+        assert told.is_set()
+        # Writes that seal nothing still go through; the old value is as it was.
+        mine.delete("s", [1]).result(WAIT)
+        assert isinstance(outcome(mine.put("s", {"k": "2"}, 1)), StaleKey)
+        other.unlock(Sealer(ROOT_KEY), EPOCH + 1)
+        assert other.put("s", {"k": "3"}, 1).result(WAIT) == 2
+    finally:
+        mine.close()
+        other.close()
+
+
+def test_policy_writes_move_the_change_counter_seen_by_other_instances(url: str) -> None:
+    from spike.app.policies import Permission
+    from spike.app.policy_store import PolicyStore
+
+    mine, other = open_pg(url), open_pg(url)
+    try:
+        seen = other.cluster_state().policy_version
+        PolicyStore(mine).put("p", "spiffe://x/.*", ".*", frozenset({Permission.READ}), create_only=False).result(WAIT)
+        assert other.cluster_state().policy_version == seen + 1
+        assert [p.name for p in PolicyStore(other).load_all()] == ["p"]
+    finally:
+        mine.close()
+        other.close()
+
+
+def test_cas_conflicts_are_kv_errors_not_storage_errors(url: str) -> None:
+    backend = open_pg(url)
+    try:
+        backend.put("c", {"k": "v"}, 0).result(WAIT)
+        assert isinstance(outcome(backend.put("c", {"k": "v"}, 0)), kv.CasMismatch)
+    finally:
+        backend.close()
+
+
+def test_the_schema_lives_in_the_database_it_is_given(tmp_path: Path, url: str) -> None:
+    """Nothing is written next to the process: the data dir stays empty."""
+    backend = open_pg(url)
+    backend.close()
+    assert not any(tmp_path.iterdir())
