@@ -26,7 +26,7 @@ class KeeperState(Enum):
     HOLDING = "holding"  # holds its verified current shard
     EMPTY = "empty"  # answered 404 (or a Go keeper's 400)
     WRONG_SHARD = "wrong_shard"  # holds a shard that fails its commitment
-    UNVERIFIED = "unverified"  # holds a shard, and there is no key record to check it
+    UNVERIFIED = "unverified"  # holds a shard that cannot be checked: no key record, or one of a newer epoch
     UNREACHABLE = "unreachable"  # no HTTP answer
     BAD_ANSWER = "bad_answer"  # an answer that breaks the wire contract
 

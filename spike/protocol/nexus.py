@@ -24,7 +24,9 @@ Rules kept here (DESIGN.md section 2 and ADR-0022):
   is used; a rebuilt key is used only if it matches the key check value.
 * Holding the key, an empty keeper (404, or 400 from SPIKE's Go keeper) or
   one with a wrong shard gets its own shard pushed at once and read back to
-  confirm.  A push follows only a scheduled poll (or, once the key is
+  confirm.  A shard labelled with a newer key epoch than the record is not
+  this machine's to overwrite (another Nexus instance holds a newer key): the
+  keeper is UNVERIFIED and left alone.  A push follows only a scheduled poll (or, once the key is
   rebuilt, a fresh read of a keeper last seen without its shard), so a keeper
   that keeps failing costs at most three requests per interval.
 * Garbage from a keeper becomes a state and a report; it never raises.
@@ -537,6 +539,14 @@ class NexusCustody:
             return
         if self._record is None:
             self._set_state(keeper, KeeperState.UNVERIFIED, now, "holds a shard, no key record")
+            return
+        if body.epoch is not None and body.epoch > self._record.epoch and body.id in (None, keeper.id):
+            # A newer key than this machine's record (another Nexus instance's, after `bootstrap
+            # --force` through it): not this machine's to overwrite.  Its driver should load the
+            # newer record; until then the keeper is left alone.
+            detail = f"holds a shard of key epoch {body.epoch}, newer than this record's {self._record.epoch}"
+            self._set_state(keeper, KeeperState.UNVERIFIED, now, detail)
+            keeper.needs_seed = False
             return
         problem = self._share_problem(self._record, keeper.id, body, share)
         if problem:

@@ -790,3 +790,28 @@ def test_a_stale_empty_answer_does_not_lead_to_a_push_when_the_keeper_was_seeded
     assert of_type(effects, KeeperReseeded) == []
     assert rig.state(3) is KeeperState.HOLDING
     assert rig.view(3).reseeds == 0
+
+
+@pytest.mark.parametrize("ready", [True, False], ids=["ready", "recovering"])
+def test_a_shard_of_a_newer_epoch_is_left_alone(ready: bool) -> None:
+    """Several Nexus instances: after `bootstrap --force` through another one, keepers hold shards of a
+    newer key.  This machine, still on the old record, must not overwrite them with its old shards."""
+    rig = Rig()
+    if ready:
+        rig.recover(1, 2)
+    else:
+        rig.start()
+    newer = share_for(key_from_int(OTHER_KEY_INT), epoch=rig.record.epoch + 1, threshold=2, id=3)
+    effects = rig.reply_shard(3, newer)
+    assert rig.requests(effects) == []  # no push
+    assert of_type(effects, KeeperMisbehaved) == []
+    view = rig.view(3)
+    assert view.state is KeeperState.UNVERIFIED
+    assert f"epoch {rig.record.epoch + 1}" in view.detail
+    assert rig.custody.phase is (Phase.READY if ready else Phase.RECOVERING)
+    # The machine moves on once it is given the newer record (what the app does when it loads it).
+    assert rig.custody.initialise(
+        seal_key(key_from_int(OTHER_KEY_INT), epoch=rig.record.epoch + 1, threshold=2, keeper_ids=[1, 2, 3])[0],
+        rig.now,
+        replace=True,
+    )
