@@ -3,23 +3,47 @@
 Every failure a user can cause ends in one line on stderr and a non-zero
 exit code (2 for configuration, 1 for everything else); tracebacks are for
 bugs only.
+
+Start-up time counts (`spike --version`; a keeper restarted by its supervisor;
+the one-file executable unpacks itself first): this module imports only what
+parsing needs, and each subcommand imports its own modules when it runs.
+The parsers of the Nexus client commands (secret, cipher, policy) import the
+client stack, so they are built only for those commands or the full help.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import spike
 
-from . import config as cfg
 from .errors import CommandError
 
+if TYPE_CHECKING:
+    from .config import Common
+
 EXIT_CONFIG = 2
+_CLIENT_COMMANDS = frozenset({"secret", "cipher", "policy"})
+
+
+def version_line() -> str:
+    """`spike 0.1.0 (commit abc1234)`; build/build.sh stamps the commit into the binary."""
+    try:
+        commit = str(importlib.import_module("spike._build_info").COMMIT)
+    except (ImportError, AttributeError):
+        commit = "unknown"
+    return f"spike {spike.__version__} (commit {commit})"
+
+
+def _trust_domain_arg(text: str) -> str:
+    from . import config as cfg
+
+    return cfg.trust_domain_arg(text)
 
 
 def _identity_flags(parser: argparse.ArgumentParser) -> None:
@@ -36,16 +60,17 @@ def _identity_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--svid-key", metavar="PEM", help="private key of the SVID")
     group.add_argument("--svid-bundle", metavar="PEM", help="trust bundle (CA certificates)")
     group.add_argument(
-        "--trust-domain", type=cfg.trust_domain_arg, help="trust domain of every role (env SPIKE_TRUST_ROOT)"
+        "--trust-domain", type=_trust_domain_arg, help="trust domain of every role (env SPIKE_TRUST_ROOT)"
     )
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="env SPIKE_LOG_LEVEL")
     parser.add_argument("--log-format", choices=["text", "json"], help="env SPIKE_LOG_FORMAT")
     parser.add_argument("--config", metavar="TOML", help="settings file (env SPIKE_CONFIG); flags and env win")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; given the command word, leave out the client commands' parsers if it is not one."""
     parser = argparse.ArgumentParser(prog="spike", description="SPIFFE-native secrets manager")
-    parser.add_argument("--version", action="version", version=f"spike {spike.__version__}")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     keeper = sub.add_parser("keeper", help="hold one shard of the root key in memory")
@@ -104,20 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--data-dir", type=Path, help="keep state here (default: a temporary dir)")
     dev.add_argument("--keepers", type=int, default=3)
     dev.add_argument("--threshold", type=int, default=2)
-    dev.add_argument("--trust-domain", type=cfg.trust_domain_arg, default=cfg.DEFAULT_TRUST_DOMAIN)
+    dev.add_argument("--trust-domain", type=_trust_domain_arg, help="default spike.ist")
     dev.add_argument("--poll-interval", default="2s")
     dev.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
 
     ident = sub.add_parser("dev-identity", help="mint a development CA and SVIDs for every role")
     ident.add_argument("--dir", type=Path, required=True, help="where to write the PEM files")
-    ident.add_argument("--trust-domain", type=cfg.trust_domain_arg, default=cfg.DEFAULT_TRUST_DOMAIN)
+    ident.add_argument("--trust-domain", type=_trust_domain_arg, help="default spike.ist")
     ident.add_argument("--keepers", default="1,2,3", help="keeper ids to mint SVIDs for (default 1,2,3)")
 
-    from .policy_cli import add_parser as add_policy_parser
-    from .secret_cli import add_parsers
+    if command is None or command in _CLIENT_COMMANDS or command not in COMMANDS:
+        from .policy_cli import add_parser as add_policy_parser
+        from .secret_cli import add_parsers
 
-    add_parsers(sub, _identity_flags)
-    add_policy_parser(sub, _identity_flags)
+        add_parsers(sub, _identity_flags)
+        add_policy_parser(sub, _identity_flags)
 
     operator = sub.add_parser("operator", help="break-glass: export recovery shards, restore from them")
     op = operator.add_subparsers(dest="operator_command", metavar="ACTION", required=True)
@@ -133,13 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logs(common: cfg.Common) -> None:
+def _setup_logs(common: Common) -> None:
     from .logs import setup
 
     setup(common.log_level, common.log_format)
 
 
 def _keeper(args: argparse.Namespace) -> int:
+    from . import config as cfg
     from . import keeper
 
     config = cfg.keeper(args, cfg.environ(args))
@@ -149,6 +176,9 @@ def _keeper(args: argparse.Namespace) -> int:
 
 
 def _nexus(args: argparse.Namespace) -> int:
+    import json
+
+    from . import config as cfg
     from . import nexus
 
     config = cfg.nexus(args, cfg.environ(args))
@@ -162,6 +192,7 @@ def _nexus(args: argparse.Namespace) -> int:
 
 def _bootstrap(args: argparse.Namespace) -> int:
     from . import bootstrap
+    from . import config as cfg
 
     config = cfg.bootstrap(args, cfg.environ(args))
     _setup_logs(config.common)
@@ -170,6 +201,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from . import config as cfg
     from . import status
 
     config = cfg.client(args, cfg.environ(args))
@@ -178,6 +210,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
+    from . import config as cfg
     from . import dev
 
     return dev.run(
@@ -185,7 +218,7 @@ def _dev(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             keepers=args.keepers,
             threshold=args.threshold,
-            trust_domain=args.trust_domain,
+            trust_domain=args.trust_domain or cfg.DEFAULT_TRUST_DOMAIN,
             poll_interval=args.poll_interval,
             log_level=args.log_level,
         )
@@ -193,18 +226,21 @@ def _dev(args: argparse.Namespace) -> int:
 
 
 def _dev_identity(args: argparse.Namespace) -> int:
+    from . import config as cfg
     from .devca import mint_dev_identity
 
+    trust_domain = args.trust_domain or cfg.DEFAULT_TRUST_DOMAIN
     try:
         ids = [int(x) for x in args.keepers.split(",") if x.strip()]
     except ValueError:
         raise cfg.ConfigError(f"--keepers must be a comma-separated list of ids, not {args.keepers!r}") from None
-    identity = mint_dev_identity(args.dir, args.trust_domain, ids)
-    print(f"development SVIDs for spiffe://{args.trust_domain} written to {identity.directory}")
+    identity = mint_dev_identity(args.dir, trust_domain, ids)
+    print(f"development SVIDs for spiffe://{trust_domain} written to {identity.directory}")
     return 0
 
 
 def _secret(args: argparse.Namespace) -> int:
+    from . import config as cfg
     from .secret_cli import run_secret
 
     _setup_logs(cfg.common(args, cfg.environ(args)))
@@ -212,6 +248,7 @@ def _secret(args: argparse.Namespace) -> int:
 
 
 def _cipher(args: argparse.Namespace) -> int:
+    from . import config as cfg
     from .secret_cli import run_cipher
 
     _setup_logs(cfg.common(args, cfg.environ(args)))
@@ -219,6 +256,7 @@ def _cipher(args: argparse.Namespace) -> int:
 
 
 def _policy(args: argparse.Namespace) -> int:
+    from . import config as cfg
     from . import policy_cli
 
     _setup_logs(cfg.common(args, cfg.environ(args)))
@@ -226,6 +264,7 @@ def _policy(args: argparse.Namespace) -> int:
 
 
 def _operator(args: argparse.Namespace) -> int:
+    from . import config as cfg
     from . import operator
     from .pilot import NexusClient
 
@@ -245,7 +284,7 @@ def _operator(args: argparse.Namespace) -> int:
 
 
 def _version(args: argparse.Namespace) -> int:
-    print(f"spike {spike.__version__}")
+    print(version_line())
     return 0
 
 
@@ -264,9 +303,27 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _raised_by(exc: BaseException, module: str, name: str) -> bool:
+    """Whether `exc` is `module.name`; a module never imported cannot have raised it (nor is imported for the check)."""
+    found = sys.modules.get(module)
+    return found is not None and isinstance(exc, getattr(found, name))
+
+
+# Errors a user can cause at start (a bad SVID, a taken port, an unusable data dir): one line, exit 2.
+_STARTUP_ERRORS = (
+    ("spike.transports.tls", "IdentityError"),
+    ("spike.transports.runner", "BindError"),
+    ("spike.app.storage", "StorageError"),
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["--version"]:  # the quickest path: no parser, no imports
+        print(version_line())
+        return 0
+    parser = build_parser(next((word for word in words if not word.startswith("-")), None))
+    args, extra = parser.parse_known_args(words)
     # `spike secret put PATH --cas 1 key=value`: argparse cannot take positionals
     # after an option, so KEY=VALUE words left over are the values.
     if extra and hasattr(args, "pairs") and all("=" in word and not word.startswith("-") for word in extra):
@@ -274,23 +331,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     name = f"spike {args.command}"
-    # Imported here so that `spike --version` and `spike keeper` stay quick to start.
-    from spike.transports.runner import BindError
-    from spike.transports.tls import IdentityError
-
-    from .storage import StorageError
-
     try:
         return COMMANDS[args.command](args)
-    except cfg.ConfigError as exc:
-        print(f"{name}: configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except (IdentityError, BindError, StorageError) as exc:
-        print(f"{name}: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
     except CommandError as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        import logging
+
         logging.getLogger("spike").info("interrupted")
         return 130
+    except Exception as exc:
+        if _raised_by(exc, "spike.app.config", "ConfigError"):
+            print(f"{name}: configuration error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        if any(_raised_by(exc, module, cls) for module, cls in _STARTUP_ERRORS):
+            print(f"{name}: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        raise

@@ -4,11 +4,20 @@ Mints a development trust domain, starts three keepers and a Nexus (2-of-3)
 as child processes on loopback, bootstraps them, prints what a user needs to
 talk to it, and stops everything on Ctrl-C.  The data dir is a temporary
 directory unless `--data-dir` is given.
+
+With `--data-dir`, the first run also exports the recovery shards into
+`<data-dir>/recovery/` (0600 files: a development convenience, never a way to
+run a real deployment), so that a later `spike dev --data-dir` on the same
+directory, whose keepers start empty, restores the same root key from them:
+Nexus re-seeds the new keepers and the same secrets come back.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -16,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -24,13 +33,23 @@ from types import FrameType
 from spike.protocol.identity import TrustDomains
 from spike.transports.tls import SvidFiles
 
-from . import bootstrap
+from . import bootstrap, operator
 from .config import BootstrapConfig, Common
 from .devca import DevIdentity, mint_dev_identity
 from .errors import CommandError
+from .messages import STATUS_PATH, StatusBody
+from .pilot import NexusClient, NexusError
 from .storage import NexusStore
 
 Say = Callable[[str], None]
+
+RECOVERY_DIR = "recovery"
+SHARD_FILES = "spike.recovery.*.txt"
+
+
+def say_now(line: str) -> None:
+    """Print and flush: stdout may be a pipe, and the process may be stopped right after."""
+    print(line, flush=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +69,20 @@ def spike_command() -> list[str]:
     return [sys.executable, "-m", "spike"]
 
 
+def spike_hint() -> str:
+    """How the user runs this spike from a shell: `spike` when that is on PATH, else its full path."""
+    if getattr(sys, "frozen", False):
+        executable = Path(sys.executable)
+    elif Path(sys.argv[0]).name == "spike":
+        executable = Path(sys.argv[0])
+    else:
+        return f"{shlex.quote(sys.executable)} -m spike"
+    found = shutil.which("spike")
+    if found is not None and Path(found).resolve() == executable.resolve():
+        return "spike"
+    return shlex.quote(str(executable.resolve()))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,6 +98,10 @@ def svid_env(files: SvidFiles, trust_domain: str) -> dict[str, str]:
     }
 
 
+def _exports(env: dict[str, str]) -> str:
+    return "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+
+
 def _wait_for_port(port: int, process: subprocess.Popen[bytes], name: str, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -78,6 +115,17 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], name: str, timeo
     raise CommandError(f"{name} did not start listening on port {port}")
 
 
+@contextlib.contextmanager
+def _exclusive(root: Path) -> Iterator[None]:
+    """One `spike dev` per data dir: a second Nexus on the same SQLite file would be a mess."""
+    with (root / "dev.lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise CommandError(f"another `spike dev` is running on {root}", exit_code=2) from None
+        yield
+
+
 class Deployment:
     def __init__(self, options: DevOptions, say: Say) -> None:
         self.options = options
@@ -87,9 +135,14 @@ class Deployment:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.logs = self.root / "logs"
         self.logs.mkdir(exist_ok=True)
+        self.recovery = self.root / RECOVERY_DIR
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.trust = TrustDomains.single(options.trust_domain)
         ids = range(1, options.keepers + 1)
-        self.identity: DevIdentity = mint_dev_identity(self.root / "identity", options.trust_domain, ids)
+        try:
+            self.identity: DevIdentity = mint_dev_identity(self.root / "identity", options.trust_domain, ids)
+        except ValueError as exc:  # the directory holds a CA for another trust domain
+            raise CommandError(f"{exc}; use that --trust-domain or another --data-dir", exit_code=2) from None
         self.keeper_ports = {i: free_port() for i in ids}
         self.nexus_port = free_port()
 
@@ -98,9 +151,10 @@ class Deployment:
         process = subprocess.Popen(
             [*spike_command(), *args],
             env={**os.environ, **env, "SPIKE_LOG_LEVEL": self.options.log_level},
+            stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches us; we stop the children in order
+            start_new_session=True,  # Ctrl-C reaches us only; we stop the children in order
         )
         log.close()
         self.processes[name] = process
@@ -125,10 +179,9 @@ class Deployment:
 
     def _start_nexus(self) -> None:
         domain = self.options.trust_domain
-        peers = ",".join(f"{i}=https://127.0.0.1:{p}" for i, p in self.keeper_ports.items())
         env = {
             **svid_env(self.identity.files("nexus"), domain),
-            "SPIKE_NEXUS_KEEPER_PEERS": peers,
+            "SPIKE_NEXUS_KEEPER_PEERS": self.peers,
             "SPIKE_NEXUS_SHAMIR_SHARES": str(self.options.keepers),
             "SPIKE_NEXUS_SHAMIR_THRESHOLD": str(self.options.threshold),
             "SPIKE_NEXUS_DATA_DIR": str(self.root / "nexus"),
@@ -141,7 +194,14 @@ class Deployment:
     def nexus_url(self) -> str:
         return f"https://127.0.0.1:{self.nexus_port}"
 
+    @property
+    def peers(self) -> str:
+        return ",".join(f"{i}=https://127.0.0.1:{p}" for i, p in self.keeper_ports.items())
+
     def initialised(self) -> bool:
+        """Whether the data dir holds a key record (an earlier run bootstrapped it)."""
+        if not (self.root / "nexus").exists():
+            return False
         store = NexusStore(self.root / "nexus")
         try:
             return store.load_key_record() is not None
@@ -151,13 +211,55 @@ class Deployment:
     def bootstrap(self) -> None:
         files = self.identity.files("bootstrap")
         config = BootstrapConfig(
-            Common(TrustDomains.single(self.options.trust_domain), files, "info", "text"),
+            Common(self.trust, files, "info", "text"),
             self.nexus_url,
             None,
             force=False,
             timeout=60.0,
         )
         bootstrap.run(config, say=lambda line: self.say(f"  {line}"))
+
+    def export_recovery_shards(self) -> None:
+        """After the first bootstrap of a kept data dir: the shards, so that a later run can restore."""
+        with NexusClient(self.nexus_url, self.identity.files("pilot-recover"), self.trust) as client:
+            operator.recover(client, self.recovery, lambda line: None)
+        self.say(
+            f"  recovery shards written to {self.recovery} (0600) so that `spike dev --data-dir` on this "
+            "directory brings the same secrets back: a development convenience, never keep shards next "
+            "to the data they unlock"
+        )
+
+    def restore_from_recovery_shards(self) -> bool:
+        """A later run: the keepers are new and empty, so give Nexus the shards the first run exported."""
+        files = sorted(self.recovery.glob(SHARD_FILES))
+        if not files:
+            return False
+        with NexusClient(self.nexus_url, self.identity.files("pilot-restore"), self.trust, timeout=5.0) as client:
+            try:
+                for path in files:
+                    if client.call(STATUS_PATH, b"{}", StatusBody).phase == "ready":
+                        break
+                    operator.restore(client, path.read_text(), lambda line: None)
+                status = _wait_until_seeded(client)
+            except (CommandError, NexusError, OSError) as exc:
+                self.say(f"  could not restore the root key from {self.recovery}: {exc}")
+                return False
+        self.say(
+            f"  root key epoch {status.epoch} restored from {self.recovery}; Nexus re-seeded "
+            f"{sum(k.state == 'holding' for k in status.keepers)} keepers"
+        )
+        return True
+
+    def restore_instructions(self) -> list[str]:
+        restore = self.identity.files("pilot-restore")
+        env = {"SPIKE_NEXUS_API_URL": self.nexus_url, **svid_env(restore, self.options.trust_domain)}
+        return [
+            "  Nexus holds the key record of an earlier run, and these keepers start empty: it waits for "
+            f"{self.options.threshold} recovery shards. Give it each one (`spike operator recover` wrote them):",
+            f"    {_exports(env)}",
+            f"    {spike_hint()} operator restore --file SHARD_FILE",
+            "  or start over with another --data-dir.",
+        ]
 
     def stop(self) -> None:
         for name in sorted(self.processes, key=lambda n: n != "nexus"):  # Nexus first
@@ -174,37 +276,69 @@ class Deployment:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def run(options: DevOptions, say: Say = print) -> int:
-    if not 1 <= options.threshold <= options.keepers <= 255:
-        raise CommandError("need 1 <= threshold <= keepers <= 255", exit_code=2)
-    deployment = Deployment(options, say)
+def _wait_until_seeded(client: NexusClient, timeout: float = 30.0) -> StatusBody:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.call(STATUS_PATH, b"{}", StatusBody)
+        if status.phase == "ready" and all(k.state == "holding" for k in status.keepers):
+            return status
+        if time.monotonic() > deadline:
+            raise CommandError(f"Nexus did not re-seed every keeper in {timeout:g}s (phase {status.phase})")
+        time.sleep(0.1)
 
-    def stop_on_signal(signum: int, frame: FrameType | None) -> None:
+
+def _stop_once() -> None:
+    """Ctrl-C or SIGTERM: raise KeyboardInterrupt once, then let the shutdown run undisturbed.
+
+    A terminal sends SIGINT to the whole foreground process group, and the one-file
+    executable's bootloader forwards the one it gets too: a second signal must not cut
+    the shutdown (and the children's SIGTERM) short.
+    """
+    stopping = False
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop_on_signal)
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run(options: DevOptions, say: Say = say_now) -> int:
+    if not 1 <= options.threshold <= options.keepers <= 255:
+        raise CommandError("need 1 <= threshold <= keepers <= 255", exit_code=2)
+    _stop_once()
+    deployment: Deployment | None = None
+    lock: contextlib.ExitStack = contextlib.ExitStack()
     try:
-        deployment.start()
-        pilot = deployment.identity.files("pilot-superuser")
-        say(f"spike dev: data dir {deployment.root}" + (" (temporary)" if deployment.temporary else ""))
-        if deployment.initialised():
-            say(
-                "  Nexus found an existing key record: it rebuilds the key once enough keepers hold "
-                "their shards. These keepers start empty, so restore the key from your recovery "
-                "shards (`spike operator restore`) or start over with a new --data-dir."
-            )
-        else:
-            deployment.bootstrap()
+        deployment = Deployment(options, say)
+        lock.enter_context(_exclusive(deployment.root))
         say(
-            f"  Nexus {deployment.nexus_url}, keepers "
-            + ", ".join(f"{i}=https://127.0.0.1:{p}" for i, p in deployment.keeper_ports.items())
+            f"spike dev: data dir {deployment.root}"
+            + (" (temporary)" if deployment.temporary else "")
+            + f", logs in {deployment.logs}"
         )
-        say(f"  logs in {deployment.logs}")
-        say("Talk to it from another shell:")
-        env = {"SPIKE_NEXUS_API_URL": deployment.nexus_url, **svid_env(pilot, options.trust_domain)}
-        say("  export " + " ".join(f"{k}={v}" for k, v in env.items()))
-        say("  spike status")
-        say("Press Ctrl-C to stop.")
+        earlier = deployment.initialised()
+        deployment.start()
+        if not earlier:
+            deployment.bootstrap()
+            if not deployment.temporary:
+                deployment.export_recovery_shards()
+        elif not deployment.restore_from_recovery_shards():
+            for line in deployment.restore_instructions():
+                say(line)
+        say(
+            f"spike dev: Nexus {deployment.nexus_url}, keepers {deployment.peers} "
+            f"({options.threshold}-of-{options.keepers}). In another shell:"
+        )
+        pilot = deployment.identity.files("pilot-superuser")
+        say("  " + _exports({"SPIKE_NEXUS_API_URL": deployment.nexus_url, **svid_env(pilot, options.trust_domain)}))
+        spike = spike_hint()
+        say(f"  {spike} secret put app/db password=s3cret && {spike} secret get app/db password")
+        say("Ctrl-C stops everything.")
         while True:
             for name, process in list(deployment.processes.items()):
                 if process.poll() is not None:
@@ -217,4 +351,6 @@ def run(options: DevOptions, say: Say = print) -> int:
         say("spike dev: stopping")
         return 0
     finally:
-        deployment.stop()
+        if deployment is not None:
+            deployment.stop()
+        lock.close()
