@@ -58,8 +58,10 @@ def _free_port() -> int:
 
 
 class PgServer:
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, *, durable: bool = False) -> None:
+        """`durable`: fsync on, as a real deployment (the benchmark); off for the tests."""
         self.bindir = bindir
+        self.durable = durable
         self.root = Path(tempfile.mkdtemp(prefix="spike-pg-"))
         self.data = self.root / "data"
         self.log = self.root / "server.log"
@@ -103,8 +105,8 @@ class PgServer:
         with (self.data / "postgresql.conf").open("a") as conf:
             conf.write(
                 f"listen_addresses = '127.0.0.1'\nport = {self.port}\nunix_socket_directories = ''\n"
-                "fsync = off\nfull_page_writes = off\nmax_connections = 200\nshared_buffers = 64MB\n"
-                "log_min_messages = warning\n"
+                "max_connections = 200\nshared_buffers = 64MB\nlog_min_messages = warning\n"
+                + ("" if self.durable else "fsync = off\nfull_page_writes = off\n")
             )
 
     @property

@@ -22,6 +22,11 @@ Typical use (see conftest.py for the fixtures)::
     code, status = cluster.wait_status(lambda s: s["redundancy"] == 1, "keeper 2 re-seeded")
     cluster.wait_log(cluster.nexus(), r"keeper 2 .* re-seeded and confirmed")
 
+`Cluster(database_url=..., nexus_count=2)` runs several Nexus instances on one
+PostgreSQL database, each on its own port (`nexus_url_of(i)`, `nexus(i)`,
+`start_nexus(index=i)`; instance 1 is the `nexus` of single-instance tests),
+and `wait_status`, `wait_ready` and `client` take `nexus=i`.
+
 `Cluster(metrics=True)` gives Nexus its plain-HTTP metrics listener: `http_get`
 reads /healthz and /readyz, `scrape` and `wait_metrics` read /metrics parsed by
 prometheus_client (each scrape is kept in the logs dir, for the hygiene
@@ -197,6 +202,9 @@ class Cluster:
     poll_with_cli: bool = False  # wait_status through `spike status --format json` itself (slower)
     metrics: bool = False  # Nexus serves /metrics, /healthz and /readyz on metrics_port (see `scrape`)
     nexus_env: dict[str, str] = field(default_factory=dict)  # settings for every Nexus start
+    database_url: str | None = None  # PostgreSQL shared by every Nexus instance; None: SQLite in data_dir
+    nexus_count: int = 1  # Nexus instances `start` starts (more than one needs database_url)
+    nexus_ports: dict[int, int] = field(default_factory=dict)
     metrics_port: int = 0
     keeper_ids: list[int] = field(default_factory=list)
     keeper_ports: dict[int, int] = field(default_factory=dict)
@@ -213,6 +221,7 @@ class Cluster:
         self.keeper_ids = list(range(1, self.keepers + 1))
         self.keeper_ports = {i: pick_port() for i in self.keeper_ids}
         self.nexus_port = pick_port()
+        self.nexus_ports = {1: self.nexus_port, **{i: pick_port() for i in range(2, self.nexus_count + 1)}}
         if self.metrics:
             self.metrics_port = pick_port()
         self.trust = TrustDomains.single(self.identity.trust_domain)
@@ -223,6 +232,13 @@ class Cluster:
     @property
     def nexus_url(self) -> str:
         return f"https://127.0.0.1:{self.nexus_port}"
+
+    def nexus_url_of(self, index: int) -> str:
+        return f"https://127.0.0.1:{self.nexus_ports[index]}"
+
+    @staticmethod
+    def nexus_name(index: int) -> str:
+        return "nexus" if index == 1 else f"nexus-{index}"
 
     def keeper_url(self, keeper_id: int) -> str:
         return f"https://127.0.0.1:{self.keeper_ports[keeper_id]}"
@@ -286,7 +302,7 @@ class Cluster:
             self._env(self.identity.keeper(keeper_id)),
         )
 
-    def spawn_nexus(self, extra_env: dict[str, str] | None = None) -> Proc:
+    def spawn_nexus(self, extra_env: dict[str, str] | None = None, index: int = 1) -> Proc:
         env = self._env(
             self.identity.files("nexus"),
             {
@@ -301,25 +317,27 @@ class Cluster:
         args = [
             "nexus",
             "--listen",
-            f"127.0.0.1:{self.nexus_port}",
+            f"127.0.0.1:{self.nexus_ports[index]}",
             "--poll-interval",
             f"{self.poll_interval:g}s",
             "--data-dir",
-            str(self.data_dir),
+            str(self.data_dir if index == 1 else self.root / f"nexus-data-{index}"),
         ]
-        return self._spawn("nexus", args, env)
+        if self.database_url:
+            args += ["--database-url", self.database_url]
+        return self._spawn(self.nexus_name(index), args, env)
 
     def start_keeper(self, keeper_id: int) -> Proc:
         return self._await_listening(self.spawn_keeper(keeper_id))
 
-    def start_nexus(self, extra_env: dict[str, str] | None = None) -> Proc:
-        return self._await_listening(self.spawn_nexus(extra_env))
+    def start_nexus(self, extra_env: dict[str, str] | None = None, index: int = 1) -> Proc:
+        return self._await_listening(self.spawn_nexus(extra_env, index))
 
     def start(self, keeper_ids: Iterable[int] | None = None, *, nexus: bool = True) -> None:
         """Start keepers (all by default) and Nexus together, then wait until each listens."""
         started = [self.spawn_keeper(i) for i in (self.keeper_ids if keeper_ids is None else keeper_ids)]
         if nexus:
-            started.append(self.spawn_nexus())
+            started += [self.spawn_nexus(index=i) for i in self.nexus_ports]
         for proc in started:
             self._await_listening(proc)
 
@@ -331,8 +349,8 @@ class Cluster:
     def kill_keeper(self, keeper_id: int) -> None:
         self.kill(f"keeper-{keeper_id}")
 
-    def nexus(self) -> Proc:
-        return self.procs["nexus"]
+    def nexus(self, index: int = 1) -> Proc:
+        return self.procs[self.nexus_name(index)]
 
     def keeper(self, keeper_id: int) -> Proc:
         return self.procs[f"keeper-{keeper_id}"]
@@ -379,7 +397,11 @@ class Cluster:
         return result.returncode, result.json()
 
     def wait_status(
-        self, predicate: Callable[[dict[str, Any]], bool], what: str, timeout: float = DEFAULT_TIMEOUT
+        self,
+        predicate: Callable[[dict[str, Any]], bool],
+        what: str,
+        timeout: float = DEFAULT_TIMEOUT,
+        nexus: int = 1,
     ) -> tuple[int, dict[str, Any]]:
         """Poll Nexus's status until `predicate(body)` holds; (exit code, body) as `spike status` gives.
 
@@ -402,11 +424,11 @@ class Cluster:
                 raise HarnessError(f"{exc}; last status: {json.dumps(last[0], indent=1)}") from None
             return by_cli
         with ClientSession(client_context(self.identity.files("pilot-superuser")), timeout=5.0) as session:
-            nexus = nexus_connection(session, self.nexus_url, self.trust)
+            connection = nexus_connection(session, self.nexus_url_of(nexus), self.trust)
 
             def check() -> tuple[int, dict[str, Any]] | None:
                 try:
-                    body = fetch_status(nexus)
+                    body = fetch_status(connection)
                 except (TransportError, CommandError) as exc:
                     last[0] = f"no status: {exc}"
                     return None
@@ -420,15 +442,15 @@ class Cluster:
                 raise HarnessError(f"{exc}; last status: {json.dumps(last[0], indent=1)}") from None
         return result
 
-    def wait_ready(self, epoch: int | None = None, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+    def wait_ready(self, epoch: int | None = None, timeout: float = DEFAULT_TIMEOUT, nexus: int = 1) -> dict[str, Any]:
         def ready(body: dict[str, Any]) -> bool:
             return body["phase"] == "ready" and (epoch is None or body["epoch"] == epoch)
 
-        return self.wait_status(ready, f"Nexus ready (epoch {epoch})", timeout)[1]
+        return self.wait_status(ready, f"Nexus {nexus} ready (epoch {epoch})", timeout, nexus)[1]
 
-    def client(self, identity: str = "pilot-superuser", timeout: float = 5.0) -> NexusClient:
+    def client(self, identity: str = "pilot-superuser", timeout: float = 5.0, nexus: int = 1) -> NexusClient:
         """The operator's client (what `spike secret` uses), in this process; close it after use."""
-        return NexusClient(self.nexus_url, self.identity.files(identity), self.trust, timeout=timeout)
+        return NexusClient(self.nexus_url_of(nexus), self.identity.files(identity), self.trust, timeout=timeout)
 
     # ------------------------------------------------------------------ the metrics listener
 
