@@ -487,21 +487,8 @@ class PostgresBackend:
             plan = kv.plan_put(meta, stored, path=path, cas=cas, now=now, default_max_versions=default)
             sealed = sealer.seal(plaintext, secret_aad(path, plan.version))
             # Refusals are above this line: nothing is written for a refused put.
-            conn.execute(
-                "INSERT INTO secret (path, current_version, oldest_version, max_versions, cas_required, created_at, "
-                "updated_at, custom_metadata) VALUES (%(p)s, %(v)s, %(o)s, 0, false, %(t)s, %(t)s, NULL) "
-                "ON CONFLICT (path) DO UPDATE SET current_version = %(v)s, oldest_version = %(o)s, updated_at = %(t)s",
-                {"p": path, "v": plan.version, "o": plan.meta.oldest_version, "t": now},
-            )
-            conn.execute(
-                "INSERT INTO secret_version (path, version, sealed, created_at, deleted_at, key_epoch) "
-                "VALUES (%s, %s, %s, %s, NULL, %s)",
-                (path, plan.version, sealed, now, epoch),
-            )
-            if plan.pruned:
-                conn.execute(
-                    "DELETE FROM secret_version WHERE path = %s AND version = ANY(%s)", (path, list(plan.pruned))
-                )
+            with conn.pipeline():
+                _put_rows(conn, path, plan, sealed, now, epoch)
             return plan.version
 
         return self._submit((path_lock(path),), epoch, op)
@@ -695,10 +682,13 @@ class PostgresBackend:
         self, conn: psycopg.Connection[Any], batch: list[_Write]
     ) -> list[tuple[Future[Any], Any, BaseException | None]]:
         keys = sorted({key for write in batch for key in write.keys})
-        conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (LOCK_EPOCH,))
-        conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k", (keys,))
-        # After the locks (a new snapshot): the key epoch in force, and this transaction's id.
-        row = conn.execute("SELECT (SELECT epoch FROM key_record WHERE id = 1), pg_current_xact_id()::text").fetchone()
+        with conn.pipeline():  # one round trip; the server still runs them one after the other
+            conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (LOCK_EPOCH,))
+            conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k", (keys,))
+            # After the locks (a statement of its own: a new snapshot): the key epoch in force, and this
+            # transaction's id.
+            cursor = conn.execute("SELECT (SELECT epoch FROM key_record WHERE id = 1), pg_current_xact_id()::text")
+        row = cursor.fetchone()
         assert row is not None
         stored_epoch, xid = row
         outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
@@ -749,6 +739,24 @@ class PostgresBackend:
         self._drop_writer()
         self._readers.shutdown(wait=True)
         self._pool.close()
+
+
+def _put_rows(
+    conn: psycopg.Connection[Any], path: str, plan: kv.PutPlan, sealed: bytes, now: float, epoch: int
+) -> None:
+    conn.execute(
+        "INSERT INTO secret (path, current_version, oldest_version, max_versions, cas_required, created_at, "
+        "updated_at, custom_metadata) VALUES (%(p)s, %(v)s, %(o)s, 0, false, %(t)s, %(t)s, NULL) "
+        "ON CONFLICT (path) DO UPDATE SET current_version = %(v)s, oldest_version = %(o)s, updated_at = %(t)s",
+        {"p": path, "v": plan.version, "o": plan.meta.oldest_version, "t": now},
+    )
+    conn.execute(
+        "INSERT INTO secret_version (path, version, sealed, created_at, deleted_at, key_epoch) "
+        "VALUES (%s, %s, %s, %s, NULL, %s)",
+        (path, plan.version, sealed, now, epoch),
+    )
+    if plan.pruned:
+        conn.execute("DELETE FROM secret_version WHERE path = %s AND version = ANY(%s)", (path, list(plan.pruned)))
 
 
 def _decode_record(data: bytes) -> KeyRecord:
