@@ -13,15 +13,21 @@ once the database is back, and nothing acknowledged is lost.
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pg_server
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from harness import Cluster, wait_until
 
+from spike.app.devca import CA_KEY, mint_svid
 from spike.app.messages import (
     POLICY_PATH,
     SECRETS_METADATA_PATH,
@@ -34,7 +40,8 @@ from spike.app.messages import (
     SecretPutResponse,
     SecretVersionsRequest,
 )
-from spike.app.pilot import Empty, NexusError
+from spike.app.pilot import Empty, NexusClient, NexusError
+from spike.transports.tls import SvidFiles
 
 pytestmark = pytest.mark.e2e
 
@@ -98,7 +105,36 @@ def writer(cluster: Cluster, nexus: int, number: int, ledger: Ledger, stop: thre
                     ledger.acked.setdefault(path, []).append((answer.version, value))
 
 
-def test_two_instances_one_database_through_a_crash_and_a_database_restart(pair: Cluster) -> None:
+READER_ID = "spiffe://spike.test/workload/reader"
+
+
+def workload_svid(cluster: Cluster, directory: Path, name: str) -> SvidFiles:
+    """An SVID for spiffe://spike.test/workload/<name> from the test CA."""
+    bundle = cluster.identity.directory / "bundle.pem"
+    ca_cert = x509.load_pem_x509_certificate(bundle.read_bytes())
+    ca_key = serialization.load_pem_private_key((cluster.identity.directory / CA_KEY).read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    now = dt.datetime.now(dt.UTC)
+    cert, key = mint_svid(
+        ca_cert, ca_key, f"spiffe://{cluster.identity.trust_domain}/workload/{name}",
+        not_before=now - dt.timedelta(minutes=5), not_after=now + dt.timedelta(hours=1),
+    )  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.pem").write_bytes(cert)
+    (directory / f"{name}-key.pem").write_bytes(key)
+    return SvidFiles(directory / f"{name}.pem", directory / f"{name}-key.pem", bundle)
+
+
+def workload_get(cluster: Cluster, svid: SvidFiles, nexus: int, path: str) -> int:
+    with NexusClient(cluster.nexus_url_of(nexus), svid, cluster.trust, timeout=5.0) as client:
+        try:
+            client.call(SECRETS_PATH, SecretGetRequest(path=path), SecretGetResponse, action="get")
+        except NexusError as exc:
+            return exc.status
+    return 200
+
+
+def test_two_instances_one_database_through_a_crash_and_a_database_restart(pair: Cluster, tmp_path: Path) -> None:
     c = pair
     assert c.bootstrap().returncode == 0
     first = c.wait_ready(nexus=1)
@@ -145,20 +181,25 @@ def test_two_instances_one_database_through_a_crash_and_a_database_restart(pair:
             assert sorted(outcomes, key=str) == sorted([current + 1, 409], key=str), outcomes
 
     # Policies changed through one instance are in force on the other within about a second.
-    workload = "spiffe://spike.test/workload/reader"
+    reader = workload_svid(c, tmp_path, "reader")
     with c.client(nexus=1) as one:
         one.call(SECRETS_PATH, SecretPutRequest(path="team/a", values={"k": "v"}), SecretPutResponse)
+        assert workload_get(c, reader, 2, "team/a") == 401  # no policy yet; instance 2 caches that
         one.call(
             POLICY_PATH,
-            {"name": "readers", "spiffeidPattern": workload, "pathPattern": "team/.*", "permissions": ["read"]},
+            {"name": "readers", "spiffeidPattern": READER_ID, "pathPattern": "team/.*", "permissions": ["read"]},
             dict,
         )
+    started = time.monotonic()
+    wait_until(lambda: workload_get(c, reader, 2, "team/a") == 200, "the new policy in force on instance 2", 10)
+    granted_after = time.monotonic() - started
+    assert workload_get(c, reader, 1, "team/a") == 200  # at once where it was written
     with c.client(nexus=2) as two:
-        wait_until(
-            lambda: [p["name"] for p in two.call(POLICY_PATH, {}, dict, action="list")["policies"]] == ["readers"],
-            "the policy through instance 2",
-            timeout=5,
-        )
+        two.call(POLICY_PATH, {"id": "readers"}, dict, action="delete")
+    started = time.monotonic()
+    wait_until(lambda: workload_get(c, reader, 1, "team/a") == 401, "the deletion in force on instance 1", 10)
+    revoked_after = time.monotonic() - started
+    assert granted_after < 3.0 and revoked_after < 3.0, (granted_after, revoked_after)
 
     # Writers through both instances; keep every version so that every acknowledgement can be read back.
     with c.client(nexus=1) as admin:
