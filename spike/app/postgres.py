@@ -667,7 +667,8 @@ class PostgresBackend:
                 stale = stale or isinstance(failure, StaleKey)
                 future.set_exception(failure)
         if stale:
-            self.on_stale_key()
+            with contextlib.suppress(Exception):  # e.g. the event loop is gone at shutdown
+                self.on_stale_key()
 
     def _rollback(self) -> None:
         conn = self._writer_conn
