@@ -1,24 +1,25 @@
-"""A keep-alive HTTP/1.1 client connection over mutual TLS (h11 on anyio).
+"""A keep-alive HTTP/1.1 client connection over mutual TLS (h11 on the event loop's TLS).
 
 One `HttpsConnection` talks to one origin and reuses one TLS connection
 across requests, which is what keeps Nexus's forever-polling cheap
-(DESIGN.md 2.7).  Errors are mapped at this edge, as httpcore does: callers
-see `TransportError` with a short reason and nothing else.  A request that is
-cancelled (for example by its deadline) closes the connection, shielded, so
-a half-used h11 state is never reused.
+(DESIGN.md 2.7).  The connection is an `asyncio.Protocol` on the loop's own
+TLS (C code under uvloop) and h11 frames the messages: a poll costs a
+fraction of what anyio's Python-level TLS stream did, which is what lets one
+Nexus poll a thousand keepers a second (docs/benchmarks.md).  Errors are
+mapped at this edge, as httpcore does: callers see `TransportError` with a
+short reason and nothing else.  A request that is cancelled (for example by
+its deadline) drops the connection, so a half-used h11 state is never reused.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import ssl
 from collections.abc import Callable
+from typing import cast
 from urllib.parse import urlsplit
 
-import anyio
-import anyio.abc
 import h11
-from anyio.streams.tls import TLSAttribute, TLSStream
 
 from .tls import PeerCheck, spiffe_id_of
 
@@ -41,7 +42,29 @@ def parse_origin(url: str) -> tuple[str, int]:
     return parts.hostname, parts.port or 443
 
 
+Outcome = tuple[int, bytes] | Exception  # (status, body), or why there is no answer
+Callback = Callable[[Outcome], None]
+
+
+class _Op:
+    __slots__ = ("body", "content_type", "method", "on_done", "path", "retried", "reused")
+
+    def __init__(self, method: str, path: str, body: bytes, content_type: str, on_done: Callback) -> None:
+        self.method, self.path, self.body, self.content_type = method, path, body, content_type
+        self.on_done = on_done
+        self.retried = False
+        self.reused = False
+
+
 class HttpsConnection:
+    """One keep-alive mTLS connection to one origin, one request at a time.
+
+    `submit` is the driver's interface: no task and no await per request, the
+    answer comes back through a callback (always from the event loop, never
+    from inside `submit`), and a deadline is a loop timer.  `request` is the
+    awaitable form for everything else (bootstrap, the CLI, tests).
+    """
+
     def __init__(
         self,
         url: str,
@@ -64,124 +87,274 @@ class HttpsConnection:
         self._max_response_bytes = max_response_bytes
         self._connect_timeout = connect_timeout
         self._retry_stale = retry_stale
-        self._stream: TLSStream | None = None
-        self._conn: h11.Connection | None = None
-        self._lock = anyio.Lock()
+        self._protocol: _ClientProtocol | None = None
+        self._current: _Op | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._connecting: asyncio.Task[None] | None = None
         self.connections_opened = 0
+
+    # ------------------------------------------------------------------ the two interfaces
+
+    def submit(
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        *,
+        on_done: Callback,
+        deadline: float | None = None,
+        content_type: str = "application/json",
+    ) -> None:
+        """Send a request; `on_done` gets (status, body) or a `TransportError`, exactly once.
+
+        `deadline` is in the running loop's time (`anyio.current_time()`).  A
+        request still under way is abandoned (its callback gets an error).
+        """
+        loop = asyncio.get_running_loop()
+        if self._current is not None:
+            self._finish(self._current, TransportError("abandoned for a newer request"), drop=True)
+        op = _Op(method, path, body, content_type, on_done)
+        self._current = op
+        if deadline is not None:
+            self._timer = loop.call_at(deadline, self._timed_out, op)
+        self._start(op)
 
     async def request(
         self, method: str, path: str, body: bytes = b"", content_type: str = "application/json"
     ) -> tuple[int, bytes]:
-        """Send one request and return (status, body).  Raises `TransportError`."""
-        async with self._lock:
-            try:
-                return await self._attempt(method, path, body, content_type)
-            except BaseException:
-                await self.aclose()
-                raise
+        """Send one request and return (status, body).  Raises `TransportError`.
 
-    async def _attempt(self, method: str, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
-        reused = self._stream is not None
+        Cancelling the caller (e.g. its deadline) drops the connection.
+        """
+        answer: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+
+        def done(outcome: Outcome) -> None:
+            if not answer.done():
+                answer.set_result(outcome)
+
+        self.submit(method, path, body, on_done=done, content_type=content_type)
         try:
-            return await self._exchange(method, path, body, content_type)
-        except _StaleConnection:
+            outcome = await answer
+        except BaseException:
+            current = self._current
+            if current is not None and current.on_done is done:
+                self._current = None
+                self._cancel_timer()
+                self._drop()
+            raise
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def aclose(self) -> None:
+        if self._current is not None:
+            self._finish(self._current, TransportError("connection closed"), drop=True)
+        self._drop()
+
+    # ------------------------------------------------------------------ one request
+
+    def _start(self, op: _Op) -> None:
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            self._connecting = asyncio.get_running_loop().create_task(self._connect_and_send(op))
+        else:
+            op.reused = True
+            self._send(protocol, op)
+
+    async def _connect_and_send(self, op: _Op) -> None:
+        try:
+            protocol = await self._connect()
+        except TransportError as exc:
+            if op is self._current:
+                self._finish(op, exc, drop=True)
+            return
+        if op is self._current:
+            op.reused = False
+            self._send(protocol, op)
+
+    def _send(self, protocol: _ClientProtocol, op: _Op) -> None:
+        conn = protocol.h11
+        headers = [
+            (b"host", self._host_header),
+            (b"content-type", op.content_type.encode()),
+            (b"content-length", str(len(op.body)).encode()),
+            (b"accept", b"application/json"),
+        ]
+        data = conn.send(h11.Request(method=op.method, target=op.path, headers=headers)) or b""
+        data += conn.send(h11.Data(data=op.body)) or b""
+        data += conn.send(h11.EndOfMessage()) or b""
+        protocol.expect(self._max_response_bytes, lambda outcome: self._answered(op, protocol, outcome))
+        try:
+            protocol.send(data)
+        except (OSError, RuntimeError):
+            self._answered(op, protocol, _StaleConnection())
+
+    def _answered(self, op: _Op, protocol: _ClientProtocol, outcome: Outcome) -> None:
+        if op is not self._current:
+            return  # late: that request was abandoned or timed out
+        if isinstance(outcome, _StaleConnection):
             # The server closed a kept-alive connection before answering (a
             # restarted keeper does this): that says nothing about the server
             # now, so try once more on a fresh connection.
-            await self.aclose()
-            if not reused or not self._retry_stale:
-                raise TransportError("connection closed before an answer") from None
-        try:
-            return await self._exchange(method, path, body, content_type)
-        except _StaleConnection:
-            raise TransportError("connection closed before an answer") from None
+            self._drop()
+            if op.reused and self._retry_stale and not op.retried:
+                op.retried = True
+                self._start(op)
+                return
+            self._finish(op, TransportError("connection closed before an answer"), drop=True)
+            return
+        if isinstance(outcome, Exception):
+            self._finish(op, outcome, drop=True)
+            return
+        conn = protocol.h11
+        reusable = conn.our_state is h11.DONE and conn.their_state is h11.DONE
+        if reusable:
+            conn.start_next_cycle()
+        self._finish(op, outcome, drop=not reusable)
 
-    async def _connect(self) -> tuple[TLSStream, h11.Connection]:
-        if self._stream is not None and self._conn is not None:
-            return self._stream, self._conn
+    def _timed_out(self, op: _Op) -> None:
+        self._timer = None
+        if op is self._current:
+            self._finish(op, TransportError("timed out"), drop=True)
+
+    def _finish(self, op: _Op, outcome: Outcome, *, drop: bool) -> None:
+        self._current = None
+        self._cancel_timer()
+        if drop:
+            self._drop()
+        # Always later, from the loop: a callback never runs inside submit().
+        asyncio.get_running_loop().call_soon(op.on_done, outcome)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _drop(self) -> None:
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None:
+            protocol.abort()
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None and not connecting.done():
+            connecting.cancel()
+
+    async def _connect(self) -> _ClientProtocol:
         context = self._ssl_context if isinstance(self._ssl_context, ssl.SSLContext) else self._ssl_context()
+        loop = asyncio.get_running_loop()
+        fresh = _ClientProtocol()
         try:
-            with anyio.fail_after(self._connect_timeout):
-                tcp = await anyio.connect_tcp(self.host, self.port)
-                try:
-                    tls = await TLSStream.wrap(tcp, hostname=self.host, ssl_context=context, standard_compatible=False)
-                except BaseException:
-                    await tcp.aclose()
-                    raise
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: fresh,
+                    self.host,
+                    self.port,
+                    ssl=context,
+                    server_hostname=self.host,
+                    ssl_handshake_timeout=self._connect_timeout,
+                ),
+                self._connect_timeout,
+            )
         except TimeoutError:
             raise TransportError("connect timed out") from None
         except ssl.SSLError as exc:
             raise TransportError(f"TLS handshake failed: {exc.reason or exc.__class__.__name__}") from None
-        except (OSError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
+        except (OSError, ConnectionError) as exc:
             raise TransportError(_os_reason(exc)) from None
-        peer = spiffe_id_of(tls.extra(TLSAttribute.peer_certificate, None))
+        peer = spiffe_id_of(transport.get_extra_info("peercert"))
         if not self._peer_check(peer):
-            await _close(tls)
+            transport.abort()
             expected = f", expected {self._expected_peer}" if self._expected_peer else ""
             raise PeerIdentityError(f"peer presented {peer or 'no SPIFFE ID'}{expected}")
         self.connections_opened += 1
-        self._stream = tls
-        self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
-        return tls, self._conn
+        self._protocol = fresh
+        return fresh
 
-    async def _exchange(self, method: str, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
-        stream, conn = await self._connect()
-        headers = [
-            (b"host", self._host_header),
-            (b"content-type", content_type.encode()),
-            (b"content-length", str(len(body)).encode()),
-            (b"accept", b"application/json"),
-        ]
-        data = conn.send(h11.Request(method=method, target=path, headers=headers)) or b""
-        data += conn.send(h11.Data(data=body)) or b""
-        data += conn.send(h11.EndOfMessage()) or b""
-        try:
-            await stream.send(data)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ssl.SSLError):
-            raise _StaleConnection from None
-        status = 0
-        received_any = False
-        chunks: list[bytes] = []
-        size = 0
-        while True:
+
+class _ClientProtocol(asyncio.Protocol):
+    """One TLS connection: h11 frames the answer to the one request under way."""
+
+    def __init__(self) -> None:
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._on_outcome: Callable[[Outcome], None] | None = None
+        self._received_any = False
+        self._status = 0
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._limit = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's do not subclass asyncio's
+
+    def expect(self, limit: int, on_outcome: Callable[[Outcome], None]) -> None:
+        self._on_outcome = on_outcome
+        self._received_any = False
+        self._status, self._chunks, self._size, self._limit = 0, [], 0, limit
+
+    def send(self, data: bytes) -> None:
+        if self.closed or self.transport is None or self.transport.is_closing():
+            raise RuntimeError("connection closed")
+        self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self._on_outcome is None:
+            self.abort()  # bytes nobody asked for: this connection can no longer be trusted
+            return
+        self._received_any = True
+        self.h11.receive_data(data)
+        self._next_events()
+
+    def eof_received(self) -> bool | None:
+        if self._on_outcome is not None:
+            if not self._received_any:
+                self._deliver(_StaleConnection())  # closed before a single byte of an answer
+            else:
+                self.h11.receive_data(b"")
+                self._next_events()
+                self._deliver(TransportError("connection closed during the response"))
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._on_outcome is not None:
+            lost = TransportError("connection lost during the response")
+            self._deliver(_StaleConnection() if not self._received_any else lost)
+
+    def _next_events(self) -> None:
+        while self._on_outcome is not None:
             try:
-                event = conn.next_event()
+                event = self.h11.next_event()
             except h11.RemoteProtocolError:
-                raise TransportError("malformed HTTP response") from None
+                self._deliver(TransportError("malformed HTTP response"))
+                self.abort()
+                return
             if event is h11.NEED_DATA:
-                try:
-                    incoming = await stream.receive(65536)
-                except anyio.EndOfStream:
-                    incoming = b""
-                except (anyio.BrokenResourceError, OSError, ssl.SSLError):
-                    if not received_any:
-                        raise _StaleConnection from None
-                    raise TransportError("connection lost during the response") from None
-                if not incoming and not received_any:
-                    raise _StaleConnection
-                received_any = True
-                conn.receive_data(incoming)
-            elif isinstance(event, h11.Response):
-                status = event.status_code
+                return
+            if isinstance(event, h11.Response):
+                self._status = event.status_code
             elif isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > self._max_response_bytes:
-                    raise TransportError("response too large")
-                chunks.append(event.data)
+                self._size += len(event.data)
+                if self._size > self._limit:
+                    self._deliver(TransportError("response too large"))
+                    self.abort()
+                    return
+                self._chunks.append(event.data)
             elif isinstance(event, h11.EndOfMessage):
-                break
+                self._deliver((self._status, b"".join(self._chunks)))
             elif isinstance(event, h11.ConnectionClosed):
-                raise TransportError("connection closed during the response")
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
-        else:
-            await self.aclose()
-        return status, b"".join(chunks)
+                lost = TransportError("connection closed during the response")
+                self._deliver(_StaleConnection() if not self._status else lost)
 
-    async def aclose(self) -> None:
-        stream, self._stream, self._conn = self._stream, None, None
-        if stream is not None:
-            await _close(stream)
+    def _deliver(self, outcome: Outcome) -> None:
+        on_outcome, self._on_outcome = self._on_outcome, None
+        if on_outcome is not None:
+            on_outcome(outcome)
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
 
 
 class _StaleConnection(Exception):
@@ -202,12 +375,6 @@ def _os_reason(exc: BaseException) -> str:
         return exc.strerror.lower()
     if isinstance(exc, OSError) and exc.args:
         return str(exc.args[0]).lower()
-    if isinstance(exc, anyio.EndOfStream):
+    if isinstance(exc, ConnectionError):
         return "connection closed during the handshake"
     return exc.__class__.__name__
-
-
-async def _close(stream: anyio.abc.AsyncResource) -> None:
-    with anyio.move_on_after(1, shield=True):
-        with contextlib.suppress(OSError, ssl.SSLError, anyio.BrokenResourceError):
-            await stream.aclose()

@@ -1,22 +1,24 @@
 """Drives a `NexusCustody` machine over real keepers.
 
-One timer task wakes at the machine's `next_deadline()`; one worker task per
-keeper owns that keeper's keep-alive connection and performs its requests
-in order, each bounded by the deadline the machine gave it.  Every answer is
-fed straight back into the machine, and the machine's reports go to the
-`on_report` callback (logs, metrics).  All of it runs on one event loop
-thread, so the machine needs no locks.
+One timer task wakes at the machine's `next_deadline()`.  Each keeper has
+one keep-alive connection; a request the machine asks for is handed to it
+at once (`HttpsConnection.submit`), bounded by the deadline the machine
+gave it, and its answer comes back by callback and is fed straight into the
+machine.  The machine's reports go to the `on_report` callback (logs,
+metrics).  All of it runs on one event loop thread, so the machine needs no
+locks, and no task is spawned per request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from spike.protocol.effects import Report, RequestKind, SendRequest
 from spike.protocol.events import Answer, RequestFailed, ResponseReceived
@@ -25,7 +27,7 @@ from spike.protocol.material import Share
 from spike.protocol.nexus import NexusCustody, RestoreProgress
 from spike.protocol.record import KeyRecord
 
-from .client import HttpsConnection, TransportError
+from .client import HttpsConnection, Outcome
 from .tls import keeper_check
 
 ReportSink = Callable[[Report], None]
@@ -70,7 +72,7 @@ class CustodyDriver:
             for keeper_id, url in keeper_urls.items()
         }
         self.keeper_urls = dict(keeper_urls)
-        self._queues: dict[int, MemoryObjectSendStream[SendRequest]] = {}
+        self._running = False
         self._wake = anyio.Event()
         self._sleep_until = math.inf
         self.lateness = PollTiming()
@@ -93,16 +95,14 @@ class CustodyDriver:
     # The tasks ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        async with anyio.create_task_group() as tg:
-            for keeper_id in self.custody.keeper_ids:
-                send, receive = anyio.create_memory_object_stream[SendRequest](math.inf)
-                self._queues[keeper_id] = send
-                tg.start_soon(self._worker, keeper_id, receive)
-            try:
-                await self._timer_loop()
-            finally:
-                for queue in self._queues.values():
-                    queue.close()
+        self._running = True
+        try:
+            await self._timer_loop()
+        finally:
+            self._running = False
+            with anyio.CancelScope(shield=True):
+                for connection in self._connections.values():
+                    await connection.aclose()
 
     async def _timer_loop(self) -> None:
         custody = self.custody
@@ -117,32 +117,36 @@ class CustodyDriver:
             self._sleep_until = -math.inf  # awake: nobody needs to wake us
             custody.handle_timer(self.now())
 
-    async def _worker(self, keeper_id: int, requests: MemoryObjectReceiveStream[SendRequest]) -> None:
-        connection = self._connections[keeper_id]
-        try:
-            async with requests:
-                async for request in requests:
-                    await self._perform(connection, request)
-        finally:
-            await connection.aclose()
-
-    async def _perform(self, connection: HttpsConnection, request: SendRequest) -> None:
+    def _perform(self, request: SendRequest) -> None:
+        # No task and no await per request: the connection calls back with the
+        # answer, and the request's deadline is a loop timer.  This is what a
+        # thousand keepers a second cost little for.
         start = self.now()
         if request.kind is RequestKind.POLL:
             self.lateness.add(start - request.scheduled_at)
-        answer: Answer
         if start >= request.deadline:
-            answer = RequestFailed(request.request_id, "deadline passed before it could be sent")
+            failed = RequestFailed(request.request_id, "deadline passed before it could be sent")
+            asyncio.get_running_loop().call_soon(self._answered, request, start, failed)
+            return
+        self._connections[request.keeper_id].submit(
+            "POST",
+            request.path,
+            request.body,
+            deadline=request.deadline,
+            on_done=partial(self._outcome, request, start),
+        )
+
+    def _outcome(self, request: SendRequest, start: float, outcome: Outcome) -> None:
+        answer: Answer
+        if isinstance(outcome, Exception):
+            answer = RequestFailed(request.request_id, str(outcome))
         else:
-            try:
-                with anyio.fail_after(request.deadline - start):
-                    status, body = await connection.request("POST", request.path, request.body)
-            except TimeoutError:
-                answer = RequestFailed(request.request_id, "timed out")
-            except TransportError as exc:
-                answer = RequestFailed(request.request_id, str(exc))
-            else:
-                answer = ResponseReceived(request.request_id, status, body)
+            answer = ResponseReceived(request.request_id, outcome[0], outcome[1])
+        self._answered(request, start, answer)
+
+    def _answered(self, request: SendRequest, start: float, answer: Answer) -> None:
+        if not self._running:
+            return
         finished = self.now()
         if self._on_answer is not None:
             self._on_answer(request, answer, finished - start)
@@ -152,10 +156,8 @@ class CustodyDriver:
     def _dispatch(self) -> None:
         for effect in self.custody.effects():
             if isinstance(effect, SendRequest):
-                queue = self._queues.get(effect.keeper_id)
-                if queue is None:  # not running yet or shutting down: the deadline will expire it
-                    continue
-                queue.send_nowait(effect)
+                if self._running:  # otherwise its deadline expires it in the machine
+                    self._perform(effect)
             else:
                 self._on_report(effect)
         # An answer or a new request may have brought the machine's next deadline forward.
