@@ -53,7 +53,7 @@ def run(config: KeeperConfig) -> None:
         log.info("keeper listening on %s:%d (empty until Nexus or bootstrap seeds it)", host, port)
 
     try:
-        run_event_loop(lambda: serve(config.bind, server, on_listening=listening))
+        run_event_loop(lambda: serve(config.bind, server, on_listening=listening), fast=False)
     finally:
         keeper.forget()
         identity.stop()

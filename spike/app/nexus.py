@@ -6,7 +6,7 @@ import logging
 import os
 import random
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import anyio
 import anyio.from_thread
@@ -27,7 +27,6 @@ from .backend import Backend, ClusterState, SecretBackend
 from .cipher_api import MAX_PLAINTEXT, CipherApi
 from .config import KEEPER_SUMMARY_EVERY, WAITING_SUMMARY_EVERY, ConfigError, NexusConfig
 from .logs import ReportLogger, wall_time
-from .metrics import NexusMetrics
 from .nexus_api import ApiCall, NexusApi
 from .operator import OperatorApi
 from .policies import Authorizer
@@ -37,6 +36,9 @@ from .sealing import Sealer
 from .secret_store import SqliteBackend
 from .secrets_api import SecretsApi
 from .storage import StorageError
+
+if TYPE_CHECKING:
+    from .metrics import NexusMetrics
 
 log = logging.getLogger("spike.nexus")
 
@@ -244,7 +246,7 @@ def open_backend(config: NexusConfig) -> Backend:
 class CallRecorder:
     """Every API call goes to the audit log and the request metrics."""
 
-    def __init__(self, audit: AuditLog, metrics: NexusMetrics) -> None:
+    def __init__(self, audit: AuditLog, metrics: NexusMetrics | None) -> None:
         self._audit = audit
         self._metrics = metrics
 
@@ -260,7 +262,8 @@ class CallRecorder:
             status=status,
             seconds=seconds,
         )
-        self._metrics.api_request(route if call.known_route else "other", status, seconds)
+        if self._metrics is not None:
+            self._metrics.api_request(route if call.known_route else "other", status, seconds)
 
 
 def run(config: NexusConfig) -> None:
@@ -309,18 +312,25 @@ def _run(config: NexusConfig, identity: IdentitySource) -> None:
             )
         except LocalProtocolError as exc:
             raise ConfigError(str(exc)) from None
-        metrics = NexusMetrics(lambda: custody, config.keepers, anyio.current_time)
+        metrics = None
+        if config.metrics_bind is not None:
+            # prometheus_client is imported only when metrics are asked for: it costs start-up time.
+            from .metrics import NexusMetrics
+
+            metrics = NexusMetrics(lambda: custody, config.keepers, anyio.current_time)
         cipher = CipherApi()
         policies = PolicyStore(secrets)
         authorizer = Authorizer(trust, policies.load_all)
-        sinks: list[Callable[[Report], None]] = [ReportLogger(log, config.keepers, anyio.current_time), metrics.report]
+        sinks: list[Callable[[Report], None]] = [ReportLogger(log, config.keepers, anyio.current_time)]
+        if metrics is not None:
+            sinks.append(metrics.report)
         driver = CustodyDriver(
             custody,
             config.keepers,
             ssl_context=identity.client_context,
             trust=trust,
             on_report=KeyUsers(custody, secrets, cipher, authorizer, sinks),
-            on_answer=metrics.keeper_request,
+            on_answer=None if metrics is None else metrics.keeper_request,
         )
         api = NexusApi(
             driver,
@@ -343,7 +353,7 @@ def _run(config: NexusConfig, identity: IdentitySource) -> None:
                 secrets.on_stale_key = lambda: anyio.from_thread.run_sync(watch.poke, token=token)
             background.append(watch.run)
         extra = []
-        if config.metrics_bind is not None:
+        if config.metrics_bind is not None and metrics is not None:
             extra.append(
                 Listener(
                     config.metrics_bind,

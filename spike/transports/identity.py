@@ -36,28 +36,23 @@ import datetime as dt
 import hashlib
 import logging
 import os
-import shutil
 import ssl
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 from urllib.parse import urlsplit
-
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 
 from spike.protocol.identity import InvalidSpiffeId, SpiffeId, TrustDomains
 
 from .tls import IdentityError, SvidFiles, new_context
 
 if TYPE_CHECKING:
+    from cryptography import x509
     from spiffe import WorkloadApiClient
     from spiffe.workloadapi.workload_api_client import StreamCancelHandler
     from spiffe.workloadapi.x509_context import X509Context
@@ -211,6 +206,9 @@ class _PemLoader:
                 for fd in fds:
                     os.close(fd)
             return
+        from cryptography.exceptions import UnsupportedAlgorithm
+        from cryptography.hazmat.primitives import serialization
+
         password = os.urandom(24).hex().encode()
         try:
             private = serialization.load_pem_private_key(key, password=None)
@@ -232,11 +230,15 @@ class _PemLoader:
 
     def _private_directory(self) -> Path:
         if self._directory is None:
+            import tempfile  # only where memfd is missing: a keeper stays small
+
             self._directory = Path(tempfile.mkdtemp(prefix="spike-svid-"))  # mode 0700
         return self._directory
 
     def close(self) -> None:
         if self._directory is not None:
+            import shutil
+
             shutil.rmtree(self._directory, ignore_errors=True)
             self._directory = None
 
@@ -265,16 +267,49 @@ def _private_file(directory: Path, data: bytes) -> Path:
     return path
 
 
-def _leaf_identity(chain: bytes) -> tuple[SpiffeId, x509.Certificate]:
+@dataclass(frozen=True, slots=True)
+class _Leaf:
+    spiffe_id: SpiffeId
+    serial: int
+    not_after: dt.datetime
+
+
+def _decode_leaf(chain: bytes, chain_path: str) -> dict[str, Any] | None:
+    """The leaf certificate as `getpeercert()` shows a peer's, read by the ssl module itself.
+
+    CPython's `ssl._ssl._test_decode_cert` decodes the first certificate of a
+    PEM file; reading our own leaf this way spares every keeper the ~9 MiB of
+    cryptography's X.509 code.  Where it is missing, cryptography does it.
+    """
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decode is None:
+        return None
     try:
-        leaf = x509.load_pem_x509_certificates(chain)[0]
-    except ValueError:
+        decoded = decode(chain_path)
+    except (ssl.SSLError, OSError, ValueError):
         raise IdentityError("invalid certificate, key or bundle (the certificate chain cannot be parsed)") from None
-    try:
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
+    return decoded if isinstance(decoded, dict) else None
+
+
+def _leaf_identity(chain: bytes, chain_path: str) -> _Leaf:
+    decoded = _decode_leaf(chain, chain_path)
+    if decoded is not None:
+        uris = [value for kind, value in decoded.get("subjectAltName", ()) if kind == "URI"]
+        serial = int(decoded.get("serialNumber", "0"), 16)
+        not_after = dt.datetime.fromtimestamp(ssl.cert_time_to_seconds(decoded["notAfter"]), dt.UTC)
+    else:
+        from cryptography import x509
+
+        try:
+            leaf = x509.load_pem_x509_certificates(chain)[0]
+        except ValueError:
+            raise IdentityError("invalid certificate, key or bundle (the certificate chain cannot be parsed)") from None
+        try:
+            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+        except x509.ExtensionNotFound:
+            uris = []
+        serial, not_after = leaf.serial_number, leaf.not_valid_after_utc
     if len(uris) != 1:
         raise IdentityError("the SVID certificate does not carry exactly one SPIFFE ID (URI SAN)")
     try:
@@ -283,7 +318,7 @@ def _leaf_identity(chain: bytes) -> tuple[SpiffeId, x509.Certificate]:
         raise IdentityError(f"the SVID certificate's URI SAN is not a SPIFFE ID: {exc}") from None
     if not spiffe_id.path:
         raise IdentityError(f"the SVID certificate's SPIFFE ID {spiffe_id} has no path: it names a trust domain")
-    return spiffe_id, leaf
+    return _Leaf(spiffe_id, serial, not_after)
 
 
 def _bundle_count(bundle: bytes) -> int:
@@ -292,9 +327,9 @@ def _bundle_count(bundle: bytes) -> int:
 
 def build_identity(chain: bytes, key: bytes, bundle: bytes, loader: _PemLoader) -> LoadedIdentity:
     """Both TLS contexts for one SVID (PEM chain, PEM key, PEM bundle); `IdentityError` if they do not load."""
-    spiffe_id, leaf = _leaf_identity(chain)
     contexts = []
     with loader.paths(chain, key, bundle) as (chain_path, key_path, bundle_path, password):
+        leaf = _leaf_identity(chain, chain_path)
         for server_side in (True, False):
             ctx = new_context(server_side=server_side)
             try:
@@ -305,11 +340,11 @@ def build_identity(chain: bytes, key: bytes, bundle: bytes, loader: _PemLoader) 
             contexts.append(ctx)
     digest = hashlib.sha256(chain + b"\0" + bundle).hexdigest()
     return LoadedIdentity(
-        spiffe_id=spiffe_id,
+        spiffe_id=leaf.spiffe_id,
         server=contexts[0],
         client=contexts[1],
-        serial=leaf.serial_number,
-        not_after=leaf.not_valid_after_utc,
+        serial=leaf.serial,
+        not_after=leaf.not_after,
         authorities=_bundle_count(bundle),
         digest=digest,
     )
@@ -708,6 +743,8 @@ class WorkloadApiSource(_Source):
             )
         self._missing_domains = missing
         authorities = [cert for domain in sorted(wanted & set(bundles)) for cert in bundles[domain].x509_authorities]
+        from cryptography.hazmat.primitives import serialization
+
         chain = _pem(svid.cert_chain)
         key = svid.private_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -729,8 +766,12 @@ class WorkloadApiSource(_Source):
 
 
 def _der(cert: x509.Certificate) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return cert.public_bytes(serialization.Encoding.DER)
 
 
 def _pem(certs: Sequence[x509.Certificate]) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in certs)

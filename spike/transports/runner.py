@@ -36,9 +36,13 @@ def backend_options() -> dict[str, Any]:
     return {"use_uvloop": True}
 
 
-def run_event_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run a server's main coroutine on the asyncio backend (uvloop if available)."""
-    anyio.run(main, backend="asyncio", backend_options=backend_options())
+def run_event_loop(main: Callable[[], Coroutine[Any, Any, None]], *, fast: bool = True) -> None:
+    """Run a server's main coroutine on the asyncio backend.
+
+    `fast` (Nexus, the CLI) takes uvloop if it is installed; a keeper answers a
+    few requests a second and is better off without its 1.5 MiB.
+    """
+    anyio.run(main, backend="asyncio", backend_options=backend_options() if fast else {})
 
 
 class BindError(Exception):
