@@ -91,6 +91,10 @@ def decode(data: bytes, kind: type[T]) -> T:
     except msgspec.DecodeError as exc:  # ValidationError is a subclass
         # msgspec's message names the field and the rule, never the value.
         raise RemoteProtocolError(f"malformed body: {exc}") from None
+    except UnicodeDecodeError:
+        # msgspec raises this, not a DecodeError, for bytes that are not UTF-8 inside a string it
+        # decodes (a str field, a dict key, an unknown field name of a strict struct).
+        raise RemoteProtocolError("malformed body: a string is not UTF-8") from None
     return result
 
 
