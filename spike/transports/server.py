@@ -76,6 +76,7 @@ class HttpsServer:
         self.handler = handler
         self.limits = limits or ServerLimits()
         self.accepted = 0  # TCP connections accepted, for tests and metrics
+        self.refused_at_limit = 0  # connections closed at once since the limit was last reached
         self._connections: set[_Connection] = set()
         self._accepting: anyio.CancelScope | None = None
         self._pending = 0  # accepted sockets still in their TLS handshake
@@ -146,9 +147,18 @@ class HttpsServer:
             self.accepted += 1
             if self._draining or self._pending + len(self._connections) >= self.limits.max_connections:
                 if not self._draining:
-                    log.warning("connection limit (%d) reached: closing a new connection", self.limits.max_connections)
+                    # Said once per episode, not once per connection: a flood must not become a log flood.
+                    if not self.refused_at_limit:
+                        log.warning(
+                            "connection limit (%d) reached: closing new connections until there is room",
+                            self.limits.max_connections,
+                        )
+                    self.refused_at_limit += 1
                 conn.close()
                 continue
+            if self.refused_at_limit:
+                log.info("accepting connections again (%d closed at the limit)", self.refused_at_limit)
+                self.refused_at_limit = 0
             # Each handshake runs on its own, so a slow or silent client delays nobody.
             self._pending += 1
             handshakes.start_soon(self._secure, loop, conn)
@@ -280,6 +290,11 @@ class _Connection(asyncio.Protocol):
             self._timer_kind = ""
 
     def _arm_idle(self) -> None:
+        # The wait for the next request starts once, when the last answer went out: bytes that start
+        # no request (empty lines, which RFC 9112 lets a server skip) must not start it again, or a
+        # client sending "\r\n" now and then would hold its connection for ever.
+        if self._timer_kind == "idle":
+            return
         self._cancel_timer()
         self._timer = self._loop.call_later(self._limits.idle_timeout, self._close)
         self._timer_kind = "idle"
