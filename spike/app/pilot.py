@@ -30,7 +30,10 @@ MAX_ANSWER_BYTES = MAX_PLAINTEXT * 4 // 3 + 4096
 
 _MEANINGS = {
     "access_unauthorized": "Nexus refused this identity: check the SVID, the trust domain and the policies",
-    "state_not_ready": "Nexus is not ready: it is waiting for the shards of its root key (see `spike status`)",
+    "state_not_ready": (
+        "Nexus is not ready: it is waiting for the shards of its root key, or its database cannot be "
+        "used right now (see `spike status` and its log); nothing was changed"
+    ),
     "api_internal_error": "Nexus failed to carry out the request (see its log)",
     "api_bad_request": "Nexus rejected the request as invalid (see its log)",
     "api_conflict": "the request conflicts with the current state",

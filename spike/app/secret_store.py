@@ -31,7 +31,7 @@ import msgspec
 from spike.protocol.record import KeyRecord
 
 from . import kv
-from .backend import ClusterState, PolicyRow, resolved
+from .backend import ClusterState, DatabaseUnavailable, PolicyRow, resolved
 from .policies import MAX_POLICIES
 from .sealing import Sealer, TamperedData, metadata_aad, secret_aad
 from .storage import DB_NAME, NexusStore, StorageError, connect
@@ -61,6 +61,20 @@ _SELECT_POLICY = "SELECT id, name, sealed, created_at, updated_at FROM policy"
 _ONE_POLICY = f"{_SELECT_POLICY} WHERE id = ?1 OR name = ?1 ORDER BY id = ?1 DESC LIMIT 1"
 
 
+# SQLite's primary result codes that mean "not now" rather than "broken": busy or locked, out of
+# memory, read-only, I/O error, disk full, cannot open.  Nothing was written; once the cause is gone
+# (space freed, the file writable again) the same write succeeds, with no restart.  They answer 503,
+# as an unreachable PostgreSQL does; anything else (a corrupt file, a bug) stays a 500.
+_UNAVAILABLE_CODES = frozenset({5, 6, 7, 8, 10, 13, 14})
+
+
+def _failure(message: str, exc: sqlite3.Error) -> StorageError:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int) and code & 0xFF in _UNAVAILABLE_CODES:
+        return DatabaseUnavailable(message)
+    return StorageError(message)
+
+
 class PolicyNameTaken(kv.InvalidRequest):
     status = 409
     code = "api_conflict"
@@ -84,6 +98,7 @@ class SecretStore:
         self._writer_db = connect(self._path)
         self.batches = 0
         self.writes = 0
+        self.refused = 0  # writes refused by the database since the last commit that worked
         self._writer.start()
 
     # ------------------------------------------------------------------ key
@@ -117,7 +132,7 @@ class SecretStore:
         try:
             row = self._reader.execute(_SELECT_VALUE, (path, version)).fetchone()
         except sqlite3.Error as exc:
-            raise StorageError(f"cannot read {path}: {exc}") from None
+            raise _failure(f"cannot read {path}: {exc}", exc) from None
         if row is None:
             raise kv.NotFound("no such secret or version")
         found, sealed, deleted_at, epoch = row
@@ -361,12 +376,26 @@ class SecretStore:
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             if db.in_transaction:
-                db.execute("ROLLBACK")
-            log.error("write of %d operation(s) failed and was rolled back: %s", len(batch), exc)  # noqa: TRY400
-            error = StorageError(f"the database refused the write: {exc}")
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error as again:  # SQLite rolls back by itself when it cannot; never end the thread
+                    log.debug("rollback after a failed write: %s", again)
+            error = _failure(f"the database refused the write: {exc}", exc)
+            if not isinstance(error, DatabaseUnavailable):
+                log.error("write of %d operation(s) failed and was rolled back: %s", len(batch), exc)  # noqa: TRY400
+            elif not self.refused:
+                log.error(  # noqa: TRY400 - the cause in one line
+                    "writes to %s fail (%s): refused with 503 until they work again; reads go on",
+                    self._path,
+                    exc,
+                )
+            self.refused += len(batch)
             for _, future in batch:
                 future.set_exception(error)
             return
+        if self.refused:
+            log.warning("writes to %s work again (%d refused meanwhile)", self._path, self.refused)
+            self.refused = 0
         self.batches += 1
         self.writes += len(batch)
         for future, result, failure in outcomes:

@@ -130,7 +130,7 @@ def test_connections_use_wal_and_full_sync(store: SecretStore) -> None:
 
 
 def test_a_refused_transaction_fails_its_writes_and_the_writer_goes_on(store: SecretStore) -> None:
-    """Another process holds the write lock: each queued write fails with StorageError, none half-done."""
+    """Another process holds the write lock: each queued write fails, as "not now" (503), none half-done."""
     blocker = sqlite3.connect(store._path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     store._writer_db.execute("PRAGMA busy_timeout=0")  # the writer thread is idle: safe to touch
@@ -141,7 +141,7 @@ def test_a_refused_transaction_fails_its_writes_and_the_writer_goes_on(store: Se
         blocker.execute("ROLLBACK")
         blocker.close()
         store._writer_db.execute("PRAGMA busy_timeout=5000")
-    assert all(type(o).__name__ == "StorageError" for o in outcomes), outcomes
+    assert all(type(o).__name__ == "DatabaseUnavailable" for o in outcomes), outcomes
     assert all(_missing(store, f"fail/{i}") for i in range(5))
     assert store.put("fail/0", {"k": "v"}, None).result(WAIT) == 1  # the writer thread is still alive
 
