@@ -92,8 +92,10 @@ class Seen:
     status: int
 
 
-def mint(identity: DevIdentity, directory: Path, spiffe_id: str, *, expired: bool = False) -> SvidFiles:
-    """An X.509 SVID for `spiffe_id` from the dev CA (or one that expired an hour ago), as files."""
+def mint(
+    identity: DevIdentity, directory: Path, spiffe_id: str, *, expired: bool = False, not_yet_valid: bool = False
+) -> SvidFiles:
+    """An X.509 SVID for `spiffe_id` from the dev CA (or one that expired an hour ago, or is valid from tomorrow)."""
     bundle = identity.directory / "bundle.pem"
     ca_cert = x509.load_pem_x509_certificate(bundle.read_bytes())
     ca_key = serialization.load_pem_private_key((identity.directory / CA_KEY).read_bytes(), password=None)
@@ -101,11 +103,13 @@ def mint(identity: DevIdentity, directory: Path, spiffe_id: str, *, expired: boo
     now = dt.datetime.now(dt.UTC)
     if expired:
         not_before, not_after = now - dt.timedelta(days=2), now - dt.timedelta(hours=1)
+    elif not_yet_valid:
+        not_before, not_after = now + dt.timedelta(days=1), now + dt.timedelta(days=2)
     else:
         not_before, not_after = now - dt.timedelta(minutes=5), now + dt.timedelta(days=1)
     cert, key = mint_svid(ca_cert, ca_key, spiffe_id, not_before=not_before, not_after=not_after)
     directory.mkdir(parents=True, exist_ok=True)
-    stem = spiffe_id.rsplit("/", 1)[-1] + ("-expired" if expired else "")
+    stem = spiffe_id.rsplit("/", 1)[-1] + ("-expired" if expired else "") + ("-not-yet-valid" if not_yet_valid else "")
     files = SvidFiles(directory / f"{stem}.pem", directory / f"{stem}-key.pem", bundle)
     files.cert.write_bytes(cert)
     files.key.write_bytes(key)
@@ -333,8 +337,9 @@ class Deployment:
         """A client with a fresh SVID for spiffe://<td>/workload/<name>."""
         return self.caller(self.mint(f"/workload/{name}", expired=expired))
 
-    def mint(self, path: str, *, expired: bool = False) -> SvidFiles:
-        return mint(self.identity, self.root / "svids", f"spiffe://{self.identity.trust_domain}{path}", expired=expired)
+    def mint(self, path: str, *, expired: bool = False, not_yet_valid: bool = False) -> SvidFiles:
+        spiffe_id = f"spiffe://{self.identity.trust_domain}{path}"
+        return mint(self.identity, self.root / "svids", spiffe_id, expired=expired, not_yet_valid=not_yet_valid)
 
     def spiffe_id(self, path: str) -> SpiffeId:
         return SpiffeId(self.identity.trust_domain, path)

@@ -16,6 +16,7 @@ Columns (callers):
     no-crt  a TLS client that presents no certificate
     rogue   the superuser's SPIFFE ID, on an SVID from a CA Nexus does not trust (same trust domain)
     expir   the superuser's SPIFFE ID, from the dev CA, expired an hour ago
+    notyet  the superuser's SPIFFE ID, from the dev CA, valid only from tomorrow
     keeper  keeper 1                    nexus   Nexus itself
     boot    bootstrap                   super   pilot superuser
     recov   pilot recover               restor  pilot restore
@@ -55,27 +56,27 @@ from spike.app.operator import RECOVER_PATH, RESTORE_PATH
 from spike.protocol.material import RootKey, derive_key
 
 MATRIX = """
-route             no-crt rogue  expir  keeper nexus  boot   super  recov  restor wl-app wl-no  wl-all wl-cip
-status            tls    tls    tls    401    401    ok     ok     ok     ok     401    401    401    401
-bootstrap/init    tls    tls    tls    401    401    ok     401    401    401    401    401    401    401
-bootstrap/verify  tls    tls    tls    401    401    ok     401    401    401    401    401    401    401
-operator/recover  tls    tls    tls    401    401    401    401    ok     401    401    401    401    401
-operator/restore  tls    tls    tls    401    401    401    401    401    ok     401    401    401    401
-cipher/encrypt    tls    tls    tls    401    401    401    ok     401    401    401    401    401    ok
-cipher/decrypt    tls    tls    tls    401    401    401    ok     401    401    401    401    401    ok
-secrets           tls    tls    tls    401    401    401    ok     401    401    ok     401    ok     401
-secrets?get       tls    tls    tls    401    401    401    ok     401    401    ok     401    ok     401
-secrets?delete    tls    tls    tls    401    401    401    ok     401    401    ok     401    ok     401
-secrets?undelete  tls    tls    tls    401    401    401    ok     401    401    ok     401    ok     401
-secrets?destroy   tls    tls    tls    401    401    401    ok     401    401    ok     401    ok     401
-secrets?list      tls    tls    tls    401    401    401    ok     401    401    ok     401    ok     401
-metadata?get      tls    tls    tls    401    401    401    ok     401    401    ok     401    ok     401
-metadata?put      tls    tls    tls    401    401    401    ok     401    401    ok     401    ok     401
-metadata?delete   tls    tls    tls    401    401    401    ok     401    401    ok     401    ok     401
-policy            tls    tls    tls    401    401    401    ok     401    401    401    401    401    401
-policy?get        tls    tls    tls    401    401    401    ok     401    401    401    401    401    401
-policy?list       tls    tls    tls    401    401    401    ok     401    401    401    401    401    401
-policy?delete     tls    tls    tls    401    401    401    ok     401    401    401    401    401    401
+route             no-crt rogue  expir  notyet keeper nexus  boot   super  recov  restor wl-app wl-no  wl-all wl-cip
+status            tls    tls    tls    tls    401    401    ok     ok     ok     ok     401    401    401    401
+bootstrap/init    tls    tls    tls    tls    401    401    ok     401    401    401    401    401    401    401
+bootstrap/verify  tls    tls    tls    tls    401    401    ok     401    401    401    401    401    401    401
+operator/recover  tls    tls    tls    tls    401    401    401    401    ok     401    401    401    401    401
+operator/restore  tls    tls    tls    tls    401    401    401    401    401    ok     401    401    401    401
+cipher/encrypt    tls    tls    tls    tls    401    401    401    ok     401    401    401    401    401    ok
+cipher/decrypt    tls    tls    tls    tls    401    401    401    ok     401    401    401    401    401    ok
+secrets           tls    tls    tls    tls    401    401    401    ok     401    401    ok     401    ok     401
+secrets?get       tls    tls    tls    tls    401    401    401    ok     401    401    ok     401    ok     401
+secrets?delete    tls    tls    tls    tls    401    401    401    ok     401    401    ok     401    ok     401
+secrets?undelete  tls    tls    tls    tls    401    401    401    ok     401    401    ok     401    ok     401
+secrets?destroy   tls    tls    tls    tls    401    401    401    ok     401    401    ok     401    ok     401
+secrets?list      tls    tls    tls    tls    401    401    401    ok     401    401    ok     401    ok     401
+metadata?get      tls    tls    tls    tls    401    401    401    ok     401    401    ok     401    ok     401
+metadata?put      tls    tls    tls    tls    401    401    401    ok     401    401    ok     401    ok     401
+metadata?delete   tls    tls    tls    tls    401    401    401    ok     401    401    ok     401    ok     401
+policy            tls    tls    tls    tls    401    401    401    ok     401    401    401    401    401    401
+policy?get        tls    tls    tls    tls    401    401    401    ok     401    401    401    401    401    401
+policy?list       tls    tls    tls    tls    401    401    401    ok     401    401    401    401    401    401
+policy?delete     tls    tls    tls    tls    401    401    401    ok     401    401    401    401    401    401
 """
 
 ROUTES: dict[str, tuple[str, str]] = {
@@ -184,6 +185,7 @@ def matrix_deployment(
             "no-crt": deployment.caller(no_certificate_context(dev_identity)),
             "rogue": deployment.caller(foreign_ca_context(dev_identity, same_domain_foreign_ca, "pilot-superuser")),
             "expir": deployment.caller(deployment.mint("/spike/pilot/role/superuser", expired=True)),
+            "notyet": deployment.caller(deployment.mint("/spike/pilot/role/superuser", not_yet_valid=True)),
             "keeper": deployment.caller("keeper-1"),
             "nexus": deployment.caller("nexus"),
             "boot": deployment.caller("bootstrap"),
