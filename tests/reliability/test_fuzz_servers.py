@@ -377,11 +377,10 @@ header_values = st.binary(max_size=60) | st.text(max_size=60).map(str.encode)
 
 
 @st.composite
-def http_requests(draw: Any) -> tuple[bytes, int]:
+def http_requests(draw: Any, paths: tuple[bytes, ...]) -> tuple[bytes, int]:
     method = draw(st.sampled_from([b"POST", b"GET", b"PUT", b"post", b"P OST", b""]) | st.binary(max_size=8))
     target = draw(
-        st.sampled_from([KEEPER_SHARD_PATH.encode(), KEEPER_CONTRIBUTE_PATH.encode(), b"*", b"http://k/x", b"/"])
-        | st.binary(max_size=40)
+        st.sampled_from([*paths, b"*", b"http://k/x", b"/", b"/v1/store/secrets?action="]) | st.binary(max_size=40)
     )
     version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"http/1.1", b"HTTP/1.1 ", b""]))
     end = draw(st.sampled_from(LINE_ENDS))
@@ -435,8 +434,8 @@ def test_generated_http_against_a_keeper(small_keeper: InProcessKeeper, dev_iden
     nexus = ctx(dev_identity, "nexus")
     client = RawClient(small_keeper.port, nexus)
 
-    @settings(max_examples=EXAMPLES * 3 // 2, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(http_requests())
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(http_requests((KEEPER_SHARD_PATH.encode(), KEEPER_CONTRIBUTE_PATH.encode())))
     def one(generated: tuple[bytes, int]) -> None:
         data, pieces = generated
         outcome = client.send(data, wait=0.1, pieces=pieces)
@@ -452,6 +451,31 @@ def test_generated_http_against_a_keeper(small_keeper: InProcessKeeper, dev_iden
         while small_keeper.server.open_connections > 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert small_keeper.server.open_connections == 0
+    finally:
+        client.close()
+
+
+def test_generated_http_against_nexus(inproc_nexus: Deployment, dev_identity: DevIdentity) -> None:
+    """The same against Nexus (as the superuser, so that requests reach the routes' handlers)."""
+    port = int(inproc_nexus.url.rsplit(":", 1)[1])
+    client = RawClient(port, ctx(dev_identity, "pilot-superuser"))
+    record = msgspec.to_builtins(inproc_nexus.custody.record)
+    paths = tuple(sorted({t.encode() for t, _, _ in nexus_templates(record).values()}))
+
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(http_requests(paths))
+    def one(generated: tuple[bytes, int]) -> None:
+        data, pieces = generated
+        outcome = client.send(data, wait=0.1, pieces=pieces)
+        if outcome.answer is None and not outcome.closed:
+            client.close()
+        TALLY.judge("nexus (in-process) HTTP", data, outcome)
+        assert acceptable(outcome) == "", (outcome, data)
+
+    try:
+        one()
+        client.valid(request(STATUS_PATH), 200)
+        assert inproc_nexus.phase.value == "ready"
     finally:
         client.close()
 
