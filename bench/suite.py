@@ -104,7 +104,7 @@ class Settings:
         )
 
 
-GROUPS = ["load", "restart", "reseed", "polling", "shamir", "scale"]
+GROUPS = ["load", "restart", "reseed", "polling", "shamir", "scale", "postgres"]
 
 
 # ---------------------------------------------------------------------- rows and results
@@ -741,6 +741,30 @@ class Suite:
         say(f"GET latency with {big:,} secrets stored")
         measure(big)
 
+    def postgres_rows(self) -> None:
+        """One vs two Nexus instances on one PostgreSQL (bench/postgres_rows.py, its own cluster)."""
+        r, s = self.results, self.s
+        out_file = self.workdir / "postgres-rows.json"
+        say("PostgreSQL: one vs two Nexus instances (bench/postgres_rows.py)")
+        done = subprocess.run(
+            [sys.executable, str(HERE / "postgres_rows.py"), "--seconds", str(s.load_seconds), "--connections", "16",
+             "--json", str(out_file)],
+            capture_output=True, text=True, timeout=600, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            r.problem(f"PostgreSQL rows not measured: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+            return
+        for item in json.loads(out_file.read_text())["rows"]:
+            op = "GET" if item["request"].startswith("get") else "PUT"
+            row = r.row(
+                f"postgres_{op.lower()}_{item['instances']}",
+                f"{op} throughput, 16 conns, {item['instances']} Nexus on PostgreSQL",
+                "req/s",
+                "higher",
+            )
+            row.add(SPIKE, item["throughput"])
+            say(f"  {op} with {item['instances']} Nexus: {item['throughput']:,.0f} req/s, p99 {item['p99_ms']:.1f} ms")
+
     def profile_nexus(self, results_dir: Path, stamp: str) -> None:
         """py-spy on Nexus during a 16-connection GET run and a PUT run (outside the rounds)."""
         if shutil.which("py-spy", path=str(Path(sys.executable).parent)) is None:
@@ -928,6 +952,8 @@ def main() -> int:
             suite.profile_nexus(results_dir, stamp)
         if "scale" in settings.groups:
             suite.scale_rows()
+        if "postgres" in settings.groups:
+            suite.postgres_rows()
     except KeyboardInterrupt:
         status = "interrupted"
         say("interrupted: stopping everything this run started")

@@ -31,8 +31,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 SERVER_USER = "postgres"
 
 
@@ -153,6 +151,8 @@ class _Shared:
 
 def server() -> PgServer:
     """The test run's PostgreSQL server (started on first use); skips the test if PostgreSQL is not installed."""
+    import pytest  # here, not at the top: bench/postgres_rows.py uses this module without pytest
+
     if _Shared.server is not None:
         if not _Shared.server.running:  # a test stopped it and failed before starting it again
             _Shared.server.start()
