@@ -561,7 +561,10 @@ def run_chaos(make_rcluster: Any, leak_watch: LeakWatch, seconds: float, label: 
     for thread in threads:
         thread.start()
     try:
-        driver.run(seconds, stop)
+        try:
+            driver.run(seconds, stop)
+        except HarnessError as exc:
+            raise HarnessError(f"seed {seed} ({label} run): {exc}") from None
         # A last stretch of quiet traffic: the clients must be served again.
         quiet_from = len(book.acks)
         deadline = time.monotonic() + 10
