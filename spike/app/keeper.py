@@ -14,7 +14,12 @@ from .config import KeeperConfig
 
 log = logging.getLogger("spike.keeper")
 
-KEEPER_LIMITS = ServerLimits(max_body_bytes=MAX_KEEPER_BODY, max_header_bytes=8192, max_connections=256)
+# A keeper talks to one Nexus per instance and, briefly, to bootstrap: a few connections.  The
+# cap also bounds what a flood of silent TLS clients can cost it (stock asyncio keeps a
+# 256 KiB buffer per connection; keepers run without uvloop to stay small).
+KEEPER_LIMITS = ServerLimits(
+    max_body_bytes=MAX_KEEPER_BODY, max_header_bytes=8192, max_connections=64, handshake_timeout=5.0
+)
 
 
 class KeeperHandler:

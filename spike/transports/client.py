@@ -183,15 +183,18 @@ class HttpsConnection:
         data = conn.send(h11.Request(method=op.method, target=op.path, headers=headers)) or b""
         data += conn.send(h11.Data(data=op.body)) or b""
         data += conn.send(h11.EndOfMessage()) or b""
-        protocol.expect(self._max_response_bytes, lambda outcome: self._answered(op, protocol, outcome))
         try:
             protocol.send(data)
         except (OSError, RuntimeError):
             self._answered(op, protocol, _StaleConnection())
+            return
+        # Armed only once the bytes are out: a connection that refused them must not
+        # report on this request again when it is finally lost (it would undo the retry).
+        protocol.expect(self._max_response_bytes, lambda outcome: self._answered(op, protocol, outcome))
 
     def _answered(self, op: _Op, protocol: _ClientProtocol, outcome: Outcome) -> None:
-        if op is not self._current:
-            return  # late: that request was abandoned or timed out
+        if op is not self._current or protocol is not self._protocol:
+            return  # late: that request was abandoned or timed out, or this connection was dropped
         if isinstance(outcome, _StaleConnection):
             # The server closed a kept-alive connection before answering (a
             # restarted keeper does this): that says nothing about the server

@@ -161,6 +161,17 @@ def reseeds(driver: Driver, keeper_id: int, pushes: int) -> None:
     assert 1 <= count <= pushes, f"keeper {keeper_id} re-seeded {count} times, expected 1..{pushes}:\n{driver.text()}"
 
 
+def driver_saw_holding(driver: Driver, keeper_id: int, times: int) -> None:
+    """Wait until the driver has seen `keeper_id` holding its shard `times` times.
+
+    A reader can find a pushed shard before the driver has read it back; a test
+    that stops the driver (or kills the keeper) right then would leave the push
+    unconfirmed, so it first waits for the driver's own view.
+    """
+    pattern = rf"keeper {keeper_id}: \S+ -> holding"
+    wait_until(lambda: len(driver.lines(pattern)) >= times, f"driver to see keeper {keeper_id} holding", every=0.05)
+
+
 def holds(reader: NexusReader, expected: dict[int, Share], driver: Driver, what: str) -> None:
     def check() -> bool:
         if driver.popen.poll() is not None:
@@ -182,10 +193,13 @@ def test_driver_seeds_keepers_and_reseeds_one_killed_and_restarted_empty(
     driver = run_driver(script, keepers, all_peers(keepers), "--key-stdin", "--epoch", str(EPOCH), stdin=key_hex)
 
     holds(reader, expected, driver, "every keeper to hold its shard of the given key")
+    for keeper_id in keepers.keeper_ids:
+        driver_saw_holding(driver, keeper_id, 1)
 
     keepers.kill_keeper(2)  # SIGKILL: its shard is gone with its memory
     keepers.start_keeper(2)  # same port, empty
     holds(reader, expected, driver, "keeper 2 to be re-seeded after its restart")
+    driver_saw_holding(driver, 2, 2)
 
     driver.popen.send_signal(signal.SIGINT)
     assert driver.wait_exit() == 0, driver.text()
@@ -296,11 +310,13 @@ def test_asyncio_driver_keeps_the_stdlib_keeper_seeded_and_it_answers_only_nexus
         driver = run_driver("asyncio_driver.py", cluster, peers, "--key-stdin", "--epoch", str(EPOCH), stdin=key_hex)
 
         holds(reader, expected, driver, "every keeper, the stdlib one too, to hold its shard")
+        driver_saw_holding(driver, 3, 1)
 
         keeper.popen.kill()  # SIGKILL, then the same port again, empty
         keeper.popen.wait(timeout=EXIT_TIMEOUT)
         keeper = stdlib_keeper(cluster, 3, port)
         holds(reader, expected, driver, "the stdlib keeper to be re-seeded")
+        driver_saw_holding(driver, 3, 2)
 
         # Anyone but Nexus is refused, by the machine's rule, before the body is looked at.
         with ClientSession(client_context(dev_identity.files("pilot-superuser")), timeout=5.0) as session:

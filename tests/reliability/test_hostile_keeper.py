@@ -193,10 +193,11 @@ def test_hostile_keeper_is_named_never_used_and_reseeded(
 
         # While Nexus rebuilds its key: only keeper 1's good shard and keeper 3's bad one are on offer.
         for lie in recovery_lies:
-            fake.lie = lie
-            pushes_before = len(fake.pushes)
             cluster.kill_keeper(2)
             cluster.kill("nexus")
+            # Told to lie only once the old Nexus is gone: it would otherwise fix the liar with a push first.
+            fake.lie = lie
+            pushes_before = len(fake.pushes)
             nexus = cluster.start_nexus()
             status = wait_until(
                 lambda: (

@@ -156,6 +156,28 @@ async def test_restarted_server_is_reached_again_transparently(dev_identity: Dev
         await connection.aclose()
 
 
+async def test_a_connection_closing_under_the_request_is_retried_once_and_only_once(dev_identity: DevIdentity) -> None:
+    """The kept-alive connection is already closing (its loss not yet reported) when a request comes.
+
+    The write is refused at once and the request goes to a new connection; the old
+    connection's loss, reported a moment later, must not count as that request's answer.
+    """
+    async with keeper_server(dev_identity, 1) as k:
+        connection = for_keeper(k.served.url, dev_identity)
+        try:
+            assert await connection.request("POST", SHARD_PATH, b"{}") == EMPTY
+            old = connection._protocol
+            assert old is not None and old.transport is not None
+            old.transport.close()  # what an EOF from the server does; connection_lost comes later
+            assert await connection.request("POST", SHARD_PATH, b"{}") == EMPTY
+            assert connection.connections_opened == 2
+            await anyio.sleep(0.05)  # the old connection's loss is reported by now: nothing changes
+            assert await connection.request("POST", SHARD_PATH, b"{}") == EMPTY
+            assert connection.connections_opened == 2
+        finally:
+            await connection.aclose()
+
+
 async def test_connection_closed_by_the_idle_timeout_is_reopened(dev_identity: DevIdentity) -> None:
     async with keeper_server(dev_identity, 1, ServerLimits(idle_timeout=0.2)) as k:
         connection = for_keeper(k.served.url, dev_identity)
