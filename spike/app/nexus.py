@@ -9,9 +9,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import anyio
-import anyio.from_thread
-import anyio.lowlevel
-import anyio.to_thread
 
 from spike.protocol.effects import KeeperState, KeeperStateChanged, KeyRecovered, Phase, PhaseChanged, Report
 from spike.protocol.errors import LocalProtocolError
@@ -193,12 +190,14 @@ class ClusterWatch:
             self.poke()  # a keeper holds a shard of a newer key: another instance's bootstrap --force
 
     async def run(self) -> None:
+        from anyio import to_thread  # only a shared (PostgreSQL) store is watched: SQLite starts without it
+
         while True:
             with anyio.move_on_after(self._interval):
                 await self._wake.wait()
             self._wake = anyio.Event()
             try:
-                state = await anyio.to_thread.run_sync(self._backend.cluster_state, abandon_on_cancel=True)
+                state = await to_thread.run_sync(self._backend.cluster_state, abandon_on_cancel=True)
             except StorageError:
                 continue  # an outage: logged once by the backend; data routes answer 503 meanwhile
             self.apply(state)
@@ -348,9 +347,11 @@ def _run(config: NexusConfig, identity: IdentitySource) -> None:
             watch = ClusterWatch(secrets, api, authorizer, CLUSTER_WATCH_INTERVAL)
             sinks.append(watch.report)
             if isinstance(secrets, _StaleKeyHook):
+                from anyio import from_thread, lowlevel
+
                 # A write found the key replaced: look now (called on the writer thread).
-                token = anyio.lowlevel.current_token()
-                secrets.on_stale_key = lambda: anyio.from_thread.run_sync(watch.poke, token=token)
+                token = lowlevel.current_token()
+                secrets.on_stale_key = lambda: from_thread.run_sync(watch.poke, token=token)
             background.append(watch.run)
         extra = []
         if config.metrics_bind is not None and metrics is not None:

@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import msgspec
 
@@ -31,7 +31,9 @@ from spike.transports.custody_driver import CustodyDriver
 
 from .errors import CommandError
 from .messages import STATUS_PATH, StatusBody
-from .pilot import NexusClient, NexusError
+
+if TYPE_CHECKING:  # the client side (and its thread portal) is the CLI's: a Nexus starts without it
+    from .pilot import NexusClient
 
 log = logging.getLogger("spike.nexus.operator")
 
@@ -165,6 +167,8 @@ def read_shard_text(stdin: TextIO, prompt: Callable[[str], str] = getpass.getpas
 
 
 def restore(client: NexusClient, text: str, say: Say) -> int:
+    from .pilot import NexusError
+
     share = parse_shard(text)
     state = client.call(STATUS_PATH, b"{}", StatusBody)
     if state.phase == "ready":
@@ -190,4 +194,3 @@ def restore(client: NexusClient, text: str, say: Say) -> int:
     else:
         say(f"shard {share.id} accepted: {status.remaining} more shard(s) needed")
     return 0
-
