@@ -761,7 +761,7 @@ def test_real_servers_outlast_connection_floods(proc_run: ProcRun, procs: Proxie
         per_slot = FLOOD_KIB_PER_SLOT[loop]
         REPORT.append(
             f"fuzzing: {target.name} process ({loop}) VmRSS {before[target.name] / 1024:.1f} MiB before two floods "
-            f"of {limit} + 40 connections, {after / 1024:.1f} MiB after (bound {limit * per_slot / 1024:.0f} MiB)"
+            f"of {limit} + 40 connections, {after / 1024:.1f} MiB after (growth < {limit * per_slot / 1024:.0f} MiB)"
         )
         assert after - before[target.name] < limit * per_slot, (target.name, loop, before, after)
         # One warning per flood, and one line when there is room again: never a line per connection.
