@@ -45,10 +45,6 @@ T = TypeVar("T")
 PolicyRow = tuple[str, str, bytes, float, float]
 
 
-class DatabaseUnavailable(StorageError):
-    """The database cannot be reached or did not answer in time: try again later (HTTP 503)."""
-
-
 class OutcomeUnknown(StorageError):
     """The connection broke while a commit was under way and whether it happened could not be learnt."""
 

@@ -28,7 +28,7 @@ from spike.protocol.record import KeyRecord
 from spike.protocol.wire import decode
 from spike.transports.custody_driver import CustodyDriver
 
-from .backend import DatabaseUnavailable, KeyRecordStore
+from .backend import KeyRecordStore
 from .cipher_api import CipherApi
 from .messages import (
     BOOTSTRAP_INIT_PATH,
@@ -51,7 +51,7 @@ from .operator import RECOVER_PATH, RESTORE_PATH, OperatorApi
 from .policies import Authorizer, Permission
 from .policy_api import PolicyApi
 from .secrets_api import SecretsApi
-from .storage import StorageError
+from .storage import DatabaseUnavailable, StorageError
 
 log = logging.getLogger("spike.nexus.api")
 

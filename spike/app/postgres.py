@@ -52,12 +52,12 @@ from psycopg_pool import ConnectionPool
 from spike.protocol.record import KeyRecord
 
 from . import kv
-from .backend import ClusterState, DatabaseUnavailable, OutcomeUnknown, PolicyRow
+from .backend import ClusterState, OutcomeUnknown, PolicyRow
 from .config import mask_url
 from .policies import MAX_POLICIES
 from .sealing import Sealer, TamperedData, metadata_aad, secret_aad
 from .secret_store import PolicyNameTaken
-from .storage import StorageError
+from .storage import DatabaseUnavailable, StorageError
 
 log = logging.getLogger("spike.nexus.store")
 # The pool would log every failed reconnection attempt; an outage is logged here, once (see `_Health`).

@@ -21,8 +21,9 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,10 +32,10 @@ import msgspec
 from spike.protocol.record import KeyRecord
 
 from . import kv
-from .backend import ClusterState, DatabaseUnavailable, PolicyRow, resolved
+from .backend import ClusterState, PolicyRow, resolved
 from .policies import MAX_POLICIES
 from .sealing import Sealer, TamperedData, metadata_aad, secret_aad
-from .storage import DB_NAME, NexusStore, StorageError, connect
+from .storage import DB_NAME, DatabaseUnavailable, NexusStore, StorageError, connect, sqlite_failure
 
 log = logging.getLogger("spike.nexus.store")
 
@@ -61,18 +62,13 @@ _SELECT_POLICY = "SELECT id, name, sealed, created_at, updated_at FROM policy"
 _ONE_POLICY = f"{_SELECT_POLICY} WHERE id = ?1 OR name = ?1 ORDER BY id = ?1 DESC LIMIT 1"
 
 
-# SQLite's primary result codes that mean "not now" rather than "broken": busy or locked, out of
-# memory, read-only, I/O error, disk full, cannot open.  Nothing was written; once the cause is gone
-# (space freed, the file writable again) the same write succeeds, with no restart.  They answer 503,
-# as an unreachable PostgreSQL does; anything else (a corrupt file, a bug) stays a 500.
-_UNAVAILABLE_CODES = frozenset({5, 6, 7, 8, 10, 13, 14})
-
-
-def _failure(message: str, exc: sqlite3.Error) -> StorageError:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if isinstance(code, int) and code & 0xFF in _UNAVAILABLE_CODES:
-        return DatabaseUnavailable(message)
-    return StorageError(message)
+@contextmanager
+def _reading(what: str) -> Iterator[None]:
+    """A read that fails says what it was reading, as a `StorageError` (503 when it is "not now")."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise sqlite_failure(f"cannot read {what}: {exc}", exc) from None
 
 
 class PolicyNameTaken(kv.InvalidRequest):
@@ -129,10 +125,8 @@ class SecretStore:
         return resolved(call)
 
     def get(self, path: str, version: int) -> tuple[int, dict[str, str]]:
-        try:
+        with _reading(path):
             row = self._reader.execute(_SELECT_VALUE, (path, version)).fetchone()
-        except sqlite3.Error as exc:
-            raise _failure(f"cannot read {path}: {exc}", exc) from None
         if row is None:
             raise kv.NotFound("no such secret or version")
         found, sealed, deleted_at, epoch = row
@@ -150,14 +144,15 @@ class SecretStore:
             raise TamperedData(f"{what}: {exc} (tampered with, or moved from another path)") from None
 
     def metadata(self, path: str) -> tuple[kv.SecretMeta, list[kv.VersionInfo]]:
-        meta = _load_meta(self._reader, path, self)
-        if meta is None:
-            raise kv.NotFound("no such secret")
-        rows = self._reader.execute(
-            "SELECT version, created_at, deleted_at, sealed IS NULL FROM secret_version "
-            "WHERE path = ? ORDER BY version",
-            (path,),
-        ).fetchall()
+        with _reading(f"the metadata of {path}"):
+            meta = _load_meta(self._reader, path, self)
+            if meta is None:
+                raise kv.NotFound("no such secret")
+            rows = self._reader.execute(
+                "SELECT version, created_at, deleted_at, sealed IS NULL FROM secret_version "
+                "WHERE path = ? ORDER BY version",
+                (path,),
+            ).fetchall()
         return meta, [kv.VersionInfo(v, c, d, bool(x)) for v, c, d, x in rows]
 
     def list_paths(self, prefix: str, *, limit: int, after: str = "") -> list[str]:
@@ -173,23 +168,27 @@ class SecretStore:
         if prefix:
             sql += " AND path < ?"
             args.append(prefix[:-1] + chr(ord(prefix[-1]) + 1))
-        rows = self._reader.execute(sql + " ORDER BY path LIMIT ?", [*args, limit])
-        return [p for (p,) in rows]
+        with _reading(f"the paths under {prefix!r}"):
+            return [p for (p,) in self._reader.execute(sql + " ORDER BY path LIMIT ?", [*args, limit])]
 
     def count(self) -> int:
-        return int(self._reader.execute("SELECT count(*) FROM secret").fetchone()[0])
+        with _reading("the number of secrets"):
+            return int(self._reader.execute("SELECT count(*) FROM secret").fetchone()[0])
 
     # ------------------------------------------------------------------ policies
 
     def policy_rows(self) -> list[PolicyRow]:
-        return self._reader.execute(f"{_SELECT_POLICY} ORDER BY name").fetchall()
+        with _reading("the policies"):
+            return self._reader.execute(f"{_SELECT_POLICY} ORDER BY name").fetchall()
 
     def policy_row(self, id_or_name: str) -> PolicyRow | None:
-        row: PolicyRow | None = self._reader.execute(_ONE_POLICY, (id_or_name,)).fetchone()
+        with _reading(f"policy {id_or_name}"):
+            row: PolicyRow | None = self._reader.execute(_ONE_POLICY, (id_or_name,)).fetchone()
         return row
 
     def policy_names(self) -> list[tuple[str, str]]:
-        return [(i, n) for i, n in self._reader.execute("SELECT id, name FROM policy ORDER BY name")]
+        with _reading("the policy names"):
+            return [(i, n) for i, n in self._reader.execute("SELECT id, name FROM policy ORDER BY name")]
 
     def policy_put(
         self, name: str, seal: Callable[[str], bytes], *, create_only: bool, new_id: Callable[[], str]
@@ -380,7 +379,7 @@ class SecretStore:
                     db.execute("ROLLBACK")
                 except sqlite3.Error as again:  # SQLite rolls back by itself when it cannot; never end the thread
                     log.debug("rollback after a failed write: %s", again)
-            error = _failure(f"the database refused the write: {exc}", exc)
+            error = sqlite_failure(f"the database refused the write: {exc}", exc)
             if not isinstance(error, DatabaseUnavailable):
                 log.error("write of %d operation(s) failed and was rolled back: %s", len(batch), exc)  # noqa: TRY400
             elif not self.refused:

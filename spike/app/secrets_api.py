@@ -22,7 +22,7 @@ from spike.protocol.identity import SpiffeId
 from spike.protocol.wire import ErrorCode, decode
 
 from . import kv
-from .backend import DatabaseUnavailable, SecretBackend
+from .backend import SecretBackend
 from .messages import (
     MetadataContent,
     SecretGetRequest,
@@ -39,7 +39,7 @@ from .messages import (
 )
 from .policies import Authorizer, Permission, reserved
 from .sealing import TamperedData
-from .storage import StorageError
+from .storage import DatabaseUnavailable, StorageError
 
 log = logging.getLogger("spike.nexus.secrets")
 

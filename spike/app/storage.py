@@ -77,6 +77,25 @@ class StorageError(Exception):
     """The database cannot be opened, read or written; the message says why."""
 
 
+class DatabaseUnavailable(StorageError):
+    """The database cannot be reached or did not answer in time: try again later (HTTP 503)."""
+
+
+# SQLite's primary result codes that mean "not now" rather than "broken": busy or locked, out of
+# memory, read-only, I/O error, disk full, cannot open.  Nothing was written; once the cause is gone
+# (space freed, the file writable again) the same write succeeds, with no restart.  They answer 503,
+# as an unreachable PostgreSQL does; anything else (a corrupt file, a bug) stays a 500.
+_UNAVAILABLE_CODES = frozenset({5, 6, 7, 8, 10, 13, 14})
+
+
+def sqlite_failure(message: str, exc: sqlite3.Error) -> StorageError:
+    """The `StorageError` for a failed SQLite call: `DatabaseUnavailable` when it is "not now"."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int) and code & 0xFF in _UNAVAILABLE_CODES:
+        return DatabaseUnavailable(message)
+    return StorageError(message)
+
+
 class NexusStore:
     def __init__(self, data_dir: Path) -> None:
         try:
@@ -115,7 +134,7 @@ class NexusStore:
         try:
             row = self._db.execute("SELECT record FROM key_record WHERE id = 1").fetchone()
         except sqlite3.Error as exc:
-            raise StorageError(f"cannot read the key record: {exc}") from None
+            raise sqlite_failure(f"cannot read the key record: {exc}", exc) from None
         if row is None:
             return None
         try:
@@ -133,7 +152,7 @@ class NexusStore:
                 (record.epoch, msgspec.json.encode(record), now),
             )
         except sqlite3.Error as exc:
-            raise StorageError(f"cannot save the key record: {exc}") from None
+            raise sqlite_failure(f"cannot save the key record: {exc}", exc) from None
 
     def install_key_record(self, record: KeyRecord, *, replace: KeyRecord | None) -> KeyRecord:
         """Store `record` unless another record than `replace` is there; the record now in force."""
@@ -153,7 +172,7 @@ class NexusStore:
                 self._db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            raise StorageError(f"cannot save the key record: {exc}") from None
+            raise sqlite_failure(f"cannot save the key record: {exc}", exc) from None
         return current
 
     def close(self) -> None:

@@ -19,10 +19,9 @@ import pytest
 from store_helpers import EPOCH, ROOT_KEY, WAIT
 
 from spike.app import kv
-from spike.app.backend import DatabaseUnavailable
 from spike.app.postgres import MIGRATIONS, PostgresBackend, StaleKey
 from spike.app.sealing import Sealer
-from spike.app.storage import StorageError
+from spike.app.storage import DatabaseUnavailable, StorageError
 from spike.protocol.record import seal_key
 
 
