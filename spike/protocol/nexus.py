@@ -146,7 +146,7 @@ class _Keeper:
     __slots__ = (
         "id", "slot", "state", "since", "detail", "polls", "empty_answers", "failures",
         "reseeds", "last_poll_at", "last_answer_at", "latency", "cycle", "next_poll_at",
-        "op", "needs_seed", "reseed_from", "outcomes",
+        "op", "needs_seed", "reseed_from", "unconfirmed_push", "outcomes",
     )  # fmt: skip
 
     def __init__(self, keeper_id: int, slot: float, now: float) -> None:
@@ -167,6 +167,9 @@ class _Keeper:
         self.op: _Op | None = None
         self.needs_seed = False  # its last regular answer showed it lacks its shard
         self.reseed_from = KeeperState.UNKNOWN
+        # It accepted a push whose read-back has not shown the shard yet (the confirmation may
+        # miss its deadline on a slow day): the next read that shows it reports the re-seed.
+        self.unconfirmed_push = False
         self.outcomes: dict[str, int] = {}  # answers by the state they showed
 
 
@@ -511,6 +514,7 @@ class NexusCustody:
 
     def _pushed(self, keeper: _Keeper, answer: ResponseReceived, now: float) -> None:
         if answer.status == 200:
+            keeper.unconfirmed_push = True
             self._send(keeper, RequestKind.CONFIRM, KEEPER_SHARD_PATH, _EMPTY_BODY, now)
         else:
             self._misbehaved(keeper, f"refused its shard with HTTP {answer.status}", now)
@@ -554,9 +558,12 @@ class NexusCustody:
             self._misbehaved(keeper, problem, now)
             self._after_read(keeper, regular, needs_seed=True, now=now)
             return
-        self._set_state(keeper, KeeperState.HOLDING, now, "" if regular else "re-seeded and confirmed")
+        reseeded = keeper.unconfirmed_push
+        detail = ("re-seeded, confirmed by a later read" if reseeded else "") if regular else "re-seeded and confirmed"
+        self._set_state(keeper, KeeperState.HOLDING, now, detail)
         keeper.needs_seed = False
-        if not regular:
+        if reseeded:
+            keeper.unconfirmed_push = False
             keeper.reseeds += 1
             self._effects.append(KeeperReseeded(keeper.id, now, keeper.reseed_from))
         if self._phase is Phase.RECOVERING:

@@ -567,6 +567,29 @@ def test_a_keeper_still_empty_after_accepting_is_reported_without_a_second_push(
     assert of_type(effects, KeeperReseeded) == []
 
 
+@pytest.mark.parametrize("lost", ["timeout", "failure"])
+def test_a_push_whose_read_back_is_lost_is_reported_reseeded_by_the_next_read_that_shows_it(lost: str) -> None:
+    """On a slow day the confirmation misses its deadline (or its connection): the re-seed still counts, once."""
+    rig = Rig()
+    run_to_ready_with_keeper3(rig, 404, NOT_FOUND)
+    rig.reply(3, 200)  # the push is accepted
+    assert rig.pending[3].kind is RequestKind.CONFIRM
+    effects = rig.tick(rig.pending.pop(3).deadline) if lost == "timeout" else rig.fail(3)
+    assert of_type(effects, KeeperReseeded) == []
+    while 3 not in rig.pending:
+        effects += rig.tick()
+    assert rig.pending[3].kind is RequestKind.POLL
+    effects = rig.reply_shard(3)
+    assert of_type(effects, KeeperReseeded) == [KeeperReseeded(3, rig.now, KeeperState.EMPTY)]
+    assert rig.state(3) is KeeperState.HOLDING and "later read" in rig.view(3).detail
+    assert rig.view(3).reseeds == 1
+    # Later polls that find it holding are just polls.
+    while 3 not in rig.pending:
+        rig.tick()
+    assert of_type(rig.reply_shard(3), KeeperReseeded) == []
+    assert rig.view(3).reseeds == 1
+
+
 def test_late_and_unknown_answers_are_ignored() -> None:
     rig = Rig()
     rig.start()
