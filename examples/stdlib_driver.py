@@ -253,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         thread.start()
         threads.append(thread)
 
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops us like SIGINT
+    # SIGINT stops us even if we were started with it ignored (a shell's `cmd &` does that), and
+    # SIGTERM does the same.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     until = clock() + args.duration if args.duration > 0 else float("inf")
     say(f"keeping keepers {sorted(keepers)} seeded ({args.threshold}-of-{len(keepers)}, epoch {args.epoch})")
     try:

@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     keeper = Keeper(TrustDomains.single(args.trust_domain))
     server = KeeperServer((host, int(port)), server_context(args.identity, args.keeper_id), keeper)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored (`cmd &`)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(f"keeper {args.keeper_id} listening on {host}:{server.server_port}", flush=True)
     try:

@@ -820,7 +820,10 @@ def test_connection_floods_leak_nothing(loop: str, dev_identity: DevIdentity) ->
         f"fuzzing: in-process server ({loop}) RSS after each of 5 floods, freed memory trimmed: "
         f"{[v // 1024 for v in live]} MiB"
     )
-    assert max(live[1:]) - live[1] < 8 * 1024, live
+    # A leak grows with every flood (512 pending handshakes are ~25 MiB); what glibc keeps mapped
+    # after a trim does not, but it can swing between floods (seen: 175, 155, 171, 155, 171 MiB).
+    # So: the last three floods end no higher than the first two, give or take 8 MiB.
+    assert max(live[2:]) - max(live[:2]) < 8 * 1024, live
 
 
 def abuse(target: ProcTarget) -> None:
