@@ -537,8 +537,7 @@ class SvidFileSource(_Source):
         if not self._warned:
             self._warned = True
             log.warning(
-                "the SVID files changed but do not load (%s): keeping the current identity %s "
-                "until they load again",
+                "the SVID files changed but do not load (%s): keeping the current identity %s until they load again",
                 reason,
                 self.current.spiffe_id,
             )

@@ -47,9 +47,7 @@ OTHER_KEY_INT = 0x0DDBA11C0FFEE0DDBA11C0FFEE0DDBA11C0FFEE0DDBA11C0FFEE0DDBA11C0F
 def shard_body(share: Share, *, extension: bool = True) -> bytes:
     """A keeper's 200 answer carrying `share` (Go-keeper shape without the extension)."""
     if extension:
-        return msgspec.json.encode(
-            {"shard": list(share.secret_bytes()), "id": share.id, "epoch": share.epoch}
-        )
+        return msgspec.json.encode({"shard": list(share.secret_bytes()), "id": share.id, "epoch": share.epoch})
     return msgspec.json.encode({"shard": list(share.secret_bytes())})
 
 
@@ -128,9 +126,7 @@ class Rig:
         self.custody.receive(ResponseReceived(request.request_id, status, body), self.now)
         return self.take()
 
-    def reply_shard(
-        self, keeper_id: int, share: Share | None = None, *, extension: bool = True
-    ) -> list[Effect]:
+    def reply_shard(self, keeper_id: int, share: Share | None = None, *, extension: bool = True) -> list[Effect]:
         return self.reply(keeper_id, 200, shard_body(share or self.shares[keeper_id], extension=extension))
 
     def fail(self, keeper_id: int, reason: str = "connection refused") -> list[Effect]:

@@ -102,9 +102,7 @@ def test_anyone_else_contributing_gets_401_and_changes_nothing(
     other = list(share_for(key_from_int(SAMPLE_KEY_INT), epoch=8, threshold=2, id=3).secret_bytes())
     for keeper in (holding, empty):
         before = snapshot(keeper)
-        outcome = keeper.handle(
-            ApiRequest("POST", KEEPER_CONTRIBUTE_PATH, peer, msgspec.json.encode({"shard": other}))
-        )
+        outcome = keeper.handle(ApiRequest("POST", KEEPER_CONTRIBUTE_PATH, peer, msgspec.json.encode({"shard": other})))
         assert (outcome.response.status, outcome.response.body) == (401, UNAUTHORIZED)
         assert outcome.change is KeeperChange.NONE
         assert outcome.refused
@@ -180,9 +178,7 @@ BAD_BODIES = {
 
 
 @pytest.mark.parametrize("body", BAD_BODIES.values(), ids=BAD_BODIES.keys())
-def test_a_malformed_contribution_is_400_and_changes_nothing(
-    holding: Keeper, empty: Keeper, body: bytes
-) -> None:
+def test_a_malformed_contribution_is_400_and_changes_nothing(holding: Keeper, empty: Keeper, body: bytes) -> None:
     for keeper in (holding, empty):
         before = snapshot(keeper)
         outcome = keeper.handle(ApiRequest("POST", KEEPER_CONTRIBUTE_PATH, NEXUS, body))
@@ -199,9 +195,7 @@ def test_error_details_stay_out_of_the_answer(empty: Keeper) -> None:
 
 
 def test_replacing_a_shard_reports_replaced_and_the_same_shard_reports_nothing(holding: Keeper) -> None:
-    same = holding.handle(
-        ApiRequest("POST", KEEPER_CONTRIBUTE_PATH, NEXUS, encode(ShardContribution.of(SHARE)))
-    )
+    same = holding.handle(ApiRequest("POST", KEEPER_CONTRIBUTE_PATH, NEXUS, encode(ShardContribution.of(SHARE))))
     assert (same.response.status, same.change) == (200, KeeperChange.NONE)
     other = share_for(key_from_int(SAMPLE_KEY_INT), epoch=8, threshold=2, id=3)
     replaced = holding.handle(
@@ -235,9 +229,7 @@ def test_other_methods_are_refused(holding: Keeper, method: str) -> None:
         assert outcome.change is KeeperChange.NONE
 
 
-@pytest.mark.parametrize(
-    "path", ["/", "/v1/store/shard/", "/v1/store", "/v1/store/contribute/x", "/V1/STORE/SHARD"]
-)
+@pytest.mark.parametrize("path", ["/", "/v1/store/shard/", "/v1/store", "/v1/store/contribute/x", "/V1/STORE/SHARD"])
 def test_unknown_paths_are_404(holding: Keeper, path: str) -> None:
     outcome = holding.handle(ApiRequest("POST", path, NEXUS, GO_BODY))
     assert (outcome.response.status, outcome.response.body) == (404, NOT_FOUND)
@@ -256,11 +248,7 @@ def test_wire_encoding_of_a_share_is_go_compatible() -> None:
 # ---------------------------------------------------------------- properties
 
 json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**70), 2**70)
-    | st.floats(allow_nan=False)
-    | st.text(max_size=8),
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=40) | st.dictionaries(st.text(max_size=6), inner, max_size=5),
     max_leaves=25,
 )

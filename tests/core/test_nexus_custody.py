@@ -79,9 +79,7 @@ def test_poll_schedule_rejects_nonsense(kwargs: dict[str, float]) -> None:
         PollSchedule(**{"interval": 5.0, **kwargs})
 
 
-@pytest.mark.parametrize(
-    ("ids", "threshold"), [((1, 2), 3), ((1, 2), 0), ((1, 1, 2), 2), ((0, 1), 1), ((), 1)]
-)
+@pytest.mark.parametrize(("ids", "threshold"), [((1, 2), 3), ((1, 2), 0), ((1, 1, 2), 2), ((0, 1), 1), ((), 1)])
 def test_custody_rejects_bad_shamir_parameters(ids: tuple[int, ...], threshold: int) -> None:
     with pytest.raises(ShamirError):
         NexusCustody(ids, threshold=threshold, schedule=PollSchedule(), rng=random.Random(0), now=0.0)
@@ -112,9 +110,7 @@ def test_custody_refuses_a_malformed_stored_record_up_front(broken: dict[str, ob
     # `receive` when a keeper's shard is checked against it.
     record = msgspec.structs.replace(Rig().record, **broken)
     with pytest.raises(RemoteProtocolError):
-        NexusCustody(
-            (1, 2, 3), threshold=2, schedule=PollSchedule(), rng=random.Random(0), now=0.0, record=record
-        )
+        NexusCustody((1, 2, 3), threshold=2, schedule=PollSchedule(), rng=random.Random(0), now=0.0, record=record)
 
 
 def test_a_new_custody_with_a_record_is_recovering_without_a_key() -> None:
@@ -386,9 +382,7 @@ def run_to_ready_with_keeper3(rig: Rig, status: int, body: bytes) -> list[Effect
     return rig.reply(3, status, body)
 
 
-@pytest.mark.parametrize(
-    ("status", "body"), [(404, NOT_FOUND), (400, GO_EMPTY)], ids=["404", "go-keeper-400"]
-)
+@pytest.mark.parametrize(("status", "body"), [(404, NOT_FOUND), (400, GO_EMPTY)], ids=["404", "go-keeper-400"])
 def test_an_empty_keeper_is_pushed_confirmed_and_reported_reseeded(status: int, body: bytes) -> None:
     rig = Rig()
     effects = run_to_ready_with_keeper3(rig, status, body)
@@ -694,9 +688,7 @@ def test_initialise_with_a_different_record_needs_replace() -> None:
 
 
 @pytest.mark.parametrize(("ids", "threshold"), [((1, 2, 4), 2), ((1, 2, 3), 3), ((1, 2, 3, 4), 2)])
-def test_initialise_refuses_a_record_for_other_keepers_or_threshold(
-    ids: tuple[int, ...], threshold: int
-) -> None:
+def test_initialise_refuses_a_record_for_other_keepers_or_threshold(ids: tuple[int, ...], threshold: int) -> None:
     rig = Rig(with_record=False)
     record, _ = seal_key(rig.key, epoch=7, threshold=threshold, keeper_ids=ids)
     with pytest.raises(LocalProtocolError, match="configured"):
@@ -720,9 +712,7 @@ def test_operator_restore_rebuilds_the_key_and_reseeds_every_keeper() -> None:
     rig.start()
     for keeper_id in (1, 2, 3):
         rig.reply(keeper_id, 404, NOT_FOUND)
-    assert rig.custody.submit_shard(rig.shares[1], rig.now) == RestoreProgress(
-        accepted=1, needed=1, ready=False
-    )
+    assert rig.custody.submit_shard(rig.shares[1], rig.now) == RestoreProgress(accepted=1, needed=1, ready=False)
     progress = rig.custody.submit_shard(rig.shares[3], rig.now)
     assert progress == RestoreProgress(accepted=2, needed=0, ready=True)
     effects = rig.take()
@@ -783,9 +773,7 @@ def test_export_shards_equals_deal() -> None:
 
 
 def test_custody_works_with_a_constant_random_source() -> None:
-    custody = NexusCustody(
-        [1], threshold=1, schedule=PollSchedule(5.0, 0.1, 1.0), rng=ConstantRandom(0.0), now=0.0
-    )
+    custody = NexusCustody([1], threshold=1, schedule=PollSchedule(5.0, 0.1, 1.0), rng=ConstantRandom(0.0), now=0.0)
     custody.handle_timer(0.0)
     [poll] = of_type(custody.effects(), SendRequest)
     assert [v.next_poll_at for v in custody.keepers()] == [4.5]  # the earliest jitter

@@ -97,9 +97,7 @@ class NexusCustodyMachine(RuleBasedStateMachine):
 
     def _seal(self, key: RootKey) -> None:
         self.key = key
-        self.record, self.shares = seal_key(
-            key, epoch=self.epoch, threshold=self.threshold, keeper_ids=self.ids
-        )
+        self.record, self.shares = seal_key(key, epoch=self.epoch, threshold=self.threshold, keeper_ids=self.ids)
         self.wrong_key = key_from_int(OTHER_KEY_INT if key.as_int() != OTHER_KEY_INT else SAMPLE_KEY_INT)
 
     def _start_custody(self, record: KeyRecord | None) -> None:
@@ -191,9 +189,7 @@ class NexusCustodyMachine(RuleBasedStateMachine):
         if kind == "400":
             return 400, b'{"err":"api_bad_request"}'
         if kind == "wrong":
-            return 200, shard_body(
-                share_for(self.wrong_key, epoch=self.epoch, threshold=self.threshold, id=keeper_id)
-            )
+            return 200, shard_body(share_for(self.wrong_key, epoch=self.epoch, threshold=self.threshold, id=keeper_id))
         if kind == "stale":
             stale = share_for(self.key, epoch=self.epoch - 1, threshold=self.threshold, id=keeper_id)
             return 200, shard_body(stale, extension=data.draw(st.booleans(), label="labelled"))
@@ -220,9 +216,7 @@ class NexusCustodyMachine(RuleBasedStateMachine):
             return False
         if not isinstance(answer, dict) or answer.get("shard") != list(self.shares[keeper_id].secret_bytes()):
             return False
-        return bool(
-            answer.get("id", keeper_id) == keeper_id and answer.get("epoch", self.epoch) == self.epoch
-        )
+        return bool(answer.get("id", keeper_id) == keeper_id and answer.get("epoch", self.epoch) == self.epoch)
 
     @precondition(lambda self: bool(self._answerable()))
     @rule(data=st.data(), kind=st.sampled_from(ANSWERS))

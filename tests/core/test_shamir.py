@@ -232,9 +232,7 @@ def test_deal_uses_the_key_as_constant_term() -> None:
 # ---------------------------------------------------------------- properties
 
 field_keys = st.integers(min_value=1, max_value=ORDER - 1).map(key_from_int)
-byte_keys = (
-    st.binary(min_size=32, max_size=32).filter(lambda b: 0 < int.from_bytes(b, "big") < ORDER).map(RootKey)
-)
+byte_keys = st.binary(min_size=32, max_size=32).filter(lambda b: 0 < int.from_bytes(b, "big") < ORDER).map(RootKey)
 
 
 @st.composite
@@ -248,9 +246,7 @@ def deals(draw: st.DrawFn) -> tuple[RootKey, int, int, list[int]]:
 
 @settings(max_examples=150, deadline=None)
 @given(deals(), st.randoms(use_true_random=False))
-def test_any_threshold_subset_rebuilds_any_key(
-    dealt: tuple[RootKey, int, int, list[int]], rnd: random.Random
-) -> None:
+def test_any_threshold_subset_rebuilds_any_key(dealt: tuple[RootKey, int, int, list[int]], rnd: random.Random) -> None:
     key, epoch, threshold, ids = dealt
     shares = deal(key, epoch=epoch, threshold=threshold, ids=ids)
     subset = rnd.sample(ids, rnd.randint(threshold, len(ids)))
@@ -259,9 +255,7 @@ def test_any_threshold_subset_rebuilds_any_key(
 
 @settings(max_examples=100, deadline=None)
 @given(deals(), st.randoms(use_true_random=False))
-def test_any_smaller_subset_is_refused(
-    dealt: tuple[RootKey, int, int, list[int]], rnd: random.Random
-) -> None:
+def test_any_smaller_subset_is_refused(dealt: tuple[RootKey, int, int, list[int]], rnd: random.Random) -> None:
     key, epoch, threshold, ids = dealt
     shares = deal(key, epoch=epoch, threshold=threshold, ids=ids)
     subset = rnd.sample(ids, rnd.randint(0, threshold - 1))

@@ -163,9 +163,7 @@ def test_roles_are_bound_to_their_own_trust_domain() -> None:
     trust = TrustDomains(nexus="servers.td", keeper="servers.td", bootstrap="ops.td", pilot="people.td")
     assert trust.role_of(SpiffeId.parse("spiffe://servers.td/spike/nexus")) is Role.NEXUS
     assert trust.role_of(SpiffeId.parse("spiffe://people.td/spike/nexus")) is None
-    assert (
-        trust.role_of(SpiffeId.parse("spiffe://people.td/spike/pilot/role/superuser")) is Role.PILOT_SUPERUSER
-    )
+    assert trust.role_of(SpiffeId.parse("spiffe://people.td/spike/pilot/role/superuser")) is Role.PILOT_SUPERUSER
     assert trust.role_of(SpiffeId.parse("spiffe://servers.td/spike/pilot/role/superuser")) is None
     assert trust.role_of(SpiffeId.parse("spiffe://ops.td/spike/bootstrap")) is Role.BOOTSTRAP
     assert trust.role_of(SpiffeId.parse("spiffe://servers.td/spike/bootstrap")) is None

@@ -56,9 +56,7 @@ def ready_cluster(cluster: Cluster) -> Cluster:
     cluster.start()
     result = cluster.bootstrap()
     assert result.returncode == 0, result
-    cluster.wait_status(
-        lambda s: s["phase"] == "ready" and s["redundancy"] == 1, "ready with every keeper holding"
-    )
+    cluster.wait_status(lambda s: s["phase"] == "ready" and s["redundancy"] == 1, "ready with every keeper holding")
     return cluster
 
 

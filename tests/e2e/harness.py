@@ -134,9 +134,7 @@ def base_env() -> dict[str, str]:
     return env
 
 
-def wait_until(
-    condition: Callable[[], Any], what: str, timeout: float = DEFAULT_TIMEOUT, every: float = 0.05
-) -> Any:
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = DEFAULT_TIMEOUT, every: float = 0.05) -> Any:
     """Call `condition` until it returns something truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -286,9 +284,7 @@ class Cluster:
             if "listening on" in proc.text():
                 return True
             if not proc.alive():
-                raise HarnessError(
-                    f"{proc.name} exited with code {proc.popen.returncode} at start:\n{proc.text()}"
-                )
+                raise HarnessError(f"{proc.name} exited with code {proc.popen.returncode} at start:\n{proc.text()}")
             return False
 
         wait_until(listening, f"{proc.name} to listen", timeout)

@@ -74,9 +74,7 @@ def test_bootstrap_once_then_refuses_a_second_run_and_force_replaces_the_key(clu
     forced = c.bootstrap("--force")
     assert forced.returncode == 0, forced
     assert "bootstrap complete: Nexus rebuilt and verified root key epoch 2" in forced.stdout
-    c.wait_status(
-        lambda s: s["phase"] == "ready" and s["epoch"] == 2 and s["redundancy"] == 1, "epoch 2 ready"
-    )
+    c.wait_status(lambda s: s["phase"] == "ready" and s["epoch"] == 2 and s["redundancy"] == 1, "epoch 2 ready")
     code, status = c.status()
     assert code == EXIT_READY and status["epoch"] == 2 and status["redundancy"] == 1
     shards_after = c.read_shards()

@@ -60,9 +60,7 @@ def test_restarted_keeper_is_reseeded_on_the_next_poll_and_logged_once(ready_clu
     assert keeper(status, target)["reseeds"] >= 2
 
 
-def check_one_keeper_restart(
-    c: Cluster, target: int, others: tuple[int, ...], *, observe_outage: bool
-) -> None:
+def check_one_keeper_restart(c: Cluster, target: int, others: tuple[int, ...], *, observe_outage: bool) -> None:
     label = c.keeper_label(target)
     nexus = c.nexus()
     _, before = c.wait_status(lambda s: s["redundancy"] == 1, "every keeper holding")

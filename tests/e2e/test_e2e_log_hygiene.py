@@ -97,11 +97,7 @@ def test_no_log_or_data_file_holds_a_shard_or_the_root_key(
     control = tmp_path / "control.log"
     shard_name, key_name = "epoch 2 keeper 2 shard", "epoch 2 root key"
     control.write_bytes(
-        b"x "
-        + secrets[shard_name].hex().encode()
-        + b" y ["
-        + ",".join(map(str, secrets[key_name])).encode()
-        + b"]"
+        b"x " + secrets[shard_name].hex().encode() + b" y [" + ",".join(map(str, secrets[key_name])).encode() + b"]"
     )
     planted = set(find_secrets([control], secrets))
     assert {f"{control}: {shard_name} as hex", f"{control}: {key_name} as json-ints"} <= planted

@@ -152,13 +152,15 @@ def _scenario(cluster: WorkloadApiCluster, api: WorkloadApi, pilot: Pilot, dev_i
     def polling_goes_on(since: dict[int, dict[str, Any]], ids: list[int]) -> dict[str, Any]:
         """A few more polls of each keeper, none failed, all still holding their shard."""
         return pilot.wait(
-            lambda s: all(
-                keepers(s)[i]["polls"] >= since[i]["polls"] + 3
-                and keepers(s)[i]["failures"] == since[i]["failures"]
-                and keepers(s)[i]["state"] == "holding"
-                for i in ids
-            )
-            and s["phase"] == "ready",
+            lambda s: (
+                all(
+                    keepers(s)[i]["polls"] >= since[i]["polls"] + 3
+                    and keepers(s)[i]["failures"] == since[i]["failures"]
+                    and keepers(s)[i]["state"] == "holding"
+                    for i in ids
+                )
+                and s["phase"] == "ready"
+            ),
             f"keepers {ids} polled without failure",
         )
 

@@ -101,8 +101,10 @@ def test_ca_rotation_new_ca_added_then_svids_reissued_then_old_ca_removed(
     workload_api.issue_all(new_ca)
     workload_api.set_bundle([new_ca])
     wait_for(
-        lambda: keeper.current.authorities == nexus.current.authorities == 1
-        and nexus.current.serial == workload_api.serial("nexus"),
+        lambda: (
+            keeper.current.authorities == nexus.current.authorities == 1
+            and nexus.current.serial == workload_api.serial("nexus")
+        ),
         "both on the new CA alone",
     )
     seen = handshake(keeper.server_context(), nexus.client_context())

@@ -167,18 +167,12 @@ class Scenario:
                     break
                 roll = rng.random()
                 if roll < 0.3:
-                    faults.append(
-                        Fault(at, FaultKind.KEEPER_RESTART, keeper_id, duration=rng.uniform(0.01, 1.0))
-                    )
+                    faults.append(Fault(at, FaultKind.KEEPER_RESTART, keeper_id, duration=rng.uniform(0.01, 1.0)))
                 elif roll < 0.8:
                     mode = rng.choice(modes)
-                    faults.append(
-                        Fault(at, FaultKind.KEEPER_MODE, keeper_id, mode, rng.uniform(0.2, 4.0) * interval)
-                    )
+                    faults.append(Fault(at, FaultKind.KEEPER_MODE, keeper_id, mode, rng.uniform(0.2, 4.0) * interval))
                 else:
-                    faults.append(
-                        Fault(at, FaultKind.KEEPER_CORRUPT, keeper_id, wrong=rng.choice(list(WrongShard)))
-                    )
+                    faults.append(Fault(at, FaultKind.KEEPER_CORRUPT, keeper_id, wrong=rng.choice(list(WrongShard))))
         nexus_restarts = rng.choice([0.0, 0.0, 0.02, 0.08])  # per interval
         at = 0.0
         while nexus_restarts:
@@ -192,9 +186,7 @@ class Scenario:
             faults.append(Fault(rng.uniform(0.0, duration), FaultKind.OPERATOR_RESTORE))
         faults.sort(key=lambda f: f.at)
         go_keepers = frozenset(k for k in ids if rng.random() < 0.3) if rng.random() < 0.3 else frozenset()
-        return cls(
-            seed, ids, threshold, jitter, epoch, tuple(initially), bootstrap_at, tuple(faults), go_keepers
-        )
+        return cls(seed, ids, threshold, jitter, epoch, tuple(initially), bootstrap_at, tuple(faults), go_keepers)
 
 
 # ---------------------------------------------------------------------------- facts
@@ -358,9 +350,7 @@ class World:
         self._custody_factory = custody
         self._rng = random.Random(f"world-{s.seed}")
         self.key = RootKey.generate(self._rng.randbytes)
-        self.record, self.shares = seal_key(
-            self.key, epoch=s.epoch, threshold=s.threshold, keeper_ids=s.keeper_ids
-        )
+        self.record, self.shares = seal_key(self.key, epoch=s.epoch, threshold=s.threshold, keeper_ids=s.keeper_ids)
         other_key = RootKey.generate(self._rng.randbytes)
         self._foreign = deal(other_key, epoch=s.epoch, threshold=s.threshold, ids=s.keeper_ids)
         self._stale = deal(self.key, epoch=s.epoch - 1, threshold=s.threshold, ids=s.keeper_ids)
@@ -599,11 +589,7 @@ class World:
             share = self._foreign[keeper_id]
         else:
             other = ids[(ids.index(keeper_id) + 1) % len(ids)]
-            share = (
-                self.shares[other]
-                if other != keeper_id
-                else Share(keeper_id, self.scenario.epoch, b"\x01" * 32)
-            )
+            share = self.shares[other] if other != keeper_id else Share(keeper_id, self.scenario.epoch, b"\x01" * 32)
         contribution = ShardContribution.of(share)
         if wrong.value.endswith("-go"):
             contribution = ShardContribution(contribution.shard)

@@ -92,9 +92,7 @@ class PushesAnotherKeepersShard(Mutant):
             if isinstance(effect, SendRequest) and effect.kind is RequestKind.PUSH and len(self.ids) > 1:
                 other = self.ids[(self.ids.index(effect.keeper_id) + 1) % len(self.ids)]
                 out.append(
-                    SendRequest(
-                        other, effect.request_id, effect.kind, effect.path, effect.deadline, effect.body
-                    )
+                    SendRequest(other, effect.request_id, effect.kind, effect.path, effect.deadline, effect.body)
                 )
             else:
                 out.append(effect)
@@ -131,11 +129,7 @@ class IgnoresKeeperShards(Mutant):
     """Never gets its key from keepers (as if every shard answer were lost)."""
 
     def receive(self, answer: Answer, now: float) -> None:
-        if (
-            isinstance(answer, ResponseReceived)
-            and answer.status == 200
-            and self.real.phase is Phase.RECOVERING
-        ):
+        if isinstance(answer, ResponseReceived) and answer.status == 200 and self.real.phase is Phase.RECOVERING:
             return
         self.real.receive(answer, now)
 

@@ -54,9 +54,7 @@ def test_a_key_is_recovered_only_from_threshold_genuine_shards(sim_runs: list[Ru
             if isinstance(fact, Recovered):
                 where = f"seed {run.scenario.seed} at {fact.at:.3f}"
                 assert len(fact.keeper_ids) == run.scenario.threshold, where
-                assert set(fact.keeper_ids) <= fact.eligible, (
-                    f"{where}: used {fact.keeper_ids}, had {fact.eligible}"
-                )
+                assert set(fact.keeper_ids) <= fact.eligible, f"{where}: used {fact.keeper_ids}, had {fact.eligible}"
                 if fact.source == "keepers":
                     assert not set(fact.keeper_ids) - fact.eligible, where
 
@@ -74,9 +72,7 @@ def late_recoveries(run: Run) -> list[str]:
     # Only these facts change the condition; checking at them (and at the end) finds every late recovery.
     for fact in (f for f in run.facts if isinstance(f, STATE_FACTS)):
         if since is not None and phase is not Phase.READY and fact.at > since + window:
-            problems.append(
-                f"seed {scenario.seed}: enough keepers since {since:.3f}, no key at {fact.at:.3f}"
-            )
+            problems.append(f"seed {scenario.seed}: enough keepers since {since:.3f}, no key at {fact.at:.3f}")
             since = None
         restarted = False
         if isinstance(fact, KeeperHolds):
@@ -115,11 +111,7 @@ def slow_reseeds(run: Run) -> list[str]:
     for fact in (f for f in run.facts if isinstance(f, (*STATE_FACTS, Polled))):
         for keeper_id, start in list(since.items()):
             poll = polled.get(keeper_id)
-            late = (
-                fact.at > poll + after_poll
-                if poll is not None
-                else fact.at > start + longest_gap + after_poll
-            )
+            late = fact.at > poll + after_poll if poll is not None else fact.at > start + longest_gap + after_poll
             if late:
                 problems.append(
                     f"seed {scenario.seed}: keeper {keeper_id} unseeded since {start:.3f} "
@@ -166,9 +158,7 @@ def test_wrong_shards_are_reported_with_the_keepers_id(sim_runs: list[Run]) -> N
         for fact in run.facts:
             if isinstance(fact, ShardAnswered) and fact.record_known:
                 where = f"seed {run.scenario.seed}, keeper {fact.keeper_id} at {fact.at:.3f}"
-                assert fact.reported != fact.own_shard, (
-                    f"{where}: own={fact.own_shard} reported={fact.reported}"
-                )
+                assert fact.reported != fact.own_shard, f"{where}: own={fact.own_shard} reported={fact.reported}"
 
 
 def test_late_answers_change_nothing(sim_runs: list[Run]) -> None:

@@ -29,7 +29,7 @@ def refused(data: bytes) -> int:
     return caught.value.status
 
 
-POST = b"POST /v1/store/secrets?action=get HTTP/1.1\r\nHost: n:8553\r\nContent-Length: 14\r\n\r\n{\"path\":\"a/b\"}"
+POST = b'POST /v1/store/secrets?action=get HTTP/1.1\r\nHost: n:8553\r\nContent-Length: 14\r\n\r\n{"path":"a/b"}'
 
 
 @pytest.mark.parametrize("split", [0, 1, 2, 7, 64])
@@ -130,8 +130,7 @@ def test_in_progress_ignores_blank_lines_between_requests() -> None:
 
 def test_response_bytes() -> None:
     assert response(200, "application/json", b"{}", close=False) == (
-        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n"
-        b"cache-control: no-store\r\n\r\n{}"
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\ncache-control: no-store\r\n\r\n{}"
     )
     assert b"connection: close\r\n" in response(404, "application/json", b"{}", close=True)
 
