@@ -28,10 +28,11 @@ The contract every implementation keeps:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import queue
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from spike.protocol.record import KeyRecord
 
@@ -40,9 +41,14 @@ from .sealing import Sealer
 from .storage import StorageError
 
 T = TypeVar("T")
+W = TypeVar("W")
 
 # id, name, sealed body, created_at, updated_at
 PolicyRow = tuple[str, str, bytes, float, float]
+
+# What one write of a batch came to: its caller's future, and what the write returned or raised.
+WriteOutcome = tuple[Future[Any], Any, BaseException | None]
+MAX_BATCH = 512  # writes committed together at most
 
 
 class OutcomeUnknown(StorageError):
@@ -162,6 +168,54 @@ class Backend(SecretBackend, KeyRecordStore, Protocol):
     def cluster_state(self) -> ClusterState:
         """The key record and policy change counter as stored now (what other instances may have changed)."""
         ...
+
+
+class WriteQueue(Generic[W]):
+    """The writes waiting for a backend's writer thread, handed out in batches: the group commit.
+
+    The writer blocks for one write, then takes every write that arrived meanwhile, so that
+    one transaction (one fsync) answers all of them.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: queue.SimpleQueue[W | None] = queue.SimpleQueue()  # None: stop
+        self._stopped = False
+
+    def put(self, write: W) -> None:
+        self._waiting.put(write)
+
+    def stop(self) -> None:
+        """The writer's next batch is None, after the writes already queued."""
+        self._waiting.put(None)
+
+    def qsize(self) -> int:
+        return self._waiting.qsize()
+
+    def next_batch(self) -> list[W] | None:
+        """Wait for a write and return it with the ones waiting behind it; None once stopped."""
+        first = None if self._stopped else self._waiting.get()
+        if first is None:
+            return None
+        batch = [first]
+        while len(batch) < MAX_BATCH:
+            try:
+                write = self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            if write is None:
+                self._stopped = True  # this batch is still committed; the next call says stop
+                break
+            batch.append(write)
+        return batch
+
+
+def settle(outcomes: Iterable[WriteOutcome]) -> None:
+    """Answer each write's caller, once its batch is committed (or known not to be)."""
+    for future, result, failure in outcomes:
+        if failure is None:
+            future.set_result(result)
+        else:
+            future.set_exception(failure)
 
 
 def resolved(call: Callable[[], T]) -> Future[T]:

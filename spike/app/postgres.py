@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -52,7 +51,7 @@ from psycopg_pool import ConnectionPool
 from spike.protocol.record import KeyRecord
 
 from . import kv
-from .backend import ClusterState, OutcomeUnknown, PolicyRow
+from .backend import ClusterState, OutcomeUnknown, PolicyRow, WriteOutcome, WriteQueue, settle
 from .config import mask_url
 from .policies import MAX_POLICIES
 from .sealing import Sealer, TamperedData, metadata_aad, secret_aad
@@ -65,7 +64,6 @@ logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
 
 T = TypeVar("T")
 WriteOp = Callable[[psycopg.Connection[Any]], T]
-MAX_BATCH = 512
 READ_THREADS = 4
 STATEMENT_TIMEOUT_MS = 5000
 CONNECT_TIMEOUT = 3  # seconds, per attempt (libpq takes whole seconds)
@@ -210,12 +208,8 @@ class _Write:
     future: Future[Any]
 
 
-class _Stop:
-    pass
-
-
 class _InDoubt(Exception):
-    def __init__(self, xid: str, cause: BaseException, outcomes: list[tuple[Future[Any], Any, BaseException | None]]):
+    def __init__(self, xid: str, cause: BaseException, outcomes: list[WriteOutcome]):
         super().__init__(str(cause))
         self.xid = xid
         self.cause = cause
@@ -264,7 +258,7 @@ class PostgresBackend:
         self._sealer: Sealer | None = None
         self._epoch = 0
         self._writer_conn: psycopg.Connection[Any] | None = None
-        self._queue: queue.SimpleQueue[_Write | _Stop] = queue.SimpleQueue()
+        self._queue: WriteQueue[_Write] = WriteQueue()
         self.batches = 0
         self.writes = 0
         self.on_stale_key: Callable[[], None] = lambda: None  # told when a write finds a newer key record
@@ -601,20 +595,7 @@ class PostgresBackend:
     # ------------------------------------------------------------------ writer thread
 
     def _write_loop(self) -> None:
-        while True:
-            first = self._queue.get()
-            if isinstance(first, _Stop):
-                return
-            batch = [first]
-            while len(batch) < MAX_BATCH:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(item, _Stop):
-                    self._queue.put(item)
-                    break
-                batch.append(item)
+        while (batch := self._queue.next_batch()) is not None:
             self._commit(batch)
 
     def _writer_connection(self) -> psycopg.Connection[Any]:
@@ -629,7 +610,7 @@ class PostgresBackend:
                 conn.close()
 
     def _commit(self, batch: list[_Write]) -> None:
-        outcomes: list[tuple[Future[Any], Any, BaseException | None]]
+        outcomes: list[WriteOutcome]
         for attempt in (1, 2):
             try:
                 outcomes = self._transaction(self._writer_connection(), batch)
@@ -659,14 +640,8 @@ class PostgresBackend:
                 break
         self.batches += 1
         self.writes += len(batch)
-        stale = False
-        for future, result, failure in outcomes:
-            if failure is None:
-                future.set_result(result)
-            else:
-                stale = stale or isinstance(failure, StaleKey)
-                future.set_exception(failure)
-        if stale:
+        settle(outcomes)
+        if any(isinstance(failure, StaleKey) for _, _, failure in outcomes):
             with contextlib.suppress(Exception):  # e.g. the event loop is gone at shutdown
                 self.on_stale_key()
 
@@ -679,9 +654,7 @@ class PostgresBackend:
         except psycopg.Error:
             self._drop_writer()
 
-    def _transaction(
-        self, conn: psycopg.Connection[Any], batch: list[_Write]
-    ) -> list[tuple[Future[Any], Any, BaseException | None]]:
+    def _transaction(self, conn: psycopg.Connection[Any], batch: list[_Write]) -> list[WriteOutcome]:
         keys = sorted({key for write in batch for key in write.keys})
         with conn.pipeline():  # one round trip; the server still runs them one after the other
             conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (LOCK_EPOCH,))
@@ -692,7 +665,7 @@ class PostgresBackend:
         row = cursor.fetchone()
         assert row is not None
         stored_epoch, xid = row
-        outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
+        outcomes: list[WriteOutcome] = []
         for write in batch:
             if write.epoch is not None and stored_epoch is not None and write.epoch != stored_epoch:
                 failure = StaleKey(f"the key was replaced (epoch {stored_epoch}) since this write was sealed")
@@ -710,7 +683,7 @@ class PostgresBackend:
             raise _InDoubt(str(xid), exc, outcomes) from None
         return outcomes
 
-    def _resolve(self, doubt: _InDoubt, batch: list[_Write]) -> list[tuple[Future[Any], Any, BaseException | None]]:
+    def _resolve(self, doubt: _InDoubt, batch: list[_Write]) -> list[WriteOutcome]:
         """The connection broke during COMMIT: ask the database (once it answers) whether it happened."""
         error = self._health.failed(doubt.cause)
         deadline = time.monotonic() + DOUBT_WINDOW
@@ -735,7 +708,7 @@ class PostgresBackend:
             time.sleep(0.2)
 
     def close(self) -> None:
-        self._queue.put(_Stop())
+        self._queue.stop()
         self._writer.join(timeout=10)
         self._drop_writer()
         self._readers.shutdown(wait=True)

@@ -17,7 +17,6 @@ uses the file; several instances need PostgreSQL (postgres.py).
 from __future__ import annotations
 
 import logging
-import queue
 import sqlite3
 import threading
 import time
@@ -32,7 +31,7 @@ import msgspec
 from spike.protocol.record import KeyRecord
 
 from . import kv
-from .backend import ClusterState, PolicyRow, resolved
+from .backend import ClusterState, PolicyRow, WriteOutcome, WriteQueue, resolved, settle
 from .policies import MAX_POLICIES
 from .sealing import Sealer, TamperedData, metadata_aad, secret_aad
 from .storage import DB_NAME, DatabaseUnavailable, NexusStore, StorageError, connect, sqlite_failure
@@ -41,7 +40,6 @@ log = logging.getLogger("spike.nexus.store")
 
 T = TypeVar("T")
 WriteOp = Callable[[sqlite3.Connection], T]
-MAX_BATCH = 512
 
 _values_encoder = msgspec.json.Encoder()
 _values_decoder = msgspec.json.Decoder(dict[str, str])
@@ -76,10 +74,6 @@ class PolicyNameTaken(kv.InvalidRequest):
     code = "api_conflict"
 
 
-class _Stop:
-    pass
-
-
 class SecretStore:
     inline_reads = True  # a local file: reads are short enough for the event loop's thread
 
@@ -89,7 +83,7 @@ class SecretStore:
         self._sealer: Sealer | None = None
         self._epoch = 0
         self.default_max_versions = default_max_versions
-        self._queue: queue.SimpleQueue[tuple[WriteOp[Any], Future[Any]] | _Stop] = queue.SimpleQueue()
+        self._queue: WriteQueue[tuple[WriteOp[Any], Future[Any]]] = WriteQueue()
         self._writer = threading.Thread(target=self._write_loop, name="spike-writer", daemon=True)
         self._writer_db = connect(self._path)
         self.batches = 0
@@ -340,25 +334,11 @@ class SecretStore:
     # ------------------------------------------------------------------ writer thread
 
     def _write_loop(self) -> None:
-        db = self._writer_db
-        while True:
-            first = self._queue.get()
-            if isinstance(first, _Stop):
-                return
-            batch = [first]
-            while len(batch) < MAX_BATCH:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(item, _Stop):
-                    self._queue.put(item)
-                    break
-                batch.append(item)
-            self._commit(db, batch)
+        while (batch := self._queue.next_batch()) is not None:
+            self._commit(self._writer_db, batch)
 
     def _commit(self, db: sqlite3.Connection, batch: list[tuple[WriteOp[Any], Future[Any]]]) -> None:
-        outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
+        outcomes: list[WriteOutcome] = []
         try:
             db.execute("BEGIN IMMEDIATE")
             for op, future in batch:
@@ -397,14 +377,10 @@ class SecretStore:
             self.refused = 0
         self.batches += 1
         self.writes += len(batch)
-        for future, result, failure in outcomes:
-            if failure is None:
-                future.set_result(result)
-            else:
-                future.set_exception(failure)
+        settle(outcomes)
 
     def close(self) -> None:
-        self._queue.put(_Stop())
+        self._queue.stop()
         self._writer.join(timeout=10)
         self._reader.close()
         self._writer_db.close()

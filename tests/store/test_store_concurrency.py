@@ -10,6 +10,7 @@ from typing import Any
 from store_helpers import WAIT
 
 from spike.app import kv
+from spike.app.backend import MAX_BATCH, WriteQueue
 from spike.app.secret_store import SecretStore
 
 THREADS = 16
@@ -159,3 +160,15 @@ def _missing(store: SecretStore, path: str) -> bool:
     except kv.NotFound:
         return True
     return False
+
+
+def test_the_write_queue_hands_out_what_waits_in_batches_and_stops_after_them() -> None:
+    """Both backends' writer threads take their batches here: at most MAX_BATCH, nothing queued is lost."""
+    writes: WriteQueue[int] = WriteQueue()
+    for i in range(MAX_BATCH + 3):
+        writes.put(i)
+    writes.stop()
+    writes.put(-1)  # behind the stop: never handed out
+    assert writes.next_batch() == list(range(MAX_BATCH))
+    assert writes.next_batch() == [MAX_BATCH, MAX_BATCH + 1, MAX_BATCH + 2]
+    assert writes.next_batch() is None
