@@ -67,6 +67,12 @@ def _identity_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="TOML", help="settings file (env SPIKE_CONFIG); flags and env win")
 
 
+def _client_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of every command that talks to Nexus: where it is, and who we are."""
+    parser.add_argument("--nexus", metavar="URL", help="env SPIKE_NEXUS_API_URL, default https://localhost:8553")
+    _identity_flags(parser)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole parser; given the command word, leave out the client commands' parsers if it is not one."""
     parser = argparse.ArgumentParser(prog="spike", description="SPIFFE-native secrets manager")
@@ -114,16 +120,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _identity_flags(nexus)
 
     boot = sub.add_parser("bootstrap", help="make a root key, seed the keepers, verify Nexus holds it")
-    boot.add_argument("--nexus", metavar="URL", help="env SPIKE_NEXUS_API_URL, default https://localhost:8553")
     boot.add_argument("--keepers", metavar="PEERS", help="keeper URLs as seen from here (default: Nexus's list)")
     boot.add_argument("--force", action="store_true", help="replace an existing root key (old secrets are lost)")
     boot.add_argument("--timeout", metavar="DUR", help="give up after this long (default 60s)")
-    _identity_flags(boot)
+    _client_flags(boot)
 
     status = sub.add_parser("status", help="Nexus phase, redundancy and every keeper's state")
-    status.add_argument("--nexus", metavar="URL", help="env SPIKE_NEXUS_API_URL")
     status.add_argument("--format", choices=["human", "json"], default="human")
-    _identity_flags(status)
+    _client_flags(status)
 
     dev = sub.add_parser("dev", help="run a local deployment: 3 keepers, a Nexus, bootstrapped")
     dev.add_argument("--data-dir", type=Path, help="keep state here (default: a temporary dir)")
@@ -142,8 +146,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         from .policy_cli import add_parser as add_policy_parser
         from .secret_cli import add_parsers
 
-        add_parsers(sub, _identity_flags)
-        add_policy_parser(sub, _identity_flags)
+        add_parsers(sub, _client_flags)
+        add_policy_parser(sub, _client_flags)
 
     operator = sub.add_parser("operator", help="break-glass: export recovery shards, restore from them")
     op = operator.add_subparsers(dest="operator_command", metavar="ACTION", required=True)
@@ -152,8 +156,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     res = op.add_parser("restore", help="give Nexus one shard (restore role only); run once per shard")
     res.add_argument("--file", type=Path, help="read the shard from this file (default: hidden prompt or stdin)")
     for p in (rec, res):
-        p.add_argument("--nexus", metavar="URL", help="env SPIKE_NEXUS_API_URL")
-        _identity_flags(p)
+        _client_flags(p)
 
     sub.add_parser("version", help="print the version")
     return parser

@@ -35,15 +35,14 @@ from .policies import check_policy_fields
 Say = Callable[[str], None]
 
 
-def add_parser(sub: Any, common_flags: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_parser(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None]) -> None:
     policy = sub.add_parser("policy", help="who may read, write, list or execute what")
     actions = policy.add_subparsers(dest="policy_command", metavar="ACTION", required=True)
 
     def parser(name: str, help_text: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = actions.add_parser(name, help=help_text)
-        p.add_argument("--nexus", metavar="URL", help="env SPIKE_NEXUS_API_URL")
         p.add_argument("--format", choices=["human", "json"], default="human")
-        common_flags(p)
+        client_flags(p)  # --nexus and the identity
         return p
 
     create = parser("create", "create a policy (fails if the name exists)")

@@ -42,15 +42,14 @@ from .pilot import Empty, NexusClient
 Say = Callable[[str], None]
 
 
-def add_parsers(sub: Any, common_flags: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_parsers(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None]) -> None:
     secret = sub.add_parser("secret", help="read and write secrets")
     actions = secret.add_subparsers(dest="secret_command", metavar="ACTION", required=True)
 
     def parser(name: str, help_text: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = actions.add_parser(name, help=help_text)
-        p.add_argument("--nexus", metavar="URL", help="env SPIKE_NEXUS_API_URL")
         p.add_argument("--format", choices=["human", "json"], default="human")
-        common_flags(p)
+        client_flags(p)  # --nexus and the identity
         return p
 
     put = parser("put", "write a new version of a secret")
@@ -98,8 +97,7 @@ def add_parsers(sub: Any, common_flags: Callable[[argparse.ArgumentParser], None
         p = cactions.add_parser(name, help=f"{name} bytes (standard input to standard output by default)")
         p.add_argument("--in", dest="infile", metavar="FILE", help="input file (default: standard input)")
         p.add_argument("--out", dest="outfile", metavar="FILE", help="output file (default: standard output)")
-        p.add_argument("--nexus", metavar="URL", help="env SPIKE_NEXUS_API_URL")
-        common_flags(p)
+        client_flags(p)
 
 
 def _pairs(pairs: list[str], what: str) -> dict[str, str]:
