@@ -79,16 +79,28 @@ def _load_or_make_ca(
         if ca_domain == [f"spiffe://{trust_domain}"] and isinstance(key, ec.EllipticCurvePrivateKey):
             return cert, key
         raise ValueError(f"{directory} holds a CA for another trust domain ({ca_domain})")
+    cert, key = new_ca(
+        trust_domain, "spike dev CA", not_before=now - dt.timedelta(minutes=5), not_after=now + dt.timedelta(days=3650)
+    )
+    _write(key_path, _key_pem(key), 0o600)
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return cert, key
+
+
+def new_ca(
+    trust_domain: str, label: str, *, not_before: dt.datetime, not_after: dt.datetime
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A self-signed CA for `trust_domain` (its SPIFFE ID in the SAN), and its key."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"spike dev CA for {trust_domain}")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{label} for {trust_domain}")])
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=3650))
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -111,8 +123,6 @@ def _load_or_make_ca(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write(key_path, _key_pem(key), 0o600)
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert, key
 
 

@@ -37,12 +37,11 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
-from spike.app.devca import CA_CERT, CA_KEY, DevIdentity, mint_svid
+from spike.app.devca import CA_CERT, CA_KEY, DevIdentity, mint_svid, new_ca
 
 # ---------------------------------------------------------------------- certificate authorities
 
@@ -59,38 +58,9 @@ class TestCa:
 
     @classmethod
     def new(cls, trust_domain: str, label: str = "test CA") -> TestCa:
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{label} for {trust_domain}")])
         now = dt.datetime.now(dt.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]),
-                critical=False,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256())
+        cert, key = new_ca(
+            trust_domain, label, not_before=now - dt.timedelta(minutes=5), not_after=now + dt.timedelta(days=30)
         )
         return cls(trust_domain, cert, key)
 
