@@ -83,6 +83,9 @@ def sealed(key: bytes = ROOT_KEY, epoch: int = 1) -> tuple[KeyRecord, dict[int, 
     return seal_key(RootKey(key), epoch=epoch, threshold=2, keeper_ids=KEEPERS)
 
 
+RECORD, SHARES = sealed()  # the deployment of every ops test (its `node` fixture: conftest.py)
+
+
 def shard_answer(share: Share) -> bytes:
     return msgspec.json.encode({"shard": list(share.secret_bytes()), "id": share.id, "epoch": share.epoch})
 

@@ -13,17 +13,14 @@ import base64
 import json
 import stat
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-from ops_helpers import ROOT_KEY, Node, leaks, peer, sealed, secrets_of
+from ops_helpers import ROOT_KEY, SHARES, Node, leaks, peer, secrets_of
 
 from spike.app.audit import AuditLog, secret_path_of
 from spike.app.operator import RECOVER_PATH, RESTORE_PATH
 
-RECORD, SHARES = sealed()
 VALUE = "s3cr3t-value-7d1e4b0a9f"
 PLAINTEXT = b"cipher plaintext 0c8e7f1d2a"
 FIELDS = {"ts", "caller", "route", "action", "path", "decision", "status", "duration_ms"}
@@ -33,15 +30,6 @@ SECRETS = {
     "other value": b"other-value-91b3c5d7e2",
     "plaintext": PLAINTEXT,
 }
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node(tmp_path / "data", record=RECORD)
-    try:
-        yield n
-    finally:
-        n.close()
 
 
 def only(lines: list[dict[str, Any]], **match: Any) -> dict[str, Any]:

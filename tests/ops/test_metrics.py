@@ -9,11 +9,8 @@ unknown path is "other"), and hold no key, shard or secret value.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
-from ops_helpers import ROOT_KEY, Node, leaks, sealed, secrets_of, shard_answer
+from ops_helpers import ROOT_KEY, SHARES, Node, leaks, secrets_of, shard_answer
 from prometheus_client.parser import text_string_to_metric_families
 
 from spike.app.metrics import PROMETHEUS_TEXT
@@ -21,20 +18,10 @@ from spike.app.operator import RESTORE_PATH
 from spike.protocol import Answer, RequestFailed, ResponseReceived
 from spike.protocol.api import ApiRequest
 
-RECORD, SHARES = sealed()
 SECRET_VALUE = "correct-horse-battery-staple-5f2a9c"
 SECRETS = {**secrets_of(SHARES.values(), ROOT_KEY), "secret value": SECRET_VALUE.encode()}
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node(tmp_path / "data", record=RECORD)
-    try:
-        yield n
-    finally:
-        n.close()
 
 
 def get(node: Node, path: str, method: str = "GET") -> tuple[int, str, str]:

@@ -14,11 +14,10 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ops_helpers import OTHER_KEY, ROOT_KEY, Node, leaks, sealed, secrets_of, shard_answer, unlock
+from ops_helpers import OTHER_KEY, ROOT_KEY, SHARES, Node, leaks, sealed, secrets_of, shard_answer, unlock
 
 from spike.app import operator
 from spike.app.errors import CommandError
@@ -26,19 +25,8 @@ from spike.app.operator import RECOVER_PATH, RESTORE_PATH, format_shard, parse_s
 from spike.protocol import KeyRecovered, Phase, RequestKind, Share
 from spike.protocol.wire import ShardContribution, decode
 
-RECORD, SHARES = sealed()
 OLD_RECORD, OLD_SHARES = sealed(OTHER_KEY, epoch=1)  # another deployment's key (same ids, same epoch)
 SECRETS = {**secrets_of(SHARES.values(), ROOT_KEY), **secrets_of(OLD_SHARES.values(), OTHER_KEY, "other key ")}
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    """A Nexus with its key record, waiting for shards (its keepers were all lost)."""
-    n = Node(tmp_path / "data", record=RECORD)
-    try:
-        yield n
-    finally:
-        n.close()
 
 
 def restore_text(node: Node, text: str, as_: str = "restore") -> tuple[int, str]:

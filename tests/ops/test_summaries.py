@@ -10,25 +10,13 @@ once everything is well.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ops_helpers import URLS, Node, sealed, shard_answer
+from ops_helpers import SHARES, URLS, Node, shard_answer
 
 from spike.app.config import KEEPER_SUMMARY_EVERY, WAITING_SUMMARY_EVERY
 from spike.app.nexus import Summaries
-
-RECORD, SHARES = sealed()
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node(tmp_path / "data", record=RECORD)
-    try:
-        yield n
-    finally:
-        n.close()
 
 
 def run_for(node: Node, summaries: Summaries, seconds: int, caplog: pytest.LogCaptureFixture) -> list[str]:
