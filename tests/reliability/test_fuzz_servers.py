@@ -132,12 +132,14 @@ class InProcessKeeper:
     server: HttpsServer
 
 
-@pytest.fixture(scope="module")
-def small_keeper(dev_identity: DevIdentity) -> Iterator[InProcessKeeper]:
-    """A real keeper (machine + handler + our server) with short timeouts, on uvloop in a helper thread."""
+@contextlib.contextmanager
+def keeper_in_thread(
+    dev_identity: DevIdentity, limits: ServerLimits, options: dict[str, Any]
+) -> Iterator[InProcessKeeper]:
+    """A real keeper (machine + handler + our server) on loopback, its event loop in a helper thread."""
     trust = TrustDomains.single(dev_identity.trust_domain)
-    with start_blocking_portal(backend_options=backend_options()) as portal:
-        server = HttpsServer(server_context(dev_identity.keeper(1)), KeeperHandler(Keeper(trust)), SMALL)
+    with start_blocking_portal(backend_options=options) as portal:
+        server = HttpsServer(server_context(dev_identity.keeper(1)), KeeperHandler(Keeper(trust)), limits)
         ready = threading.Event()
         ports: list[int] = []
 
@@ -153,6 +155,13 @@ def small_keeper(dev_identity: DevIdentity) -> Iterator[InProcessKeeper]:
             yield InProcessKeeper(ports[0], server)
         finally:
             future.cancel()
+
+
+@pytest.fixture(scope="module")
+def small_keeper(dev_identity: DevIdentity) -> Iterator[InProcessKeeper]:
+    """The keeper with short timeouts, on uvloop."""
+    with keeper_in_thread(dev_identity, SMALL, backend_options()) as keeper:
+        yield keeper
 
 
 @pytest.fixture(scope="module")
@@ -779,43 +788,28 @@ def test_connection_floods_leak_nothing(loop: str, dev_identity: DevIdentity) ->
         trim = ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
         pytest.skip("needs glibc's malloc_trim")
-    trust = TrustDomains.single(dev_identity.trust_domain)
     limits = ServerLimits(max_connections=512)
-    options = {"backend_options": {"use_uvloop": True}} if loop == "uvloop" else {}
-    with start_blocking_portal(**options) as portal:  # type: ignore[arg-type]
-        server = HttpsServer(server_context(dev_identity.keeper(1)), KeeperHandler(Keeper(trust)), limits)
-        ready = threading.Event()
-        ports: list[int] = []
-
-        async def serve() -> None:
-            listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-            ports.append(listener.extra(anyio.abc.SocketAttribute.local_port))
-            ready.set()
-            await server.serve(listener)
-
-        future = portal.start_task_soon(serve)
-        assert ready.wait(10)
+    options = {"use_uvloop": True} if loop == "uvloop" else {}
+    with keeper_in_thread(dev_identity, limits, options) as keeper:
+        server = keeper.server
         live: list[int] = []
-        try:
-            for _ in range(5):
-                held = [
-                    socket.create_connection(("127.0.0.1", ports[0]), timeout=5)
-                    for _ in range(limits.max_connections + 20)
-                ]
-                deadline = time.monotonic() + 10
-                while server._pending < limits.max_connections and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                for sock in held:
-                    sock.close()
-                while (server._pending or server.open_connections) and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                assert server._pending == server.open_connections == 0
-                gc.collect()
-                trim(0)
-                live.append(rss_kib(os.getpid()))
-                TALLY.inputs[f"keeper (in-process, {loop}) flood connections"] += len(held)
-        finally:
-            future.cancel()
+        for _ in range(5):
+            held = [
+                socket.create_connection(("127.0.0.1", keeper.port), timeout=5)
+                for _ in range(limits.max_connections + 20)
+            ]
+            deadline = time.monotonic() + 10
+            while server._pending < limits.max_connections and time.monotonic() < deadline:
+                time.sleep(0.02)
+            for sock in held:
+                sock.close()
+            while (server._pending or server.open_connections) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert server._pending == server.open_connections == 0
+            gc.collect()
+            trim(0)
+            live.append(rss_kib(os.getpid()))
+            TALLY.inputs[f"keeper (in-process, {loop}) flood connections"] += len(held)
     REPORT.append(
         f"fuzzing: in-process server ({loop}) RSS after each of 5 floods, freed memory trimmed: "
         f"{[v // 1024 for v in live]} MiB"
