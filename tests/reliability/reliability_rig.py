@@ -30,6 +30,7 @@ from faultproxy import FaultProxy, ProxyLoop
 from harness import Cluster, HarnessError, pick_port
 
 from spike.app.bootstrap import fetch_status, nexus_connection
+from spike.app.devca import DevIdentity
 from spike.app.errors import CommandError
 from spike.app.storage import NexusStore
 from spike.protocol.material import Share
@@ -79,6 +80,24 @@ class ProxiedCluster(Cluster):
             proxy.close()
         if self.proxy_loop is not None:
             self.proxy_loop.close()
+
+
+@contextlib.contextmanager
+def ready_cluster(identity: DevIdentity, root: Path, leak_watch: LeakWatch, label: str) -> Iterator[ProxiedCluster]:
+    """Real keeper and Nexus processes (2-of-3), bootstrapped, every keeper holding its shard.
+
+    Its files, and its shards and key at the end, go to the secrets sweep under `label`.
+    """
+    cluster = ProxiedCluster(identity, root)
+    leak_watch.add_dir(cluster.root)
+    try:
+        cluster.start()
+        assert cluster.bootstrap().returncode == 0
+        cluster.wait_status(lambda s: s["phase"] == "ready" and s["redundancy"] == 1, "ready, every keeper holding")
+        yield cluster
+    finally:
+        leak_watch.add_cluster(cluster, label)
+        cluster.close()
 
 
 class StatusProbe:

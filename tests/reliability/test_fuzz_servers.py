@@ -46,7 +46,7 @@ from deployment import Deployment, running
 from fuzz_client import RawClient, acceptable, chunked, json_bytes, mutate, request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reliability_rig import REPORT, LeakWatch, ProxiedCluster, rss_kib
+from reliability_rig import REPORT, LeakWatch, ProxiedCluster, ready_cluster, rss_kib
 from transport_rig import raw_client_context
 
 from spike.app.devca import DevIdentity
@@ -175,20 +175,12 @@ def procs(
     dev_identity: DevIdentity, tmp_path_factory: pytest.TempPathFactory, leak_watch: LeakWatch
 ) -> Iterator[ProxiedCluster]:
     """Real keeper and Nexus processes (2-of-3), READY."""
-    cluster = ProxiedCluster(dev_identity, tmp_path_factory.mktemp("fuzz-procs"))
-    leak_watch.add_dir(cluster.root)
-    try:
-        cluster.start()
-        assert cluster.bootstrap().returncode == 0
-        cluster.wait_status(lambda s: s["phase"] == "ready" and s["redundancy"] == 1, "ready, every keeper holding")
+    with ready_cluster(dev_identity, tmp_path_factory.mktemp("fuzz-procs"), leak_watch, "fuzz") as cluster:
         yield cluster
         # No input may have made a server log a traceback or a failed handler.
         for proc in cluster.history:
             text = proc.text()
             assert "Traceback" not in text and "handler failed" not in text, proc.log
-    finally:
-        leak_watch.add_cluster(cluster, "fuzz")
-        cluster.close()
 
 
 def ctx(identity: DevIdentity, name: str) -> ssl.SSLContext:

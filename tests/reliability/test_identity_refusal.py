@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 import pytest
 from fuzz_client import RawClient, request
-from reliability_rig import REPORT, LeakWatch, ProxiedCluster
+from reliability_rig import REPORT, LeakWatch, ProxiedCluster, ready_cluster
 from test_authz_matrix import ROUTES
 from transport_rig import mint_files, raw_client_context
 
@@ -42,16 +42,8 @@ UNAUTHORIZED = {"err": "access_unauthorized"}
 def running(
     dev_identity: DevIdentity, tmp_path_factory: pytest.TempPathFactory, leak_watch: LeakWatch
 ) -> Iterator[ProxiedCluster]:
-    cluster = ProxiedCluster(dev_identity, tmp_path_factory.mktemp("identity-procs"))
-    leak_watch.add_dir(cluster.root)
-    try:
-        cluster.start()
-        assert cluster.bootstrap().returncode == 0
-        cluster.wait_status(lambda s: s["phase"] == "ready" and s["redundancy"] == 1, "ready, every keeper holding")
+    with ready_cluster(dev_identity, tmp_path_factory.mktemp("identity-procs"), leak_watch, "identity") as cluster:
         yield cluster
-    finally:
-        leak_watch.add_cluster(cluster, "identity")
-        cluster.close()
 
 
 @pytest.fixture(scope="module")
