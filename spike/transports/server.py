@@ -289,23 +289,16 @@ class _Connection(asyncio.Protocol):
             self._timer = None
             self._timer_kind = ""
 
-    def _arm_idle(self) -> None:
-        # The wait for the next request starts once, when the last answer went out: bytes that start
-        # no request (empty lines, which RFC 9112 lets a server skip) must not start it again, or a
-        # client sending "\r\n" now and then would hold its connection for ever.
-        if self._timer_kind == "idle":
+    def _arm(self, kind: str, delay: float, expire: Callable[[], None]) -> None:
+        # Armed once per kind: the idle wait starts when the last answer went out, and bytes that
+        # start no request (empty lines, which RFC 9112 lets a server skip) must not start it again,
+        # or a client sending "\r\n" now and then would hold its connection for ever; a request
+        # must be finished within its limit from its first byte, however it trickles.
+        if self._timer_kind == kind:
             return
         self._cancel_timer()
-        self._timer = self._loop.call_later(self._limits.idle_timeout, self._close)
-        self._timer_kind = "idle"
-
-    def _arm_request(self) -> None:
-        # From a request's first byte: a client must finish it within the limit, however it trickles.
-        if self._timer_kind == "request":
-            return
-        self._cancel_timer()
-        self._timer = self._loop.call_later(self._limits.request_timeout, self._request_too_slow)
-        self._timer_kind = "request"
+        self._timer = self._loop.call_later(delay, expire)
+        self._timer_kind = kind
 
     def _request_too_slow(self) -> None:
         self._timer = None
@@ -361,9 +354,9 @@ class _Connection(asyncio.Protocol):
                     self._parser.continue_wanted = False
                     self._writer.write(CONTINUE)
                 if self._parser.in_progress:
-                    self._arm_request()
+                    self._arm("request", self._limits.request_timeout, self._request_too_slow)
                 else:
-                    self._arm_idle()
+                    self._arm("idle", self._limits.idle_timeout, self._close)
                 return
             self._cancel_timer()
             self._dispatch(request)
