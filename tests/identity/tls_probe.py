@@ -10,12 +10,12 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
+from harness import wait_until
 
 
 @dataclass
@@ -65,11 +65,4 @@ def handshake(server: ssl.SSLContext, client: ssl.SSLContext, timeout: float = 5
 
 def wait_for(condition: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
     """Poll `condition` every few milliseconds until it is truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.005)
+    return wait_until(condition, what, timeout, every=0.005)
