@@ -196,17 +196,21 @@ class WriteQueue(Generic[W]):
         first = None if self._stopped else self._waiting.get()
         if first is None:
             return None
-        batch = [first]
-        while len(batch) < MAX_BATCH:
+        return [first, *self.waiting(MAX_BATCH - 1)]
+
+    def waiting(self, limit: int) -> list[W]:
+        """Up to `limit` of the writes queued now, without waiting for more."""
+        taken: list[W] = []
+        while not self._stopped and len(taken) < limit:
             try:
                 write = self._waiting.get_nowait()
             except queue.Empty:
                 break
             if write is None:
-                self._stopped = True  # this batch is still committed; the next call says stop
+                self._stopped = True  # what was taken is still committed; the next batch says stop
                 break
-            batch.append(write)
-        return batch
+            taken.append(write)
+        return taken
 
 
 def settle(outcomes: Iterable[WriteOutcome]) -> None:

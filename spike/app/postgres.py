@@ -28,7 +28,8 @@ machines stay exact:
   The outage is logged once when it starts and once when it ends.  If the
   connection breaks during COMMIT, the transaction's id says afterwards
   whether it committed (`pg_xact_status`): the answer is then exact, or
-  `OutcomeUnknown` if the database stays away too long to ask.
+  `OutcomeUnknown` if the database stays away too long to ask.  Writes that
+  arrive while it is away answer 503 at once, not after that wait.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from psycopg_pool import ConnectionPool
 from spike.protocol.record import KeyRecord
 
 from . import kv
-from .backend import ClusterState, OutcomeUnknown, PolicyRow, WriteOutcome, WriteQueue, settle
+from .backend import MAX_BATCH, ClusterState, OutcomeUnknown, PolicyRow, WriteOutcome, WriteQueue, settle
 from .config import mask_url
 from .policies import MAX_POLICIES
 from .sealing import Sealer, TamperedData, metadata_aad, secret_aad
@@ -693,6 +694,10 @@ class PostgresBackend:
                 with psycopg.connect(self._url, autocommit=True, **self._connect_kwargs) as conn:
                     row = conn.execute("SELECT pg_xact_status(%s::xid8)", (doubt.xid,)).fetchone()
                     status = None if row is None else row[0]
+            except psycopg.errors.InvalidParameterValue:
+                # "transaction ID ... is in the future": the server came back without it, so its
+                # commit record never became durable (a crash before the commit was flushed).
+                status = "aborted"
             except psycopg.Error:
                 pass
             if status == "committed":
@@ -705,6 +710,11 @@ class PostgresBackend:
                 log.error("the outcome of a commit of %d write(s) is unknown: the database did not answer", len(batch))
                 unknown = OutcomeUnknown("the connection broke during the commit and the database did not answer since")
                 return [(w.future, None, unknown) for w in batch]
+            if status == "unknown":
+                # The database is away: the writes queued behind this batch were not tried, so they are
+                # refused now (503) rather than held until the outcome is learnt.
+                for write in self._queue.waiting(MAX_BATCH):
+                    write.future.set_exception(error)
             time.sleep(0.2)
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,52 @@ def test_a_restart_between_two_requests_costs_no_error(url: str) -> None:
         server.restart("fast")
         assert backend.get("r", 0) == (1, {"k": "1"})
         assert backend.put("r", {"k": "2"}, 1).result(WAIT) == 2
+    finally:
+        backend.close()
+
+
+def test_writes_arriving_while_a_broken_commit_is_resolved_are_refused_at_once(url: str) -> None:
+    """The server crashes in the middle of a COMMIT: that write waits to learn whether it happened (it
+    did not: a crash before the commit record), but the writes behind it answer 503 at once while the
+    database is away, instead of waiting in the queue for the resolution."""
+    server = pg_server.server()
+    backend = open_pg(url)
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            # A deferred trigger that makes the COMMIT of a write to "slow" take long enough to crash under it.
+            conn.execute(
+                "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN IF NEW.path = 'slow' THEN PERFORM pg_sleep(60); END IF; RETURN NULL; END $$"
+            )
+            conn.execute(
+                "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON secret_version "
+                "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()"
+            )
+        in_commit = backend.put("slow", {"k": "1"}, None)
+        with psycopg.connect(url, autocommit=True) as conn:
+            deadline = time.monotonic() + WAIT
+            query = (
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'spike-nexus' "
+                "AND wait_event = 'PgSleep'"
+            )
+            while conn.execute(query).fetchone() != (1,):  # the write's COMMIT is under way
+                assert time.monotonic() < deadline, "the write never reached its COMMIT"
+                time.sleep(0.02)
+        server.stop("immediate")
+        try:
+            time.sleep(0.5)  # the writer has seen its connection break and is asking for the outcome
+            started = time.monotonic()
+            behind = outcome(backend.put("other", {"k": "1"}, None))
+            assert isinstance(behind, DatabaseUnavailable), behind
+            assert time.monotonic() - started < 2.0  # not held for the resolution (15 s)
+            assert not in_commit.done()  # still waiting to learn its outcome
+        finally:
+            server.start()
+        # Crashed before its commit record: the database says aborted, so it is a 503, never a success.
+        assert isinstance(outcome(in_commit), DatabaseUnavailable)
+        assert backend.put("other", {"k": "2"}, None).result(WAIT) == 1
+        with pytest.raises(kv.NotFound):
+            backend.get("slow", 0)
     finally:
         backend.close()
 
