@@ -8,8 +8,10 @@ grace period; the caller wipes key material after it returns.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import math
 import signal
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -101,31 +103,55 @@ async def serve(
         tg.cancel_scope.cancel()
 
 
+class _StopSignals:
+    """SIGTERM and SIGINT, caught with handlers of our own rather than the event loop's.
+
+    An event loop gives its signal handlers back by restoring the *default* actions (kill;
+    KeyboardInterrupt) until the caller can ignore the signals, and one more SIGTERM in that
+    instant would kill the process in the middle of its cleanup.  Ours are replaced in one
+    step: by "ignore" once a signal has arrived (the process is stopping: the caller wipes key
+    material and finishes its last commit undisturbed), by the handlers found at the start if
+    none did.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._send, self.received = anyio.create_memory_object_stream[int](math.inf)
+        self._previous: dict[int, Any] = {}
+        self._arrived = False
+
+    def __enter__(self) -> _StopSignals:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, signal.SIG_IGN if self._arrived else previous)
+        self._send.close()
+        self.received.close()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        # Python runs this on the main thread between two bytecodes, possibly in the middle of the
+        # event loop's own code: the signal is handed over to the loop rather than acted on here.
+        self._arrived = True
+        self._loop.call_soon_threadsafe(self._deliver, signum)
+
+    def _deliver(self, signum: int) -> None:
+        with contextlib.suppress(anyio.ClosedResourceError):  # arrived as the server stopped
+            self._send.send_nowait(signum)
+
+
 async def _stop_on_signal(servers: Sequence[HttpsServer], scope: anyio.CancelScope) -> None:
-    stopping = False
-    try:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                stopping = True
-                if servers[0].draining:
-                    log.info("received %s again: stopping now", signal.Signals(signum).name)
-                    scope.cancel()
-                    return
-                log.info("received %s: finishing requests under way, then stopping", signal.Signals(signum).name)
-                for server in servers:
-                    server.drain()
-    finally:
-        if stopping:
-            _ignore_stop_signals()
-
-
-def _ignore_stop_signals() -> None:
-    """The process is stopping: a further SIGTERM or Ctrl-C must not cut short what the caller does
-    after `serve` returns (wiping key material, finishing the last commit) with a default-action
-    kill or a KeyboardInterrupt in the middle of it."""
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(ValueError):  # not the main thread: nothing was ours to change
-            signal.signal(signum, signal.SIG_IGN)
+    with _StopSignals() as signals:
+        async for signum in signals.received:
+            if servers[0].draining:
+                log.info("received %s again: stopping now", signal.Signals(signum).name)
+                scope.cancel()
+                return
+            log.info("received %s: finishing requests under way, then stopping", signal.Signals(signum).name)
+            for server in servers:
+                server.drain()
 
 
 async def _every_second(callback: Callable[[], None]) -> None:
