@@ -33,6 +33,7 @@ by default).
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import threading
@@ -238,6 +239,9 @@ class Driver:
         self.recovery_clock: float | None = None  # since when recovery is possible (and due)
         self.recovery_late = False
         self.phase = "unknown"
+        # By these moments the run has killed Nexus once and keepers twice, whatever the dice said:
+        # the checks at the end count on it, and a short run can miss them by chance (set in run()).
+        self.nexus_kill_by = self.keeper_kills_by = math.inf
         self.holding: set[int] = set()
         self.read_back_client = cluster.client(timeout=CLIENT_TIMEOUT)
 
@@ -404,6 +408,10 @@ class Driver:
     def act(self, now: float) -> None:
         rng = self.rng
         roll = rng.random()
+        if self.counts["Nexus kills"] == 0 and now >= self.nexus_kill_by:
+            roll = 0.25  # a Nexus kill, as soon as it is allowed
+        elif self.counts["keeper kills"] < 2 and now >= self.keeper_kills_by:
+            roll = 0.0  # a keeper kill, as soon as it is allowed
         alive = [k for k in self.c.keeper_ids if k not in self.keeper_restart_at]
         if roll < 0.20 and alive:
             keeper_id = rng.choice(alive)
@@ -447,6 +455,7 @@ class Driver:
     def run(self, seconds: float, stop_clients: threading.Event) -> None:
         self.began = time.monotonic()
         end = self.began + seconds
+        self.keeper_kills_by, self.nexus_kill_by = self.began + 0.25 * seconds, self.began + 0.4 * seconds
         while time.monotonic() < end and not self.book.crashed:
             now = time.monotonic()
             self.heal_due(now)
