@@ -83,9 +83,18 @@ class HarnessError(AssertionError):
     """A process did not start, or a condition did not come true in time."""
 
 
+_handed_out: set[int] = set()
+
+
 def pick_port() -> int:
+    """A free port never handed out before in this process: a cluster picks all of its ports before
+    starting anything, so a port that is merely free could be drawn twice (for six ports out of
+    12,000, about one cluster in 800)."""
     for _ in range(200):
         port = random.randrange(*_PORT_RANGE)
+        if port in _handed_out:
+            continue
+        _handed_out.add(port)
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
