@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
-import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -32,7 +31,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from harness import Cluster, wait_until
+from harness import Cluster, presented_serial, wait_until
 
 from spike.app.devca import CA_KEY, DevIdentity, mint_svid
 from spike.app.messages import SECRETS_PATH
@@ -71,13 +70,6 @@ def reissue(identity: DevIdentity, name: str, path: str) -> int:
         staged.chmod(0o600)
         os.replace(staged, target)
     return x509.load_pem_x509_certificate(cert).serial_number
-
-
-def presented_serial(port: int, context: ssl.SSLContext) -> int:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, context.wrap_socket(raw) as tls:
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der).serial_number
 
 
 def presents(port: int, context: ssl.SSLContext, serial: int) -> Callable[[], bool]:

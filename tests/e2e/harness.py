@@ -43,6 +43,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -54,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from cryptography import x509
 
 from spike.app.bootstrap import fetch_status, nexus_connection
 from spike.app.devca import DevIdentity
@@ -102,6 +104,14 @@ def pick_port() -> int:
                 continue
             return port
     raise HarnessError("no free port found")
+
+
+def presented_serial(port: int, client: ssl.SSLContext) -> int:
+    """The serial number of the certificate a new TLS connection to 127.0.0.1:port is shown."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, client.wrap_socket(raw) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
 
 
 def _find_prctl() -> Callable[..., int] | None:

@@ -11,8 +11,6 @@ and every new connection presents the current SVID.
 
 from __future__ import annotations
 
-import socket
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,7 +18,7 @@ import anyio
 import anyio.abc
 import pytest
 from anyio.abc import SocketAttribute
-from cryptography import x509
+from harness import presented_serial
 from tls_probe import handshake
 from workload_api import TestCa, WorkloadApi
 
@@ -62,14 +60,6 @@ class Poller:
             if self.fresh_each_time:
                 await self.connection.aclose()
             await anyio.sleep(0.002)
-
-
-def presented_serial(port: int, client: ssl.SSLContext) -> int:
-    """The serial of the certificate a new connection to 127.0.0.1:port is shown (stdlib client)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, client.wrap_socket(raw) as tls:
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der).serial_number
 
 
 async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:

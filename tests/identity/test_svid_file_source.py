@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from harness import presented_serial
 from tls_probe import handshake
 from workload_api import TestCa, serial_of
 
@@ -294,7 +295,7 @@ async def test_a_server_with_the_factory_shows_new_connections_the_new_svid(
             cert, key = ca.mint(KEEPER)
             write_atomically(files.key, key)
             write_atomically(files.cert, cert)
-            shown = await anyio.to_thread.run_sync(_presented_serial, port, nexus)
+            shown = await anyio.to_thread.run_sync(presented_serial, port, nexus)
             assert shown == serial_of(cert) != first
             # The connection opened before the rotation goes on as it was.
             for _ in range(3):
@@ -303,14 +304,3 @@ async def test_a_server_with_the_factory_shows_new_connections_the_new_svid(
             await kept_alive.aclose()
             tg.cancel_scope.cancel()
         keeper.forget()
-
-
-def _presented_serial(port: int, client: object) -> int:
-    import socket
-    import ssl
-
-    assert isinstance(client, ssl.SSLContext)
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, client.wrap_socket(raw) as tls:
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return serial_of(der)

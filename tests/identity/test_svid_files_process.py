@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from harness import base_env, pick_port, wait_until
+from harness import base_env, pick_port, presented_serial, wait_until
 from workload_api import TestCa, serial_of
 
 from spike.app.devca import DevIdentity
@@ -29,13 +26,6 @@ from spike.transports.tls import client_context
 pytestmark = pytest.mark.e2e
 
 KEEPER = "spiffe://spike.test/spike/keeper/1"
-
-
-def presented_serial(port: int, client: ssl.SSLContext) -> int:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, client.wrap_socket(raw) as tls:
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der).serial_number
 
 
 def write_svid(directory: Path, ca: TestCa, *, in_place: bool = False) -> int:

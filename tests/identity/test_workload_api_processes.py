@@ -23,8 +23,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from cryptography import x509
-from harness import Cluster, HarnessError, wait_until
+from harness import Cluster, HarnessError, presented_serial, wait_until
 from workload_api import TestCa, WorkloadApi
 
 from spike.app.bootstrap import fetch_status, nexus_connection
@@ -104,13 +103,6 @@ class Pilot:
 
 def keepers(status: dict[str, Any]) -> dict[int, dict[str, Any]]:
     return {k["id"]: k for k in status["keepers"]}
-
-
-def presented_serial(port: int, client: ssl.SSLContext) -> int:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, client.wrap_socket(raw) as tls:
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der).serial_number
 
 
 def test_a_deployment_on_the_workload_api_survives_svid_and_ca_rotation(
