@@ -149,10 +149,7 @@ def test_rotating_svid_files_under_load_breaks_nothing(dev_identity: DevIdentity
     readers: list[Reader] = []
     threads: list[threading.Thread] = []
     try:
-        cluster.start()
-        boot = cluster.bootstrap()
-        assert boot.returncode == 0, boot
-        cluster.wait_status(lambda s: s["phase"] == "ready" and s["redundancy"] == 1, "ready, every keeper holding")
+        cluster.start_ready()
         assert cluster.run("secret", "put", "app/db", "password=before-rotation").returncode == 0
         policy = cluster.run(
             "policy", "create", "--name", "reader", "--spiffeid-pattern", rf"spiffe://{TD}/workload/reader",

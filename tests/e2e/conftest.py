@@ -53,10 +53,7 @@ def cluster(make_cluster: Callable[..., Cluster]) -> Cluster:
 @pytest.fixture
 def ready_cluster(cluster: Cluster) -> Cluster:
     """Three keepers and a Nexus, bootstrapped once (epoch 1) and ready with redundancy 1."""
-    cluster.start()
-    result = cluster.bootstrap()
-    assert result.returncode == 0, result
-    cluster.wait_status(lambda s: s["phase"] == "ready" and s["redundancy"] == 1, "ready with every keeper holding")
+    cluster.start_ready()
     return cluster
 
 

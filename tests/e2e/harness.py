@@ -404,6 +404,13 @@ class Cluster:
     def bootstrap(self, *args: str) -> CliResult:
         return self.run("bootstrap", *args, identity="bootstrap")
 
+    def start_ready(self, keeper_ids: Iterable[int] | None = None) -> None:
+        """Start the processes, bootstrap once (epoch 1), and wait for Nexus ready with every keeper holding."""
+        self.start(keeper_ids)
+        result = self.bootstrap()
+        assert result.returncode == 0, result
+        self.wait_status(lambda s: s["phase"] == "ready" and s["redundancy"] == 1, "ready, every keeper holding")
+
     def status(self) -> tuple[int, dict[str, Any]]:
         """`spike status --format json`: (exit code, parsed body)."""
         result = self.run("status", "--format", "json")

@@ -61,9 +61,7 @@ def test_no_log_or_data_file_holds_a_shard_or_the_root_key(
     make_cluster: Any, secrets_seen: SecretsSeen, tmp_path: Path
 ) -> None:
     c: Cluster = make_cluster(log_level="debug", log_format="json")
-    c.start()
-    assert c.bootstrap().returncode == 0
-    c.wait_status(lambda s: s["phase"] == "ready" and s["redundancy"] == 1, "ready, every keeper holding")
+    c.start_ready()
     secrets: dict[str, bytes] = {}
     epoch1 = collect(c, "epoch 1", secrets)
 

@@ -73,9 +73,7 @@ def test_recover_lose_everything_restore_and_every_secret_reads_back(
         nexus_env={"SPIKE_NEXUS_WAITING_SUMMARY_INTERVAL": f"{SUMMARY_EVERY:g}s", **PATIENT},
     )
     secrets_seen.add_dir(c.data_dir)
-    c.start()
-    assert c.bootstrap().returncode == 0
-    c.wait_status(lambda s: s["phase"] == "ready" and s["redundancy"] == 1, "ready, every keeper holding")
+    c.start_ready()
     secrets_seen.add_keys(c, "drill")
 
     # Secrets, one of them in two versions.

@@ -50,9 +50,7 @@ def c(
 ) -> Iterator[Cluster]:
     cluster = Cluster(dev_identity, tmp_path_factory.mktemp("secrets-cli"))
     try:
-        cluster.start()
-        assert cluster.bootstrap().returncode == 0
-        cluster.wait_status(lambda s: s["phase"] == "ready" and s["redundancy"] == 1, "ready")
+        cluster.start_ready()
         yield cluster
     finally:
         try:

@@ -91,9 +91,7 @@ def ready_cluster(identity: DevIdentity, root: Path, leak_watch: LeakWatch, labe
     cluster = ProxiedCluster(identity, root)
     leak_watch.add_dir(cluster.root)
     try:
-        cluster.start()
-        assert cluster.bootstrap().returncode == 0
-        cluster.wait_status(lambda s: s["phase"] == "ready" and s["redundancy"] == 1, "ready, every keeper holding")
+        cluster.start_ready()
         yield cluster
     finally:
         leak_watch.add_cluster(cluster, label)

@@ -162,10 +162,7 @@ def fill(directory: Path) -> Path:
 def start_on(make_rcluster: Callable[..., ProxiedCluster], data_dir: Path) -> ProxiedCluster:
     cluster = make_rcluster()
     cluster.data_dir = data_dir
-    cluster.start()
-    result = cluster.bootstrap()
-    assert result.returncode == 0, result
-    cluster.wait_status(lambda s: s["phase"] == "ready" and s["redundancy"] == 1, "ready, every keeper holding")
+    cluster.start_ready()
     return cluster
 
 

@@ -138,9 +138,7 @@ def test_hostile_keeper_is_named_never_used_and_reseeded(
     cluster = make_rcluster(poll_interval=0.4, nexus_env={"SPIKE_NEXUS_KEEPER_TIMEOUT": "0.4s"})
     cluster.peer_override[3] = fake.url
     fake.start(Keeper(cluster.trust))
-    cluster.start(keeper_ids=[1, 2])
-    assert cluster.bootstrap().returncode == 0
-    cluster.wait_status(lambda s: s["phase"] == "ready" and s["redundancy"] == 1, "ready, every keeper holding")
+    cluster.start_ready(keeper_ids=[1, 2])
     store = NexusStore(cluster.data_dir)
     try:
         record = store.load_key_record()
