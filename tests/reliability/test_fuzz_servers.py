@@ -806,10 +806,13 @@ def test_connection_floods_leak_nothing(loop: str, dev_identity: DevIdentity) ->
         f"fuzzing: in-process server ({loop}) RSS after each of 5 floods, freed memory trimmed: "
         f"{[v // 1024 for v in live]} MiB"
     )
-    # A leak grows with every flood (512 pending handshakes are ~25 MiB); what glibc keeps mapped
-    # after a trim does not, but it can swing between floods (seen: 175, 155, 171, 155, 171 MiB).
-    # So: the last three floods end no higher than the first two, give or take 8 MiB.
-    assert max(live[2:]) - max(live[:2]) < 8 * 1024, live
+    # A leak grows with every flood (512 pending handshakes are ~25 MiB each time); what glibc keeps
+    # mapped after a trim does not, but it swings between floods and can settle a step higher once
+    # (seen: 175, 155, 171, 155, 171 MiB; and 158, 160, 169, 169, 169 MiB).  So: the last two floods
+    # end no higher than the third, and the last three no higher than the first two, give or take
+    # 8 and 16 MiB; leaking the floods' connections would add 50 MiB to either.
+    assert max(live[3:]) - live[2] < 8 * 1024, live
+    assert max(live[2:]) - max(live[:2]) < 16 * 1024, live
 
 
 def abuse(target: ProcTarget) -> None:
