@@ -37,7 +37,8 @@ flock 9  # one build at a time in this tree (test runs may start it concurrently
 fingerprint() {
     {
         "$PYTHON" -c 'import sys; print(sys.version)' 2>/dev/null || true
-        sha256sum pyproject.toml build/spike.spec build/entry.py build/build.sh
+        echo "unlocked=${SPIKE_BUILD_UNLOCKED:-0}"
+        sha256sum pyproject.toml requirements/build.txt build/spike.spec build/entry.py build/build.sh
         find spike -type f \( -name '*.py' -o -name py.typed \) ! -name _build_info.py \
             ! -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum
     } | sha256sum | cut -d' ' -f1
@@ -80,9 +81,19 @@ EOF
 say "virtual environment (runtime dependencies + PyInstaller) in $WORK/venv"
 "$PYTHON" -m venv "$WORK/venv" || cannot "$PYTHON -m venv failed (is the venv module installed?)"
 pip() { "$WORK/venv/bin/python" -m pip "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
-pip download -q --no-deps --dest "$WORK/probe" 'pyinstaller>=6.6,<7' ||
+pyinstaller_pin=$(grep -oE '^pyinstaller==[^ ;\\]+' requirements/build.txt)
+pip download -q --no-deps --dest "$WORK/probe" "$pyinstaller_pin" ||
     cannot "pip could not fetch PyInstaller from a package index (no network?)"
-pip install -q "$WORK/src" 'pyinstaller>=6.6,<7'  # the index answered: a failure here is a real one
+# The index answered: a failure from here on is a real one.
+if [ "${SPIKE_BUILD_UNLOCKED:-0}" = 1 ]; then
+    # .ci/newest: the newest releases pyproject.toml's ranges allow, as an embedder would get them.
+    say "SPIKE_BUILD_UNLOCKED=1: installing from pyproject.toml's ranges, not requirements/build.txt"
+    pip install -q --upgrade --upgrade-strategy eager "$WORK/src[build]"
+else
+    # Exactly the locked versions, every file checked against its hash; spike itself adds nothing.
+    pip install -q --require-hashes -r requirements/build.txt
+    pip install -q --no-deps --no-build-isolation "$WORK/src"
+fi
 pip list --format=freeze >"$WORK/pip-list.txt"
 if grep -iE '^(pytest|_pytest|hypothesis|mypy|ruff|types-|trustme|pluggy|iniconfig)[-_a-z]*==' "$WORK/pip-list.txt"; then
     say "a test tool is in the build environment (see $WORK/pip-list.txt): refusing to build"

@@ -31,12 +31,32 @@ EXIT_CONFIG = 2
 _CLIENT_COMMANDS = frozenset({"secret", "cipher", "policy"})
 
 
+def _checkout_commit() -> str | None:
+    """The commit of the git checkout these sources run from (an editable install), `-dirty` if changed."""
+    root = Path(spike.__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    import subprocess
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5, check=True)
+        return done.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        changed = git("status", "--porcelain", "--", "spike", "pyproject.toml")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    # The same stamp build/build.sh writes into the binary, so both name a build the same way.
+    return f"{commit}-dirty" if changed else commit
+
+
 def version_line() -> str:
-    """`spike 0.1.0 (commit abc1234)`; build/build.sh stamps the commit into the binary."""
+    """`spike 0.1.0 (commit abc1234)`: stamped into the binary by build/build.sh, else read from git."""
     try:
         commit = str(importlib.import_module("spike._build_info").COMMIT)
     except (ImportError, AttributeError):
-        commit = "unknown"
+        commit = _checkout_commit() or "unknown"
     return f"spike {spike.__version__} (commit {commit})"
 
 
@@ -325,6 +345,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if words[:1] == ["--version"]:  # the quickest path: no parser, no imports
         print(version_line())
         return 0
+    from .logs import route_dependency_warnings
+
+    route_dependency_warnings()
     parser = build_parser(next((word for word in words if not word.startswith("-")), None))
     args, extra = parser.parse_known_args(words)
     # `spike secret put PATH --cas 1 key=value`: argparse cannot take positionals

@@ -13,7 +13,10 @@ import json
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TextIO
 
 from spike.protocol.effects import (
     KeeperMisbehaved,
@@ -55,6 +58,52 @@ def setup(level: str, fmt: str, stream: object = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+_OWN_CODE = Path(__file__).resolve().parents[1]  # the `spike` package
+
+
+def _is_own_code(filename: str) -> bool:
+    """Whether a warning was attributed to spike's own code rather than a dependency's.
+
+    A frozen executable names its modules by relative paths (``spike/app/cli.py``).
+    """
+    path = Path(filename)
+    if not path.is_absolute():
+        return path.parts[:1] == ("spike",)
+    try:
+        return path.resolve().is_relative_to(_OWN_CODE)
+    except OSError:
+        return False
+
+
+def route_dependency_warnings() -> None:
+    """Send warnings that third-party packages raise to the log at debug level.
+
+    A dependency's deprecation notice (cryptography about DSA when `spiffe` is
+    imported, say) is addressed to the people who maintain spike, not to an
+    operator, and printed on stderr it would break spike's promise of one line
+    for a start error. spike's own warnings are still shown as Python shows them.
+    The log is set up later; a debug record sent before then is dropped.
+    """
+    shown = warnings.showwarning
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        if _is_own_code(filename):
+            shown(message, category, filename, lineno, file, line)
+            return
+        logging.getLogger("spike.dependencies").debug(
+            "%s from %s:%d: %s", category.__name__, filename, lineno, message, extra={"event": "dependency_warning"}
+        )
+
+    warnings.showwarning = show
 
 
 def wall_time(monotonic_at: float, now: Callable[[], float]) -> str:

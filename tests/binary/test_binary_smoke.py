@@ -3,8 +3,9 @@
 The `spike_binary` fixture runs `build/build.sh --if-stale`: it builds dist/spike with PyInstaller
 from a clean venv (about a minute and a half) unless dist/spike was built from exactly the current
 sources, which the build's stamp records.  A machine that cannot build it (not Linux x86-64, no
-shared libpython, no package index) makes these tests SKIP with the build's reason; any other build
-failure fails them.  `SPIKE_BINARY=/path/to/spike` tests a given executable instead (a release).
+shared libpython, no package index) makes these tests SKIP with the build's reason, except under
+`CI=true`, where they FAIL: CI never passes without the single executable; any other build failure
+fails them.  `SPIKE_BINARY=/path/to/spike` tests a given executable instead (a release).
 
 Every process under test is the binary, run by absolute path with an environment of a handful of
 variables whose PATH is an empty directory: no interpreter, no PYTHON* variable, no virtual
@@ -65,6 +66,13 @@ def _build_env() -> dict[str, str]:
     return env
 
 
+def _cannot_build(reason: str) -> None:
+    """Skip on a developer's machine that cannot build the binary; fail in CI, which must test it."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI=true and the spike binary cannot be built here: {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def spike_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     given = os.environ.get("SPIKE_BINARY")
@@ -73,7 +81,9 @@ def spike_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
         assert source.is_file() and os.access(source, os.X_OK), f"SPIKE_BINARY={given} is not an executable"
     else:
         if sys.platform != "linux" or platform.machine() != "x86_64":
-            pytest.skip(f"the spike binary is built for Linux x86-64 only, this is {sys.platform} {platform.machine()}")
+            _cannot_build(
+                f"the spike binary is built for Linux x86-64 only, this is {sys.platform} {platform.machine()}"
+            )
         log = tmp_path_factory.mktemp("build") / "build.log"
         try:
             with log.open("wb") as out:
@@ -91,7 +101,7 @@ def spike_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
         text = log.read_text(errors="replace")
         if done.returncode == 3:
             reason = [line for line in text.splitlines() if "cannot build here" in line]
-            pytest.skip(f"spike binary not built: {reason[-1] if reason else text[-300:]}")
+            _cannot_build(f"spike binary not built: {reason[-1] if reason else text[-300:]}")
         assert done.returncode == 0, f"build/build.sh failed (exit {done.returncode}):\n{text[-4000:]}"
         source = ROOT / "dist" / "spike"
     # A copy: a rebuild in the same tree (another test run) must not change it under us.
@@ -418,3 +428,12 @@ def test_dev_stops_on_ctrl_c_and_a_second_run_on_its_data_dir_has_the_same_secre
     got = spike.run("secret", "get", "app/db", "password", env=second.pilot)
     assert (got.returncode, got.stdout) == (0, "s3cret\n"), got.stderr
     _ctrl_c(spike, second, "dev-2")
+
+
+@pytest.mark.parametrize(("ci", "outcome"), [("true", pytest.fail.Exception), ("", pytest.skip.Exception)])
+def test_a_machine_that_cannot_build_fails_in_ci_and_skips_elsewhere(
+    ci: str, outcome: type[BaseException], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome):
+        _cannot_build("no package index")

@@ -121,3 +121,84 @@ def test_a_missing_svid_file_still_says_which(command: list[str], tmp_path: Path
     assert len(lines) == 1
     assert "SVID certificate" in lines[0]
     assert "no such file" in lines[0]
+
+
+# A `sitecustomize` that makes chosen modules warn as they finish importing, attributed to the
+# module's own file: what a dependency's import-time deprecation notice looks like to Python.
+_PLANT = """
+import builtins, importlib.abc, importlib.machinery, sys, warnings
+
+PLANTED = {plant!r}  # module name -> name of a built-in warning category
+
+class _Planter(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name not in PLANTED:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return None
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            warnings.warn_explicit(
+                "planted warning in " + name, getattr(builtins, PLANTED[name]), module.__file__, 1, module=name
+            )
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, _Planter())
+"""
+
+
+def _with_planted_warnings(tmp_path: Path, plant: dict[str, str]) -> dict[str, str]:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_PLANT.format(plant=plant))
+    return {"PYTHONPATH": str(site)}
+
+
+def test_a_dependency_that_warns_at_import_does_not_break_the_one_line_promise(
+    workload_api: WorkloadApi, tmp_path: Path
+) -> None:
+    """Warnings raised by importing a dependency go to the debug log, never to the operator's stderr."""
+    workload_api.add("stranger", f"spiffe://{TD}/spike/nexus", register=False)
+    plant = _with_planted_warnings(
+        tmp_path, {"spiffe": "UserWarning", "cryptography.x509": "DeprecationWarning", "h11": "FutureWarning"}
+    )
+    env = {
+        **base_env(),
+        **plant,
+        "PYTHONWARNINGS": "always",  # shown even where Python's defaults would hide them
+        "SPIFFE_ENDPOINT_SOCKET": workload_api.address("stranger"),
+        "SPIKE_WORKLOAD_API_TIMEOUT": "500ms",
+    }
+    args = ["nexus", "--listen", "127.0.0.1:0", "--keepers", PEERS, "--data-dir", str(tmp_path / "data")]
+    done = subprocess.run([*SPIKE, *args], env=env, capture_output=True, timeout=30, check=False)
+    lines = done.stderr.decode(errors="replace").splitlines()
+    assert done.returncode == 2, lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("spike nexus: ") and "sent no X.509 SVID" in lines[0]
+
+    # At debug level the log says what was held back, with the dependency named.
+    debug = subprocess.run(
+        [*SPIKE, *args, "--log-level", "debug"], env=env, capture_output=True, timeout=30, check=False
+    )
+    text = debug.stderr.decode(errors="replace")
+    assert debug.returncode == 2
+    assert "spike.dependencies: UserWarning from " in text
+    assert "planted warning in spiffe" in text
+    assert "Traceback" not in text
+
+
+def test_spikes_own_warnings_are_still_shown(tmp_path: Path) -> None:
+    """Only dependencies are quietened: a warning raised by spike's own code reaches stderr as usual."""
+    plant = _with_planted_warnings(tmp_path, {"spike.app.devca": "UserWarning"})
+    env = {**base_env(), **plant}
+    done = subprocess.run(
+        [*SPIKE, "dev-identity", "--dir", str(tmp_path / "id")], env=env, capture_output=True, timeout=30, check=False
+    )
+    text = done.stderr.decode(errors="replace")
+    assert done.returncode == 0, text
+    assert "UserWarning: planted warning in spike.app.devca" in text

@@ -3,7 +3,7 @@
 The end-to-end harness (tests/e2e/harness.py), the in-process deployment of
 tests/authz and the transport rig are reused from their directories.  Every
 secret value, shard and key a test here uses is registered with the
-session's `LeakWatch`; `test_zz_secrets_sweep.py` runs after every other
+session's `LeakWatch`; `test_secrets_sweep.py` runs after every other
 test of the session (see `pytest_collection_modifyitems` below) and greps
 every file those tests wrote for them.
 """

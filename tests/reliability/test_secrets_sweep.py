@@ -1,7 +1,10 @@
 """Secrets stay secret: after every other test of the session, no file written holds a value, a shard or a key.
 
-Runs last (the `after_everything` marker, see conftest.py).  What it looks for
-was collected by the tests of this tier as they ran (`LeakWatch`):
+Runs last (the `after_everything` marker, see conftest.py), whatever its file is
+called.  What it looks for was collected by the tests of this tier as they ran
+(`LeakWatch`); run alone (`pytest tests/reliability/test_secrets_sweep.py`),
+it first runs a small workload of its own (`sweep_workload`: secrets written,
+a keeper and Nexus killed with SIGKILL and brought back) and sweeps that:
 
 * every secret value they wrote: each carries the session's random token, so
   one search finds them all, raw or hex or base64 encoded;
@@ -19,8 +22,8 @@ shows the right files were read.
 
 A stored row that is tampered with or moved to another path or version is
 refused on read: tests/store/test_store_tamper.py covers every way on a store;
-the second test here does it once more on the real database the chaos run
-left behind, opened with the real root key rebuilt from its keepers.
+the second test here does it once more on a real database (the chaos run's, or
+the own workload's), opened with the real root key rebuilt from its keepers.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from reliability_rig import REPORT, LeakWatch, Needles, files_under, scan, scan_bytes
+from reliability_rig import REPORT, LeakWatch, Needles, ProxiedCluster, files_under, ready_cluster, scan, scan_bytes
 
+from spike.app.devca import DevIdentity
+from spike.app.messages import SECRETS_PATH, SecretPutRequest, SecretPutResponse
 from spike.app.sealing import Sealer, TamperedData
 from spike.app.secret_store import SecretStore
 from spike.app.storage import DB_NAME
@@ -41,11 +46,41 @@ from spike.protocol.material import RootKey
 
 pytestmark = pytest.mark.after_everything
 
+OWN = "sweep"  # the label (and directory name) of the own workload
 
-def test_no_file_holds_a_secret_value_shard_or_key(leak_watch: LeakWatch, tmp_path: Path) -> None:
-    watch = leak_watch
-    if not watch.dirs:
-        pytest.skip("no reliability test ran in this session: nothing to look for")
+
+def _put(cluster: ProxiedCluster, path: str, value: str) -> None:
+    with cluster.client() as nexus:
+        nexus.call(SECRETS_PATH, SecretPutRequest(path=path, values={"v": value}), SecretPutResponse)
+
+
+def _run_own_workload(watch: LeakWatch, identity: DevIdentity, root: Path) -> None:
+    """Secrets written through a keeper's and Nexus's SIGKILL: re-seed, recovery, logs, database, audit log."""
+    with ready_cluster(identity, root / OWN, watch, OWN) as cluster:
+        for n in range(2):  # two versions of one path, for the moved-row test
+            _put(cluster, "sweep/a", watch.value(f"a{n}"))
+        cluster.kill_keeper(1)
+        cluster.start_keeper(1)
+        cluster.wait_status(lambda s: s["redundancy"] == 1, "keeper 1 re-seeded")
+        cluster.kill("nexus")
+        cluster.start_nexus()
+        cluster.wait_status(lambda s: s["phase"] == "ready" and s["redundancy"] == 1, "Nexus recovered")
+        for n in range(8):
+            _put(cluster, f"sweep/b{n}", watch.value(f"b{n}"))
+        watch.add_shards(cluster.read_shards(), OWN, cluster.threshold)
+
+
+@pytest.fixture(scope="module")
+def swept(leak_watch: LeakWatch, dev_identity: DevIdentity, tmp_path_factory: pytest.TempPathFactory) -> LeakWatch:
+    """The session's watch; when no test of this tier ran before (this file alone), filled by a workload of its own."""
+    if not leak_watch.dirs:
+        _run_own_workload(leak_watch, dev_identity, tmp_path_factory.mktemp("own-workload"))
+    return leak_watch
+
+
+def test_no_file_holds_a_secret_value_shard_or_key(swept: LeakWatch, tmp_path: Path) -> None:
+    watch = swept
+    assert watch.dirs and watch.values and watch.binary, "nothing was written to look for"
     needles = Needles.build(watch.token, watch.binary)
 
     # The search itself works: every form of a planted shard, key and value is found.
@@ -92,13 +127,26 @@ def test_no_file_holds_a_secret_value_shard_or_key(leak_watch: LeakWatch, tmp_pa
         assert b"chaos/w0/g0" in chaos_db, "the chaos database was not among the files searched"
 
 
-def test_a_moved_row_of_the_real_database_is_refused(leak_watch: LeakWatch, tmp_path: Path) -> None:
-    """The chaos run's database, opened with the real root key: intact rows read, a moved one is refused."""
-    key = leak_watch.binary.get("chaos root key")
-    databases = [p for d in leak_watch.dirs for p in files_under([d]) if p.name == DB_NAME and "chaos" in str(p)]
-    if key is None or not databases:
-        pytest.skip("the chaos run did not run in this session")
-    source = databases[0].parent
+def _real_database(watch: LeakWatch) -> tuple[bytes, Path]:
+    """A database the session's processes wrote and the root key its keepers held: the chaos run's, else our own."""
+    for label in ("chaos", OWN):
+        key = watch.binary.get(f"{label} root key")
+        databases = [p for d in watch.dirs for p in files_under([d]) if p.name == DB_NAME and label in str(p)]
+        if key is not None and databases:
+            return key, databases[0]
+    raise AssertionError(f"no database with a known root key among {watch.dirs}")
+
+
+def test_a_moved_row_of_the_real_database_is_refused(
+    swept: LeakWatch, dev_identity: DevIdentity, tmp_path: Path
+) -> None:
+    """A real database, opened with the real root key: intact rows read, a moved one is refused."""
+    leak_watch = swept
+    if "chaos root key" not in leak_watch.binary and f"{OWN} root key" not in leak_watch.binary:
+        # Other tests ran, but not the chaos run: this test brings its own database.
+        _run_own_workload(leak_watch, dev_identity, tmp_path)
+    key, database = _real_database(leak_watch)
+    source = database.parent
     data_dir = tmp_path / "moved"
     shutil.copytree(source, data_dir)
     with sqlite3.connect(data_dir / DB_NAME) as db:
