@@ -3,7 +3,7 @@
 
     python examples/stdlib_keeper.py --identity ./id --trust-domain spike.test --keeper-id 3 --listen 127.0.0.1:8443
 
-It answers the same two requests as `spike keeper` (DESIGN.md section 3),
+It answers the same two requests as `spike keeper` (docs/design.md section 3),
 with the same rules, because the rules are the machine's: the server only
 moves bytes, puts the peer's SPIFFE ID on the request, and enforces the body
 limit.  Each connection gets a thread (`ThreadingHTTPServer`); the machine is

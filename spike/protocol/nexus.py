@@ -12,7 +12,7 @@ deadline (`next_deadline()`).  A driver loop is::
         wait_until(custody.next_deadline())  # or until an answer arrives
         custody.handle_timer(clock())
 
-Rules kept here (DESIGN.md section 2 and ADR-0022):
+Rules kept here (docs/design.md sections 2 and 8):
 
 * Every configured keeper is polled on a fixed grid (its own phase, one
   interval apart, a little jitter) that no answer ever moves, and no keeper

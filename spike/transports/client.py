@@ -2,7 +2,7 @@
 
 One `HttpsConnection` talks to one origin and reuses one TLS connection
 across requests, which is what keeps Nexus's forever-polling cheap
-(DESIGN.md 2.7).  The connection is an `asyncio.Protocol` on the loop's own
+(docs/design.md 2.7).  The connection is an `asyncio.Protocol` on the loop's own
 TLS (C code under uvloop) and h11 frames the messages: a poll costs a
 fraction of what anyio's Python-level TLS stream did, which is what lets one
 Nexus poll a thousand keepers a second (docs/benchmarks.md).  Errors are

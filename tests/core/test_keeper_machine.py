@@ -1,4 +1,4 @@
-"""The keeper machine against the wire table of DESIGN.md section 3, plus wire-format details."""
+"""The keeper machine against the wire table of docs/design.md section 3, plus wire-format details."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DESIGN.md section 2 in the simulation: key recovery, re-seeding and reporting under faults.
+"""docs/design.md section 2 in the simulation: key recovery, re-seeding and reporting under faults.
 
 Bounds used below, with I the poll interval, j the jitter and L the largest
 latency of a reachable keeper:

@@ -1,4 +1,4 @@
-"""Hand-written scenarios: single stories from DESIGN.md section 2, with their exact outcomes.
+"""Hand-written scenarios: single stories from docs/design.md section 2, with their exact outcomes.
 
 The seeded runs check the rules over thousands of random schedules; these
 pin down what must happen, and when, in the stories an operator cares about.
