@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import re2
 
 from spike.protocol.identity import Role, SpiffeId, TrustDomains
 
 from .policy_model import (
+    OPTIONS,
     SYSTEM_PATHS,
     SYSTEM_SECRET,
     PatternError,
@@ -73,15 +76,9 @@ class CompiledPolicy:
     name: str
     ids: Regexp
     paths: Regexp
+    path_pattern: str
     permissions: frozenset[Permission]
-    system: frozenset[str]  # the reserved system paths this policy reaches
-
-    def grants(self, permission: Permission, path: str) -> bool:
-        if not grants(self.permissions, permission):
-            return False
-        if path in _SYSTEM:
-            return path in self.system  # described, precise identity: implies the search matches
-        return self.paths.search(path) is not None
+    system: frozenset[str]  # the reserved system paths this policy reaches (described, precise identity)
 
 
 def compile_policy(policy: Policy) -> CompiledPolicy:
@@ -93,7 +90,47 @@ def compile_policy(policy: Policy) -> CompiledPolicy:
     system = system_paths_reached(policy.spiffe_id_pattern, policy.path_pattern)
     if policy.system_paths is not None:
         system &= policy.system_paths
-    return CompiledPolicy(policy.name, ids, paths, policy.permissions, system)
+    return CompiledPolicy(policy.name, ids, paths, policy.path_pattern, policy.permissions, system)
+
+
+class Applicable:
+    """The policies that apply to one caller, with their path patterns in one RE2 set.
+
+    One scan of the path answers for every policy (`matching`), instead of one
+    search each.  A set that finds nothing is confirmed pattern by pattern: RE2's
+    set also answers "nothing" when it runs out of memory, and a grant must
+    never be missed on that account (nor given: a set only ever names patterns
+    that match).
+    """
+
+    __slots__ = ("_set", "policies")
+
+    def __init__(self, policies: tuple[CompiledPolicy, ...]) -> None:
+        self.policies = policies
+        self._set: re2.Set | None = None
+        if policies:
+            try:
+                paths = re2.Set.SearchSet(OPTIONS)
+                for policy in policies:
+                    paths.Add(policy.path_pattern)
+                paths.Compile()
+                self._set = paths
+            except re2.error:  # each pattern compiled alone: searched one by one instead
+                self._set = None
+
+    def matching(self, path: str) -> list[CompiledPolicy]:
+        if self._set is not None:
+            hits = self._set.Match(path)
+            if hits:
+                return [self.policies[i] for i in hits]
+        return [c for c in self.policies if c.paths.search(path) is not None]
+
+    def allows(self, permission: Permission, path: str) -> bool:
+        if path in _SYSTEM:
+            return any(grants(c.permissions, permission) and path in c.system for c in self.policies)
+        if not any(grants(c.permissions, permission) for c in self.policies):
+            return False
+        return any(grants(c.permissions, permission) for c in self.matching(path))
 
 
 @dataclass(slots=True)
@@ -102,14 +139,14 @@ class PolicySet:
 
     compiled: tuple[CompiledPolicy, ...]
     version: int | None
-    _per_caller: dict[SpiffeId, tuple[CompiledPolicy, ...]] = field(default_factory=dict)
+    _per_caller: dict[SpiffeId, Applicable] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def applicable(self, caller: SpiffeId) -> tuple[CompiledPolicy, ...]:
+    def applicable(self, caller: SpiffeId) -> Applicable:
         found = self._per_caller.get(caller)
         if found is None:
             text = str(caller)
-            found = tuple(c for c in self.compiled if c.ids.search(text) is not None)
+            found = Applicable(tuple(c for c in self.compiled if c.ids.search(text) is not None))
             with self._lock:
                 if len(self._per_caller) >= MAX_CACHED_CALLERS:  # bounded: callers are few in practice
                     self._per_caller.clear()
@@ -133,13 +170,15 @@ _EMPTY = PolicySet((), None)
 
 @dataclass(frozen=True, slots=True)
 class Listing:
-    """Which secret paths a caller may see in a listing: every one, or those a search matches."""
+    """Which secret paths a caller may see in a listing: every one, or those its policies give `list` on."""
 
     everything: bool
-    searches: tuple[Callable[[str], object | None], ...] = ()
+    applicable: Applicable | None = None
 
     def __call__(self, path: str) -> bool:
-        return self.everything or any(search(path) is not None for search in self.searches)
+        if self.everything:
+            return True
+        return self.applicable is not None and self.applicable.allows(Permission.LIST, path)
 
 
 _EVERYTHING = Listing(everything=True)
@@ -226,7 +265,7 @@ class Authorizer:
         kind = PoliciesDatabaseUnavailable if isinstance(exc, DatabaseUnavailable) else PoliciesUnavailable
         raise kind(f"cannot read the policies: {why}") from None
 
-    def _for(self, caller: SpiffeId) -> tuple[CompiledPolicy, ...]:
+    def _for(self, caller: SpiffeId) -> Applicable:
         return self.policies.applicable(caller)
 
     def is_superuser(self, caller: SpiffeId | None) -> bool:
@@ -241,7 +280,7 @@ class Authorizer:
             return True
         if caller is None or not self._policy_caller(caller):
             return False  # spike's own components have no data access through policies
-        return any(c.grants(permission, path) for c in self._for(caller))
+        return self._for(caller).allows(permission, path)
 
     def may_ever(self, caller: SpiffeId | None, permission: Permission) -> bool:
         """Whether any policy could grant `permission` to `caller` (a cheap first gate)."""
@@ -249,7 +288,7 @@ class Authorizer:
             return True
         if caller is None or not self._policy_caller(caller):
             return False
-        return any(grants(c.permissions, permission) for c in self._for(caller))
+        return any(grants(c.permissions, permission) for c in self._for(caller).policies)
 
     def lister(self, caller: SpiffeId | None) -> Listing:
         """Which secret paths `caller` may see in a listing, as a predicate bound to the policies in force.
@@ -262,7 +301,10 @@ class Authorizer:
             return _EVERYTHING
         if caller is None or not self._policy_caller(caller):
             return _NOTHING
-        listing = [c for c in self._for(caller) if grants(c.permissions, Permission.LIST)]
+        applicable = self._for(caller)
+        listing = [c for c in applicable.policies if grants(c.permissions, Permission.LIST)]
         if any(SYSTEM_SECRET in c.system for c in listing):
             return _EVERYTHING
-        return Listing(everything=False, searches=tuple(c.paths.search for c in listing))
+        if not listing:
+            return _NOTHING
+        return Listing(everything=False, applicable=applicable)
