@@ -149,6 +149,14 @@ class SecretBackend(Protocol):
 
     def policy_delete(self, id_or_name: str) -> Future[None]: ...
 
+    def policy_reseal(self, policy_id: str, expected: bytes, sealed: bytes) -> Future[bool]:
+        """Replace a policy's sealed body if it is still `expected` (an upgrade in place); whether it was."""
+        ...
+
+    def policy_version(self) -> int:
+        """The policies' change counter: bumped in the transaction of every policy write."""
+        ...
+
     def close(self) -> None: ...
 
 

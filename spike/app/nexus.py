@@ -26,8 +26,8 @@ from .config import KEEPER_SUMMARY_EVERY, WAITING_SUMMARY_EVERY, ConfigError, Ne
 from .logs import ReportLogger, wall_time
 from .nexus_api import ApiCall, NexusApi
 from .operator import OperatorApi
-from .policies import Authorizer
 from .policy_api import PolicyApi
+from .policy_engine import Authorizer
 from .policy_store import PolicyStore
 from .sealing import Sealer
 from .secret_store import SqliteBackend
@@ -319,7 +319,7 @@ def _run(config: NexusConfig, identity: IdentitySource) -> None:
             metrics = NexusMetrics(lambda: custody, config.keepers, anyio.current_time)
         cipher = CipherApi()
         policies = PolicyStore(secrets)
-        authorizer = Authorizer(trust, policies.load_all)
+        authorizer = Authorizer(trust, policies)
         sinks: list[Callable[[Report], None]] = [ReportLogger(log, config.keepers, anyio.current_time)]
         if metrics is not None:
             sinks.append(metrics.report)

@@ -48,8 +48,9 @@ from .messages import (
     VerifyResponse,
 )
 from .operator import RECOVER_PATH, RESTORE_PATH, OperatorApi
-from .policies import Authorizer, Permission
 from .policy_api import PolicyApi
+from .policy_engine import Authorizer
+from .policy_model import SYSTEM_ACL, SYSTEM_CIPHER, Permission
 from .secrets_api import SecretsApi
 from .storage import DatabaseUnavailable, StorageError
 
@@ -58,11 +59,8 @@ log = logging.getLogger("spike.nexus.api")
 Reply = ApiResponse | Future[ApiResponse]
 RouteHandler = Callable[[ApiRequest], Reply]
 PILOTS = frozenset({Role.PILOT_SUPERUSER, Role.PILOT_RECOVER, Role.PILOT_RESTORE})
-# System functions live under the reserved "spike/" paths, which a policy
-# reaches only if its path pattern starts with them literally.
-CIPHER_ENCRYPT_SYSTEM_PATH = "spike/cipher/encrypt"
-CIPHER_DECRYPT_SYSTEM_PATH = "spike/cipher/decrypt"
-POLICY_SYSTEM_PATH = "spike/acl/policies"
+# What each policy route needs on SPIKE's reserved system path for policies (spike-sdk-go predicate/policy.go).
+POLICY_PERMISSIONS = {"": Permission.WRITE, "delete": Permission.WRITE, "get": Permission.READ, "list": Permission.LIST}
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,10 +134,10 @@ class NexusApi:
             (RECOVER_PATH, ""): Route(operator.recover, Roles(frozenset({Role.PILOT_RECOVER})), needs_key=True),
             (RESTORE_PATH, ""): Route(operator.restore, Roles(frozenset({Role.PILOT_RESTORE}))),
             (CIPHER_ENCRYPT_PATH, ""): Route(
-                cipher.encrypt, Granted(Permission.EXECUTE, CIPHER_ENCRYPT_SYSTEM_PATH), needs_key=True
+                cipher.encrypt, Granted(Permission.EXECUTE, SYSTEM_CIPHER), needs_key=True
             ),
             (CIPHER_DECRYPT_PATH, ""): Route(
-                cipher.decrypt, Granted(Permission.EXECUTE, CIPHER_DECRYPT_SYSTEM_PATH), needs_key=True
+                cipher.decrypt, Granted(Permission.EXECUTE, SYSTEM_CIPHER), needs_key=True
             ),
         }
         for action, (handler, permission) in secrets.handlers().items():
@@ -148,7 +146,7 @@ class NexusApi:
             routes[(SECRETS_METADATA_PATH, action)] = Route(handler, Granted(permission), needs_key=True)
         for action, handler in policies.handlers().items():
             routes[(POLICY_PATH, action)] = Route(
-                handler, Granted(Permission.SUPER, POLICY_SYSTEM_PATH), needs_key=True
+                handler, Granted(POLICY_PERMISSIONS[action], SYSTEM_ACL), needs_key=True
             )
         self.routes = routes
         self._paths = {path for path, _ in routes}

@@ -102,12 +102,14 @@ class NexusClient:
         except TransportError as exc:
             raise NexusError(f"Nexus at {self.url} is unreachable: {exc}", 0, "") from None
         if status != 200:
-            code = _error_code(raw)
+            code, reason = _error_code(raw)
             message = _MEANINGS.get(code, f"Nexus answered HTTP {status}")
             if code == "api_not_found" and not_found:
                 message = not_found
             elif code == "api_conflict" and conflict:
                 message = conflict
+            elif reason:
+                message = f"{message}: {reason}"
             raise NexusError(message, status, code)
         return raw
 
@@ -124,11 +126,13 @@ class NexusClient:
         self.close()
 
 
-def _error_code(raw: bytes) -> str:
+def _error_code(raw: bytes) -> tuple[str, str]:
+    """The error code of an answer, and the reason Nexus gave (if any), on one line."""
     try:
-        return decode(raw, ErrorBody).err
+        body = decode(raw, ErrorBody)
     except RemoteProtocolError:
-        return ""
+        return "", ""
+    return body.err, " ".join(body.reason.split())[:300]
 
 
 class Empty(msgspec.Struct):

@@ -11,7 +11,7 @@ from typing import Any
 from spike.protocol import api
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.errors import RemoteProtocolError
-from spike.protocol.wire import decode
+from spike.protocol.wire import ErrorCode, decode
 
 from . import kv
 from .messages import (
@@ -23,7 +23,8 @@ from .messages import (
     PolicyPutRequest,
     PolicyPutResponse,
 )
-from .policies import Authorizer, Policy, check_policy_fields
+from .policy_engine import Authorizer
+from .policy_model import Policy, check_policy_fields
 from .policy_store import PolicyStore
 from .sealing import TamperedData
 from .secrets_api import Reply, error_response, read_reply, when_done
@@ -65,6 +66,11 @@ class PolicyApi:
         def run(request: ApiRequest) -> Reply:
             try:
                 return handler(decode(request.body, kind))
+            except kv.InvalidRequest as exc:
+                # What is wrong with the policy written (a pattern RE2 refuses, a reserved path reached by
+                # substring) is the writer's to fix: said in the answer, as SPIKE says it in its error.
+                error_response(exc, what)
+                return ApiResponse.error(exc.status, ErrorCode(exc.code), reason=str(exc)[:500])
             except (kv.KvError, RemoteProtocolError, TamperedData, StorageError) as exc:
                 return error_response(exc, what)
 

@@ -3,14 +3,16 @@
 `apply` reads a YAML or JSON file holding one policy or a list of them, in
 SPIKE's spelling (``spiffeidPattern``, ``pathPattern``) or ours
 (``spiffe_id_pattern``, ``path_pattern``), and creates or replaces each by
-name.  Patterns are regular expressions matched against the whole SPIFFE ID
-or path.
+name.  Patterns are RE2 regular expressions that match anywhere in the SPIFFE
+ID or path, as SPIKE's do: both commands warn (on stderr, and go on) about a
+pattern that is not anchored with ``^`` and ``$``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from .messages import (
     PolicyPutResponse,
 )
 from .pilot import Empty, NexusClient
-from .policies import check_policy_fields
+from .policy_model import check_policy_fields, unanchored_warnings
 
 Say = Callable[[str], None]
 
@@ -47,8 +49,12 @@ def add_parser(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None]
 
     create = parser("create", "create a policy (fails if the name exists)")
     create.add_argument("--name", required=True)
-    create.add_argument("--spiffeid-pattern", required=True, help="regex matched against the whole SPIFFE ID")
-    create.add_argument("--path-pattern", required=True, help="regex matched against the whole secret path")
+    create.add_argument(
+        "--spiffeid-pattern", required=True, help="RE2 regex searched in the SPIFFE ID (anchor it: ^...$)"
+    )
+    create.add_argument(
+        "--path-pattern", required=True, help="RE2 regex searched in the secret path (anchor it: ^...$)"
+    )
     create.add_argument("--permissions", required=True, help="comma-separated: read,write,list,execute,super")
 
     apply = parser("apply", "create or replace policies from a YAML or JSON file")
@@ -91,6 +97,10 @@ def _field(spec: dict[str, Any], *names: str) -> Any:
     raise CommandError(f"policy {spec.get('name', '?')!r} has no {names[0]}", exit_code=2)
 
 
+def _warn(text: str) -> None:
+    print(f"spike policy: warning: {text}", file=sys.stderr)
+
+
 def _request(name: str, ids: str, paths: str, permissions: Any, *, create_only: bool) -> PolicyPutRequest:
     if isinstance(permissions, str):
         permissions = [p.strip() for p in permissions.split(",") if p.strip()]
@@ -126,6 +136,9 @@ def run(args: argparse.Namespace, say: Say = print) -> int:
                     create_only=False,
                 )
             )
+    for request in requests:  # once every policy given is valid: an error stays the one line printed
+        for warning in unanchored_warnings(request.spiffeidPattern, request.pathPattern):
+            _warn(f"policy {request.name!r}: {warning}")
     with NexusClient(config.nexus_url, config.common.svid, config.common.trust) as nexus:
         for request in requests:
             put = nexus.call(

@@ -54,7 +54,7 @@ from spike.protocol.record import KeyRecord
 from . import kv
 from .backend import MAX_BATCH, ClusterState, OutcomeUnknown, PolicyRow, WriteOutcome, WriteQueue, settle
 from .config import mask_url
-from .policies import MAX_POLICIES
+from .policy_model import MAX_POLICIES
 from .sealing import Sealer, TamperedData, metadata_aad, secret_aad
 from .secret_store import PolicyNameTaken
 from .storage import DatabaseUnavailable, StorageError
@@ -119,6 +119,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE policy_version (id integer PRIMARY KEY CHECK (id = 1), version bigint NOT NULL)",
         "INSERT INTO policy_version (id, version) VALUES (1, 0)",
     ),
+    # Policies in RE2 and SPIKE's rules (policy dialect 2; old bodies are upgraded when first read with
+    # the key, see policy_legacy): an older spike must not open this database and misread them.
+    ("COMMENT ON TABLE policy IS 'sealed bodies in policy dialect 2 (RE2, SPIKE matching rules) or 1 (older)'",),
 )
 
 _SELECT_VALUE = (
@@ -592,6 +595,23 @@ class PostgresBackend:
             conn.execute(_BUMP_POLICIES)
 
         return self._submit((LOCK_POLICIES,), None, op)
+
+    def policy_reseal(self, policy_id: str, expected: bytes, sealed: bytes) -> Future[bool]:
+        epoch = self._epoch
+
+        def op(conn: psycopg.Connection[Any]) -> bool:
+            changed = conn.execute(
+                "UPDATE policy SET sealed = %s WHERE id = %s AND sealed = %s", (sealed, policy_id, expected)
+            ).rowcount
+            if changed:
+                conn.execute(_BUMP_POLICIES)
+            return bool(changed)
+
+        return self._submit((LOCK_POLICIES,), epoch, op)
+
+    def policy_version(self) -> int:
+        row = self._query(lambda c: c.execute("SELECT version FROM policy_version WHERE id = 1").fetchone())
+        return 0 if row is None else int(row[0])
 
     # ------------------------------------------------------------------ writer thread
 

@@ -32,7 +32,7 @@ from spike.protocol.record import KeyRecord
 
 from . import kv
 from .backend import ClusterState, PolicyRow, WriteOutcome, WriteQueue, resolved, settle
-from .policies import MAX_POLICIES
+from .policy_model import MAX_POLICIES
 from .sealing import Sealer, TamperedData, metadata_aad, secret_aad
 from .storage import DB_NAME, DatabaseUnavailable, NexusStore, StorageError, connect, sqlite_failure
 
@@ -56,6 +56,7 @@ _SELECT_VALUE = (
 
 
 _SELECT_POLICY = "SELECT id, name, sealed, created_at, updated_at FROM policy"
+_BUMP_POLICIES = "UPDATE policy_version SET version = version + 1 WHERE id = 1"
 # One row for an id or a name, the id first (ids are random; names are chosen by people).
 _ONE_POLICY = f"{_SELECT_POLICY} WHERE id = ?1 OR name = ?1 ORDER BY id = ?1 DESC LIMIT 1"
 
@@ -197,6 +198,7 @@ class SecretStore:
                 db.execute(
                     "UPDATE policy SET sealed = ?, updated_at = ? WHERE id = ?", (seal(policy_id), now, policy_id)
                 )
+                db.execute(_BUMP_POLICIES)
                 return policy_id, False
             (count,) = db.execute("SELECT count(*) FROM policy").fetchone()
             if count >= MAX_POLICIES:
@@ -206,6 +208,7 @@ class SecretStore:
                 "INSERT INTO policy (id, name, sealed, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
                 (policy_id, name, seal(policy_id), now, now),
             )
+            db.execute(_BUMP_POLICIES)
             return policy_id, True
 
         return self.submit(op)
@@ -216,8 +219,24 @@ class SecretStore:
             if row is None:
                 raise kv.NotFound("no such policy")
             db.execute("DELETE FROM policy WHERE id = ?", (row[0],))
+            db.execute(_BUMP_POLICIES)
 
         return self.submit(op)
+
+    def policy_reseal(self, policy_id: str, expected: bytes, sealed: bytes) -> Future[bool]:
+        def op(db: sqlite3.Connection) -> bool:
+            changed = db.execute(
+                "UPDATE policy SET sealed = ? WHERE id = ? AND sealed = ?", (sealed, policy_id, expected)
+            ).rowcount
+            if changed:
+                db.execute(_BUMP_POLICIES)
+            return bool(changed)
+
+        return self.submit(op)
+
+    def policy_version(self) -> int:
+        with _reading("the policies' change counter"):
+            return int(self._reader.execute("SELECT version FROM policy_version WHERE id = 1").fetchone()[0])
 
     # ------------------------------------------------------------------ writes
 
@@ -407,7 +426,7 @@ class SqliteBackend(SecretStore):
         return self._records.install_key_record(record, replace=replace)
 
     def cluster_state(self) -> ClusterState:
-        return ClusterState(self.load_key_record(), 0)
+        return ClusterState(self.load_key_record(), self.policy_version())
 
     def close(self) -> None:
         super().close()

@@ -23,6 +23,7 @@ from spike.protocol.wire import ErrorCode, decode
 
 from . import kv
 from .backend import SecretBackend
+from .list_cursor import CursorError, ListCursors
 from .messages import (
     MetadataContent,
     SecretGetRequest,
@@ -37,13 +38,17 @@ from .messages import (
     SecretVersionsRequest,
     VersionMetadata,
 )
-from .policies import Authorizer, Permission, reserved
+from .policy_engine import Authorizer
+from .policy_model import Permission, reserved
 from .sealing import TamperedData
 from .storage import DatabaseUnavailable, StorageError
 
 log = logging.getLogger("spike.nexus.secrets")
 
 MAX_LIST_LIMIT = 10_000
+# Paths one list request looks at, at most (or `limit` + 1 if more): a caller that may see few of many
+# paths gets a page that may be short, and a cursor that continues past the ones it may not see.
+LIST_SCAN = 4096
 T = TypeVar("T")
 Reply = ApiResponse | Future[ApiResponse]
 
@@ -108,6 +113,7 @@ class SecretsApi:
     def __init__(self, store: SecretBackend, authorizer: Authorizer) -> None:
         self._store = store
         self._authorizer = authorizer
+        self._cursors = ListCursors(store)
 
     def _guarded(
         self, handler: Callable[..., Reply], kind: type[Any], what: str, permission: Permission
@@ -184,26 +190,37 @@ class SecretsApi:
         return when_done(future, lambda _: api.OK_EMPTY, what)
 
     def list(self, body: SecretListRequest, caller: SpiffeId | None) -> Reply:
+        """A page of the paths under `prefix` that `caller` may list, and a cursor that reveals nothing else.
+
+        The cursor (`next_after`) is the last path of the page when the page is
+        full; when the scan of `LIST_SCAN` paths ended first, it is an opaque
+        token (`list_cursor`) standing for where the scan stopped, so paging
+        always moves forward without naming a path the caller may not see.
+        """
         prefix = kv.check_prefix(body.prefix)
         if not 1 <= body.limit <= MAX_LIST_LIMIT:
             raise kv.InvalidRequest(f"limit must be between 1 and {MAX_LIST_LIMIT}")
-        if body.after:
-            kv.check_path(body.after)
         limit = body.limit
+        visible = self._authorizer.lister(caller)  # bound to the policies in force now, on this thread
+        if body.after and not self._cursors.is_token(body.after):
+            kv.check_path(body.after)
+        try:
+            after = self._cursors.open(body.after, caller, prefix) if body.after else ""
+        except CursorError as exc:
+            raise kv.InvalidRequest(str(exc)) from None
+        scan = limit + 1 if visible.everything else max(limit + 1, LIST_SCAN)
 
-        def answer(keys: list[str]) -> ApiResponse:
-            more = len(keys) > limit
-            keys = keys[:limit]
-            next_after = keys[-1] if more else None
-            # A page holds only the paths this caller may list (possibly fewer than
-            # `limit`; `next_after` still continues where the scan stopped).
-            if not self._authorizer.is_superuser(caller):
-                keys = [k for k in keys if self._authorizer.allows(caller, Permission.LIST, k)]
-            return ApiResponse.json(SecretListResponse(keys=keys, next_after=next_after))
+        def page() -> SecretListResponse:
+            scanned = self._store.list_paths(prefix, limit=scan, after=after)
+            keys = scanned if visible.everything else [k for k in scanned if visible(k)]
+            if len(keys) > limit:
+                return SecretListResponse(keys=keys[:limit], next_after=keys[limit - 1])
+            if len(scanned) < scan:
+                return SecretListResponse(keys=keys, next_after=None)  # the end of the prefix
+            # The scan ended before the page filled: continue from where it stopped, without naming it.
+            return SecretListResponse(keys=keys, next_after=self._cursors.token(scanned[-1], caller, prefix))
 
-        return read_reply(
-            self._store, lambda: self._store.list_paths(prefix, limit=limit + 1, after=body.after), answer, "list"
-        )
+        return read_reply(self._store, page, ApiResponse.json, "list")
 
     # ------------------------------------------------------------------ metadata
 

@@ -61,6 +61,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             updated_at REAL NOT NULL
         )""",
     ),
+    # Policies in RE2 and SPIKE's rules (policy dialect 2; old bodies are upgraded when first read with
+    # the key, see policy_legacy): an older spike must not open this file and misread them.  The change
+    # counter lets a failed policy reload tell whether the policies in force are still the stored ones.
+    (
+        "CREATE TABLE policy_version (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)",
+        "INSERT INTO policy_version (id, version) VALUES (1, 0)",
+    ),
 )
 
 

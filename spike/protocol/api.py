@@ -54,9 +54,9 @@ class ApiResponse:
         return cls(status, encode(value))
 
     @classmethod
-    def error(cls, status: int, code: ErrorCode) -> ApiResponse:
-        """An error response: ``{"err": code}`` and nothing else, whatever went wrong."""
-        return cls(status, error_body(code))
+    def error(cls, status: int, code: ErrorCode, reason: str = "") -> ApiResponse:
+        """An error response: ``{"err": code}``, and ``"reason"`` only when one is given (never internals)."""
+        return cls(status, error_body(code, reason))
 
 
 BAD_REQUEST = ApiResponse.error(400, ErrorCode.BAD_REQUEST)

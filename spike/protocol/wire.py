@@ -38,8 +38,9 @@ class ErrorCode(StrEnum):
     INTERNAL = "api_internal_error"
 
 
-class ErrorBody(msgspec.Struct):
+class ErrorBody(msgspec.Struct, omit_defaults=True):
     err: str
+    reason: str = ""  # a sentence for people, where the cause is the request itself (SPIKE's clients ignore it)
 
 
 class EmptyBody(msgspec.Struct):
@@ -98,5 +99,5 @@ def decode(data: bytes, kind: type[T]) -> T:
     return result
 
 
-def error_body(code: ErrorCode) -> bytes:
-    return encode(ErrorBody(err=code.value))
+def error_body(code: ErrorCode, reason: str = "") -> bytes:
+    return encode(ErrorBody(err=code.value, reason=reason))

@@ -23,8 +23,8 @@ from spike.app.cipher_api import CipherApi
 from spike.app.nexus import KeyUsers
 from spike.app.nexus_api import NexusApi
 from spike.app.operator import OperatorApi
-from spike.app.policies import Authorizer
 from spike.app.policy_api import PolicyApi
+from spike.app.policy_engine import Authorizer
 from spike.app.policy_store import PolicyStore
 from spike.app.secret_store import SecretStore
 from spike.app.secrets_api import SecretsApi
@@ -84,7 +84,7 @@ class Node:
         )
         self.cipher = CipherApi()
         self.policies = PolicyStore(self.store)
-        self.authorizer = Authorizer(TRUST, self.policies.load_all)
+        self.authorizer = Authorizer(TRUST, self.policies)
         self.reports: list[Report] = []
         self.key_users = KeyUsers(self.custody, self.store, self.cipher, self.authorizer, [self.reports.append])
         urls = {i: f"https://127.0.0.1:{20000 + i}" for i in KEEPERS}

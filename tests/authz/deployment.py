@@ -46,8 +46,8 @@ from spike.app.messages import POLICY_PATH
 from spike.app.nexus import KeyUsers
 from spike.app.nexus_api import ApiCall, NexusApi
 from spike.app.operator import OperatorApi
-from spike.app.policies import Authorizer
 from spike.app.policy_api import PolicyApi
+from spike.app.policy_engine import Authorizer
 from spike.app.policy_store import PolicyStore
 from spike.app.secret_store import SecretStore
 from spike.app.secrets_api import SecretsApi
@@ -272,7 +272,7 @@ class Deployment:
         )
         self.cipher = CipherApi()
         self.policies = PolicyStore(self.secrets)
-        self.authorizer = Authorizer(self.trust, self.policies.load_all)
+        self.authorizer = Authorizer(self.trust, self.policies)
         self.driver = CustodyDriver(
             self.custody,
             urls,

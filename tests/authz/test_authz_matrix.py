@@ -22,8 +22,12 @@ Columns (callers):
     recov   pilot recover               restor  pilot restore
     wl-app  workload with policy  app/.*            read,write,list
     wl-no   workload without any policy
-    wl-all  workload with policy  .*                super    (reserved spike/ paths stay out of reach)
-    wl-cip  workload with policy  spike/cipher/.*   execute  (an explicit reserved pattern reaches the cipher)
+    wl-all  workload with policy  .*                super    (SPIKE's rules: `.*` describes the reserved system
+                                                             paths, so with an anchored SPIFFE ID it reaches them)
+    wl-cip  workload with policy  ^spike/system/cipher/exec$  execute  (the cipher, and nothing else)
+
+Every workload policy names its workload's SPIFFE ID anchored (``^...$``), as ADR-0033 asks of a policy
+that reaches a reserved system path.
 """
 
 from __future__ import annotations
@@ -62,8 +66,8 @@ bootstrap/init    tls    tls    tls    tls    401    401    ok     401    401   
 bootstrap/verify  tls    tls    tls    tls    401    401    ok     401    401    401    401    401    401    401
 operator/recover  tls    tls    tls    tls    401    401    401    401    ok     401    401    401    401    401
 operator/restore  tls    tls    tls    tls    401    401    401    401    401    ok     401    401    401    401
-cipher/encrypt    tls    tls    tls    tls    401    401    401    ok     401    401    401    401    401    ok
-cipher/decrypt    tls    tls    tls    tls    401    401    401    ok     401    401    401    401    401    ok
+cipher/encrypt    tls    tls    tls    tls    401    401    401    ok     401    401    401    401    ok     ok
+cipher/decrypt    tls    tls    tls    tls    401    401    401    ok     401    401    401    401    ok     ok
 secrets           tls    tls    tls    tls    401    401    401    ok     401    401    ok     401    ok     401
 secrets?get       tls    tls    tls    tls    401    401    401    ok     401    401    ok     401    ok     401
 secrets?delete    tls    tls    tls    tls    401    401    401    ok     401    401    ok     401    ok     401
@@ -73,10 +77,10 @@ secrets?list      tls    tls    tls    tls    401    401    401    ok     401   
 metadata?get      tls    tls    tls    tls    401    401    401    ok     401    401    ok     401    ok     401
 metadata?put      tls    tls    tls    tls    401    401    401    ok     401    401    ok     401    ok     401
 metadata?delete   tls    tls    tls    tls    401    401    401    ok     401    401    ok     401    ok     401
-policy            tls    tls    tls    tls    401    401    401    ok     401    401    401    401    401    401
-policy?get        tls    tls    tls    tls    401    401    401    ok     401    401    401    401    401    401
-policy?list       tls    tls    tls    tls    401    401    401    ok     401    401    401    401    401    401
-policy?delete     tls    tls    tls    tls    401    401    401    ok     401    401    401    401    401    401
+policy            tls    tls    tls    tls    401    401    401    ok     401    401    401    401    ok     401
+policy?get        tls    tls    tls    tls    401    401    401    ok     401    401    401    401    ok     401
+policy?list       tls    tls    tls    tls    401    401    401    ok     401    401    401    401    ok     401
+policy?delete     tls    tls    tls    tls    401    401    401    ok     401    401    401    401    ok     401
 """
 
 ROUTES: dict[str, tuple[str, str]] = {
@@ -118,9 +122,9 @@ ALLOWED = {
 }
 
 WORKLOAD_POLICIES = {
-    "wl-app": ("app", "app/.*", ["read", "write", "list"]),
+    "wl-app": ("app", "^app/.*", ["read", "write", "list"]),
     "wl-all": ("everything", ".*", ["super"]),
-    "wl-cip": ("cipher", "spike/cipher/.*", ["execute"]),
+    "wl-cip": ("cipher", "^spike/system/cipher/exec$", ["execute"]),
 }
 
 
@@ -161,7 +165,7 @@ def bodies(deployment: Deployment, ciphertext: dict[str, Any]) -> dict[str, Any]
         "metadata?get": {"path": "app/matrix"},
         "metadata?put": {"path": "app/matrix", "max_versions": 50},
         "metadata?delete": {"path": "app/never-written"},
-        "policy": {"name": "scratch", "spiffeidPattern": "nobody", "pathPattern": "x", "permissions": ["read"]},
+        "policy": {"name": "scratch", "spiffeidPattern": "^nobody$", "pathPattern": "^x$", "permissions": ["read"]},
         "policy?get": {"id": "app"},
         "policy?list": {},
         "policy?delete": {"id": "never-created"},
@@ -176,7 +180,7 @@ def matrix_deployment(
     with running(dev_identity, root) as deployment:
         superuser = deployment.caller("pilot-superuser")
         for column, (name, paths, permissions) in WORKLOAD_POLICIES.items():
-            ids = rf"spiffe://spike\.test/workload/{column}"
+            ids = rf"^spiffe://spike\.test/workload/{column}$"
             superuser.put_policy(name, ids, paths, permissions)
         superuser.ok(SECRETS_PATH, {"path": "app/matrix", "values": {"k": "v1"}})
         superuser.ok(SECRETS_PATH, {"path": "app/matrix-destroyed", "values": {"k": "gone"}})
@@ -247,34 +251,28 @@ def test_every_route_for_every_caller(matrix_deployment: Any, caplog: pytest.Log
     assert len(refused) == sum(cell == "tls" for row in EXPECTED.values() for cell in row.values())
 
 
-def test_the_reserved_paths_need_an_explicit_pattern(matrix_deployment: Any) -> None:
-    """`.*` with super reaches every secret but not the cipher or the policies; only `spike/...` patterns do."""
-    callers = matrix_deployment[1]
-    everything, cipher = callers["wl-all"], callers["wl-cip"]
+def test_the_reserved_paths_need_a_pattern_that_describes_them(matrix_deployment: Any) -> None:
+    """SPIKE's ADR-0033: `.*` describes every reserved path; a pattern naming one reaches that one only."""
+    deployment, callers = matrix_deployment[0], matrix_deployment[1]
+    everything, cipher, superuser = callers["wl-all"], callers["wl-cip"], callers["super"]
     assert everything.post(SECRETS_PATH, {"path": "app/matrix"}, action="get").status == 200
     assert everything.post(SECRETS_PATH, {"path": "anything/else", "values": {"k": "v"}}).status == 200
-    for path in (CIPHER_ENCRYPT_PATH, POLICY_PATH):
-        assert everything.post(path, {"plaintext": "aGk="}, action="").status == 401
-    assert everything.post(POLICY_PATH, {}, action="list").status == 401
+    assert everything.post(CIPHER_ENCRYPT_PATH, {"plaintext": "aGk="}).status == 200
+    assert "everything" in [p["name"] for p in everything.ok(POLICY_PATH, {}, action="list")["policies"]]
     assert cipher.post(CIPHER_ENCRYPT_PATH, {"plaintext": "aGk="}).status == 200
     assert cipher.post(POLICY_PATH, {}, action="list").status == 401
-    # Written with anchors, naming one function: that function only.
-    deployment, superuser = matrix_deployment[0], callers["super"]
-    superuser.put_policy(
-        "encrypt-only", r"spiffe://spike\.test/workload/encryptor", "^spike/cipher/encrypt$", ["execute"]
-    )
-    encryptor = deployment.workload("encryptor")
-    assert encryptor.post(CIPHER_ENCRYPT_PATH, {"plaintext": "aGk="}).status == 200
-    ciphertext = {"version": 1, "nonce": "AAAAAAAAAAAAAAAA", "ciphertext": "AAAAAAAAAAAAAAAAAAAAAA=="}
-    assert encryptor.post(CIPHER_DECRYPT_PATH, ciphertext).status == 401
-    assert callers["super"].post(CIPHER_DECRYPT_PATH, ciphertext).status == 400  # allowed: a bad ciphertext
-    # Policy administration can be delegated, explicitly.
-    superuser.put_policy("policy-admin", r"spiffe://spike\.test/workload/admin", "spike/acl/policies", ["super"])
+    # Policy administration can be delegated, explicitly, and then reaches nothing else.
+    superuser.put_policy("policy-admin", r"^spiffe://spike\.test/workload/admin$", "^spike/system/acl$", ["super"])
     admin = deployment.workload("admin")
     assert "policy-admin" in [p["name"] for p in admin.ok(POLICY_PATH, {}, action="list")["policies"]]
     assert admin.post(CIPHER_ENCRYPT_PATH, {"plaintext": "aGk="}).status == 401
     assert admin.post(SECRETS_PATH, {"path": "app/matrix"}, action="get").status == 401
+    # The reserved names of spike before RE2 are ordinary strings now: they reach nothing.
+    superuser.put_policy("old-names", r"^spiffe://spike\.test/workload/old$", "^spike/(acl|cipher)/.*$", ["super"])
+    old = deployment.workload("old")
+    assert old.post(CIPHER_ENCRYPT_PATH, {"plaintext": "aGk="}).status == 401
+    assert old.post(POLICY_PATH, {}, action="list").status == 401
     # Nobody stores secrets under spike/, not even the superuser: those paths are the system's.
-    for caller in (callers["super"], everything):
-        answer = caller.post(SECRETS_PATH, {"path": "spike/cipher/encrypt", "values": {"k": "v"}})
+    for caller in (superuser, everything):
+        answer = caller.post(SECRETS_PATH, {"path": "spike/system/acl", "values": {"k": "v"}})
         assert answer.status == 400, answer

@@ -28,7 +28,7 @@ from spike.app.messages import (
 )
 from spike.app.nexus_api import Granted, Roles, Route
 from spike.app.operator import RECOVER_PATH, RESTORE_PATH
-from spike.app.policies import Permission, reserved
+from spike.app.policy_model import Permission, reserved
 from spike.protocol.identity import Role
 
 PILOTS = {Role.PILOT_SUPERUSER, Role.PILOT_RECOVER, Role.PILOT_RESTORE}
@@ -47,8 +47,8 @@ EXPECTED: dict[tuple[str, str], Roles | Granted] = {
     (BOOTSTRAP_VERIFY_PATH, ""): Roles(frozenset({Role.BOOTSTRAP})),
     (RECOVER_PATH, ""): Roles(frozenset({Role.PILOT_RECOVER})),
     (RESTORE_PATH, ""): Roles(frozenset({Role.PILOT_RESTORE})),
-    (CIPHER_ENCRYPT_PATH, ""): Granted(EXECUTE, "spike/cipher/encrypt"),
-    (CIPHER_DECRYPT_PATH, ""): Granted(EXECUTE, "spike/cipher/decrypt"),
+    (CIPHER_ENCRYPT_PATH, ""): Granted(EXECUTE, "spike/system/cipher/exec"),
+    (CIPHER_DECRYPT_PATH, ""): Granted(EXECUTE, "spike/system/cipher/exec"),
     (SECRETS_PATH, ""): Granted(WRITE),
     (SECRETS_PATH, "get"): Granted(READ),
     (SECRETS_PATH, "delete"): Granted(WRITE),
@@ -58,10 +58,11 @@ EXPECTED: dict[tuple[str, str], Roles | Granted] = {
     (SECRETS_METADATA_PATH, "get"): Granted(READ),
     (SECRETS_METADATA_PATH, "put"): Granted(WRITE),
     (SECRETS_METADATA_PATH, "delete"): Granted(WRITE),
-    (POLICY_PATH, ""): Granted(SUPER, "spike/acl/policies"),
-    (POLICY_PATH, "get"): Granted(SUPER, "spike/acl/policies"),
-    (POLICY_PATH, "list"): Granted(SUPER, "spike/acl/policies"),
-    (POLICY_PATH, "delete"): Granted(SUPER, "spike/acl/policies"),
+    # SPIKE's predicates (spike-sdk-go predicate/policy.go): write to change, read to get, list to list.
+    (POLICY_PATH, ""): Granted(WRITE, "spike/system/acl"),
+    (POLICY_PATH, "get"): Granted(READ, "spike/system/acl"),
+    (POLICY_PATH, "list"): Granted(LIST, "spike/system/acl"),
+    (POLICY_PATH, "delete"): Granted(WRITE, "spike/system/acl"),
 }
 
 #: Routes that read their secret path from the body, and check it in the handler.

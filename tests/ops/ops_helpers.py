@@ -30,8 +30,8 @@ from spike.app.nexus import CallRecorder, KeyUsers
 from spike.app.nexus_api import NexusApi
 from spike.app.operator import OperatorApi
 from spike.app.pilot import NexusClient
-from spike.app.policies import Authorizer
 from spike.app.policy_api import PolicyApi
+from spike.app.policy_engine import Authorizer
 from spike.app.policy_store import PolicyStore
 from spike.app.secret_store import SecretStore
 from spike.app.secrets_api import SecretsApi
@@ -158,7 +158,7 @@ class Node:
         self.reports: list[Report] = []
         self.cipher = CipherApi()
         self.policies = PolicyStore(self.store)
-        self.authorizer = Authorizer(TRUST, self.policies.load_all)
+        self.authorizer = Authorizer(TRUST, self.policies)
         self.metrics = NexusMetrics(lambda: self.custody, URLS, lambda: self.driver.clock)
         sinks: list[Callable[[Report], None]] = [self.reports.append, self.metrics.report]
         key_users = KeyUsers(self.custody, self.store, self.cipher, self.authorizer, sinks)

@@ -19,7 +19,7 @@ from store_helpers import EPOCH, OTHER_KEY, ROOT_KEY, WAIT
 
 from spike.app import kv
 from spike.app.backend import Backend
-from spike.app.policies import Permission
+from spike.app.policy_model import Permission
 from spike.app.policy_store import NameTaken, PolicyStore
 from spike.app.sealing import Sealer, TamperedData
 from spike.app.storage import StorageError

@@ -201,7 +201,7 @@ def test_a_write_sealed_under_a_replaced_key_is_refused(url: str) -> None:
 
 
 def test_policy_writes_move_the_change_counter_seen_by_other_instances(url: str) -> None:
-    from spike.app.policies import Permission
+    from spike.app.policy_model import Permission
     from spike.app.policy_store import PolicyStore
 
     mine, other = open_pg(url), open_pg(url)

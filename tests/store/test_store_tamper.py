@@ -20,7 +20,7 @@ import pytest
 from store_helpers import OTHER_KEY, WAIT, open_store, raw_db
 
 from spike.app.messages import SECRETS_METADATA_PATH, SECRETS_PATH
-from spike.app.policies import Authorizer
+from spike.app.policy_engine import Authorizer
 from spike.app.sealing import FORMAT_V1, NONCE_SIZE, Sealer, TamperedData, secret_aad
 from spike.app.secret_store import SecretStore
 from spike.app.secrets_api import SecretsApi
