@@ -31,7 +31,7 @@ TRUST = TrustDomains.single("spike.test")
 def engine_from_git(rev: str) -> ModuleType:
     """The old one-module engine (spike/app/policies.py) of `rev`, importable on its own."""
     source = subprocess.run(["git", "show", f"{rev}:spike/app/policies.py"], check=True, capture_output=True, text=True)
-    text = source.stdout.replace("from .kv import InvalidRequest", "from spike.app.kv import InvalidRequest")
+    text = source.stdout.replace("from .kv import InvalidRequest", "from spike.app.model.kv import InvalidRequest")
     path = Path(tempfile.mkdtemp()) / "old_policies.py"
     path.write_text(text)
     spec = importlib.util.spec_from_file_location("old_policies", path)
@@ -57,8 +57,8 @@ def main() -> None:
         anchor = ("", "")  # the old dialect matched whole strings
         redos_n = 22
     else:
-        from spike.app.policy_engine import Authorizer
-        from spike.app.policy_model import Permission, Policy
+        from spike.app.model.policy import Permission, Policy
+        from spike.app.nexus.authorizer import Authorizer
 
         anchor = ("^", "$")
         redos_n = 27

@@ -43,7 +43,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from spike.app.devca import DevIdentity, mint_dev_identity
+from spike.app.commands.devca import DevIdentity, mint_dev_identity
 from spike.app.keeper import KEEPER_LIMITS, KeeperHandler
 from spike.protocol.api import ApiRequest
 from spike.protocol.effects import KeeperState, KeeperStateChanged, Report

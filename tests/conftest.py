@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spike.app.devca import DevIdentity, mint_dev_identity
+from spike.app.commands.devca import DevIdentity, mint_dev_identity
 
 TRUST_DOMAIN = "spike.test"
 KEEPER_IDS = range(1, 10)

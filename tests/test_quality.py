@@ -71,3 +71,95 @@ def test_links_in_the_docs_point_inside_the_repository() -> None:
                 broken.append(f"{page.relative_to(ROOT)}: {target}")
     assert not broken, broken
     assert "DESIGN.md" not in (ROOT / "README.md").read_text()
+
+
+# ---------------------------------------------------------------------- the floors of the import graph
+
+ROOM_FLOORS = {
+    # Shared contracts and process-wide plumbing: below every room that uses them.
+    "spike.app.config": 0,
+    "spike.app.logs": 0,
+    "spike.app.api": 0,
+    "spike.app.model": 0,
+    # What the server keeps.
+    "spike.app.store": 1,
+    # The server and the clients: side by side, neither imports the other.
+    "spike.app.nexus": 2,
+    "spike.app.commands": 2,
+    "spike.app.keeper": 2,
+    # The entry point, which dispatches to all of them.
+    "spike.app.cli": 3,
+}
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """Every module `path` imports, top-level or lazily inside a function, as absolute names."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _module_files(package: str) -> dict[str, Path]:
+    root = ROOT / Path(*package.split("."))
+    files = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        files[name] = path
+    return files
+
+
+def _room_of(module: str) -> str | None:
+    return next((room for room in ROOM_FLOORS if module == room or module.startswith(room + ".")), None)
+
+
+def test_every_app_module_is_in_a_room_and_no_import_points_up_a_floor() -> None:
+    """docs/design.md section 7: a room imports its own modules and lower floors only."""
+    problems = []
+    for module, path in sorted(_module_files("spike.app").items()):
+        if module == "spike.app":
+            continue
+        room = _room_of(module)
+        if room is None:
+            problems.append(f"{module} is in no room: add it to ROOM_FLOORS or move it into one")
+            continue
+        package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        for imported in sorted(_imports(path, package)):
+            other = _room_of(imported)
+            if other is None or other == room:
+                continue
+            if ROOM_FLOORS[other] >= ROOM_FLOORS[room]:
+                problems.append(f"{module} imports {imported} (floor {ROOM_FLOORS[other]} >= {ROOM_FLOORS[room]})")
+    assert not problems, "\n".join(problems)
+
+
+PROTOCOL_MAY_NOT_IMPORT = (
+    "time", "os", "subprocess", "random", "secrets", "socket", "ssl", "selectors", "asyncio", "threading",
+    "logging", "http", "anyio", "h11", "spike.transports", "spike.app",
+)  # fmt: skip
+
+
+def test_the_core_and_the_transports_import_nothing_above_them() -> None:
+    """spike.protocol reads no clock, draws no randomness, does no I/O; spike.transports never imports spike.app."""
+    problems = []
+    for module, path in sorted(_module_files("spike.protocol").items()):
+        package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        for imported in _imports(path, package):
+            if any(imported == bad or imported.startswith(bad + ".") for bad in PROTOCOL_MAY_NOT_IMPORT):
+                problems.append(f"{module} imports {imported}")
+    for module, path in sorted(_module_files("spike.transports").items()):
+        package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        problems += [f"{module} imports {i}" for i in _imports(path, package) if i.startswith("spike.app")]
+    assert not problems, "\n".join(sorted(set(problems)))

@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import spike
-
-from .errors import CommandError
+from spike.app.commands.errors import CommandError
 
 if TYPE_CHECKING:
-    from .config import Common
+    from spike.app.config import Common
 
 EXIT_CONFIG = 2
 _CLIENT_COMMANDS = frozenset({"secret", "cipher", "policy"})
@@ -61,7 +60,7 @@ def version_line() -> str:
 
 
 def _trust_domain_arg(text: str) -> str:
-    from . import config as cfg
+    from spike.app import config as cfg
 
     return cfg.trust_domain_arg(text)
 
@@ -163,8 +162,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     ident.add_argument("--keepers", default="1,2,3", help="keeper ids to mint SVIDs for (default 1,2,3)")
 
     if command is None or command in _CLIENT_COMMANDS or command not in COMMANDS:
-        from .policy_cli import add_parser as add_policy_parser
-        from .secret_cli import add_parsers
+        from spike.app.commands.policy import add_parser as add_policy_parser
+        from spike.app.commands.secret import add_parsers
 
         add_parsers(sub, _client_flags)
         add_policy_parser(sub, _client_flags)
@@ -183,14 +182,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _setup_logs(common: Common) -> None:
-    from .logs import setup
+    from spike.app.logs import setup
 
     setup(common.log_level, common.log_format)
 
 
 def _keeper(args: argparse.Namespace) -> int:
-    from . import config as cfg
-    from . import keeper
+    from spike.app import config as cfg
+    from spike.app import keeper
 
     config = cfg.keeper(args, cfg.environ(args))
     _setup_logs(config.common)
@@ -201,8 +200,8 @@ def _keeper(args: argparse.Namespace) -> int:
 def _nexus(args: argparse.Namespace) -> int:
     import json
 
-    from . import config as cfg
-    from . import nexus
+    from spike.app import config as cfg
+    from spike.app.nexus import server as nexus
 
     config = cfg.nexus(args, cfg.environ(args))
     if args.check_config:
@@ -214,8 +213,8 @@ def _nexus(args: argparse.Namespace) -> int:
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
-    from . import bootstrap
-    from . import config as cfg
+    from spike.app import config as cfg
+    from spike.app.commands import bootstrap
 
     config = cfg.bootstrap(args, cfg.environ(args))
     _setup_logs(config.common)
@@ -224,8 +223,8 @@ def _bootstrap(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from . import config as cfg
-    from . import status
+    from spike.app import config as cfg
+    from spike.app.commands import status
 
     config = cfg.client(args, cfg.environ(args))
     _setup_logs(config.common)
@@ -233,8 +232,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from . import config as cfg
-    from . import dev
+    from spike.app import config as cfg
+    from spike.app.commands import dev
 
     return dev.run(
         dev.DevOptions(
@@ -249,8 +248,8 @@ def _dev(args: argparse.Namespace) -> int:
 
 
 def _dev_identity(args: argparse.Namespace) -> int:
-    from . import config as cfg
-    from .devca import mint_dev_identity
+    from spike.app import config as cfg
+    from spike.app.commands.devca import mint_dev_identity
 
     trust_domain = args.trust_domain or cfg.DEFAULT_TRUST_DOMAIN
     try:
@@ -263,33 +262,33 @@ def _dev_identity(args: argparse.Namespace) -> int:
 
 
 def _secret(args: argparse.Namespace) -> int:
-    from . import config as cfg
-    from .secret_cli import run_secret
+    from spike.app import config as cfg
+    from spike.app.commands.secret import run_secret
 
     _setup_logs(cfg.common(args, cfg.environ(args)))
     return run_secret(args)
 
 
 def _cipher(args: argparse.Namespace) -> int:
-    from . import config as cfg
-    from .secret_cli import run_cipher
+    from spike.app import config as cfg
+    from spike.app.commands.secret import run_cipher
 
     _setup_logs(cfg.common(args, cfg.environ(args)))
     return run_cipher(args)
 
 
 def _policy(args: argparse.Namespace) -> int:
-    from . import config as cfg
-    from . import policy_cli
+    from spike.app import config as cfg
+    from spike.app.commands import policy as policy_cli
 
     _setup_logs(cfg.common(args, cfg.environ(args)))
     return policy_cli.run(args)
 
 
 def _operator(args: argparse.Namespace) -> int:
-    from . import config as cfg
-    from . import operator
-    from .pilot import NexusClient
+    from spike.app import config as cfg
+    from spike.app.commands import operator
+    from spike.app.commands.client import NexusClient
 
     config = cfg.client(args, cfg.environ(args))
     _setup_logs(config.common)
@@ -336,7 +335,7 @@ def _raised_by(exc: BaseException, module: str, name: str) -> bool:
 _STARTUP_ERRORS = (
     ("spike.transports.tls", "IdentityError"),
     ("spike.transports.runner", "BindError"),
-    ("spike.app.storage", "StorageError"),
+    ("spike.app.store.errors", "StorageError"),
 )
 
 
@@ -345,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if words[:1] == ["--version"]:  # the quickest path: no parser, no imports
         print(version_line())
         return 0
-    from .logs import route_dependency_warnings
+    from spike.app.logs import route_dependency_warnings
 
     route_dependency_warnings()
     parser = build_parser(next((word for word in words if not word.startswith("-")), None))

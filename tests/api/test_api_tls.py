@@ -26,9 +26,7 @@ from anyio.abc import SocketAttribute
 from anyio.from_thread import start_blocking_portal
 from api_helpers import TRUST, WAIT, Node
 
-from spike.app.cipher_api import MAX_PLAINTEXT
-from spike.app.devca import DevIdentity
-from spike.app.messages import (
+from spike.app.api.messages import (
     CIPHER_DECRYPT_PATH,
     CIPHER_ENCRYPT_PATH,
     SECRETS_PATH,
@@ -37,8 +35,10 @@ from spike.app.messages import (
     SecretPutRequest,
     SecretPutResponse,
 )
-from spike.app.nexus import NEXUS_LIMITS
-from spike.app.pilot import NexusClient, NexusError
+from spike.app.commands.client import NexusClient, NexusError
+from spike.app.commands.devca import DevIdentity
+from spike.app.nexus.cipher_api import MAX_PLAINTEXT
+from spike.app.nexus.server import NEXUS_LIMITS
 from spike.transports.server import HttpsServer
 from spike.transports.tls import server_context
 

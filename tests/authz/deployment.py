@@ -15,7 +15,7 @@ certificate at all.  Every call the route table sees is recorded (`calls`),
 so a test can tell a refusal at the handshake (Nexus saw nothing) from a 401.
 
 This builds its own NexusApi rather than using tests/api's helper: the wiring
-below is kept to what `spike.app.nexus._run` does.
+below is kept to what `spike.app.nexus.server._run` does.
 """
 
 from __future__ import annotations
@@ -39,19 +39,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from spike.app.cipher_api import CipherApi
-from spike.app.devca import CA_KEY, DevIdentity, mint_svid
+from spike.app.api.messages import POLICY_PATH
+from spike.app.commands.devca import CA_KEY, DevIdentity, mint_svid
 from spike.app.keeper import KeeperHandler
-from spike.app.messages import POLICY_PATH
-from spike.app.nexus import KeyUsers
-from spike.app.nexus_api import ApiCall, NexusApi
-from spike.app.operator import OperatorApi
-from spike.app.policy_api import PolicyApi
-from spike.app.policy_engine import Authorizer
-from spike.app.policy_store import PolicyStore
-from spike.app.secret_store import SecretStore
-from spike.app.secrets_api import SecretsApi
-from spike.app.storage import DB_NAME, NexusStore
+from spike.app.nexus.authorizer import Authorizer
+from spike.app.nexus.cipher_api import CipherApi
+from spike.app.nexus.operator_api import OperatorApi
+from spike.app.nexus.policy_api import PolicyApi
+from spike.app.nexus.routes import ApiCall, NexusApi
+from spike.app.nexus.secrets_api import SecretsApi
+from spike.app.nexus.server import KeyUsers
+from spike.app.store.policies import PolicyStore
+from spike.app.store.sqlite import SecretStore
+from spike.app.store.sqlite_schema import DB_NAME, NexusStore
 from spike.protocol import PollSchedule, seal_key
 from spike.protocol.api import ApiRequest
 from spike.protocol.effects import KeyRecovered, Phase, Report

@@ -44,19 +44,20 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from deployment import Caller, Deployment, TransportError, foreign_ca_context, no_certificate_context, running
 
-from spike.app.devca import DevIdentity
-from spike.app.messages import (
+from spike.app.api.messages import (
     BOOTSTRAP_INIT_PATH,
     BOOTSTRAP_VERIFY_PATH,
     CIPHER_DECRYPT_PATH,
     CIPHER_ENCRYPT_PATH,
     POLICY_PATH,
+    RECOVER_PATH,
+    RESTORE_PATH,
     SECRETS_METADATA_PATH,
     SECRETS_PATH,
     STATUS_PATH,
     VERIFY_INFO,
 )
-from spike.app.operator import RECOVER_PATH, RESTORE_PATH
+from spike.app.commands.devca import DevIdentity
 from spike.protocol.material import RootKey, derive_key
 
 MATRIX = """

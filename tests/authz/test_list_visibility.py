@@ -13,7 +13,7 @@ from typing import Any
 
 from deployment import Caller, Deployment
 
-from spike.app.messages import SECRETS_PATH
+from spike.app.api.messages import SECRETS_PATH
 
 TD = r"spiffe://spike\.test"
 VISIBLE = ["app/a/1", "app/a/2", "app/a/3"]

@@ -20,12 +20,12 @@ import pytest
 from deployment import Caller, Deployment, running
 
 from spike.app import cli
-from spike.app.devca import DevIdentity
-from spike.app.messages import CIPHER_ENCRYPT_PATH, POLICY_PATH, SECRETS_METADATA_PATH, SECRETS_PATH
-from spike.app.policy_engine import Authorizer
-from spike.app.policy_model import Permission, Policy
-from spike.app.policy_store import PolicyStore
-from spike.app.sealing import Sealer
+from spike.app.api.messages import CIPHER_ENCRYPT_PATH, POLICY_PATH, SECRETS_METADATA_PATH, SECRETS_PATH
+from spike.app.commands.devca import DevIdentity
+from spike.app.model.policy import Permission, Policy
+from spike.app.nexus.authorizer import Authorizer
+from spike.app.store.policies import PolicyStore
+from spike.app.store.sealing import Sealer
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.identity import SpiffeId, TrustDomains
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from deployment import Caller, Deployment, running
 
-from spike.app.devca import DevIdentity
-from spike.app.messages import CIPHER_ENCRYPT_PATH, POLICY_PATH, SECRETS_PATH
+from spike.app.api.messages import CIPHER_ENCRYPT_PATH, POLICY_PATH, SECRETS_PATH
+from spike.app.commands.devca import DevIdentity
 
 TD = r"spiffe://spike\.test"
 
@@ -64,8 +64,8 @@ def test_a_stored_pattern_that_does_not_compile_grants_nothing_and_stops_nothing
         sealer = deployment.secrets.sealer()
         import msgspec
 
-        from spike.app.policy_store import _Sealed
-        from spike.app.sealing import policy_aad
+        from spike.app.store.policies import _Sealed
+        from spike.app.store.sealing import policy_aad
 
         body = msgspec.json.encode(_Sealed(workload_id("other"), "^s/(?=x)", ["read"], dialect=2))
         deployment.secrets.policy_put(

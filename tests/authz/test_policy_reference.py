@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spike.app.policy_engine import Authorizer
-from spike.app.policy_model import Permission, Policy
+from spike.app.model.policy import Permission, Policy
+from spike.app.nexus.authorizer import Authorizer
 from spike.protocol.identity import SpiffeId, TrustDomains
 
 TRUST = TrustDomains.single("spike.test")

@@ -6,9 +6,9 @@ import logging
 
 import pytest
 
-from spike.app.policy_engine import Authorizer, PoliciesDatabaseUnavailable, PoliciesUnavailable
-from spike.app.policy_model import Permission, Policy
-from spike.app.storage import DatabaseUnavailable
+from spike.app.model.policy import Permission, Policy
+from spike.app.nexus.authorizer import Authorizer, PoliciesDatabaseUnavailable, PoliciesUnavailable
+from spike.app.store.errors import DatabaseUnavailable
 from spike.protocol.identity import SpiffeId, TrustDomains
 
 TRUST = TrustDomains.single("spike.test")

@@ -33,9 +33,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from harness import Cluster, presented_serial, wait_until
 
-from spike.app.devca import CA_KEY, DevIdentity, mint_svid
-from spike.app.messages import SECRETS_PATH
-from spike.app.pilot import nexus_connection
+from spike.app.api.messages import SECRETS_PATH
+from spike.app.commands.client import nexus_connection
+from spike.app.commands.devca import CA_KEY, DevIdentity, mint_svid
 from spike.transports.blocking import ClientSession
 from spike.transports.client import TransportError
 from spike.transports.identity import SvidFileSource

@@ -16,19 +16,20 @@ from typing import Any
 import pytest
 from deployment import Deployment
 
-from spike.app.messages import (
+from spike.app.api.messages import (
     BOOTSTRAP_INIT_PATH,
     BOOTSTRAP_VERIFY_PATH,
     CIPHER_DECRYPT_PATH,
     CIPHER_ENCRYPT_PATH,
     POLICY_PATH,
+    RECOVER_PATH,
+    RESTORE_PATH,
     SECRETS_METADATA_PATH,
     SECRETS_PATH,
     STATUS_PATH,
 )
-from spike.app.nexus_api import Granted, Roles, Route
-from spike.app.operator import RECOVER_PATH, RESTORE_PATH
-from spike.app.policy_model import Permission, reserved
+from spike.app.model.policy import Permission, reserved
+from spike.app.nexus.routes import Granted, Roles, Route
 from spike.protocol.identity import Role
 
 PILOTS = {Role.PILOT_SUPERUSER, Role.PILOT_RECOVER, Role.PILOT_RESTORE}

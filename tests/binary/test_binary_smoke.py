@@ -39,7 +39,7 @@ from typing import Any
 
 import pytest
 
-from spike.app.devca import DevIdentity
+from spike.app.commands.devca import DevIdentity
 from spike.protocol.identity import Role, TrustDomains
 from spike.protocol.wire import KEEPER_SHARD_PATH
 from spike.transports.blocking import ClientSession

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from harness import Cluster, SecretsSeen
 
-from spike.app.devca import DevIdentity
+from spike.app.commands.devca import DevIdentity
 
 
 @pytest.fixture(scope="session")

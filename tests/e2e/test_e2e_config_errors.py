@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from harness import SPIKE, base_env, pick_port, svid_env
 
-from spike.app.devca import DevIdentity
-from spike.app.storage import NexusStore
+from spike.app.commands.devca import DevIdentity
+from spike.app.store.sqlite_schema import NexusStore
 from spike.protocol.material import RootKey
 from spike.protocol.record import seal_key
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from harness import Cluster, SecretsSeen, find_secrets
 
-from spike.app.storage import NexusStore
+from spike.app.store.sqlite_schema import NexusStore
 from spike.protocol.shamir import combine
 
 pytestmark = pytest.mark.e2e

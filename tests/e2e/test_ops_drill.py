@@ -24,16 +24,16 @@ from typing import Any
 import pytest
 from harness import Cluster, SecretsSeen
 
-from spike.app.messages import (
+from spike.app.api.messages import (
     SECRETS_PATH,
     SecretGetRequest,
     SecretGetResponse,
     SecretPutRequest,
     SecretPutResponse,
 )
-from spike.app.operator import format_shard, parse_shard
-from spike.app.pilot import NexusClient, NexusError
-from spike.app.storage import NexusStore
+from spike.app.commands.client import NexusClient, NexusError
+from spike.app.commands.operator import format_shard, parse_shard
+from spike.app.store.sqlite_schema import NexusStore
 from spike.protocol import RootKey, combine, seal_key
 
 pytestmark = pytest.mark.e2e

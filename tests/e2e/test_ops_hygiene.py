@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from harness import SecretsSeen, find_secrets
 
-from spike.app.storage import DB_NAME
+from spike.app.store.sqlite_schema import DB_NAME
 
 pytestmark = pytest.mark.e2e
 

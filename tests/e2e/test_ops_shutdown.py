@@ -25,8 +25,14 @@ from typing import Any
 import pytest
 from harness import Cluster, SecretsSeen, wait_until
 
-from spike.app.messages import SECRETS_PATH, SecretGetRequest, SecretGetResponse, SecretPutRequest, SecretPutResponse
-from spike.app.pilot import NexusError
+from spike.app.api.messages import (
+    SECRETS_PATH,
+    SecretGetRequest,
+    SecretGetResponse,
+    SecretPutRequest,
+    SecretPutResponse,
+)
+from spike.app.commands.client import NexusError
 from spike.transports.tls import client_context
 
 pytestmark = pytest.mark.e2e

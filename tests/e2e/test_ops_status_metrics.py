@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from harness import Cluster, Scrape, SecretsSeen
 
-from spike.app.messages import SECRETS_PATH, SecretGetRequest, SecretGetResponse
-from spike.app.pilot import NexusError
+from spike.app.api.messages import SECRETS_PATH, SecretGetRequest, SecretGetResponse
+from spike.app.commands.client import NexusError
 
 pytestmark = pytest.mark.e2e
 

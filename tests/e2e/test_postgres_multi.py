@@ -27,8 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from harness import Cluster, wait_until
 
-from spike.app.devca import CA_KEY, mint_svid
-from spike.app.messages import (
+from spike.app.api.messages import (
     POLICY_PATH,
     SECRETS_METADATA_PATH,
     SECRETS_PATH,
@@ -40,7 +39,8 @@ from spike.app.messages import (
     SecretPutResponse,
     SecretVersionsRequest,
 )
-from spike.app.pilot import Empty, NexusClient, NexusError
+from spike.app.commands.client import Empty, NexusClient, NexusError
+from spike.app.commands.devca import CA_KEY, mint_svid
 from spike.transports.tls import SvidFiles
 
 pytestmark = pytest.mark.e2e

@@ -22,9 +22,7 @@ from typing import Any
 import pytest
 from harness import CliResult, Cluster, SecretsSeen, pick_port
 
-from spike.app.cipher_api import MAX_OVERHEAD, MAX_PLAINTEXT
-from spike.app.devca import DevIdentity
-from spike.app.messages import (
+from spike.app.api.messages import (
     CIPHER_DECRYPT_PATH,
     CIPHER_ENCRYPT_PATH,
     SECRETS_PATH,
@@ -37,7 +35,10 @@ from spike.app.messages import (
     SecretPutRequest,
     SecretPutResponse,
 )
-from spike.app.storage import DB_NAME
+from spike.app.api.messages import CIPHER_MAX_OVERHEAD as MAX_OVERHEAD
+from spike.app.api.messages import CIPHER_MAX_PLAINTEXT as MAX_PLAINTEXT
+from spike.app.commands.devca import DevIdentity
+from spike.app.store.sqlite_schema import DB_NAME
 
 pytestmark = pytest.mark.e2e
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import pytest
 from harness import Cluster, wait_until
 
-from spike.app.messages import (
+from spike.app.api.messages import (
     SECRETS_METADATA_PATH,
     SECRETS_PATH,
     SecretGetRequest,
@@ -34,7 +34,7 @@ from spike.app.messages import (
     SecretPutRequest,
     SecretPutResponse,
 )
-from spike.app.pilot import Empty, NexusError
+from spike.app.commands.client import Empty, NexusError
 
 pytestmark = pytest.mark.e2e
 

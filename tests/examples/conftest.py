@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "e2e"))
 
 from harness import Cluster
 
-from spike.app.devca import DevIdentity
+from spike.app.commands.devca import DevIdentity
 
 
 @pytest.fixture

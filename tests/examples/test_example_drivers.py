@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from harness import Cluster, base_env, find_secrets, pick_port, wait_until
 
-from spike.app.devca import DevIdentity
+from spike.app.commands.devca import DevIdentity
 from spike.protocol import (
     KEEPER_CONTRIBUTE_PATH,
     KEEPER_SHARD_PATH,

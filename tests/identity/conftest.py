@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from workload_api import TestCa, WorkloadApi
 
-from spike.app.devca import DevIdentity
+from spike.app.commands.devca import DevIdentity
 
 # The process tests drive real `spike` processes with the end-to-end harness.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "e2e"))

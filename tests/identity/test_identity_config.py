@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from spike.app import config as cfg
-from spike.app.devca import DevIdentity
+from spike.app.commands.devca import DevIdentity
 from spike.transports.identity import (
     SvidFileSource,
     WorkloadApiSource,

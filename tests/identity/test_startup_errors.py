@@ -194,11 +194,11 @@ def test_a_dependency_that_warns_at_import_does_not_break_the_one_line_promise(
 
 def test_spikes_own_warnings_are_still_shown(tmp_path: Path) -> None:
     """Only dependencies are quietened: a warning raised by spike's own code reaches stderr as usual."""
-    plant = _with_planted_warnings(tmp_path, {"spike.app.devca": "UserWarning"})
+    plant = _with_planted_warnings(tmp_path, {"spike.app.commands.devca": "UserWarning"})
     env = {**base_env(), **plant}
     done = subprocess.run(
         [*SPIKE, "dev-identity", "--dir", str(tmp_path / "id")], env=env, capture_output=True, timeout=30, check=False
     )
     text = done.stderr.decode(errors="replace")
     assert done.returncode == 0, text
-    assert "UserWarning: planted warning in spike.app.devca" in text
+    assert "UserWarning: planted warning in spike.app.commands.devca" in text

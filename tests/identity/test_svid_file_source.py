@@ -27,7 +27,7 @@ from harness import presented_serial
 from tls_probe import handshake
 from workload_api import TestCa, serial_of
 
-from spike.app.devca import DevIdentity
+from spike.app.commands.devca import DevIdentity
 from spike.app.keeper import KeeperHandler
 from spike.protocol.identity import SpiffeId, TrustDomains
 from spike.protocol.keeper import Keeper

@@ -20,7 +20,7 @@ import pytest
 from harness import base_env, pick_port, presented_serial, wait_until
 from workload_api import TestCa, serial_of
 
-from spike.app.devca import DevIdentity
+from spike.app.commands.devca import DevIdentity
 from spike.transports.tls import client_context
 
 pytestmark = pytest.mark.e2e

@@ -26,8 +26,8 @@ import pytest
 from harness import Cluster, HarnessError, presented_serial, wait_until
 from workload_api import TestCa, WorkloadApi
 
-from spike.app.bootstrap import fetch_status, nexus_connection
-from spike.app.devca import DevIdentity
+from spike.app.commands.client import fetch_status, nexus_connection
+from spike.app.commands.devca import DevIdentity
 from spike.transports.blocking import ClientSession
 from spike.transports.client import TransportError
 from spike.transports.identity import WorkloadApiSource

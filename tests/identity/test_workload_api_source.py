@@ -21,7 +21,7 @@ from spiffe._proto import workload_pb2, workload_pb2_grpc
 from tls_probe import handshake, wait_for
 from workload_api import TestCa, WorkloadApi
 
-from spike.app.devca import DevIdentity
+from spike.app.commands.devca import DevIdentity
 from spike.protocol.identity import SpiffeId
 from spike.transports.identity import LoadedIdentity, WorkloadApiSource
 from spike.transports.tls import IdentityError, client_context

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
-from spike.app.devca import CA_CERT, CA_KEY, DevIdentity, mint_svid, new_ca
+from spike.app.commands.devca import CA_CERT, CA_KEY, DevIdentity, mint_svid, new_ca
 
 # ---------------------------------------------------------------------- certificate authorities
 

@@ -23,19 +23,19 @@ from typing import Any
 
 import msgspec
 
-from spike.app.audit import AuditLog
-from spike.app.cipher_api import CipherApi
-from spike.app.metrics import NexusMetrics
-from spike.app.nexus import CallRecorder, KeyUsers
-from spike.app.nexus_api import NexusApi
-from spike.app.operator import OperatorApi
-from spike.app.pilot import NexusClient
-from spike.app.policy_api import PolicyApi
-from spike.app.policy_engine import Authorizer
-from spike.app.policy_store import PolicyStore
-from spike.app.secret_store import SecretStore
-from spike.app.secrets_api import SecretsApi
-from spike.app.storage import NexusStore
+from spike.app.commands.client import NexusClient
+from spike.app.nexus.audit import AuditLog
+from spike.app.nexus.authorizer import Authorizer
+from spike.app.nexus.cipher_api import CipherApi
+from spike.app.nexus.metrics import NexusMetrics
+from spike.app.nexus.operator_api import OperatorApi
+from spike.app.nexus.policy_api import PolicyApi
+from spike.app.nexus.routes import NexusApi
+from spike.app.nexus.secrets_api import SecretsApi
+from spike.app.nexus.server import CallRecorder, KeyUsers
+from spike.app.store.policies import PolicyStore
+from spike.app.store.sqlite import SecretStore
+from spike.app.store.sqlite_schema import NexusStore
 from spike.protocol import (
     KeyRecord,
     NexusCustody,

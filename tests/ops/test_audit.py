@@ -18,8 +18,8 @@ from typing import Any
 
 from ops_helpers import ROOT_KEY, SHARES, Node, leaks, peer, secrets_of
 
-from spike.app.audit import AuditLog, secret_path_of
-from spike.app.operator import RECOVER_PATH, RESTORE_PATH
+from spike.app.api.messages import RECOVER_PATH, RESTORE_PATH
+from spike.app.nexus.audit import AuditLog, secret_path_of
 
 VALUE = "s3cr3t-value-7d1e4b0a9f"
 PLAINTEXT = b"cipher plaintext 0c8e7f1d2a"

@@ -20,7 +20,7 @@ import pytest
 
 from spike.app import cli
 from spike.app import config as cfg
-from spike.app.devca import DevIdentity
+from spike.app.commands.devca import DevIdentity
 
 PEERS = {1: "https://k1.test:8443", 2: "https://k2.test:8443", 3: "https://k3.test:8443"}
 PEERS_ENV = ",".join(f"{i}={u}" for i, u in PEERS.items())

@@ -13,8 +13,8 @@ import pytest
 from ops_helpers import ROOT_KEY, SHARES, Node, leaks, secrets_of, shard_answer
 from prometheus_client.parser import text_string_to_metric_families
 
-from spike.app.metrics import PROMETHEUS_TEXT
-from spike.app.operator import RESTORE_PATH
+from spike.app.api.messages import RESTORE_PATH
+from spike.app.nexus.metrics import PROMETHEUS_TEXT
 from spike.protocol import Answer, RequestFailed, ResponseReceived
 from spike.protocol.api import ApiRequest
 

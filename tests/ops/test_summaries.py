@@ -16,7 +16,7 @@ import pytest
 from ops_helpers import SHARES, URLS, Node, shard_answer
 
 from spike.app.config import KEEPER_SUMMARY_EVERY, WAITING_SUMMARY_EVERY
-from spike.app.nexus import Summaries
+from spike.app.nexus.server import Summaries
 
 
 def run_for(node: Node, summaries: Summaries, seconds: int, caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -24,7 +24,7 @@ for _helpers in ("e2e", "authz", "transport"):
 
 from reliability_rig import REPORT, LeakWatch, ProxiedCluster  # noqa: E402
 
-from spike.app.devca import DevIdentity  # noqa: E402
+from spike.app.commands.devca import DevIdentity  # noqa: E402
 
 
 @pytest.fixture(scope="session")

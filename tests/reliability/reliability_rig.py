@@ -29,10 +29,10 @@ import msgspec
 from faultproxy import FaultProxy, ProxyLoop
 from harness import Cluster, HarnessError, pick_port
 
-from spike.app.bootstrap import fetch_status, nexus_connection
-from spike.app.devca import DevIdentity
-from spike.app.errors import CommandError
-from spike.app.storage import NexusStore
+from spike.app.commands.client import fetch_status, nexus_connection
+from spike.app.commands.devca import DevIdentity
+from spike.app.commands.errors import CommandError
+from spike.app.store.sqlite_schema import NexusStore
 from spike.protocol.material import Share
 from spike.protocol.shamir import combine
 from spike.transports.blocking import ClientSession

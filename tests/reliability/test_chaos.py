@@ -47,7 +47,7 @@ from faultproxy import FaultSchedule
 from harness import HarnessError
 from reliability_rig import REPORT, LeakWatch, ProxiedCluster, ShardProbe, StatusProbe
 
-from spike.app.messages import (
+from spike.app.api.messages import (
     SECRETS_METADATA_PATH,
     SECRETS_PATH,
     SecretGetRequest,
@@ -57,7 +57,7 @@ from spike.app.messages import (
     SecretPutRequest,
     SecretPutResponse,
 )
-from spike.app.pilot import Empty, NexusClient, NexusError
+from spike.app.commands.client import Empty, NexusClient, NexusError
 from spike.protocol.material import Share
 
 pytestmark = pytest.mark.e2e

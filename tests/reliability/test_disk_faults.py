@@ -40,7 +40,7 @@ from typing import Any
 import pytest
 from reliability_rig import REPORT, LeakWatch, ProxiedCluster, StatusProbe
 
-from spike.app.messages import (
+from spike.app.api.messages import (
     SECRETS_METADATA_PATH,
     SECRETS_PATH,
     SecretGetRequest,
@@ -49,8 +49,8 @@ from spike.app.messages import (
     SecretPutRequest,
     SecretPutResponse,
 )
-from spike.app.pilot import NexusClient, NexusError
-from spike.app.storage import DB_NAME
+from spike.app.commands.client import NexusClient, NexusError
+from spike.app.store.sqlite_schema import DB_NAME
 
 pytestmark = pytest.mark.e2e
 

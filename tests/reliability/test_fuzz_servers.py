@@ -49,20 +49,21 @@ from hypothesis import strategies as st
 from reliability_rig import REPORT, LeakWatch, ProxiedCluster, ready_cluster, rss_kib
 from transport_rig import raw_client_context
 
-from spike.app.devca import DevIdentity
-from spike.app.keeper import KEEPER_LIMITS, KeeperHandler
-from spike.app.messages import (
+from spike.app.api.messages import (
     BOOTSTRAP_INIT_PATH,
     BOOTSTRAP_VERIFY_PATH,
     CIPHER_DECRYPT_PATH,
     CIPHER_ENCRYPT_PATH,
     POLICY_PATH,
+    RECOVER_PATH,
+    RESTORE_PATH,
     SECRETS_METADATA_PATH,
     SECRETS_PATH,
     STATUS_PATH,
 )
-from spike.app.nexus import NEXUS_LIMITS
-from spike.app.operator import RECOVER_PATH, RESTORE_PATH
+from spike.app.commands.devca import DevIdentity
+from spike.app.keeper import KEEPER_LIMITS, KeeperHandler
+from spike.app.nexus.server import NEXUS_LIMITS
 from spike.protocol.identity import TrustDomains
 from spike.protocol.keeper import Keeper
 from spike.protocol.wire import KEEPER_CONTRIBUTE_PATH, KEEPER_SHARD_PATH
@@ -340,7 +341,7 @@ def test_strings_that_are_not_utf8_are_a_400_on_every_route(
 )
 def test_decode_turns_bytes_that_are_not_utf8_into_a_protocol_error(body: bytes) -> None:
     """The finding behind the test above, at its root: `spike.protocol.decode` never lets UnicodeDecodeError out."""
-    from spike.app.messages import InitRequest, SecretPutRequest
+    from spike.app.api.messages import InitRequest, SecretPutRequest
     from spike.protocol import RemoteProtocolError, ShardAnswer, decode
 
     for kind in (SecretPutRequest, InitRequest, ShardAnswer, dict):
@@ -586,7 +587,7 @@ def proc_targets(cluster: ProxiedCluster, identity: DevIdentity) -> list[ProcTar
 
 
 def cluster_record(cluster: ProxiedCluster) -> Any:
-    from spike.app.storage import NexusStore
+    from spike.app.store.sqlite_schema import NexusStore
 
     store = NexusStore(cluster.data_dir)
     try:

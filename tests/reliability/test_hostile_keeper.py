@@ -34,10 +34,16 @@ from anyio.from_thread import start_blocking_portal
 from harness import pick_port, wait_until
 from reliability_rig import REPORT, LeakWatch, ProxiedCluster, StatusProbe
 
-from spike.app.devca import DevIdentity
+from spike.app.api.messages import (
+    SECRETS_PATH,
+    SecretGetRequest,
+    SecretGetResponse,
+    SecretPutRequest,
+    SecretPutResponse,
+)
+from spike.app.commands.devca import DevIdentity
 from spike.app.keeper import KeeperHandler
-from spike.app.messages import SECRETS_PATH, SecretGetRequest, SecretGetResponse, SecretPutRequest, SecretPutResponse
-from spike.app.storage import NexusStore
+from spike.app.store.sqlite_schema import NexusStore
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.identity import Role
 from spike.protocol.keeper import Keeper

@@ -29,7 +29,7 @@ from reliability_rig import REPORT, LeakWatch, ProxiedCluster, ready_cluster
 from test_authz_matrix import ROUTES
 from transport_rig import mint_files, raw_client_context
 
-from spike.app.devca import DevIdentity
+from spike.app.commands.devca import DevIdentity
 from spike.protocol.wire import KEEPER_CONTRIBUTE_PATH, KEEPER_SHARD_PATH
 from spike.transports.tls import SvidFiles
 

@@ -37,11 +37,11 @@ from pathlib import Path
 import pytest
 from reliability_rig import REPORT, LeakWatch, Needles, ProxiedCluster, files_under, ready_cluster, scan, scan_bytes
 
-from spike.app.devca import DevIdentity
-from spike.app.messages import SECRETS_PATH, SecretPutRequest, SecretPutResponse
-from spike.app.sealing import Sealer, TamperedData
-from spike.app.secret_store import SecretStore
-from spike.app.storage import DB_NAME
+from spike.app.api.messages import SECRETS_PATH, SecretPutRequest, SecretPutResponse
+from spike.app.commands.devca import DevIdentity
+from spike.app.store.sealing import Sealer, TamperedData
+from spike.app.store.sqlite import SecretStore
+from spike.app.store.sqlite_schema import DB_NAME
 from spike.protocol.material import RootKey
 
 pytestmark = pytest.mark.after_everything

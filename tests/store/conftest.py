@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from store_helpers import BACKENDS, ROOT_KEY, CountingSealer, open_backend, open_store
 
-from spike.app.secret_store import SecretStore
-from spike.app.storage import DB_NAME
+from spike.app.store.sqlite import SecretStore
+from spike.app.store.sqlite_schema import DB_NAME
 
 
 @pytest.fixture

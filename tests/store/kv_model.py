@@ -15,8 +15,8 @@ from typing import Any
 
 from store_helpers import WAIT
 
-from spike.app import kv
-from spike.app.secret_store import SecretStore
+from spike.app.model import kv
+from spike.app.store.sqlite import SecretStore
 
 DEFAULT_MAX = 3
 

@@ -12,9 +12,9 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from spike.app.sealing import Sealer
-from spike.app.secret_store import SecretStore, SqliteBackend
-from spike.app.storage import DB_NAME, NexusStore
+from spike.app.store.sealing import Sealer
+from spike.app.store.sqlite import SecretStore, SqliteBackend
+from spike.app.store.sqlite_schema import DB_NAME, NexusStore
 from spike.protocol.material import RootKey
 
 ROOT_KEY = RootKey(bytes(range(1, 33)))
@@ -74,7 +74,7 @@ def open_backend(kind: str, data_dir: Path, *, unlock: bool = True, **options: A
     else:
         import pg_server
 
-        from spike.app.postgres import PostgresBackend
+        from spike.app.store.postgres import PostgresBackend
 
         backend = PostgresBackend(pg_server.server().database(), read_threads=2, **options)
     if unlock:

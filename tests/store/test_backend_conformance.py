@@ -1,7 +1,7 @@
 """One conformance suite for every storage backend: SQLite and PostgreSQL (a real server).
 
 Each test takes the `backend` fixture, so it runs once per backend: the
-interface of spike/app/backend.py (key record, secrets, policies, reads
+interface of spike/app/store/backend.py (key record, secrets, policies, reads
 through futures, writes through futures) must behave the same on both.
 The tests marked `shared` are about several Nexus instances on one database
 and run where the backend says it can be shared.
@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 from store_helpers import EPOCH, OTHER_KEY, ROOT_KEY, WAIT
 
-from spike.app import kv
-from spike.app.backend import Backend
-from spike.app.policy_model import Permission
-from spike.app.policy_store import NameTaken, PolicyStore
-from spike.app.sealing import Sealer, TamperedData
-from spike.app.storage import StorageError
+from spike.app.model import kv
+from spike.app.model.policy import Permission
+from spike.app.store.backend import Backend
+from spike.app.store.errors import StorageError
+from spike.app.store.policies import NameTaken, PolicyStore
+from spike.app.store.sealing import Sealer, TamperedData
 from spike.protocol.record import KeyRecord, seal_key
 
 RECORD, _ = seal_key(ROOT_KEY, epoch=1, threshold=2, keeper_ids=[1, 2, 3])
@@ -54,12 +54,12 @@ def race(threads: int, work: Any) -> list[Any]:
 def second(backend: Backend, tmp_path: Path) -> Any:
     """Another instance on the same data: the same file for SQLite, the same database for PostgreSQL."""
     if backend.shared:
-        from spike.app.postgres import PostgresBackend
+        from spike.app.store.postgres import PostgresBackend
 
         assert isinstance(backend, PostgresBackend)
         other: Any = PostgresBackend(backend._url, read_threads=2)
     else:
-        from spike.app.secret_store import SqliteBackend
+        from spike.app.store.sqlite import SqliteBackend
 
         other = SqliteBackend(tmp_path / "data")
     other.unlock(Sealer(ROOT_KEY), EPOCH)

@@ -16,11 +16,11 @@ from typing import Any
 import msgspec
 import pytest
 
-from spike.app.backend import Backend
-from spike.app.policy_engine import Authorizer
-from spike.app.policy_model import Permission, Policy
-from spike.app.policy_store import PolicyStore
-from spike.app.sealing import policy_aad
+from spike.app.model.policy import Permission, Policy
+from spike.app.nexus.authorizer import Authorizer
+from spike.app.store.backend import Backend
+from spike.app.store.policies import PolicyStore
+from spike.app.store.sealing import policy_aad
 from spike.protocol.identity import SpiffeId, TrustDomains
 
 TRUST = TrustDomains.single("spike.test")

@@ -19,10 +19,10 @@ import psycopg
 import pytest
 from store_helpers import EPOCH, ROOT_KEY, WAIT
 
-from spike.app import kv
-from spike.app.postgres import MIGRATIONS, PostgresBackend, StaleKey
-from spike.app.sealing import Sealer
-from spike.app.storage import DatabaseUnavailable, StorageError
+from spike.app.model import kv
+from spike.app.store.errors import DatabaseUnavailable, StorageError
+from spike.app.store.postgres import MIGRATIONS, PostgresBackend, StaleKey
+from spike.app.store.sealing import Sealer
 from spike.protocol.record import seal_key
 
 
@@ -201,8 +201,8 @@ def test_a_write_sealed_under_a_replaced_key_is_refused(url: str) -> None:
 
 
 def test_policy_writes_move_the_change_counter_seen_by_other_instances(url: str) -> None:
-    from spike.app.policy_model import Permission
-    from spike.app.policy_store import PolicyStore
+    from spike.app.model.policy import Permission
+    from spike.app.store.policies import PolicyStore
 
     mine, other = open_pg(url), open_pg(url)
     try:

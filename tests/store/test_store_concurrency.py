@@ -9,9 +9,9 @@ from typing import Any
 
 from store_helpers import WAIT
 
-from spike.app import kv
-from spike.app.backend import MAX_BATCH, WriteQueue
-from spike.app.secret_store import SecretStore
+from spike.app.model import kv
+from spike.app.store.backend import MAX_BATCH, WriteQueue
+from spike.app.store.sqlite import SecretStore
 
 THREADS = 16
 

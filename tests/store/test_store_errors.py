@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from spike.app.secret_store import SecretStore
-from spike.app.storage import DB_NAME, DatabaseUnavailable, NexusStore, StorageError, sqlite_failure
+from spike.app.store.errors import DatabaseUnavailable, StorageError
+from spike.app.store.sqlite import SecretStore
+from spike.app.store.sqlite_schema import DB_NAME, NexusStore, sqlite_failure
 from spike.protocol.material import RootKey
 from spike.protocol.record import seal_key
 

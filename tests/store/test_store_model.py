@@ -32,7 +32,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from kv_model import DEFAULT_MAX, Model, Outcome, WriteOp, settle
 from store_helpers import open_backend, open_store
 
-from spike.app import kv
+from spike.app.model import kv
 
 # "a~": '~' sorts after every other character a path may hold, so a prefix range must include it.
 PATHS = ["a", "a/b", "a/b/c", "a~", "ab", "b/x"]

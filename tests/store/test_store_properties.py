@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from kv_model import Model, WriteOp, settle
 from store_helpers import WAIT, open_store
 
-from spike.app import kv
+from spike.app.model import kv
 
 MARKS = st.lists(
     st.tuples(st.sampled_from(["delete", "undelete", "destroy"]), st.lists(st.integers(1, 4), max_size=2)),

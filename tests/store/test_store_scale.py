@@ -19,9 +19,9 @@ import msgspec
 import pytest
 from store_helpers import ROOT_KEY, WAIT, CountingSealer, open_store, raw_db
 
-from spike.app import kv
-from spike.app.sealing import secret_aad
-from spike.app.secret_store import SecretStore
+from spike.app.model import kv
+from spike.app.store.sealing import secret_aad
+from spike.app.store.sqlite import SecretStore
 
 N = 100_000
 GROUPS = 100  # paths are team{g}/app{i}: a prefix holds about N / GROUPS secrets

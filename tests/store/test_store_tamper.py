@@ -19,12 +19,12 @@ import msgspec
 import pytest
 from store_helpers import OTHER_KEY, WAIT, open_store, raw_db
 
-from spike.app.messages import SECRETS_METADATA_PATH, SECRETS_PATH
-from spike.app.policy_engine import Authorizer
-from spike.app.sealing import FORMAT_V1, NONCE_SIZE, Sealer, TamperedData, secret_aad
-from spike.app.secret_store import SecretStore
-from spike.app.secrets_api import SecretsApi
-from spike.app.storage import DB_NAME
+from spike.app.api.messages import SECRETS_METADATA_PATH, SECRETS_PATH
+from spike.app.nexus.authorizer import Authorizer
+from spike.app.nexus.secrets_api import SecretsApi
+from spike.app.store.sealing import FORMAT_V1, NONCE_SIZE, Sealer, TamperedData, secret_aad
+from spike.app.store.sqlite import SecretStore
+from spike.app.store.sqlite_schema import DB_NAME
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.identity import Role, TrustDomains
 

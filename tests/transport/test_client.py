@@ -22,7 +22,7 @@ from transport_rig import (
     wait_for,
 )
 
-from spike.app.devca import DevIdentity
+from spike.app.commands.devca import DevIdentity
 from spike.app.keeper import KeeperHandler
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.identity import Role

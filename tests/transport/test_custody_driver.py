@@ -11,7 +11,7 @@ import anyio.abc
 import pytest
 from transport_rig import TRUST, KeeperServer, keeper_server, nexus_client, wait_for
 
-from spike.app.devca import DevIdentity
+from spike.app.commands.devca import DevIdentity
 from spike.protocol.effects import (
     KeeperReseeded,
     KeeperState,

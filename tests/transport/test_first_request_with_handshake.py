@@ -16,7 +16,7 @@ import ssl
 import pytest
 from transport_rig import in_thread, keeper_server, raw_client_context, request_bytes
 
-from spike.app.devca import DevIdentity
+from spike.app.commands.devca import DevIdentity
 
 pytestmark = pytest.mark.anyio
 

@@ -27,7 +27,7 @@ from transport_rig import (
     wait_for,
 )
 
-from spike.app.devca import DevIdentity
+from spike.app.commands.devca import DevIdentity
 from spike.transports.client import HttpsConnection
 from spike.transports.tls import SvidFiles, client_context, keeper_check
 

@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from spike.app.devca import CA_CERT, CA_KEY, DevIdentity, mint_svid
+from spike.app.commands.devca import CA_CERT, CA_KEY, DevIdentity, mint_svid
 from spike.app.keeper import KeeperHandler
 from spike.protocol.identity import TrustDomains
 from spike.protocol.keeper import Keeper

@@ -16,12 +16,11 @@ from __future__ import annotations
 import base64
 import binascii
 
+from spike.app.model import kv
+from spike.app.store.backend import SecretBackend
+from spike.app.store.errors import StorageError
+from spike.app.store.sealing import TamperedData
 from spike.protocol.identity import SpiffeId
-
-from . import kv
-from .backend import SecretBackend
-from .sealing import TamperedData
-from .storage import StorageError
 
 TOKEN_PREFIX = "!"  # noqa: S105 - not a password: what no path starts with
 _PAD = kv.MAX_PATH_BYTES

@@ -31,9 +31,7 @@ from typing import Protocol
 
 import re2
 
-from spike.protocol.identity import Role, SpiffeId, TrustDomains
-
-from .policy_model import (
+from spike.app.model.policy import (
     OPTIONS,
     SYSTEM_PATHS,
     SYSTEM_SECRET,
@@ -45,7 +43,8 @@ from .policy_model import (
     grants,
     system_paths_reached,
 )
-from .storage import DatabaseUnavailable, StorageError
+from spike.app.store.errors import DatabaseUnavailable, StorageError
+from spike.protocol.identity import Role, SpiffeId, TrustDomains
 
 log = logging.getLogger("spike.nexus.policy")
 

@@ -12,6 +12,9 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from spike.app.api.messages import CIPHER_MAX_PLAINTEXT as MAX_PLAINTEXT
+from spike.app.api.messages import STATUS_PATH, StatusBody
+from spike.app.commands.errors import CommandError
 from spike.protocol.errors import RemoteProtocolError
 from spike.protocol.identity import Role, TrustDomains
 from spike.protocol.wire import ErrorBody, decode
@@ -19,9 +22,6 @@ from spike.transports.blocking import BlockingConnection, ClientSession
 from spike.transports.client import TransportError
 from spike.transports.identity import IdentitySpec, identity_source
 from spike.transports.tls import role_check
-
-from .cipher_api import MAX_PLAINTEXT
-from .errors import CommandError
 
 T = TypeVar("T")
 
@@ -41,16 +41,34 @@ _MEANINGS = {
 }
 
 
-def nexus_connection(session: ClientSession, url: str, trust: TrustDomains) -> BlockingConnection:
+def nexus_connection(
+    session: ClientSession, url: str, trust: TrustDomains, *, retry_stale: bool = False
+) -> BlockingConnection:
+    """A kept-alive mTLS connection to Nexus, which must present Nexus's SPIFFE ID.
+
+    By default a request is never sent twice: a write may have been carried out before the
+    connection broke, so the caller hears that it broke (the write is in doubt) rather than
+    "refused". Callers that only read (status) may allow one retry on a stale connection.
+    """
     return session.connect(
         url,
         role_check(trust, Role.NEXUS),
         expected_peer=str(trust.id_of(Role.NEXUS)),
         max_response_bytes=MAX_ANSWER_BYTES,
-        # A write may have been carried out before the connection broke: never send it twice,
-        # and say the connection broke (the write is in doubt) rather than "refused".
-        retry_stale=False,
+        retry_stale=retry_stale,
     )
+
+
+def fetch_status(nexus: BlockingConnection) -> StatusBody:
+    status, body = nexus.post(STATUS_PATH)
+    if status == 401:
+        raise CommandError("Nexus refused this identity (HTTP 401): check the SVID and trust domain")
+    if status != 200:
+        raise CommandError(f"Nexus answered HTTP {status} to a status request")
+    try:
+        return decode(body, StatusBody)
+    except RemoteProtocolError as exc:
+        raise CommandError(f"Nexus sent an unreadable status: {exc}") from None
 
 
 class NexusError(CommandError):

@@ -15,27 +15,29 @@ from collections.abc import Callable
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from spike.app.api.messages import (
+    CIPHER_MAX_OVERHEAD,
+    CIPHER_MAX_PLAINTEXT,
+    CIPHER_NONCE_SIZE,
+    CipherDecryptRequest,
+    CipherDecryptResponse,
+    CipherEncryptRequest,
+    CipherEncryptResponse,
+)
 from spike.protocol import api
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.errors import RemoteProtocolError
 from spike.protocol.material import RootKey, derive_key
 from spike.protocol.wire import decode
 
-from .messages import (
-    CipherDecryptRequest,
-    CipherDecryptResponse,
-    CipherEncryptRequest,
-    CipherEncryptResponse,
-)
-
 log = logging.getLogger("spike.nexus.cipher")
 
 CIPHER_KEY_INFO = b"spike/v1/cipher-key"
 CIPHER_AAD = b"spike/v1/cipher"
 VERSION = 1
-NONCE_SIZE = 12
-MAX_PLAINTEXT = 1024 * 1024
-MAX_OVERHEAD = 1 + NONCE_SIZE + 16  # version byte, nonce and tag: a stream ciphertext's extra bytes
+NONCE_SIZE = CIPHER_NONCE_SIZE
+MAX_PLAINTEXT = CIPHER_MAX_PLAINTEXT
+MAX_OVERHEAD = CIPHER_MAX_OVERHEAD
 OCTET_STREAM = "application/octet-stream"
 ALGORITHMS = ("", "AES-GCM", "aes-256-gcm")
 

@@ -15,16 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from spike.protocol import api
-from spike.protocol.api import ApiRequest, ApiResponse
-from spike.protocol.errors import RemoteProtocolError
-from spike.protocol.identity import SpiffeId
-from spike.protocol.wire import ErrorCode, decode
-
-from . import kv
-from .backend import SecretBackend
-from .list_cursor import CursorError, ListCursors
-from .messages import (
+from spike.app.api.messages import (
     MetadataContent,
     SecretGetRequest,
     SecretGetResponse,
@@ -38,10 +29,18 @@ from .messages import (
     SecretVersionsRequest,
     VersionMetadata,
 )
-from .policy_engine import Authorizer
-from .policy_model import Permission, reserved
-from .sealing import TamperedData
-from .storage import DatabaseUnavailable, StorageError
+from spike.app.model import kv
+from spike.app.model.policy import Permission, reserved
+from spike.app.nexus.authorizer import Authorizer
+from spike.app.nexus.list_cursor import CursorError, ListCursors
+from spike.app.store.backend import SecretBackend
+from spike.app.store.errors import DatabaseUnavailable, StorageError
+from spike.app.store.sealing import TamperedData
+from spike.protocol import api
+from spike.protocol.api import ApiRequest, ApiResponse
+from spike.protocol.errors import RemoteProtocolError
+from spike.protocol.identity import SpiffeId
+from spike.protocol.wire import ErrorCode, decode
 
 log = logging.getLogger("spike.nexus.secrets")
 

@@ -30,16 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from spike.app.api.messages import STATUS_PATH, StatusBody
+from spike.app.commands import bootstrap, operator
+from spike.app.commands.client import NexusClient, NexusError
+from spike.app.commands.devca import DevIdentity, mint_dev_identity
+from spike.app.commands.errors import CommandError
+from spike.app.config import BootstrapConfig, Common
+from spike.app.store.sqlite_schema import NexusStore
 from spike.protocol.identity import TrustDomains
 from spike.transports.tls import SvidFiles
-
-from . import bootstrap, operator
-from .config import BootstrapConfig, Common
-from .devca import DevIdentity, mint_dev_identity
-from .errors import CommandError
-from .messages import STATUS_PATH, StatusBody
-from .pilot import NexusClient, NexusError
-from .storage import NexusStore
 
 Say = Callable[[str], None]
 

@@ -8,13 +8,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from spike.protocol import api
-from spike.protocol.api import ApiRequest, ApiResponse
-from spike.protocol.errors import RemoteProtocolError
-from spike.protocol.wire import ErrorCode, decode
-
-from . import kv
-from .messages import (
+from spike.app.api.messages import (
     PolicyBody,
     PolicyIdRequest,
     PolicyListItem,
@@ -23,12 +17,17 @@ from .messages import (
     PolicyPutRequest,
     PolicyPutResponse,
 )
-from .policy_engine import Authorizer
-from .policy_model import Policy, check_policy_fields
-from .policy_store import PolicyStore
-from .sealing import TamperedData
-from .secrets_api import Reply, error_response, read_reply, when_done
-from .storage import StorageError
+from spike.app.model import kv
+from spike.app.model.policy import Policy, check_policy_fields
+from spike.app.nexus.authorizer import Authorizer
+from spike.app.nexus.secrets_api import Reply, error_response, read_reply, when_done
+from spike.app.store.errors import StorageError
+from spike.app.store.policies import PolicyStore
+from spike.app.store.sealing import TamperedData
+from spike.protocol import api
+from spike.protocol.api import ApiRequest, ApiResponse
+from spike.protocol.errors import RemoteProtocolError
+from spike.protocol.wire import ErrorCode, decode
 
 log = logging.getLogger("spike.nexus.policy")
 

@@ -17,11 +17,8 @@ from typing import Any, BinaryIO
 
 import msgspec
 
-from . import config as cfg
-from . import kv
-from .cipher_api import MAX_OVERHEAD, MAX_PLAINTEXT
-from .errors import CommandError
-from .messages import (
+from spike.app import config as cfg
+from spike.app.api.messages import (
     CIPHER_DECRYPT_PATH,
     CIPHER_ENCRYPT_PATH,
     SECRETS_METADATA_PATH,
@@ -37,7 +34,11 @@ from .messages import (
     SecretPutResponse,
     SecretVersionsRequest,
 )
-from .pilot import Empty, NexusClient
+from spike.app.api.messages import CIPHER_MAX_OVERHEAD as MAX_OVERHEAD
+from spike.app.api.messages import CIPHER_MAX_PLAINTEXT as MAX_PLAINTEXT
+from spike.app.commands.client import Empty, NexusClient
+from spike.app.commands.errors import CommandError
+from spike.app.model import kv
 
 Say = Callable[[str], None]
 

@@ -28,13 +28,13 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from spike.app.model import kv
+from spike.app.model.policy import MAX_POLICIES
+from spike.app.store.backend import ClusterState, PolicyRow, WriteOutcome, WriteQueue, resolved, settle
+from spike.app.store.errors import DatabaseUnavailable, StorageError
+from spike.app.store.sealing import Sealer, TamperedData, metadata_aad, secret_aad
+from spike.app.store.sqlite_schema import DB_NAME, NexusStore, connect, sqlite_failure
 from spike.protocol.record import KeyRecord
-
-from . import kv
-from .backend import ClusterState, PolicyRow, WriteOutcome, WriteQueue, resolved, settle
-from .policy_model import MAX_POLICIES
-from .sealing import Sealer, TamperedData, metadata_aad, secret_aad
-from .storage import DB_NAME, DatabaseUnavailable, NexusStore, StorageError, connect, sqlite_failure
 
 log = logging.getLogger("spike.nexus.store")
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .policy_model import (
+from spike.app.model.policy import (
     SYSTEM_ACL,
     SYSTEM_CIPHER,
     SYSTEM_PATHS,

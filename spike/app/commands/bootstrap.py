@@ -17,22 +17,9 @@ from collections.abc import Callable
 import msgspec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from spike.protocol.errors import RemoteProtocolError
-from spike.protocol.identity import Role, TrustDomains
-from spike.protocol.material import RootKey, Share, derive_key
-from spike.protocol.record import seal_key
-from spike.protocol.wire import KEEPER_CONTRIBUTE_PATH, ShardContribution, decode, encode
-from spike.transports.blocking import BlockingConnection, ClientSession
-from spike.transports.client import TransportError
-from spike.transports.identity import identity_source
-from spike.transports.tls import keeper_check, role_check
-
-from .config import BootstrapConfig
-from .errors import CommandError
-from .messages import (
+from spike.app.api.messages import (
     BOOTSTRAP_INIT_PATH,
     BOOTSTRAP_VERIFY_PATH,
-    STATUS_PATH,
     VERIFY_INFO,
     InitRequest,
     InitResponse,
@@ -40,24 +27,19 @@ from .messages import (
     VerifyRequest,
     VerifyResponse,
 )
+from spike.app.commands.client import fetch_status, nexus_connection
+from spike.app.commands.errors import CommandError
+from spike.app.config import BootstrapConfig
+from spike.protocol.identity import Role, TrustDomains
+from spike.protocol.material import RootKey, Share, derive_key
+from spike.protocol.record import seal_key
+from spike.protocol.wire import KEEPER_CONTRIBUTE_PATH, ShardContribution, decode, encode
+from spike.transports.blocking import BlockingConnection, ClientSession
+from spike.transports.client import TransportError
+from spike.transports.identity import identity_source
+from spike.transports.tls import keeper_check
 
 Say = Callable[[str], None]
-
-
-def nexus_connection(session: ClientSession, url: str, trust: TrustDomains) -> BlockingConnection:
-    return session.connect(url, role_check(trust, Role.NEXUS), expected_peer=str(trust.id_of(Role.NEXUS)))
-
-
-def fetch_status(nexus: BlockingConnection) -> StatusBody:
-    status, body = nexus.post(STATUS_PATH)
-    if status == 401:
-        raise CommandError("Nexus refused this identity (HTTP 401): check the SVID and trust domain")
-    if status != 200:
-        raise CommandError(f"Nexus answered HTTP {status} to a status request")
-    try:
-        return decode(body, StatusBody)
-    except RemoteProtocolError as exc:
-        raise CommandError(f"Nexus sent an unreadable status: {exc}") from None
 
 
 def _wait_for_nexus(nexus: BlockingConnection, deadline: float, url: str) -> StatusBody:
@@ -84,7 +66,7 @@ def run(config: BootstrapConfig, say: Say = print) -> None:
         identity_source(config.common.svid, trust) as identity,
         ClientSession(identity.client_context, timeout=5.0) as session,
     ):
-        nexus = nexus_connection(session, config.nexus_url, trust)
+        nexus = nexus_connection(session, config.nexus_url, trust, retry_stale=True)
         status = _wait_for_nexus(nexus, deadline, config.nexus_url)
         keepers = {k.id: k.url for k in status.keepers}
         if config.keepers is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import msgspec
 
+from spike.app.store.errors import DatabaseUnavailable, StorageError
 from spike.protocol.record import KeyRecord
 
 DB_NAME = "spike.db"
@@ -78,14 +79,6 @@ def connect(path: Path) -> sqlite3.Connection:
     db.execute("PRAGMA synchronous=FULL")  # an acknowledged write survives power loss
     db.execute("PRAGMA busy_timeout=5000")
     return db
-
-
-class StorageError(Exception):
-    """The database cannot be opened, read or written; the message says why."""
-
-
-class DatabaseUnavailable(StorageError):
-    """The database cannot be reached or did not answer in time: try again later (HTTP 503)."""
 
 
 # SQLite's primary result codes that mean "not now" rather than "broken": busy or locked, out of

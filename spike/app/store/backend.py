@@ -34,11 +34,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
+from spike.app.model import kv
+from spike.app.store.sealing import Sealer
 from spike.protocol.record import KeyRecord
-
-from . import kv
-from .sealing import Sealer
-from .storage import StorageError
 
 T = TypeVar("T")
 W = TypeVar("W")
@@ -49,10 +47,6 @@ PolicyRow = tuple[str, str, bytes, float, float]
 # What one write of a batch came to: its caller's future, and what the write returned or raised.
 WriteOutcome = tuple[Future[Any], Any, BaseException | None]
 MAX_BATCH = 512  # writes committed together at most
-
-
-class OutcomeUnknown(StorageError):
-    """The connection broke while a commit was under way and whether it happened could not be learnt."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,15 +49,14 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
+from spike.app.config import mask_url
+from spike.app.model import kv
+from spike.app.model.policy import MAX_POLICIES
+from spike.app.store.backend import MAX_BATCH, ClusterState, PolicyRow, WriteOutcome, WriteQueue, settle
+from spike.app.store.errors import DatabaseUnavailable, OutcomeUnknown, StorageError
+from spike.app.store.sealing import Sealer, TamperedData, metadata_aad, secret_aad
+from spike.app.store.sqlite import PolicyNameTaken
 from spike.protocol.record import KeyRecord
-
-from . import kv
-from .backend import MAX_BATCH, ClusterState, OutcomeUnknown, PolicyRow, WriteOutcome, WriteQueue, settle
-from .config import mask_url
-from .policy_model import MAX_POLICIES
-from .sealing import Sealer, TamperedData, metadata_aad, secret_aad
-from .secret_store import PolicyNameTaken
-from .storage import DatabaseUnavailable, StorageError
 
 log = logging.getLogger("spike.nexus.store")
 # The pool would log every failed reconnection attempt; an outage is logged here, once (see `_Health`).

@@ -31,7 +31,7 @@ from typing import Protocol, cast
 
 import re2
 
-from .kv import InvalidRequest
+from spike.app.model.kv import InvalidRequest
 
 MAX_POLICIES = 10_000
 MAX_NAME = 128

@@ -25,12 +25,12 @@ from concurrent.futures import Future
 
 import msgspec
 
-from .backend import PolicyRow, SecretBackend
-from .kv import NotFound
-from .policy_legacy import DIALECT, LEGACY_DIALECT, upgrade
-from .policy_model import Permission, Policy
-from .sealing import TamperedData, policy_aad
-from .secret_store import PolicyNameTaken
+from spike.app.model.kv import NotFound
+from spike.app.model.policy import Permission, Policy
+from spike.app.store.backend import PolicyRow, SecretBackend
+from spike.app.store.policy_legacy import DIALECT, LEGACY_DIALECT, upgrade
+from spike.app.store.sealing import TamperedData, policy_aad
+from spike.app.store.sqlite import PolicyNameTaken
 
 log = logging.getLogger("spike.nexus.policy")
 

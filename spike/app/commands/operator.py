@@ -1,5 +1,6 @@
 """Break-glass: export recovery shards, and restore the root key from them.
 
+The operator's side (Nexus's is spike/app/nexus/operator_api.py).
 `spike operator recover` (only the recover role) asks a ready Nexus for all
 n shards and writes each to its own 0600 file as ``spike:<id>:<64 hex>``.
 `spike operator restore` (only the restore role) hands one shard per run to
@@ -11,60 +12,31 @@ re-seeds every keeper at once.  Nothing about a shard is ever logged.
 from __future__ import annotations
 
 import getpass
-import logging
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-import msgspec
-
-from spike.protocol import api
-from spike.protocol.api import ApiRequest, ApiResponse
-from spike.protocol.effects import Phase
-from spike.protocol.errors import LocalProtocolError, RemoteProtocolError, ShamirError
+from spike.app.api.messages import (
+    RECOVER_PATH,
+    RESTORE_PATH,
+    STATUS_PATH,
+    RecoverResponse,
+    RestorationStatus,
+    RestoreRequest,
+    StatusBody,
+)
+from spike.app.commands.errors import CommandError
+from spike.protocol.errors import ShamirError
 from spike.protocol.material import Share
-from spike.protocol.nexus import DuplicateShare, ShareRejected
-from spike.protocol.wire import ShardBytes, decode
-from spike.transports.custody_driver import CustodyDriver
-
-from .errors import CommandError
-from .messages import STATUS_PATH, StatusBody
 
 if TYPE_CHECKING:  # the client side (and its thread portal) is the CLI's: a Nexus starts without it
-    from .pilot import NexusClient
+    from spike.app.commands.client import NexusClient
 
-log = logging.getLogger("spike.nexus.operator")
-
-RECOVER_PATH = "/v1/operator/recover"
-RESTORE_PATH = "/v1/operator/restore"
 _TEXT_FORM = re.compile(r"spike:(\d{1,3}):([0-9a-fA-F]{64})")
 
 Say = Callable[[str], None]
-
-
-class RecoverResponse(msgspec.Struct, kw_only=True):
-    shards: dict[int, ShardBytes]
-
-    def __repr__(self) -> str:
-        return f"RecoverResponse(shards=<{len(self.shards)} redacted>)"
-
-
-class RestoreRequest(msgspec.Struct, kw_only=True):
-    id: int
-    shard: ShardBytes
-
-    def __repr__(self) -> str:
-        return f"RestoreRequest(id={self.id}, shard=<redacted>)"
-
-
-class RestorationStatus(msgspec.Struct, kw_only=True):
-    """SPIKE's shape: shards collected, shards still needed, whether the key is back."""
-
-    collected: int
-    remaining: int
-    restored: bool
 
 
 def format_shard(share: Share) -> str:
@@ -80,61 +52,6 @@ def parse_shard(text: str, epoch: int = 0) -> Share:
         return Share(int(match.group(1)), epoch, bytes.fromhex(match.group(2)))
     except ShamirError as exc:
         raise CommandError(f"not a valid recovery shard: {exc}", exit_code=2) from None
-
-
-# ------------------------------------------------------------------ Nexus side
-
-
-class OperatorApi:
-    def __init__(self, driver: CustodyDriver) -> None:
-        self._driver = driver
-
-    def recover(self, request: ApiRequest) -> ApiResponse:
-        custody = self._driver.custody
-        if custody.phase is not Phase.READY:
-            return api.NOT_READY
-        shares = custody.export_shards()
-        log.warning("recovery shards exported to %s", request.peer, extra={"event": "shards_exported"})
-        return ApiResponse.json(RecoverResponse(shards={i: list(s.secret_bytes()) for i, s in shares.items()}))
-
-    def restore(self, request: ApiRequest) -> ApiResponse:
-        custody = self._driver.custody
-        record = custody.record
-        if record is None:
-            log.info("restore refused: no key record (bootstrap first)")
-            return api.NOT_READY
-        if custody.phase is Phase.READY:
-            log.info("restore refused: Nexus already holds its root key")
-            return api.CONFLICT
-        try:
-            body = decode(request.body, RestoreRequest)
-            share = Share(body.id, record.epoch, bytes(body.shard))
-            progress = self._driver.submit_shard(share)
-        except (RemoteProtocolError, ShamirError) as exc:
-            log.info("restore refused: malformed shard: %s", exc)
-            return api.BAD_REQUEST
-        except DuplicateShare as exc:
-            log.info("restore refused: %s", exc)
-            return api.CONFLICT
-        except ShareRejected as exc:
-            log.warning("restore refused: %s", exc)
-            return api.BAD_REQUEST
-        except LocalProtocolError as exc:
-            log.info("restore refused: %s", exc)
-            return api.CONFLICT
-        log.info(
-            "recovery shard %d accepted from %s: %d more needed",
-            share.id,
-            request.peer,
-            progress.needed,
-            extra={"event": "shard_restored"},
-        )
-        return ApiResponse.json(
-            RestorationStatus(collected=progress.accepted, remaining=progress.needed, restored=progress.ready)
-        )
-
-
-# ------------------------------------------------------------------ operator side
 
 
 def recover(client: NexusClient, directory: Path, say: Say) -> int:
@@ -167,7 +84,7 @@ def read_shard_text(stdin: TextIO, prompt: Callable[[str], str] = getpass.getpas
 
 
 def restore(client: NexusClient, text: str, say: Say) -> int:
-    from .pilot import NexusError
+    from spike.app.commands.client import NexusError
 
     share = parse_shard(text)
     state = client.call(STATUS_PATH, b"{}", StatusBody)

@@ -17,25 +17,14 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from spike.protocol import api
-from spike.protocol.api import ApiRequest, ApiResponse
-from spike.protocol.effects import Phase
-from spike.protocol.errors import LocalProtocolError, RemoteProtocolError
-from spike.protocol.identity import Role, TrustDomains
-from spike.protocol.material import derive_key
-from spike.protocol.nexus import AlreadyInitialised, NexusCustody
-from spike.protocol.record import KeyRecord
-from spike.protocol.wire import decode
-from spike.transports.custody_driver import CustodyDriver
-
-from .backend import KeyRecordStore
-from .cipher_api import CipherApi
-from .messages import (
+from spike.app.api.messages import (
     BOOTSTRAP_INIT_PATH,
     BOOTSTRAP_VERIFY_PATH,
     CIPHER_DECRYPT_PATH,
     CIPHER_ENCRYPT_PATH,
     POLICY_PATH,
+    RECOVER_PATH,
+    RESTORE_PATH,
     SECRETS_METADATA_PATH,
     SECRETS_PATH,
     STATUS_PATH,
@@ -47,12 +36,24 @@ from .messages import (
     VerifyRequest,
     VerifyResponse,
 )
-from .operator import RECOVER_PATH, RESTORE_PATH, OperatorApi
-from .policy_api import PolicyApi
-from .policy_engine import Authorizer
-from .policy_model import SYSTEM_ACL, SYSTEM_CIPHER, Permission
-from .secrets_api import SecretsApi
-from .storage import DatabaseUnavailable, StorageError
+from spike.app.model.policy import SYSTEM_ACL, SYSTEM_CIPHER, Permission
+from spike.app.nexus.authorizer import Authorizer
+from spike.app.nexus.cipher_api import CipherApi
+from spike.app.nexus.operator_api import OperatorApi
+from spike.app.nexus.policy_api import PolicyApi
+from spike.app.nexus.secrets_api import SecretsApi
+from spike.app.store.backend import KeyRecordStore
+from spike.app.store.errors import DatabaseUnavailable, StorageError
+from spike.protocol import api
+from spike.protocol.api import ApiRequest, ApiResponse
+from spike.protocol.effects import Phase
+from spike.protocol.errors import LocalProtocolError, RemoteProtocolError
+from spike.protocol.identity import Role, TrustDomains
+from spike.protocol.material import derive_key
+from spike.protocol.nexus import AlreadyInitialised, NexusCustody
+from spike.protocol.record import KeyRecord
+from spike.protocol.wire import decode
+from spike.transports.custody_driver import CustodyDriver
 
 log = logging.getLogger("spike.nexus.api")
 

@@ -1,7 +1,7 @@
 """Request and response bodies of the Nexus API (msgspec structs).
 
-Shared by the server side (`nexus_api`) and the command-line clients, so a
-field can only be renamed in one place.
+Shared by the server (spike/app/nexus) and every client command (spike/app/commands), so it
+lives in neither: a field can only be renamed in one place, and neither side imports the other.
 """
 
 from __future__ import annotations
@@ -9,8 +9,11 @@ from __future__ import annotations
 import msgspec
 
 from spike.protocol.record import KeyRecord
+from spike.protocol.wire import ShardBytes
 
 STATUS_PATH = "/v1/operator/status"
+RECOVER_PATH = "/v1/operator/recover"
+RESTORE_PATH = "/v1/operator/restore"
 BOOTSTRAP_INIT_PATH = "/v1/bootstrap/init"
 BOOTSTRAP_VERIFY_PATH = "/v1/bootstrap/verify"
 
@@ -142,6 +145,10 @@ class SecretMetadataResponse(msgspec.Struct, kw_only=True):
 # ---------------------------------------------------------------- encryption as a service
 
 CIPHER_ENCRYPT_PATH = "/v1/cipher/encrypt"
+CIPHER_MAX_PLAINTEXT = 1024 * 1024
+CIPHER_NONCE_SIZE = 12
+# A stream ciphertext's extra bytes: version byte, nonce and tag.
+CIPHER_MAX_OVERHEAD = 1 + CIPHER_NONCE_SIZE + 16
 CIPHER_DECRYPT_PATH = "/v1/cipher/decrypt"
 
 
@@ -211,3 +218,29 @@ class PolicyListItem(msgspec.Struct, kw_only=True):
 
 class PolicyListResponse(msgspec.Struct, kw_only=True):
     policies: list[PolicyListItem]
+
+
+# ------------------------------------------------------------------ break-glass
+
+
+class RecoverResponse(msgspec.Struct, kw_only=True):
+    shards: dict[int, ShardBytes]
+
+    def __repr__(self) -> str:
+        return f"RecoverResponse(shards=<{len(self.shards)} redacted>)"
+
+
+class RestoreRequest(msgspec.Struct, kw_only=True):
+    id: int
+    shard: ShardBytes
+
+    def __repr__(self) -> str:
+        return f"RestoreRequest(id={self.id}, shard=<redacted>)"
+
+
+class RestorationStatus(msgspec.Struct, kw_only=True):
+    """SPIKE's shape: shards collected, shards still needed, whether the key is back."""
+
+    collected: int
+    remaining: int
+    restored: bool

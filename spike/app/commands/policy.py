@@ -19,10 +19,8 @@ from typing import Any
 
 import msgspec
 
-from . import config as cfg
-from . import kv
-from .errors import CommandError
-from .messages import (
+from spike.app import config as cfg
+from spike.app.api.messages import (
     POLICY_PATH,
     PolicyBody,
     PolicyIdRequest,
@@ -31,8 +29,10 @@ from .messages import (
     PolicyPutRequest,
     PolicyPutResponse,
 )
-from .pilot import Empty, NexusClient
-from .policy_model import check_policy_fields, unanchored_warnings
+from spike.app.commands.client import Empty, NexusClient
+from spike.app.commands.errors import CommandError
+from spike.app.model import kv
+from spike.app.model.policy import check_policy_fields, unanchored_warnings
 
 Say = Callable[[str], None]
 

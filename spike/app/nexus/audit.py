@@ -26,7 +26,7 @@ from typing import TextIO
 
 import msgspec
 
-from .storage import StorageError
+from spike.app.store.errors import StorageError
 
 log = logging.getLogger("spike.nexus.audit")
 

@@ -10,6 +10,20 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import anyio
 
+from spike.app.config import KEEPER_SUMMARY_EVERY, WAITING_SUMMARY_EVERY, ConfigError, NexusConfig
+from spike.app.logs import ReportLogger, wall_time
+from spike.app.nexus.audit import AuditLog, secret_path_of
+from spike.app.nexus.authorizer import Authorizer
+from spike.app.nexus.cipher_api import MAX_PLAINTEXT, CipherApi
+from spike.app.nexus.operator_api import OperatorApi
+from spike.app.nexus.policy_api import PolicyApi
+from spike.app.nexus.routes import ApiCall, NexusApi
+from spike.app.nexus.secrets_api import SecretsApi
+from spike.app.store.backend import Backend, ClusterState, SecretBackend
+from spike.app.store.errors import StorageError
+from spike.app.store.policies import PolicyStore
+from spike.app.store.sealing import Sealer
+from spike.app.store.sqlite import SqliteBackend
 from spike.protocol.effects import KeeperState, KeeperStateChanged, KeyRecovered, Phase, PhaseChanged, Report
 from spike.protocol.errors import LocalProtocolError
 from spike.protocol.nexus import NexusCustody
@@ -19,23 +33,8 @@ from spike.transports.identity import IdentitySource, identity_source
 from spike.transports.runner import Listener, run_event_loop, serve
 from spike.transports.server import HttpsServer, ServerLimits
 
-from .audit import AuditLog, secret_path_of
-from .backend import Backend, ClusterState, SecretBackend
-from .cipher_api import MAX_PLAINTEXT, CipherApi
-from .config import KEEPER_SUMMARY_EVERY, WAITING_SUMMARY_EVERY, ConfigError, NexusConfig
-from .logs import ReportLogger, wall_time
-from .nexus_api import ApiCall, NexusApi
-from .operator import OperatorApi
-from .policy_api import PolicyApi
-from .policy_engine import Authorizer
-from .policy_store import PolicyStore
-from .sealing import Sealer
-from .secret_store import SqliteBackend
-from .secrets_api import SecretsApi
-from .storage import StorageError
-
 if TYPE_CHECKING:
-    from .metrics import NexusMetrics
+    from spike.app.nexus.metrics import NexusMetrics
 
 log = logging.getLogger("spike.nexus")
 
@@ -236,7 +235,7 @@ class _StaleKeyHook(Protocol):
 def open_backend(config: NexusConfig) -> Backend:
     """PostgreSQL when a database URL is configured, else SQLite in the data dir."""
     if config.database_url:
-        from .postgres import PostgresBackend
+        from spike.app.store.postgres import PostgresBackend
 
         return PostgresBackend(config.database_url)
     return SqliteBackend(config.data_dir)
@@ -314,7 +313,7 @@ def _run(config: NexusConfig, identity: IdentitySource) -> None:
         metrics = None
         if config.metrics_bind is not None:
             # prometheus_client is imported only when metrics are asked for: it costs start-up time.
-            from .metrics import NexusMetrics
+            from spike.app.nexus.metrics import NexusMetrics
 
             metrics = NexusMetrics(lambda: custody, config.keepers, anyio.current_time)
         cipher = CipherApi()

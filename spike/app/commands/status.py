@@ -13,14 +13,13 @@ from collections.abc import Callable
 
 import msgspec
 
+from spike.app.api.messages import StatusBody
+from spike.app.commands.client import fetch_status, nexus_connection
+from spike.app.commands.errors import CommandError
+from spike.app.config import ClientConfig
 from spike.transports.blocking import ClientSession
 from spike.transports.client import TransportError
 from spike.transports.identity import identity_source
-
-from .bootstrap import fetch_status, nexus_connection
-from .config import ClientConfig
-from .errors import CommandError
-from .messages import StatusBody
 
 EXIT_READY = 0
 EXIT_DEGRADED = 3
@@ -81,7 +80,7 @@ def run(config: ClientConfig, say: Callable[[str], None] = print) -> int:
         identity_source(config.common.svid, config.common.trust) as identity,
         ClientSession(identity.client_context, timeout=5.0) as session,
     ):
-        nexus = nexus_connection(session, config.nexus_url, config.common.trust)
+        nexus = nexus_connection(session, config.nexus_url, config.common.trust, retry_stale=True)
         try:
             status = fetch_status(nexus)
         except TransportError as exc:

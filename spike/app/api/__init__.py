@@ -1,0 +1,1 @@
+"""The Nexus API's message types: the contract between the server and every client command."""

@@ -1,0 +1,1 @@
+"""The commands that talk to Nexus (SPIKE's Pilot), bootstrap, and the dev deployment."""

@@ -1,0 +1,69 @@
+"""Nexus's break-glass routes: export every shard (recover role), take shards back one by one (restore role).
+
+Nothing about a shard is ever logged: lines name the caller, the shard id and the progress.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from spike.app.api.messages import RecoverResponse, RestorationStatus, RestoreRequest
+from spike.protocol import api
+from spike.protocol.api import ApiRequest, ApiResponse
+from spike.protocol.effects import Phase
+from spike.protocol.errors import LocalProtocolError, RemoteProtocolError, ShamirError
+from spike.protocol.material import Share
+from spike.protocol.nexus import DuplicateShare, ShareRejected
+from spike.protocol.wire import decode
+from spike.transports.custody_driver import CustodyDriver
+
+log = logging.getLogger("spike.nexus.operator")
+
+
+class OperatorApi:
+    def __init__(self, driver: CustodyDriver) -> None:
+        self._driver = driver
+
+    def recover(self, request: ApiRequest) -> ApiResponse:
+        custody = self._driver.custody
+        if custody.phase is not Phase.READY:
+            return api.NOT_READY
+        shares = custody.export_shards()
+        log.warning("recovery shards exported to %s", request.peer, extra={"event": "shards_exported"})
+        return ApiResponse.json(RecoverResponse(shards={i: list(s.secret_bytes()) for i, s in shares.items()}))
+
+    def restore(self, request: ApiRequest) -> ApiResponse:
+        custody = self._driver.custody
+        record = custody.record
+        if record is None:
+            log.info("restore refused: no key record (bootstrap first)")
+            return api.NOT_READY
+        if custody.phase is Phase.READY:
+            log.info("restore refused: Nexus already holds its root key")
+            return api.CONFLICT
+        try:
+            body = decode(request.body, RestoreRequest)
+            share = Share(body.id, record.epoch, bytes(body.shard))
+            progress = self._driver.submit_shard(share)
+        except (RemoteProtocolError, ShamirError) as exc:
+            log.info("restore refused: malformed shard: %s", exc)
+            return api.BAD_REQUEST
+        except DuplicateShare as exc:
+            log.info("restore refused: %s", exc)
+            return api.CONFLICT
+        except ShareRejected as exc:
+            log.warning("restore refused: %s", exc)
+            return api.BAD_REQUEST
+        except LocalProtocolError as exc:
+            log.info("restore refused: %s", exc)
+            return api.CONFLICT
+        log.info(
+            "recovery shard %d accepted from %s: %d more needed",
+            share.id,
+            request.peer,
+            progress.needed,
+            extra={"event": "shard_restored"},
+        )
+        return ApiResponse.json(
+            RestorationStatus(collected=progress.accepted, remaining=progress.needed, restored=progress.ready)
+        )

@@ -1,0 +1,1 @@
+"""Storage: the backend interface, SQLite, PostgreSQL, sealing, policy storage, storage errors."""
