@@ -43,10 +43,6 @@ class ErrorBody(msgspec.Struct, omit_defaults=True):
     reason: str = ""  # a sentence for people, where the cause is the request itself (SPIKE's clients ignore it)
 
 
-class EmptyBody(msgspec.Struct):
-    pass
-
-
 class ShardContribution(msgspec.Struct, omit_defaults=True):
     """Body of ``POST /v1/store/contribute`` (and of a keeper's shard answer)."""
 

@@ -8,7 +8,7 @@ everywhere and always end in a non-zero exit code.
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import msgspec
 
@@ -155,7 +155,3 @@ def _error_code(raw: bytes) -> tuple[str, str]:
 
 class Empty(msgspec.Struct):
     """An answer whose body carries nothing we need."""
-
-
-def as_dict(value: Any) -> Any:
-    return msgspec.to_builtins(value)

@@ -176,10 +176,6 @@ def plan_put(
     return PutPlan(new_meta, version, pruned)
 
 
-def resolve_version(meta: SecretMeta, version: int) -> int:
-    return meta.current_version if version == 0 else version
-
-
 def targets(meta: SecretMeta, versions: list[int]) -> list[int]:
     """The versions a delete/undelete/destroy addresses (none given: the current one)."""
     return sorted(set(versions)) if versions else [meta.current_version]
