@@ -297,6 +297,7 @@ class Run:
     trace: list[tuple[float, int, Effect]]  # every effect with its time and Nexus generation
     requests: int
     events: int
+    cannot_happen: int = 0  # answers that hit a rules-table row marked impossible, over every Nexus instance
 
     def digest(self) -> str:
         """A fingerprint of the whole history: every effect (request bodies included) and when."""
@@ -389,6 +390,7 @@ class World:
         self._handled = 0
         self._slots = {k: _KeeperSlot(Keeper(TRUST)) for k in s.keeper_ids}
         self._generation = 0
+        self._cannot_happen = 0
         self._bootstrapped = s.bootstrap_at is None
         self._live: dict[int, SendRequest] = {}
         self._verified: set[int] = set()
@@ -427,7 +429,8 @@ class World:
         self.now = end
         key_matches = self.nexus.root_key == self.key if self.nexus.phase is Phase.READY else None
         self.facts.append(RunEnded(end, self.nexus.phase, key_matches))
-        return Run(self.scenario, self.config, self.facts, self._trace, self._requests, self._handled)
+        cannot_happen = self._cannot_happen + getattr(self.nexus, "_cannot_happen", 0)
+        return Run(self.scenario, self.config, self.facts, self._trace, self._requests, self._handled, cannot_happen)
 
     def _at(self, when: float, action: Callable[[], None]) -> None:
         self._seq += 1
@@ -547,6 +550,7 @@ class World:
             self._contribute(fault.keeper_id, self._wrong_body(fault.keeper_id, fault.wrong))
         elif kind is FaultKind.NEXUS_RESTART:
             self._generation += 1
+            self._cannot_happen += getattr(self.nexus, "_cannot_happen", 0)
             self.nexus = self._new_nexus("restart")
         elif kind is FaultKind.BOOTSTRAP:
             self._bootstrap()

@@ -229,3 +229,8 @@ def test_the_batch_exercises_epochs_the_deployment_never_had(sim_runs: list[Run]
                 assert fact.epoch > run.scenario.epoch, f"seed {run.scenario.seed}: {fact}"
     missing = [name for name in ("never-had-newer", "never-had-older", "newer-epoch-shown") if not seen[name]]
     assert not missing, f"this batch never exercised {missing}: {dict(seen)}"
+
+
+def test_no_answer_ever_hits_a_row_the_rules_table_calls_impossible(sim_runs: list[Run]) -> None:
+    """spike/protocol/custody_rules.py marks some (phase, request, outcome) combinations unreachable: they are."""
+    assert [run.scenario.seed for run in sim_runs if run.cannot_happen] == []
