@@ -8,7 +8,7 @@ keeper that sent it, and refuse any rebuilt key that does not match.
 It also knows every earlier epoch the deployment had (`history`), so that a
 shard labelled with an epoch the deployment never had is recognised as
 garbage rather than taken for a key this record does not know about
-(DESIGN.md section 7: epochs only grow, and the record knows them all).
+(docs/design.md section 7: epochs only grow, and the record knows them all).
 """
 
 from __future__ import annotations

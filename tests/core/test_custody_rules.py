@@ -86,7 +86,7 @@ def test_every_rule_decides_something_and_says_why() -> None:
 
 
 def test_the_rules_keep_the_custody_invariants() -> None:
-    """A few rules of DESIGN.md section 2 read straight off the table."""
+    """A few rules of docs/design.md section 2 read straight off the table."""
     for (phase, kind, outcome), rule in TABLE.items():
         if Do.PUSH in rule.then:
             assert phase is Phase.READY and kind in (RequestKind.POLL, RequestKind.CHECK)  # a key, a regular read
