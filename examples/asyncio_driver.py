@@ -31,10 +31,12 @@ from urllib.parse import urlsplit
 
 from spike.protocol import (
     Answer,
+    FailureKind,
     KeeperMisbehaved,
     KeeperReseeded,
     KeeperStateChanged,
     KeyRecovered,
+    NewerKeySeen,
     NexusCustody,
     PhaseChanged,
     PollSchedule,
@@ -63,6 +65,10 @@ def say(message: str) -> None:
 
 class BadResponse(Exception):
     """The keeper's bytes are not an HTTP/1.1 response this client understands."""
+
+
+class WrongPeer(ConnectionError):
+    """The TLS peer is not the keeper this connection is for."""
 
 
 class KeeperConnection:
@@ -102,7 +108,7 @@ class KeeperConnection:
         peer = peer_spiffe_id(writer.get_extra_info("peercert"))
         if peer != self.expected:  # checked before anything is sent: a push carries a shard
             writer.close()
-            raise ConnectionError(f"peer is {peer or 'without SPIFFE ID'}, expected {self.expected}")
+            raise WrongPeer(f"peer is {peer or 'without SPIFFE ID'}, expected {self.expected}")
         self.streams = reader, writer
 
     async def _exchange(self, path: str, body: bytes) -> tuple[int, bytes]:
@@ -140,16 +146,27 @@ class KeeperConnection:
 
 
 async def perform(connection: KeeperConnection, request: SendRequest) -> Answer:
-    """Do one `SendRequest`; every outcome becomes exactly one answer for the machine."""
+    """Do one `SendRequest`; every outcome becomes exactly one answer for the machine.
+
+    This is the one place where exceptions become a `FailureKind`: the machine decides on it.
+    """
     try:
         async with asyncio.timeout_at(request.deadline):
             status, body = await connection.post(request.path, request.body)
     except TimeoutError:
-        return RequestFailed(request.request_id, "timed out")
+        return RequestFailed(request.request_id, "timed out", FailureKind.TIMEOUT)
     except ssl.SSLError as exc:
-        return RequestFailed(request.request_id, f"TLS: {exc.reason or type(exc).__name__}")
-    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, BadResponse) as exc:
-        return RequestFailed(request.request_id, str(exc) or type(exc).__name__)
+        return RequestFailed(request.request_id, f"TLS: {exc.reason or type(exc).__name__}", FailureKind.TLS)
+    except WrongPeer as exc:
+        return RequestFailed(request.request_id, str(exc), FailureKind.PEER_IDENTITY)
+    except ConnectionRefusedError:
+        return RequestFailed(request.request_id, "connection refused", FailureKind.REFUSED)
+    except (ConnectionError, asyncio.IncompleteReadError) as exc:
+        return RequestFailed(request.request_id, str(exc) or type(exc).__name__, FailureKind.CLOSED)
+    except (asyncio.LimitOverrunError, BadResponse) as exc:
+        return RequestFailed(request.request_id, str(exc) or type(exc).__name__, FailureKind.BAD_HTTP)
+    except OSError as exc:
+        return RequestFailed(request.request_id, str(exc) or type(exc).__name__, FailureKind.UNREACHABLE)
     return ResponseReceived(request.request_id, status, body)
 
 
@@ -192,11 +209,15 @@ async def drive(
     """Effects out, answers and time in, until `until` or a None on `answers` (a signal)."""
     loop = asyncio.get_running_loop()
     while True:
-        for effect in custody.effects():
-            if isinstance(effect, SendRequest):
-                requests[effect.keeper_id].put_nowait(effect)  # the only effect that must be performed
-            else:
+        while effects := custody.effects():
+            for effect in effects:
+                if isinstance(effect, SendRequest):
+                    requests[effect.keeper_id].put_nowait(effect)  # the only effect that must be performed
+                    continue
                 say(describe(effect))
+                if isinstance(effect, NewerKeySeen):
+                    # This program made the key record and nobody else writes it: a newer epoch is garbage.
+                    custody.confirm_record(effect.at, loop.time())  # its effects are taken on the next round
         wake_at = min(custody.next_deadline(), until)
         if loop.time() >= until:
             return

@@ -38,10 +38,12 @@ from urllib.parse import urlsplit
 
 from spike.protocol import (
     Answer,
+    FailureKind,
     KeeperMisbehaved,
     KeeperReseeded,
     KeeperStateChanged,
     KeyRecovered,
+    NewerKeySeen,
     NexusCustody,
     PhaseChanged,
     PollSchedule,
@@ -121,17 +123,28 @@ class KeeperConnection(http.client.HTTPSConnection):
 
 
 def perform(connection: KeeperConnection, request: SendRequest) -> Answer:
-    """Do one `SendRequest`; every outcome becomes exactly one answer for the machine."""
+    """Do one `SendRequest`; every outcome becomes exactly one answer for the machine.
+
+    This is the one place where exceptions become a `FailureKind`: the machine decides on it.
+    """
     if clock() >= request.deadline:
-        return RequestFailed(request.request_id, "deadline passed before it could be sent")
+        return RequestFailed(request.request_id, "deadline passed before it could be sent", FailureKind.TIMEOUT)
     try:
         status, body = connection.post(request.path, request.body, request.deadline)
     except TimeoutError:
-        return RequestFailed(request.request_id, "timed out")
+        return RequestFailed(request.request_id, "timed out", FailureKind.TIMEOUT)
     except ssl.SSLError as exc:
-        return RequestFailed(request.request_id, f"TLS: {exc.reason or type(exc).__name__}")
-    except (OSError, http.client.HTTPException) as exc:
-        return RequestFailed(request.request_id, str(exc) or type(exc).__name__)
+        return RequestFailed(request.request_id, f"TLS: {exc.reason or type(exc).__name__}", FailureKind.TLS)
+    except WrongPeer as exc:
+        return RequestFailed(request.request_id, str(exc), FailureKind.PEER_IDENTITY)
+    except ConnectionRefusedError:
+        return RequestFailed(request.request_id, "connection refused", FailureKind.REFUSED)
+    except ConnectionError as exc:  # reset, or closed before an answer (http.client's RemoteDisconnected too)
+        return RequestFailed(request.request_id, str(exc) or type(exc).__name__, FailureKind.CLOSED)
+    except http.client.HTTPException as exc:
+        return RequestFailed(request.request_id, str(exc) or type(exc).__name__, FailureKind.BAD_HTTP)
+    except OSError as exc:
+        return RequestFailed(request.request_id, str(exc) or type(exc).__name__, FailureKind.UNREACHABLE)
     return ResponseReceived(request.request_id, status, body)
 
 
@@ -172,11 +185,15 @@ def drive(
 ) -> None:
     """Effects out, answers and time in, until `until` (or KeyboardInterrupt)."""
     while True:
-        for effect in custody.effects():
-            if isinstance(effect, SendRequest):
-                requests[effect.keeper_id].put(effect)  # the only effect that must be performed
-            else:
+        while effects := custody.effects():
+            for effect in effects:
+                if isinstance(effect, SendRequest):
+                    requests[effect.keeper_id].put(effect)  # the only effect that must be performed
+                    continue
                 say(describe(effect))
+                if isinstance(effect, NewerKeySeen):
+                    # This program made the key record and nobody else writes it: a newer epoch is garbage.
+                    custody.confirm_record(effect.at, clock())  # its effects are taken on the next round
         now = clock()
         if now >= until:
             return

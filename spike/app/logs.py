@@ -25,6 +25,7 @@ from spike.protocol.effects import (
     KeeperStateChanged,
     KeyRecovered,
     KeyRejected,
+    NewerKeySeen,
     Phase,
     PhaseChanged,
     Report,
@@ -160,6 +161,14 @@ class ReportLogger:
                     report.problem,
                     extra={"keeper_id": report.keeper_id, "event": "keeper_misbehaved"},
                 )
+        elif isinstance(report, NewerKeySeen):
+            # Said once by the state change to NEWER_EPOCH; this comes with every such answer.
+            log.debug(
+                "%s shows a shard of key epoch %d: checking the stored key record",
+                self._keeper(report.keeper_id),
+                report.epoch,
+                extra={"keeper_id": report.keeper_id, "event": "newer_key_seen", "epoch": report.epoch},
+            )
         elif isinstance(report, PhaseChanged):
             self._phase_changed(report)
         elif isinstance(report, KeyRecovered):
@@ -195,6 +204,13 @@ class ReportLogger:
         elif state is KeeperState.UNVERIFIED:
             self._log.warning(
                 "%s holds a shard, but this Nexus has no key record to check it against", who, extra=extra
+            )
+        elif state is KeeperState.NEWER_EPOCH:
+            self._log.warning(
+                "%s %s: left alone until the stored key record says whether that epoch is the deployment's",
+                who,
+                report.detail,
+                extra=extra,
             )
         elif state is KeeperState.UNKNOWN:
             self._log.info("%s state unknown", who, extra=extra)

@@ -8,7 +8,8 @@ through submodules are internal.  ``docs/embedding.md`` is the guide:
 
 * Nexus side: `NexusCustody` (with `PollSchedule`, a `RandomSource`, a
   `KeyRecord`) emits effects -- `SendRequest` to perform, `Report` values to
-  log -- and takes answers (`ResponseReceived`, `RequestFailed`).
+  log -- and takes answers (`ResponseReceived`, `RequestFailed` with a
+  `FailureKind`).
 * Keeper side: `Keeper` turns an `ApiRequest` into a `KeeperOutcome`.
 * Material: `RootKey`, `Share`, `seal_key`, Shamir (`deal`, `combine`, ...).
 * Identity: `SpiffeId`, `TrustDomains`, `Role`, `peer_spiffe_id`.
@@ -26,6 +27,7 @@ from .effects import (
     KeeperStateChanged,
     KeyRecovered,
     KeyRejected,
+    NewerKeySeen,
     Phase,
     PhaseChanged,
     Report,
@@ -33,7 +35,7 @@ from .effects import (
     SendRequest,
 )
 from .errors import LocalProtocolError, RemoteProtocolError, ShamirError, SpikeError
-from .events import Answer, RequestFailed, ResponseReceived
+from .events import Answer, FailureKind, RequestFailed, ResponseReceived
 from .identity import InvalidSpiffeId, Role, SpiffeId, TrustDomains, peer_spiffe_id
 from .keeper import MAX_KEEPER_BODY, Keeper, KeeperChange, KeeperOutcome
 from .material import ORDER, RootKey, Share, derive_key, key_check_value, shard_commitment
@@ -71,6 +73,7 @@ __all__ = [
     "ApiResponse",
     "Effect",
     "ErrorCode",
+    "FailureKind",
     "InvalidSpiffeId",
     "Keeper",
     "KeeperChange",
@@ -84,6 +87,7 @@ __all__ = [
     "KeyRecovered",
     "KeyRejected",
     "LocalProtocolError",
+    "NewerKeySeen",
     "NexusCustody",
     "Phase",
     "PhaseChanged",

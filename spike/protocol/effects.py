@@ -26,9 +26,12 @@ class KeeperState(Enum):
     HOLDING = "holding"  # holds its verified current shard
     EMPTY = "empty"  # answered 404 (or a Go keeper's 400)
     WRONG_SHARD = "wrong_shard"  # holds a shard that fails its commitment
-    UNVERIFIED = "unverified"  # holds a shard that cannot be checked: no key record, or one of a newer epoch
+    UNVERIFIED = "unverified"  # holds a shard, and there is no key record to check it against
     UNREACHABLE = "unreachable"  # no HTTP answer
     BAD_ANSWER = "bad_answer"  # an answer that breaks the wire contract
+    # Holds a shard labelled with a newer key epoch than this machine's record: left alone until the
+    # driver loads that record or says the deployment never had that epoch (`confirm_record`).
+    NEWER_EPOCH = "newer_epoch"
 
 
 class RequestKind(Enum):
@@ -83,6 +86,25 @@ class KeeperMisbehaved:
 
 
 @dataclass(frozen=True, slots=True)
+class NewerKeySeen:
+    """A keeper showed a shard labelled with a key epoch newer than the machine's record.
+
+    Either another Nexus instance installed a newer key record (load it with
+    `NexusCustody.initialise(record, now, replace=True)`), or the label is
+    garbage.  Until the driver has looked, the keeper is left alone: it is
+    not this machine's to overwrite.  A driver that has read the deployment's
+    stored record and found the machine's own in force says so with
+    `NexusCustody.confirm_record`; the keeper is then reported and re-seeded.
+    Emitted for every answer that shows such a shard, so that each one can be
+    checked against a read of the record made after it.
+    """
+
+    keeper_id: int
+    epoch: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
 class PhaseChanged:
     """Nexus moved from one `Phase` to another."""
 
@@ -111,5 +133,7 @@ class KeyRejected:
     keeper_ids: tuple[int, ...]
 
 
-Report = KeeperStateChanged | KeeperReseeded | KeeperMisbehaved | PhaseChanged | KeyRecovered | KeyRejected
+Report = (
+    KeeperStateChanged | KeeperReseeded | KeeperMisbehaved | PhaseChanged | KeyRecovered | KeyRejected | NewerKeySeen
+)
 Effect = SendRequest | Report

@@ -3,7 +3,7 @@
 Sans-IO in the manner of aioquic: every call takes ``now`` (seconds on any
 monotonic clock the driver likes), randomness comes from an injected
 `RandomSource`, and the machine answers with effects (`effects()`) and one
-deadline (`next_deadline()`).  A driver loop is::
+deadline (`next_deadline()`, a pure query).  A driver loop is::
 
     custody = NexusCustody(ids, threshold=2, schedule=PollSchedule(), rng=rng, now=clock())
     while True:
@@ -12,7 +12,11 @@ deadline (`next_deadline()`).  A driver loop is::
         wait_until(custody.next_deadline())  # or until an answer arrives
         custody.handle_timer(clock())
 
-Rules kept here (docs/design.md sections 2 and 8):
+What happens after an answer is not written here: each answer is classified
+once (`spike.protocol.answers`) and the rules table
+(`spike.protocol.custody_rules`, rendered in ``docs/custody-rules.md``) says
+what follows.  This module keeps the schedule and carries the rules out.
+The rules it keeps (docs/design.md sections 2 and 8):
 
 * Every configured keeper is polled on a fixed grid (its own phase, one
   interval apart, a little jitter) that no answer ever moves, and no keeper
@@ -22,24 +26,29 @@ Rules kept here (docs/design.md sections 2 and 8):
   capped there, so at most one request per keeper is in flight.
 * Each shard is checked against its commitment in the key record before it
   is used; a rebuilt key is used only if it matches the key check value.
-* Holding the key, an empty keeper (404, or 400 from SPIKE's Go keeper) or
-  one with a wrong shard gets its own shard pushed at once and read back to
-  confirm.  A shard labelled with a newer key epoch than the record is not
-  this machine's to overwrite (another Nexus instance holds a newer key): the
-  keeper is UNVERIFIED and left alone.  A push follows only a scheduled poll (or, once the key is
+* Holding the key, a keeper that shows it lacks its shard (404, or 400 from
+  SPIKE's Go keeper; a wrong or stale shard, one of an epoch the deployment
+  never had, garbage instead of a shard) gets its own shard pushed at once
+  and read back.  A push follows only a scheduled poll (or, once the key is
   rebuilt, a fresh read of a keeper last seen without its shard), so a keeper
   that keeps failing costs at most three requests per interval.
+* A shard labelled with a newer epoch than the record is not this machine's
+  to overwrite (another Nexus instance may hold a newer key): the keeper is
+  NEWER_EPOCH and left alone, with a `NewerKeySeen` report, until the driver
+  loads that newer record or confirms its own (`confirm_record`), which
+  makes the label garbage.
 * Garbage from a keeper becomes a state and a report; it never raises.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .answers import TIMED_OUT, Classified, classify, never_had
+from .custody_rules import AFTER_REBUILD, TABLE, Do, Rule, Seen, Source
 from .effects import (
     Effect,
     KeeperMisbehaved,
@@ -48,20 +57,21 @@ from .effects import (
     KeeperStateChanged,
     KeyRecovered,
     KeyRejected,
+    NewerKeySeen,
     Phase,
     PhaseChanged,
     RequestKind,
     SendRequest,
 )
-from .errors import LocalProtocolError, RemoteProtocolError, ShamirError
-from .events import Answer, RequestFailed, ResponseReceived
+from .errors import LocalProtocolError
+from .events import Answer
 from .material import RootKey, Share
 from .record import KeyRecord
 from .shamir import check_parameters, combine, deal, share_for
-from .wire import KEEPER_CONTRIBUTE_PATH, KEEPER_SHARD_PATH, ShardAnswer, ShardContribution, decode, encode
+from .timers import TimerKind, Timers
+from .wire import KEEPER_CONTRIBUTE_PATH, KEEPER_SHARD_PATH, ShardContribution, encode
 
 _EMPTY_BODY = b"{}"
-_TIMEOUT, _POLL = 0, 1  # heap priorities: a timeout due at the same instant as a poll goes first
 
 
 class RandomSource(Protocol):
@@ -133,8 +143,8 @@ class RestoreProgress:
     ready: bool
 
 
-@dataclass(slots=True)
-class _Op:
+@dataclass(frozen=True, slots=True)
+class _Request:
     request_id: int
     keeper_id: int
     kind: RequestKind
@@ -142,11 +152,20 @@ class _Op:
     deadline: float
 
 
+@dataclass(frozen=True, slots=True)
+class _Sighting:
+    """A keeper's last answer showed a shard of a newer epoch than the record."""
+
+    epoch: int
+    at: float
+    kind: RequestKind  # of the request it answered: the rule that refutes it is that kind's
+
+
 class _Keeper:
     __slots__ = (
         "id", "slot", "state", "since", "detail", "polls", "empty_answers", "failures",
         "reseeds", "last_poll_at", "last_answer_at", "latency", "cycle", "next_poll_at",
-        "op", "needs_seed", "reseed_from", "unconfirmed_push", "outcomes",
+        "request", "needs_seed", "reseed_from", "unconfirmed_push", "sighting", "outcomes",
     )  # fmt: skip
 
     def __init__(self, keeper_id: int, slot: float, now: float) -> None:
@@ -164,13 +183,21 @@ class _Keeper:
         self.latency: float | None = None
         self.cycle = 0
         self.next_poll_at = now
-        self.op: _Op | None = None
-        self.needs_seed = False  # its last regular answer showed it lacks its shard
-        self.reseed_from = KeeperState.UNKNOWN
+        self.request: _Request | None = None  # at most one in flight
+        self.needs_seed = False  # its last regular answer that showed anything showed it lacks its shard
+        self.reseed_from = KeeperState.UNKNOWN  # its state when the last push was sent
         # It accepted a push whose read-back has not shown the shard yet (the confirmation may
         # miss its deadline on a slow day): the next read that shows it reports the re-seed.
         self.unconfirmed_push = False
+        self.sighting: _Sighting | None = None  # set only while its last answer showed a newer epoch
         self.outcomes: dict[str, int] = {}  # answers by the state they showed
+
+    def seen(self) -> Seen:
+        if self.state is KeeperState.HOLDING:
+            return Seen.HOLDING
+        if self.state is KeeperState.NEWER_EPOCH:
+            return Seen.NEWER
+        return Seen.NEEDS_SHARD if self.needs_seed else Seen.UNSURE
 
 
 class NexusCustody:
@@ -203,10 +230,9 @@ class NexusCustody:
         self._schedule = schedule
         self._rng = rng
         self._effects: list[Effect] = []
-        self._timers: list[tuple[float, int, int, int]] = []  # (when, priority, seq, key)
-        self._seq = 0
+        self._timers = Timers()
         self._next_request_id = 1
-        self._inflight: dict[int, _Op] = {}
+        self._inflight: dict[int, _Request] = {}
         self._anchor = now
         n = len(ids)
         self._keepers = {
@@ -218,6 +244,8 @@ class NexusCustody:
         self._from_operator: set[int] = set()
         self._recovery_started = now
         self._phase = Phase.UNINITIALISED
+        self._last_rule: Rule | None = None  # the rule applied last (tests follow the table with it)
+        self._cannot_happen = 0  # answers that hit a rule the table says is never reached
         if record is not None:
             # A stored record is checked like one from bootstrap (`initialise`): a
             # malformed one would otherwise raise later, inside `receive`.
@@ -226,7 +254,7 @@ class NexusCustody:
             self._record = record
             self._phase = Phase.RECOVERING
         for keeper in self._keepers.values():
-            self._push_timer(keeper.next_poll_at, _POLL, keeper.id)
+            self._timers.set((TimerKind.POLL, keeper.id), keeper.next_poll_at)
 
     # ------------------------------------------------------------------ queries
 
@@ -309,43 +337,31 @@ class NexusCustody:
         return out
 
     def next_deadline(self) -> float:
-        """When `handle_timer` must next be called (``inf`` if never)."""
-        timers = self._timers
-        while timers and not self._timer_live(timers[0]):
-            heapq.heappop(timers)
-        return timers[0][0] if timers else math.inf
+        """When `handle_timer` must next be called (``inf`` if never).  Changes nothing."""
+        return self._timers.next_time()
 
     # ------------------------------------------------------------------ inputs
 
     def handle_timer(self, now: float) -> None:
         """Time out overdue requests and issue the polls that are due."""
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            entry = heapq.heappop(timers)
-            if not self._timer_live(entry):
-                continue
-            if entry[1] == _TIMEOUT:
-                op = self._inflight.pop(entry[3])
-                self._keepers[op.keeper_id].op = None
-                self._failed(self._keepers[op.keeper_id], "no answer before the deadline", now)
-            else:
-                self._poll(self._keepers[entry[3]], now, scheduled=entry[0])
+        while (due := self._timers.pop_due(now)) is not None:
+            (kind, keeper_id), when = due
+            keeper = self._keepers[keeper_id]
+            if kind is TimerKind.POLL:
+                self._poll(keeper, now, scheduled=when)
+            elif (request := self._end_request(keeper)) is not None:
+                self._decide(keeper, request.kind, TIMED_OUT, now)
 
     def receive(self, answer: Answer, now: float) -> None:
         """Feed the outcome of a `SendRequest`.  Late or unknown answers are ignored."""
-        op = self._inflight.pop(answer.request_id, None)
-        if op is None:
+        request = self._inflight.get(answer.request_id)
+        if request is None:
             return
-        keeper = self._keepers[op.keeper_id]
-        keeper.op = None
+        keeper = self._keepers[request.keeper_id]
+        self._end_request(keeper)
         keeper.last_answer_at = now
-        keeper.latency = now - op.issued_at
-        if isinstance(answer, RequestFailed):
-            self._failed(keeper, answer.reason, now)
-        elif op.kind is RequestKind.PUSH:
-            self._pushed(keeper, answer, now)
-        else:
-            self._read(keeper, op.kind, answer, now)
+        keeper.latency = now - request.issued_at
+        self._decide(keeper, request.kind, classify(request.kind, answer, self._record, keeper.id), now)
 
     def initialise(self, record: KeyRecord, now: float, *, replace: bool = False) -> bool:
         """Adopt a new key record (from bootstrap).  Returns False if it is already in place.
@@ -361,15 +377,15 @@ class NexusCustody:
         self._from_operator.clear()
         self._recovery_started = now
         self._set_phase(Phase.RECOVERING, now)
-        # Answers to requests made for the old record must not count for the new one.
-        for op in self._inflight.values():
-            self._keepers[op.keeper_id].op = None
-        self._inflight.clear()
+        # Answers to requests made for the old record must not count for the new one, and what
+        # keepers showed against the old record says nothing against the new one.
         self._anchor = now
         for keeper in self._keepers.values():
+            self._end_request(keeper)
+            keeper.sighting = None
             keeper.cycle = 0
             keeper.next_poll_at = now
-            self._push_timer(now, _POLL, keeper.id)
+            self._timers.set((TimerKind.POLL, keeper.id), now)
         return True
 
     def check_initialise(self, record: KeyRecord, *, replace: bool = False) -> bool:
@@ -399,8 +415,31 @@ class NexusCustody:
         self._from_operator.add(share.id)
         self._collected[share.id] = share
         accepted = len(self._collected)
-        ready = self._try_recover(now, source="operator")
+        ready = self._try_recover(now, Source.OPERATOR)
         return RestoreProgress(accepted=accepted, needed=self.shards_needed, ready=ready)
+
+    def confirm_record(self, checked_at: float, now: float) -> int:
+        """The driver read the deployment's stored key record and found this machine's own in force.
+
+        `checked_at` is when that read began, on the machine's clock.  Epochs
+        only grow and a newer shard is dealt only after its record is stored,
+        so no epoch above this record's existed then: every keeper whose last
+        answer, given at or before `checked_at`, showed a newer epoch holds
+        garbage.  Each is handled as a shard of an epoch the deployment never
+        had (reported, and re-seeded when READY, as the rules table says).
+        A keeper with a request in flight is skipped: its answer is news.
+        Returns how many keepers that was.  Raises `LocalProtocolError`
+        without a record.
+        """
+        record = self._require_record()
+        refuted = 0
+        for keeper in self._keepers.values():
+            sighting = keeper.sighting
+            if sighting is None or sighting.at > checked_at or keeper.request is not None:
+                continue
+            self._decide(keeper, sighting.kind, never_had(sighting.epoch, record), now, count=False)
+            refuted += 1
+        return refuted
 
     def forget(self, now: float) -> None:
         """Overwrite and drop the key and any collected shards (shutdown).
@@ -413,181 +452,59 @@ class NexusCustody:
             self._recovery_started = now
             self._set_phase(Phase.RECOVERING, now)
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ the rules, carried out
 
-    def _check_record(self, record: KeyRecord) -> None:
-        if tuple(sorted(record.keeper_ids)) != self._ids:
-            raise LocalProtocolError(
-                f"key record is for keepers {list(record.keeper_ids)}, configured are {list(self._ids)}"
-            )
-        if record.threshold != self._threshold:
-            raise LocalProtocolError(f"key record has threshold {record.threshold}, configured is {self._threshold}")
-
-    def _require_record(self) -> KeyRecord:
-        if self._record is None:
-            raise LocalProtocolError("Nexus has no key record yet: run bootstrap first")
-        return self._record
-
-    def _push_timer(self, when: float, priority: int, key: int) -> None:
-        self._seq += 1
-        heapq.heappush(self._timers, (when, priority, self._seq, key))
-
-    def _timer_live(self, entry: tuple[float, int, int, int]) -> bool:
-        when, priority, _, key = entry
-        if priority == _TIMEOUT:
-            op = self._inflight.get(key)
-            return op is not None and op.deadline == when
-        return self._keepers[key].next_poll_at == when
-
-    def _grid_time(self, keeper: _Keeper, cycle: int) -> float:
-        interval = self._schedule.interval
-        offset = (2.0 * self._rng.random() - 1.0) * self._schedule.jitter * interval
-        return self._anchor + keeper.slot + cycle * interval + offset
-
-    def _poll(self, keeper: _Keeper, now: float, *, scheduled: float) -> None:
-        if keeper.op is not None:  # cannot happen while deadlines are capped; kept as a guard
-            self._inflight.pop(keeper.op.request_id, None)
-            keeper.op = None
-        keeper.cycle += 1
-        due = self._grid_time(keeper, keeper.cycle)
-        if due <= now:
-            # The driver fell behind by more than a cycle: skip missed slots
-            # rather than firing a burst, and stay on the same grid.
-            elapsed = now - self._anchor - keeper.slot
-            keeper.cycle = max(keeper.cycle, int(elapsed // self._schedule.interval) + 1)
-            due = max(self._grid_time(keeper, keeper.cycle), now + 1e-3)
-        keeper.next_poll_at = due
-        self._push_timer(due, _POLL, keeper.id)
-        keeper.polls += 1
-        keeper.last_poll_at = now
-        self._send(keeper, RequestKind.POLL, KEEPER_SHARD_PATH, _EMPTY_BODY, now, scheduled)
-
-    def _send(
-        self,
-        keeper: _Keeper,
-        kind: RequestKind,
-        path: str,
-        body: bytes,
-        now: float,
-        scheduled: float | None = None,
-    ) -> None:
-        request_id = self._next_request_id
-        self._next_request_id += 1
-        deadline = min(now + self._schedule.request_timeout, keeper.next_poll_at)
-        op = _Op(request_id, keeper.id, kind, now, deadline)
-        keeper.op = op
-        self._inflight[request_id] = op
-        self._push_timer(deadline, _TIMEOUT, request_id)
-        self._effects.append(
-            SendRequest(keeper.id, request_id, kind, path, deadline, body, now if scheduled is None else scheduled)
-        )
-
-    def _push(self, keeper: _Keeper, now: float) -> None:
-        record = self._require_record()
-        share = share_for(self.root_key, epoch=record.epoch, threshold=self._threshold, id=keeper.id)
-        keeper.reseed_from = keeper.state
-        body = encode(ShardContribution.of(share))
-        self._send(keeper, RequestKind.PUSH, KEEPER_CONTRIBUTE_PATH, body, now)
-
-    def _set_state(self, keeper: _Keeper, state: KeeperState, now: float, detail: str = "") -> None:
-        # Called once per answer (or failure), so it also counts answers by outcome.
-        keeper.outcomes[state.value] = keeper.outcomes.get(state.value, 0) + 1
-        keeper.detail = detail
-        if state is keeper.state:
+    def _decide(self, keeper: _Keeper, kind: RequestKind, seen: Classified, now: float, *, count: bool = True) -> None:
+        """Apply the rule for this answer: the only place an answer changes a keeper."""
+        rule = TABLE[(self._phase, kind, seen.outcome)]
+        self._last_rule = rule
+        if not rule.possible:
+            self._cannot_happen += 1
             return
-        previous = keeper.state
-        keeper.state = state
-        keeper.since = now
-        self._effects.append(KeeperStateChanged(keeper.id, previous, state, now, detail))
+        keeper.sighting = None  # a later answer replaces what the last one showed
+        if rule.state is not None:
+            detail = self._holding_detail(keeper, kind) if rule.state is KeeperState.HOLDING else seen.detail
+            self._set_state(keeper, rule.state, now, detail, count=count)
+        if rule.needs_seed is not None:
+            keeper.needs_seed = rule.needs_seed
+        for do in rule.then:
+            self._do(do, keeper, kind, seen, now)
 
-    def _set_phase(self, phase: Phase, now: float) -> None:
-        if phase is not self._phase:
-            previous, self._phase = self._phase, phase
-            self._effects.append(PhaseChanged(previous, phase, now))
-
-    def _misbehaved(self, keeper: _Keeper, problem: str, now: float) -> None:
-        self._effects.append(KeeperMisbehaved(keeper.id, now, problem))
-
-    def _failed(self, keeper: _Keeper, reason: str, now: float) -> None:
-        keeper.failures += 1
-        self._set_state(keeper, KeeperState.UNREACHABLE, now, reason)
-
-    def _pushed(self, keeper: _Keeper, answer: ResponseReceived, now: float) -> None:
-        if answer.status == 200:
+    def _do(self, do: Do, keeper: _Keeper, kind: RequestKind, seen: Classified, now: float) -> None:
+        if do is Do.COUNT_EMPTY:
+            keeper.empty_answers += 1
+        elif do is Do.COUNT_FAILURE:
+            keeper.failures += 1
+        elif do is Do.REPORT:
+            self._effects.append(KeeperMisbehaved(keeper.id, now, seen.problem))
+        elif do is Do.REPORT_NEWER:
+            assert seen.epoch is not None
+            keeper.sighting = _Sighting(seen.epoch, now, kind)
+            self._effects.append(NewerKeySeen(keeper.id, seen.epoch, now))
+        elif do is Do.RESEEDED:
+            if keeper.unconfirmed_push:
+                keeper.unconfirmed_push = False
+                keeper.reseeds += 1
+                self._effects.append(KeeperReseeded(keeper.id, now, keeper.reseed_from))
+        elif do is Do.COLLECT:
+            assert seen.share is not None
+            self._collected[keeper.id] = seen.share
+            self._try_recover(now, Source.KEEPERS)
+        elif do is Do.PUSH:
+            self._push(keeper, now)
+        elif do is Do.CONFIRM:
             keeper.unconfirmed_push = True
             self._send(keeper, RequestKind.CONFIRM, KEEPER_SHARD_PATH, _EMPTY_BODY, now)
         else:
-            self._misbehaved(keeper, f"refused its shard with HTTP {answer.status}", now)
-
-    def _read(self, keeper: _Keeper, kind: RequestKind, answer: ResponseReceived, now: float) -> None:
-        regular = kind is not RequestKind.CONFIRM  # a POLL or a CHECK: the answer may lead to a push
-        if answer.status in (404, 400):  # 400 is how SPIKE's Go keeper says "empty"
-            keeper.empty_answers += 1
-            self._set_state(keeper, KeeperState.EMPTY, now, f"HTTP {answer.status}")
-            if not regular:
-                self._misbehaved(keeper, "still empty right after accepting its shard", now)
-            self._after_read(keeper, regular, needs_seed=True, now=now)
-            return
-        if answer.status != 200:
-            self._set_state(keeper, KeeperState.BAD_ANSWER, now, f"HTTP {answer.status}")
-            self._misbehaved(keeper, f"answered HTTP {answer.status} to a shard read", now)
-            return
-        try:
-            body = decode(answer.body, ShardAnswer)
-            epoch = self._record.epoch if self._record is not None else 0
-            share = Share(keeper.id, epoch, body.shard_bytes())
-        except (RemoteProtocolError, ShamirError) as exc:
-            self._set_state(keeper, KeeperState.BAD_ANSWER, now, "malformed shard answer")
-            self._misbehaved(keeper, f"malformed shard answer: {exc}", now)
-            self._after_read(keeper, regular, needs_seed=True, now=now)
-            return
-        if self._record is None:
-            self._set_state(keeper, KeeperState.UNVERIFIED, now, "holds a shard, no key record")
-            return
-        if body.epoch is not None and body.epoch > self._record.epoch and body.id in (None, keeper.id):
-            # A newer key than this machine's record (another Nexus instance's, after `bootstrap
-            # --force` through it): not this machine's to overwrite.  Its driver should load the
-            # newer record; until then the keeper is left alone.
-            detail = f"holds a shard of key epoch {body.epoch}, newer than this record's {self._record.epoch}"
-            self._set_state(keeper, KeeperState.UNVERIFIED, now, detail)
-            keeper.needs_seed = False
-            return
-        problem = self._share_problem(self._record, keeper.id, body, share)
-        if problem:
-            self._set_state(keeper, KeeperState.WRONG_SHARD, now, problem)
-            self._misbehaved(keeper, problem, now)
-            self._after_read(keeper, regular, needs_seed=True, now=now)
-            return
-        reseeded = keeper.unconfirmed_push
-        detail = ("re-seeded, confirmed by a later read" if reseeded else "") if regular else "re-seeded and confirmed"
-        self._set_state(keeper, KeeperState.HOLDING, now, detail)
-        keeper.needs_seed = False
-        if reseeded:
-            keeper.unconfirmed_push = False
-            keeper.reseeds += 1
-            self._effects.append(KeeperReseeded(keeper.id, now, keeper.reseed_from))
-        if self._phase is Phase.RECOVERING:
-            self._collected[keeper.id] = share
-            self._try_recover(now, source="keepers")
+            self._send(keeper, RequestKind.CHECK, KEEPER_SHARD_PATH, _EMPTY_BODY, now)
 
     @staticmethod
-    def _share_problem(record: KeyRecord, keeper_id: int, body: ShardAnswer, share: Share) -> str:
-        if body.id is not None and body.id != keeper_id:
-            return f"holds the shard of keeper {body.id}"
-        if body.epoch is not None and body.epoch != record.epoch:
-            return f"holds a stale shard of epoch {body.epoch} (current {record.epoch})"
-        if not record.matches_share(share):
-            return f"holds a shard that does not match its commitment for epoch {record.epoch}"
-        return ""
+    def _holding_detail(keeper: _Keeper, kind: RequestKind) -> str:
+        if not keeper.unconfirmed_push:
+            return ""
+        return "re-seeded and confirmed" if kind is RequestKind.CONFIRM else "re-seeded, confirmed by a later read"
 
-    def _after_read(self, keeper: _Keeper, regular: bool, *, needs_seed: bool, now: float) -> None:
-        if not regular:
-            return
-        keeper.needs_seed = needs_seed
-        if needs_seed and self._phase is Phase.READY and keeper.op is None:
-            self._push(keeper, now)
-
-    def _try_recover(self, now: float, *, source: str) -> bool:
+    def _try_recover(self, now: float, source: Source) -> bool:
         """Rebuild the key if enough verified shards are in; True once it is in use."""
         record = self._record
         if record is None or self._phase is not Phase.RECOVERING:
@@ -606,17 +523,108 @@ class NexusCustody:
         self._collected.clear()
         self._from_operator.clear()
         self._set_phase(Phase.READY, now)
-        self._effects.append(KeyRecovered(record.epoch, now, used, source, self._recovery_started))
+        self._effects.append(KeyRecovered(record.epoch, now, used, source.value, self._recovery_started))
         for keeper in self._keepers.values():
-            if keeper.op is not None:
+            if keeper.request is not None:
                 continue  # its answer is on the way and is handled when it comes
-            if source == "operator" and keeper.state is not KeeperState.HOLDING:
-                self._push(keeper, now)  # after a restore every keeper is presumably empty
-            elif keeper.needs_seed:
-                # The answer that said so may be old (bootstrap seeds keepers while
-                # Nexus recovers): ask again rather than push on stale news.
+            do, _ = AFTER_REBUILD[(source, keeper.seen())]
+            if do is Do.PUSH:
+                self._push(keeper, now)
+            elif do is Do.CHECK:
                 self._send(keeper, RequestKind.CHECK, KEEPER_SHARD_PATH, _EMPTY_BODY, now)
         return True
+
+    # ------------------------------------------------------------------ requests and the schedule
+
+    def _grid_time(self, keeper: _Keeper, cycle: int) -> float:
+        interval = self._schedule.interval
+        offset = (2.0 * self._rng.random() - 1.0) * self._schedule.jitter * interval
+        return self._anchor + keeper.slot + cycle * interval + offset
+
+    def _poll(self, keeper: _Keeper, now: float, *, scheduled: float) -> None:
+        self._end_request(keeper)  # none can be in flight while deadlines are capped; kept as a guard
+        keeper.cycle += 1
+        due = self._grid_time(keeper, keeper.cycle)
+        if due <= now:
+            # The driver fell behind by more than a cycle: skip missed slots
+            # rather than firing a burst, and stay on the same grid.
+            elapsed = now - self._anchor - keeper.slot
+            keeper.cycle = max(keeper.cycle, int(elapsed // self._schedule.interval) + 1)
+            due = max(self._grid_time(keeper, keeper.cycle), now + 1e-3)
+        keeper.next_poll_at = due
+        self._timers.set((TimerKind.POLL, keeper.id), due)
+        keeper.polls += 1
+        keeper.last_poll_at = now
+        self._send(keeper, RequestKind.POLL, KEEPER_SHARD_PATH, _EMPTY_BODY, now, scheduled)
+
+    def _send(
+        self,
+        keeper: _Keeper,
+        kind: RequestKind,
+        path: str,
+        body: bytes,
+        now: float,
+        scheduled: float | None = None,
+    ) -> None:
+        request_id = self._next_request_id
+        self._next_request_id += 1
+        deadline = min(now + self._schedule.request_timeout, keeper.next_poll_at)
+        request = _Request(request_id, keeper.id, kind, now, deadline)
+        keeper.request = request
+        self._inflight[request_id] = request
+        self._timers.set((TimerKind.DEADLINE, keeper.id), deadline)
+        self._effects.append(
+            SendRequest(keeper.id, request_id, kind, path, deadline, body, now if scheduled is None else scheduled)
+        )
+
+    def _end_request(self, keeper: _Keeper) -> _Request | None:
+        """Take the keeper's request out of flight (answered, timed out or dropped)."""
+        request, keeper.request = keeper.request, None
+        if request is not None:
+            del self._inflight[request.request_id]
+            self._timers.cancel((TimerKind.DEADLINE, keeper.id))
+        return request
+
+    def _push(self, keeper: _Keeper, now: float) -> None:
+        if keeper.request is not None:
+            return  # its answer is on the way; the rules decide again then
+        record = self._require_record()
+        share = share_for(self.root_key, epoch=record.epoch, threshold=self._threshold, id=keeper.id)
+        keeper.reseed_from = keeper.state
+        body = encode(ShardContribution.of(share))
+        self._send(keeper, RequestKind.PUSH, KEEPER_CONTRIBUTE_PATH, body, now)
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _check_record(self, record: KeyRecord) -> None:
+        if tuple(sorted(record.keeper_ids)) != self._ids:
+            raise LocalProtocolError(
+                f"key record is for keepers {list(record.keeper_ids)}, configured are {list(self._ids)}"
+            )
+        if record.threshold != self._threshold:
+            raise LocalProtocolError(f"key record has threshold {record.threshold}, configured is {self._threshold}")
+
+    def _require_record(self) -> KeyRecord:
+        if self._record is None:
+            raise LocalProtocolError("Nexus has no key record yet: run bootstrap first")
+        return self._record
+
+    def _set_state(self, keeper: _Keeper, state: KeeperState, now: float, detail: str, *, count: bool) -> None:
+        # Called once per answer (or failure), so it also counts answers by outcome.
+        if count:
+            keeper.outcomes[state.value] = keeper.outcomes.get(state.value, 0) + 1
+        keeper.detail = detail
+        if state is keeper.state:
+            return
+        previous = keeper.state
+        keeper.state = state
+        keeper.since = now
+        self._effects.append(KeeperStateChanged(keeper.id, previous, state, now, detail))
+
+    def _set_phase(self, phase: Phase, now: float) -> None:
+        if phase is not self._phase:
+            previous, self._phase = self._phase, phase
+            self._effects.append(PhaseChanged(previous, phase, now))
 
     def _forget_key(self) -> None:
         if self._key is not None:

@@ -16,6 +16,8 @@ from types import TracebackType
 import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
+from spike.protocol.events import FailureKind
+
 from .client import HttpsConnection, TransportError
 from .runner import backend_options
 from .tls import PeerCheck
@@ -43,7 +45,7 @@ class BlockingConnection:
             with anyio.fail_after(timeout):
                 return await self._connection.request("POST", path, body, content_type)
         except TimeoutError:
-            raise TransportError(f"no answer within {timeout:g} s") from None
+            raise TransportError(f"no answer within {timeout:g} s", FailureKind.TIMEOUT) from None
 
     def close(self) -> None:
         self._portal.call(self._connection.aclose)

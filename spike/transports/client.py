@@ -6,8 +6,9 @@ across requests, which is what keeps Nexus's forever-polling cheap
 TLS (C code under uvloop) and h11 frames the messages: a poll costs a
 fraction of what anyio's Python-level TLS stream did, which is what lets one
 Nexus poll a thousand keepers a second (docs/benchmarks.md).  Errors are
-mapped at this edge, as httpcore does: callers see `TransportError` with a
-short reason and nothing else.  A request that is cancelled (for example by
+mapped at this edge, once, as httpcore does: callers see `TransportError`
+with a `FailureKind` (what the custody core decides on) and a short reason
+in words, and nothing else.  A request that is cancelled (for example by
 its deadline) drops the connection, so a half-used h11 state is never reused.
 """
 
@@ -21,15 +22,22 @@ from urllib.parse import urlsplit
 
 import h11
 
+from spike.protocol.events import FailureKind
+
 from .tls import PeerCheck, spiffe_id_of
 
 
 class TransportError(Exception):
-    """A request got no usable HTTP answer; the message says why, briefly."""
+    """A request got no usable HTTP answer: `kind` says why, the message says it briefly in words."""
+
+    def __init__(self, message: str, kind: FailureKind = FailureKind.OTHER) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class PeerIdentityError(TransportError):
-    pass
+    def __init__(self, message: str) -> None:
+        super().__init__(message, FailureKind.PEER_IDENTITY)
 
 
 def parse_origin(url: str) -> tuple[str, int]:
@@ -112,7 +120,7 @@ class HttpsConnection:
         """
         loop = asyncio.get_running_loop()
         if self._current is not None:
-            self._finish(self._current, TransportError("abandoned for a newer request"), drop=True)
+            self._finish(self._current, TransportError("abandoned for a newer request", FailureKind.OTHER), drop=True)
         op = _Op(method, path, body, content_type, on_done)
         self._current = op
         if deadline is not None:
@@ -148,7 +156,7 @@ class HttpsConnection:
 
     async def aclose(self) -> None:
         if self._current is not None:
-            self._finish(self._current, TransportError("connection closed"), drop=True)
+            self._finish(self._current, TransportError("connection closed", FailureKind.CLOSED), drop=True)
         self._drop()
 
     # ------------------------------------------------------------------ one request
@@ -204,7 +212,7 @@ class HttpsConnection:
                 op.retried = True
                 self._start(op)
                 return
-            self._finish(op, TransportError("connection closed before an answer"), drop=True)
+            self._finish(op, TransportError("connection closed before an answer", FailureKind.CLOSED), drop=True)
             return
         if isinstance(outcome, Exception):
             self._finish(op, outcome, drop=True)
@@ -218,7 +226,7 @@ class HttpsConnection:
     def _timed_out(self, op: _Op) -> None:
         self._timer = None
         if op is self._current:
-            self._finish(op, TransportError("timed out"), drop=True)
+            self._finish(op, TransportError("timed out", FailureKind.TIMEOUT), drop=True)
 
     def _finish(self, op: _Op, outcome: Outcome, *, drop: bool) -> None:
         self._current = None
@@ -258,11 +266,12 @@ class HttpsConnection:
                 self._connect_timeout,
             )
         except TimeoutError:
-            raise TransportError("connect timed out") from None
+            raise TransportError("connect timed out", FailureKind.TIMEOUT) from None
         except ssl.SSLError as exc:
-            raise TransportError(f"TLS handshake failed: {exc.reason or exc.__class__.__name__}") from None
+            reason = f"TLS handshake failed: {exc.reason or exc.__class__.__name__}"
+            raise TransportError(reason, FailureKind.TLS) from None
         except (OSError, ConnectionError) as exc:
-            raise TransportError(_os_reason(exc)) from None
+            raise TransportError(*_os_failure(exc)) from None
         peer = spiffe_id_of(transport.get_extra_info("peercert"))
         if not self._peer_check(peer):
             transport.abort()
@@ -315,13 +324,13 @@ class _ClientProtocol(asyncio.Protocol):
             else:
                 self.h11.receive_data(b"")
                 self._next_events()
-                self._deliver(TransportError("connection closed during the response"))
+                self._deliver(TransportError("connection closed during the response", FailureKind.CLOSED))
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self._on_outcome is not None:
-            lost = TransportError("connection lost during the response")
+            lost = TransportError("connection lost during the response", FailureKind.CLOSED)
             self._deliver(_StaleConnection() if not self._received_any else lost)
 
     def _next_events(self) -> None:
@@ -329,7 +338,7 @@ class _ClientProtocol(asyncio.Protocol):
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError:
-                self._deliver(TransportError("malformed HTTP response"))
+                self._deliver(TransportError("malformed HTTP response", FailureKind.BAD_HTTP))
                 self.abort()
                 return
             if event is h11.NEED_DATA:
@@ -339,14 +348,14 @@ class _ClientProtocol(asyncio.Protocol):
             elif isinstance(event, h11.Data):
                 self._size += len(event.data)
                 if self._size > self._limit:
-                    self._deliver(TransportError("response too large"))
+                    self._deliver(TransportError("response too large", FailureKind.BAD_HTTP))
                     self.abort()
                     return
                 self._chunks.append(event.data)
             elif isinstance(event, h11.EndOfMessage):
                 self._deliver((self._status, b"".join(self._chunks)))
             elif isinstance(event, h11.ConnectionClosed):
-                lost = TransportError("connection closed during the response")
+                lost = TransportError("connection closed during the response", FailureKind.CLOSED)
                 self._deliver(_StaleConnection() if not self._status else lost)
 
     def _deliver(self, outcome: Outcome) -> None:
@@ -364,7 +373,8 @@ class _StaleConnection(Exception):
     pass
 
 
-def _os_reason(exc: BaseException) -> str:
+def _os_failure(exc: BaseException) -> tuple[str, FailureKind]:
+    """Why a connect failed, in words and as a kind."""
     # anyio reports a failed connect as "All connection attempts failed" with the
     # per-address errors in the cause; the first of those says what happened.
     cause = exc.__cause__
@@ -373,11 +383,19 @@ def _os_reason(exc: BaseException) -> str:
     if isinstance(cause, OSError):
         exc = cause
     if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
+        kind = FailureKind.REFUSED
+    elif isinstance(exc, ConnectionError):  # reset or aborted while the handshake was under way
+        kind = FailureKind.CLOSED
+    elif isinstance(exc, OSError):  # no route, the name does not resolve, the network is down
+        kind = FailureKind.UNREACHABLE
+    else:
+        kind = FailureKind.OTHER
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused", kind
     if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
+        return exc.strerror.lower(), kind
     if isinstance(exc, OSError) and exc.args:
-        return str(exc.args[0]).lower()
+        return str(exc.args[0]).lower(), kind
     if isinstance(exc, ConnectionError):
-        return "connection closed during the handshake"
-    return exc.__class__.__name__
+        return "connection closed during the handshake", kind
+    return exc.__class__.__name__, kind

@@ -21,13 +21,13 @@ from functools import partial
 import anyio
 
 from spike.protocol.effects import Report, RequestKind, SendRequest
-from spike.protocol.events import Answer, RequestFailed, ResponseReceived
+from spike.protocol.events import Answer, FailureKind, RequestFailed, ResponseReceived
 from spike.protocol.identity import Role, TrustDomains
 from spike.protocol.material import Share
 from spike.protocol.nexus import NexusCustody, RestoreProgress
 from spike.protocol.record import KeyRecord
 
-from .client import HttpsConnection, Outcome
+from .client import HttpsConnection, Outcome, TransportError
 from .tls import keeper_check
 
 ReportSink = Callable[[Report], None]
@@ -92,6 +92,12 @@ class CustodyDriver:
         self._dispatch()
         return progress
 
+    def confirm_record(self, checked_at: float) -> int:
+        """The stored key record, read from `checked_at` on, is the machine's own (`NexusCustody.confirm_record`)."""
+        refuted = self.custody.confirm_record(checked_at, self.now())
+        self._dispatch()
+        return refuted
+
     # The tasks ----------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -125,7 +131,7 @@ class CustodyDriver:
         if request.kind is RequestKind.POLL:
             self.lateness.add(start - request.scheduled_at)
         if start >= request.deadline:
-            failed = RequestFailed(request.request_id, "deadline passed before it could be sent")
+            failed = RequestFailed(request.request_id, "deadline passed before it could be sent", FailureKind.TIMEOUT)
             asyncio.get_running_loop().call_soon(self._answered, request, start, failed)
             return
         self._connections[request.keeper_id].submit(
@@ -139,7 +145,9 @@ class CustodyDriver:
     def _outcome(self, request: SendRequest, start: float, outcome: Outcome) -> None:
         answer: Answer
         if isinstance(outcome, Exception):
-            answer = RequestFailed(request.request_id, str(outcome))
+            # The connection mapped what went wrong to a kind, once; anything else it let through is OTHER.
+            kind = outcome.kind if isinstance(outcome, TransportError) else FailureKind.OTHER
+            answer = RequestFailed(request.request_id, str(outcome), kind)
         else:
             answer = ResponseReceived(request.request_id, outcome[0], outcome[1])
         self._answered(request, start, answer)

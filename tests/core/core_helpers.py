@@ -15,6 +15,7 @@ import msgspec
 
 from spike.protocol import (
     Effect,
+    FailureKind,
     KeeperMisbehaved,
     KeeperState,
     KeeperStateChanged,
@@ -129,10 +130,12 @@ class Rig:
     def reply_shard(self, keeper_id: int, share: Share | None = None, *, extension: bool = True) -> list[Effect]:
         return self.reply(keeper_id, 200, shard_body(share or self.shares[keeper_id], extension=extension))
 
-    def fail(self, keeper_id: int, reason: str = "connection refused") -> list[Effect]:
+    def fail(
+        self, keeper_id: int, reason: str = "connection refused", kind: FailureKind = FailureKind.OTHER
+    ) -> list[Effect]:
         request = self.pending.pop(keeper_id)
         self.now += 0.01
-        self.custody.receive(RequestFailed(request.request_id, reason), self.now)
+        self.custody.receive(RequestFailed(request.request_id, reason, kind), self.now)
         return self.take()
 
     def recover(self, *keeper_ids: int) -> list[Effect]:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import msgspec
 import pytest
-from core_helpers import OTHER_KEY_INT, ConstantRandom, Rig, key_from_int, of_type, shard_body
+from core_helpers import OTHER_KEY_INT, SAMPLE_KEY_INT, ConstantRandom, Rig, key_from_int, of_type, shard_body
 
 from spike.protocol import (
     KEEPER_CONTRIBUTE_PATH,
@@ -17,6 +17,7 @@ from spike.protocol import (
     AlreadyInitialised,
     ApiRequest,
     Effect,
+    FailureKind,
     Keeper,
     KeeperMisbehaved,
     KeeperReseeded,
@@ -26,6 +27,7 @@ from spike.protocol import (
     KeyRecovered,
     KeyRejected,
     LocalProtocolError,
+    NewerKeySeen,
     NexusCustody,
     Phase,
     PhaseChanged,
@@ -817,7 +819,7 @@ def test_a_shard_of_a_newer_epoch_is_left_alone(ready: bool) -> None:
     assert rig.requests(effects) == []  # no push
     assert of_type(effects, KeeperMisbehaved) == []
     view = rig.view(3)
-    assert view.state is KeeperState.UNVERIFIED
+    assert view.state is KeeperState.NEWER_EPOCH
     assert f"epoch {rig.record.epoch + 1}" in view.detail
     assert rig.custody.phase is (Phase.READY if ready else Phase.RECOVERING)
     # The machine moves on once it is given the newer record (what the app does when it loads it).
@@ -826,3 +828,132 @@ def test_a_shard_of_a_newer_epoch_is_left_alone(ready: bool) -> None:
         rig.now,
         replace=True,
     )
+
+
+# ---------------------------------------------------------------- epochs the deployment never had (issue 14, L2)
+
+GARBAGE_EPOCH = 2**63 - 1  # the largest epoch the wire allows
+
+
+def driver_confirms_on_newer_key_seen(rig: Rig, effects: list[Effect]) -> list[Effect]:
+    """What a Nexus that is the only writer of its record does: every newer epoch is garbage at once."""
+    for seen in of_type(effects, NewerKeySeen):
+        rig.custody.confirm_record(seen.at, rig.now)
+        effects = effects + rig.take()
+    return effects
+
+
+def test_a_shard_labelled_with_an_epoch_no_record_had_does_not_freeze_custody() -> None:
+    """The bootstrap identity contributed keeper 3 a shard labelled 2^63-1: it is reported and re-seeded."""
+    rig = Rig()
+    rig.recover(1, 2)
+    garbage = share_for(rig.key, epoch=GARBAGE_EPOCH, threshold=2, id=3)
+    effects = driver_confirms_on_newer_key_seen(rig, rig.reply_shard(3, garbage))
+    assert of_type(effects, NewerKeySeen) == [NewerKeySeen(3, GARBAGE_EPOCH, rig.now)]
+    [misbehaved] = of_type(effects, KeeperMisbehaved)
+    assert f"epoch {GARBAGE_EPOCH}, which this deployment never had" in misbehaved.problem
+    [push] = rig.requests(effects)
+    assert pushed_share(push).shard_bytes() == rig.shares[3].secret_bytes()
+    assert pushed_share(push).epoch == rig.record.epoch
+    rig.reply(3, 200)
+    effects = rig.reply_shard(3)
+    assert of_type(effects, KeeperReseeded) == [KeeperReseeded(3, rig.now, KeeperState.WRONG_SHARD)]
+    assert rig.state(3) is KeeperState.HOLDING and rig.custody.redundancy == 1
+
+
+def test_garbage_epochs_on_two_keepers_are_repaired_before_a_restart_needs_them() -> None:
+    """Before the fix, a Nexus restarted after keepers 2 and 3 got such shards could only be restored by hand."""
+    rig = Rig()
+    rig.recover(1, 2, 3)
+    for keeper_id in (2, 3):
+        while keeper_id not in rig.pending:
+            rig.tick()
+        garbage = share_for(key_from_int(OTHER_KEY_INT), epoch=GARBAGE_EPOCH, threshold=2, id=keeper_id)
+        effects = driver_confirms_on_newer_key_seen(rig, rig.reply_shard(keeper_id, garbage))
+        assert [r.kind for r in rig.requests(effects)] == [RequestKind.PUSH]
+        rig.reply(keeper_id, 200)
+        rig.reply_shard(keeper_id)  # the read-back
+    restarted = Rig()  # the same record, a new machine: all it has are the keepers
+    restarted.start()
+    restarted.reply_shard(2)
+    effects = restarted.reply_shard(3)
+    assert of_type(effects, KeyRecovered) and restarted.custody.root_key == restarted.key
+
+
+def test_an_earlier_epoch_the_record_never_had_is_garbage_at_once() -> None:
+    key = key_from_int(SAMPLE_KEY_INT)
+    first, _ = seal_key(key, epoch=4, threshold=2, keeper_ids=(1, 2, 3))
+    record = seal_key(key, epoch=7, threshold=2, keeper_ids=(1, 2, 3))[0].succeeding(first)
+    assert record.history == ((0, 4),)
+    rig = Rig(record=record)
+    rig.recover(1, 2)
+    effects = rig.reply_shard(3, share_for(key, epoch=5, threshold=2, id=3))
+    assert "epoch 5, which this deployment never had" in of_type(effects, KeeperMisbehaved)[0].problem
+    assert of_type(effects, NewerKeySeen) == []
+    assert [r.kind for r in rig.requests(effects)] == [RequestKind.PUSH]
+    rig.reply(3, 200)  # the push
+    rig.reply_shard(3)  # its read-back
+    while 3 not in rig.pending:
+        rig.tick()
+    effects = rig.reply_shard(3, share_for(key, epoch=3, threshold=2, id=3))
+    assert "stale shard of epoch 3" in of_type(effects, KeeperMisbehaved)[0].problem
+
+
+def test_confirm_record_refutes_only_what_was_seen_before_the_check_began() -> None:
+    rig = Rig()
+    rig.recover(1, 2)
+    seen_at = rig.now + 0.01
+    rig.reply_shard(3, share_for(rig.key, epoch=GARBAGE_EPOCH, threshold=2, id=3))
+    # A read of the store that began before the keeper answered proves nothing about that answer.
+    assert rig.custody.confirm_record(seen_at - 0.005, rig.now) == 0
+    assert rig.custody.effects() == [] and rig.state(3) is KeeperState.NEWER_EPOCH
+    # A keeper asked again meanwhile: its answer is the news, not the old sighting.
+    while 3 not in rig.pending:
+        rig.tick()
+    assert rig.custody.confirm_record(seen_at, rig.now) == 0
+    effects = rig.reply_shard(3, share_for(rig.key, epoch=GARBAGE_EPOCH, threshold=2, id=3))
+    assert of_type(effects, NewerKeySeen)
+    assert rig.custody.confirm_record(rig.now, rig.now) == 1
+    assert [r.kind for r in rig.requests(rig.take())] == [RequestKind.PUSH]
+
+
+def test_confirm_record_needs_a_record() -> None:
+    rig = Rig(with_record=False)
+    with pytest.raises(LocalProtocolError, match="bootstrap"):
+        rig.custody.confirm_record(rig.now, rig.now)
+
+
+def test_a_newer_epoch_is_not_overwritten_after_an_operator_restore() -> None:
+    """Deliberate: a restore pushes to every keeper not known to hold its shard, except one holding a newer epoch."""
+    rig = Rig()
+    rig.start()
+    rig.reply_shard(3, share_for(key_from_int(OTHER_KEY_INT), epoch=8, threshold=2, id=3))
+    rig.reply(1, 404)
+    rig.reply(2, 404)
+    rig.custody.submit_shard(rig.shares[1], rig.now)
+    rig.custody.submit_shard(rig.shares[2], rig.now)
+    assert sorted(r.keeper_id for r in rig.requests(rig.take(), RequestKind.PUSH)) == [1, 2]
+
+
+def test_next_deadline_is_a_pure_query() -> None:
+    rig = Rig()
+    rig.start()
+    timers = list(rig.custody._timers._heap)
+    for _ in range(3):
+        assert rig.custody.next_deadline() == 102.0
+    assert rig.custody._timers._heap == timers
+    rig.reply_shard(1)  # its deadline is cancelled: the next one is still the others'
+    assert rig.custody.next_deadline() == 102.0
+    rig.reply_shard(2)
+    rig.reply_shard(3)
+    assert rig.custody.next_deadline() == min(v.next_poll_at for v in rig.custody.keepers())
+
+
+def test_request_failures_carry_their_kind_into_the_decision() -> None:
+    rig = Rig()
+    rig.start()
+    for keeper_id, kind in ((1, FailureKind.REFUSED), (2, FailureKind.PEER_IDENTITY), (3, FailureKind.TLS)):
+        effects = rig.fail(keeper_id, f"{kind.value} failure", kind)
+        assert rig.state(keeper_id) is KeeperState.UNREACHABLE
+        assert rig.view(keeper_id).detail == f"{kind.value} failure"
+        assert [type(e) for e in effects] == [KeeperStateChanged]  # no push, no report

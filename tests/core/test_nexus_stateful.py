@@ -21,6 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from spike.protocol import (
     Effect,
+    FailureKind,
     KeeperState,
     KeeperStateChanged,
     KeyRecord,
@@ -41,7 +42,9 @@ from spike.protocol import (
 )
 from spike.protocol.events import Answer
 
-ANSWERS = ("correct", "correct-go", "404", "400", "wrong", "stale", "swapped", "garbage", "failure", "500")
+ANSWERS = (
+    "correct", "correct-go", "404", "400", "wrong", "stale", "swapped", "garbage", "failure", "500", "newer", "ancient",
+)  # fmt: skip
 GARBAGE = (
     b"",
     b"{",
@@ -92,12 +95,16 @@ class NexusCustodyMachine(RuleBasedStateMachine):
         self.schedule = PollSchedule(interval=10.0, jitter=jitter, request_timeout=timeout)
         self.seed = seed
         self._seal(key_from_int(SAMPLE_KEY_INT))
+        if data.draw(st.booleans(), label="known history"):  # epochs 0 and 1 never were
+            self.record = msgspec.structs.replace(self.record, history=((self.epoch - 1, self.epoch - 1),))
         self.with_record = with_record
         self._start_custody(self.record if with_record else None)
 
-    def _seal(self, key: RootKey) -> None:
+    def _seal(self, key: RootKey, previous: KeyRecord | None = None) -> None:
         self.key = key
         self.record, self.shares = seal_key(key, epoch=self.epoch, threshold=self.threshold, keeper_ids=self.ids)
+        if previous is not None:
+            self.record = self.record.succeeding(previous)
         self.wrong_key = key_from_int(OTHER_KEY_INT if key.as_int() != OTHER_KEY_INT else SAMPLE_KEY_INT)
 
     def _start_custody(self, record: KeyRecord | None) -> None:
@@ -200,6 +207,13 @@ class NexusCustodyMachine(RuleBasedStateMachine):
             return 200, shard_body(self.shares[other], extension=data.draw(st.booleans(), label="labelled"))
         if kind == "garbage":
             return 200, data.draw(st.sampled_from(GARBAGE) | st.binary(max_size=64), label="garbage")
+        if kind == "newer":  # another instance's newer key, or a label no record ever had
+            epoch = data.draw(st.sampled_from([self.epoch + 1, 2**63 - 1]), label="newer epoch")
+            return 200, shard_body(share_for(self.wrong_key, epoch=epoch, threshold=self.threshold, id=keeper_id))
+        if kind == "ancient":  # an earlier epoch, which the record's history may or may not have
+            ancient = share_for(self.key, epoch=data.draw(st.integers(0, self.epoch - 1)), threshold=self.threshold,
+                                id=keeper_id)  # fmt: skip
+            return 200, shard_body(ancient)
         return 500, b'{"err":"api_internal_error"}'
 
     def _carries_own_shard(self, keeper_id: int, status: int, body: bytes) -> bool:
@@ -225,7 +239,7 @@ class NexusCustodyMachine(RuleBasedStateMachine):
         request = self.inflight.pop(request_id)
         answer: Answer
         if kind == "failure":
-            answer = RequestFailed(request_id, "connection reset")
+            answer = RequestFailed(request_id, "connection reset", data.draw(st.sampled_from(FailureKind)))
         elif request.kind is RequestKind.PUSH:
             status = 200 if kind in ("correct", "correct-go") else data.draw(st.sampled_from([400, 401, 500]))
             answer = ResponseReceived(request_id, status, b"{}")
@@ -278,7 +292,7 @@ class NexusCustodyMachine(RuleBasedStateMachine):
     @rule(new_key=st.booleans())
     def initialise_again_with_a_new_epoch(self, new_key: bool) -> None:
         self.epoch += 1
-        self._seal(self.wrong_key if new_key else self.key)
+        self._seal(self.wrong_key if new_key else self.key, self.record)
         assert self.custody.initialise(self.record, self.now, replace=True) is True
         self._obsolete_inflight()
         self.verified_from.clear()
@@ -311,6 +325,13 @@ class NexusCustodyMachine(RuleBasedStateMachine):
     @rule()
     def restart_nexus(self) -> None:
         self._start_custody(self.record)
+
+    @precondition(lambda self: self.custody.record is not None)
+    @rule(back=st.floats(0.0, 10.0))
+    def driver_confirms_its_record(self, back: float) -> None:
+        """The driver read the store (begun `back` seconds ago) and found the machine's own record."""
+        self.custody.confirm_record(self.now - back, self.now)
+        self.take()
 
     # ------------------------------------------------------------ invariants
 
@@ -345,6 +366,10 @@ class NexusCustodyMachine(RuleBasedStateMachine):
         assert math.isfinite(deadline)
         assert deadline == min(pending)
         assert deadline >= self.now  # the driver has run every timer that was due
+
+    @invariant()
+    def only_reachable_rules_are_used(self) -> None:
+        assert self.custody._cannot_happen == 0
 
     @invariant()
     def reported_states_match_the_views(self) -> None:

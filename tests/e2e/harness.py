@@ -65,7 +65,14 @@ from spike.app.store.sqlite_schema import NexusStore
 from spike.protocol.identity import Role, TrustDomains
 from spike.protocol.material import Share
 from spike.protocol.shamir import combine
-from spike.protocol.wire import KEEPER_SHARD_PATH, ShardAnswer, decode
+from spike.protocol.wire import (
+    KEEPER_CONTRIBUTE_PATH,
+    KEEPER_SHARD_PATH,
+    ShardAnswer,
+    ShardContribution,
+    decode,
+    encode,
+)
 from spike.transports.blocking import ClientSession
 from spike.transports.client import TransportError
 from spike.transports.tls import SvidFiles, client_context, keeper_check
@@ -562,6 +569,17 @@ class Cluster:
             raise HarnessError(f"keeper {keeper_id} answered HTTP {status} to a shard read")
         answer = decode(body, ShardAnswer)
         return Share(keeper_id, answer.epoch or 0, answer.shard_bytes())
+
+    def contribute(self, keeper_id: int, contribution: ShardContribution, identity: str = "bootstrap") -> int:
+        """POST /v1/store/contribute to a keeper as `identity` (bootstrap may); the HTTP status."""
+        with ClientSession(client_context(self.identity.files(identity)), timeout=5.0) as session:
+            connection = session.connect(
+                self.keeper_url(keeper_id),
+                keeper_check(self.trust, keeper_id),
+                expected_peer=str(self.trust.id_of(Role.KEEPER, keeper_id)),
+            )
+            status, _ = connection.post(KEEPER_CONTRIBUTE_PATH, encode(contribution))
+            return status
 
     def read_shards(self) -> dict[int, Share]:
         """Every live keeper's shard (empty keepers left out)."""

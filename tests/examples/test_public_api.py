@@ -43,7 +43,7 @@ PUBLIC_NAMES = {
     # effects and events
     "Effect", "SendRequest", "RequestKind", "Report", "KeeperStateChanged", "KeeperState",
     "KeeperReseeded", "KeeperMisbehaved", "PhaseChanged", "Phase", "KeyRecovered", "KeyRejected",
-    "Answer", "ResponseReceived", "RequestFailed",
+    "NewerKeySeen", "Answer", "ResponseReceived", "RequestFailed", "FailureKind",
     # keeper
     "Keeper", "KeeperOutcome", "KeeperChange", "ApiRequest", "ApiResponse", "MAX_KEEPER_BODY",
     # material and Shamir
@@ -66,8 +66,9 @@ FIELDS = {
     "PhaseChanged": ("previous", "phase", "at"),
     "KeyRecovered": ("epoch", "at", "keeper_ids", "source", "started_at"),
     "KeyRejected": ("epoch", "at", "keeper_ids"),
+    "NewerKeySeen": ("keeper_id", "epoch", "at"),
     "ResponseReceived": ("request_id", "status", "body"),
-    "RequestFailed": ("request_id", "reason"),
+    "RequestFailed": ("request_id", "reason", "kind"),
     "KeeperView": (
         "keeper_id", "state", "since", "detail", "polls", "empty_answers", "failures", "reseeds",
         "last_poll_at", "last_answer_at", "latency", "next_poll_at", "outcomes",
@@ -80,12 +81,17 @@ FIELDS = {
     "SpiffeId": ("trust_domain", "path"),
     "TrustDomains": ("nexus", "keeper", "bootstrap", "pilot"),
     "ShardContribution": ("shard", "id", "epoch"),
-    "KeyRecord": ("epoch", "threshold", "keeper_ids", "check", "commitments"),
+    "KeyRecord": ("epoch", "threshold", "keeper_ids", "check", "commitments", "history"),
 }  # fmt: skip
 
 ENUMS = {
     "Phase": ("uninitialised", "recovering", "ready"),
-    "KeeperState": ("unknown", "holding", "empty", "wrong_shard", "unverified", "unreachable", "bad_answer"),
+    "KeeperState": (
+        "unknown", "holding", "empty", "wrong_shard", "unverified", "unreachable", "bad_answer", "newer_epoch",
+    ),
+    "FailureKind": (
+        "refused", "unreachable", "timeout", "tls", "peer_identity", "closed", "bad_http", "other",
+    ),
     "RequestKind": ("poll", "push", "confirm", "check"),
     "KeeperChange": ("none", "stored", "replaced"),
     "Role": ("nexus", "keeper", "bootstrap", "pilot-superuser", "pilot-recover", "pilot-restore"),
@@ -140,6 +146,7 @@ def test_effect_and_answer_aliases_cover_exactly_their_types() -> None:
         "PhaseChanged",
         "KeyRecovered",
         "KeyRejected",
+        "NewerKeySeen",
     }
     assert {t.__name__ for t in protocol.Report.__args__} == reports
     assert {t.__name__ for t in protocol.Effect.__args__} == reports | {"SendRequest"}

@@ -122,6 +122,11 @@ class Driver:
         self.dispatch()
         return changed
 
+    def confirm_record(self, checked_at: float) -> int:
+        refuted = self.custody.confirm_record(checked_at, self.clock)
+        self.dispatch()
+        return refuted
+
     def tick(self, to: float | None = None) -> None:
         """Run the machine's timers at `to` (default: its next deadline, or now if that has passed)."""
         self.clock = max(self.clock, self.custody.next_deadline()) if to is None else to

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from spike.app.api.messages import RESTORE_PATH
 from spike.app.nexus.metrics import PROMETHEUS_TEXT
-from spike.protocol import Answer, RequestFailed, ResponseReceived
+from spike.protocol import Answer, FailureKind, RequestFailed, ResponseReceived
 from spike.protocol.api import ApiRequest
 
 SECRET_VALUE = "correct-horse-battery-staple-5f2a9c"
@@ -144,6 +144,16 @@ def test_keeper_request_latency_is_a_histogram_by_keeper_kind_and_result(node: N
     assert value(samples, bucket, keeper="1", kind="poll", result="200", le="0.005") == 1
     assert value(samples, bucket, keeper="2", kind="poll", result="404", le="+Inf") == 1
     assert value(samples, bucket, keeper="3", kind="poll", result="failed", le="+Inf") == 1
+
+
+def test_requests_without_an_answer_are_counted_by_why(node: Node) -> None:
+    node.driver.tick(0.0)
+    for keeper_id, kind in ((1, FailureKind.REFUSED), (2, FailureKind.PEER_IDENTITY), (3, FailureKind.TIMEOUT)):
+        request = node.driver.answer(keeper_id, None, b"")
+        node.metrics.keeper_request(request, RequestFailed(request.request_id, "no", kind), 0.001)
+    samples = scrape(node)
+    for keeper_id, kind in (("1", "refused"), ("2", "peer_identity"), ("3", "timeout")):
+        assert value(samples, "spike_keeper_request_failures_total", keeper=keeper_id, kind=kind) == 1
 
 
 def test_healthz_readyz_and_nothing_else(node: Node) -> None:

@@ -8,7 +8,9 @@ events) and a seeded `random.Random` that injects faults:
 * outages: requests refused at once, or never answered (timeouts),
 * slow keepers that answer after the request's deadline,
 * garbage answers (a broken proxy in front of the keeper),
-* keepers holding a wrong shard (another key's, another keeper's, a stale epoch's),
+* keepers holding a wrong shard (another key's, another keeper's, a stale epoch's,
+  or one labelled with an epoch the deployment never had, newer or older: what
+  the bootstrap identity can contribute),
 * Nexus restarts (a new `NexusCustody` with the same key record: the key is lost),
 * a late bootstrap (the Nexus starts without a record) and operator restores.
 
@@ -34,6 +36,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
+import msgspec
+
 from spike.protocol import (
     KEEPER_CONTRIBUTE_PATH,
     KEEPER_SHARD_PATH,
@@ -44,6 +48,7 @@ from spike.protocol import (
     KeeperMisbehaved,
     KeyRecord,
     KeyRecovered,
+    NewerKeySeen,
     NexusCustody,
     Phase,
     PhaseChanged,
@@ -64,6 +69,7 @@ from spike.protocol import (
     seal_key,
 )
 from spike.protocol.events import Answer
+from spike.protocol.material import MAX_EPOCH
 from spike.protocol.wire import decode, encode
 
 TRUST = TrustDomains.single("spike.sim")
@@ -90,6 +96,8 @@ class WrongShard(Enum):
     FOREIGN_GO = "foreign-go"
     SWAPPED = "swapped"  # another keeper's current shard, labelled with that keeper's id
     SWAPPED_GO = "swapped-go"
+    NEVER_HAD_NEWER = "never-had-newer"  # its own bytes labelled with an epoch above the record's
+    NEVER_HAD_OLDER = "never-had-older"  # its own bytes labelled with an epoch below the record's history
 
 
 class FaultKind(Enum):
@@ -247,6 +255,14 @@ class ShardAnswered(Fact):
 
 
 @dataclass(frozen=True, slots=True)
+class NewerEpochShown(Fact):
+    """The Nexus reported a keeper showing a shard of an epoch above its record (`NewerKeySeen`)."""
+
+    keeper_id: int
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
 class LateAnswer(Fact):
     """An answer reached the Nexus after its request's deadline."""
 
@@ -281,6 +297,7 @@ class Run:
     trace: list[tuple[float, int, Effect]]  # every effect with its time and Nexus generation
     requests: int
     events: int
+    cannot_happen: int = 0  # answers that hit a rules-table row marked impossible, over every Nexus instance
 
     def digest(self) -> str:
         """A fingerprint of the whole history: every effect (request bodies included) and when."""
@@ -296,7 +313,12 @@ class Run:
 
 
 class Custody(Protocol):
-    """The part of `NexusCustody` the world drives (a test may wrap the real machine)."""
+    """The part of `NexusCustody` the world drives (a test may wrap the real machine).
+
+    The world is also the store of the key record, and the only writer of it: a
+    `NewerKeySeen` is answered at once with `confirm_record`, as spike's Nexus
+    does on SQLite.
+    """
 
     @property
     def phase(self) -> Phase: ...
@@ -310,6 +332,7 @@ class Custody(Protocol):
     def receive(self, answer: Answer, now: float) -> None: ...
     def initialise(self, record: KeyRecord, now: float, *, replace: bool = False) -> bool: ...
     def submit_shard(self, share: Share, now: float) -> RestoreProgress: ...
+    def confirm_record(self, checked_at: float, now: float) -> int: ...
 
 
 CustodyFactory = Callable[..., Custody]
@@ -351,6 +374,8 @@ class World:
         self._rng = random.Random(f"world-{s.seed}")
         self.key = RootKey.generate(self._rng.randbytes)
         self.record, self.shares = seal_key(self.key, epoch=s.epoch, threshold=s.threshold, keeper_ids=s.keeper_ids)
+        # The deployment had the epoch before this one and none earlier (so NEVER_HAD_OLDER exists when epoch >= 2).
+        self.record = msgspec.structs.replace(self.record, history=((s.epoch - 1, s.epoch - 1),)).validate()
         other_key = RootKey.generate(self._rng.randbytes)
         self._foreign = deal(other_key, epoch=s.epoch, threshold=s.threshold, ids=s.keeper_ids)
         self._stale = deal(self.key, epoch=s.epoch - 1, threshold=s.threshold, ids=s.keeper_ids)
@@ -365,6 +390,7 @@ class World:
         self._handled = 0
         self._slots = {k: _KeeperSlot(Keeper(TRUST)) for k in s.keeper_ids}
         self._generation = 0
+        self._cannot_happen = 0
         self._bootstrapped = s.bootstrap_at is None
         self._live: dict[int, SendRequest] = {}
         self._verified: set[int] = set()
@@ -403,26 +429,33 @@ class World:
         self.now = end
         key_matches = self.nexus.root_key == self.key if self.nexus.phase is Phase.READY else None
         self.facts.append(RunEnded(end, self.nexus.phase, key_matches))
-        return Run(self.scenario, self.config, self.facts, self._trace, self._requests, self._handled)
+        cannot_happen = self._cannot_happen + getattr(self.nexus, "_cannot_happen", 0)
+        return Run(self.scenario, self.config, self.facts, self._trace, self._requests, self._handled, cannot_happen)
 
     def _at(self, when: float, action: Callable[[], None]) -> None:
         self._seq += 1
         heapq.heappush(self._events, (when, self._seq, action))
 
     def _drain(self) -> list[Effect]:
-        effects = self.nexus.effects()
+        drained: list[Effect] = []
         trace = self._trace
-        for effect in effects:
-            trace.append((self.now, self._generation, effect))
-            if isinstance(effect, SendRequest):
-                self._perform(effect)
-            elif isinstance(effect, PhaseChanged):
-                self.facts.append(PhaseIs(self.now, effect.phase))
-            elif isinstance(effect, KeyRecovered):
-                matches = self.nexus.root_key == self.key
-                eligible = frozenset(self._verified | self._from_operator)
-                self.facts.append(Recovered(self.now, effect.source, effect.keeper_ids, matches, eligible))
-        return effects
+        while effects := self.nexus.effects():
+            drained += effects
+            for effect in effects:
+                trace.append((self.now, self._generation, effect))
+                if isinstance(effect, SendRequest):
+                    self._perform(effect)
+                elif isinstance(effect, PhaseChanged):
+                    self.facts.append(PhaseIs(self.now, effect.phase))
+                elif isinstance(effect, KeyRecovered):
+                    matches = self.nexus.root_key == self.key
+                    eligible = frozenset(self._verified | self._from_operator)
+                    self.facts.append(Recovered(self.now, effect.source, effect.keeper_ids, matches, eligible))
+                elif isinstance(effect, NewerKeySeen):
+                    # The world holds the one key record and nobody else writes it: the label is garbage.
+                    self.facts.append(NewerEpochShown(self.now, effect.keeper_id, effect.epoch))
+                    self.nexus.confirm_record(effect.at, self.now)
+        return drained
 
     # ------------------------------------------------------------ the Nexus's requests
 
@@ -517,6 +550,7 @@ class World:
             self._contribute(fault.keeper_id, self._wrong_body(fault.keeper_id, fault.wrong))
         elif kind is FaultKind.NEXUS_RESTART:
             self._generation += 1
+            self._cannot_happen += getattr(self.nexus, "_cannot_happen", 0)
             self.nexus = self._new_nexus("restart")
         elif kind is FaultKind.BOOTSTRAP:
             self._bootstrap()
@@ -583,6 +617,12 @@ class World:
 
     def _wrong_body(self, keeper_id: int, wrong: WrongShard) -> bytes:
         ids = self.scenario.keeper_ids
+        epoch = self.scenario.epoch
+        if wrong is WrongShard.NEVER_HAD_OLDER and epoch >= 2:
+            return encode(ShardContribution(list(self.shares[keeper_id].secret_bytes()), keeper_id, epoch - 2))
+        if wrong in (WrongShard.NEVER_HAD_NEWER, WrongShard.NEVER_HAD_OLDER):
+            label = MAX_EPOCH if self._rng.random() < 0.5 else epoch + self._rng.randint(1, 1000)
+            return encode(ShardContribution(list(self.shares[keeper_id].secret_bytes()), keeper_id, label))
         if wrong in (WrongShard.STALE, WrongShard.STALE_GO):
             share = self._stale[keeper_id]
         elif wrong in (WrongShard.FOREIGN, WrongShard.FOREIGN_GO):

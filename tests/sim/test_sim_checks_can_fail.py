@@ -134,6 +134,13 @@ class IgnoresKeeperShards(Mutant):
         self.real.receive(answer, now)
 
 
+class TrustsEveryNewerEpoch(Mutant):
+    """Never takes the driver's word that a newer epoch is garbage (what issue 14 L2 found)."""
+
+    def confirm_record(self, checked_at: float, now: float) -> int:
+        return 0
+
+
 class UsesAnotherKey(Mutant):
     @property
     def root_key(self) -> RootKey:
@@ -157,7 +164,7 @@ def test_the_schedule_check_catches_a_nexus_that_drops_or_skips_polls(mutant: Ca
     assert any(schedule_problems(run) for run in run_all(mutant))
 
 
-@pytest.mark.parametrize("mutant", [NeverPushes, PushesAnotherKeepersShard])
+@pytest.mark.parametrize("mutant", [NeverPushes, PushesAnotherKeepersShard, TrustsEveryNewerEpoch])
 def test_the_reseed_check_catches_a_nexus_that_does_not_reseed(mutant: Callable[..., Custody]) -> None:
     assert any(slow_reseeds(run) for run in run_all(mutant))
 

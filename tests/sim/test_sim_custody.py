@@ -21,6 +21,7 @@ from custody_sim import (
     KeeperMode,
     LateAnswer,
     Mode,
+    NewerEpochShown,
     NexusStarted,
     OperatorShard,
     PhaseIs,
@@ -30,6 +31,7 @@ from custody_sim import (
     Run,
     RunEnded,
     ShardAnswered,
+    WrongShard,
 )
 
 from spike.protocol import Phase
@@ -207,3 +209,28 @@ def test_the_batch_exercises_every_fault_and_outcome(sim_runs: list[Run]) -> Non
     ]
     missing = [name for name in expected if not seen[name]]
     assert not missing, f"this batch never exercised {missing}: {dict(seen)}"
+
+
+def test_the_batch_exercises_epochs_the_deployment_never_had(sim_runs: list[Run]) -> None:
+    """Issue 14 L2 in the simulation: shards labelled with epochs never had, newer and older, are planted.
+
+    The checks above then cover them like any wrong shard: reported when answered
+    (the world answers `NewerKeySeen` with `confirm_record`, as Nexus on SQLite does),
+    and re-seeded after the keeper's next poll once Nexus is READY.
+    """
+    seen: Counter[str] = Counter()
+    for run in sim_runs:
+        planted = [f.wrong for f in run.scenario.faults if f.kind is FaultKind.KEEPER_CORRUPT]
+        planted += [wrong for _, wrong, _ in run.scenario.initially if wrong is not None]
+        seen.update(w.value for w in planted if w in (WrongShard.NEVER_HAD_NEWER, WrongShard.NEVER_HAD_OLDER))
+        seen["newer-epoch-shown"] += sum(isinstance(f, NewerEpochShown) for f in run.facts)
+        for fact in run.facts:
+            if isinstance(fact, NewerEpochShown):
+                assert fact.epoch > run.scenario.epoch, f"seed {run.scenario.seed}: {fact}"
+    missing = [name for name in ("never-had-newer", "never-had-older", "newer-epoch-shown") if not seen[name]]
+    assert not missing, f"this batch never exercised {missing}: {dict(seen)}"
+
+
+def test_no_answer_ever_hits_a_row_the_rules_table_calls_impossible(sim_runs: list[Run]) -> None:
+    """spike/protocol/custody_rules.py marks some (phase, request, outcome) combinations unreachable: they are."""
+    assert [run.scenario.seed for run in sim_runs if run.cannot_happen] == []

@@ -14,6 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from store_helpers import EPOCH, OTHER_KEY, ROOT_KEY, WAIT
 
@@ -89,6 +90,29 @@ def test_installs_at_the_same_moment_agree_on_one_record(backend: Backend) -> No
     assert len({r.check for r in winners}) == 1
     assert isinstance(winners[0], KeyRecord)
     assert backend.load_key_record() == winners[0]
+
+
+def test_a_record_keeps_every_earlier_epoch_and_one_without_history_reads_as_before(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """Issue 14 L2: the record knows the deployment's epochs; records stored before it did still load."""
+    assert b"history" not in msgspec.json.encode(RECORD)  # what earlier versions stored, byte for byte
+    assert backend.install_key_record(RECORD, replace=None) == RECORD
+    assert backend.load_key_record() == RECORD and RECORD.history is None
+    third, _ = seal_key(ROOT_KEY, epoch=5, threshold=2, keeper_ids=[1, 2, 3])
+    nxt = NEXT_RECORD.succeeding(RECORD)
+    assert backend.install_key_record(nxt, replace=RECORD) == nxt
+    latest = third.succeeding(nxt)
+    assert backend.install_key_record(latest, replace=nxt) == latest
+    other = second(backend, tmp_path)
+    try:
+        for reader in (backend, other):
+            stored = reader.load_key_record()
+            assert stored == latest and stored.history == ((0, 2),)
+            assert [e for e in range(7) if stored.had_epoch(e)] == [0, 1, 2, 5]
+            assert reader.cluster_state().record == latest
+    finally:
+        other.close()
 
 
 # ---------------------------------------------------------------------- secrets

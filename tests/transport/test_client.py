@@ -25,6 +25,7 @@ from transport_rig import (
 from spike.app.commands.devca import DevIdentity
 from spike.app.keeper import KeeperHandler
 from spike.protocol.api import ApiRequest, ApiResponse
+from spike.protocol.events import FailureKind
 from spike.protocol.identity import Role
 from spike.protocol.keeper import Keeper
 from spike.transports.blocking import ClientSession
@@ -350,3 +351,56 @@ def test_rejects_non_origin_urls() -> None:
     for url in ("http://k:1", "https://k:1/path", "https://user@k:1", "k:1"):
         with pytest.raises(ValueError, match="URL"):
             HttpsConnection(url, context, lambda peer: True)
+
+
+# ---------------------------------------------------------------------- why there is no answer, mapped once
+
+
+async def failure_of(connection: HttpsConnection, deadline: float | None = None) -> TransportError:
+    """The error `submit` hands its callback (the driver's interface), for one request."""
+    done = anyio.Event()
+    outcomes: list[object] = []
+
+    def on_done(outcome: object) -> None:
+        outcomes.append(outcome)
+        done.set()
+
+    connection.submit("POST", SHARD_PATH, b"{}", on_done=on_done, deadline=deadline)  # type: ignore[arg-type]
+    await done.wait()
+    [outcome] = outcomes
+    assert isinstance(outcome, TransportError), outcome
+    await connection.aclose()
+    return outcome
+
+
+async def test_each_failure_reaches_the_driver_with_its_kind(
+    dev_identity: DevIdentity, foreign_identity: DevIdentity
+) -> None:
+    """What the custody core decides on (issue 15): the kind, set where the exception is caught."""
+    kinds: dict[str, FailureKind] = {}
+    async with serving(server_context(dev_identity.keeper(2)), Recording()) as served:
+        kinds["another keeper's SVID"] = (await failure_of(for_keeper(served.url, dev_identity, 1))).kind
+    async with serving(server_context(foreign_identity.keeper(1)), Recording()) as served:
+        kinds["an untrusted CA"] = (await failure_of(for_keeper(served.url, dev_identity, 1))).kind
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(SocketAttribute.local_port)
+    await listener.aclose()
+    kinds["nothing listening"] = (await failure_of(for_keeper(f"https://127.0.0.1:{port}", dev_identity))).kind
+    for name, behaviour in (("hung up", _hang_up_after_request), ("not HTTP", _garbage_answer)):
+        async with misbehaving(dev_identity, behaviour) as bad:
+            kinds[name] = (await failure_of(for_keeper(url_of(bad), dev_identity))).kind
+    async with misbehaving(dev_identity, _huge_answer) as bad:
+        too_large = for_keeper(url_of(bad), dev_identity, max_response_bytes=4096)
+        kinds["too large"] = (await failure_of(too_large)).kind
+    async with misbehaving(dev_identity, _never_answer) as bad:
+        deadline = anyio.current_time() + 0.3
+        kinds["silent"] = (await failure_of(for_keeper(url_of(bad), dev_identity), deadline)).kind
+    assert kinds == {
+        "another keeper's SVID": FailureKind.PEER_IDENTITY,
+        "an untrusted CA": FailureKind.TLS,
+        "nothing listening": FailureKind.REFUSED,
+        "hung up": FailureKind.CLOSED,
+        "not HTTP": FailureKind.BAD_HTTP,
+        "too large": FailureKind.BAD_HTTP,
+        "silent": FailureKind.TIMEOUT,
+    }

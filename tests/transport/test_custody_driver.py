@@ -20,6 +20,7 @@ from spike.protocol.effects import (
     Phase,
     Report,
 )
+from spike.protocol.events import Answer, FailureKind, RequestFailed, ResponseReceived
 from spike.protocol.material import RootKey, Share
 from spike.protocol.nexus import KeeperView, NexusCustody, PollSchedule
 from spike.protocol.record import KeyRecord, seal_key
@@ -246,3 +247,32 @@ async def test_driver_waits_and_keeps_polling_below_threshold(dev_identity: DevI
             await wait_for(lambda: driver.custody.phase is Phase.READY, MAX_GAP + SLACK, "READY")
             await wait_for(lambda: slots[3].current.keeper.holds_shard, SLACK, "keeper 3 seeded")  # type: ignore[union-attr]
             assert driver.custody.root_key.secret_bytes() == KEY.secret_bytes()
+
+
+async def test_the_driver_hands_the_machine_typed_failures(dev_identity: DevIdentity) -> None:
+    """An impostor at keeper 3's address and keeper 2 down: the machine gets PEER_IDENTITY and REFUSED, not text."""
+    record, shares = seal_key(KEY, epoch=1, threshold=2, keeper_ids=IDS)
+    answers: list[tuple[int, Answer]] = []
+    async with keepers(dev_identity, served_ids={3: 2}) as slots:
+        await seed(dev_identity, {1: slots[1]}, {1: shares[1]})
+        await slots[2].stop()
+        custody = NexusCustody(
+            IDS, threshold=2, schedule=SCHEDULE, rng=random.Random(3), now=anyio.current_time(), record=record
+        )
+        driver = CustodyDriver(
+            custody,
+            {i: slot.url for i, slot in slots.items()},
+            ssl_context=nexus_client(dev_identity),
+            trust=TRUST,
+            on_report=lambda report: None,
+            on_answer=lambda request, answer, _: answers.append((request.keeper_id, answer)),
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(driver.run)
+            await wait_for(lambda: len(answers) >= 6, 3 * MAX_GAP + SLACK, "answers from every keeper")
+            tg.cancel_scope.cancel()
+        custody.forget(anyio.current_time())
+    kinds = {(k, a.kind) for k, a in answers if isinstance(a, RequestFailed)}
+    assert (3, FailureKind.PEER_IDENTITY) in kinds
+    assert (2, FailureKind.REFUSED) in kinds
+    assert not [a for k, a in answers if k == 1 and not isinstance(a, ResponseReceived)]

@@ -23,7 +23,7 @@ from spike.protocol.effects import (
     Report,
     SendRequest,
 )
-from spike.protocol.events import Answer, ResponseReceived
+from spike.protocol.events import Answer, RequestFailed, ResponseReceived
 from spike.protocol.nexus import NexusCustody
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
@@ -100,6 +100,12 @@ class NexusMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.request_failures = Counter(
+            "spike_keeper_request_failures",
+            "requests to keepers without an answer, by why (refused, timeout, tls, peer_identity, closed, ...)",
+            ["keeper", "kind"],
+            registry=self.registry,
+        )
         self.misbehaved = Counter(
             "spike_keeper_misbehaved", "wrong shards, garbage and refusals from keepers", ["keeper"],
             registry=self.registry,
@@ -123,6 +129,8 @@ class NexusMetrics:
     def keeper_request(self, request: SendRequest, answer: Answer, seconds: float) -> None:
         result = str(answer.status) if isinstance(answer, ResponseReceived) else "failed"
         self.keeper_latency.labels(str(request.keeper_id), request.kind.value, result).observe(seconds)
+        if isinstance(answer, RequestFailed):
+            self.request_failures.labels(str(request.keeper_id), answer.kind.value).inc()
 
     def api_request(self, route: str, status: int, seconds: float) -> None:
         # Looking a labelled child up costs more than updating it: keep them (routes

@@ -269,7 +269,8 @@ class NexusApi:
     def bootstrap_init(self, request: ApiRequest) -> ApiResponse:
         try:
             body = decode(request.body, InitRequest)
-            changed = self._driver.custody.check_initialise(body.record, replace=body.replace)
+            record = self._record_to_install(body)
+            changed = self._driver.custody.check_initialise(record, replace=body.replace)
         except AlreadyInitialised as exc:
             log.warning("bootstrap refused: %s", exc)
             return api.CONFLICT
@@ -281,11 +282,11 @@ class NexusApi:
             try:
                 # Persist first: a record Nexus acts on must survive a crash.  Atomic: with several
                 # Nexus instances on one database, of two bootstraps at once only one record wins.
-                installed = self._store.install_key_record(body.record, replace=previous if body.replace else None)
+                installed = self._store.install_key_record(record, replace=previous if body.replace else None)
             except StorageError as exc:
                 log.error("cannot install the key record: %s", exc)  # noqa: TRY400 - a one-line cause, not a bug
                 return api.NOT_READY if isinstance(exc, DatabaseUnavailable) else api.INTERNAL_ERROR
-            if installed != body.record:
+            if installed != record:
                 log.warning(
                     "bootstrap refused: the database already holds another key record (epoch %d), "
                     "installed through another Nexus instance; using it",
@@ -293,15 +294,32 @@ class NexusApi:
                 )
                 self.adopt(installed)
                 return api.CONFLICT
-            self._driver.initialise(body.record, replace=body.replace)
+            self._driver.initialise(record, replace=body.replace)
             log.info(
                 "key record for epoch %d installed by %s (%d-of-%d)",
-                body.record.epoch,
+                record.epoch,
                 request.peer,
-                body.record.threshold,
-                body.record.shares,
+                record.threshold,
+                record.shares,
             )
-        return ApiResponse.json(InitResponse(changed=changed, epoch=body.record.epoch))
+        return ApiResponse.json(InitResponse(changed=changed, epoch=record.epoch))
+
+    def _record_to_install(self, body: InitRequest) -> KeyRecord:
+        """The record as Nexus stores it: one replacing another knows every earlier epoch.
+
+        Nexus, not the bootstrap, writes the history, from the record it replaces (the
+        install below only succeeds if that one is still in force).  The record already in
+        place, sent again, is that one: nothing changes.  Raises `LocalProtocolError` for
+        a replacement whose epoch does not grow.
+        """
+        current = self._driver.custody.record
+        if current is None:
+            return body.record
+        if current.same_key(body.record):
+            return current
+        if not body.replace:
+            return body.record  # refused as AlreadyInitialised by check_initialise
+        return body.record.succeeding(current)
 
     @property
     def custody(self) -> NexusCustody:

@@ -24,7 +24,7 @@ from spike.app.store.errors import StorageError
 from spike.app.store.policies import PolicyStore
 from spike.app.store.sealing import Sealer
 from spike.app.store.sqlite import SqliteBackend
-from spike.protocol.effects import KeeperState, KeeperStateChanged, KeyRecovered, Phase, PhaseChanged, Report
+from spike.protocol.effects import KeeperState, KeyRecovered, NewerKeySeen, Phase, PhaseChanged, Report
 from spike.protocol.errors import LocalProtocolError
 from spike.protocol.nexus import NexusCustody
 from spike.protocol.record import KeyRecord
@@ -149,6 +149,22 @@ class KeyUsers:
             sink(report)
 
 
+class OwnRecord:
+    """One Nexus on its own store (SQLite): its key record is the deployment's newest.
+
+    Nobody else writes the record, so a keeper showing a shard of a newer
+    epoch holds garbage (the bootstrap identity may contribute any label):
+    the custody machine is told at once, and reports and re-seeds it.
+    """
+
+    def __init__(self, driver: CustodyDriver) -> None:
+        self._driver = driver
+
+    def __call__(self, report: Report) -> None:
+        if isinstance(report, NewerKeySeen):
+            self._driver.confirm_record(report.at)
+
+
 class ClusterWatch:
     """Several Nexus instances on one database: notice what the others changed.
 
@@ -161,18 +177,26 @@ class ClusterWatch:
       it): this one adopts it and recovers the root key from the keepers;
     * a record replaced through another instance (`bootstrap --force`): this one
       drops its key at once and recovers the new one from the keepers;
+    * the stored record is this instance's own, and a keeper showed a newer
+      epoch before the read began: that epoch was never the deployment's (a
+      record is stored before its shards are dealt), so the custody machine
+      reports and re-seeds the keeper (`confirm_record`);
     * policies changed through another instance: the authorizer reloads them
       before its next check.  A policy change made through one instance is in
       force on every other within `interval` (plus one read).
     """
 
-    def __init__(self, backend: Backend, api: NexusApi, authorizer: Authorizer, interval: float) -> None:
+    def __init__(
+        self, backend: Backend, api: NexusApi, driver: CustodyDriver, authorizer: Authorizer, interval: float
+    ) -> None:
         self._backend = backend
         self._api = api
+        self._driver = driver
         self._authorizer = authorizer
         self._interval = interval
         self._policy_version: int | None = None
         self._refused: object = None
+        self._newer_seen_at: float | None = None  # the latest sighting no read has answered yet
         self._wake = anyio.Event()
 
     def poke(self) -> None:
@@ -180,13 +204,10 @@ class ClusterWatch:
         self._wake.set()
 
     def report(self, report: Report) -> None:
-        custody = self._api.custody
-        if (
-            isinstance(report, KeeperStateChanged)
-            and report.state is KeeperState.UNVERIFIED
-            and custody.record is not None
-        ):
-            self.poke()  # a keeper holds a shard of a newer key: another instance's bootstrap --force
+        if isinstance(report, NewerKeySeen):
+            # Another instance's bootstrap --force, or garbage: the stored record tells which.
+            self._newer_seen_at = report.at
+            self.poke()
 
     async def run(self) -> None:
         from anyio import to_thread  # only a shared (PostgreSQL) store is watched: SQLite starts without it
@@ -195,13 +216,15 @@ class ClusterWatch:
             with anyio.move_on_after(self._interval):
                 await self._wake.wait()
             self._wake = anyio.Event()
+            checked_at = self._driver.now()  # the read below sees every record stored before this
             try:
                 state = await to_thread.run_sync(self._backend.cluster_state, abandon_on_cancel=True)
             except StorageError:
                 continue  # an outage: logged once by the backend; data routes answer 503 meanwhile
-            self.apply(state)
+            self.apply(state, checked_at)
 
-    def apply(self, state: ClusterState) -> None:
+    def apply(self, state: ClusterState, checked_at: float | None = None) -> None:
+        """Act on what the store holds; `checked_at` is when the read of `state` began (driver clock)."""
         custody = self._api.custody
         record = state.record
         if record is not None and record not in (custody.record, self._refused):
@@ -222,6 +245,11 @@ class ClusterWatch:
                     )
             else:
                 self._refused = record  # said once, in adopt's log line
+        seen = self._newer_seen_at
+        if seen is not None and checked_at is not None and seen <= checked_at:
+            self._newer_seen_at = None
+            if record is not None and record == custody.record:
+                self._driver.confirm_record(checked_at)  # otherwise the keepers were read for another record
         if self._policy_version is not None and state.policy_version != self._policy_version:
             self._authorizer.invalidate()
         self._policy_version = state.policy_version
@@ -342,8 +370,10 @@ def _run(config: NexusConfig, identity: IdentitySource) -> None:
             observer=CallRecorder(audit, metrics),
         )
         background = [driver.run]
+        if not secrets.shared:
+            sinks.append(OwnRecord(driver))
         if secrets.shared:
-            watch = ClusterWatch(secrets, api, authorizer, CLUSTER_WATCH_INTERVAL)
+            watch = ClusterWatch(secrets, api, driver, authorizer, CLUSTER_WATCH_INTERVAL)
             sinks.append(watch.report)
             if isinstance(secrets, _StaleKeyHook):
                 from anyio import from_thread, lowlevel
