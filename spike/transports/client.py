@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import h11
 
+from .peer_trust import refusal
 from .tls import PeerCheck, spiffe_id_of
 
 
@@ -264,6 +265,12 @@ class HttpsConnection:
         except (OSError, ConnectionError) as exc:
             raise TransportError(_os_reason(exc)) from None
         peer = spiffe_id_of(transport.get_extra_info("peercert"))
+        if peer is not None:
+            # Is the server's certificate really `peer`'s, i.e. anchored in its own trust domain's bundle?
+            reason = refusal(transport.get_extra_info("ssl_object"), peer)
+            if reason is not None:
+                transport.abort()
+                raise PeerIdentityError(f"peer presented {peer} (trust domain {peer.trust_domain}), refused: {reason}")
         if not self._peer_check(peer):
             transport.abort()
             expected = f", expected {self._expected_peer}" if self._expected_peer else ""
