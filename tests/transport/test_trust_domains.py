@@ -35,9 +35,10 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from transport_rig import in_thread, mint_files, raw_client_context, raw_request, refused, serving
 
-from spike.app.devca import CA_CERT, DevIdentity
+from spike.app.devca import CA_CERT, DevIdentity, new_ca
 from spike.app.keeper import KeeperHandler
 from spike.app.nexus import NEXUS_LIMITS
 from spike.app.pilot import NexusClient, NexusError
@@ -273,14 +274,16 @@ async def test_cli_client_refuses_a_nexus_minted_by_the_other_domains_ca(
 
 
 def test_an_unlabelled_ca_in_a_bundle_of_several_domains_is_refused_at_load(domains: Domains, tmp_path: Path) -> None:
-    plain = _unlabelled_ca()
+    now = dt.datetime.now(dt.UTC)
+    ca, _ = new_ca("x", "unlabelled CA", not_before=now, not_after=now + dt.timedelta(days=1), names_trust_domain=False)
+    plain = ca.public_bytes(serialization.Encoding.PEM)
     mixed = tmp_path / "mixed.pem"
     mixed.write_bytes(domains.both.read_bytes() + plain)
     files = SvidFiles(domains.ours.files("nexus").cert, domains.ours.files("nexus").key, mixed)
     with pytest.raises(IdentityError) as caught:
         StaticSource(files).start()
     message = str(caught.value)
-    assert message.startswith(f"trust bundle {mixed}: CA certificate 'CN=unlabelled CA' has no spiffe://")
+    assert message.startswith(f"trust bundle {mixed}: CA certificate 'CN=unlabelled CA for x' has no spiffe://")
     assert f"several trust domains ({THEIRS}, {OURS})" in message
     assert "\n" not in message
     # Alone with its own domain's labelled CA, an unlabelled CA serves the workload's own domain.
@@ -300,30 +303,6 @@ def test_a_per_domain_bundle_whose_ca_names_another_domain_is_refused_at_load(do
         f"trust bundle of {THEIRS} ({domains.our_ca}): CA certificate 'CN=spike dev CA for {OURS}' "
         f"in the bundle of {THEIRS} names trust domain {OURS} (URI SAN)"
     )
-
-
-def _unlabelled_ca() -> bytes:
-    """A CA certificate without a URI SAN (spike's dev CAs and SPIRE's always carry one)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "unlabelled CA")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 # ---------------------------------------------------------------------- resumed TLS sessions
