@@ -18,7 +18,10 @@ Every source hands out complete `ssl.SSLContext` objects, rebuilt on each
 rotation and never changed afterwards: a server or client asks for the
 current one for every *new* connection (`HttpsServer` and `HttpsConnection`
 take the bound method), so connections already open keep the identity they
-were made with and new ones present the new SVID.
+were made with and new ones present the new SVID.  The trust bundles stay
+per trust domain (`LoadedIdentity.bundles`): OpenSSL gets all of their CAs,
+and each context carries the `PeerVerifier` that then holds every peer to
+its own domain's bundle (peer_trust.py).
 
 Key material never goes to a regular file: OpenSSL reads certificates and
 keys only from paths, so the PEM goes into an anonymous in-memory file
@@ -653,10 +656,10 @@ class WorkloadApiSource(_Source):
     gives up on the stream, it is opened again after `restart_delay` seconds
     (doubling up to a minute while it keeps failing).
 
-    `trust_domains`, when given, limits the CA certificates trusted to the
-    bundles of those domains (and the workload's own): the TLS layer checks a
-    chain against all of them at once, so a federated domain's CA is trusted
-    only where the configuration names that domain.
+    `trust_domains`, when given, limits the bundles trusted to those of
+    these domains (and the workload's own): a federated domain's CA is
+    trusted only where the configuration names that domain, and, as every
+    bundle, only for the IDs of its own domain (peer_trust.py).
     """
 
     def __init__(
