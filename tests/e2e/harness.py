@@ -328,12 +328,13 @@ class Cluster:
         wait_until(listening, f"{proc.name} to listen", timeout)
         return proc
 
-    def spawn_keeper(self, keeper_id: int) -> Proc:
+    def spawn_keeper(self, keeper_id: int, files: SvidFiles | None = None) -> Proc:
+        """Keeper `keeper_id` on its port, with its own SVID (or `files`: an impostor's)."""
         port = self.keeper_ports[keeper_id]
         return self._spawn(
             f"keeper-{keeper_id}",
             ["keeper", "--listen", f"127.0.0.1:{port}"],
-            self._env(self.files(f"keeper-{keeper_id}")),
+            self._env(files or self.files(f"keeper-{keeper_id}")),
         )
 
     def spawn_nexus(self, extra_env: dict[str, str] | None = None, index: int = 1) -> Proc:
@@ -361,8 +362,8 @@ class Cluster:
             args += ["--database-url", self.database_url]
         return self._spawn(self.nexus_name(index), args, env)
 
-    def start_keeper(self, keeper_id: int) -> Proc:
-        return self._await_listening(self.spawn_keeper(keeper_id))
+    def start_keeper(self, keeper_id: int, files: SvidFiles | None = None) -> Proc:
+        return self._await_listening(self.spawn_keeper(keeper_id, files))
 
     def start_nexus(self, extra_env: dict[str, str] | None = None, index: int = 1) -> Proc:
         return self._await_listening(self.spawn_nexus(extra_env, index))

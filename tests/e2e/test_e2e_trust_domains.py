@@ -18,6 +18,7 @@ import datetime as dt
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import Cluster
@@ -98,3 +99,26 @@ def test_an_id_minted_by_the_other_domains_ca_cannot_read_a_shard_or_reach_nexus
     pilot = raw_client_context(cluster.files("pilot-superuser"), both)
     answer = raw_request(keeper_port, pilot)
     assert answer is not None and answer.status == 401
+
+    # Nexus's side: keeper 3 restarts as an impostor whose keeper-3 SVID other.test's CA minted.
+    # Nexus polls it and refuses it before sending anything (so it never pushes keeper 3's shard
+    # there), and says why in `spike status` (and its log, at the next change or summary).
+    cluster.kill_keeper(3)
+    impostor = forged(foreign_identity, f"spiffe://{OURS}/spike/keeper/3")
+    proc = cluster.start_keeper(3, SvidFiles(impostor.cert, impostor.key, *_bundles(cluster)))
+    refusal = (
+        f"peer presented spiffe://{OURS}/spike/keeper/3 (trust domain {OURS}), refused: its certificate chain "
+        f"ends at 'CN=spike dev CA for {THEIRS}', a CA of {THEIRS}, which is not in the trust bundle of {OURS}"
+    )
+
+    def keeper_3_refused(status: dict[str, Any]) -> bool:
+        keeper = next(k for k in status["keepers"] if k["id"] == 3)
+        return bool(keeper["state"] == "unreachable" and keeper["detail"] == refusal and keeper["failures"] >= 3)
+
+    cluster.wait_status(keeper_3_refused, "Nexus to refuse the impostor keeper 3")
+    assert "shard stored" not in proc.text(), proc.text()
+
+
+def _bundles(cluster: Cluster) -> tuple[Path, tuple[tuple[str, Path], ...]]:
+    files = cluster.files("nexus")
+    return files.bundle, files.trust_bundles
