@@ -51,9 +51,9 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 from urllib.parse import urlsplit
 
 from spike.protocol.identity import InvalidSpiffeId, SpiffeId, TrustDomains
-from spike.protocol.trust import TrustBundleError, TrustBundles
+from spike.protocol.trust import TrustBundles
 
-from .peer_trust import PeerVerifier, attach, ca_certificates, describe_bundles
+from .peer_trust import PeerVerifier, attach, ca_certificates, describe_bundles, file_bundles
 from .tls import IdentityError, SvidFiles, new_context
 
 if TYPE_CHECKING:
@@ -368,29 +368,6 @@ def build_identity(chain: bytes, key: bytes, trust: TrustSource, loader: _PemLoa
         digest=digest.hexdigest(),
         bundles=bundles,
     )
-
-
-def file_bundles(files: SvidFiles, own: bytes, per_domain: Sequence[bytes]) -> Callable[[str], TrustBundles]:
-    """The trust bundles of SVID files, once the SVID's trust domain is known.
-
-    `own` is the content of the bundle file (`files.bundle`): this workload's
-    own trust domain's, which may also hold other domains' CAs if each says
-    which domain it serves (its ``spiffe://`` URI SAN); `per_domain` the
-    contents of `files.trust_bundles`, each one domain's.
-    """
-
-    def resolve(own_domain: str) -> TrustBundles:
-        what = f"trust bundle {files.bundle}"
-        try:
-            bundles = TrustBundles.labelled(own_domain, ca_certificates(own, what))
-            for (domain, path), data in zip(files.trust_bundles, per_domain, strict=True):
-                what = f"trust bundle of {domain} ({path})"
-                bundles |= TrustBundles.for_domain(domain, ca_certificates(data, what))
-        except TrustBundleError as exc:
-            raise IdentityError(f"{what}: {exc}") from None
-        return bundles
-
-    return resolve
 
 
 # ---------------------------------------------------------------------- the common part

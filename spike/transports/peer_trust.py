@@ -27,12 +27,13 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from spike.protocol.identity import SpiffeId
-from spike.protocol.trust import CaCertificate, TrustBundles, chain_refusal, trust_domains_named
+from spike.protocol.trust import CaCertificate, TrustBundleError, TrustBundles, chain_refusal, trust_domains_named
 
-from .tls import IdentityError
+from .tls import IdentityError, SvidFiles
 
 log = logging.getLogger("spike.transports.trust")
 
@@ -56,7 +57,7 @@ def ca_certificates(data: bytes, what: str) -> list[CaCertificate]:
     there is no CA certificate at all.
     """
     scratch = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    pem = data.lstrip().startswith(b"-----")
+    pem = b"-----BEGIN" in data
     try:
         # Text around PEM blocks (comments) is skipped by OpenSSL; only ASCII can be handed over.
         scratch.load_verify_locations(cadata=data.decode("ascii", errors="ignore") if pem else data)
@@ -79,6 +80,29 @@ def _described(der: bytes) -> dict[str, Any]:
     alone.load_verify_locations(cadata=der)
     infos = alone.get_ca_certs()
     return infos[0] if infos else {}
+
+
+def file_bundles(files: SvidFiles, own: bytes, per_domain: Sequence[bytes]) -> Callable[[str], TrustBundles]:
+    """The trust bundles of SVID files, once the SVID's trust domain is known.
+
+    `own` is the content of the bundle file (`files.bundle`): this workload's
+    own trust domain's, which may also hold other domains' CAs if each says
+    which domain it serves (its ``spiffe://`` URI SAN); `per_domain` the
+    contents of `files.trust_bundles`, each one domain's.
+    """
+
+    def resolve(own_domain: str) -> TrustBundles:
+        what = f"trust bundle {files.bundle}"
+        try:
+            bundles = TrustBundles.labelled(own_domain, ca_certificates(own, what))
+            for (domain, path), data in zip(files.trust_bundles, per_domain, strict=True):
+                what = f"trust bundle of {domain} ({path})"
+                bundles |= TrustBundles.for_domain(domain, ca_certificates(data, what))
+        except TrustBundleError as exc:
+            raise IdentityError(f"{what}: {exc}") from None
+        return bundles
+
+    return resolve
 
 
 def verified_chain(peer: _Peer) -> list[bytes] | None:
