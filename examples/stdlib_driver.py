@@ -53,6 +53,7 @@ from spike.protocol import (
     RootKey,
     SendRequest,
     SpiffeId,
+    TrustBundles,
     TrustDomains,
     peer_spiffe_id,
     seal_key,
@@ -211,13 +212,27 @@ def drive(
 # ---------------------------------------------------------------- set-up
 
 
-def client_context(identity: Path) -> ssl.SSLContext:
-    """mTLS as Nexus: our SVID, the trust bundle, no host names (the SPIFFE ID is checked instead)."""
+def trusted_cas(bundle: Path, trust_domain: str) -> bytes:
+    """The CA certificates (DER) of `bundle` that serve `trust_domain`, and only those.
+
+    A bundle file may hold other trust domains' CAs too, each naming its own domain in
+    a spiffe:// URI SAN; trusting them as well would let them mint this domain's
+    SPIFFE IDs.  One trust domain, one set of CAs: TLS itself then holds every peer to
+    its bundle (docs/embedding.md, "Trust per domain").
+    """
+    scratch = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    scratch.load_verify_locations(bundle)
+    cas = list(zip(scratch.get_ca_certs(), scratch.get_ca_certs(binary_form=True), strict=True))
+    return b"".join(sorted(TrustBundles.labelled(trust_domain, cas).authorities(trust_domain)))
+
+
+def client_context(identity: Path, trust_domain: str) -> ssl.SSLContext:
+    """mTLS as Nexus: our SVID, our trust domain's CAs, no host names (the SPIFFE ID is checked instead)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the server's chain by default
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = False
     context.load_cert_chain(identity / "nexus.pem", identity / "nexus-key.pem")
-    context.load_verify_locations(identity / "bundle.pem")
+    context.load_verify_locations(cadata=trusted_cas(identity / "bundle.pem", trust_domain))
     return context
 
 
@@ -245,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     keepers = dict(args.keepers)
     trust = TrustDomains.single(args.trust_domain)
-    context = client_context(args.identity)
+    context = client_context(args.identity, args.trust_domain)
     # Randomness is the caller's: os.urandom for the key, random.Random for the poll jitter.
     key = RootKey(bytes.fromhex(sys.stdin.readline().strip())) if args.key_stdin else RootKey.generate(os.urandom)
     record, shares = seal_key(key, epoch=args.epoch, threshold=args.threshold, keeper_ids=list(keepers))

@@ -30,6 +30,7 @@ from spike.protocol import (
     ErrorCode,
     Keeper,
     KeeperChange,
+    TrustBundles,
     TrustDomains,
     peer_spiffe_id,
 )
@@ -109,13 +110,27 @@ class KeeperRequestHandler(BaseHTTPRequestHandler):
         pass  # the server logs what the machine decided, not every request line
 
 
-def server_context(identity: Path, keeper_id: int) -> ssl.SSLContext:
-    """mTLS as keeper `keeper_id`: our SVID, the trust bundle, and a client certificate required."""
+def trusted_cas(bundle: Path, trust_domain: str) -> bytes:
+    """The CA certificates (DER) of `bundle` that serve `trust_domain`, and only those.
+
+    A bundle file may hold other trust domains' CAs too, each naming its own domain in
+    a spiffe:// URI SAN; trusting them as well would let them mint this domain's
+    SPIFFE IDs.  One trust domain, one set of CAs: TLS itself then holds every peer to
+    its bundle (docs/embedding.md, "Trust per domain").
+    """
+    scratch = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    scratch.load_verify_locations(bundle)
+    cas = list(zip(scratch.get_ca_certs(), scratch.get_ca_certs(binary_form=True), strict=True))
+    return b"".join(sorted(TrustBundles.labelled(trust_domain, cas).authorities(trust_domain)))
+
+
+def server_context(identity: Path, keeper_id: int, trust_domain: str) -> ssl.SSLContext:
+    """mTLS as keeper `keeper_id`: our SVID, our trust domain's CAs, and a client certificate required."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_cert_chain(identity / f"keeper-{keeper_id}.pem", identity / f"keeper-{keeper_id}-key.pem")
-    context.load_verify_locations(identity / "bundle.pem")
+    context.load_verify_locations(cadata=trusted_cas(identity / "bundle.pem", trust_domain))
     return context
 
 
@@ -129,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     host, _, port = args.listen.rpartition(":")
 
     keeper = Keeper(TrustDomains.single(args.trust_domain))
-    server = KeeperServer((host, int(port)), server_context(args.identity, args.keeper_id), keeper)
+    server = KeeperServer((host, int(port)), server_context(args.identity, args.keeper_id, args.trust_domain), keeper)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored (`cmd &`)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(f"keeper {args.keeper_id} listening on {host}:{server.server_port}", flush=True)

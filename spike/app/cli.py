@@ -77,7 +77,15 @@ def _identity_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--svid-cert", metavar="PEM", help="certificate chain of this workload's SVID")
     group.add_argument("--svid-key", metavar="PEM", help="private key of the SVID")
-    group.add_argument("--svid-bundle", metavar="PEM", help="trust bundle (CA certificates)")
+    group.add_argument(
+        "--svid-bundle", metavar="PEM", help="trust bundle of the SVID's own trust domain (CA certificates)"
+    )
+    group.add_argument(
+        "--trust-bundles",
+        metavar="TD=PEM,...",
+        help="bundles of other trust domains, one file each: other.org=/etc/spike/other.pem,... "
+        "(env SPIKE_TRUST_BUNDLES)",
+    )
     group.add_argument(
         "--trust-domain", type=_trust_domain_arg, help="trust domain of every role (env SPIKE_TRUST_ROOT)"
     )

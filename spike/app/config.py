@@ -206,6 +206,11 @@ def identity(args: argparse.Namespace, env: Env) -> IdentitySpec:
         raise ConfigError(
             "the Workload API identity source needs SPIFFE_ENDPOINT_SOCKET (e.g. unix:///run/spire/agent.sock)"
         )
+    if _pick(args, "trust_bundles", env, "SPIKE_TRUST_BUNDLES"):
+        raise ConfigError(
+            "SPIKE_TRUST_BUNDLES (--trust-bundles) is for SVID files: with the Workload API the agent sends "
+            "the bundles of federated trust domains itself"
+        )
     try:
         address = workload_api_address(socket)
     except ValueError as exc:
@@ -229,7 +234,43 @@ def svid_files(args: argparse.Namespace, env: Env) -> SvidFiles:
             problem = "no such file" if not path.exists() else "not a regular file"
             raise ConfigError(f"{what} {str(path)!r}: {problem} (--{flag.replace('_', '-')} or {env_name})")
         files.append(path)
-    return SvidFiles(*files)
+    extra = _pick(args, "trust_bundles", env, "SPIKE_TRUST_BUNDLES")
+    cert, key, bundle = files
+    return SvidFiles(cert, key, bundle, parse_trust_bundles(extra) if extra else ())
+
+
+def parse_trust_bundles(text: str) -> tuple[tuple[str, Path], ...]:
+    """'other.org=/etc/spike/other.pem,partner.test=/etc/spike/partner.pem': each trust domain's bundle file.
+
+    Every CA in such a file serves that trust domain and no other: a peer whose
+    SPIFFE ID is in that domain must chain to one of them.
+    """
+    bundles: dict[str, Path] = {}
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        domain, sep, path_text = entry.partition("=")
+        domain, path_text = domain.strip(), path_text.strip()
+        if not sep or not domain or not path_text:
+            raise ConfigError(
+                f"trust bundles: {entry!r} is not trust-domain=file (example: other.org=/etc/spike/other.pem)"
+            )
+        try:
+            check_trust_domain(domain)
+        except InvalidSpiffeId as exc:
+            raise ConfigError(f"trust bundles: {exc}") from None
+        if domain in bundles:
+            raise ConfigError(f"trust bundles: {domain} appears twice")
+        path = Path(path_text).expanduser()
+        if not path.is_file():
+            problem = "no such file" if not path.exists() else "not a regular file"
+            raise ConfigError(
+                f"trust bundle of {domain} {str(path)!r}: {problem} (--trust-bundles or SPIKE_TRUST_BUNDLES)"
+            )
+        bundles[domain] = path
+    if not bundles:
+        raise ConfigError("trust bundles: no trust-domain=file given (--trust-bundles or SPIKE_TRUST_BUNDLES)")
+    return tuple(bundles.items())
 
 
 def keeper(args: argparse.Namespace, env: Env) -> KeeperConfig:
@@ -370,6 +411,7 @@ TOML_KEYS: dict[str, dict[str, str]] = {
         "nexus_url": "SPIKE_NEXUS_API_URL",
     },
     "trust": {
+        "bundles": "SPIKE_TRUST_BUNDLES",
         "nexus": "SPIKE_TRUST_ROOT_NEXUS",
         "keeper": "SPIKE_TRUST_ROOT_KEEPER",
         "bootstrap": "SPIKE_TRUST_ROOT_BOOTSTRAP",
@@ -402,6 +444,8 @@ def _toml_value(path: Path, section: str, key: str, value: object) -> str:
         return str(value)
     if section == "nexus" and key == "keepers" and isinstance(value, dict):
         return ",".join(f"{k}={v}" for k, v in value.items())  # [nexus.keepers] 1 = "https://..."
+    if section == "trust" and key == "bundles" and isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())  # [trust.bundles] "other.org" = "/etc/..."
     if section == "nexus" and key == "keepers" and isinstance(value, list):
         return ",".join(str(v) for v in value)
     raise ConfigError(f"config file {path}: {section + '.' if section else ''}{key} has an unsupported value type")

@@ -12,7 +12,8 @@ through submodules are internal.  ``docs/embedding.md`` is the guide:
   `FailureKind`).
 * Keeper side: `Keeper` turns an `ApiRequest` into a `KeeperOutcome`.
 * Material: `RootKey`, `Share`, `seal_key`, Shamir (`deal`, `combine`, ...).
-* Identity: `SpiffeId`, `TrustDomains`, `Role`, `peer_spiffe_id`.
+* Identity: `SpiffeId`, `TrustDomains`, `Role`, `peer_spiffe_id`; trust per domain:
+  `TrustBundles` (which CA serves which trust domain), `chain_refusal`, `TrustBundleError`.
 * Wire: `ShardContribution` / `ShardAnswer`, `encode`, `decode`, paths.
 * Errors: `LocalProtocolError` (the caller's mistake), `RemoteProtocolError`
   (a peer's), both `SpikeError`.
@@ -51,6 +52,7 @@ from .nexus import (
 )
 from .record import KeyRecord, seal_key
 from .shamir import combine, deal, share_for, split_with
+from .trust import TrustBundleError, TrustBundles, chain_refusal
 from .wire import (
     KEEPER_CONTRIBUTE_PATH,
     KEEPER_SHARD_PATH,
@@ -109,7 +111,10 @@ __all__ = [
     "ShardContribution",
     "SpiffeId",
     "SpikeError",
+    "TrustBundleError",
+    "TrustBundles",
     "TrustDomains",
+    "chain_refusal",
     "combine",
     "deal",
     "decode",

@@ -24,6 +24,7 @@ import h11
 
 from spike.protocol.events import FailureKind
 
+from .peer_trust import refusal
 from .tls import PeerCheck, spiffe_id_of
 
 
@@ -273,6 +274,12 @@ class HttpsConnection:
         except (OSError, ConnectionError) as exc:
             raise TransportError(*_os_failure(exc)) from None
         peer = spiffe_id_of(transport.get_extra_info("peercert"))
+        if peer is not None:
+            # Is the server's certificate really `peer`'s, i.e. anchored in its own trust domain's bundle?
+            refused = refusal(transport.get_extra_info("ssl_object"), peer)
+            if refused is not None:
+                transport.abort()
+                raise PeerIdentityError(f"peer presented {peer} (trust domain {peer.trust_domain}), refused: {refused}")
         if not self._peer_check(peer):
             transport.abort()
             expected = f", expected {self._expected_peer}" if self._expected_peer else ""

@@ -18,7 +18,10 @@ Every source hands out complete `ssl.SSLContext` objects, rebuilt on each
 rotation and never changed afterwards: a server or client asks for the
 current one for every *new* connection (`HttpsServer` and `HttpsConnection`
 take the bound method), so connections already open keep the identity they
-were made with and new ones present the new SVID.
+were made with and new ones present the new SVID.  The trust bundles stay
+per trust domain (`LoadedIdentity.bundles`): OpenSSL gets all of their CAs,
+and each context carries the `PeerVerifier` that then holds every peer to
+its own domain's bundle (peer_trust.py).
 
 Key material never goes to a regular file: OpenSSL reads certificates and
 keys only from paths, so the PEM goes into an anonymous in-memory file
@@ -48,7 +51,9 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 from urllib.parse import urlsplit
 
 from spike.protocol.identity import InvalidSpiffeId, SpiffeId, TrustDomains
+from spike.protocol.trust import TrustBundles
 
+from .peer_trust import PeerVerifier, attach, ca_certificates, describe_bundles, file_bundles
 from .tls import IdentityError, SvidFiles, new_context
 
 if TYPE_CHECKING:
@@ -114,11 +119,13 @@ class LoadedIdentity:
     not_after: dt.datetime
     authorities: int  # CA certificates trusted
     digest: str  # of the certificates (never of the key): tells a real change from a rewrite
+    bundles: TrustBundles  # which of them serves which trust domain
 
     def describe(self) -> str:
         return (
             f"{self.spiffe_id} (serial {self.serial:x}, valid until "
-            f"{self.not_after.isoformat(timespec='seconds')}, {self.authorities} trusted CA certificate(s))"
+            f"{self.not_after.isoformat(timespec='seconds')}, {self.authorities} trusted CA certificate(s): "
+            f"{describe_bundles(self.bundles)})"
         )
 
 
@@ -174,10 +181,10 @@ def identity_source(
     spec: IdentitySpec, trust: TrustDomains | None = None, *, check_interval: float = DEFAULT_CHECK_INTERVAL
 ) -> IdentitySource:
     """The (not yet started) source that configuration chose."""
+    domains = {trust.nexus, trust.keeper, trust.bootstrap, trust.pilot} if trust is not None else set()
     if isinstance(spec, WorkloadApiSpec):
-        domains = {trust.nexus, trust.keeper, trust.bootstrap, trust.pilot} if trust is not None else set()
         return WorkloadApiSource(spec.address, timeout=spec.timeout, trust_domains=domains)
-    return SvidFileSource(spec, check_interval=check_interval)
+    return SvidFileSource(spec, check_interval=check_interval, trust_domains=domains)
 
 
 # ---------------------------------------------------------------------- handing PEM to OpenSSL
@@ -196,12 +203,12 @@ class _PemLoader:
         self._directory: Path | None = None
 
     @contextlib.contextmanager
-    def paths(self, chain: bytes, key: bytes, bundle: bytes) -> Iterator[tuple[str, str, str, bytes | None]]:
-        """(chain path, key path, bundle path, key password) for as long as the block runs."""
+    def paths(self, chain: bytes, key: bytes) -> Iterator[tuple[str, str, bytes | None]]:
+        """(chain path, key path, key password) for as long as the block runs."""
         if self.use_memfd:
-            fds = [_memfd(data) for data in (chain, key, bundle)]
+            fds = [_memfd(data) for data in (chain, key)]
             try:
-                yield f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}", f"/proc/self/fd/{fds[2]}", None
+                yield f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}", None
             finally:
                 for fd in fds:
                     os.close(fd)
@@ -220,9 +227,9 @@ class _PemLoader:
         except (ValueError, TypeError, UnsupportedAlgorithm):
             sealed = key  # not a key OpenSSL could use either: let it say why
         directory = self._private_directory()
-        written = [_private_file(directory, data) for data in (chain, sealed, bundle)]
+        written = [_private_file(directory, data) for data in (chain, sealed)]
         try:
-            yield str(written[0]), str(written[1]), str(written[2]), password
+            yield str(written[0]), str(written[1]), password
         finally:
             for path in written:
                 with contextlib.suppress(FileNotFoundError):
@@ -321,32 +328,45 @@ def _leaf_identity(chain: bytes, chain_path: str) -> _Leaf:
     return _Leaf(spiffe_id, serial, not_after)
 
 
-def _bundle_count(bundle: bytes) -> int:
-    return bundle.count(b"-----BEGIN CERTIFICATE-----")
+# The trust bundles of an identity: given per domain (the Workload API), or read
+# from files once this workload's own trust domain is known (its SVID's).
+TrustSource = TrustBundles | Callable[[str], TrustBundles]
 
 
-def build_identity(chain: bytes, key: bytes, bundle: bytes, loader: _PemLoader) -> LoadedIdentity:
-    """Both TLS contexts for one SVID (PEM chain, PEM key, PEM bundle); `IdentityError` if they do not load."""
+def build_identity(chain: bytes, key: bytes, trust: TrustSource, loader: _PemLoader) -> LoadedIdentity:
+    """Both TLS contexts for one SVID (PEM chain, PEM key) and its trust bundles; `IdentityError` if they do not load.
+
+    OpenSSL is given every domain's CAs at once (a first filter); the
+    contexts carry a `PeerVerifier` that then holds each peer to the bundle
+    of its own trust domain (spike/transports/peer_trust.py).
+    """
     contexts = []
-    with loader.paths(chain, key, bundle) as (chain_path, key_path, bundle_path, password):
+    with loader.paths(chain, key) as (chain_path, key_path, password):
         leaf = _leaf_identity(chain, chain_path)
+        bundles = trust if isinstance(trust, TrustBundles) else trust(leaf.spiffe_id.trust_domain)
+        store = bundles.all_authorities()
+        verifier = PeerVerifier(bundles)
         for server_side in (True, False):
             ctx = new_context(server_side=server_side)
             try:
                 ctx.load_cert_chain(chain_path, key_path, password)
-                ctx.load_verify_locations(cafile=bundle_path)
+                ctx.load_verify_locations(cadata=b"".join(store))
             except ssl.SSLError as exc:
                 raise IdentityError(f"invalid certificate, key or bundle ({exc.reason or exc})") from None
+            attach(ctx, verifier)
             contexts.append(ctx)
-    digest = hashlib.sha256(chain + b"\0" + bundle).hexdigest()
+    digest = hashlib.sha256(chain)
+    for domain in bundles.domains:
+        digest.update(b"\0" + domain.encode() + b"\0" + b"".join(sorted(bundles.authorities(domain))))
     return LoadedIdentity(
         spiffe_id=leaf.spiffe_id,
         server=contexts[0],
         client=contexts[1],
         serial=leaf.serial,
         not_after=leaf.not_after,
-        authorities=_bundle_count(bundle),
-        digest=digest,
+        authorities=len(store),
+        digest=digest.hexdigest(),
+        bundles=bundles,
     )
 
 
@@ -440,21 +460,51 @@ class _Source:
 _Signature = tuple[tuple[int, int, int, int, int], ...]
 
 
-class StaticSource(_Source):
-    """SVID files loaded once, at start, and never again."""
+def _files_origin(files: SvidFiles) -> str:
+    extra = "".join(f", {path} ({domain})" for domain, path in files.trust_bundles)
+    return f"SVID files {files.cert}, {files.key}, {files.bundle}{extra}"
 
-    def __init__(self, files: SvidFiles) -> None:
+
+def load_files(files: SvidFiles, loader: _PemLoader) -> LoadedIdentity:
+    """The identity in SVID files (chain, key, bundle, and the bundles of other trust domains)."""
+    chain, key, own, *per_domain = _read_files(files)
+    return build_identity(chain, key, file_bundles(files, own, per_domain), loader)
+
+
+class _FileSource(_Source):
+    def __init__(self, files: SvidFiles, trust_domains: Collection[str]) -> None:
         super().__init__()
         self.files = files
-        self.origin = f"SVID files {files.cert}, {files.key}, {files.bundle}"
+        self.origin = _files_origin(files)
+        self.trust_domains = frozenset(trust_domains)
+        self._missing_domains: frozenset[str] = frozenset()
+
+    def _install(self, new: LoadedIdentity) -> bool:
+        missing = self.trust_domains - set(new.bundles.domains)
+        if missing != self._missing_domains and missing:
+            # Info, not a warning: a one-shot command may not need them, and its stderr stays one line.
+            log.info(
+                "%s hold no trust bundle for trust domain(s) %s: their peers will be refused",
+                self.origin,
+                ", ".join(sorted(missing)),
+            )
+        self._missing_domains = missing
+        return super()._install(new)
+
+
+class StaticSource(_FileSource):
+    """SVID files loaded once, at start, and never again."""
+
+    def __init__(self, files: SvidFiles, *, trust_domains: Collection[str] = ()) -> None:
+        super().__init__(files, trust_domains)
 
     def start(self) -> Self:
         if self._current is None:
-            self._install(build_identity(*_read_files(self.files), self._loader))
+            self._install(load_files(self.files, self._loader))
         return self
 
 
-class SvidFileSource(_Source):
+class SvidFileSource(_FileSource):
     """SVID files that spiffe-helper (or anything) rewrites: reloaded when they change.
 
     `check_interval` bounds how often the files are looked at (three `stat`
@@ -468,11 +518,14 @@ class SvidFileSource(_Source):
     """
 
     def __init__(
-        self, files: SvidFiles, *, check_interval: float = DEFAULT_CHECK_INTERVAL, retry_broken_after: float = 10.0
+        self,
+        files: SvidFiles,
+        *,
+        check_interval: float = DEFAULT_CHECK_INTERVAL,
+        retry_broken_after: float = 10.0,
+        trust_domains: Collection[str] = (),
     ) -> None:
-        super().__init__()
-        self.files = files
-        self.origin = f"SVID files {files.cert}, {files.key}, {files.bundle}"
+        super().__init__(files, trust_domains)
         self.check_interval = check_interval
         self.retry_broken_after = retry_broken_after
         self._last_check = 0.0
@@ -491,7 +544,7 @@ class SvidFileSource(_Source):
             signature: _Signature | None = self._signature()
         except OSError:
             signature = None  # reading says which file, and why
-        self._install(build_identity(*_read_files(self.files), self._loader))
+        self._install(load_files(self.files, self._loader))
         self._loaded = signature
         self._last_check = time.monotonic()
         return self
@@ -521,7 +574,7 @@ class SvidFileSource(_Source):
         if signature == self._broken and now - self._broken_since < self.retry_broken_after:
             return False
         try:
-            new = build_identity(*_read_files(self.files), self._loader)
+            new = load_files(self.files, self._loader)
         except IdentityError as exc:
             return self._failed(signature, str(exc), now)
         self._loaded = signature
@@ -544,13 +597,18 @@ class SvidFileSource(_Source):
         return False
 
     def _signature(self) -> _Signature:
-        stats = [os.stat(path) for path in (self.files.cert, self.files.key, self.files.bundle)]
+        stats = [os.stat(path) for path in _paths(self.files)]
         return tuple((s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for s in stats)
 
 
-def _read_files(files: SvidFiles) -> tuple[bytes, bytes, bytes]:
+def _paths(files: SvidFiles) -> list[Path]:
+    return [files.cert, files.key, files.bundle, *(path for _, path in files.trust_bundles)]
+
+
+def _read_files(files: SvidFiles) -> list[bytes]:
+    """Chain, key, bundle, then each per-domain bundle: the contents of `_paths(files)`."""
     contents = []
-    for path in (files.cert, files.key, files.bundle):
+    for path in _paths(files):
         try:
             contents.append(path.read_bytes())
         except FileNotFoundError:
@@ -559,7 +617,7 @@ def _read_files(files: SvidFiles) -> tuple[bytes, bytes, bytes]:
             raise IdentityError(f"cannot read {path}: permission denied") from None
         except OSError as exc:
             raise IdentityError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return contents[0], contents[1], contents[2]
+    return contents
 
 
 # ---------------------------------------------------------------------- the SPIFFE Workload API
@@ -575,10 +633,10 @@ class WorkloadApiSource(_Source):
     gives up on the stream, it is opened again after `restart_delay` seconds
     (doubling up to a minute while it keeps failing).
 
-    `trust_domains`, when given, limits the CA certificates trusted to the
-    bundles of those domains (and the workload's own): the TLS layer checks a
-    chain against all of them at once, so a federated domain's CA is trusted
-    only where the configuration names that domain.
+    `trust_domains`, when given, limits the bundles trusted to those of
+    these domains (and the workload's own): a federated domain's CA is
+    trusted only where the configuration names that domain, and, as every
+    bundle, only for the IDs of its own domain (peer_trust.py).
     """
 
     def __init__(
@@ -741,14 +799,21 @@ class WorkloadApiSource(_Source):
                 ", ".join(sorted(missing)),
             )
         self._missing_domains = missing
-        authorities = [cert for domain in sorted(wanted & set(bundles)) for cert in bundles[domain].x509_authorities]
+        # Each domain's CAs stay that domain's: the API says which bundle is whose,
+        # and a peer is held to its own domain's (peer_trust.py).
+        trusted = TrustBundles()
+        for domain in sorted(wanted & set(bundles)):
+            ders = b"".join(_der(cert) for cert in bundles[domain].x509_authorities)
+            if ders:
+                certificates = ca_certificates(ders, f"the trust bundle of {domain}")
+                trusted |= TrustBundles.for_domain(domain, certificates, check_labels=False)
         from cryptography.hazmat.primitives import serialization
 
         chain = _pem(svid.cert_chain)
         key = svid.private_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        return build_identity(chain, key, _pem(sorted(authorities, key=_der)), self._loader)
+        return build_identity(chain, key, trusted, self._loader)
 
     def _why_no_svid(self) -> str:
         """After a silent timeout, one direct call says why (no registration entry, ...)."""

@@ -42,6 +42,7 @@ from spike.protocol.identity import SpiffeId
 from spike.protocol.wire import ErrorCode, error_body
 
 from .http1 import CONTINUE, HttpError, Request, RequestParser, response
+from .peer_trust import refusal, warn_refused
 from .tls import spiffe_id_of
 
 log = logging.getLogger("spike.transports.server")
@@ -77,6 +78,7 @@ class HttpsServer:
         self.limits = limits or ServerLimits()
         self.accepted = 0  # TCP connections accepted, for tests and metrics
         self.refused_at_limit = 0  # connections closed at once since the limit was last reached
+        self.refused_peers = 0  # handshakes whose certificate is not the SPIFFE ID it claims
         self._connections: set[_Connection] = set()
         self._accepting: anyio.CancelScope | None = None
         self._pending = 0  # accepted sockets still in their TLS handshake
@@ -242,10 +244,29 @@ class _Connection(asyncio.Protocol):
     def _ready(self, transport: asyncio.Transport, peer_certificate: object) -> None:
         self._writer = transport
         self._peer = spiffe_id_of(peer_certificate) if isinstance(peer_certificate, dict) else None
+        if self._peer is not None and not self._trusted(transport, self._peer):
+            return
         if self._server.draining:
             self.drain()
         else:
             self._process()  # answers what arrived during the handshake, then arms the idle timer
+
+    def _trusted(self, transport: asyncio.Transport, peer: SpiffeId) -> bool:
+        """Whether the peer's chain ends in its own trust domain's bundle; if not, it is cut off unanswered.
+
+        Checked before anything it sent (even in the handshake's flight) is read.
+        """
+        tls = transport.get_extra_info("ssl_object")
+        reason = refusal(tls, peer)
+        if reason is None:
+            return True
+        self._server.refused_peers += 1
+        if tls is not None:
+            address = transport.get_extra_info("peername")
+            who = f"a client at {address[0]}:{address[1]}" if isinstance(address, tuple) else "a client"
+            warn_refused(tls, who, peer, reason)
+        self.abort()
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost()

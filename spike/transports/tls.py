@@ -3,7 +3,8 @@
 SVIDs carry their identity in a URI SAN, not in a host name, so host name
 checking is off and every connection is instead checked against the SPIFFE
 ID the caller expects (client side) or authorised by route (server side).
-Certificates are always required and verified against the trust bundle.
+Certificates are always required and verified against the trust bundles,
+each peer against its own trust domain's (peer_trust.py).
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spike.protocol.identity import Role, SpiffeId, TrustDomains, peer_spiffe_id
+
+if TYPE_CHECKING:
+    from .identity import LoadedIdentity
 
 
 class IdentityError(Exception):
@@ -23,11 +27,17 @@ class IdentityError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class SvidFiles:
-    """An X.509 SVID as spiffe-helper writes it: chain, key and trust bundle in PEM."""
+    """An X.509 SVID as spiffe-helper writes it: chain, key and trust bundle in PEM.
+
+    `bundle` is the bundle of the SVID's own trust domain (it may also hold
+    other domains' CAs when each names its domain in a ``spiffe://`` URI SAN);
+    `trust_bundles` gives other trust domains' bundles, one file each.
+    """
 
     cert: Path
     key: Path
     bundle: Path
+    trust_bundles: tuple[tuple[str, Path], ...] = ()  # (trust domain, PEM file)
 
 
 def new_context(*, server_side: bool) -> ssl.SSLContext:
@@ -41,26 +51,22 @@ def new_context(*, server_side: bool) -> ssl.SSLContext:
     return ctx
 
 
-def _base_context(server_side: bool, files: SvidFiles) -> ssl.SSLContext:
-    ctx = new_context(server_side=server_side)
-    try:
-        ctx.load_cert_chain(str(files.cert), str(files.key))
-        ctx.load_verify_locations(cafile=str(files.bundle))
-    except FileNotFoundError as exc:
-        raise IdentityError(f"cannot read {exc.filename}: no such file") from None
-    except PermissionError as exc:
-        raise IdentityError(f"cannot read {exc.filename}: permission denied") from None
-    except ssl.SSLError as exc:
-        raise IdentityError(f"invalid certificate, key or bundle ({exc.reason or exc})") from None
-    return ctx
+def _loaded(files: SvidFiles) -> LoadedIdentity:
+    from .identity import StaticSource
+
+    source = StaticSource(files).start()
+    source.stop()  # the contexts are built: nothing of the loading is needed any more
+    return source.current
 
 
 def server_context(files: SvidFiles) -> ssl.SSLContext:
-    return _base_context(True, files)
+    """A server context for the SVID in `files`, loaded once (an identity source follows rotations)."""
+    return _loaded(files).server
 
 
 def client_context(files: SvidFiles) -> ssl.SSLContext:
-    return _base_context(False, files)
+    """A client context for the SVID in `files`, loaded once (an identity source follows rotations)."""
+    return _loaded(files).client
 
 
 def spiffe_id_of(peer_certificate: dict[str, Any] | None) -> SpiffeId | None:

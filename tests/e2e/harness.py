@@ -144,12 +144,15 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 
 def svid_env(files: SvidFiles, trust_domain: str) -> dict[str, str]:
-    return {
+    env = {
         "SPIKE_SVID_CERT": str(files.cert),
         "SPIKE_SVID_KEY": str(files.key),
         "SPIKE_SVID_BUNDLE": str(files.bundle),
         "SPIKE_TRUST_ROOT": trust_domain,
     }
+    if files.trust_bundles:
+        env["SPIKE_TRUST_BUNDLES"] = ",".join(f"{domain}={path}" for domain, path in files.trust_bundles)
+    return env
 
 
 def base_env() -> dict[str, str]:
@@ -227,6 +230,10 @@ class Cluster:
     nexus_env: dict[str, str] = field(default_factory=dict)  # settings for every Nexus start
     database_url: str | None = None  # PostgreSQL shared by every Nexus instance; None: SQLite in data_dir
     nexus_count: int = 1  # Nexus instances `start` starts (more than one needs database_url)
+    # Pilots in another trust domain (SPIKE_TRUST_ROOT_PILOT): the `pilot-*` SVIDs come from here.
+    pilot_identity: DevIdentity | None = None
+    bundle: Path | None = None  # every process's SPIKE_SVID_BUNDLE instead of its own CA's file
+    trust_bundles: tuple[tuple[str, Path], ...] = ()  # every process's SPIKE_TRUST_BUNDLES
     nexus_ports: dict[int, int] = field(default_factory=dict)
     metrics_port: int = 0
     keeper_ids: list[int] = field(default_factory=list)
@@ -247,7 +254,9 @@ class Cluster:
         self.nexus_ports = {1: self.nexus_port, **{i: pick_port() for i in range(2, self.nexus_count + 1)}}
         if self.metrics:
             self.metrics_port = pick_port()
-        self.trust = TrustDomains.single(self.identity.trust_domain)
+        own = self.identity.trust_domain
+        pilots = self.pilot_identity.trust_domain if self.pilot_identity else own
+        self.trust = TrustDomains(nexus=own, keeper=own, bootstrap=own, pilot=pilots)
         self._scrapes = 0
 
     # ------------------------------------------------------------------ addresses
@@ -276,9 +285,19 @@ class Cluster:
 
     # ------------------------------------------------------------------ processes
 
+    def files(self, name: str) -> SvidFiles:
+        """The SVID files of `name` (nexus, keeper-2, pilot-superuser, ...) as this cluster configures them."""
+        pilot = name.startswith("pilot-") and self.pilot_identity is not None
+        files = (self.pilot_identity if pilot and self.pilot_identity else self.identity).files(name)
+        if not self.trust_bundles:
+            return SvidFiles(files.cert, files.key, self.bundle or files.bundle)
+        return SvidFiles(files.cert, files.key, self.bundle or files.bundle, self.trust_bundles)
+
     def _env(self, files: SvidFiles, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = base_env()
         env.update(svid_env(files, self.identity.trust_domain))
+        if self.trust.pilot != self.identity.trust_domain:
+            env["SPIKE_TRUST_ROOT_PILOT"] = self.trust.pilot
         env["SPIKE_LOG_LEVEL"] = self.log_level
         env["SPIKE_LOG_FORMAT"] = self.log_format
         env.update(extra or {})
@@ -315,17 +334,18 @@ class Cluster:
         wait_until(listening, f"{proc.name} to listen", timeout)
         return proc
 
-    def spawn_keeper(self, keeper_id: int) -> Proc:
+    def spawn_keeper(self, keeper_id: int, files: SvidFiles | None = None) -> Proc:
+        """Keeper `keeper_id` on its port, with its own SVID (or `files`: an impostor's)."""
         port = self.keeper_ports[keeper_id]
         return self._spawn(
             f"keeper-{keeper_id}",
             ["keeper", "--listen", f"127.0.0.1:{port}"],
-            self._env(self.identity.keeper(keeper_id)),
+            self._env(files or self.files(f"keeper-{keeper_id}")),
         )
 
     def spawn_nexus(self, extra_env: dict[str, str] | None = None, index: int = 1) -> Proc:
         env = self._env(
-            self.identity.files("nexus"),
+            self.files("nexus"),
             {
                 "SPIKE_NEXUS_KEEPER_PEERS": self.peers,
                 "SPIKE_NEXUS_SHAMIR_SHARES": str(self.keepers),
@@ -348,8 +368,8 @@ class Cluster:
             args += ["--database-url", self.database_url]
         return self._spawn(self.nexus_name(index), args, env)
 
-    def start_keeper(self, keeper_id: int) -> Proc:
-        return self._await_listening(self.spawn_keeper(keeper_id))
+    def start_keeper(self, keeper_id: int, files: SvidFiles | None = None) -> Proc:
+        return self._await_listening(self.spawn_keeper(keeper_id, files))
 
     def start_nexus(self, extra_env: dict[str, str] | None = None, index: int = 1) -> Proc:
         return self._await_listening(self.spawn_nexus(extra_env, index))
@@ -392,7 +412,7 @@ class Cluster:
         stdin: bytes = b"",
     ) -> CliResult:
         """Run a one-shot `spike` command (`stdin` on its standard input); its output is also kept in the logs dir."""
-        full_env = self._env(self.identity.files(identity), {"SPIKE_NEXUS_API_URL": self.nexus_url})
+        full_env = self._env(self.files(identity), {"SPIKE_NEXUS_API_URL": self.nexus_url})
         full_env.update(env or {})
         done = subprocess.run(
             [*SPIKE, *args],
@@ -451,7 +471,7 @@ class Cluster:
             except HarnessError as exc:
                 raise HarnessError(f"{exc}; last status: {json.dumps(last[0], indent=1)}") from None
             return by_cli
-        with ClientSession(client_context(self.identity.files("pilot-superuser")), timeout=5.0) as session:
+        with ClientSession(client_context(self.files("pilot-superuser")), timeout=5.0) as session:
             connection = nexus_connection(session, self.nexus_url_of(nexus), self.trust)
 
             def check() -> tuple[int, dict[str, Any]] | None:
@@ -478,7 +498,7 @@ class Cluster:
 
     def client(self, identity: str = "pilot-superuser", timeout: float = 5.0, nexus: int = 1) -> NexusClient:
         """The operator's client (what `spike secret` uses), in this process; close it after use."""
-        return NexusClient(self.nexus_url_of(nexus), self.identity.files(identity), self.trust, timeout=timeout)
+        return NexusClient(self.nexus_url_of(nexus), self.files(identity), self.trust, timeout=timeout)
 
     # ------------------------------------------------------------------ the metrics listener
 
@@ -549,7 +569,7 @@ class Cluster:
 
     @contextlib.contextmanager
     def as_nexus(self) -> Iterator[ClientSession]:
-        with ClientSession(client_context(self.identity.files("nexus")), timeout=5.0) as session:
+        with ClientSession(client_context(self.files("nexus")), timeout=5.0) as session:
             yield session
 
     def read_shard(self, keeper_id: int, session: ClientSession | None = None) -> Share | None:

@@ -7,6 +7,7 @@ time starting an interpreter), and each test checks one outcome.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import socket
 import subprocess
@@ -15,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from harness import SPIKE, base_env, pick_port, svid_env
 
-from spike.app.commands.devca import DevIdentity
+from spike.app.commands.devca import CA_CERT, DevIdentity, new_ca
 from spike.app.store.sqlite_schema import NexusStore
 from spike.protocol.material import RootKey
 from spike.protocol.record import seal_key
@@ -58,6 +60,16 @@ def _cases(tmp: Path, identity: DevIdentity, busy_port: int) -> dict[str, Case]:
     finally:
         store.close()
     peers = PEERS.format(a=pick_port(), b=pick_port(), c=pick_port())
+    # Trust per domain: a bundle of two domains with a CA that names neither, and a CA given
+    # for a domain it does not name.
+    ours = (identity.directory / CA_CERT).read_bytes()
+    now = dt.datetime.now(dt.UTC)
+    day = dt.timedelta(days=1)
+    theirs, _ = new_ca("other.test", "their CA", not_before=now, not_after=now + day)
+    mixed = tmp / "mixed-bundle.pem"
+    unlabelled, _ = new_ca("x", "unlabelled CA", not_before=now, not_after=now + day, names_trust_domain=False)
+    pem = serialization.Encoding.PEM
+    mixed.write_bytes(ours + theirs.public_bytes(pem) + unlabelled.public_bytes(pem))
     nexus = ("nexus", "--listen", "127.0.0.1:0", "--poll-interval", "0.5s")
     keeper = ("keeper", "--listen", "127.0.0.1:0")
 
@@ -127,6 +139,19 @@ def _cases(tmp: Path, identity: DevIdentity, busy_port: int) -> dict[str, Case]:
         "status-missing-svid-key": Case(
             "status", ("status",), (("SPIKE_SVID_KEY", missing),), ("configuration error", "no such file")
         ),
+        "keeper-unlabelled-ca-in-a-bundle-of-two-domains": Case(
+            "keeper", keeper, (("SPIKE_SVID_BUNDLE", str(mixed)),),
+            (f"spike keeper: trust bundle {mixed}: CA certificate 'CN=unlabelled CA for x' has no spiffe://",
+             "several trust domains (other.test, spike.test)"),
+        ),
+        "keeper-trust-bundle-of-another-domain": Case(
+            "keeper", keeper, (("SPIKE_TRUST_BUNDLES", f"other.test={identity.directory / CA_CERT}"),),
+            ("trust bundle of other.test", "names trust domain spike.test (URI SAN)"),
+        ),
+        "bootstrap-trust-bundles-malformed": Case(
+            "bootstrap", ("bootstrap",), (("SPIKE_TRUST_BUNDLES", "other.test"),),
+            ("configuration error", "'other.test' is not trust-domain=file"),
+        ),
     }  # fmt: skip
     return cases
 
@@ -147,6 +172,9 @@ CASE_NAMES = [
     "keeper-key-of-another-svid",
     "keeper-port-in-use",
     "status-missing-svid-key",
+    "keeper-unlabelled-ca-in-a-bundle-of-two-domains",
+    "keeper-trust-bundle-of-another-domain",
+    "bootstrap-trust-bundles-malformed",
 ]
 
 

@@ -10,7 +10,9 @@ back.  Nothing sleeps for a fixed time: every wait polls a condition.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 from harness import Cluster, base_env, find_secrets, pick_port, wait_until
 
-from spike.app.commands.devca import DevIdentity
+from spike.app.commands.devca import CA_CERT, DevIdentity
 from spike.protocol import (
     KEEPER_CONTRIBUTE_PATH,
     KEEPER_SHARD_PATH,
@@ -35,7 +37,10 @@ from spike.protocol import (
 )
 from spike.transports.blocking import BlockingConnection, ClientSession
 from spike.transports.client import TransportError
-from spike.transports.tls import client_context, keeper_check
+from spike.transports.tls import SvidFiles, client_context, keeper_check
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "transport"))
+from transport_rig import mint_files, raw_client_context, raw_request, refused
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DRIVERS = ["stdlib_driver.py", "asyncio_driver.py"]
@@ -340,3 +345,69 @@ def test_asyncio_driver_keeps_the_stdlib_keeper_seeded_and_it_answers_only_nexus
     finally:
         reader.close()
         cluster.close()
+
+
+# ---------------------------------------------------------------------- trust per domain (issue 14, H1)
+
+
+def two_domain_identity(ours: DevIdentity, theirs: DevIdentity, directory: Path) -> DevIdentity:
+    """A copy of `ours` whose bundle.pem also holds `theirs`'s CA (each CA names its domain)."""
+    shutil.copytree(ours.directory, directory)
+    both = (ours.directory / CA_CERT).read_bytes() + (theirs.directory / CA_CERT).read_bytes()
+    (directory / CA_CERT).write_bytes(both)
+    return DevIdentity(directory, ours.trust_domain)
+
+
+def forged(by: DevIdentity, directory: Path, name: str, spiffe_id: str) -> SvidFiles:
+    """An SVID `by`'s CA mints for `spiffe_id` (of another trust domain than its own)."""
+    now = dt.datetime.now(dt.UTC)
+    hour = dt.timedelta(hours=1)
+    return mint_files(by, directory, name, spiffe_id, not_before=now - hour, not_after=now + hour)
+
+
+def test_stdlib_keeper_refuses_a_nexus_minted_by_another_domains_ca_in_its_bundle(
+    dev_identity: DevIdentity,
+    foreign_identity: DevIdentity,
+    tmp_path: Path,
+    stdlib_keeper: Callable[[Cluster, int, int], StdlibKeeper],
+) -> None:
+    identity = two_domain_identity(dev_identity, foreign_identity, tmp_path / "id")
+    cluster = Cluster(identity, tmp_path / "cluster", keepers=0)
+    port = pick_port()
+    keeper = stdlib_keeper(cluster, 3, port)
+    both = identity.directory / CA_CERT
+    bootstrap = raw_client_context(identity.files("bootstrap"), both)
+    stored = raw_request(port, bootstrap, KEEPER_CONTRIBUTE_PATH, b'{"shard": [' + b"7," * 31 + b"7]}")
+    assert stored is not None and stored.status == 200
+    nexus = forged(foreign_identity, tmp_path, "forged-nexus", "spiffe://spike.test/spike/nexus")
+    refused(port, raw_client_context(nexus, both))  # no HTTP answer (it was 200 with the shard)
+    answer = raw_request(port, raw_client_context(identity.files("nexus"), both))  # control
+    assert answer is not None and answer.status == 200
+    assert keeper.text().count("connection from 127.0.0.1 failed") == 1, keeper.text()
+
+
+@pytest.mark.parametrize("script", DRIVERS)
+def test_driver_sends_nothing_to_a_keeper_minted_by_another_domains_ca_in_its_bundle(
+    script: str,
+    dev_identity: DevIdentity,
+    foreign_identity: DevIdentity,
+    tmp_path: Path,
+    run_driver: RunDriver,
+    stdlib_keeper: Callable[[Cluster, int, int], StdlibKeeper],
+) -> None:
+    identity = two_domain_identity(dev_identity, foreign_identity, tmp_path / "id")
+    # Keeper 1 presents spiffe://spike.test/spike/keeper/1 from other.test's CA; keeper 2 is genuine.
+    impostor = two_domain_identity(dev_identity, foreign_identity, tmp_path / "impostor-id")
+    files = forged(foreign_identity, tmp_path, "forged-keeper-1", "spiffe://spike.test/spike/keeper/1")
+    shutil.copyfile(files.cert, impostor.keeper(1).cert)
+    shutil.copyfile(files.key, impostor.keeper(1).key)
+    cluster = Cluster(identity, tmp_path / "cluster", keepers=0)
+    ports = {1: pick_port(), 2: pick_port()}
+    fake = stdlib_keeper(Cluster(impostor, tmp_path / "impostor"), 1, ports[1])
+    real = stdlib_keeper(cluster, 2, ports[2])
+    peers = {i: f"https://127.0.0.1:{port}" for i, port in ports.items()}
+    driver = run_driver(script, cluster, peers, "--duration", "2")
+    assert driver.wait_exit() == 0, driver.text()
+    assert driver.lines(r"keeper 1: unknown -> unreachable \(TLS: CERTIFICATE_VERIFY_FAILED\)"), driver.text()
+    assert "shard stored" not in fake.text(), fake.text()
+    assert "shard stored (from spiffe://spike.test/spike/nexus)" in real.text(), real.text()

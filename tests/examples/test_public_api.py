@@ -54,6 +54,8 @@ PUBLIC_NAMES = {
     "encode", "decode",
     # identity
     "SpiffeId", "InvalidSpiffeId", "TrustDomains", "Role", "peer_spiffe_id",
+    # trust per domain
+    "TrustBundles", "TrustBundleError", "chain_refusal",
     # errors
     "SpikeError", "LocalProtocolError", "RemoteProtocolError", "ShamirError",
 }  # fmt: skip

@@ -104,3 +104,55 @@ def test_the_config_file_can_choose_the_workload_api(tmp_path: Path) -> None:
     )
     spec = cfg.identity(args(), cfg.load_config_file(toml))
     assert spec == WorkloadApiSpec("unix:///run/spire/agent.sock", 3.0)
+
+
+# ---------------------------------------------------------------------- bundles of other trust domains
+
+
+def test_trust_bundles_name_one_file_per_trust_domain(dev_identity: DevIdentity, foreign_identity: DevIdentity) -> None:
+    theirs = foreign_identity.files("nexus").bundle
+    env = {**files_env(dev_identity), "SPIKE_TRUST_BUNDLES": f" other.test={theirs} , partner.test={theirs},"}
+    spec = cfg.identity(args(), env)
+    assert isinstance(spec, SvidFiles)
+    assert spec.trust_bundles == (("other.test", theirs), ("partner.test", theirs))
+    flag = cfg.identity(args(trust_bundles=f"other.test={theirs}"), env)
+    assert isinstance(flag, SvidFiles) and flag.trust_bundles == (("other.test", theirs),)
+    assert cfg.identity(args(), files_env(dev_identity)) == dev_identity.keeper(1)  # none: the default
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("other.test", r"'other.test' is not trust-domain=file"),
+        ("=/etc/x.pem", r"is not trust-domain=file"),
+        ("Other.Test={bundle}", r"invalid trust domain name 'Other.Test'"),
+        ("other.test={bundle},other.test={bundle}", r"other.test appears twice"),
+        ("other.test={missing}", r"trust bundle of other.test '.*missing.pem': no such file"),
+        ("other.test={directory}", r"not a regular file"),
+        (",", r"no trust-domain=file given"),
+    ],
+)
+def test_bad_trust_bundles_are_one_sentence(
+    value: str, message: str, dev_identity: DevIdentity, tmp_path: Path
+) -> None:
+    bundle = dev_identity.files("nexus").bundle
+    text = value.format(bundle=bundle, missing=tmp_path / "missing.pem", directory=tmp_path)
+    with pytest.raises(cfg.ConfigError, match=message):
+        cfg.identity(args(), {**files_env(dev_identity), "SPIKE_TRUST_BUNDLES": text})
+
+
+def test_trust_bundles_are_refused_with_the_workload_api(dev_identity: DevIdentity) -> None:
+    bundle = dev_identity.files("nexus").bundle
+    env = {"SPIFFE_ENDPOINT_SOCKET": "unix:///run/spire/agent.sock", "SPIKE_TRUST_BUNDLES": f"other.test={bundle}"}
+    with pytest.raises(cfg.ConfigError, match="the agent sends the bundles of federated trust domains itself"):
+        cfg.identity(args(), env)
+
+
+def test_the_config_file_gives_trust_bundles_as_a_table(dev_identity: DevIdentity, tmp_path: Path) -> None:
+    bundle = dev_identity.files("nexus").bundle
+    toml = tmp_path / "spike.toml"
+    toml.write_text(f'[trust]\npilot = "other.test"\nbundles = {{ "other.test" = "{bundle}" }}\n')
+    settings = cfg.load_config_file(toml)
+    assert settings["SPIKE_TRUST_BUNDLES"] == f"other.test={bundle}"
+    spec = cfg.identity(args(), {**files_env(dev_identity), **settings})
+    assert isinstance(spec, SvidFiles) and spec.trust_bundles == (("other.test", bundle),)

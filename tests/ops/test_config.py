@@ -174,11 +174,15 @@ def test_svid_files_from_the_file_the_environment_or_flags(
         {"": {"svid_cert": str(nexus.cert), "svid_key": str(nexus.key), "svid_bundle": str(nexus.bundle)}},
     )
     svid = check_config(capsys, "--config", str(config))["common"]["svid"]
-    assert svid == {"cert": str(nexus.cert), "key": str(nexus.key), "bundle": str(nexus.bundle)}
+    assert svid == {"cert": str(nexus.cert), "key": str(nexus.key), "bundle": str(nexus.bundle), "trust_bundles": []}
     monkeypatch.setenv("SPIKE_SVID_CERT", str(keeper.cert))
     assert check_config(capsys, "--config", str(config))["common"]["svid"]["cert"] == str(keeper.cert)
     svid = check_config(capsys, "--config", str(config), "--svid-key", str(keeper.key))["common"]["svid"]
-    assert svid == {"cert": str(keeper.cert), "key": str(keeper.key), "bundle": str(nexus.bundle)}
+    assert svid == {"cert": str(keeper.cert), "key": str(keeper.key), "bundle": str(nexus.bundle), "trust_bundles": []}
+    # Other trust domains' bundles are part of the effective configuration too.
+    monkeypatch.setenv("SPIKE_TRUST_BUNDLES", f"other.test={nexus.bundle}")
+    svid = check_config(capsys, "--config", str(config))["common"]["svid"]
+    assert svid["trust_bundles"] == [["other.test", str(nexus.bundle)]]
 
 
 def test_an_empty_environment_variable_does_not_hide_the_file(

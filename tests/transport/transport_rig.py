@@ -239,8 +239,8 @@ def raw_request(
         return read_response(sock)
 
 
-def refused(port: int, ctx: ssl.SSLContext) -> BaseException | None:
-    """Try a handshake and a well-formed request; return the error that stopped it.
+def refused(port: int, ctx: ssl.SSLContext, path: str = "/v1/store/shard", body: bytes = b"{}") -> BaseException | None:
+    """Try a handshake and a well-formed request (to `path`); return the error that stopped it.
 
     With TLS 1.3 the client's handshake can finish before the server has
     checked the client certificate, so the server's refusal may only show up
@@ -250,7 +250,7 @@ def refused(port: int, ctx: ssl.SSLContext) -> BaseException | None:
     """
     try:
         with tls_connect(port, ctx) as sock:
-            sock.sendall(request_bytes())
+            sock.sendall(request_bytes(path, body))
             response = read_response(sock)
     except TimeoutError:
         raise AssertionError("the server neither answered nor refused") from None

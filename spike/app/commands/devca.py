@@ -88,12 +88,22 @@ def _load_or_make_ca(
 
 
 def new_ca(
-    trust_domain: str, label: str, *, not_before: dt.datetime, not_after: dt.datetime
+    trust_domain: str,
+    label: str,
+    *,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    names_trust_domain: bool = True,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A self-signed CA for `trust_domain` (its SPIFFE ID in the SAN), and its key."""
+    """A self-signed CA for `trust_domain`, and its key.
+
+    Its URI SAN is the trust domain's SPIFFE ID (``spiffe://<trust domain>``, as
+    SPIRE's CAs): that says which domain it serves when a bundle holds several.
+    `names_trust_domain=False` leaves the SAN out (tests of bundles that do not say).
+    """
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{label} for {trust_domain}")])
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -116,14 +126,12 @@ def new_ca(
             ),
             critical=True,
         )
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]),
-            critical=False,
-        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
     )
-    return cert, key
+    if names_trust_domain:
+        san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")])
+        builder = builder.add_extension(san, critical=False)
+    return builder.sign(key, hashes.SHA256()), key
 
 
 def mint_svid(
