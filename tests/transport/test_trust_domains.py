@@ -41,7 +41,7 @@ from transport_rig import in_thread, mint_files, raw_client_context, raw_request
 from spike.app.commands.client import NexusClient, NexusError
 from spike.app.commands.devca import CA_CERT, DevIdentity, new_ca
 from spike.app.keeper import KeeperHandler
-from spike.app.nexus import NEXUS_LIMITS
+from spike.app.nexus.server import NEXUS_LIMITS
 from spike.protocol import Keeper
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.identity import TrustDomains
