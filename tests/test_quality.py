@@ -77,18 +77,19 @@ def test_links_in_the_docs_point_inside_the_repository() -> None:
 
 ROOM_FLOORS = {
     # Shared contracts and process-wide plumbing: below every room that uses them.
-    "spike.app.config": 0,
+    "spike.app.identity": 0,
     "spike.app.logs": 0,
     "spike.app.api": 0,
     "spike.app.model": 0,
+    "spike.app.config": 1,
     # What the server keeps.
-    "spike.app.store": 1,
+    "spike.app.store": 2,
     # The server and the clients: side by side, neither imports the other.
-    "spike.app.nexus": 2,
-    "spike.app.commands": 2,
-    "spike.app.keeper": 2,
+    "spike.app.nexus": 3,
+    "spike.app.commands": 3,
+    "spike.app.keeper": 3,
     # The entry point, which dispatches to all of them.
-    "spike.app.cli": 3,
+    "spike.app.cli": 4,
 }
 
 

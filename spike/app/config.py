@@ -16,12 +16,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from spike.app.identity import IdentitySpec, WorkloadApiSpec, workload_api_address
 from spike.protocol.errors import LocalProtocolError
 from spike.protocol.identity import InvalidSpiffeId, TrustDomains, check_trust_domain
 from spike.protocol.material import MAX_KEEPER_ID, MIN_KEEPER_ID
 from spike.protocol.nexus import PollSchedule
 from spike.transports.client import parse_origin
-from spike.transports.identity import IdentitySpec, WorkloadApiSpec, workload_api_address
 from spike.transports.tls import SvidFiles
 
 

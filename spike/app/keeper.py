@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 
 from spike.app.config import KeeperConfig
+from spike.app.identity import identity_source
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.keeper import MAX_KEEPER_BODY, Keeper, KeeperChange
-from spike.transports.identity import identity_source
 from spike.transports.runner import run_event_loop, serve
 from spike.transports.server import HttpsServer, ServerLimits
 

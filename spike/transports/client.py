@@ -382,13 +382,6 @@ class _StaleConnection(Exception):
 
 def _os_failure(exc: BaseException) -> tuple[str, FailureKind]:
     """Why a connect failed, in words and as a kind."""
-    # anyio reports a failed connect as "All connection attempts failed" with the
-    # per-address errors in the cause; the first of those says what happened.
-    cause = exc.__cause__
-    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
-        cause = cause.exceptions[0]
-    if isinstance(cause, OSError):
-        exc = cause
     if isinstance(exc, ConnectionRefusedError):
         kind = FailureKind.REFUSED
     elif isinstance(exc, ConnectionError):  # reset or aborted while the handshake was under way

@@ -52,7 +52,7 @@ def new_context(*, server_side: bool) -> ssl.SSLContext:
 
 
 def _loaded(files: SvidFiles) -> LoadedIdentity:
-    from .identity import StaticSource
+    from .svid_files import StaticSource
 
     source = StaticSource(files).start()
     source.stop()  # the contexts are built: nothing of the loading is needed any more

@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from spike.app.api.messages import POLICY_PATH
 from spike.app.commands.devca import CA_KEY, DevIdentity, mint_svid
+from spike.app.identity import identity_source
 from spike.app.keeper import KeeperHandler
 from spike.app.nexus.authorizer import Authorizer
 from spike.app.nexus.cipher_api import CipherApi
@@ -62,7 +63,7 @@ from spike.protocol.nexus import NexusCustody
 from spike.protocol.wire import KEEPER_CONTRIBUTE_PATH, ShardContribution, encode
 from spike.transports.client import HttpsConnection, TransportError
 from spike.transports.custody_driver import CustodyDriver
-from spike.transports.identity import IdentitySource, identity_source
+from spike.transports.identity import IdentitySource
 from spike.transports.server import HttpsServer
 from spike.transports.tls import SvidFiles, client_context, new_context, role_check
 

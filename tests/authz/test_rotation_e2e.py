@@ -38,7 +38,7 @@ from spike.app.commands.client import nexus_connection
 from spike.app.commands.devca import CA_KEY, DevIdentity, mint_svid
 from spike.transports.blocking import ClientSession
 from spike.transports.client import TransportError
-from spike.transports.identity import SvidFileSource
+from spike.transports.svid_files import SvidFileSource
 from spike.transports.tls import client_context
 
 pytestmark = pytest.mark.e2e

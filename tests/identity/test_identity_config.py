@@ -9,14 +9,10 @@ import pytest
 
 from spike.app import config as cfg
 from spike.app.commands.devca import DevIdentity
-from spike.transports.identity import (
-    SvidFileSource,
-    WorkloadApiSource,
-    WorkloadApiSpec,
-    identity_source,
-    workload_api_address,
-)
+from spike.app.identity import WorkloadApiSpec, identity_source, workload_api_address
+from spike.transports.svid_files import SvidFileSource
 from spike.transports.tls import SvidFiles
+from spike.transports.workload_api import WorkloadApiSource
 
 
 def args(**values: object) -> argparse.Namespace:

@@ -27,9 +27,9 @@ from spike.protocol.identity import TrustDomains
 from spike.protocol.keeper import Keeper
 from spike.protocol.wire import KEEPER_SHARD_PATH
 from spike.transports.client import HttpsConnection, TransportError
-from spike.transports.identity import WorkloadApiSource
 from spike.transports.server import HttpsServer
 from spike.transports.tls import keeper_check
+from spike.transports.workload_api import WorkloadApiSource
 
 pytestmark = pytest.mark.anyio
 

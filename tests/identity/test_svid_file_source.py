@@ -32,10 +32,10 @@ from spike.app.keeper import KeeperHandler
 from spike.protocol.identity import SpiffeId, TrustDomains
 from spike.protocol.keeper import Keeper
 from spike.protocol.wire import KEEPER_SHARD_PATH
-from spike.transports import identity as identity_module
+from spike.transports import pem as pem_module
 from spike.transports.client import HttpsConnection
-from spike.transports.identity import StaticSource, SvidFileSource
 from spike.transports.server import HttpsServer
+from spike.transports.svid_files import StaticSource, SvidFileSource
 from spike.transports.tls import IdentityError, SvidFiles, client_context, keeper_check
 
 TD = "spike.test"
@@ -248,16 +248,16 @@ def test_the_static_source_never_reloads(files: SvidFiles, ca: TestCa) -> None:
 def test_without_memfd_keys_go_encrypted_to_a_private_directory_and_leave_at_once(
     files: SvidFiles, ca: TestCa, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(identity_module._PemLoader, "use_memfd", False)
+    monkeypatch.setattr(pem_module.PemLoader, "use_memfd", False)
     written: list[tuple[Path, bytes, int]] = []
-    real = identity_module._private_file
+    real = pem_module._private_file
 
     def spy(directory: Path, data: bytes) -> Path:
         path = real(directory, data)
         written.append((path, data, stat.S_IMODE(path.stat().st_mode)))
         return path
 
-    monkeypatch.setattr(identity_module, "_private_file", spy)
+    monkeypatch.setattr(pem_module, "_private_file", spy)
     source = SvidFileSource(files, check_interval=0).start()
     directory = written[0][0].parent
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700

@@ -30,8 +30,8 @@ from spike.app.commands.client import fetch_status, nexus_connection
 from spike.app.commands.devca import DevIdentity
 from spike.transports.blocking import ClientSession
 from spike.transports.client import TransportError
-from spike.transports.identity import WorkloadApiSource
 from spike.transports.tls import SvidFiles, client_context
+from spike.transports.workload_api import WorkloadApiSource
 
 pytestmark = pytest.mark.e2e
 

@@ -23,8 +23,9 @@ from workload_api import TestCa, WorkloadApi
 
 from spike.app.commands.devca import DevIdentity
 from spike.protocol.identity import SpiffeId
-from spike.transports.identity import LoadedIdentity, WorkloadApiSource
+from spike.transports.identity import LoadedIdentity
 from spike.transports.tls import IdentityError, client_context
+from spike.transports.workload_api import WorkloadApiSource
 
 TD = "spike.test"
 KEEPER = f"spiffe://{TD}/spike/keeper/1"

@@ -32,9 +32,9 @@ from spike.app.keeper import KeeperHandler
 from spike.protocol.identity import TrustDomains
 from spike.protocol.keeper import Keeper
 from spike.transports.client import HttpsConnection, PeerIdentityError
-from spike.transports.identity import WorkloadApiSource
 from spike.transports.server import HttpsServer
 from spike.transports.tls import keeper_check
+from spike.transports.workload_api import WorkloadApiSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "transport"))
 from transport_rig import raw_request, refused

@@ -46,7 +46,7 @@ from spike.protocol import Keeper
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.identity import TrustDomains
 from spike.transports.client import HttpsConnection, PeerIdentityError
-from spike.transports.identity import StaticSource
+from spike.transports.svid_files import StaticSource
 from spike.transports.tls import IdentityError, SvidFiles, client_context, keeper_check, server_context
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "api"))

@@ -30,13 +30,13 @@ from spike.app.api.messages import (
 from spike.app.commands.client import fetch_status, nexus_connection
 from spike.app.commands.errors import CommandError
 from spike.app.config import BootstrapConfig
+from spike.app.identity import identity_source
 from spike.protocol.identity import Role, TrustDomains
 from spike.protocol.material import RootKey, Share, derive_key
 from spike.protocol.record import seal_key
 from spike.protocol.wire import KEEPER_CONTRIBUTE_PATH, ShardContribution, decode, encode
 from spike.transports.blocking import BlockingConnection, ClientSession
 from spike.transports.client import TransportError
-from spike.transports.identity import identity_source
 from spike.transports.tls import keeper_check
 
 Say = Callable[[str], None]

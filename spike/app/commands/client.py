@@ -15,12 +15,12 @@ import msgspec
 from spike.app.api.messages import CIPHER_MAX_PLAINTEXT as MAX_PLAINTEXT
 from spike.app.api.messages import STATUS_PATH, StatusBody
 from spike.app.commands.errors import CommandError
+from spike.app.identity import IdentitySpec, identity_source
 from spike.protocol.errors import RemoteProtocolError
 from spike.protocol.identity import Role, TrustDomains
 from spike.protocol.wire import ErrorBody, decode
 from spike.transports.blocking import BlockingConnection, ClientSession
 from spike.transports.client import TransportError
-from spike.transports.identity import IdentitySpec, identity_source
 from spike.transports.tls import role_check
 
 T = TypeVar("T")

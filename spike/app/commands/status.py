@@ -17,9 +17,9 @@ from spike.app.api.messages import StatusBody
 from spike.app.commands.client import fetch_status, nexus_connection
 from spike.app.commands.errors import CommandError
 from spike.app.config import ClientConfig
+from spike.app.identity import identity_source
 from spike.transports.blocking import ClientSession
 from spike.transports.client import TransportError
-from spike.transports.identity import identity_source
 
 EXIT_READY = 0
 EXIT_DEGRADED = 3

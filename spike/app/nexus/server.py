@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import anyio
 
 from spike.app.config import KEEPER_SUMMARY_EVERY, WAITING_SUMMARY_EVERY, ConfigError, NexusConfig
+from spike.app.identity import identity_source
 from spike.app.logs import ReportLogger, wall_time
 from spike.app.nexus.audit import AuditLog, secret_path_of
 from spike.app.nexus.authorizer import Authorizer
@@ -29,7 +30,7 @@ from spike.protocol.errors import LocalProtocolError
 from spike.protocol.nexus import NexusCustody
 from spike.protocol.record import KeyRecord
 from spike.transports.custody_driver import CustodyDriver
-from spike.transports.identity import IdentitySource, identity_source
+from spike.transports.identity import IdentitySource
 from spike.transports.runner import Listener, run_event_loop, serve
 from spike.transports.server import HttpsServer, ServerLimits
 
