@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
-from .effects import KeeperState, Phase, RequestKind
+from .effects import KeeperState, KeySource, Phase, RequestKind
 
 
 class Outcome(Enum):
@@ -347,24 +347,17 @@ class Seen(Enum):
     UNSURE = "nothing about its shard"  # not answered yet, unreachable, an error status
 
 
-class Source(Enum):
-    """Where the shards that rebuilt the key came from."""
-
-    KEEPERS = "keepers"
-    OPERATOR = "operator"
-
-
 # When the key is rebuilt, each keeper without a request in flight (one in flight is handled by its
 # answer): (where the shards came from, what the keeper showed) -> what to do, and why.
-AFTER_REBUILD: Mapping[tuple[Source, Seen], tuple[Do | None, str]] = {
-    (Source.KEEPERS, Seen.HOLDING): (None, "nothing to do"),
-    (Source.KEEPERS, Seen.NEWER): (None, "not this Nexus's to overwrite"),
-    (Source.KEEPERS, Seen.NEEDS_SHARD): (Do.CHECK, "that answer may predate a bootstrap that seeded it: ask again"),
-    (Source.KEEPERS, Seen.UNSURE): (None, "its next poll decides"),
-    (Source.OPERATOR, Seen.HOLDING): (None, "nothing to do"),
-    (Source.OPERATOR, Seen.NEWER): (None, "not this Nexus's to overwrite"),
-    (Source.OPERATOR, Seen.NEEDS_SHARD): (Do.PUSH, "re-seeded at once"),
-    (Source.OPERATOR, Seen.UNSURE): (Do.PUSH, "after a restore every keeper is presumably empty"),
+AFTER_REBUILD: Mapping[tuple[KeySource, Seen], tuple[Do | None, str]] = {
+    (KeySource.KEEPERS, Seen.HOLDING): (None, "nothing to do"),
+    (KeySource.KEEPERS, Seen.NEWER): (None, "not this Nexus's to overwrite"),
+    (KeySource.KEEPERS, Seen.NEEDS_SHARD): (Do.CHECK, "that answer may predate a bootstrap that seeded it: ask again"),
+    (KeySource.KEEPERS, Seen.UNSURE): (None, "its next poll decides"),
+    (KeySource.OPERATOR, Seen.HOLDING): (None, "nothing to do"),
+    (KeySource.OPERATOR, Seen.NEWER): (None, "not this Nexus's to overwrite"),
+    (KeySource.OPERATOR, Seen.NEEDS_SHARD): (Do.PUSH, "re-seeded at once"),
+    (KeySource.OPERATOR, Seen.UNSURE): (Do.PUSH, "after a restore every keeper is presumably empty"),
 }
 
 

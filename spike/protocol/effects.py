@@ -8,7 +8,7 @@ never key or shard bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 
 
 class Phase(Enum):
@@ -113,6 +113,13 @@ class PhaseChanged:
     at: float
 
 
+class KeySource(StrEnum):
+    """Where the shards that rebuilt the key came from (a str: logs and metric labels take it as it is)."""
+
+    KEEPERS = "keepers"
+    OPERATOR = "operator"
+
+
 @dataclass(frozen=True, slots=True)
 class KeyRecovered:
     """The root key was rebuilt and verified: Nexus is READY."""
@@ -120,7 +127,7 @@ class KeyRecovered:
     epoch: int
     at: float
     keeper_ids: tuple[int, ...]  # whose shards rebuilt the key
-    source: str  # "keepers" or "operator"
+    source: KeySource
     started_at: float  # when this recovery began, for its duration
 
 

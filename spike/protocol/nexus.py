@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .answers import TIMED_OUT, Classified, classify, never_had
-from .custody_rules import AFTER_REBUILD, TABLE, Do, Rule, Seen, Source
+from .custody_rules import AFTER_REBUILD, TABLE, Do, Rule, Seen
 from .effects import (
     Effect,
     KeeperMisbehaved,
@@ -57,6 +57,7 @@ from .effects import (
     KeeperStateChanged,
     KeyRecovered,
     KeyRejected,
+    KeySource,
     NewerKeySeen,
     Phase,
     PhaseChanged,
@@ -415,7 +416,7 @@ class NexusCustody:
         self._from_operator.add(share.id)
         self._collected[share.id] = share
         accepted = len(self._collected)
-        ready = self._try_recover(now, Source.OPERATOR)
+        ready = self._try_recover(now, KeySource.OPERATOR)
         return RestoreProgress(accepted=accepted, needed=self.shards_needed, ready=ready)
 
     def confirm_record(self, checked_at: float, now: float) -> int:
@@ -489,7 +490,7 @@ class NexusCustody:
         elif do is Do.COLLECT:
             assert seen.share is not None
             self._collected[keeper.id] = seen.share
-            self._try_recover(now, Source.KEEPERS)
+            self._try_recover(now, KeySource.KEEPERS)
         elif do is Do.PUSH:
             self._push(keeper, now)
         elif do is Do.CONFIRM:
@@ -504,7 +505,7 @@ class NexusCustody:
             return ""
         return "re-seeded and confirmed" if kind is RequestKind.CONFIRM else "re-seeded, confirmed by a later read"
 
-    def _try_recover(self, now: float, source: Source) -> bool:
+    def _try_recover(self, now: float, source: KeySource) -> bool:
         """Rebuild the key if enough verified shards are in; True once it is in use."""
         record = self._record
         if record is None or self._phase is not Phase.RECOVERING:
@@ -523,7 +524,7 @@ class NexusCustody:
         self._collected.clear()
         self._from_operator.clear()
         self._set_phase(Phase.READY, now)
-        self._effects.append(KeyRecovered(record.epoch, now, used, source.value, self._recovery_started))
+        self._effects.append(KeyRecovered(record.epoch, now, used, source, self._recovery_started))
         for keeper in self._keepers.values():
             if keeper.request is not None:
                 continue  # its answer is on the way and is handled when it comes

@@ -24,6 +24,7 @@ from spike.protocol import (
     KeeperMisbehaved,
     KeeperReseeded,
     KeyRecord,
+    KeySource,
     NewerKeySeen,
     Phase,
     RequestFailed,
@@ -45,7 +46,6 @@ from spike.protocol.custody_rules import (
     Outcome,
     Rule,
     Seen,
-    Source,
     markdown,
     outcomes_of,
 )
@@ -101,12 +101,12 @@ def test_the_rules_keep_the_custody_invariants() -> None:
 
 
 def test_the_after_rebuild_table_is_total() -> None:
-    assert set(AFTER_REBUILD) == set(itertools.product(Source, Seen))
+    assert set(AFTER_REBUILD) == set(itertools.product(KeySource, Seen))
     for (source, seen), (do, why) in AFTER_REBUILD.items():
         assert why
         if seen in (Seen.HOLDING, Seen.NEWER):
             assert do is None  # nothing to do, or not ours to overwrite
-        if source is Source.KEEPERS:
+        if source is KeySource.KEEPERS:
             assert do is not Do.PUSH  # old news is checked before anything is pushed
 
 

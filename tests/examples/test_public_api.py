@@ -42,7 +42,7 @@ PUBLIC_NAMES = {
     "AlreadyInitialised", "ShareRejected", "DuplicateShare",
     # effects and events
     "Effect", "SendRequest", "RequestKind", "Report", "KeeperStateChanged", "KeeperState",
-    "KeeperReseeded", "KeeperMisbehaved", "PhaseChanged", "Phase", "KeyRecovered", "KeyRejected",
+    "KeeperReseeded", "KeeperMisbehaved", "PhaseChanged", "Phase", "KeyRecovered", "KeyRejected", "KeySource",
     "NewerKeySeen", "Answer", "ResponseReceived", "RequestFailed", "FailureKind",
     # keeper
     "Keeper", "KeeperOutcome", "KeeperChange", "ApiRequest", "ApiResponse", "MAX_KEEPER_BODY",
