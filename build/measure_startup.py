@@ -1,4 +1,5 @@
-"""Start-up time of a `spike` executable: `spike --version`, and a keeper from start to listening.
+"""Start-up time of a `spike` executable: `spike --version`, a keeper from start to listening, and
+`spike dev-identity` (a command that loads cryptography, which the binary unpacks on first import).
 
     python3 build/measure_startup.py dist/spike .venv/bin/spike --runs 10
 
@@ -42,6 +43,18 @@ def _run_version(spike: str) -> tuple[float, float]:
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise SystemExit(f"{spike} --version exited with {process.returncode}")
+    return wall, _cpu(usage)
+
+
+def _run_dev_identity(spike: str, where: Path) -> tuple[float, float]:
+    out = Path(tempfile.mkdtemp(dir=where))
+    start = time.perf_counter()
+    process = subprocess.Popen([spike, "dev-identity", "--dir", str(out / "id")], stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise SystemExit(f"{spike} dev-identity exited with {process.returncode}")
     return wall, _cpu(usage)
 
 
@@ -100,6 +113,7 @@ def main() -> int:
             _run_version(spike)  # one warm-up run: page cache
             _report("spike --version", [_run_version(spike) for _ in range(args.runs)])
             _report("spike keeper -> listening", [_run_keeper(spike, env) for _ in range(args.runs)])
+            _report("spike dev-identity", [_run_dev_identity(spike, Path(tmp)) for _ in range(args.runs)])
     return 0
 
 
