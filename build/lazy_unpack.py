@@ -124,22 +124,32 @@ class LazyBinaries:
             os.symlink(self._links[name], target)
         except FileExistsError:  # made by another process meanwhile
             return
+        except OSError as error:
+            raise ImportError(f"spike: cannot unpack {name} into {self._home}: {error}") from None
 
     def _write(self, name: str, target: str) -> None:
         offset, compressed, length = self._files[name]
-        data = zlib.decompress(_read(self._fd, compressed, self._data_start + offset))
-        if len(data) != length:
-            raise ImportError(f"spike: {name} in this executable is damaged")
-        os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
-        partial = f"{target}.{os.getpid()}.{_thread.get_ident()}.partial"
-        out = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o700)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(out, view) :]
-        finally:
-            os.close(out)
-        os.replace(partial, target)
+            data = zlib.decompress(_read(self._fd, compressed, self._data_start + offset))
+        except (OSError, zlib.error, _Damaged) as error:
+            raise ImportError(f"spike: {name} in this executable is damaged ({error}); download it again") from None
+        if len(data) != length:
+            raise ImportError(f"spike: {name} in this executable is damaged; download it again")
+        partial = f"{target}.{os.getpid()}.{_thread.get_ident()}.partial"
+        try:
+            os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+            out = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o700)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(out, view) :]
+            finally:
+                os.close(out)
+            os.replace(partial, target)
+        except OSError as error:  # $TMPDIR full, say: one clear line at the end of the import error
+            if os.path.lexists(partial):
+                os.unlink(partial)
+            raise ImportError(f"spike: cannot unpack {name} into {self._home}: {error}") from None
 
 
 def _install() -> None:
