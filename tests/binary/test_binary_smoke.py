@@ -1,20 +1,22 @@
 """The single `spike` executable, end to end, with no Python anywhere near the processes under test.
 
-The `spike_binary` fixture runs `build/build.sh --if-stale`: it builds dist/spike with PyInstaller
-from a clean venv (about a minute and a half) unless dist/spike was built from exactly the current
-sources, which the build's stamp records.  A machine that cannot build it (not Linux x86-64, no
-shared libpython, no package index) makes these tests SKIP with the build's reason, except under
-`CI=true`, where they FAIL: CI never passes without the single executable; any other build failure
-fails them.  `SPIKE_BINARY=/path/to/spike` tests a given executable instead (a release).
+The binary comes from tests/binary/conftest.py: `build/build.sh --if-stale` builds dist/spike with
+PyInstaller from a clean venv (about a minute) unless dist/spike was built from exactly the current
+sources and commit, which the build's stamp records.  A machine that cannot build it (not Linux
+x86-64/aarch64, no shared libpython, no package index) makes these tests SKIP with the build's reason,
+except under `CI=true`, where they FAIL: CI never passes without the single executable; any other build
+failure fails them.  `SPIKE_BINARY=/path/to/spike` tests a given executable instead (a release).
 
 Every process under test is the binary, run by absolute path with an environment of a handful of
 variables whose PATH is an empty directory: no interpreter, no PYTHON* variable, no virtual
 environment can be found.  The deployment test starts keepers and Nexus, bootstraps, writes and
 reads a secret, kills a keeper with SIGKILL (the bootloader's pid, as `kill -9 $(pidof ...)` would)
-and sees Nexus re-seed it.  A keeper takes its SVID from a (test) SPIFFE Workload API, which needs
-the lazily imported spiffe/gRPC/protobuf modules in the binary.  `spike dev` runs twice on one data
-dir and is stopped with SIGINT to its process group, as a terminal's Ctrl-C stops it, from the
-binary and from this interpreter.
+and sees Nexus re-seed it.  Nexus runs on the suite's real PostgreSQL with the bundled libpq.  A keeper
+takes its SVID from a (test) SPIFFE Workload API, which needs the lazily imported spiffe/gRPC/protobuf
+modules in the binary.  `spike dev` runs twice on one data dir and is stopped with SIGINT to its process
+group, as a terminal's Ctrl-C stops it, from the binary and from this interpreter.  The big extension
+modules most of these load (gRPC, psycopg, cryptography, uvloop, SQLite) are unpacked on first import
+(build/lazy_unpack.py): each of these tests goes through that.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -37,7 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pg_server
 import pytest
+from binary_build import ROOT, cannot_build
 
 from spike.app.commands.devca import DevIdentity
 from spike.protocol.identity import Role, TrustDomains
@@ -47,67 +50,10 @@ from spike.transports.tls import client_context, keeper_check
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
-BUILD_TIMEOUT = 1200.0
-TIMEOUT = 60.0  # generous: a one-file start unpacks ~65 MB, and CI machines are shared
+TIMEOUT = 60.0  # generous: CI machines are shared
 
 
-# ---------------------------------------------------------------------- the binary
-
-
-def _build_env() -> dict[str, str]:
-    """This environment without the test venv, so that the build makes its own clean one."""
-    venv_bin = str(Path(sys.executable).parent)
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
-    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p and p != venv_bin)
-    base = Path(sys.base_prefix) / "bin" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
-    if base.exists():
-        env.setdefault("PYTHON", str(base))  # the interpreter running these tests, outside its venv
-    return env
-
-
-def _cannot_build(reason: str) -> None:
-    """Skip on a developer's machine that cannot build the binary; fail in CI, which must test it."""
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"CI=true and the spike binary cannot be built here: {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def spike_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    given = os.environ.get("SPIKE_BINARY")
-    if given:
-        source = Path(given).resolve()
-        assert source.is_file() and os.access(source, os.X_OK), f"SPIKE_BINARY={given} is not an executable"
-    else:
-        if sys.platform != "linux" or platform.machine() != "x86_64":
-            _cannot_build(
-                f"the spike binary is built for Linux x86-64 only, this is {sys.platform} {platform.machine()}"
-            )
-        log = tmp_path_factory.mktemp("build") / "build.log"
-        try:
-            with log.open("wb") as out:
-                done = subprocess.run(
-                    ["bash", str(ROOT / "build" / "build.sh"), "--if-stale"],
-                    env=_build_env(),
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    timeout=BUILD_TIMEOUT,
-                    check=False,
-                )
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"build/build.sh took more than {BUILD_TIMEOUT:g}s; its log: {log}")
-        text = log.read_text(errors="replace")
-        if done.returncode == 3:
-            reason = [line for line in text.splitlines() if "cannot build here" in line]
-            _cannot_build(f"spike binary not built: {reason[-1] if reason else text[-300:]}")
-        assert done.returncode == 0, f"build/build.sh failed (exit {done.returncode}):\n{text[-4000:]}"
-        source = ROOT / "dist" / "spike"
-    # A copy: a rebuild in the same tree (another test run) must not change it under us.
-    binary = tmp_path_factory.mktemp("bin") / "spike"
-    shutil.copy2(source, binary)
-    return binary
+# ---------------------------------------------------------------------- the environment
 
 
 def bare_env(home: Path, **extra: str) -> dict[str, str]:
@@ -365,6 +311,75 @@ def test_keeper_takes_its_svid_from_the_workload_api(
         api.close()
 
 
+def test_nexus_on_postgresql_with_the_bundled_libpq(spike_binary: Path, spikes: Callable[[list[str]], Spike]) -> None:
+    """Nexus from the binary on the suite's real PostgreSQL, with psycopg's C implementation from the bundle.
+
+    PyInstaller warned about psycopg_binary at build time (build/hooks/hook-psycopg_binary.py says why that
+    was harmless).  PSYCOPG_IMPL=binary forbids psycopg's fallback to a libpq of the system (this machine has
+    one: PostgreSQL is installed), so Nexus only starts if the bundled one loads; its memory maps say where
+    libpq came from.  The secret written through it is in the database, sealed, and a second Nexus with an
+    empty data dir reads it back.
+    """
+    import psycopg
+
+    url = pg_server.server().database("binary")
+    spike = spikes([str(spike_binary)])
+    made = spike.run("dev-identity", "--dir", str(spike.home / "id"), "--trust-domain", "spike.test")
+    assert made.returncode == 0, made.stderr
+
+    def svid(name: str, **extra: str) -> dict[str, str]:
+        ident = spike.home / "id"
+        files = {"CERT": f"{name}.pem", "KEY": f"{name}-key.pem", "BUNDLE": "bundle.pem"}
+        return {
+            **{f"SPIKE_SVID_{k}": str(ident / v) for k, v in files.items()},
+            "SPIKE_TRUST_ROOT": "spike.test",
+            **extra,
+        }
+
+    ports = {i: free_port() for i in (1, 2, 3)}
+    for i, port in ports.items():
+        spike.start(f"keeper-{i}", "keeper", "--listen", f"127.0.0.1:{port}", env=svid(f"keeper-{i}"))
+    keepers = ",".join(f"{i}=https://127.0.0.1:{p}" for i, p in ports.items())
+
+    def nexus(name: str) -> tuple[subprocess.Popen[bytes], str]:
+        port = free_port()
+        args = ["--listen", f"127.0.0.1:{port}", "--keepers", keepers, "--poll-interval", "0.5s"]
+        args += ["--data-dir", str(spike.home / f"{name}-data"), "--database-url", url]
+        process = spike.start(name, "nexus", *args, env=svid("nexus", PSYCOPG_IMPL="binary"))
+        wait_until(lambda: listening(port) or process.poll() is not None, f"{name} to listen")
+        assert process.poll() is None, spike.log(name)
+        return process, f"https://127.0.0.1:{port}"
+
+    first, first_url = nexus("nexus-1")
+    wait_until(lambda: all(listening(port) for port in ports.values()), "keepers to listen")
+    libpq = sorted(
+        {line.split()[-1] for maps in mapped_files(first.pid) for line in maps.splitlines() if "libpq" in line}
+    )
+    assert libpq, "Nexus on PostgreSQL has no libpq mapped"
+    assert all(re.search(r"/_MEI\w+/psycopg_binary\.libs/libpq-[0-9a-f]+\.so", path) for path in libpq), libpq
+
+    boot = spike.run("bootstrap", "--nexus", first_url, env=svid("bootstrap"))
+    assert boot.returncode == 0, boot.stdout + boot.stderr
+    put = spike.run(
+        "secret", "put", "app/db", "password=s3cret", env=svid("pilot-superuser", SPIKE_NEXUS_API_URL=first_url)
+    )
+    assert put.returncode == 0, put.stderr
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT sealed FROM secret_version WHERE path = 'app/db'").fetchall()
+    assert len(rows) == 1 and b"s3cret" not in bytes(rows[0][0])
+
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=TIMEOUT) == 0, spike.log("nexus-1")
+    _second, second_url = nexus("nexus-2")
+    pilot = svid("pilot-superuser", SPIKE_NEXUS_API_URL=second_url)
+
+    def got_it() -> bool:
+        got = spike.run("secret", "get", "app/db", "password", env=pilot)
+        return (got.returncode, got.stdout) == (0, "s3cret\n")
+
+    wait_until(got_it, "the second Nexus to read the secret from PostgreSQL")
+
+
 @dataclass
 class Dev:
     process: subprocess.Popen[bytes]
@@ -436,4 +451,4 @@ def test_a_machine_that_cannot_build_fails_in_ci_and_skips_elsewhere(
 ) -> None:
     monkeypatch.setenv("CI", ci)
     with pytest.raises(outcome):
-        _cannot_build("no package index")
+        cannot_build("no package index")
