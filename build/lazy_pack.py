@@ -38,6 +38,7 @@ LAZY_MODULES = (
     "cryptography",  # Rust + a static OpenSSL: Nexus, bootstrap, the client commands, dev-identity
     "_cffi_backend",
     "uvloop",
+    "re2",  # RE2 with the C++ runtime it needs (libstdc++): the policy engine, Nexus only
     "yaml",
     "_sqlite3",
     "_multibytecodec",
