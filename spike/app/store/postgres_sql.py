@@ -1,8 +1,8 @@
 """PostgreSQL's SQL: its side of the shared statements, and what only it runs (locks, key record, outcomes).
 
-A write's read is one round trip: a secret's metadata with its version
-numbers as an array.  A write's statements after that read go in one
-pipeline (one round trip; the server still runs them one after the other).
+A put's read is one round trip: a secret's metadata with its version
+numbers as an array.  Its writes after that read go in one pipeline (one
+round trip; the server still runs them one after the other).
 """
 
 from __future__ import annotations

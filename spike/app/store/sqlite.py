@@ -21,9 +21,9 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,10 +45,18 @@ _SELECT_META = (
     "SELECT current_version, oldest_version, max_versions, cas_required, created_at, updated_at, "
     "custom_metadata FROM secret WHERE path = ?"
 )
-_SELECT_VERSIONS = "SELECT version FROM secret_version WHERE path = ?"
+# For a write: the secret's metadata and stored versions ("1,2,3"), in one statement.
+_SELECT_FOR_WRITE = (
+    "SELECT s.current_version, s.oldest_version, s.max_versions, s.cas_required, s.created_at, s.updated_at, "
+    "(SELECT group_concat(v.version) FROM secret_version AS v WHERE v.path = s.path) "
+    "FROM secret AS s WHERE s.path = ?"
+)
 _SELECT_VERSION_INFO = (
     "SELECT version, created_at, deleted_at, sealed IS NULL FROM secret_version WHERE path = ? ORDER BY version"
 )
+
+
+_NO_PIPELINE = nullcontext()  # reusable: it holds nothing
 
 
 class SqliteDialect:
@@ -62,12 +70,12 @@ class SqliteDialect:
         conn.executemany(statement, [{**params, "versions": v} for v in versions])
 
     def read_for_write(self, conn: sqlite3.Connection, path: str) -> tuple[kv.SecretMeta | None, list[int]]:
-        row = conn.execute(_SELECT_META, (path,)).fetchone()
+        row = conn.execute(_SELECT_FOR_WRITE, (path,)).fetchone()
         if row is None:
             return None, []
-        current, oldest, max_versions, cas_required, created, updated, _ = row
+        current, oldest, max_versions, cas_required, created, updated, versions = row
         meta = kv.SecretMeta(path, current, oldest, max_versions, bool(cas_required), created, updated)
-        return meta, [v for (v,) in conn.execute(_SELECT_VERSIONS, (path,))]
+        return meta, [int(v) for v in versions.split(",")] if versions else []
 
     def read_metadata(self, conn: sqlite3.Connection, path: str) -> tuple[MetaRow | None, list[kv.VersionInfo]]:
         row = conn.execute(_SELECT_META, (path,)).fetchone()
@@ -77,16 +85,7 @@ class SqliteDialect:
         return row, [kv.VersionInfo(v, c, d, bool(x)) for v, c, d, x in versions]
 
     def pipeline(self, conn: sqlite3.Connection) -> AbstractContextManager[Any]:
-        return nullcontext()
-
-
-@contextmanager
-def _reading(what: str) -> Iterator[None]:
-    """A read that fails says what it was reading, as a `StorageError` (503 when it is "not now")."""
-    try:
-        yield
-    except sqlite3.Error as exc:
-        raise sqlite_failure(f"cannot read {what}: {exc}", exc) from None
+        return _NO_PIPELINE
 
 
 def _resolved(call: Callable[[], T]) -> Future[T]:
@@ -125,8 +124,10 @@ class SecretStore(SqlStore[sqlite3.Connection]):
         return _resolved(call)
 
     def _read(self, work: Callable[[sqlite3.Connection], T], what: str) -> T:
-        with _reading(what):
+        try:
             return work(self._reader)
+        except sqlite3.Error as exc:  # says what it was reading; 503 when it is "not now"
+            raise sqlite_failure(f"cannot read {what}: {exc}", exc) from None
 
     # ------------------------------------------------------------------ writes
 

@@ -29,6 +29,11 @@ class Statements:
         "JOIN secret_version AS v ON v.path = s.path "
         "AND v.version = CASE WHEN :version = 0 THEN s.current_version ELSE :version END WHERE s.path = :path"
     )
+    # For a write that needs no version numbers: the secret's metadata, without its custom metadata.
+    meta: str = (
+        "SELECT current_version, oldest_version, max_versions, cas_required, created_at, updated_at "
+        "FROM secret WHERE path = :path"
+    )
     count: str = "SELECT count(*) FROM secret"
     # Listing by prefix is a range of the primary key: from the prefix (or after a path), below the
     # prefix's successor when there is a prefix.
