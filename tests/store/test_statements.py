@@ -8,7 +8,7 @@ import re
 import pytest
 
 from spike.app.store.postgres_sql import PostgresDialect
-from spike.app.store.sqlite import SqliteDialect
+from spike.app.store.sqlite_sql import SqliteDialect
 from spike.app.store.statements import SQL, Statements
 
 NAMED = re.compile(r"(?<![:\w]):\w+")

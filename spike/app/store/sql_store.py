@@ -25,6 +25,7 @@ after checking the epoch it was sealed under.
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
@@ -101,7 +102,7 @@ class PolicyNameTaken(kv.InvalidRequest):
     code = "api_conflict"
 
 
-class SqlStore(Generic[C]):
+class SqlStore(ABC, Generic[C]):
     """Secrets and policies on a SQL database; a backend provides `_read`, `_submit` and its `Dialect`."""
 
     def __init__(self, dialect: Dialect[C], *, default_max_versions: int) -> None:
@@ -113,14 +114,14 @@ class SqlStore(Generic[C]):
 
     # ------------------------------------------------------------------ what a backend provides
 
+    @abstractmethod
     def _read(self, work: Callable[[C], T], what: str) -> T:
         """Run `work` on a connection for reads; `what` names what is read, for an error message."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _submit(self, op: WriteOp[C, T], *, path: str | None, epoch: int | None) -> Future[T]:
         """Queue `op` for the writer; `path`: the secret it changes (None: the policies); `epoch`: the
         key epoch it sealed under (None: it seals nothing)."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ the data key
 

@@ -21,9 +21,8 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,61 +30,15 @@ from spike.app.model import kv
 from spike.app.store.backend import ClusterState
 from spike.app.store.errors import DatabaseUnavailable, StorageError
 from spike.app.store.group_commit import WriteOutcome, WriteQueue, settle
-from spike.app.store.sql_store import MetaRow, SqlStore
+from spike.app.store.sql_store import SqlStore
 from spike.app.store.sqlite_schema import DB_NAME, NexusStore, connect, sqlite_failure
-from spike.app.store.statements import SQL
+from spike.app.store.sqlite_sql import SqliteDialect
 from spike.protocol.record import KeyRecord
 
 log = logging.getLogger("spike.nexus.store")
 
 T = TypeVar("T")
 WriteOp = Callable[[sqlite3.Connection], T]
-
-_SELECT_META = (
-    "SELECT current_version, oldest_version, max_versions, cas_required, created_at, updated_at, "
-    "custom_metadata FROM secret WHERE path = ?"
-)
-# For a write: the secret's metadata and stored versions ("1,2,3"), in one statement.
-_SELECT_FOR_WRITE = (
-    "SELECT s.current_version, s.oldest_version, s.max_versions, s.cas_required, s.created_at, s.updated_at, "
-    "(SELECT group_concat(v.version) FROM secret_version AS v WHERE v.path = s.path) "
-    "FROM secret AS s WHERE s.path = ?"
-)
-_SELECT_VERSION_INFO = (
-    "SELECT version, created_at, deleted_at, sealed IS NULL FROM secret_version WHERE path = ? ORDER BY version"
-)
-
-
-_NO_PIPELINE = nullcontext()  # reusable: it holds nothing
-
-
-class SqliteDialect:
-    """SQLite's side of the shared statements: a local file, so a round trip costs nothing."""
-
-    sql = SQL.rendered(":%s", "= :%s")  # sqlite3 takes named parameters as they are written
-
-    def for_each_version(
-        self, conn: sqlite3.Connection, statement: str, params: dict[str, Any], versions: Sequence[int]
-    ) -> None:
-        conn.executemany(statement, [{**params, "versions": v} for v in versions])
-
-    def read_for_write(self, conn: sqlite3.Connection, path: str) -> tuple[kv.SecretMeta | None, list[int]]:
-        row = conn.execute(_SELECT_FOR_WRITE, (path,)).fetchone()
-        if row is None:
-            return None, []
-        current, oldest, max_versions, cas_required, created, updated, versions = row
-        meta = kv.SecretMeta(path, current, oldest, max_versions, bool(cas_required), created, updated)
-        return meta, [int(v) for v in versions.split(",")] if versions else []
-
-    def read_metadata(self, conn: sqlite3.Connection, path: str) -> tuple[MetaRow | None, list[kv.VersionInfo]]:
-        row = conn.execute(_SELECT_META, (path,)).fetchone()
-        if row is None:
-            return None, []
-        versions = conn.execute(_SELECT_VERSION_INFO, (path,)).fetchall()
-        return row, [kv.VersionInfo(v, c, d, bool(x)) for v, c, d, x in versions]
-
-    def pipeline(self, conn: sqlite3.Connection) -> AbstractContextManager[Any]:
-        return _NO_PIPELINE
 
 
 def _resolved(call: Callable[[], T]) -> Future[T]:

@@ -6,7 +6,7 @@ how sqlite3 takes them; `render` turns them into psycopg's `%(path)s`.  `ANY(:ve
 versions: PostgreSQL binds the list once as an array, while SQLite, which has no arrays, runs the
 statement once per version (`= :versions`), a primary key search each (tests/store/test_store_scale.py
 checks the plans).  What really differs (PostgreSQL reads a secret's versions as an array in the same
-round trip) is in each dialect: sqlite.py, postgres_sql.py.
+round trip) is in each dialect: sqlite_sql.py, postgres_sql.py.
 """
 
 from __future__ import annotations
