@@ -8,6 +8,7 @@ test_postgres_backend.py (the writer behind a whole backend).
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -62,6 +63,23 @@ def notes(connections: Connections) -> dict[str, str]:
         return dict(conn.execute("SELECT k, v FROM note").fetchall())
 
 
+@contextlib.contextmanager
+def writer_held(w: GroupCommitWriter) -> Iterator[Future[None]]:
+    """The writer busy with a write of its own until the block ends: what is submitted inside queues up."""
+    busy, release = threading.Event(), threading.Event()
+
+    def hold(conn: Conn) -> None:
+        busy.set()
+        release.wait(WAIT)
+
+    held = w.submit((1,), None, hold)
+    assert busy.wait(WAIT)
+    try:
+        yield held
+    finally:
+        release.set()
+
+
 def outcome(future: Future[Any]) -> Any:
     try:
         return future.result(WAIT)
@@ -71,26 +89,19 @@ def outcome(future: Future[Any]) -> Any:
 
 def test_writes_waiting_together_go_in_one_transaction(writer: tuple[GroupCommitWriter, list[str]]) -> None:
     w, _ = writer
-    busy, release = threading.Event(), threading.Event()
     txids: list[int] = []
-
-    def hold(conn: Conn) -> None:
-        busy.set()
-        release.wait(WAIT)
 
     def seen(key: str) -> Any:
         def op(conn: Conn) -> str:
             row = conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
             assert row is not None
             txids.append(row[0])
-            return note(key)(conn)  # type: ignore[no-any-return]
+            return str(note(key)(conn))
 
         return op
 
-    held = w.submit((1,), None, hold)
-    assert busy.wait(WAIT)
-    futures = [w.submit((100 + i,), None, seen(f"k{i}")) for i in range(20)]
-    release.set()
+    with writer_held(w) as held:
+        futures = [w.submit((100 + i,), None, seen(f"k{i}")) for i in range(20)]
     held.result(WAIT)
     assert [f.result(WAIT) for f in futures] == [f"k{i}" for i in range(20)]
     assert len(set(txids)) == 1  # the 20 queued writes: one transaction
@@ -101,19 +112,13 @@ def test_a_refused_write_is_left_out_and_the_others_commit(
     writer: tuple[GroupCommitWriter, list[str]], connections: Connections
 ) -> None:
     w, _ = writer
-    busy, release = threading.Event(), threading.Event()
-
-    def hold(conn: Conn) -> None:
-        busy.set()
-        release.wait(WAIT)
 
     def refused(conn: Conn) -> None:
         raise kv.NotFound("no such thing")
 
-    w.submit((1,), None, hold)
-    assert busy.wait(WAIT)
-    first, no, last = w.submit((2,), None, note("a")), w.submit((3,), None, refused), w.submit((4,), None, note("b"))
-    release.set()
+    with writer_held(w):
+        first, no = w.submit((2,), None, note("a")), w.submit((3,), None, refused)
+        last = w.submit((4,), None, note("b"))
     assert (first.result(WAIT), last.result(WAIT)) == ("a", "b")
     assert isinstance(outcome(no), kv.NotFound)
     assert notes(connections) == {"a": "v", "b": "v"}
@@ -124,16 +129,8 @@ def test_a_database_error_fails_the_batch_and_the_writer_goes_on(
 ) -> None:
     """Not a refusal but the database's error: the transaction is rolled back, every write of it fails."""
     w, _ = writer
-    busy, release = threading.Event(), threading.Event()
-
-    def hold(conn: Conn) -> None:
-        busy.set()
-        release.wait(WAIT)
-
-    w.submit((1,), None, hold)
-    assert busy.wait(WAIT)
-    batch = [w.submit((2,), None, note("a")), w.submit((3,), None, note("a"))]  # the second breaks the key
-    release.set()
+    with writer_held(w):
+        batch = [w.submit((2,), None, note("a")), w.submit((3,), None, note("a"))]  # the second breaks the key
     failures = [outcome(f) for f in batch]
     assert all(isinstance(f, StorageError) and "refused the write" in str(f) for f in failures), failures
     assert notes(connections) == {}
