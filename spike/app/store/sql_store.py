@@ -41,19 +41,9 @@ from spike.app.store.sealing import Sealer, TamperedData, metadata_aad, secret_a
 from spike.app.store.statements import Statements
 
 T = TypeVar("T")
-T_co = TypeVar("T_co", covariant=True)
 
 _values_encoder = msgspec.json.Encoder()
 _values_decoder = msgspec.json.Decoder(dict[str, str])
-
-
-class Cursor(Protocol):
-    @property
-    def rowcount(self) -> int: ...
-
-    def fetchone(self) -> Any: ...
-
-    def fetchall(self) -> Any: ...
 
 
 class Connection(Protocol):
