@@ -21,7 +21,9 @@ from store_helpers import EPOCH, ROOT_KEY, WAIT
 
 from spike.app.model import kv
 from spike.app.store.errors import DatabaseUnavailable, StorageError
-from spike.app.store.postgres import MIGRATIONS, PostgresBackend, StaleKey
+from spike.app.store.postgres import PostgresBackend
+from spike.app.store.postgres_schema import MIGRATIONS
+from spike.app.store.postgres_writer import StaleKey
 from spike.app.store.sealing import Sealer
 from spike.protocol.record import seal_key
 

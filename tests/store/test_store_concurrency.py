@@ -10,7 +10,7 @@ from typing import Any
 from store_helpers import WAIT
 
 from spike.app.model import kv
-from spike.app.store.backend import MAX_BATCH, WriteQueue
+from spike.app.store.group_commit import MAX_BATCH, WriteQueue
 from spike.app.store.sqlite import SecretStore
 
 THREADS = 16

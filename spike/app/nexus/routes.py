@@ -42,7 +42,7 @@ from spike.app.nexus.cipher_api import CipherApi
 from spike.app.nexus.operator_api import OperatorApi
 from spike.app.nexus.policy_api import PolicyApi
 from spike.app.nexus.secrets_api import SecretsApi
-from spike.app.store.backend import KeyRecordStore
+from spike.app.store.backend import KeyRecords
 from spike.app.store.errors import DatabaseUnavailable, StorageError
 from spike.protocol import api
 from spike.protocol.api import ApiRequest, ApiResponse
@@ -113,7 +113,7 @@ class NexusApi:
     def __init__(
         self,
         driver: CustodyDriver,
-        store: KeyRecordStore,
+        store: KeyRecords,
         trust: TrustDomains,
         *,
         secrets: SecretsApi,

@@ -1,10 +1,20 @@
-"""The storage interface Nexus runs on, whatever the database.
+"""The storage interface Nexus runs on, whatever the database, split by concern.
 
-Two implementations: `SqliteBackend` (secret_store.py: one file next to one
-Nexus, the embedded default) and `PostgresBackend` (postgres.py: one
-PostgreSQL database shared by several Nexus instances).  Both keep the same
-tables, seal every value the same way (sealing.py) and take the same
-decisions (kv.py); the conformance tests in tests/store run against both.
+Two implementations: `SqliteBackend` (sqlite.py: one file next to one Nexus,
+the embedded default) and `PostgresBackend` (postgres.py: one PostgreSQL
+database shared by several Nexus instances).  Both are a `SqlStore`
+(sql_store.py): the same tables, the same statements (statements.py), the
+same sealing and the same KV decisions (model/kv.py); the conformance tests
+in tests/store run against both.
+
+What a backend is, one protocol per concern, composed into `Backend`:
+
+* `Sealing`: the data key, handed over by `unlock` once the root key is known.
+* `Secrets`: the key/value data (Vault KV v2).
+* `PolicyRows`: the policies' rows, sealed and opened by `PolicyStore` (policies.py).
+* `Reads`: how a read is run without stalling the event loop.
+* `KeyRecords`: the key record (what recognises the root key; never the key).
+* `Lifecycle`: what the database is, what other instances changed, closing.
 
 The contract every implementation keeps:
 
@@ -28,25 +38,19 @@ The contract every implementation keeps:
 
 from __future__ import annotations
 
-import queue
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from spike.app.model import kv
 from spike.app.store.sealing import Sealer
 from spike.protocol.record import KeyRecord
 
 T = TypeVar("T")
-W = TypeVar("W")
 
 # id, name, sealed body, created_at, updated_at
 PolicyRow = tuple[str, str, bytes, float, float]
-
-# What one write of a batch came to: its caller's future, and what the write returned or raised.
-WriteOutcome = tuple[Future[Any], Any, BaseException | None]
-MAX_BATCH = 512  # writes committed together at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,34 +61,8 @@ class ClusterState:
     policy_version: int
 
 
-class KeyRecordStore(Protocol):
-    def load_key_record(self) -> KeyRecord | None:
-        """The stored key record, or None before the first bootstrap."""
-        ...
-
-    def install_key_record(self, record: KeyRecord, *, replace: KeyRecord | None) -> KeyRecord:
-        """Store `record` and return the record now in force.
-
-        With `replace` None, only if no record is stored yet; otherwise only if
-        the stored record is still `replace` (or none is stored).  When the
-        answer is not `record`, another record was there first: use it instead.
-        """
-        ...
-
-
-class SecretBackend(Protocol):
-    """Secrets and policies, sealed with the data key handed over by `unlock`."""
-
-    default_max_versions: int
-
-    @property
-    def inline_reads(self) -> bool:
-        """True: reads are cheap local calls, fine on the event loop; False: go through `read`."""
-        ...
-
-    def read(self, call: Callable[[], T]) -> Future[T]:
-        """Run a blocking read away from the caller's thread."""
-        ...
+class Sealing(Protocol):
+    """The data key everything stored is sealed with: none until `unlock`, none again after `lock`."""
 
     def unlock(self, sealer: Sealer, epoch: int) -> None: ...
 
@@ -94,7 +72,12 @@ class SecretBackend(Protocol):
         """The data key's sealer; `StorageError` while locked."""
         ...
 
-    # secrets
+
+class Secrets(Protocol):
+    """Versioned secrets (Vault KV v2): reads answer at once, writes with a future."""
+
+    default_max_versions: int
+
     def get(self, path: str, version: int) -> tuple[int, dict[str, str]]: ...
 
     def metadata(self, path: str) -> tuple[kv.SecretMeta, list[kv.VersionInfo]]: ...
@@ -122,7 +105,10 @@ class SecretBackend(Protocol):
 
     def delete_all(self, path: str) -> Future[None]: ...
 
-    # policies (sealed and opened by PolicyStore; rows here)
+
+class PolicyRows(Protocol):
+    """The policies as rows (sealed and opened by PolicyStore) and their change counter."""
+
     def policy_rows(self) -> list[PolicyRow]:
         """Every policy row, by name."""
         ...
@@ -151,12 +137,34 @@ class SecretBackend(Protocol):
         """The policies' change counter: bumped in the transaction of every policy write."""
         ...
 
-    def close(self) -> None: ...
+
+class Reads(Protocol):
+    @property
+    def inline_reads(self) -> bool:
+        """True: reads are cheap local calls, fine on the event loop; False: go through `read`."""
+        ...
+
+    def read(self, call: Callable[[], T]) -> Future[T]:
+        """Run a blocking read away from the caller's thread."""
+        ...
 
 
-class Backend(SecretBackend, KeyRecordStore, Protocol):
-    """Everything Nexus keeps: the key record, secrets and policies."""
+class KeyRecords(Protocol):
+    def load_key_record(self) -> KeyRecord | None:
+        """The stored key record, or None before the first bootstrap."""
+        ...
 
+    def install_key_record(self, record: KeyRecord, *, replace: KeyRecord | None) -> KeyRecord:
+        """Store `record` and return the record now in force.
+
+        With `replace` None, only if no record is stored yet; otherwise only if
+        the stored record is still `replace` (or none is stored).  When the
+        answer is not `record`, another record was there first: use it instead.
+        """
+        ...
+
+
+class Lifecycle(Protocol):
     @property
     def shared(self) -> bool:
         """True if other Nexus instances may use the same database at the same time."""
@@ -171,64 +179,14 @@ class Backend(SecretBackend, KeyRecordStore, Protocol):
         """The key record and policy change counter as stored now (what other instances may have changed)."""
         ...
 
-
-class WriteQueue(Generic[W]):
-    """The writes waiting for a backend's writer thread, handed out in batches: the group commit.
-
-    The writer blocks for one write, then takes every write that arrived meanwhile, so that
-    one transaction (one fsync) answers all of them.
-    """
-
-    def __init__(self) -> None:
-        self._waiting: queue.SimpleQueue[W | None] = queue.SimpleQueue()  # None: stop
-        self._stopped = False
-
-    def put(self, write: W) -> None:
-        self._waiting.put(write)
-
-    def stop(self) -> None:
-        """The writer's next batch is None, after the writes already queued."""
-        self._waiting.put(None)
-
-    def qsize(self) -> int:
-        return self._waiting.qsize()
-
-    def next_batch(self) -> list[W] | None:
-        """Wait for a write and return it with the ones waiting behind it; None once stopped."""
-        first = None if self._stopped else self._waiting.get()
-        if first is None:
-            return None
-        return [first, *self.waiting(MAX_BATCH - 1)]
-
-    def waiting(self, limit: int) -> list[W]:
-        """Up to `limit` of the writes queued now, without waiting for more."""
-        taken: list[W] = []
-        while not self._stopped and len(taken) < limit:
-            try:
-                write = self._waiting.get_nowait()
-            except queue.Empty:
-                break
-            if write is None:
-                self._stopped = True  # what was taken is still committed; the next batch says stop
-                break
-            taken.append(write)
-        return taken
+    def close(self) -> None: ...
 
 
-def settle(outcomes: Iterable[WriteOutcome]) -> None:
-    """Answer each write's caller, once its batch is committed (or known not to be)."""
-    for future, result, failure in outcomes:
-        if failure is None:
-            future.set_result(result)
-        else:
-            future.set_exception(failure)
+class SecretBackend(Sealing, Secrets, PolicyRows, Reads, Protocol):
+    """What the API serves from: secrets and policies, sealed with the data key handed over by `unlock`."""
+
+    def close(self) -> None: ...
 
 
-def resolved(call: Callable[[], T]) -> Future[T]:
-    """A future already settled with what `call()` returned or raised (reads of a local database)."""
-    future: Future[T] = Future()
-    try:
-        future.set_result(call())
-    except Exception as exc:
-        future.set_exception(exc)
-    return future
+class Backend(SecretBackend, KeyRecords, Lifecycle, Protocol):
+    """Everything Nexus keeps: the key record, secrets and policies."""

@@ -30,7 +30,7 @@ from spike.app.model.policy import Permission, Policy
 from spike.app.store.backend import PolicyRow, SecretBackend
 from spike.app.store.policy_legacy import DIALECT, LEGACY_DIALECT, upgrade
 from spike.app.store.sealing import TamperedData, policy_aad
-from spike.app.store.sqlite import PolicyNameTaken
+from spike.app.store.sql_store import PolicyNameTaken
 
 log = logging.getLogger("spike.nexus.policy")
 

@@ -1,0 +1,85 @@
+"""Nexus's tables in PostgreSQL, versioned in a table of their own and migrated forward at start.
+
+The same tables and columns as SQLite (sqlite_schema.py), so that both run
+the statements of statements.py.  Paths and names compare byte by byte
+("C"), as in SQLite: listing by prefix is a range scan.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from spike.app.store.errors import StorageError
+from spike.app.store.postgres_sql import LOCK_MIGRATE
+
+# Entry i moves the schema from version i to i + 1, in one transaction.  Released entries never change.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE key_record (
+            id integer PRIMARY KEY CHECK (id = 1),
+            epoch bigint NOT NULL,
+            record bytea NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now()
+        )""",
+        """CREATE TABLE secret (
+            path text COLLATE "C" PRIMARY KEY,
+            current_version integer NOT NULL,
+            oldest_version integer NOT NULL,
+            max_versions integer NOT NULL,
+            cas_required boolean NOT NULL,
+            created_at double precision NOT NULL,
+            updated_at double precision NOT NULL,
+            custom_metadata bytea
+        )""",
+        """CREATE TABLE secret_version (
+            path text COLLATE "C" NOT NULL,
+            version integer NOT NULL,
+            sealed bytea,
+            created_at double precision NOT NULL,
+            deleted_at double precision,
+            key_epoch bigint NOT NULL,
+            PRIMARY KEY (path, version)
+        )""",
+        """CREATE TABLE policy (
+            id text COLLATE "C" PRIMARY KEY,
+            name text COLLATE "C" NOT NULL UNIQUE,
+            sealed bytea NOT NULL,
+            created_at double precision NOT NULL,
+            updated_at double precision NOT NULL
+        )""",
+        # Bumped by every policy write: other instances reload their policies when it moves.
+        "CREATE TABLE policy_version (id integer PRIMARY KEY CHECK (id = 1), version bigint NOT NULL)",
+        "INSERT INTO policy_version (id, version) VALUES (1, 0)",
+    ),
+    # Policies in RE2 and SPIKE's rules (policy dialect 2; old bodies are upgraded when first read with
+    # the key, see policy_legacy): an older spike must not open this database and misread them.
+    ("COMMENT ON TABLE policy IS 'sealed bodies in policy dialect 2 (RE2, SPIKE matching rules) or 1 (older)'",),
+)
+
+_CREATE_VERSION_TABLE = (
+    "CREATE TABLE IF NOT EXISTS spike_schema (id integer PRIMARY KEY CHECK (id = 1), version integer NOT NULL)"
+)
+_SET_VERSION = (
+    "INSERT INTO spike_schema (id, version) VALUES (1, %s) ON CONFLICT (id) DO UPDATE SET version = excluded.version"
+)
+
+
+def migrate(conn: psycopg.Connection[Any]) -> None:
+    """Bring the schema to this spike's version; `StorageError` if it is newer than this spike knows."""
+    with conn.transaction():
+        # Instances started at once migrate one after the other.
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_MIGRATE,))
+        conn.execute(_CREATE_VERSION_TABLE)
+        row = conn.execute("SELECT version FROM spike_schema WHERE id = 1").fetchone()
+        version = 0 if row is None else int(row[0])
+        if version > len(MIGRATIONS):
+            raise StorageError(
+                f"the database has schema version {version}, newer than this spike knows "
+                f"({len(MIGRATIONS)}): upgrade spike"
+            )
+        for step in MIGRATIONS[version:]:
+            for statement in step:
+                conn.execute(statement)
+        conn.execute(_SET_VERSION, (len(MIGRATIONS),))

@@ -1,0 +1,112 @@
+"""The SQL both databases run for secrets and policies, written once.
+
+Both schemas have the same tables and columns (sqlite_schema.py, postgres_schema.py), so a statement
+differs between them only in how its parameters are written.  Here they are named, `:path`, which is
+how sqlite3 takes them; `render` turns them into psycopg's `%(path)s`.  `ANY(:versions)` is a list of
+versions: PostgreSQL binds the list once as an array, while SQLite, which has no arrays, runs the
+statement once per version (`= :versions`), a primary key search each (tests/store/test_store_scale.py
+checks the plans).  What really differs (PostgreSQL reads a secret's versions as an array in the same
+round trip) is in each dialect: sqlite_sql.py, postgres_sql.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+_PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
+_VERSIONS = re.compile(r"= ANY\(:(\w+)\)")
+
+_POLICY_COLUMNS = "SELECT id, name, sealed, created_at, updated_at FROM policy"
+
+
+@dataclass(frozen=True, slots=True)
+class Statements:
+    # reads
+    value: str = (
+        "SELECT v.version, v.sealed, v.deleted_at, v.key_epoch FROM secret AS s "
+        "JOIN secret_version AS v ON v.path = s.path "
+        "AND v.version = CASE WHEN :version = 0 THEN s.current_version ELSE :version END WHERE s.path = :path"
+    )
+    # For a write that needs no version numbers: the secret's metadata, without its custom metadata.
+    meta: str = (
+        "SELECT current_version, oldest_version, max_versions, cas_required, created_at, updated_at "
+        "FROM secret WHERE path = :path"
+    )
+    count: str = "SELECT count(*) FROM secret"
+    # Listing by prefix is a range of the primary key: from the prefix (or after a path), below the
+    # prefix's successor when there is a prefix.
+    paths_from: str = "SELECT path FROM secret WHERE path >= :prefix ORDER BY path LIMIT :limit"
+    paths_from_below: str = "SELECT path FROM secret WHERE path >= :prefix AND path < :end ORDER BY path LIMIT :limit"
+    paths_after: str = "SELECT path FROM secret WHERE path > :after ORDER BY path LIMIT :limit"
+    paths_after_below: str = "SELECT path FROM secret WHERE path > :after AND path < :end ORDER BY path LIMIT :limit"
+    policies: str = f"{_POLICY_COLUMNS} ORDER BY name"
+    # One row for an id or a name, the id first (ids are random; names are chosen by people).
+    policy: str = f"{_POLICY_COLUMNS} WHERE id = :x OR name = :x ORDER BY id = :x DESC LIMIT 1"
+    policy_names: str = "SELECT id, name FROM policy ORDER BY name"
+    policy_version: str = "SELECT version FROM policy_version WHERE id = 1"
+
+    # secret writes
+    put_current: str = (
+        "INSERT INTO secret (path, current_version, oldest_version, max_versions, cas_required, created_at, "
+        "updated_at, custom_metadata) VALUES (:path, :version, :oldest, 0, FALSE, :now, :now, NULL) "
+        "ON CONFLICT (path) DO UPDATE SET current_version = :version, oldest_version = :oldest, updated_at = :now"
+    )
+    put_version: str = (
+        "INSERT INTO secret_version (path, version, sealed, created_at, deleted_at, key_epoch) "
+        "VALUES (:path, :version, :sealed, :now, NULL, :epoch)"
+    )
+    prune_versions: str = "DELETE FROM secret_version WHERE path = :path AND version = ANY(:versions)"
+    # Marks leave destroyed versions alone.
+    mark_deleted: str = (
+        "UPDATE secret_version SET deleted_at = :now "
+        "WHERE path = :path AND version = ANY(:versions) AND sealed IS NOT NULL"
+    )
+    mark_undeleted: str = (
+        "UPDATE secret_version SET deleted_at = NULL "
+        "WHERE path = :path AND version = ANY(:versions) AND sealed IS NOT NULL"
+    )
+    mark_destroyed: str = (
+        "UPDATE secret_version SET sealed = NULL WHERE path = :path AND version = ANY(:versions) AND sealed IS NOT NULL"
+    )
+    touch_path: str = "UPDATE secret SET updated_at = :now WHERE path = :path"
+    # Like Vault, metadata may be written before the first version.
+    create_path: str = (
+        "INSERT INTO secret (path, current_version, oldest_version, max_versions, cas_required, created_at, "
+        "updated_at, custom_metadata) VALUES (:path, 0, 0, 0, FALSE, :now, :now, NULL) ON CONFLICT (path) DO NOTHING"
+    )
+    # A NULL parameter leaves its column as it is.
+    update_metadata: str = (
+        "UPDATE secret SET max_versions = COALESCE(:max_versions, max_versions), "
+        "cas_required = COALESCE(:cas_required, cas_required), "
+        "custom_metadata = COALESCE(:custom, custom_metadata), updated_at = :now WHERE path = :path"
+    )
+    delete_path: str = "DELETE FROM secret WHERE path = :path"
+    delete_versions: str = "DELETE FROM secret_version WHERE path = :path"
+
+    # policy writes
+    policy_named: str = "SELECT id FROM policy WHERE name = :name"
+    policy_count: str = "SELECT count(*) FROM policy"
+    replace_policy: str = "UPDATE policy SET sealed = :sealed, updated_at = :now WHERE id = :id"
+    insert_policy: str = (
+        "INSERT INTO policy (id, name, sealed, created_at, updated_at) VALUES (:id, :name, :sealed, :now, :now)"
+    )
+    delete_policy: str = "DELETE FROM policy WHERE id = :id"
+    reseal_policy: str = "UPDATE policy SET sealed = :sealed WHERE id = :id AND sealed = :expected"
+    # Bumped in the transaction of every policy write: other instances reload their policies when it moves.
+    bump_policies: str = "UPDATE policy_version SET version = version + 1 WHERE id = 1"
+
+    def rendered(self, parameter: str, versions: str) -> Statements:
+        """These statements with `:name` written as `parameter % name` and `= ANY(:name)` as `versions % name`."""
+
+        def render(sql: str) -> str:
+            if "%" in sql:  # psycopg would read it as a placeholder
+                raise ValueError(f"a statement contains '%': {sql}")
+            sql = _VERSIONS.sub(lambda m: versions % m.group(1), sql)
+            return _PARAMETER.sub(lambda m: parameter % m.group(1), sql)
+
+        return Statements(**{f.name: render(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+
+SQL = Statements()
