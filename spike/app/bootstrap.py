@@ -27,7 +27,7 @@ from spike.transports.client import TransportError
 from spike.transports.identity import identity_source
 from spike.transports.tls import keeper_check, role_check
 
-from .config import BootstrapConfig
+from .config import THRESHOLD_ONE, BootstrapConfig
 from .errors import CommandError
 from .messages import (
     BOOTSTRAP_INIT_PATH,
@@ -94,6 +94,8 @@ def run(config: BootstrapConfig, say: Say = print) -> None:
                 )
             keepers = config.keepers  # the URLs as this host reaches them
         _refuse_if_initialised(status, config.force)
+        if status.threshold == 1 and not config.allow_threshold_one:
+            raise CommandError(f"Nexus is configured with {THRESHOLD_ONE}", exit_code=2)
         epoch = (status.epoch or 0) + 1
         key = RootKey.generate(os.urandom)
         try:

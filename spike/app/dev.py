@@ -34,7 +34,7 @@ from spike.protocol.identity import TrustDomains
 from spike.transports.tls import SvidFiles
 
 from . import bootstrap, operator
-from .config import BootstrapConfig, Common
+from .config import THRESHOLD_ONE, BootstrapConfig, Common
 from .devca import DevIdentity, mint_dev_identity
 from .errors import CommandError
 from .messages import STATUS_PATH, StatusBody
@@ -60,6 +60,7 @@ class DevOptions:
     trust_domain: str
     poll_interval: str
     log_level: str
+    allow_threshold_one: bool = False
 
 
 def spike_command() -> list[str]:
@@ -184,6 +185,7 @@ class Deployment:
             "SPIKE_NEXUS_KEEPER_PEERS": self.peers,
             "SPIKE_NEXUS_SHAMIR_SHARES": str(self.options.keepers),
             "SPIKE_NEXUS_SHAMIR_THRESHOLD": str(self.options.threshold),
+            "SPIKE_ALLOW_THRESHOLD_ONE": "true" if self.options.allow_threshold_one else "false",
             "SPIKE_NEXUS_DATA_DIR": str(self.root / "nexus"),
             "SPIKE_NEXUS_KEEPER_POLL_INTERVAL": self.options.poll_interval,
         }
@@ -216,6 +218,7 @@ class Deployment:
             None,
             force=False,
             timeout=60.0,
+            allow_threshold_one=self.options.allow_threshold_one,
         )
         bootstrap.run(config, say=lambda line: self.say(f"  {line}"))
 
@@ -310,6 +313,8 @@ def _stop_once() -> None:
 def run(options: DevOptions, say: Say = say_now) -> int:
     if not 1 <= options.threshold <= options.keepers <= 255:
         raise CommandError("need 1 <= threshold <= keepers <= 255", exit_code=2)
+    if options.threshold == 1 and not options.allow_threshold_one:
+        raise CommandError(THRESHOLD_ONE, exit_code=2)
     _stop_once()
     deployment: Deployment | None = None
     lock: contextlib.ExitStack = contextlib.ExitStack()

@@ -11,6 +11,7 @@ from spike.transports.runner import run_event_loop, serve
 from spike.transports.server import HttpsServer, ServerLimits
 
 from .config import KeeperConfig
+from .memory import protect
 
 log = logging.getLogger("spike.keeper")
 
@@ -45,6 +46,8 @@ class KeeperHandler:
 
 
 def run(config: KeeperConfig) -> None:
+    # First of all, before the SVID's key or a shard is in memory.
+    memory = protect(require_lock=config.require_memory_lock)
     keeper = Keeper(config.common.trust)
     identity = identity_source(config.common.svid, config.common.trust).start()
     # Each new connection gets the current SVID: a rotation needs no restart.
@@ -55,6 +58,7 @@ def run(config: KeeperConfig) -> None:
     def listening(host: str, port: int) -> None:
         nonlocal started
         started = True
+        memory.say("keeper")
         log.info("keeper listening on %s:%d (empty until Nexus or bootstrap seeds it)", host, port)
 
     try:

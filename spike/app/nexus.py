@@ -24,6 +24,7 @@ from .backend import Backend, ClusterState, SecretBackend
 from .cipher_api import MAX_PLAINTEXT, CipherApi
 from .config import KEEPER_SUMMARY_EVERY, WAITING_SUMMARY_EVERY, ConfigError, NexusConfig
 from .logs import ReportLogger, wall_time
+from .memory import Protection, protect
 from .nexus_api import ApiCall, NexusApi
 from .operator import OperatorApi
 from .policies import Authorizer
@@ -266,13 +267,15 @@ class CallRecorder:
 
 
 def run(config: NexusConfig) -> None:
+    # First of all, before the SVID's key, the root key or a secret is in memory.
+    memory = protect(require_lock=config.require_memory_lock)
     trust = config.common.trust
     svid = config.common.svid
     # The identity first: a Nexus that cannot use its SVID must not touch its data dir.
     # New connections (to keepers, from clients) always take the current SVID.
     identity = identity_source(svid, trust).start()
     try:
-        _run(config, identity)
+        _run(config, identity, memory)
     finally:
         identity.stop()
 
@@ -286,7 +289,7 @@ def _check_record_fits(record: KeyRecord | None, config: NexusConfig, where: str
         )
 
 
-def _run(config: NexusConfig, identity: IdentitySource) -> None:
+def _run(config: NexusConfig, identity: IdentitySource, memory: Protection) -> None:
     trust = config.common.trust
     secrets = open_backend(config)
     try:
@@ -366,6 +369,7 @@ def _run(config: NexusConfig, identity: IdentitySource) -> None:
         def listening(host: str, port: int) -> None:
             nonlocal started
             started = True
+            memory.say("Nexus")
             if record is None:
                 log.info("no key record in %s: waiting for `spike bootstrap`", secrets.description)
             else:
