@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 
 from spike.protocol.api import ApiRequest, ApiResponse
+from spike.protocol.identity import Role, SpiffeId, TrustDomains
 from spike.protocol.keeper import MAX_KEEPER_BODY, Keeper, KeeperChange
 from spike.transports.identity import identity_source
 from spike.transports.runner import run_event_loop, serve
-from spike.transports.server import HttpsServer, ServerLimits
+from spike.transports.server import ContextSource, HttpsServer, ServerLimits
 
 from .config import KeeperConfig
 from .memory import protect
@@ -16,11 +17,29 @@ from .memory import protect
 log = logging.getLogger("spike.keeper")
 
 # A keeper talks to one Nexus per instance and, briefly, to bootstrap: a few connections.  The
-# cap also bounds what a flood of silent TLS clients can cost it (stock asyncio keeps a
-# 256 KiB buffer per connection; keepers run without uvloop to stay small).
+# caps also bound what a flood of clients that never finish TLS can cost it (stock asyncio keeps
+# a 256 KiB buffer per handshake; keepers run without uvloop to stay small); sockets that send
+# nothing cost only a file descriptor while they wait.
 KEEPER_LIMITS = ServerLimits(
-    max_body_bytes=MAX_KEEPER_BODY, max_header_bytes=8192, max_connections=64, handshake_timeout=5.0
+    max_body_bytes=MAX_KEEPER_BODY,
+    max_header_bytes=8192,
+    max_connections=64,
+    max_handshakes=32,
+    max_silent=128,
+    handshake_timeout=3.0,
 )
+# At the connection limit, Nexus and bootstrap take the place of any other peer: nobody else has
+# anything to ask a keeper, and a restarted Nexus must reach its keepers whoever holds connections.
+KEEPER_PREFERS = frozenset({Role.NEXUS, Role.BOOTSTRAP})
+
+
+def keeper_server(context: ContextSource, keeper: Keeper, trust: TrustDomains) -> HttpsServer:
+    """The keeper's HTTPS server: its handler, its limits, and its preference for Nexus and bootstrap."""
+
+    def preferred(peer: SpiffeId | None) -> bool:
+        return trust.role_of(peer) in KEEPER_PREFERS
+
+    return HttpsServer(context, KeeperHandler(keeper), KEEPER_LIMITS, prefer=preferred)
 
 
 class KeeperHandler:
@@ -51,7 +70,7 @@ def run(config: KeeperConfig) -> None:
     keeper = Keeper(config.common.trust)
     identity = identity_source(config.common.svid, config.common.trust).start()
     # Each new connection gets the current SVID: a rotation needs no restart.
-    server = HttpsServer(identity.server_context, KeeperHandler(keeper), KEEPER_LIMITS)
+    server = keeper_server(identity.server_context, keeper, config.common.trust)
 
     started = False
 

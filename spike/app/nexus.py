@@ -12,12 +12,13 @@ import anyio
 
 from spike.protocol.effects import KeeperState, KeeperStateChanged, KeyRecovered, Phase, PhaseChanged, Report
 from spike.protocol.errors import LocalProtocolError
+from spike.protocol.identity import Role, SpiffeId, TrustDomains
 from spike.protocol.nexus import NexusCustody
 from spike.protocol.record import KeyRecord
 from spike.transports.custody_driver import CustodyDriver
 from spike.transports.identity import IdentitySource, identity_source
 from spike.transports.runner import Listener, run_event_loop, serve
-from spike.transports.server import HttpsServer, ServerLimits
+from spike.transports.server import ContextSource, HttpsServer, ServerLimits
 
 from .audit import AuditLog, secret_path_of
 from .backend import Backend, ClusterState, SecretBackend
@@ -41,10 +42,28 @@ if TYPE_CHECKING:
 log = logging.getLogger("spike.nexus")
 
 # Bodies up to a cipher plaintext (1 MiB) plus its JSON and base64 overhead.
-NEXUS_LIMITS = ServerLimits(max_body_bytes=MAX_PLAINTEXT * 4 // 3 + 4096)
-METRICS_LIMITS = ServerLimits(max_body_bytes=0, max_header_bytes=8192, max_connections=64)
+NEXUS_LIMITS = ServerLimits(
+    max_body_bytes=MAX_PLAINTEXT * 4 // 3 + 4096,
+    max_connections=1024,
+    max_handshakes=128,
+    max_silent=512,
+    handshake_timeout=3.0,
+)
+METRICS_LIMITS = ServerLimits(max_body_bytes=0, max_header_bytes=8192, max_connections=64, max_handshakes=16)
+# At the connection limit, operators and bootstrap take the place of workloads: whatever a workload
+# does with its connections, `spike status` and `spike operator` still get in.
+NEXUS_PREFERS = frozenset({Role.BOOTSTRAP, Role.PILOT_SUPERUSER, Role.PILOT_RECOVER, Role.PILOT_RESTORE})
 # Several instances on one database: how often each reads what the others may have changed.
 CLUSTER_WATCH_INTERVAL = 1.0
+
+
+def nexus_server(context: ContextSource, api: NexusApi, trust: TrustDomains) -> HttpsServer:
+    """Nexus's HTTPS server: the API, its limits, its judging of request heads, and who it prefers."""
+
+    def preferred(peer: SpiffeId | None) -> bool:
+        return trust.role_of(peer) in NEXUS_PREFERS
+
+    return HttpsServer(context, api, NEXUS_LIMITS, prefer=preferred, screen=api.screen)
 
 
 class Summaries:
@@ -386,7 +405,7 @@ def _run(config: NexusConfig, identity: IdentitySource, memory: Protection) -> N
         try:
             await serve(
                 config.bind,
-                HttpsServer(identity.server_context, api, NEXUS_LIMITS),
+                nexus_server(identity.server_context, api, trust),
                 background=background,
                 periodic=Summaries(
                     driver,

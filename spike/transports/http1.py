@@ -138,6 +138,11 @@ class RequestParser:
     def feed(self, data: bytes) -> None:
         self._buf += data
 
+    def discard(self) -> None:
+        """Drop everything held (the connection is closing)."""
+        self._buf = bytearray()
+        self._body = bytearray()
+
     def skip_body(self) -> None:
         """Discard the current request's body, already read and still to come; the request is
         never returned.  For a server that answered the head (a refusal) without its body."""

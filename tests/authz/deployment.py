@@ -41,9 +41,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from spike.app.cipher_api import CipherApi
 from spike.app.devca import CA_KEY, DevIdentity, mint_svid
-from spike.app.keeper import KeeperHandler
+from spike.app.keeper import keeper_server
 from spike.app.messages import POLICY_PATH
-from spike.app.nexus import KeyUsers
+from spike.app.nexus import KeyUsers, nexus_server
 from spike.app.nexus_api import ApiCall, NexusApi
 from spike.app.operator import OperatorApi
 from spike.app.policies import Authorizer
@@ -253,7 +253,7 @@ class Deployment:
             assert seeded.response.status == 200
             listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
             urls[keeper_id] = f"https://127.0.0.1:{_port(listener)}"
-            server = HttpsServer(source(self.identity.keeper(keeper_id)).server_context, KeeperHandler(keeper))
+            server = keeper_server(source(self.identity.keeper(keeper_id)).server_context, keeper, self.trust)
             keeper_servers.append((server, listener))
             self.keepers[keeper_id] = keeper
 
@@ -294,11 +294,11 @@ class Deployment:
         nexus_listener: anyio.abc.Listener[anyio.abc.SocketStream]
         nexus_listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
         self.url = f"https://127.0.0.1:{_port(nexus_listener)}"
-        nexus_server = HttpsServer(nexus_identity.server_context, self.api)
+        nexus = nexus_server(nexus_identity.server_context, self.api, self.trust)
         try:
             async with anyio.create_task_group() as tg:
                 self._stop = tg.cancel_scope
-                for server, bound in [*keeper_servers, (nexus_server, nexus_listener)]:
+                for server, bound in [*keeper_servers, (nexus, nexus_listener)]:
                     tg.start_soon(server.serve, bound)
                 tg.start_soon(self.driver.run)
                 task_status.started()
