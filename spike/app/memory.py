@@ -22,11 +22,17 @@ and what it could not:
   new thread's stack, a large request body), so then memory is left
   unlocked and the line says why; `require_lock` makes that a failed start
   instead;
-* freed memory given back (glibc): the mmap threshold is fixed at 128 KiB,
-  so large buffers (request bodies) get pages of their own that return to
-  the system when freed.  Left to itself, glibc raises the threshold after
-  the first large free, and a flood of large requests then leaves hundreds
-  of MiB of heap behind.
+
+and `give_back()` returns freed heap memory to the system (glibc's
+``malloc_trim``): Nexus calls it (`AfterFloods`) once a flood of large
+request bodies is over.  Left to itself, glibc keeps what such a flood
+freed, and 600 connections' worth of bodies left hundreds of MiB behind.
+glibc cannot release locked pages inside its heap, so a locked process
+unlocks for the milliseconds the trim takes and locks again: the one moment
+its memory is not locked, once per flood.  The alternatives were worse:
+fixing glibc's mmap threshold makes every large allocation pay for fresh
+pages (+60% CPU for a 1 MiB cipher request), and never giving back keeps a
+flood's high-water mark resident for good.
 
 These are process-wide calls, made by the `spike nexus` and `spike keeper`
 runners only: nothing in spike.protocol or spike.transports depends on them.
@@ -44,6 +50,7 @@ import resource
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from .errors import CommandError
 
@@ -52,8 +59,6 @@ log = logging.getLogger("spike.memory")
 _PR_SET_DUMPABLE = 4
 _PR_GET_DUMPABLE = 3
 _MCL_CURRENT, _MCL_FUTURE, _MCL_ONFAULT = 1, 2, 4  # Linux's generic values (see _mlockall_flags)
-_M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 128 * 1024
 _CAP_IPC_LOCK = 14
 
 
@@ -72,7 +77,6 @@ class Protection:
     core_limit_zero: bool
     locked: bool
     not_locked_because: str
-    returns_freed_memory: bool
 
     def line(self, who: str) -> str:
         done, undone = [], []
@@ -92,8 +96,6 @@ class Protection:
             done.append("memory locked (mlockall)")
         else:
             undone.append(f"memory NOT locked: {self.not_locked_because}")
-        if self.returns_freed_memory:
-            done.append("freed memory returned to the system")
         said = "; ".join(done) or "nothing could be done"
         return f"{who} memory: {said}" + (f"; {'; '.join(undone)}" if undone else "")
 
@@ -106,13 +108,13 @@ class Protection:
 def protect(*, require_lock: bool = False) -> Protection:
     """Harden this process's memory (see the module docstring); what was done, to `say` later."""
     if not sys.platform.startswith("linux"):
-        protection = Protection(False, _core_limit_zero(), False, f"not supported on {sys.platform}", False)
+        protection = Protection(False, _core_limit_zero(), False, f"not supported on {sys.platform}")
     else:
         libc = ctypes.CDLL(None, use_errno=True)
         not_dumpable = _not_dumpable(libc)
         core_limit_zero = _core_limit_zero()
         locked, because = _lock(libc)
-        protection = Protection(not_dumpable, core_limit_zero, locked, because, _return_freed_memory(libc))
+        protection = Protection(not_dumpable, core_limit_zero, locked, because)
     if not protection.locked and require_lock:
         raise MemoryLockError(f"memory could not be locked ({protection.not_locked_because}), and it is required")
     return protection
@@ -166,14 +168,98 @@ def _lock(libc: ctypes.CDLL) -> tuple[bool, str]:
             f"RLIMIT_MEMLOCK is {_memlock_limit()}, and locking every future page needs it unlimited "
             "(ulimit -l unlimited, LimitMEMLOCK=infinity) or CAP_IPC_LOCK"
         )
+    problem = _mlockall(libc, flags)
+    if problem:
+        return False, problem
+    _LOCKED.flags = flags
+    return True, ""
+
+
+class _Locked:
+    """The mlockall flags in force (without MCL_ONFAULT); None when memory is not locked."""
+
+    flags: int | None = None
+
+
+_LOCKED = _Locked()
+
+
+def _mlockall(libc: ctypes.CDLL, flags: int) -> str:
+    """Lock with MCL_ONFAULT, or without it on a kernel that lacks it: "" or why it failed."""
     if libc.mlockall(flags | _MCL_ONFAULT) == 0:
-        return True, ""
-    if ctypes.get_errno() == errno.EINVAL and libc.mlockall(flags) == 0:  # a kernel without MCL_ONFAULT
-        return True, ""
-    return False, f"mlockall failed: {os.strerror(ctypes.get_errno())}"
+        return ""
+    if ctypes.get_errno() == errno.EINVAL and libc.mlockall(flags) == 0:
+        return ""
+    return f"mlockall failed: {os.strerror(ctypes.get_errno())}"
 
 
-def _return_freed_memory(libc: ctypes.CDLL) -> bool:
-    if platform.libc_ver()[0] != "glibc":
+def give_back() -> bool:
+    """Return freed heap memory to the system (glibc's malloc_trim): whether it could be asked.
+
+    glibc cannot release locked pages inside its heap (madvise refuses them), so a locked process
+    unlocks for the moment the trim takes (milliseconds, once per flood) and locks again.
+    """
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    libc = ctypes.CDLL(None, use_errno=True)
+    flags = _LOCKED.flags
+    if flags is not None:
+        libc.munlockall()
+    libc.malloc_trim(0)
+    if flags is not None:
+        problem = _mlockall(libc, flags)
+        if problem:
+            _LOCKED.flags = None
+            log.warning("memory is no longer locked: %s", problem, extra={"event": "memory_protection"})
+    return True
+
+
+class HeldBytes(Protocol):
+    """What a server says of the request bytes it holds (spike.transports.server.HttpsServer)."""
+
+    buffered: int
+    buffered_peak: int  # the most held since it was last reset
+
+
+class AfterFloods:
+    """Called every second: gives freed memory back once the request bytes a server held, after
+    rising to `high`, have stayed down at `low` for `settle` calls (a flood of large bodies is over,
+    and the connections it made are gone with what they held)."""
+
+    def __init__(
+        self, server: HeldBytes, *, high: int = 16 * 1024 * 1024, low: int = 1024 * 1024, settle: int = 3
+    ) -> None:
+        self._server = server
+        self._high = high
+        self._low = low
+        self._settle = settle
+        self._quiet = 0
+
+    def __call__(self) -> None:
+        server = self._server
+        if server.buffered_peak < self._high:
+            return
+        self._quiet = self._quiet + 1 if server.buffered <= self._low else 0
+        if self._quiet >= self._settle:
+            self._quiet = 0
+            peak, server.buffered_peak = server.buffered_peak, server.buffered
+            before = _resident_mib()
+            if give_back():
+                log.info(
+                    "a flood of request bodies is over (%d MiB held at its peak): freed memory given back, "
+                    "resident %d -> %d MiB",
+                    peak // 2**20,
+                    before,
+                    _resident_mib(),
+                )
+
+
+def _resident_mib() -> int:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+    return 0

@@ -25,7 +25,7 @@ from .backend import Backend, ClusterState, SecretBackend
 from .cipher_api import MAX_PLAINTEXT, CipherApi
 from .config import KEEPER_SUMMARY_EVERY, WAITING_SUMMARY_EVERY, ConfigError, NexusConfig
 from .logs import ReportLogger, wall_time
-from .memory import Protection, protect
+from .memory import AfterFloods, Protection, protect
 from .nexus_api import ApiCall, NexusApi
 from .operator import OperatorApi
 from .policies import Authorizer
@@ -402,17 +402,25 @@ def _run(config: NexusConfig, identity: IdentitySource, memory: Protection) -> N
                 os.getpid(),
             )
 
+        server = nexus_server(identity.server_context, api, trust)
+        summaries = Summaries(
+            driver,
+            config.keepers,
+            waiting_every=config.waiting_summary_every,
+            keepers_every=config.keeper_summary_every,
+        )
+        after_floods = AfterFloods(server)
+
+        def every_second() -> None:
+            summaries()
+            after_floods()
+
         try:
             await serve(
                 config.bind,
-                nexus_server(identity.server_context, api, trust),
+                server,
                 background=background,
-                periodic=Summaries(
-                    driver,
-                    config.keepers,
-                    waiting_every=config.waiting_summary_every,
-                    keepers_every=config.keeper_summary_every,
-                ),
+                periodic=every_second,
                 on_listening=listening,
                 extra=extra,
                 grace=config.shutdown_grace,

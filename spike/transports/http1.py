@@ -258,7 +258,8 @@ class RequestParser:
             return b"" if self._need == 0 else None
         if len(buf) < need:
             return None
-        body = bytes(buf[:need])
+        with memoryview(buf) as view:  # one copy, not two
+            body = bytes(view[:need])
         del buf[:need]
         return body
 

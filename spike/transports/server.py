@@ -173,6 +173,7 @@ class HttpsServer:
         self._prefer = prefer
         self._screen = screen
         self.buffered = 0  # request bytes held across all connections
+        self.buffered_peak = 0  # the most held at once, since the owner last reset it
         self.refused_over_budget = 0  # connections refused for it, in the episode under way
         self.accepted = 0  # TCP connections accepted, for tests and metrics
         self.refused_at_limit = 0  # connections closed at once since the limit was last reached
@@ -389,6 +390,7 @@ class HttpsServer:
                 )
                 self.refused_over_budget = 0
             return True
+        self.buffered_peak = max(self.buffered_peak, self.buffered)
         if self.buffered <= budget:
             return True
         if not self.refused_over_budget:
