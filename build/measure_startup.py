@@ -131,9 +131,9 @@ def main() -> int:
 def _workload_api(spikes: list[str], identity: Path, runs: int) -> None:
     root = Path(__file__).resolve().parents[1]
     sys.path[:0] = [str(root), str(root / "tests" / "identity")]
-    from spike.app.devca import DevIdentity
     from workload_api import TestCa, WorkloadApi
 
+    from spike.app.commands.devca import DevIdentity
     from spike.protocol.identity import Role, TrustDomains
 
     api = WorkloadApi(TestCa.of(DevIdentity(identity, TRUST_DOMAIN)))

@@ -78,10 +78,12 @@ def test_links_in_the_docs_point_inside_the_repository() -> None:
 ROOM_FLOORS = {
     # Shared contracts and process-wide plumbing: below every room that uses them.
     "spike.app.identity": 0,
+    "spike.app.errors": 0,
     "spike.app.logs": 0,
     "spike.app.api": 0,
     "spike.app.model": 0,
     "spike.app.config": 1,
+    "spike.app.memory": 1,
     # What the server keeps.
     "spike.app.store": 2,
     # The server and the clients: side by side, neither imports the other.

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import spike
-from spike.app.commands.errors import CommandError
+from spike.app.errors import CommandError
 
 if TYPE_CHECKING:
     from spike.app.config import Common
@@ -94,6 +94,25 @@ def _identity_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="TOML", help="settings file (env SPIKE_CONFIG); flags and env win")
 
 
+def _memory_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--require-memory-lock",
+        action="store_true",
+        default=None,
+        help="fail to start if memory cannot be locked against swapping (env SPIKE_REQUIRE_MEMORY_LOCK); "
+        "by default it is locked where the system allows it, and the log says so",
+    )
+
+
+def _threshold_one_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-threshold-one",
+        action="store_true",
+        default=None,
+        help="accept threshold 1, where every shard is the root key itself (env SPIKE_ALLOW_THRESHOLD_ONE)",
+    )
+
+
 def _client_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of every command that talks to Nexus: where it is, and who we are."""
     parser.add_argument("--nexus", metavar="URL", help="env SPIKE_NEXUS_API_URL, default https://localhost:8553")
@@ -108,6 +127,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     keeper = sub.add_parser("keeper", help="hold one shard of the root key in memory")
     keeper.add_argument("--listen", metavar="ADDR", help="e.g. :8443 or 127.0.0.1:8443 (env SPIKE_KEEPER_TLS_PORT)")
+    _memory_flag(keeper)
     _identity_flags(keeper)
 
     nexus = sub.add_parser("nexus", help="the secrets store; keeps the keepers seeded")
@@ -144,12 +164,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     nexus.add_argument("--audit-log", metavar="FILE", help="env SPIKE_NEXUS_AUDIT_LOG, default <data-dir>/audit.log")
     nexus.add_argument("--shutdown-grace", metavar="DUR", help="time to finish requests on SIGTERM (default 5s)")
     nexus.add_argument("--check-config", action="store_true", help="print the effective configuration and exit")
+    _threshold_one_flag(nexus)
+    _memory_flag(nexus)
     _identity_flags(nexus)
 
     boot = sub.add_parser("bootstrap", help="make a root key, seed the keepers, verify Nexus holds it")
     boot.add_argument("--keepers", metavar="PEERS", help="keeper URLs as seen from here (default: Nexus's list)")
     boot.add_argument("--force", action="store_true", help="replace an existing root key (old secrets are lost)")
     boot.add_argument("--timeout", metavar="DUR", help="give up after this long (default 60s)")
+    _threshold_one_flag(boot)
     _client_flags(boot)
 
     status = sub.add_parser("status", help="Nexus phase, redundancy and every keeper's state")
@@ -160,6 +183,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     dev.add_argument("--data-dir", type=Path, help="keep state here (default: a temporary dir)")
     dev.add_argument("--keepers", type=int, default=3)
     dev.add_argument("--threshold", type=int, default=2)
+    _threshold_one_flag(dev)
     dev.add_argument("--trust-domain", type=_trust_domain_arg, help="default spike.ist")
     dev.add_argument("--poll-interval", default="2s")
     dev.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
@@ -251,6 +275,7 @@ def _dev(args: argparse.Namespace) -> int:
             trust_domain=args.trust_domain or cfg.DEFAULT_TRUST_DOMAIN,
             poll_interval=args.poll_interval,
             log_level=args.log_level,
+            allow_threshold_one=bool(args.allow_threshold_one),
         )
     )
 

@@ -52,6 +52,7 @@ class Common:
 class KeeperConfig:
     common: Common
     bind: tuple[str, int]
+    require_memory_lock: bool = False  # fail the start if memory cannot be locked (spike.app.memory)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,7 @@ class NexusConfig:
     waiting_summary_every: float = WAITING_SUMMARY_EVERY
     keeper_summary_every: float = KEEPER_SUMMARY_EVERY
     database_url: str | None = None  # postgresql://...: several instances share it; None: SQLite in data_dir
+    require_memory_lock: bool = False  # fail the start if memory cannot be locked (spike.app.memory)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,14 @@ class BootstrapConfig:
     keepers: dict[int, str] | None  # None: take them from Nexus
     force: bool
     timeout: float
+    allow_threshold_one: bool = False  # seed keepers of a 1-of-n Nexus (each shard is then the root key)
+
+
+THRESHOLD_ONE = (
+    "threshold 1 makes every shard the root key itself: any one keeper's memory, or any one recovery "
+    "file, gives away every secret. Use a threshold of at least 2, or accept that explicitly with "
+    "--allow-threshold-one (SPIKE_ALLOW_THRESHOLD_ONE=true)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +159,18 @@ def parse_keeper_peers(text: str) -> dict[int, str]:
             raise ConfigError(f"keeper peers: {url} is listed twice")
         keepers[keeper_id] = url
     return keepers
+
+
+def _bool(args: argparse.Namespace, flag: str, env: Env, name: str) -> bool:
+    """A yes/no setting: the flag (store_true) if given, else the environment variable, else no."""
+    if getattr(args, flag, False):
+        return True
+    text = env.get(name, "").strip().lower()
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    if text in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name} must be true or false, not {text!r}")
 
 
 def _int(text: str | None, what: str) -> int:
@@ -276,7 +298,11 @@ def parse_trust_bundles(text: str) -> tuple[tuple[str, Path], ...]:
 def keeper(args: argparse.Namespace, env: Env) -> KeeperConfig:
     listen = _pick(args, "listen", env, "SPIKE_KEEPER_TLS_PORT", default=f":{DEFAULT_KEEPER_PORT}")
     assert listen is not None
-    return KeeperConfig(common(args, env), parse_bind(listen, "keeper listen address"))
+    return KeeperConfig(
+        common(args, env),
+        parse_bind(listen, "keeper listen address"),
+        _bool(args, "require_memory_lock", env, "SPIKE_REQUIRE_MEMORY_LOCK"),
+    )
 
 
 def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
@@ -293,6 +319,8 @@ def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
         raise ConfigError("threshold must be at least 1")
     if threshold > shares:
         raise ConfigError(f"threshold ({threshold}) cannot be larger than shares ({shares})")
+    if threshold == 1 and not _bool(args, "allow_threshold_one", env, "SPIKE_ALLOW_THRESHOLD_ONE"):
+        raise ConfigError(THRESHOLD_ONE)
     if len(keepers) != shares:
         raise ConfigError(f"{len(keepers)} keepers are configured but shares is {shares}: they must be equal")
     interval_text = _pick(args, "poll_interval", env, "SPIKE_NEXUS_KEEPER_POLL_INTERVAL", default="5s")
@@ -325,6 +353,7 @@ def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
         parse_duration(waiting, "waiting summary interval") if waiting else WAITING_SUMMARY_EVERY,
         parse_duration(lasting, "keeper summary interval") if lasting else KEEPER_SUMMARY_EVERY,
         database_url(database) if database else None,
+        _bool(args, "require_memory_lock", env, "SPIKE_REQUIRE_MEMORY_LOCK"),
     )
 
 
@@ -379,6 +408,7 @@ def bootstrap(args: argparse.Namespace, env: Env) -> BootstrapConfig:
         parse_keeper_peers(peers) if peers else None,
         bool(getattr(args, "force", False)),
         parse_duration(timeout_text or "60s", "bootstrap timeout"),
+        _bool(args, "allow_threshold_one", env, "SPIKE_ALLOW_THRESHOLD_ONE"),
     )
 
 
@@ -409,6 +439,8 @@ TOML_KEYS: dict[str, dict[str, str]] = {
         "log_level": "SPIKE_LOG_LEVEL",
         "log_format": "SPIKE_LOG_FORMAT",
         "nexus_url": "SPIKE_NEXUS_API_URL",
+        "require_memory_lock": "SPIKE_REQUIRE_MEMORY_LOCK",
+        "allow_threshold_one": "SPIKE_ALLOW_THRESHOLD_ONE",
     },
     "trust": {
         "bundles": "SPIKE_TRUST_BUNDLES",

@@ -6,19 +6,39 @@ import logging
 
 from spike.app.config import KeeperConfig
 from spike.app.identity import identity_source
+from spike.app.memory import protect
 from spike.protocol.api import ApiRequest, ApiResponse
+from spike.protocol.identity import Role, SpiffeId, TrustDomains
 from spike.protocol.keeper import MAX_KEEPER_BODY, Keeper, KeeperChange
 from spike.transports.runner import run_event_loop, serve
-from spike.transports.server import HttpsServer, ServerLimits
+from spike.transports.server import ContextSource, HttpsServer, ServerLimits
 
 log = logging.getLogger("spike.keeper")
 
 # A keeper talks to one Nexus per instance and, briefly, to bootstrap: a few connections.  The
-# cap also bounds what a flood of silent TLS clients can cost it (stock asyncio keeps a
-# 256 KiB buffer per connection; keepers run without uvloop to stay small).
+# caps also bound what a flood of clients that never finish TLS can cost it (stock asyncio keeps
+# a 256 KiB buffer per handshake; keepers run without uvloop to stay small); sockets that send
+# nothing cost only a file descriptor while they wait.
 KEEPER_LIMITS = ServerLimits(
-    max_body_bytes=MAX_KEEPER_BODY, max_header_bytes=8192, max_connections=64, handshake_timeout=5.0
+    max_body_bytes=MAX_KEEPER_BODY,
+    max_header_bytes=8192,
+    max_connections=64,
+    max_handshakes=32,
+    max_silent=128,
+    handshake_timeout=3.0,
 )
+# At the connection limit, Nexus and bootstrap take the place of any other peer: nobody else has
+# anything to ask a keeper, and a restarted Nexus must reach its keepers whoever holds connections.
+KEEPER_PREFERS = frozenset({Role.NEXUS, Role.BOOTSTRAP})
+
+
+def keeper_server(context: ContextSource, keeper: Keeper, trust: TrustDomains) -> HttpsServer:
+    """The keeper's HTTPS server: its handler, its limits, and its preference for Nexus and bootstrap."""
+
+    def preferred(peer: SpiffeId | None) -> bool:
+        return trust.role_of(peer) in KEEPER_PREFERS
+
+    return HttpsServer(context, KeeperHandler(keeper), KEEPER_LIMITS, prefer=preferred)
 
 
 class KeeperHandler:
@@ -44,16 +64,19 @@ class KeeperHandler:
 
 
 def run(config: KeeperConfig) -> None:
+    # First of all, before the SVID's key or a shard is in memory.
+    memory = protect(require_lock=config.require_memory_lock)
     keeper = Keeper(config.common.trust)
     identity = identity_source(config.common.svid, config.common.trust).start()
     # Each new connection gets the current SVID: a rotation needs no restart.
-    server = HttpsServer(identity.server_context, KeeperHandler(keeper), KEEPER_LIMITS)
+    server = keeper_server(identity.server_context, keeper, config.common.trust)
 
     started = False
 
     def listening(host: str, port: int) -> None:
         nonlocal started
         started = True
+        memory.say("keeper")
         log.info("keeper listening on %s:%d (empty until Nexus or bootstrap seeds it)", host, port)
 
     try:

@@ -3,24 +3,33 @@
 Why not h11 here: measured on this project's 2-core benchmark machine, h11
 spent about 150 µs of CPU per request and response, more than half of the
 server's whole budget; this parser does what spike's servers need in a few
-µs.  h11 still drives the client side (keeper polls, the CLI), where volume
-is small.
+µs (bench/http_parsers.py and docs/benchmarks.md keep the comparison).  h11
+still drives the client side (keeper polls, the CLI), where volume is small,
+and a differential test (tests/transport/test_http1_differential.py) holds
+this parser to h11's reading of every request, except where it is stricter
+on purpose.
 
 What it accepts (and refuses, with the status to answer):
 
 * a request line ``METHOD SP origin-form-target SP HTTP/1.1`` (or 1.0);
   anything else is 400, another version 505;
-* header fields ``token ":" OWS value OWS`` with CRLF line ends; obsolete
-  line folding, control characters, a missing Host (1.1) are 400; a head
-  longer than the limit is 431;
+* header fields ``token ":" OWS value OWS`` with CRLF line ends; a bare LF
+  anywhere in a head, a chunk line or the trailers, obsolete line folding,
+  control characters, a missing Host (1.1) are 400, refused as soon as they
+  are seen; a head longer than the limit is 431;
 * a body by ``Content-Length`` (one value, digits only) or by
   ``Transfer-Encoding: chunked`` (nothing else), never both (the classic
   request-smuggling ambiguity): 400; other transfer codings 501; a body
-  above the limit 413, decided as soon as it is known.
+  above the limit 413, decided as soon as it is known.  Chunk trailers obey
+  the header rules (and are then ignored).  A chunked HTTP/1.0 request is
+  read and then the connection closes (RFC 9112 6.1: its framing is suspect).
+
+A server may judge a request by its head before reading its body (`head`,
+then `skip_body` to answer early and discard the body as it comes).
 
 The parser never raises anything but `HttpError`, whatever bytes it is fed,
 and holds at most the head limit plus the body limit (plus one read) in
-memory per connection.
+memory per connection (`buffered`).
 """
 
 from __future__ import annotations
@@ -31,7 +40,8 @@ from dataclasses import dataclass
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _TARGET = re.compile(rb"/[\x21-\x7e]*")
 _FIELD_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,8})(?:;[^\r\n]*)?")
+# RFC 9112 7.1: chunk-size [ chunk-ext ] CRLF, where an extension holds no control character.
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,8})(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?")
 _MAX_CHUNK_LINE = 1024
 
 
@@ -52,18 +62,33 @@ class Request:
     keep_alive: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Head:
+    """A request whose head is whole and whose body is still to come."""
+
+    method: str
+    target: str
+    headers: dict[bytes, bytes]
+    keep_alive: bool
+    number: int  # counts heads on this connection: a server judges each one once
+
+
 class RequestParser:
     __slots__ = (
         "_body",
         "_buf",
+        "_chunk_left",
         "_chunked",
+        "_chunked_size",
         "_head",
+        "_heads",
         "_keep_alive",
         "_max_body",
         "_max_head",
-        "_need",
-        "_target",
         "_method",
+        "_need",
+        "_skip",
+        "_target",
         "continue_wanted",
     )
 
@@ -72,12 +97,16 @@ class RequestParser:
         self._max_head = max_head
         self._max_body = max_body
         self._head: dict[bytes, bytes] | None = None
+        self._heads = 0
         self._method = ""
         self._target = ""
         self._keep_alive = True
         self._chunked = False
         self._need = 0  # bytes of Content-Length body still to come
-        self._body = bytearray()
+        self._chunk_left = -1  # chunked: data bytes left in this chunk; -1 before a size line, -2 in trailers
+        self._body = bytearray()  # chunked: the data of the chunks read so far
+        self._chunked_size = 0  # chunked: the body's size so far (kept or discarded), against the limit
+        self._skip = False  # the body is discarded as it comes (the request was answered early)
         self.continue_wanted = False  # the client sent "Expect: 100-continue" and awaits it
 
     @property
@@ -89,22 +118,57 @@ class RequestParser:
     def head_received(self) -> bool:
         return self._head is not None
 
+    @property
+    def head(self) -> Head | None:
+        """The request under way once its head is whole (and until it ends), else None."""
+        if self._head is None:
+            return None
+        return Head(self._method, self._target, self._head, self._keep_alive, self._heads)
+
+    @property
+    def skipping(self) -> bool:
+        """The body under way is being discarded: its request has had its answer."""
+        return self._skip
+
+    @property
+    def buffered(self) -> int:
+        """Bytes this parser holds: unparsed input and the body read so far."""
+        return len(self._buf) + len(self._body)
+
     def feed(self, data: bytes) -> None:
         self._buf += data
 
-    def next_request(self) -> Request | None:
-        """The next complete request, or None until more data comes.  Raises `HttpError`."""
-        if self._head is None and not self._parse_head():
-            return None
-        body = self._read_chunked() if self._chunked else self._read_sized()
-        if body is None:
-            return None
-        assert self._head is not None
-        request = Request(self._method, self._target, self._head, body, self._keep_alive)
-        self._head = None
+    def discard(self) -> None:
+        """Drop everything held (the connection is closing)."""
+        self._buf = bytearray()
+        self._body = bytearray()
+
+    def skip_body(self) -> None:
+        """Discard the current request's body, already read and still to come; the request is
+        never returned.  For a server that answered the head (a refusal) without its body."""
+        if self._head is None:
+            raise RuntimeError("no request head to skip the body of")
+        self._skip = True
         self._body = bytearray()
         self.continue_wanted = False
-        return request
+
+    def next_request(self) -> Request | None:
+        """The next complete request, or None until more data comes.  Raises `HttpError`."""
+        while True:
+            if self._head is None and not self._parse_head():
+                return None
+            body = self._read_chunked() if self._chunked else self._read_sized()
+            if body is None:
+                return None
+            head = self._head
+            assert head is not None
+            skipped = self._skip
+            self._head = None
+            self._body = bytearray()
+            self._skip = False
+            self.continue_wanted = False
+            if not skipped:
+                return Request(self._method, self._target, head, body, self._keep_alive)
 
     # ------------------------------------------------------------------ head
 
@@ -112,25 +176,27 @@ class RequestParser:
         buf = self._buf
         while buf[:2] == b"\r\n":  # RFC 9112 2.2: ignore empty lines before a request
             del buf[:2]
-        end = buf.find(b"\r\n\r\n", 0, self._max_head + 4)
+        limit = self._max_head + 4
+        end = buf.find(b"\r\n\r\n", 0, limit)
         if end < 0:
+            # What cannot start a request line is refused at once, not at the request timeout
+            # (TLS on the plain port, a binary protocol); a lone CR may still be an empty line.
+            if buf and buf[0] < 0x21 and buf != b"\r":
+                raise HttpError(400, "malformed request line")
+            if _bare_lf(buf, min(len(buf), limit)):
+                raise HttpError(400, "bare LF in a request head")
             if len(buf) > self._max_head:
                 raise HttpError(431, "request head too large")
             return False
-        lines = bytes(buf[:end]).split(b"\r\n")
+        head = bytes(buf[:end])
+        if head.count(b"\n") != head.count(b"\r\n"):
+            raise HttpError(400, "bare LF in a request head")
+        lines = head.split(b"\r\n")
         del buf[: end + 4]
         method, target, version = _request_line(lines[0])
         headers: dict[bytes, bytes] = {}
         for line in lines[1:]:
-            if line[:1] in (b" ", b"\t"):
-                raise HttpError(400, "obsolete line folding")
-            name, sep, value = line.partition(b":")
-            if not sep or not _TOKEN.fullmatch(name):
-                raise HttpError(400, "malformed header field")
-            value = value.strip(b" \t")
-            if _FIELD_VALUE_BAD.search(value):
-                raise HttpError(400, "control character in a header value")
-            name = name.lower()
+            name, value = _field(line)
             if name in headers:
                 if name == b"content-length" and headers[name] != value:
                     raise HttpError(400, "conflicting Content-Length")
@@ -147,7 +213,10 @@ class RequestParser:
         tokens = {t.strip() for t in connection.split(b",")}
         keep_alive = b"close" not in tokens if version == b"HTTP/1.1" else b"keep-alive" in tokens
         self._set_body_mode(headers)
+        if self._chunked and version == b"HTTP/1.0":
+            keep_alive = False  # RFC 9112 6.1: read it, then close
         self._head = headers
+        self._heads += 1
         self._method = method
         self._target = target
         self._keep_alive = keep_alive
@@ -163,6 +232,8 @@ class RequestParser:
             if coding.lower() != b"chunked":
                 raise HttpError(501, "unsupported transfer coding")
             self._chunked = True
+            self._chunk_left = -1
+            self._chunked_size = 0
             self._need = 0
             return
         self._chunked = False
@@ -179,42 +250,102 @@ class RequestParser:
 
     def _read_sized(self) -> bytes | None:
         need = self._need
-        if len(self._buf) < need:
+        buf = self._buf
+        if self._skip:
+            gone = min(need, len(buf))
+            del buf[:gone]
+            self._need = need - gone
+            return b"" if self._need == 0 else None
+        if len(buf) < need:
             return None
-        body = bytes(self._buf[:need])
-        del self._buf[:need]
+        with memoryview(buf) as view:  # one copy, not two
+            body = bytes(view[:need])
+        del buf[:need]
         return body
 
     def _read_chunked(self) -> bytes | None:
         buf = self._buf
         while True:
-            line_end = buf.find(b"\r\n", 0, _MAX_CHUNK_LINE)
-            if line_end < 0:
-                if len(buf) >= _MAX_CHUNK_LINE:
-                    raise HttpError(400, "malformed chunk")
-                return None
-            match = _CHUNK_SIZE.fullmatch(bytes(buf[:line_end]))
-            if match is None:
-                raise HttpError(400, "malformed chunk size")
-            size = int(match.group(1), 16)
-            if size == 0:
-                # Trailer fields (ignored) end with an empty line; with none, it follows at once.
-                trailer_end = buf.find(b"\r\n\r\n", line_end, line_end + self._max_head)
-                if trailer_end < 0:
-                    if len(buf) - line_end > self._max_head:
-                        raise HttpError(431, "chunk trailers too large")
+            left = self._chunk_left
+            if left > 0:  # inside a chunk's data: take what has come
+                take = min(left, len(buf))
+                if not self._skip:
+                    self._body += buf[:take]
+                del buf[:take]
+                self._chunk_left = left - take
+                if self._chunk_left:
                     return None
-                del buf[: trailer_end + 4]
-                return bytes(self._body)
-            if len(self._body) + size > self._max_body:
-                raise HttpError(413, "body too large")
-            start = line_end + 2
-            if len(buf) < start + size + 2:
-                return None
-            if buf[start + size : start + size + 2] != b"\r\n":
-                raise HttpError(400, "malformed chunk")
-            self._body += buf[start : start + size]
-            del buf[: start + size + 2]
+                self._chunk_left = 0
+                left = 0
+            if left == 0:  # after a chunk's data: its CRLF
+                if len(buf) < 2:
+                    if buf and buf[0] != 0x0D:  # not even the CR of the CRLF
+                        raise HttpError(400, "malformed chunk")
+                    return None
+                if buf[:2] != b"\r\n":
+                    raise HttpError(400, "malformed chunk")
+                del buf[:2]
+                self._chunk_left = -1
+            elif left == -1:  # a chunk-size line
+                line_end = buf.find(b"\r\n", 0, _MAX_CHUNK_LINE)
+                if line_end < 0:
+                    if buf.find(b"\n", 0, _MAX_CHUNK_LINE) >= 0:
+                        raise HttpError(400, "bare LF in a chunk line")
+                    if len(buf) >= _MAX_CHUNK_LINE:
+                        raise HttpError(400, "malformed chunk")
+                    return None
+                match = _CHUNK_SIZE.fullmatch(buf, 0, line_end)
+                if match is None:
+                    raise HttpError(400, "malformed chunk size")
+                size = int(match.group(1), 16)
+                del buf[: line_end + 2]
+                if size == 0:
+                    self._chunk_left = -2
+                    continue
+                self._chunked_size += size
+                if self._chunked_size > self._max_body:
+                    raise HttpError(413, "body too large")
+                self._chunk_left = size
+            else:  # the trailer section: header fields (checked, then ignored) and an empty line
+                if not self._read_trailers():
+                    return None
+                return b"" if self._skip else bytes(self._body)
+
+    def _read_trailers(self) -> bool:
+        buf = self._buf
+        if buf[:2] == b"\r\n":
+            del buf[:2]
+            return True
+        limit = self._max_head + 4
+        end = buf.find(b"\r\n\r\n", 0, limit)
+        if _bare_lf(buf, end if end >= 0 else min(len(buf), limit)):
+            raise HttpError(400, "bare LF in chunk trailers")
+        if end < 0:
+            if len(buf) > self._max_head:
+                raise HttpError(431, "chunk trailers too large")
+            return False
+        for line in bytes(buf[:end]).split(b"\r\n"):
+            _field(line)
+        del buf[: end + 4]
+        return True
+
+
+def _bare_lf(buf: bytearray, end: int) -> bool:
+    """Whether an LF that no CR precedes is among the first `end` bytes."""
+    return buf.find(b"\n", 0, end) >= 0 and buf.count(b"\n", 0, end) != buf.count(b"\r\n", 0, end)
+
+
+def _field(line: bytes) -> tuple[bytes, bytes]:
+    """One header (or trailer) field line: (lower-case name, value without surrounding whitespace)."""
+    if line[:1] in (b" ", b"\t"):
+        raise HttpError(400, "obsolete line folding")
+    name, sep, value = line.partition(b":")
+    if not sep or not _TOKEN.fullmatch(name):
+        raise HttpError(400, "malformed header field")
+    value = value.strip(b" \t")
+    if _FIELD_VALUE_BAD.search(value):
+        raise HttpError(400, "control character in a header value")
+    return name.lower(), value
 
 
 def _request_line(line: bytes) -> tuple[str, str, bytes]:

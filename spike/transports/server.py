@@ -19,6 +19,29 @@ body size, open connections, and unread responses (a client that sends but
 never reads is paused).  A client that breaks one gets a 4xx when HTTP is
 still possible and a closed connection; nothing a client sends ends the
 server or touches another connection.
+
+Who has not authenticated yet cannot crowd out who has.  A connection goes
+through three stages, each with its own budget: *silent* (accepted, nothing
+received yet: it costs a file descriptor and waits for its first bytes),
+*handshaking* (TLS under way) and *established* (TLS done: the peer's SVID
+is verified).  When a silent or handshaking connection arrives and its stage
+is full, the oldest one of that stage is closed to make room, so a flood of
+sockets that never speak (or never finish TLS) only ever displaces its own
+kind, and a real client, which speaks at once and finishes in a few round
+trips, gets through whatever the flood's rate.  Both stages together must
+end within the handshake timeout.  Established connections have the
+`max_connections` budget; at that limit a new one is refused, unless its
+peer is *preferred* (the keeper prefers Nexus and bootstrap): then the oldest
+connection of a peer that is not preferred is closed to make room, idle
+ones first.
+
+Nor can an authenticated peer make the server hold memory it has no
+business with.  A request whose body does not come with its head is first
+judged by its head (`screen`: peer, route, action): a refusal is answered at
+once and the body is read and thrown away as it comes, never held.  And the
+request bytes held across all connections have a budget
+(`max_buffered_bytes`): the connection whose bytes would take the total over
+it gets a 503 and is closed.
 """
 
 from __future__ import annotations
@@ -26,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
 import socket
 import ssl
 from collections.abc import Callable
@@ -41,7 +65,7 @@ from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.identity import SpiffeId
 from spike.protocol.wire import ErrorCode, error_body
 
-from .http1 import CONTINUE, HttpError, Request, RequestParser, response
+from .http1 import CONTINUE, Head, HttpError, Request, RequestParser, response
 from .peer_trust import refusal, warn_refused
 from .tls import spiffe_id_of
 
@@ -63,25 +87,103 @@ _CLOSE_LINGER = 0.5  # seconds a closing connection may take to flush and say go
 class ServerLimits:
     max_header_bytes: int = 16 * 1024
     max_body_bytes: int = 64 * 1024
-    handshake_timeout: float = 10.0
+    handshake_timeout: float = 3.0  # from accept to TLS done (first bytes, then the handshake)
     request_timeout: float = 10.0  # from a request's first byte to its last
     idle_timeout: float = 60.0  # keep-alive wait for the next request
-    max_connections: int = 1024
+    max_connections: int = 1024  # established: TLS done, the peer authenticated
+    max_handshakes: int = 64  # TLS under way; the oldest is closed to make room for a new one
+    max_silent: int = 256  # accepted, nothing received yet; the oldest is closed to make room
+    max_buffered_bytes: int = 64 * 1024 * 1024  # request bytes held across all connections
+
+    def __post_init__(self) -> None:
+        if min(self.max_connections, self.max_handshakes, self.max_silent) < 1:
+            raise ValueError("every connection budget must be at least 1")
+
+
+Prefer = Callable[[SpiffeId | None], bool]
+# Judges a request by its head (the body is empty): a refusal to answer at once, or None to read on.
+Screen = Callable[[ApiRequest], ApiResponse | None]
+
+
+class _Pending:
+    """An accepted connection before it is established: its handshake task's cancel scope."""
+
+    __slots__ = ("scope",)
+
+    def __init__(self, deadline: float) -> None:
+        self.scope = anyio.CancelScope(deadline=deadline)
+
+
+class _Stage:
+    """The connections at one stage before they are established: a bounded queue, oldest out first."""
+
+    def __init__(self, name: str, limit: int) -> None:
+        self.name = name
+        self.limit = limit
+        self._members: dict[_Pending, None] = {}  # insertion order: the oldest first
+        self.shed = 0  # closed to make room, in the episode under way (said once per episode)
+        self.shed_total = 0
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def admit(self, entry: _Pending) -> None:
+        if len(self._members) >= self.limit:
+            oldest = next(iter(self._members))
+            del self._members[oldest]
+            oldest.scope.cancel()
+            if not self.shed:
+                log.warning(
+                    "%s connections at their limit (%d): closing the oldest to make room for each new one",
+                    self.name,
+                    self.limit,
+                )
+            self.shed += 1
+            self.shed_total += 1
+        elif self.shed and len(self._members) < self.limit // 2:
+            log.info("%s connections below their limit again (%d closed to make room)", self.name, self.shed)
+            self.shed = 0
+        self._members[entry] = None
+
+    def leave(self, entry: _Pending) -> None:
+        self._members.pop(entry, None)
+
+    def close_all(self) -> None:
+        for entry in self._members:
+            entry.scope.cancel()
 
 
 class HttpsServer:
     """Serves `handler` to mTLS clients (plain HTTP if `ssl_context` is None: metrics only)."""
 
-    def __init__(self, ssl_context: ContextSource | None, handler: Handler, limits: ServerLimits | None = None) -> None:
+    def __init__(
+        self,
+        ssl_context: ContextSource | None,
+        handler: Handler,
+        limits: ServerLimits | None = None,
+        *,
+        prefer: Prefer | None = None,
+        screen: Screen | None = None,
+    ) -> None:
+        """`prefer(peer)`: whether an authenticated peer may take the place of another one at the
+        connection limit (see the module docstring); None prefers nobody.  `screen(request)`: judges
+        a request whose body is still on its way by its head; None reads every body."""
         self._ssl_context = ssl_context
         self.handler = handler
         self.limits = limits or ServerLimits()
+        self._prefer = prefer
+        self._screen = screen
+        self.buffered = 0  # request bytes held across all connections
+        self.buffered_peak = 0  # the most held at once, since the owner last reset it
+        self.refused_over_budget = 0  # connections refused for it, in the episode under way
         self.accepted = 0  # TCP connections accepted, for tests and metrics
         self.refused_at_limit = 0  # connections closed at once since the limit was last reached
         self.refused_peers = 0  # handshakes whose certificate is not the SPIFFE ID it claims
-        self._connections: set[_Connection] = set()
+        self.made_room = 0  # established connections closed for a preferred peer
+        self._connections: dict[_Connection, None] = {}  # insertion order: the oldest first
         self._accepting: anyio.CancelScope | None = None
-        self._pending = 0  # accepted sockets still in their TLS handshake
+        self._silent = _Stage("silent", self.limits.max_silent)
+        self._handshaking = _Stage("handshaking", self.limits.max_handshakes)
         self._draining = False
         self._drained: anyio.Event | None = None
         self._all_closed: anyio.Event | None = None
@@ -89,6 +191,25 @@ class HttpsServer:
     @property
     def open_connections(self) -> int:
         return len(self._connections)
+
+    @property
+    def silent(self) -> int:
+        """Accepted connections that have sent nothing yet."""
+        return len(self._silent)
+
+    @property
+    def handshaking(self) -> int:
+        """Connections whose TLS handshake is under way."""
+        return len(self._handshaking)
+
+    @property
+    def shed(self) -> int:
+        """Connections closed before TLS was done to make room for newer ones, since the start."""
+        return self._silent.shed_total + self._handshaking.shed_total
+
+    @property
+    def _pending(self) -> int:
+        return len(self._silent) + len(self._handshaking)
 
     @property
     def draining(self) -> bool:
@@ -147,37 +268,57 @@ class HttpsServer:
                 continue
             starved = False
             self.accepted += 1
-            if self._draining or self._pending + len(self._connections) >= self.limits.max_connections:
-                if not self._draining:
-                    # Said once per episode, not once per connection: a flood must not become a log flood.
-                    if not self.refused_at_limit:
-                        log.warning(
-                            "connection limit (%d) reached: closing new connections until there is room",
-                            self.limits.max_connections,
-                        )
-                    self.refused_at_limit += 1
+            if self._draining:
                 conn.close()
                 continue
-            if self.refused_at_limit:
-                log.info("accepting connections again (%d closed at the limit)", self.refused_at_limit)
-                self.refused_at_limit = 0
-            # Each handshake runs on its own, so a slow or silent client delays nobody.
-            self._pending += 1
-            handshakes.start_soon(self._secure, loop, conn)
+            if self._prefer is None and len(self._connections) >= self.limits.max_connections:
+                # Nobody could take an established connection's place: refuse before any TLS work.
+                self._refuse_at_limit()
+                conn.close()
+                continue
+            self._room_again()
+            # Each connection waits and shakes hands on its own, so a slow or silent client delays nobody.
+            entry = _Pending(anyio.current_time() + self.limits.handshake_timeout)
+            self._silent.admit(entry)
+            handshakes.start_soon(self._secure, loop, conn, entry)
 
-    async def _secure(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
-        # The SSL context is taken now, per connection: a rotated SVID needs no restart.
-        context = self.context()
+    def _refuse_at_limit(self) -> None:
+        # Said once per episode, not once per connection: a flood must not become a log flood.
+        if not self.refused_at_limit:
+            log.warning(
+                "connection limit (%d) reached: closing new connections until there is room",
+                self.limits.max_connections,
+            )
+        self.refused_at_limit += 1
+
+    def _room_again(self) -> None:
+        if self.refused_at_limit and len(self._connections) < self.limits.max_connections:
+            log.info("accepting connections again (%d closed at the limit)", self.refused_at_limit)
+            self.refused_at_limit = 0
+
+    async def _secure(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, entry: _Pending) -> None:
         try:
-            if context is None:
-                await loop.connect_accepted_socket(lambda: _Connection(self), conn)
-            else:
+            with entry.scope:  # cancelled to make room for a newer connection, or at the handshake deadline
+                # A client speaks first (a ClientHello, or a request on a plain listener): until it
+                # does, it costs a file descriptor and nothing else.
+                if not await _first_bytes(conn):
+                    conn.close()  # it hung up without a word
+                    return
+                self._silent.leave(entry)
+                # The SSL context is taken now, per connection: a rotated SVID needs no restart.
+                context = self.context()
+                if context is None:
+                    await loop.connect_accepted_socket(lambda: _Connection(self, entry), conn)
+                    return
+                self._handshaking.admit(entry)
                 await loop.connect_accepted_socket(
-                    lambda: _Connection(self),
+                    lambda: _Connection(self, entry),
                     conn,
                     ssl=context,
                     ssl_handshake_timeout=self.limits.handshake_timeout,
                 )
+                return
+            conn.close()  # its time is up, or a newer connection took its place
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             log.debug("TLS handshake failed: %s", exc.__class__.__name__)
             conn.close()
@@ -185,7 +326,8 @@ class HttpsServer:
             conn.close()  # cancelled: the server is stopping
             raise
         finally:
-            self._pending -= 1
+            self._silent.leave(entry)
+            self._handshaking.leave(entry)
             self._maybe_all_closed()
 
     def drain(self) -> None:
@@ -193,6 +335,7 @@ class HttpsServer:
         self._draining = True
         if self._accepting is not None:
             self._accepting.cancel()
+        self._silent.close_all()  # nothing asked yet: nothing to finish
         for connection in list(self._connections):
             connection.drain()
         if self._drained is not None:
@@ -203,19 +346,85 @@ class HttpsServer:
         if self._draining and not self._connections and not self._pending and self._all_closed is not None:
             self._all_closed.set()
 
-    def _opened(self, connection: _Connection) -> None:
-        self._connections.add(connection)
+    def _established(self, connection: _Connection, entry: _Pending) -> bool:
+        """A connection finished its handshake: keep it (True) or refuse it, at the connection limit."""
+        # From here on it is no longer a pending connection: nothing may cancel its handshake task.
+        self._silent.leave(entry)
+        self._handshaking.leave(entry)
+        entry.scope.deadline = math.inf
+        if len(self._connections) >= self.limits.max_connections:
+            victim = self._room_for(connection) if connection.preferred else None
+            if victim is None:
+                self._refuse_at_limit()
+                return False
+            if not self.made_room:
+                log.warning(
+                    "connection limit (%d) reached: closing connections of other peers to admit %s",
+                    self.limits.max_connections,
+                    connection.peer,
+                )
+            self.made_room += 1
+            victim.evict()
+        else:
+            self._room_again()
+        self._connections[connection] = None
+        return True
+
+    def _room_for(self, newcomer: _Connection) -> _Connection | None:
+        """The connection to close for a preferred peer: the oldest idle one of a peer not preferred, else
+        the oldest one of such a peer; None if every connection is a preferred peer's."""
+        others = [c for c in self._connections if not c.preferred]
+        return next((c for c in others if c.idle), others[0] if others else None)
 
     def _closed(self, connection: _Connection) -> None:
-        self._connections.discard(connection)
+        self._connections.pop(connection, None)
         self._maybe_all_closed()
+
+    def _hold(self, grown: int, connection: _Connection) -> bool:
+        """A connection holds `grown` more request bytes (fewer if negative): whether that is within budget."""
+        self.buffered += grown
+        budget = self.limits.max_buffered_bytes
+        if grown <= 0:
+            if self.refused_over_budget and self.buffered < budget // 2:
+                log.info(
+                    "request bytes held back under half their budget (%d connection(s) refused meanwhile)",
+                    self.refused_over_budget,
+                )
+                self.refused_over_budget = 0
+            return True
+        self.buffered_peak = max(self.buffered_peak, self.buffered)
+        if self.buffered <= budget:
+            return True
+        if not self.refused_over_budget:
+            log.warning(
+                "request bytes held across connections over their budget (%d MiB): refusing requests "
+                "that would add to them (first: %s)",
+                budget // 2**20,
+                connection.peer or "a peer without SPIFFE ID",
+            )
+        self.refused_over_budget += 1
+        return False
+
+
+async def _first_bytes(conn: socket.socket) -> bool:
+    """Wait until the client has sent something (True) or hung up (False); reads nothing."""
+    while True:
+        await anyio.wait_readable(conn)
+        try:
+            return bool(conn.recv(1, socket.MSG_PEEK))
+        except (BlockingIOError, InterruptedError):
+            continue  # woken without data after all
+        except OSError:
+            return False
 
 
 class _Connection(asyncio.Protocol):
     """One client connection: TLS, then requests answered one at a time, in order."""
 
-    def __init__(self, server: HttpsServer) -> None:
+    def __init__(self, server: HttpsServer, entry: _Pending) -> None:
         self._server = server
+        self._entry = entry
+        self.preferred = False
         limits = server.limits
         self._limits = limits
         self._parser = RequestParser(max_head=limits.max_header_bytes, max_body=limits.max_body_bytes)
@@ -226,6 +435,8 @@ class _Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_kind = ""  # "idle" or "request"
         self._busy = False  # a reply is pending: later requests wait in the parser
+        self._screened = 0  # the number of the last request head judged before its body
+        self._held = 0  # request bytes this connection has counted against the server's budget
         self._write_paused = False
         self._closing = False
         self._tracked = False
@@ -237,15 +448,17 @@ class _Connection(asyncio.Protocol):
         # implement asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
-        self._server._opened(self)
-        self._tracked = True
-        self._ready(transport, transport.get_extra_info("peercert"))
-
-    def _ready(self, transport: asyncio.Transport, peer_certificate: object) -> None:
         self._writer = transport
+        peer_certificate = transport.get_extra_info("peercert")
         self._peer = spiffe_id_of(peer_certificate) if isinstance(peer_certificate, dict) else None
         if self._peer is not None and not self._trusted(transport, self._peer):
             return
+        prefer = self._server._prefer
+        self.preferred = prefer is not None and prefer(self._peer)
+        if not self._server._established(self, self._entry):
+            self._close()  # at the connection limit: no HTTP, the peer sees the connection end
+            return
+        self._tracked = True
         if self._server.draining:
             self.drain()
         else:
@@ -274,6 +487,29 @@ class _Connection(asyncio.Protocol):
     def _lost(self) -> None:
         self._closing = True
         self._cancel_timer()
+        self._release()
+        self._untrack()
+
+    def _release(self) -> None:
+        """Give back what the parser holds, and its share of the server's budget."""
+        self._parser.discard()
+        self._account()
+
+    @property
+    def peer(self) -> SpiffeId | None:
+        return self._peer
+
+    @property
+    def idle(self) -> bool:
+        """Between requests: nothing under way, nothing half received."""
+        return not self._busy and not self._parser.in_progress
+
+    def evict(self) -> None:
+        """Close to make room for another connection (its slot is free at once)."""
+        self._untrack()
+        self._close()
+
+    def _untrack(self) -> None:
         if self._tracked:
             self._tracked = False
             self._server._closed(self)
@@ -293,6 +529,7 @@ class _Connection(asyncio.Protocol):
     def _close(self) -> None:
         self._closing = True
         self._cancel_timer()
+        self._release()
         writer = self._writer
         if writer is not None:
             # close() flushes what is written, then TLS waits for the peer's
@@ -337,6 +574,16 @@ class _Connection(asyncio.Protocol):
         self._parser.feed(data)
         if not self._busy and self._writer is not None:
             self._process()
+        # Over the budget, this connection adds to it no more; unless an answer of its own is on its
+        # way (reading is paused then: one read at most), which a 503 must not replace.
+        if not self._account() and not self._busy:
+            self._fail(503)
+
+    def _account(self) -> bool:
+        """Count what the parser holds now against the server's budget: False if that takes it over."""
+        held = self._parser.buffered
+        grown, self._held = held - self._held, held
+        return not grown or self._server._hold(grown, self)
 
     def eof_received(self) -> bool | None:
         if not self._busy:
@@ -371,6 +618,11 @@ class _Connection(asyncio.Protocol):
                 self._fail(exc.status)
                 return
             if request is None:
+                head = self._parser.head
+                if head is not None and head.number != self._screened:
+                    self._screened = head.number
+                    if self._answered_early(head):
+                        continue  # refused by its head: the body is skipped, later requests are read
                 if self._parser.continue_wanted and self._writer is not None:
                     self._parser.continue_wanted = False
                     self._writer.write(CONTINUE)
@@ -382,17 +634,42 @@ class _Connection(asyncio.Protocol):
             self._cancel_timer()
             self._dispatch(request)
 
-    def _dispatch(self, request: Request) -> None:
-        target = request.target
+    def _api_request(self, method: str, target: str, headers: dict[bytes, bytes], body: bytes) -> ApiRequest:
         path, _, query = target.partition("?")
-        api_request = ApiRequest(
-            method=request.method,
+        return ApiRequest(
+            method=method,
             path=path,
             peer=self._peer,
-            body=request.body,
+            body=body,
             query=query,
-            content_type=request.headers.get(b"content-type", b"").partition(b";")[0].strip().decode("latin-1"),
+            content_type=headers.get(b"content-type", b"").partition(b";")[0].strip().decode("latin-1"),
         )
+
+    def _answered_early(self, head: Head) -> bool:
+        """Judge a request by its head while its body is on its way; True if it was refused."""
+        screen = self._server._screen
+        if screen is None or self._writer is None:
+            return False
+        request = self._api_request(head.method, head.target, head.headers, b"")
+        try:
+            refusal = screen(request)
+        except Exception:
+            log.exception("screening failed on %s %s", head.method, request.path)
+            refusal = _INTERNAL_ERROR
+        if refusal is None:
+            return False
+        # A client waiting for "100 Continue" may or may not send its body now: only a close is unambiguous.
+        close = not head.keep_alive or self._parser.continue_wanted or self._server.draining
+        self._writer.write(response(refusal.status, refusal.content_type, refusal.body, close=close))
+        if close:
+            self._close()
+        else:
+            self._parser.skip_body()
+        return True
+
+    def _dispatch(self, request: Request) -> None:
+        api_request = self._api_request(request.method, request.target, request.headers, request.body)
+        path = api_request.path
         try:
             reply = self._server.handler(api_request)
         except Exception:
@@ -432,6 +709,7 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, status: int) -> None:
         code = ErrorCode.BAD_REQUEST if status < 500 else ErrorCode.INTERNAL
-        if self._writer is not None and not self._closing:
+        # A request that was answered by its head gets no second answer for what its body did.
+        if self._writer is not None and not self._closing and not self._parser.skipping:
             self._writer.write(response(status, "application/json", error_body(code), close=True))
         self._close()

@@ -42,14 +42,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from spike.app.api.messages import POLICY_PATH
 from spike.app.commands.devca import CA_KEY, DevIdentity, mint_svid
 from spike.app.identity import identity_source
-from spike.app.keeper import KeeperHandler
+from spike.app.keeper import keeper_server
 from spike.app.nexus.authorizer import Authorizer
 from spike.app.nexus.cipher_api import CipherApi
 from spike.app.nexus.operator_api import OperatorApi
 from spike.app.nexus.policy_api import PolicyApi
 from spike.app.nexus.routes import ApiCall, NexusApi
 from spike.app.nexus.secrets_api import SecretsApi
-from spike.app.nexus.server import KeyUsers
+from spike.app.nexus.server import KeyUsers, nexus_server
 from spike.app.store.policies import PolicyStore
 from spike.app.store.sqlite import SecretStore
 from spike.app.store.sqlite_schema import DB_NAME, NexusStore
@@ -254,7 +254,7 @@ class Deployment:
             assert seeded.response.status == 200
             listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
             urls[keeper_id] = f"https://127.0.0.1:{_port(listener)}"
-            server = HttpsServer(source(self.identity.keeper(keeper_id)).server_context, KeeperHandler(keeper))
+            server = keeper_server(source(self.identity.keeper(keeper_id)).server_context, keeper, self.trust)
             keeper_servers.append((server, listener))
             self.keepers[keeper_id] = keeper
 
@@ -295,11 +295,11 @@ class Deployment:
         nexus_listener: anyio.abc.Listener[anyio.abc.SocketStream]
         nexus_listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
         self.url = f"https://127.0.0.1:{_port(nexus_listener)}"
-        nexus_server = HttpsServer(nexus_identity.server_context, self.api)
+        nexus = nexus_server(nexus_identity.server_context, self.api, self.trust)
         try:
             async with anyio.create_task_group() as tg:
                 self._stop = tg.cancel_scope
-                for server, bound in [*keeper_servers, (nexus_server, nexus_listener)]:
+                for server, bound in [*keeper_servers, (nexus, nexus_listener)]:
                     tg.start_soon(server.serve, bound)
                 tg.start_soon(self.driver.run)
                 task_status.started()

@@ -59,8 +59,8 @@ from cryptography import x509
 
 from spike.app.commands.client import NexusClient, fetch_status, nexus_connection
 from spike.app.commands.devca import DevIdentity
-from spike.app.commands.errors import CommandError
 from spike.app.commands.status import exit_code as status_exit_code
+from spike.app.errors import CommandError
 from spike.app.store.sqlite_schema import NexusStore
 from spike.protocol.identity import Role, TrustDomains
 from spike.protocol.material import Share

@@ -81,6 +81,10 @@ def _cases(tmp: Path, identity: DevIdentity, busy_port: int) -> dict[str, Case]:
             "--keepers", peers, "--threshold", "4",
             expect=("configuration error", "threshold (4) cannot be larger than shares (3)"),
         ),
+        "threshold-one": nexus_case(
+            "--keepers", peers, "--threshold", "1",
+            expect=("configuration error", "threshold 1 makes every shard the root key", "--allow-threshold-one"),
+        ),
         "keeper-count-not-shares": nexus_case(
             "--keepers", peers, "--shares", "4",
             expect=("configuration error", "3 keepers are configured but shares is 4"),
@@ -159,6 +163,7 @@ def _cases(tmp: Path, identity: DevIdentity, busy_port: int) -> dict[str, Case]:
 ROLES = {"nexus": "nexus", "keeper": "keeper-1", "status": "pilot-superuser", "bootstrap": "bootstrap"}
 CASE_NAMES = [
     "threshold-above-shares",
+    "threshold-one",
     "keeper-count-not-shares",
     "duplicate-keeper-id",
     "keeper-url-not-https",

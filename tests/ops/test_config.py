@@ -97,8 +97,8 @@ SETTINGS = [
             lambda c: c["schedule"]["interval"], (5.0, 2.0, 3.0, 4.0)),
     Setting("nexus", "keeper_timeout", "SPIKE_NEXUS_KEEPER_TIMEOUT", "--keeper-timeout", (1, "1.5s", "500ms"),
             lambda c: c["schedule"]["request_timeout"], (2.0, 1.0, 1.5, 0.5)),
-    Setting("nexus", "threshold", "SPIKE_NEXUS_SHAMIR_THRESHOLD", "--threshold", (3, "1", "3"),
-            lambda c: c["threshold"], (2, 3, 1, 3)),
+    Setting("nexus", "threshold", "SPIKE_NEXUS_SHAMIR_THRESHOLD", "--threshold", (3, "2", "3"),
+            lambda c: c["threshold"], (2, 3, 2, 3)),
     Setting("nexus", "data_dir", "SPIKE_NEXUS_DATA_DIR", "--data-dir", ("/srv/file", "/srv/env", "/srv/flag"),
             lambda c: c["data_dir"], (HOME_DATA, "/srv/file", "/srv/env", "/srv/flag")),
     Setting("nexus", "metrics_listen", "SPIKE_NEXUS_METRICS_LISTEN", "--metrics-listen",
@@ -199,7 +199,9 @@ def test_an_empty_environment_variable_does_not_hide_the_file(
 def test_spike_config_names_the_file_and_the_flag_wins_over_it(
     svid: DevIdentity, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    by_env = write_toml(tmp_path / "env.toml", {"nexus": {"keepers": PEERS_ENV, "threshold": 1}})
+    by_env = write_toml(
+        tmp_path / "env.toml", {"": {"allow_threshold_one": True}, "nexus": {"keepers": PEERS_ENV, "threshold": 1}}
+    )
     by_flag = write_toml(tmp_path / "flag.toml", {"nexus": {"keepers": PEERS_ENV, "threshold": 3}})
     monkeypatch.setenv("SPIKE_CONFIG", str(by_env))
     assert check_config(capsys)["threshold"] == 1
@@ -234,7 +236,7 @@ def test_check_config_prints_the_whole_effective_configuration_and_touches_nothi
     shown = json.loads(out)
     assert set(shown) == {
         "common", "bind", "keepers", "threshold", "schedule", "data_dir", "metrics_bind", "audit_log",
-        "shutdown_grace", "waiting_summary_every", "keeper_summary_every", "database_url",
+        "shutdown_grace", "waiting_summary_every", "keeper_summary_every", "database_url", "require_memory_lock",
     }  # fmt: skip
     assert set(shown["common"]) == {"trust", "svid", "log_level", "log_format"}
     assert shown["audit_log"] == str(data / "audit.log")
@@ -356,3 +358,33 @@ def test_a_database_url_that_is_not_postgresql_stops_the_start(
     code, _, err = run(["nexus", "--check-config", "--database-url", url], capsys)
     assert code == 2
     assert "database URL" in err
+
+
+def test_threshold_one_only_when_allowed_by_flag_environment_or_file(
+    svid: DevIdentity, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every shard of a 1-of-n deployment is the root key: Nexus refuses it unless told it is meant."""
+    monkeypatch.setenv("SPIKE_NEXUS_KEEPER_PEERS", PEERS_ENV)
+    code, out, err = run(["nexus", "--check-config", "--threshold", "1"], capsys)
+    assert (code, out) == (2, "")
+    assert err.startswith("spike nexus: configuration error: threshold 1 makes every shard the root key itself")
+    assert len(err.splitlines()) == 1
+    assert check_config(capsys, "--threshold", "1", "--allow-threshold-one")["threshold"] == 1
+    monkeypatch.setenv("SPIKE_ALLOW_THRESHOLD_ONE", "true")
+    assert check_config(capsys, "--threshold", "1")["threshold"] == 1
+    monkeypatch.setenv("SPIKE_ALLOW_THRESHOLD_ONE", "maybe")
+    code, _, err = run(["nexus", "--check-config", "--threshold", "1"], capsys)
+    assert code == 2
+    assert "SPIKE_ALLOW_THRESHOLD_ONE must be true or false, not 'maybe'" in err
+
+
+def test_require_memory_lock_from_flag_environment_or_file(
+    svid: DevIdentity, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SPIKE_NEXUS_KEEPER_PEERS", PEERS_ENV)
+    assert check_config(capsys)["require_memory_lock"] is False
+    assert check_config(capsys, "--require-memory-lock")["require_memory_lock"] is True
+    config = write_toml(tmp_path / "spike.toml", {"": {"require_memory_lock": True}})
+    assert check_config(capsys, "--config", str(config))["require_memory_lock"] is True
+    monkeypatch.setenv("SPIKE_REQUIRE_MEMORY_LOCK", "no")
+    assert check_config(capsys, "--config", str(config))["require_memory_lock"] is False

@@ -21,8 +21,8 @@ from ops_helpers import OTHER_KEY, ROOT_KEY, SHARES, Node, leaks, sealed, secret
 
 from spike.app.api.messages import RECOVER_PATH, RESTORE_PATH
 from spike.app.commands import operator
-from spike.app.commands.errors import CommandError
 from spike.app.commands.operator import format_shard, parse_shard
+from spike.app.errors import CommandError
 from spike.protocol import KeyRecovered, Phase, RequestKind, Share
 from spike.protocol.wire import ShardContribution, decode
 

@@ -31,7 +31,7 @@ from harness import Cluster, HarnessError, pick_port
 
 from spike.app.commands.client import fetch_status, nexus_connection
 from spike.app.commands.devca import DevIdentity
-from spike.app.commands.errors import CommandError
+from spike.app.errors import CommandError
 from spike.app.store.sqlite_schema import NexusStore
 from spike.protocol.material import Share
 from spike.protocol.shamir import combine

@@ -176,13 +176,43 @@ async def test_oversized_headers_get_431(split: bool, dev_identity: DevIdentity,
         b"POST /v1/store/shard HTTP/1.1\r\nBad Header\r\n\r\n",
         b"POST /v1/store/shard HTTP/1.1\r\n\r\n",  # HTTP/1.1 without Host
         b"\x16\x03\x01\x00\x05hello\r\n\r\n",
+        b"POST /v1/store/shard HTTP/1.1\nHost: k\nContent-Length: 2\n\n{}",  # bare LF: refused, not timed out
+        b"POST /v1/store/shard HTTP/1.1\r\nHost: k\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX: a\n\r\n"
+        b"POST /v1/store/contribute HTTP/1.1\r\nHost: k\r\nContent-Length: 2\r\n\r\n{}",  # a request in the trailers
+        b"POST /v1/store/shard HTTP/1.1\r\nHost: k\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\n{}\r\n0\r\nX\x00: a\r\n\r\n",
     ],
-    ids=["garbage", "bad-length", "two-lengths", "bad-header", "no-host", "binary"],
+    ids=[
+        "garbage",
+        "bad-length",
+        "two-lengths",
+        "bad-header",
+        "no-host",
+        "binary",
+        "bare-lf",
+        "trailer-lf",
+        "trailer-nul",
+    ],
 )
 async def test_malformed_http_gets_400(data: bytes, dev_identity: DevIdentity, nexus: ssl.SSLContext) -> None:
     async with keeper_server(dev_identity, 1, LIMITS) as k:
         status, _, body = await in_thread(lambda: send_expect_status(k.served.port, nexus, data))
         assert (status, json.loads(body)) == (400, BAD_REQUEST)
+        await still_serving(k, nexus)
+
+
+async def test_chunked_http10_is_answered_and_the_connection_closed(
+    dev_identity: DevIdentity, nexus: ssl.SSLContext
+) -> None:
+    """RFC 9112 6.1: Transfer-Encoding in HTTP/1.0 is suspect framing: answer, then close (keep-alive or not)."""
+    data = (
+        b"POST /v1/store/shard HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\n{}\r\n0\r\n\r\n"
+    )
+    async with keeper_server(dev_identity, 1, LIMITS) as k:
+        status, headers, _ = await in_thread(lambda: send_expect_status(k.served.port, nexus, data))
+        assert status == 404
+        assert headers.get("connection") == "close"
         await still_serving(k, nexus)
 
 

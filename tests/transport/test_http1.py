@@ -170,3 +170,83 @@ def test_plausible_fragments_never_crash_and_bodies_respect_the_limit(lines: lis
             assert len(request.body) <= BODY
     except HttpError as exc:
         assert exc.status in (400, 413, 431, 501, 505)
+
+
+# ---------------------------------------------------------------------- where spike once differed from h11
+
+
+def test_a_trailer_with_a_bare_lf_does_not_swallow_the_next_request() -> None:
+    """`0\\r\\nX: a\\n\\r\\nPOST ...` was one request to spike (its trailers ran to the next blank line), two to h11."""
+    data = (
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: a\n\r\n"
+        b"POST /smuggled HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n"
+    )
+    assert refused(data) == 400
+
+
+@pytest.mark.parametrize(
+    "trailers",
+    [
+        b"X\x00: a\r\n",  # NUL in a name
+        b"X: a\x00b\r\n",  # NUL in a value
+        b"garbage\r\n",  # no colon
+        b"X: a\r\n folded\r\n",  # obsolete line folding
+        b"X : a\r\n",  # space before the colon
+        b"\x01\x02\r\n",
+    ],
+    ids=["nul-name", "nul-value", "no-colon", "obs-fold", "space-before-colon", "control"],
+)
+def test_malformed_trailers_are_refused(trailers: bytes) -> None:
+    data = b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n" + trailers + b"\r\n"
+    assert refused(data) == 400
+
+
+def test_well_formed_trailers_are_read_and_the_next_request_follows() -> None:
+    data = (
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\nX: a\r\nY-Z: \tb c\r\n\r\n"
+        b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n"
+    )
+    for split in (0, 1, 5):
+        first, second = parse_all(data, split=split)
+        assert (first.body, second.target) == (b"a", "/next")
+
+
+def test_chunked_on_http10_is_read_and_then_the_connection_closes() -> None:
+    """RFC 9112 6.1: Transfer-Encoding in HTTP/1.0 means faulty framing: process the message, then close."""
+    data = b"POST / HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+    [request] = parse_all(data)
+    assert request.body == b"ok"
+    assert not request.keep_alive
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET / HTTP/1.1\nHost: h\n\n",
+        b"GET / HTTP/1.1\r\nHost: h\n\r\n",
+        b"GET / HTTP/1.1\nHost: h\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: h\r\nX: a\n",  # incomplete: refused without waiting for the rest
+        b"\r\n\nGET / HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n1\na\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n1\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: a\n",
+    ],
+    ids=[
+        "all-lf",
+        "lf-end",
+        "lf-request-line",
+        "incomplete",
+        "lf-before-request",
+        "chunk-line",
+        "chunk-line-cut",
+        "trailer-cut",
+    ],
+)
+def test_a_bare_lf_gets_400_at_once(data: bytes) -> None:
+    """RFC 9112 2.2 lets a server refuse a bare LF line end; spike does, as soon as it sees one (not at a timeout)."""
+    assert refused(data) == 400
+
+
+def test_control_characters_in_a_chunk_extension_are_refused() -> None:
+    data = b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n1;a=\x00\r\na\r\n0\r\n\r\n"
+    assert refused(data) == 400

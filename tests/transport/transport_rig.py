@@ -98,9 +98,15 @@ async def serving(
     port: int = 0,
 ) -> AsyncIterator[Served]:
     """Run an `HttpsServer` on 127.0.0.1 until the block ends (then every connection is closed)."""
+    async with running(HttpsServer(ssl_context, handler, limits), port=port) as served:
+        yield served
+
+
+@contextlib.asynccontextmanager
+async def running(server: HttpsServer, *, port: int = 0) -> AsyncIterator[Served]:
+    """Run a server built elsewhere (e.g. by the app's own wiring) on 127.0.0.1 until the block ends."""
     inner = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=port)
     bound = int(inner.listeners[0].extra(SocketAttribute.local_port))
-    server = HttpsServer(ssl_context, handler, limits)
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve, inner)
         try:

@@ -28,8 +28,8 @@ from spike.app.api.messages import (
     VerifyResponse,
 )
 from spike.app.commands.client import fetch_status, nexus_connection
-from spike.app.commands.errors import CommandError
-from spike.app.config import BootstrapConfig
+from spike.app.config import THRESHOLD_ONE, BootstrapConfig
+from spike.app.errors import CommandError
 from spike.app.identity import identity_source
 from spike.protocol.identity import Role, TrustDomains
 from spike.protocol.material import RootKey, Share, derive_key
@@ -76,6 +76,8 @@ def run(config: BootstrapConfig, say: Say = print) -> None:
                 )
             keepers = config.keepers  # the URLs as this host reaches them
         _refuse_if_initialised(status, config.force)
+        if status.threshold == 1 and not config.allow_threshold_one:
+            raise CommandError(f"Nexus is configured with {THRESHOLD_ONE}", exit_code=2)
         epoch = (status.epoch or 0) + 1
         key = RootKey.generate(os.urandom)
         try:

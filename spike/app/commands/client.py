@@ -14,7 +14,7 @@ import msgspec
 
 from spike.app.api.messages import CIPHER_MAX_PLAINTEXT as MAX_PLAINTEXT
 from spike.app.api.messages import STATUS_PATH, StatusBody
-from spike.app.commands.errors import CommandError
+from spike.app.errors import CommandError
 from spike.app.identity import IdentitySpec, identity_source
 from spike.protocol.errors import RemoteProtocolError
 from spike.protocol.identity import Role, TrustDomains

@@ -34,8 +34,8 @@ from spike.app.api.messages import STATUS_PATH, StatusBody
 from spike.app.commands import bootstrap, operator
 from spike.app.commands.client import NexusClient, NexusError
 from spike.app.commands.devca import DevIdentity, mint_dev_identity
-from spike.app.commands.errors import CommandError
-from spike.app.config import BootstrapConfig, Common
+from spike.app.config import THRESHOLD_ONE, BootstrapConfig, Common
+from spike.app.errors import CommandError
 from spike.app.store.sqlite_schema import NexusStore
 from spike.protocol.identity import TrustDomains
 from spike.transports.tls import SvidFiles
@@ -59,6 +59,7 @@ class DevOptions:
     trust_domain: str
     poll_interval: str
     log_level: str
+    allow_threshold_one: bool = False
 
 
 def spike_command() -> list[str]:
@@ -183,6 +184,7 @@ class Deployment:
             "SPIKE_NEXUS_KEEPER_PEERS": self.peers,
             "SPIKE_NEXUS_SHAMIR_SHARES": str(self.options.keepers),
             "SPIKE_NEXUS_SHAMIR_THRESHOLD": str(self.options.threshold),
+            "SPIKE_ALLOW_THRESHOLD_ONE": "true" if self.options.allow_threshold_one else "false",
             "SPIKE_NEXUS_DATA_DIR": str(self.root / "nexus"),
             "SPIKE_NEXUS_KEEPER_POLL_INTERVAL": self.options.poll_interval,
         }
@@ -215,6 +217,7 @@ class Deployment:
             None,
             force=False,
             timeout=60.0,
+            allow_threshold_one=self.options.allow_threshold_one,
         )
         bootstrap.run(config, say=lambda line: self.say(f"  {line}"))
 
@@ -309,6 +312,8 @@ def _stop_once() -> None:
 def run(options: DevOptions, say: Say = say_now) -> int:
     if not 1 <= options.threshold <= options.keepers <= 255:
         raise CommandError("need 1 <= threshold <= keepers <= 255", exit_code=2)
+    if options.threshold == 1 and not options.allow_threshold_one:
+        raise CommandError(THRESHOLD_ONE, exit_code=2)
     _stop_once()
     deployment: Deployment | None = None
     lock: contextlib.ExitStack = contextlib.ExitStack()

@@ -27,7 +27,7 @@ from spike.app.api.messages import (
     RestoreRequest,
     StatusBody,
 )
-from spike.app.commands.errors import CommandError
+from spike.app.errors import CommandError
 from spike.protocol.errors import ShamirError
 from spike.protocol.material import Share
 

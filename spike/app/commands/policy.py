@@ -30,7 +30,7 @@ from spike.app.api.messages import (
     PolicyPutResponse,
 )
 from spike.app.commands.client import Empty, NexusClient
-from spike.app.commands.errors import CommandError
+from spike.app.errors import CommandError
 from spike.app.model import kv
 from spike.app.model.policy import check_policy_fields, unanchored_warnings
 

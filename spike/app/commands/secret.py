@@ -37,7 +37,7 @@ from spike.app.api.messages import (
 from spike.app.api.messages import CIPHER_MAX_OVERHEAD as MAX_OVERHEAD
 from spike.app.api.messages import CIPHER_MAX_PLAINTEXT as MAX_PLAINTEXT
 from spike.app.commands.client import Empty, NexusClient
-from spike.app.commands.errors import CommandError
+from spike.app.errors import CommandError
 from spike.app.model import kv
 
 Say = Callable[[str], None]

@@ -15,8 +15,8 @@ import msgspec
 
 from spike.app.api.messages import StatusBody
 from spike.app.commands.client import fetch_status, nexus_connection
-from spike.app.commands.errors import CommandError
 from spike.app.config import ClientConfig
+from spike.app.errors import CommandError
 from spike.app.identity import identity_source
 from spike.transports.blocking import ClientSession
 from spike.transports.client import TransportError

@@ -156,40 +156,55 @@ class NexusApi:
         started = time.perf_counter()
         action = request.action()
         route = self.routes.get((request.path, action))
-        decision = "allowed"
+        decision, refusal = self._gate(route, request)
         reply: Reply
-        if route is None:
-            decision = "no_route"
-            reply = api.BAD_REQUEST if request.path in self._paths else api.NOT_FOUND
-        elif request.method != "POST":
-            reply = api.METHOD_NOT_ALLOWED
-        elif self._refused_outright(route.guard, request):
-            log.info("refused %s for %s", request.path, request.peer or "a peer without SPIFFE ID")
-            decision = "denied"
-            reply = api.UNAUTHORIZED
-        elif route.needs_key and self._driver.custody.phase is not Phase.READY:
-            # Before the key, policies cannot even be read: for a caller that a policy
-            # might admit, nothing but "not ready" can be said.
-            decision = "not_ready"
-            reply = api.NOT_READY
+        if refusal is not None:
+            reply = refusal
         else:
-            try:
-                admitted = self._admits(route.guard, request)
-            except StorageError as exc:  # the policies could not be read: nothing is granted
-                log.debug("cannot check %s for %s: %s", request.path, request.peer, exc)
-                admitted = None
-                reply = api.NOT_READY if isinstance(exc, DatabaseUnavailable) else api.INTERNAL_ERROR
-            if admitted is None:
-                decision = "denied"
-            elif not admitted:
-                log.info("refused %s for %s", request.path, request.peer or "a peer without SPIFFE ID")
-                decision = "denied"
-                reply = api.UNAUTHORIZED
-            else:
-                reply = route.handler(request)
+            assert route is not None
+            reply = route.handler(request)
         if self._observer is not None:
             self._observe(self._observer, request, route is not None, action, decision, reply, started)
         return reply
+
+    def screen(self, request: ApiRequest) -> ApiResponse | None:
+        """Judge a request by its head, before its body is read: the refusal, or None to read on.
+
+        The route, the action and the caller decide what the guards decide without a body (a role,
+        a fixed system path, or whether any policy gives the caller the route's permission at all),
+        so a caller with no business here is answered without its body ever being held.  A request
+        let through is judged again, whole, when its body has come.
+        """
+        started = time.perf_counter()
+        action = request.action()
+        route = self.routes.get((request.path, action))
+        decision, refusal = self._gate(route, request)
+        if refusal is not None and self._observer is not None:
+            self._observe(self._observer, request, route is not None, action, decision, refusal, started)
+        return refusal
+
+    def _gate(self, route: Route | None, request: ApiRequest) -> tuple[str, ApiResponse | None]:
+        """(decision, refusal): what the route table and the guards say before any handler runs."""
+        if route is None:
+            return "no_route", api.BAD_REQUEST if request.path in self._paths else api.NOT_FOUND
+        if request.method != "POST":
+            return "allowed", api.METHOD_NOT_ALLOWED
+        if self._refused_outright(route.guard, request):
+            log.info("refused %s for %s", request.path, request.peer or "a peer without SPIFFE ID")
+            return "denied", api.UNAUTHORIZED
+        if route.needs_key and self._driver.custody.phase is not Phase.READY:
+            # Before the key, policies cannot even be read: for a caller that a policy
+            # might admit, nothing but "not ready" can be said.
+            return "not_ready", api.NOT_READY
+        try:
+            admitted = self._admits(route.guard, request)
+        except StorageError as exc:  # the policies could not be read: nothing is granted
+            log.debug("cannot check %s for %s: %s", request.path, request.peer, exc)
+            return "denied", api.NOT_READY if isinstance(exc, DatabaseUnavailable) else api.INTERNAL_ERROR
+        if not admitted:
+            log.info("refused %s for %s", request.path, request.peer or "a peer without SPIFFE ID")
+            return "denied", api.UNAUTHORIZED
+        return "allowed", None
 
     def _refused_outright(self, guard: Guard, request: ApiRequest) -> bool:
         """A role guard needs no key: its refusal comes first.

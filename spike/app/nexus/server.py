@@ -13,6 +13,7 @@ import anyio
 from spike.app.config import KEEPER_SUMMARY_EVERY, WAITING_SUMMARY_EVERY, ConfigError, NexusConfig
 from spike.app.identity import identity_source
 from spike.app.logs import ReportLogger, wall_time
+from spike.app.memory import AfterFloods, Protection, protect
 from spike.app.nexus.audit import AuditLog, secret_path_of
 from spike.app.nexus.authorizer import Authorizer
 from spike.app.nexus.cipher_api import MAX_PLAINTEXT, CipherApi
@@ -27,12 +28,13 @@ from spike.app.store.sealing import Sealer
 from spike.app.store.sqlite import SqliteBackend
 from spike.protocol.effects import KeeperState, KeyRecovered, NewerKeySeen, Phase, PhaseChanged, Report
 from spike.protocol.errors import LocalProtocolError
+from spike.protocol.identity import Role, SpiffeId, TrustDomains
 from spike.protocol.nexus import NexusCustody
 from spike.protocol.record import KeyRecord
 from spike.transports.custody_driver import CustodyDriver
 from spike.transports.identity import IdentitySource
 from spike.transports.runner import Listener, run_event_loop, serve
-from spike.transports.server import HttpsServer, ServerLimits
+from spike.transports.server import ContextSource, HttpsServer, ServerLimits
 
 if TYPE_CHECKING:
     from spike.app.nexus.metrics import NexusMetrics
@@ -40,10 +42,28 @@ if TYPE_CHECKING:
 log = logging.getLogger("spike.nexus")
 
 # Bodies up to a cipher plaintext (1 MiB) plus its JSON and base64 overhead.
-NEXUS_LIMITS = ServerLimits(max_body_bytes=MAX_PLAINTEXT * 4 // 3 + 4096)
-METRICS_LIMITS = ServerLimits(max_body_bytes=0, max_header_bytes=8192, max_connections=64)
+NEXUS_LIMITS = ServerLimits(
+    max_body_bytes=MAX_PLAINTEXT * 4 // 3 + 4096,
+    max_connections=1024,
+    max_handshakes=128,
+    max_silent=512,
+    handshake_timeout=3.0,
+)
+METRICS_LIMITS = ServerLimits(max_body_bytes=0, max_header_bytes=8192, max_connections=64, max_handshakes=16)
+# At the connection limit, operators and bootstrap take the place of workloads: whatever a workload
+# does with its connections, `spike status` and `spike operator` still get in.
+NEXUS_PREFERS = frozenset({Role.BOOTSTRAP, Role.PILOT_SUPERUSER, Role.PILOT_RECOVER, Role.PILOT_RESTORE})
 # Several instances on one database: how often each reads what the others may have changed.
 CLUSTER_WATCH_INTERVAL = 1.0
+
+
+def nexus_server(context: ContextSource, api: NexusApi, trust: TrustDomains) -> HttpsServer:
+    """Nexus's HTTPS server: the API, its limits, its judging of request heads, and who it prefers."""
+
+    def preferred(peer: SpiffeId | None) -> bool:
+        return trust.role_of(peer) in NEXUS_PREFERS
+
+    return HttpsServer(context, api, NEXUS_LIMITS, prefer=preferred, screen=api.screen)
 
 
 class Summaries:
@@ -294,13 +314,15 @@ class CallRecorder:
 
 
 def run(config: NexusConfig) -> None:
+    # First of all, before the SVID's key, the root key or a secret is in memory.
+    memory = protect(require_lock=config.require_memory_lock)
     trust = config.common.trust
     svid = config.common.svid
     # The identity first: a Nexus that cannot use its SVID must not touch its data dir.
     # New connections (to keepers, from clients) always take the current SVID.
     identity = identity_source(svid, trust).start()
     try:
-        _run(config, identity)
+        _run(config, identity, memory)
     finally:
         identity.stop()
 
@@ -314,7 +336,7 @@ def _check_record_fits(record: KeyRecord | None, config: NexusConfig, where: str
         )
 
 
-def _run(config: NexusConfig, identity: IdentitySource) -> None:
+def _run(config: NexusConfig, identity: IdentitySource, memory: Protection) -> None:
     trust = config.common.trust
     secrets = open_backend(config)
     try:
@@ -396,6 +418,7 @@ def _run(config: NexusConfig, identity: IdentitySource) -> None:
         def listening(host: str, port: int) -> None:
             nonlocal started
             started = True
+            memory.say("Nexus")
             if record is None:
                 log.info("no key record in %s: waiting for `spike bootstrap`", secrets.description)
             else:
@@ -409,17 +432,25 @@ def _run(config: NexusConfig, identity: IdentitySource) -> None:
                 os.getpid(),
             )
 
+        server = nexus_server(identity.server_context, api, trust)
+        summaries = Summaries(
+            driver,
+            config.keepers,
+            waiting_every=config.waiting_summary_every,
+            keepers_every=config.keeper_summary_every,
+        )
+        after_floods = AfterFloods(server)
+
+        def every_second() -> None:
+            summaries()
+            after_floods()
+
         try:
             await serve(
                 config.bind,
-                HttpsServer(identity.server_context, api, NEXUS_LIMITS),
+                server,
                 background=background,
-                periodic=Summaries(
-                    driver,
-                    config.keepers,
-                    waiting_every=config.waiting_summary_every,
-                    keepers_every=config.keeper_summary_every,
-                ),
+                periodic=every_second,
                 on_listening=listening,
                 extra=extra,
                 grace=config.shutdown_grace,
