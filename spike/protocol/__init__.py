@@ -13,7 +13,8 @@ through submodules are internal.  ``docs/embedding.md`` is the guide:
 * Keeper side: `Keeper` turns an `ApiRequest` into a `KeeperOutcome`.
 * Material: `RootKey`, `Share`, `seal_key`, Shamir (`deal`, `combine`, ...).
 * Identity: `SpiffeId`, `TrustDomains`, `Role`, `peer_spiffe_id`.
-* Wire: `ShardContribution` / `ShardAnswer`, `encode`, `decode`, paths.
+* Wire: `ShardContribution`, `ShardAnswer`, `ShardRequest`, `ForgetRequest`,
+  `encode`, `decode`, paths.
 * Errors: `LocalProtocolError` (the caller's mistake), `RemoteProtocolError`
   (a peer's), both `SpikeError`.
 """
@@ -53,16 +54,20 @@ from .record import KeyRecord, seal_key
 from .shamir import combine, deal, share_for, split_with
 from .wire import (
     KEEPER_CONTRIBUTE_PATH,
+    KEEPER_FORGET_PATH,
     KEEPER_SHARD_PATH,
     ErrorCode,
+    ForgetRequest,
     ShardAnswer,
     ShardContribution,
+    ShardRequest,
     decode,
     encode,
 )
 
 __all__ = [
     "KEEPER_CONTRIBUTE_PATH",
+    "KEEPER_FORGET_PATH",
     "KEEPER_SHARD_PATH",
     "MAX_KEEPER_BODY",
     "ORDER",
@@ -73,6 +78,7 @@ __all__ = [
     "ApiResponse",
     "Effect",
     "ErrorCode",
+    "ForgetRequest",
     "FailureKind",
     "InvalidSpiffeId",
     "Keeper",
@@ -107,6 +113,7 @@ __all__ = [
     "ShareRejected",
     "ShardAnswer",
     "ShardContribution",
+    "ShardRequest",
     "SpiffeId",
     "SpikeError",
     "TrustDomains",
