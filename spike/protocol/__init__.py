@@ -9,7 +9,9 @@ through submodules are internal.  ``docs/embedding.md`` is the guide:
 * Nexus side: `NexusCustody` (with `PollSchedule`, a `RandomSource`, a
   `KeyRecord`) emits effects -- `SendRequest` to perform, `Report` values to
   log -- and takes answers (`ResponseReceived`, `RequestFailed` with a
-  `FailureKind`).
+  `FailureKind`).  Key rotation adds three store effects
+  (`PersistRotation`, `CommitRotation`, `AbandonRotation`: `StoreEffect`)
+  and a `PendingRotation` to store (docs/key-lifecycle.md).
 * Keeper side: `Keeper` turns an `ApiRequest` into a `KeeperOutcome`.
 * Material: `RootKey`, `Share`, `seal_key`, Shamir (`deal`, `combine`, ...).
 * Identity: `SpiffeId`, `TrustDomains`, `Role`, `peer_spiffe_id`.
@@ -21,7 +23,10 @@ through submodules are internal.  ``docs/embedding.md`` is the guide:
 
 from .api import ApiRequest, ApiResponse
 from .effects import (
+    AbandonRotation,
+    CommitRotation,
     Effect,
+    KeeperLeft,
     KeeperMisbehaved,
     KeeperReseeded,
     KeeperState,
@@ -29,11 +34,16 @@ from .effects import (
     KeyRecovered,
     KeyRejected,
     NewerKeySeen,
+    PersistRotation,
     Phase,
     PhaseChanged,
     Report,
     RequestKind,
+    RotationProgress,
+    RotationStage,
     SendRequest,
+    ShardRetired,
+    StoreEffect,
 )
 from .errors import LocalProtocolError, RemoteProtocolError, ShamirError, SpikeError
 from .events import Answer, FailureKind, RequestFailed, ResponseReceived
@@ -48,8 +58,11 @@ from .nexus import (
     PollSchedule,
     RandomSource,
     RestoreProgress,
+    RotationRefused,
+    RotationView,
     ShareRejected,
 )
+from .pending import PendingRotation
 from .record import KeyRecord, seal_key
 from .shamir import combine, deal, share_for, split_with
 from .wire import (
@@ -71,18 +84,21 @@ __all__ = [
     "KEEPER_SHARD_PATH",
     "MAX_KEEPER_BODY",
     "ORDER",
+    "AbandonRotation",
     "AlreadyInitialised",
-    "DuplicateShare",
     "Answer",
     "ApiRequest",
     "ApiResponse",
+    "CommitRotation",
+    "DuplicateShare",
     "Effect",
     "ErrorCode",
-    "ForgetRequest",
     "FailureKind",
+    "ForgetRequest",
     "InvalidSpiffeId",
     "Keeper",
     "KeeperChange",
+    "KeeperLeft",
     "KeeperMisbehaved",
     "KeeperOutcome",
     "KeeperReseeded",
@@ -95,6 +111,8 @@ __all__ = [
     "LocalProtocolError",
     "NewerKeySeen",
     "NexusCustody",
+    "PendingRotation",
+    "PersistRotation",
     "Phase",
     "PhaseChanged",
     "PollSchedule",
@@ -107,15 +125,21 @@ __all__ = [
     "RestoreProgress",
     "Role",
     "RootKey",
+    "RotationProgress",
+    "RotationRefused",
+    "RotationStage",
+    "RotationView",
     "SendRequest",
     "ShamirError",
-    "Share",
-    "ShareRejected",
     "ShardAnswer",
     "ShardContribution",
     "ShardRequest",
+    "ShardRetired",
+    "Share",
+    "ShareRejected",
     "SpiffeId",
     "SpikeError",
+    "StoreEffect",
     "TrustDomains",
     "combine",
     "deal",

@@ -40,6 +40,9 @@ PUBLIC_NAMES = {
     # Nexus custody
     "NexusCustody", "PollSchedule", "RandomSource", "KeeperView", "RestoreProgress",
     "AlreadyInitialised", "ShareRejected", "DuplicateShare",
+    # key rotation
+    "PendingRotation", "RotationView", "RotationRefused", "RotationStage", "PersistRotation", "CommitRotation",
+    "AbandonRotation", "StoreEffect", "RotationProgress", "ShardRetired", "KeeperLeft",
     # effects and events
     "Effect", "SendRequest", "RequestKind", "Report", "KeeperStateChanged", "KeeperState",
     "KeeperReseeded", "KeeperMisbehaved", "PhaseChanged", "Phase", "KeyRecovered", "KeyRejected",
@@ -71,8 +74,18 @@ FIELDS = {
     "RequestFailed": ("request_id", "reason", "kind"),
     "KeeperView": (
         "keeper_id", "state", "since", "detail", "polls", "empty_answers", "failures", "reseeds",
-        "last_poll_at", "last_answer_at", "latency", "next_poll_at", "outcomes",
+        "last_poll_at", "last_answer_at", "latency", "next_poll_at", "outcomes", "slots",
     ),
+    "RotationView": (
+        "stage", "from_epoch", "to_epoch", "threshold", "keeper_ids", "dealt", "needed", "started_at",
+    ),
+    "PersistRotation": ("pending", "at"),
+    "CommitRotation": ("pending", "at"),
+    "AbandonRotation": ("pending", "at"),
+    "RotationProgress": ("stage", "from_epoch", "to_epoch", "dealt", "needed", "at", "detail"),
+    "ShardRetired": ("keeper_id", "epoch", "at"),
+    "KeeperLeft": ("keeper_id", "at", "detail"),
+    "PendingRotation": ("record", "from_epoch", "from_check", "new_key", "old_key"),
     "RestoreProgress": ("accepted", "needed", "ready"),
     "PollSchedule": ("interval", "jitter", "request_timeout"),
     "KeeperOutcome": ("response", "change", "refused"),
@@ -91,11 +104,15 @@ ENUMS = {
     "Phase": ("uninitialised", "recovering", "ready"),
     "KeeperState": (
         "unknown", "holding", "empty", "wrong_shard", "unverified", "unreachable", "bad_answer", "newer_epoch",
+        "removed",
+    ),
+    "RotationStage": (
+        "persisting", "dealing", "committing", "abandoning", "following", "committed", "abandoned", "not_started",
     ),
     "FailureKind": (
         "refused", "unreachable", "timeout", "tls", "peer_identity", "closed", "bad_http", "other",
     ),
-    "RequestKind": ("poll", "push", "confirm", "check"),
+    "RequestKind": ("poll", "push", "confirm", "check", "deal", "forget", "clear"),
     "KeeperChange": ("none", "stored", "replaced", "forgotten"),
     "Role": ("nexus", "keeper", "bootstrap", "pilot-superuser", "pilot-recover", "pilot-restore"),
     "ErrorCode": (
@@ -149,9 +166,14 @@ def test_effect_and_answer_aliases_cover_exactly_their_types() -> None:
         "KeyRecovered",
         "KeyRejected",
         "NewerKeySeen",
+        "RotationProgress",
+        "ShardRetired",
+        "KeeperLeft",
     }
+    stores = {"PersistRotation", "CommitRotation", "AbandonRotation"}
     assert {t.__name__ for t in protocol.Report.__args__} == reports
-    assert {t.__name__ for t in protocol.Effect.__args__} == reports | {"SendRequest"}
+    assert {t.__name__ for t in protocol.StoreEffect.__args__} == stores
+    assert {t.__name__ for t in protocol.Effect.__args__} == reports | stores | {"SendRequest"}
     assert {t.__name__ for t in protocol.Answer.__args__} == {"ResponseReceived", "RequestFailed"}
 
 
@@ -160,6 +182,7 @@ def test_error_classes_say_whose_fault_it_is() -> None:
     for name in local:
         assert issubclass(getattr(protocol, name), protocol.LocalProtocolError), name
     assert issubclass(protocol.DuplicateShare, protocol.ShareRejected)
+    assert issubclass(protocol.RotationRefused, protocol.LocalProtocolError)
     for base in (protocol.LocalProtocolError, protocol.RemoteProtocolError):
         assert issubclass(base, protocol.SpikeError)
     assert not issubclass(protocol.RemoteProtocolError, protocol.LocalProtocolError)
