@@ -25,6 +25,7 @@ from enum import Enum
 
 from .api import (
     BAD_REQUEST,
+    CONFLICT,
     METHOD_NOT_ALLOWED,
     NOT_FOUND,
     OK_EMPTY,
@@ -160,6 +161,10 @@ class Keeper:
             return KeeperOutcome(BAD_REQUEST, refused="keep needs an epoch, and another one than the shard's")
         held = (self._latest, self._previous)
         kept = next((h for h in held if h is not None and keep is not None and h.epoch == keep), None)
+        if keep is not None and kept is None:
+            # Nexus saw that shard a moment ago; without it (a restart since) the keeper would end up with the
+            # new shard alone, and a keeper holding the new epoch's shard must still hold the old one.
+            return KeeperOutcome(CONFLICT, refused=f"asked to keep a shard of epoch {keep}, which it does not hold")
         latest = self._latest
         if latest is not None and latest.same(shard, contribution.id, contribution.epoch) and kept is self._previous:
             return KeeperOutcome(OK_EMPTY)

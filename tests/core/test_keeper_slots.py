@@ -114,8 +114,17 @@ def test_a_contribution_without_keep_leaves_one_shard_as_spikes_keeper_does(rota
 def test_keep_names_the_shard_kept_and_every_other_is_dropped(rotated: Keeper) -> None:
     contribute(rotated, 9, keep=8)
     assert rotated.epochs == (9, 8)
-    contribute(rotated, 10, keep=5)  # it holds no shard of epoch 5: nothing is kept
-    assert rotated.epochs == (10,)
+
+
+def test_keep_of_a_shard_it_does_not_hold_is_409_and_changes_nothing(rotated: Keeper) -> None:
+    """A keeper restarted between Nexus's read and the deal must not end up with the new shard alone."""
+    outcome = contribute(rotated, 10, keep=5)
+    assert (outcome.response.status, outcome.response.body) == (409, b'{"err":"api_conflict"}')
+    assert outcome.change is KeeperChange.NONE and outcome.refused
+    assert rotated.epochs == (8, 7)
+    empty = Keeper(TRUST)
+    assert contribute(empty, 8, keep=7).response.status == 409
+    assert empty.epochs == ()
 
 
 def test_the_same_epoch_again_replaces_the_latest_and_keeps_the_previous(rotated: Keeper) -> None:
@@ -258,7 +267,10 @@ def test_the_keeper_holds_at_most_two_shards_and_answers_like_a_model(ops: list[
             if keep == epoch:
                 assert outcome.response.status == 400
                 continue
-            model = [epoch, *([keep] if keep is not None and keep in model else [])]
+            if keep is not None and keep not in model:
+                assert outcome.response.status == 409
+                continue
+            model = [epoch, *([keep] if keep is not None else [])]
         elif op == "go-contribute":
             body = msgspec.json.encode({"shard": shard(epoch)})
             keeper.handle(ApiRequest("POST", KEEPER_CONTRIBUTE_PATH, NEXUS, body))
