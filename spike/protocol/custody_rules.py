@@ -200,8 +200,8 @@ CANNOT_HAPPEN: tuple[Rule, ...] = (
         WITH_RECORD,
         _CONFIRM,
         (Outcome.REMOVED, Outcome.CLEARED),
-        "a keeper leaves the sets only when a commit, `initialise` or the end of a rotation drops its request "
-        "in flight, and nothing is pushed to a keeper outside them: a read-back never meets a removed keeper",
+        "a keeper leaves the sets only through a commit, `initialise` or the end of a rotation, each of which drops "
+        "its request in flight, and nothing is pushed to a keeper outside them: a read-back never meets a removed one",
     ),
 )
 

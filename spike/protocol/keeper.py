@@ -161,11 +161,15 @@ class Keeper:
             return KeeperOutcome(BAD_REQUEST, refused="keep needs an epoch, and another one than the shard's")
         held = (self._latest, self._previous)
         kept = next((h for h in held if h is not None and keep is not None and h.epoch == keep), None)
+        latest = self._latest
+        if keep is not None and kept is None and latest is not None and latest.epoch is None and self._previous is None:
+            # A lone shard given without labels (by SPIKE's bootstrap, say): Nexus checked it against epoch `keep`'s
+            # commitment before asking, so it is that epoch's, and is kept as such.
+            kept = _Held(bytes(latest.shard), latest.id, keep)
         if keep is not None and kept is None:
             # Nexus saw that shard a moment ago; without it (a restart since) the keeper would end up with the
             # new shard alone, and a keeper holding the new epoch's shard must still hold the old one.
             return KeeperOutcome(CONFLICT, refused=f"asked to keep a shard of epoch {keep}, which it does not hold")
-        latest = self._latest
         if latest is not None and latest.same(shard, contribution.id, contribution.epoch) and kept is self._previous:
             return KeeperOutcome(OK_EMPTY)
         change = KeeperChange.STORED if latest is None else KeeperChange.REPLACED

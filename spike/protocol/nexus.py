@@ -537,28 +537,36 @@ class NexusCustody:
         self._step(Event.START, now, Rotation(pending, new_key, now))
         return pending
 
-    def rotation_persisted(self, now: float) -> None:
+    def rotation_persisted(self, now: float, pending: PendingRotation | None = None) -> None:
         """The driver stored the pending rotation (`PersistRotation`) durably: dealing begins.
 
+        Pass the effect's `pending`: an acknowledgement of a rotation that is
+        no longer this machine's (one dropped meanwhile) is then ignored.
         Raises `LocalProtocolError` when no rotation waits for that.
         """
-        self._step(Event.PERSISTED, now)
+        if self._acknowledges(pending):
+            self._step(Event.PERSISTED, now)
 
-    def rotation_not_persisted(self, now: float, reason: str) -> None:
+    def rotation_not_persisted(self, now: float, reason: str, pending: PendingRotation | None = None) -> None:
         """The driver could not store the pending rotation (refused or failed): it is dropped.
 
-        `reason` is reported (`RotationProgress`, `NOT_STARTED`).  Raises
+        `reason` is reported (`RotationProgress`, `NOT_STARTED`).  Pass the
+        effect's `pending` (see `rotation_persisted`).  Raises
         `LocalProtocolError` when no rotation waits for that.
         """
-        self._step(Event.NOT_PERSISTED, now, detail=reason)
+        if self._acknowledges(pending):
+            self._step(Event.NOT_PERSISTED, now, detail=reason)
 
-    def rotation_committed(self, now: float) -> None:
+    def rotation_committed(self, now: float, pending: PendingRotation | None = None) -> None:
         """The driver committed the rotation (`CommitRotation`) durably: the new key is in force.
 
         The old key is wiped; keepers are told to forget the old epoch at
-        their next polls.  Raises `LocalProtocolError` when no commit waits.
+        their next polls.  Pass the effect's `pending` (see
+        `rotation_persisted`).  Raises `LocalProtocolError` when no commit
+        waits.
         """
-        self._step(Event.COMMITTED, now)
+        if self._acknowledges(pending):
+            self._step(Event.COMMITTED, now)
 
     def abort_rotation(self, now: float) -> None:
         """Give up the rotation being dealt: emits `AbandonRotation` (then `rotation_abandoned`).
@@ -578,12 +586,14 @@ class NexusCustody:
             )
         self._step(Event.ABORT, now)
 
-    def rotation_abandoned(self, now: float) -> None:
+    def rotation_abandoned(self, now: float, pending: PendingRotation | None = None) -> None:
         """The driver deleted the pending rotation (`AbandonRotation`): its epoch is burned.
 
-        Raises `LocalProtocolError` when no abandonment waits for that.
+        Pass the effect's `pending` (see `rotation_persisted`).  Raises
+        `LocalProtocolError` when no abandonment waits for that.
         """
-        self._step(Event.ABANDONED, now)
+        if self._acknowledges(pending):
+            self._step(Event.ABANDONED, now)
 
     def follow_rotation(self, pending: PendingRotation | None, now: float) -> None:
         """Another Nexus instance stored `pending` (None: the stored one is gone without a commit).
@@ -768,6 +778,11 @@ class NexusCustody:
 
     # ------------------------------------------------------------------ a rotation's steps
 
+    def _acknowledges(self, pending: PendingRotation | None) -> bool:
+        """Whether an acknowledgement is for the rotation under way (without `pending`: assumed so)."""
+        rotation = self._rotation
+        return pending is None or (rotation is not None and rotation.pending == pending)
+
     def _step(self, event: Event, now: float, rotation: Rotation | None = None, *, detail: str = "") -> None:
         """Move the rotation on by `event` (`rotation_steps.STEPS`); raise if it is not expected now."""
         current = self._rotation
@@ -807,9 +822,11 @@ class NexusCustody:
                 rotation.new_key.wipe()
                 rotation.new_key = None
             self._rotation = None
+            dropped = pending.record.epoch
             for keeper in self._keepers.values():
-                if not self._member(keeper.id):
-                    self._end_request(keeper)  # a keeper only the rotation named: what it was asked no longer counts
+                request = keeper.request
+                if request is not None and (request.epoch == dropped or not self._member(keeper.id)):
+                    self._end_request(keeper)  # about the rotation given up: it no longer counts
         else:
             self._report_rotation(rotation, step.report or step.stage or RotationStage.NOT_STARTED, now, detail)
             if step.stage is None:
@@ -827,8 +844,12 @@ class NexusCustody:
         self._highest = max(self._highest, record.epoch)
         self._collected.clear()
         for keeper in self._keepers.values():
-            self._end_request(keeper)  # answers to requests made before the commit do not count after it
             keeper.took_new = False
+            request = keeper.request
+            # What was asked about the old epoch (its re-seed, its read-back), or of a keeper the rekey removed,
+            # no longer counts; what was asked about the new one (a poll, a deal) does, and is awaited.
+            if request is not None and (request.epoch not in (None, record.epoch) or not self._member(keeper.id)):
+                self._end_request(keeper)
         if self._key is None and self._phase is Phase.READY:
             self._set_phase(Phase.RECOVERING, now)
         if self._rekey and not self._is_target(record):
