@@ -30,6 +30,7 @@ from spike.protocol import (
     RotationProgress,
     RotationRefused,
     RotationStage,
+    SendRequest,
     ShamirError,
     ShardContribution,
     ShardRetired,
@@ -407,3 +408,34 @@ def test_golden_vector_of_the_stored_pending_rotation() -> None:
     assert list(msgspec.json.decode(stored)) == ["record", "from_epoch", "from_check", "new_key", "old_key"]
     again = decode(stored, PendingRotation).validate()
     assert again.open_new(old) == new and again.open_old(new) == old
+
+
+def test_a_read_about_the_new_epoch_in_flight_at_the_commit_still_counts() -> None:
+    """Found by the simulation: dropping every request at the commit delayed a re-seed by a whole interval."""
+    d = Deployment(hold_store=True)
+    d.nexus.start_rotation(d.now)
+    d.run_for(0.01)
+    d.release()
+    d.run_for(d.interval * 2, stop=lambda: bool(d.held))
+    [commit] = d.held
+    d.held.clear()
+    d.restart_keeper(2)  # empty now; its next poll is about epoch 2
+    rig_request: SendRequest | None = None
+    # Drive by hand: take keeper 2's next poll, acknowledge the commit, then answer the poll.
+    while rig_request is None:
+        d.now = d.nexus.next_deadline()
+        d.nexus.handle_timer(d.now)
+        for effect in d.nexus.effects():
+            if isinstance(effect, SendRequest) and effect.keeper_id == 2 and effect.kind is RequestKind.POLL:
+                rig_request = effect
+            elif isinstance(effect, SendRequest):
+                d.nexus.receive(d.network(effect), d.now)
+    assert rig_request.request_id in d.nexus._inflight
+    assert msgspec.json.decode(rig_request.body) == {"epoch": 2}
+    assert d.store.commit(commit.pending)
+    d.nexus.rotation_committed(d.now, commit.pending)
+    d.nexus.effects()
+    d.nexus.receive(d.network(rig_request), d.now + 0.01)
+    pushes = [e for e in d.nexus.effects() if isinstance(e, SendRequest) and e.kind is RequestKind.PUSH]
+    assert [p.keeper_id for p in pushes] == [2]  # re-seeded at once with epoch 2, not at its next poll
+    assert decode(pushes[0].body, ShardContribution).epoch == 2
