@@ -105,6 +105,7 @@ class RotationMachine(RuleBasedStateMachine):
             record=self.stored,
             pending=self.pending,
             highest_epoch=self.highest,
+            rekey=True,  # the configuration may have moved on (a rekey's threshold) from the stored record
             random_bytes=self.rng.randbytes,
         )
         self.requests.clear()
@@ -228,6 +229,7 @@ class RotationMachine(RuleBasedStateMachine):
             if rekey:
                 threshold = data.draw(st.integers(1, len(self.ids)))
                 self.nexus.start_rotation(self.now, threshold=threshold)
+                self.threshold = threshold  # the new configuration, for a Nexus started later
             else:
                 self.nexus.start_rotation(self.now)
         except LocalProtocolError:
