@@ -53,6 +53,8 @@ class KeeperHandler:
             log.info("shard stored (from %s)", request.peer, extra={"event": "shard_stored"})
         elif outcome.change is KeeperChange.REPLACED:
             log.warning("shard replaced by a different one (from %s)", request.peer, extra={"event": "shard_replaced"})
+        elif outcome.change is KeeperChange.FORGOTTEN:
+            log.info("shard forgotten on request (from %s)", request.peer, extra={"event": "shard_forgotten"})
         if outcome.refused:
             log.info(
                 "refused %s from %s: %s",

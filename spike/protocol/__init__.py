@@ -9,19 +9,25 @@ through submodules are internal.  ``docs/embedding.md`` is the guide:
 * Nexus side: `NexusCustody` (with `PollSchedule`, a `RandomSource`, a
   `KeyRecord`) emits effects -- `SendRequest` to perform, `Report` values to
   log -- and takes answers (`ResponseReceived`, `RequestFailed` with a
-  `FailureKind`).
+  `FailureKind`).  Key rotation adds three store effects
+  (`PersistRotation`, `CommitRotation`, `AbandonRotation`: `StoreEffect`)
+  and a `PendingRotation` to store (docs/key-lifecycle.md).
 * Keeper side: `Keeper` turns an `ApiRequest` into a `KeeperOutcome`.
 * Material: `RootKey`, `Share`, `seal_key`, Shamir (`deal`, `combine`, ...).
 * Identity: `SpiffeId`, `TrustDomains`, `Role`, `peer_spiffe_id`; trust per domain:
   `TrustBundles` (which CA serves which trust domain), `chain_refusal`, `TrustBundleError`.
-* Wire: `ShardContribution` / `ShardAnswer`, `encode`, `decode`, paths.
+* Wire: `ShardContribution`, `ShardAnswer`, `ShardRequest`, `ForgetRequest`,
+  `encode`, `decode`, paths.
 * Errors: `LocalProtocolError` (the caller's mistake), `RemoteProtocolError`
   (a peer's), both `SpikeError`.
 """
 
 from .api import ApiRequest, ApiResponse
 from .effects import (
+    AbandonRotation,
+    CommitRotation,
     Effect,
+    KeeperLeft,
     KeeperMisbehaved,
     KeeperReseeded,
     KeeperState,
@@ -30,11 +36,16 @@ from .effects import (
     KeyRejected,
     KeySource,
     NewerKeySeen,
+    PersistRotation,
     Phase,
     PhaseChanged,
     Report,
     RequestKind,
+    RotationProgress,
+    RotationStage,
     SendRequest,
+    ShardRetired,
+    StoreEffect,
 )
 from .errors import LocalProtocolError, RemoteProtocolError, ShamirError, SpikeError
 from .events import Answer, FailureKind, RequestFailed, ResponseReceived
@@ -49,37 +60,48 @@ from .nexus import (
     PollSchedule,
     RandomSource,
     RestoreProgress,
+    RotationRefused,
+    RotationView,
     ShareRejected,
 )
+from .pending import PendingRotation
 from .record import KeyRecord, seal_key
 from .shamir import combine, deal, share_for, split_with
 from .trust import TrustBundleError, TrustBundles, chain_refusal
 from .wire import (
     KEEPER_CONTRIBUTE_PATH,
+    KEEPER_FORGET_PATH,
     KEEPER_SHARD_PATH,
     ErrorCode,
+    ForgetRequest,
     ShardAnswer,
     ShardContribution,
+    ShardRequest,
     decode,
     encode,
 )
 
 __all__ = [
     "KEEPER_CONTRIBUTE_PATH",
+    "KEEPER_FORGET_PATH",
     "KEEPER_SHARD_PATH",
     "MAX_KEEPER_BODY",
     "ORDER",
+    "AbandonRotation",
     "AlreadyInitialised",
-    "DuplicateShare",
     "Answer",
     "ApiRequest",
     "ApiResponse",
+    "CommitRotation",
+    "DuplicateShare",
     "Effect",
     "ErrorCode",
     "FailureKind",
+    "ForgetRequest",
     "InvalidSpiffeId",
     "Keeper",
     "KeeperChange",
+    "KeeperLeft",
     "KeeperMisbehaved",
     "KeeperOutcome",
     "KeeperReseeded",
@@ -93,6 +115,8 @@ __all__ = [
     "LocalProtocolError",
     "NewerKeySeen",
     "NexusCustody",
+    "PendingRotation",
+    "PersistRotation",
     "Phase",
     "PhaseChanged",
     "PollSchedule",
@@ -105,14 +129,21 @@ __all__ = [
     "RestoreProgress",
     "Role",
     "RootKey",
+    "RotationProgress",
+    "RotationRefused",
+    "RotationStage",
+    "RotationView",
     "SendRequest",
     "ShamirError",
-    "Share",
-    "ShareRejected",
     "ShardAnswer",
     "ShardContribution",
+    "ShardRequest",
+    "ShardRetired",
+    "Share",
+    "ShareRejected",
     "SpiffeId",
     "SpikeError",
+    "StoreEffect",
     "TrustBundleError",
     "TrustBundles",
     "TrustDomains",

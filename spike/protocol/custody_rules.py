@@ -14,9 +14,10 @@ at the moment the key is rebuilt.
 The tables are total: every combination of the enums has an entry, and the
 ones the machine can never reach say why (`Rule.possible` is False).  The
 tests walk every reachable row and check the document generated from these
-tables (``docs/custody-rules.md``, `markdown()`) against it.  New states
-(key rotation, say) come in as new request kinds and outcomes, with their
-rows, not as branches in the machine.
+tables (``docs/custody-rules.md``, `markdown()`) against it.  Key rotation
+came in this way: request kinds (deal, forget, clear) and outcomes (lacks
+the new shard, removed, cleared) with their rows; how a rotation moves from
+step to step is the other table, `spike.protocol.rotation_steps.STEPS`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
+from . import rotation_steps
 from .effects import KeeperState, KeySource, Phase, RequestKind
 
 
@@ -38,6 +40,9 @@ class Outcome(Enum):
     STALE_EPOCH = "stale epoch"
     UNKNOWN_EPOCH = "unknown epoch"
     NEWER_EPOCH = "newer epoch"
+    LACKS_NEW = "lacks the new shard"
+    REMOVED = "removed"
+    CLEARED = "cleared"
     UNVERIFIABLE = "unverifiable"
     MALFORMED = "malformed"
     ERROR_STATUS = "error status"
@@ -50,13 +55,19 @@ class Outcome(Enum):
 
 #: Which answers each outcome stands for (`spike.protocol.answers.classify` decides).
 MEANING: Mapping[Outcome, str] = {
-    Outcome.HOLDING: "200 with its own shard of the record's epoch, matching its commitment",
+    Outcome.HOLDING: "200 with its own shard of the epoch asked for, matching its commitment (or, asked for the "
+    "record's epoch during a rotation, its shard of the new epoch); it may say it also holds a shard to retire",
     Outcome.EMPTY: "404, or 400 (how SPIKE's Go keeper says it is empty)",
     Outcome.WRONG_SHARD: "200 with a shard that fails its commitment, or is labelled as another keeper's",
     Outcome.STALE_EPOCH: "200 with a shard labelled with an earlier epoch the deployment had",
     Outcome.UNKNOWN_EPOCH: "200 with a shard labelled with an epoch the deployment never had: an earlier one "
     "not in the record's history, or a newer one after the driver confirmed its record (`confirm_record`)",
-    Outcome.NEWER_EPOCH: "200 with a shard labelled with an epoch above the record's, not (yet) known to be garbage",
+    Outcome.NEWER_EPOCH: "200 with a shard labelled with an epoch above every epoch known (the record's, a "
+    "rotation's, the high-water mark), not (yet) known to be garbage",
+    Outcome.LACKS_NEW: "200 with its own shard of the record's epoch, when asked for its shard of the epoch "
+    "being dealt: it lacks the new one",
+    Outcome.REMOVED: "200 from a keeper no longer in the key's set (a rekey removed it): it holds what it must not",
+    Outcome.CLEARED: "404 (or 400) from a keeper no longer in the key's set: it holds nothing",
     Outcome.UNVERIFIABLE: "200 with a well-formed shard, and no key record to check it against",
     Outcome.MALFORMED: "200 with a body that is not a shard (bad JSON, wrong length, out of the field)",
     Outcome.ERROR_STATUS: "any other status to a shard read (401, 500, 302, ...)",
@@ -76,6 +87,9 @@ READ_OUTCOMES = frozenset(
         Outcome.STALE_EPOCH,
         Outcome.UNKNOWN_EPOCH,
         Outcome.NEWER_EPOCH,
+        Outcome.LACKS_NEW,
+        Outcome.REMOVED,
+        Outcome.CLEARED,
         Outcome.UNVERIFIABLE,
         Outcome.MALFORMED,
         Outcome.ERROR_STATUS,
@@ -85,11 +99,13 @@ PUSH_OUTCOMES = frozenset({Outcome.ACCEPTED, Outcome.REFUSED})
 NO_ANSWER = frozenset({Outcome.UNREACHABLE, Outcome.TIMEOUT, Outcome.IMPOSTOR})
 READS = frozenset({RequestKind.POLL, RequestKind.CHECK, RequestKind.CONFIRM})
 REGULAR = frozenset({RequestKind.POLL, RequestKind.CHECK})  # reads whose answer may lead to a push
+#: Requests that change what a keeper holds: their answer is accepted or refused.
+WRITES = frozenset({RequestKind.PUSH, RequestKind.DEAL, RequestKind.FORGET, RequestKind.CLEAR})
 
 
 def outcomes_of(kind: RequestKind) -> frozenset[Outcome]:
     """The outcomes an answer to a request of `kind` can be classified into."""
-    return (PUSH_OUTCOMES if kind is RequestKind.PUSH else READ_OUTCOMES) | NO_ANSWER
+    return (PUSH_OUTCOMES if kind in WRITES else READ_OUTCOMES) | NO_ANSWER
 
 
 class Do(Enum):
@@ -104,6 +120,11 @@ class Do(Enum):
     PUSH = "push its shard (PUSH)"
     CONFIRM = "read it back (CONFIRM)"
     CHECK = "read it again (CHECK)"
+    DEAL = "deal its shard of the new epoch, keeping its current one (DEAL)"
+    RETIRE = "if it said it also holds a shard to retire: tell it to forget that one (FORGET)"
+    CLEAR = "tell it to forget every shard (CLEAR)"
+    RETIRED = "report ShardRetired"
+    LEAVE = "take it off the poll list (report KeeperLeft)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +156,10 @@ _UNINITIALISED = frozenset({Phase.UNINITIALISED})
 _RECOVERING = frozenset({Phase.RECOVERING})
 _READY = frozenset({Phase.READY})
 _POLL = frozenset({RequestKind.POLL})
-_PUSH = frozenset({RequestKind.PUSH})
+_PUSH = frozenset({RequestKind.PUSH, RequestKind.DEAL})  # both give it a shard: read back at once
 _CONFIRM = frozenset({RequestKind.CONFIRM})
+_FORGET = frozenset({RequestKind.FORGET})
+_CLEAR = frozenset({RequestKind.CLEAR})
 
 
 def _rule(
@@ -160,7 +183,7 @@ def _never(phases: frozenset[Phase], kinds: frozenset[RequestKind], outcomes: It
 CANNOT_HAPPEN: tuple[Rule, ...] = (
     _never(
         _UNINITIALISED,
-        frozenset({RequestKind.CHECK, RequestKind.CONFIRM, RequestKind.PUSH}),
+        frozenset(RequestKind) - _POLL,
         PUSH_OUTCOMES | READ_OUTCOMES | NO_ANSWER,
         "only polls are sent without a key record: the others follow a key, `initialise` drops every "
         "request in flight, and no phase leads back to uninitialised",
@@ -168,10 +191,18 @@ CANNOT_HAPPEN: tuple[Rule, ...] = (
     _never(
         _UNINITIALISED,
         _POLL,
-        {Outcome.HOLDING, Outcome.NEWER_EPOCH, *WRONG},
-        "without a key record no shard is checked: a well-formed one is unverifiable",
+        {Outcome.HOLDING, Outcome.NEWER_EPOCH, Outcome.LACKS_NEW, Outcome.REMOVED, Outcome.CLEARED, *WRONG},
+        "without a key record no shard is checked and no keeper has left a set: a well-formed shard is "
+        "unverifiable, a 404 is empty",
     ),
     _never(WITH_RECORD, READS, (Outcome.UNVERIFIABLE,), "with a key record every shard is checked"),
+    _never(
+        WITH_RECORD,
+        _CONFIRM,
+        (Outcome.REMOVED, Outcome.CLEARED),
+        "a keeper leaves the sets only through a commit, `initialise` or the end of a rotation, each of which drops "
+        "its request in flight, and nothing is pushed to a keeper outside them: a read-back never meets a removed one",
+    ),
 )
 
 RULES: tuple[Rule, ...] = (
@@ -207,7 +238,16 @@ RULES: tuple[Rule, ...] = (
     # ---------------------------------------------------------------- reads: its own shard
     _rule(
         _RECOVERING,
-        READS,
+        REGULAR,
+        (Outcome.HOLDING,),
+        KeeperState.HOLDING,
+        False,
+        (Do.RESEEDED, Do.COLLECT, Do.RETIRE),
+        "a verified shard: the key is rebuilt from the first t; a shard of an epoch no longer in play is let go",
+    ),
+    _rule(
+        _RECOVERING,
+        _CONFIRM,
         (Outcome.HOLDING,),
         KeeperState.HOLDING,
         False,
@@ -216,12 +256,97 @@ RULES: tuple[Rule, ...] = (
     ),
     _rule(
         _READY,
-        READS,
+        REGULAR,
+        (Outcome.HOLDING,),
+        KeeperState.HOLDING,
+        False,
+        (Do.RESEEDED, Do.RETIRE),
+        "all is well; a shard of an epoch no longer in play is let go",
+    ),
+    _rule(
+        _READY,
+        _CONFIRM,
         (Outcome.HOLDING,),
         KeeperState.HOLDING,
         False,
         (Do.RESEEDED,),
-        "all is well",
+        "all is well (anything to retire waits for its next poll: at most three requests per interval)",
+    ),
+    # ---------------------------------------------------------------- reads: a rotation is being dealt
+    _rule(
+        _RECOVERING,
+        READS,
+        (Outcome.LACKS_NEW,),
+        KeeperState.HOLDING,
+        False,
+        (Do.RESEEDED,),
+        "a read sent before the key was let go: its next poll asks for the record's epoch and counts it",
+    ),
+    _rule(
+        _READY,
+        REGULAR,
+        (Outcome.LACKS_NEW,),
+        KeeperState.HOLDING,
+        False,
+        (Do.RESEEDED, Do.DEAL),
+        "it holds its current shard, checked just now: dealt the new one, with the current one kept beside it",
+    ),
+    _rule(
+        _READY,
+        _CONFIRM,
+        (Outcome.LACKS_NEW,),
+        KeeperState.HOLDING,
+        None,
+        (Do.REPORT,),
+        "it accepted its new shard and does not show it: reported; its next poll deals it again",
+    ),
+    # ---------------------------------------------------------------- reads: a keeper a rekey removed
+    _rule(
+        WITH_RECORD,
+        REGULAR,
+        (Outcome.REMOVED,),
+        KeeperState.REMOVED,
+        None,
+        (Do.CLEAR,),
+        "no longer in the key's set: told to forget every shard it holds",
+    ),
+    _rule(
+        WITH_RECORD,
+        REGULAR,
+        (Outcome.CLEARED,),
+        None,
+        None,
+        (Do.LEAVE,),
+        "it holds nothing, and the operator removed it: it leaves the poll list (the only way one ever does)",
+    ),
+    # ---------------------------------------------------------------- retiring
+    _rule(WITH_RECORD, _FORGET, (Outcome.ACCEPTED,), None, None, (Do.RETIRED,), "that shard is gone"),
+    _rule(
+        WITH_RECORD,
+        _FORGET,
+        (Outcome.REFUSED,),
+        None,
+        None,
+        (Do.REPORT,),
+        "it cannot forget (an older spike keeper): reported; asked again after its next poll",
+    ),
+    _rule(
+        WITH_RECORD,
+        _CLEAR,
+        (Outcome.ACCEPTED,),
+        None,
+        None,
+        (Do.RETIRED, Do.LEAVE),
+        "it holds nothing of this deployment any more: it leaves the poll list",
+    ),
+    _rule(
+        WITH_RECORD,
+        _CLEAR,
+        (Outcome.REFUSED,),
+        None,
+        None,
+        (Do.REPORT, Do.LEAVE),
+        "it cannot forget (SPIKE's Go keeper, an older spike keeper): reported, left to the operator, no longer polled",
     ),
     # ---------------------------------------------------------------- reads: no shard
     _rule(
@@ -450,4 +575,5 @@ def markdown() -> str:
     lines += ["| key rebuilt from | keeper last showed | then | why |", "|---|---|---|---|"]
     for (source, seen), (do, why) in AFTER_REBUILD.items():
         lines.append(_row((source.value, seen.value, "nothing" if do is None else do.value, why)))
-    return "\n".join(lines) + "\n"
+    lines += ["", "How a key rotation moves on ([key-lifecycle.md](key-lifecycle.md)); any other call is refused:", ""]
+    return "\n".join(lines) + "\n" + rotation_steps.markdown()

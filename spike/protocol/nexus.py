@@ -38,19 +38,36 @@ The rules it keeps (docs/design.md sections 2 and 8):
   loads that newer record or confirms its own (`confirm_record`), which
   makes the label garbage.
 * Garbage from a keeper becomes a state and a report; it never raises.
+* The root key can be rotated, and custody moved to another keeper set or
+  threshold, without downtime (docs/key-lifecycle.md): the new key is dealt
+  at the keepers' regular polls once the driver has stored the pending
+  rotation, committed once t' keepers showed their new shard, and the old
+  epoch retired after the commit is durable.  How a rotation moves from
+  step to step is the table `spike.protocol.rotation_steps.STEPS`; the
+  rotation calls and steps live in `spike.protocol.nexus_rotation`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Callable, Iterable
 
 from .answers import TIMED_OUT, Classified, classify, never_had
-from .custody_rules import AFTER_REBUILD, TABLE, Do, Rule, Seen
+from .custody_rules import AFTER_REBUILD, TABLE, Do, Rule
+from .custody_state import KeeperRecord, Request, Rotation, Sighting
+from .custody_view import (
+    AlreadyInitialised,
+    DuplicateShare,
+    KeeperView,
+    PollSchedule,
+    RandomSource,
+    RestoreProgress,
+    RotationRefused,
+    RotationView,
+    ShareRejected,
+)
 from .effects import (
     Effect,
+    KeeperLeft,
     KeeperMisbehaved,
     KeeperReseeded,
     KeeperState,
@@ -62,154 +79,65 @@ from .effects import (
     Phase,
     PhaseChanged,
     RequestKind,
+    RotationStage,
     SendRequest,
+    ShardRetired,
 )
-from .errors import LocalProtocolError
+from .errors import LocalProtocolError, RemoteProtocolError
 from .events import Answer
 from .material import RootKey, Share
+from .nexus_rotation import DEAL_ROUNDS, RotatingCustody
+from .pending import PendingRotation
 from .record import KeyRecord
+from .rotation_steps import Event
 from .shamir import check_parameters, combine, deal, share_for
 from .timers import TimerKind, Timers
-from .wire import KEEPER_CONTRIBUTE_PATH, KEEPER_SHARD_PATH, ShardContribution, encode
+from .wire import (
+    KEEPER_CONTRIBUTE_PATH,
+    KEEPER_FORGET_PATH,
+    KEEPER_SHARD_PATH,
+    ForgetRequest,
+    ShardContribution,
+    ShardRequest,
+    encode,
+)
 
 _EMPTY_BODY = b"{}"
+_GOLDEN = 0.6180339887498949  # spreads the grid phases of keepers added after construction
+
+__all__ = [  # what this module offers (spike.protocol re-exports the public ones)
+    "DEAL_ROUNDS",
+    "AlreadyInitialised",
+    "DuplicateShare",
+    "KeeperView",
+    "NexusCustody",
+    "PollSchedule",
+    "RandomSource",
+    "RestoreProgress",
+    "RotationRefused",
+    "RotationView",
+    "ShareRejected",
+]
 
 
-class RandomSource(Protocol):
-    """Anything with ``random() -> float`` in [0, 1), e.g. `random.Random(seed)`."""
+class NexusCustody(RotatingCustody):
+    """Custody of the root key across a set of keepers.
 
-    def random(self) -> float:
-        """A float in [0, 1)."""
-        ...
+    `keeper_ids` are the configured keepers' stable ids (1-255, also their
+    Shamir x) and `threshold` the configured threshold; `now` is the caller's
+    monotonic clock, in seconds, in this and every later call; `rng` only
+    jitters the poll grid.  With `record` (a stored key record) the machine
+    starts RECOVERING, without it UNINITIALISED.  Raises `ShamirError` for bad
+    ids or threshold, `LocalProtocolError` for a record that does not fit
+    them, `RemoteProtocolError` for a malformed record or pending rotation.
 
-
-class AlreadyInitialised(LocalProtocolError):
-    """A different key record is in place and replacing it was not asked for."""
-
-
-class ShareRejected(LocalProtocolError):
-    """An operator-supplied share is foreign, stale or for an unknown keeper id."""
-
-
-class DuplicateShare(ShareRejected):
-    """An operator gave the same keeper's share twice."""
-
-
-@dataclass(frozen=True, slots=True)
-class PollSchedule:
-    """How often each keeper is polled (seconds), and how long a request may take.
-
-    Raises `LocalProtocolError` for a non-positive interval, jitter outside
-    0..0.25, or a request timeout outside (0, interval].
-    """
-
-    interval: float = 5.0
-    jitter: float = 0.1  # fraction of the interval, either way
-    request_timeout: float = 2.0
-
-    def __post_init__(self) -> None:
-        if not (self.interval > 0 and math.isfinite(self.interval)):
-            raise LocalProtocolError("poll interval must be a positive number of seconds")
-        if not 0 <= self.jitter <= 0.25:
-            raise LocalProtocolError("poll jitter must be between 0 and 0.25 of the interval")
-        if not 0 < self.request_timeout <= self.interval:
-            raise LocalProtocolError("request timeout must be positive and at most the poll interval")
-
-
-@dataclass(frozen=True, slots=True)
-class KeeperView:
-    """A snapshot of Nexus's knowledge of one keeper, for status and metrics."""
-
-    keeper_id: int
-    state: KeeperState
-    since: float
-    detail: str
-    polls: int
-    empty_answers: int
-    failures: int
-    reseeds: int
-    last_poll_at: float | None
-    last_answer_at: float | None
-    latency: float | None
-    next_poll_at: float
-    outcomes: Mapping[str, int] = field(default_factory=dict)  # answers by outcome (KeeperState value)
-
-
-@dataclass(frozen=True, slots=True)
-class RestoreProgress:
-    """What `NexusCustody.submit_shard` achieved: shards in hand, still needed, key rebuilt."""
-
-    accepted: int  # shards in hand
-    needed: int  # still missing before the key can be rebuilt
-    ready: bool
-
-
-@dataclass(frozen=True, slots=True)
-class _Request:
-    request_id: int
-    keeper_id: int
-    kind: RequestKind
-    issued_at: float
-    deadline: float
-
-
-@dataclass(frozen=True, slots=True)
-class _Sighting:
-    """A keeper's last answer showed a shard of a newer epoch than the record."""
-
-    epoch: int
-    at: float
-    kind: RequestKind  # of the request it answered: the rule that refutes it is that kind's
-
-
-class _Keeper:
-    __slots__ = (
-        "id", "slot", "state", "since", "detail", "polls", "empty_answers", "failures",
-        "reseeds", "last_poll_at", "last_answer_at", "latency", "cycle", "next_poll_at",
-        "request", "needs_seed", "reseed_from", "unconfirmed_push", "sighting", "outcomes",
-    )  # fmt: skip
-
-    def __init__(self, keeper_id: int, slot: float, now: float) -> None:
-        self.id = keeper_id
-        self.slot = slot  # this keeper's phase within an interval, in seconds
-        self.state = KeeperState.UNKNOWN
-        self.since = now
-        self.detail = ""
-        self.polls = 0
-        self.empty_answers = 0
-        self.failures = 0
-        self.reseeds = 0
-        self.last_poll_at: float | None = None
-        self.last_answer_at: float | None = None
-        self.latency: float | None = None
-        self.cycle = 0
-        self.next_poll_at = now
-        self.request: _Request | None = None  # at most one in flight
-        self.needs_seed = False  # its last regular answer that showed anything showed it lacks its shard
-        self.reseed_from = KeeperState.UNKNOWN  # its state when the last push was sent
-        # It accepted a push whose read-back has not shown the shard yet (the confirmation may
-        # miss its deadline on a slow day): the next read that shows it reports the re-seed.
-        self.unconfirmed_push = False
-        self.sighting: _Sighting | None = None  # set only while its last answer showed a newer epoch
-        self.outcomes: dict[str, int] = {}  # answers by the state they showed
-
-    def seen(self) -> Seen:
-        if self.state is KeeperState.HOLDING:
-            return Seen.HOLDING
-        if self.state is KeeperState.NEWER_EPOCH:
-            return Seen.NEWER
-        return Seen.NEEDS_SHARD if self.needs_seed else Seen.UNSURE
-
-
-class NexusCustody:
-    """Custody of the root key across a fixed set of keepers.
-
-    `keeper_ids` are the keepers' stable ids (1-255, also their Shamir x);
-    `now` is the caller's monotonic clock, in seconds, in this and every later
-    call; `rng` only jitters the poll grid.  With `record` (a stored key
-    record) the machine starts RECOVERING, without it UNINITIALISED.  Raises
-    `ShamirError` for bad ids or threshold, `LocalProtocolError` for a record
-    that does not fit them, `RemoteProtocolError` for a malformed record.
+    Key rotation (docs/key-lifecycle.md): `pending` is a stored
+    `PendingRotation` (the machine resumes it), `highest_epoch` the stored
+    high-water mark of epochs ever used, `random_bytes` (e.g. `os.urandom`)
+    lets the machine draw new keys itself (`rotate_at`, `start_rotation`
+    without a key).  With `rekey`, the record may be for other keepers or
+    another threshold than the configured ones: the machine recovers with
+    the record's, then rotates to the configured ones.
 
     Not thread-safe: one thread (or one event loop) makes every call.
     """
@@ -223,39 +151,59 @@ class NexusCustody:
         rng: RandomSource,
         now: float,
         record: KeyRecord | None = None,
+        pending: PendingRotation | None = None,
+        highest_epoch: int = 0,
+        rekey: bool = False,
+        random_bytes: Callable[[int], bytes] | None = None,
     ) -> None:
         ids = sorted(keeper_ids)
         check_parameters(threshold, ids)
-        self._ids = tuple(ids)
-        self._threshold = threshold
+        self._target: tuple[tuple[int, ...], int] = (tuple(ids), threshold)
         self._schedule = schedule
         self._rng = rng
+        self._random_bytes = random_bytes
+        self._rekey = rekey
         self._effects: list[Effect] = []
         self._timers = Timers()
         self._next_request_id = 1
-        self._inflight: dict[int, _Request] = {}
-        self._anchor = now
-        n = len(ids)
-        self._keepers = {
-            keeper_id: _Keeper(keeper_id, schedule.interval * index / n, now) for index, keeper_id in enumerate(ids)
-        }
+        self._inflight: dict[int, Request] = {}
         self._record: KeyRecord | None = None
         self._key: RootKey | None = None
-        self._collected: dict[int, Share] = {}
+        self._rotation: Rotation | None = None
+        self._highest = highest_epoch
+        self._rotate_due = False
+        self._collected: dict[int, dict[int, Share]] = {}  # epoch -> keeper id -> verified shard
         self._from_operator: set[int] = set()
         self._recovery_started = now
         self._phase = Phase.UNINITIALISED
         self._last_rule: Rule | None = None  # the rule applied last (tests follow the table with it)
         self._cannot_happen = 0  # answers that hit a rule the table says is never reached
+        polled: list[int] = ids
         if record is not None:
             # A stored record is checked like one from bootstrap (`initialise`): a
             # malformed one would otherwise raise later, inside `receive`.
             record.validate()
-            self._check_record(record)
+            if not rekey:
+                self._check_record(record)
+            if pending is not None:
+                pending.validate()
+                if not pending.starts_from(record):
+                    raise RemoteProtocolError("the stored pending rotation does not start from the stored key record")
             self._record = record
             self._phase = Phase.RECOVERING
-        for keeper in self._keepers.values():
-            self._timers.set((TimerKind.POLL, keeper.id), keeper.next_poll_at)
+            self._highest = max(self._highest, record.epoch)
+            polled = sorted({*record.keeper_ids, *(() if pending is None else pending.record.keeper_ids)})
+        elif pending is not None:
+            raise LocalProtocolError("a pending rotation needs the key record it starts from")
+        known = sorted({*ids, *polled})
+        self._slots = {k: schedule.interval * index / len(known) for index, k in enumerate(known)}
+        self._keepers: dict[int, KeeperRecord] = {}
+        for keeper_id in polled:
+            self._add_keeper(keeper_id, now)
+        if pending is not None:
+            self._step(Event.RESUMED, now, Rotation(pending, None, now))
+        elif record is not None and rekey and not self._is_target(record):
+            self._rotate_due = True
 
     # ------------------------------------------------------------------ queries
 
@@ -271,13 +219,17 @@ class NexusCustody:
 
     @property
     def threshold(self) -> int:
-        """Shards needed to rebuild the key."""
-        return self._threshold
+        """Shards needed to rebuild the key in force (the configured threshold before there is a record)."""
+        return self._target[1] if self._record is None else self._record.threshold
 
     @property
     def keeper_ids(self) -> tuple[int, ...]:
-        """The configured keeper ids, sorted."""
-        return self._ids
+        """Every keeper polled now, sorted.
+
+        The configured keepers, or the record's (and a rotation's new set);
+        a keeper a rekey removed stays until it holds nothing.
+        """
+        return tuple(sorted(self._keepers))
 
     @property
     def schedule(self) -> PollSchedule:
@@ -293,16 +245,18 @@ class NexusCustody:
 
     @property
     def shards_needed(self) -> int:
-        """Verified shards still missing before the key can be rebuilt (0 when ready)."""
+        """Verified shards still missing before a key can be rebuilt (0 when ready)."""
         if self._phase is Phase.READY:
             return 0
-        return max(0, self._threshold - len(self._collected))
+        if self._record is None:
+            return self._target[1]
+        return min(max(0, r.threshold - len(self._collected.get(r.epoch, ()))) for r in self._in_play_records())
 
     @property
     def redundancy(self) -> int:
         """Keepers holding their verified current shard, minus the threshold."""
         holding = sum(k.state is KeeperState.HOLDING for k in self._keepers.values())
-        return holding - self._threshold
+        return holding - self.threshold
 
     def keepers(self) -> tuple[KeeperView, ...]:
         """A snapshot of every keeper, for status pages and metrics."""
@@ -321,14 +275,15 @@ class NexusCustody:
                 latency=k.latency,
                 next_poll_at=k.next_poll_at,
                 outcomes=dict(k.outcomes),
+                slots=k.slots,
             )
-            for k in self._keepers.values()
+            for k in sorted(self._keepers.values(), key=lambda k: k.id)
         )
 
     def export_shards(self) -> dict[int, Share]:
         """Every keeper's current shard, for the operator's recovery files."""
         record = self._require_record()
-        return deal(self.root_key, epoch=record.epoch, threshold=self._threshold, ids=self._ids)
+        return deal(self.root_key, epoch=record.epoch, threshold=record.threshold, ids=record.keeper_ids)
 
     # ------------------------------------------------------------------ outputs
 
@@ -344,14 +299,18 @@ class NexusCustody:
     # ------------------------------------------------------------------ inputs
 
     def handle_timer(self, now: float) -> None:
-        """Time out overdue requests and issue the polls that are due."""
+        """Time out overdue requests, issue the polls that are due, start a scheduled rotation."""
         while (due := self._timers.pop_due(now)) is not None:
             (kind, keeper_id), when = due
+            if kind is TimerKind.ROTATE:
+                self._rotate_due = True
+                self._start_due(now)
+                continue
             keeper = self._keepers[keeper_id]
             if kind is TimerKind.POLL:
                 self._poll(keeper, now, scheduled=when)
             elif (request := self._end_request(keeper)) is not None:
-                self._decide(keeper, request.kind, TIMED_OUT, now)
+                self._decide(keeper, request, TIMED_OUT, now)
 
     def receive(self, answer: Answer, now: float) -> None:
         """Feed the outcome of a `SendRequest`.  Late or unknown answers are ignored."""
@@ -362,7 +321,18 @@ class NexusCustody:
         self._end_request(keeper)
         keeper.last_answer_at = now
         keeper.latency = now - request.issued_at
-        self._decide(keeper, request.kind, classify(request.kind, answer, self._record, keeper.id), now)
+        in_play = self._in_play()
+        seen = classify(
+            request.kind,
+            answer,
+            self._record,
+            keeper.id,
+            pending=in_play,
+            highest=self._highest,
+            asked=request.epoch,
+            member=self._member(keeper.id),
+        )
+        self._decide(keeper, request, seen, now)
 
     def initialise(self, record: KeyRecord, now: float, *, replace: bool = False) -> bool:
         """Adopt a new key record (from bootstrap).  Returns False if it is already in place.
@@ -370,21 +340,35 @@ class NexusCustody:
         Raises `RemoteProtocolError` for a malformed record, `LocalProtocolError`
         for one that does not fit this Nexus's keepers and threshold, and
         `AlreadyInitialised` when another record is in place and not `replace`.
+        During a rotation, the rotation's own new record is adopted with the
+        key already held: the machine stays READY (a follower's commit).  Any
+        other record ends the rotation.
         """
         if not self.check_initialise(record, replace=replace):
             return False
+        rotation = self._rotation
+        if rotation is not None:
+            ours = rotation.stage is not RotationStage.PERSISTING and rotation.pending.record.same_key(record)
+            if ours and rotation.new_key is not None and self._key is not None:
+                self._step(Event.ADOPTED, now)
+                return True
+            self._step(Event.REPLACED, now)
         self._forget_key()
         self._record = record
+        self._highest = max(self._highest, record.epoch)
         self._from_operator.clear()
         self._recovery_started = now
         self._set_phase(Phase.RECOVERING, now)
         # Answers to requests made for the old record must not count for the new one, and what
         # keepers showed against the old record says nothing against the new one.
-        self._anchor = now
+        for keeper_id in record.keeper_ids:
+            if keeper_id not in self._keepers:
+                self._add_keeper(keeper_id, now)
         for keeper in self._keepers.values():
             self._end_request(keeper)
             keeper.sighting = None
             keeper.cycle = 0
+            keeper.anchor = now
             keeper.next_poll_at = now
             self._timers.set((TimerKind.POLL, keeper.id), now)
         return True
@@ -403,19 +387,23 @@ class NexusCustody:
         return True
 
     def submit_shard(self, share: Share, now: float) -> RestoreProgress:
-        """An operator hands in a recovery shard (break-glass restore)."""
+        """An operator hands in a recovery shard (break-glass restore).
+
+        During a rotation, a shard of either epoch in play is accepted.
+        """
         record = self._require_record()
         if self._phase is Phase.READY:
             raise LocalProtocolError("Nexus already holds the verified root key")
-        if share.id not in self._keepers:
+        in_play = self._in_play_records()
+        if not any(share.id in r.keeper_ids for r in in_play):
             raise ShareRejected(f"shard id {share.id} is not one of this deployment's keeper ids")
         if share.id in self._from_operator:
             raise DuplicateShare(f"shard {share.id} was already given")
-        if not record.matches_share(share):
+        if not any(r.matches_share(share) for r in in_play):
             raise ShareRejected(f"shard {share.id} does not belong to key epoch {record.epoch}")
         self._from_operator.add(share.id)
-        self._collected[share.id] = share
-        accepted = len(self._collected)
+        self._collected.setdefault(share.epoch, {})[share.id] = share
+        accepted = len(self._collected[share.epoch])
         ready = self._try_recover(now, KeySource.OPERATOR)
         return RestoreProgress(accepted=accepted, needed=self.shards_needed, ready=ready)
 
@@ -430,20 +418,22 @@ class NexusCustody:
         had (reported, and re-seeded when READY, as the rules table says).
         A keeper with a request in flight is skipped: its answer is news.
         Returns how many keepers that was.  Raises `LocalProtocolError`
-        without a record.
+        without a record.  While a pending rotation is stored, answer
+        `NewerKeySeen` with `follow_rotation` instead.
         """
         record = self._require_record()
         refuted = 0
-        for keeper in self._keepers.values():
+        for keeper in list(self._keepers.values()):
             sighting = keeper.sighting
             if sighting is None or sighting.at > checked_at or keeper.request is not None:
                 continue
-            self._decide(keeper, sighting.kind, never_had(sighting.epoch, record), now, count=False)
+            refuted_request = Request(0, keeper.id, sighting.kind, now, now)
+            self._decide(keeper, refuted_request, never_had(sighting.epoch, record), now, count=False)
             refuted += 1
         return refuted
 
     def forget(self, now: float) -> None:
-        """Overwrite and drop the key and any collected shards (shutdown).
+        """Overwrite and drop the keys and any collected shards (shutdown).
 
         The machine stays usable: without its key it is recovering again, so a
         late answer is handled as in any other recovery.
@@ -455,23 +445,31 @@ class NexusCustody:
 
     # ------------------------------------------------------------------ the rules, carried out
 
-    def _decide(self, keeper: _Keeper, kind: RequestKind, seen: Classified, now: float, *, count: bool = True) -> None:
+    def _decide(
+        self, keeper: KeeperRecord, request: Request, seen: Classified, now: float, *, count: bool = True
+    ) -> None:
         """Apply the rule for this answer: the only place an answer changes a keeper."""
+        kind = request.kind
         rule = TABLE[(self._phase, kind, seen.outcome)]
         self._last_rule = rule
         if not rule.possible:
             self._cannot_happen += 1
             return
         keeper.sighting = None  # a later answer replaces what the last one showed
+        if seen.holds is not None:
+            keeper.holds = seen.holds
+        if seen.slots is not None:
+            keeper.slots = seen.slots
         if rule.state is not None:
             detail = self._holding_detail(keeper, kind) if rule.state is KeeperState.HOLDING else seen.detail
             self._set_state(keeper, rule.state, now, detail, count=count)
         if rule.needs_seed is not None:
             keeper.needs_seed = rule.needs_seed
         for do in rule.then:
-            self._do(do, keeper, kind, seen, now)
+            self._do(do, keeper, request, seen, now)
+        self._dealing_progress(keeper, kind, now)
 
-    def _do(self, do: Do, keeper: _Keeper, kind: RequestKind, seen: Classified, now: float) -> None:
+    def _do(self, do: Do, keeper: KeeperRecord, request: Request, seen: Classified, now: float) -> None:
         if do is Do.COUNT_EMPTY:
             keeper.empty_answers += 1
         elif do is Do.COUNT_FAILURE:
@@ -480,7 +478,7 @@ class NexusCustody:
             self._effects.append(KeeperMisbehaved(keeper.id, now, seen.problem))
         elif do is Do.REPORT_NEWER:
             assert seen.epoch is not None
-            keeper.sighting = _Sighting(seen.epoch, now, kind)
+            keeper.sighting = Sighting(seen.epoch, now, request.kind)
             self._effects.append(NewerKeySeen(keeper.id, seen.epoch, now))
         elif do is Do.RESEEDED:
             if keeper.unconfirmed_push:
@@ -489,88 +487,163 @@ class NexusCustody:
                 self._effects.append(KeeperReseeded(keeper.id, now, keeper.reseed_from))
         elif do is Do.COLLECT:
             assert seen.share is not None
-            self._collected[keeper.id] = seen.share
+            self._collected.setdefault(seen.share.epoch, {})[keeper.id] = seen.share
             self._try_recover(now, KeySource.KEEPERS)
         elif do is Do.PUSH:
             self._push(keeper, now)
         elif do is Do.CONFIRM:
-            keeper.unconfirmed_push = True
-            self._send(keeper, RequestKind.CONFIRM, KEEPER_SHARD_PATH, _EMPTY_BODY, now)
+            if request.kind is RequestKind.PUSH:
+                keeper.unconfirmed_push = True
+            body = self._read_body(request.epoch)  # the epoch it was just given
+            self._send(keeper, RequestKind.CONFIRM, KEEPER_SHARD_PATH, body, now, request.epoch)
+        elif do is Do.CHECK:
+            self._check(keeper, now)
+        elif do is Do.DEAL:
+            self._deal(keeper, now)
+        elif do is Do.RETIRE:
+            if seen.retire is not None and keeper.request is None:
+                body = encode(ForgetRequest(epoch=seen.retire))
+                self._send(keeper, RequestKind.FORGET, KEEPER_FORGET_PATH, body, now, seen.retire)
+        elif do is Do.CLEAR:
+            if keeper.request is None:
+                self._send(keeper, RequestKind.CLEAR, KEEPER_FORGET_PATH, encode(ForgetRequest(all=True)), now)
+        elif do is Do.RETIRED:
+            self._effects.append(ShardRetired(keeper.id, request.epoch, now))
         else:
-            self._send(keeper, RequestKind.CHECK, KEEPER_SHARD_PATH, _EMPTY_BODY, now)
+            self._leave(keeper, now, seen.detail or seen.problem)
 
     @staticmethod
-    def _holding_detail(keeper: _Keeper, kind: RequestKind) -> str:
+    def _holding_detail(keeper: KeeperRecord, kind: RequestKind) -> str:
         if not keeper.unconfirmed_push:
             return ""
         return "re-seeded and confirmed" if kind is RequestKind.CONFIRM else "re-seeded, confirmed by a later read"
 
     def _try_recover(self, now: float, source: KeySource) -> bool:
-        """Rebuild the key if enough verified shards are in; True once it is in use."""
+        """Rebuild a key if enough verified shards of an epoch in play are in; True once it is in use."""
         record = self._record
         if record is None or self._phase is not Phase.RECOVERING:
             return False
-        if len(self._collected) < self._threshold:
-            return False
-        used = tuple(sorted(self._collected)[: self._threshold])
-        key = combine((self._collected[i] for i in used), self._threshold)
-        if not record.matches_key(key):
-            # Every shard passed its commitment, so the record itself is inconsistent.
-            key.wipe()
+        for candidate in self._in_play_records():
+            pile = self._collected.get(candidate.epoch, {})
+            if len(pile) < candidate.threshold:
+                continue
+            used = tuple(sorted(pile)[: candidate.threshold])
+            key = combine((pile[i] for i in used), candidate.threshold)
+            if not candidate.matches_key(key):
+                # Every shard passed its commitment, so the record itself is inconsistent.
+                key.wipe()
+                pile.clear()
+                self._effects.append(KeyRejected(candidate.epoch, now, used))
+                continue
+            if not self._use_key(key, candidate, now):
+                continue
             self._collected.clear()
-            self._effects.append(KeyRejected(record.epoch, now, used))
-            return False
-        self._key = key
-        self._collected.clear()
-        self._from_operator.clear()
-        self._set_phase(Phase.READY, now)
-        self._effects.append(KeyRecovered(record.epoch, now, used, source, self._recovery_started))
+            self._from_operator.clear()
+            self._set_phase(Phase.READY, now)
+            self._effects.append(KeyRecovered(candidate.epoch, now, used, source, self._recovery_started))
+            self._after_rebuild(source, now)
+            self._start_due(now)
+            return True
+        return False
+
+    def _use_key(self, key: RootKey, rebuilt: KeyRecord, now: float) -> bool:
+        """Take a rebuilt key of `rebuilt` (the record's, or a rotation's); open the other one from the rotation."""
+        rotation = self._rotation
+        if rotation is None or rotation.stage is RotationStage.PERSISTING:
+            self._key = key
+            return True
+        pending = rotation.pending
+        try:
+            if rebuilt is pending.record:
+                self._key = pending.open_old(key)
+                rotation.new_key = key
+            else:
+                self._key = key
+                rotation.new_key = pending.open_new(key)
+        except RemoteProtocolError as exc:
+            # A damaged or foreign pending rotation: with the old key, go on without it (nothing of it
+            # is dealt, and nothing commits); with only the new one, keep waiting for old shards.
+            detail = f"{exc}: the rotation cannot go on (abort_rotation)"
+            self._report_rotation(rotation, rotation.stage or RotationStage.DEALING, now, detail)
+            if rebuilt is pending.record:
+                key.wipe()
+                return False
         for keeper in self._keepers.values():
+            keeper.deal_polls = 0  # dealing (re)starts now: confirmations from before are read again
+        return True
+
+    def _after_rebuild(self, source: KeySource, now: float) -> None:
+        for keeper in list(self._keepers.values()):
             if keeper.request is not None:
                 continue  # its answer is on the way and is handled when it comes
             do, _ = AFTER_REBUILD[(source, keeper.seen())]
             if do is Do.PUSH:
                 self._push(keeper, now)
             elif do is Do.CHECK:
-                self._send(keeper, RequestKind.CHECK, KEEPER_SHARD_PATH, _EMPTY_BODY, now)
-        return True
+                self._check(keeper, now)
 
     # ------------------------------------------------------------------ requests and the schedule
 
-    def _grid_time(self, keeper: _Keeper, cycle: int) -> float:
+    def _add_keeper(self, keeper_id: int, now: float) -> None:
+        slot = self._slots.get(keeper_id)
+        if slot is None:
+            slot = self._slots[keeper_id] = self._schedule.interval * ((keeper_id * _GOLDEN) % 1.0)
+        keeper = self._keepers[keeper_id] = KeeperRecord(keeper_id, slot, now)
+        self._timers.set((TimerKind.POLL, keeper.id), now)
+
+    def _leave(self, keeper: KeeperRecord, now: float, detail: str) -> None:
+        """A keeper a rekey removed holds nothing of ours: it is no longer polled."""
+        if self._member(keeper.id):
+            return  # it is back in a set meanwhile (a record replaced): it stays
+        self._end_request(keeper)
+        self._timers.cancel((TimerKind.POLL, keeper.id))
+        del self._keepers[keeper.id]
+        self._effects.append(KeeperLeft(keeper.id, now, detail))
+
+    def _grid_time(self, keeper: KeeperRecord, cycle: int) -> float:
         interval = self._schedule.interval
         offset = (2.0 * self._rng.random() - 1.0) * self._schedule.jitter * interval
-        return self._anchor + keeper.slot + cycle * interval + offset
+        return keeper.anchor + keeper.slot + cycle * interval + offset
 
-    def _poll(self, keeper: _Keeper, now: float, *, scheduled: float) -> None:
+    def _poll(self, keeper: KeeperRecord, now: float, *, scheduled: float) -> None:
         self._end_request(keeper)  # none can be in flight while deadlines are capped; kept as a guard
         keeper.cycle += 1
         due = self._grid_time(keeper, keeper.cycle)
         if due <= now:
             # The driver fell behind by more than a cycle: skip missed slots
             # rather than firing a burst, and stay on the same grid.
-            elapsed = now - self._anchor - keeper.slot
+            elapsed = now - keeper.anchor - keeper.slot
             keeper.cycle = max(keeper.cycle, int(elapsed // self._schedule.interval) + 1)
             due = max(self._grid_time(keeper, keeper.cycle), now + 1e-3)
         keeper.next_poll_at = due
         self._timers.set((TimerKind.POLL, keeper.id), due)
         keeper.polls += 1
         keeper.last_poll_at = now
-        self._send(keeper, RequestKind.POLL, KEEPER_SHARD_PATH, _EMPTY_BODY, now, scheduled)
+        asked = self._asked(keeper)
+        self._send(keeper, RequestKind.POLL, KEEPER_SHARD_PATH, self._read_body(asked), now, asked, scheduled)
+
+    def _check(self, keeper: KeeperRecord, now: float) -> None:
+        asked = self._asked(keeper)
+        self._send(keeper, RequestKind.CHECK, KEEPER_SHARD_PATH, self._read_body(asked), now, asked)
+
+    @staticmethod
+    def _read_body(epoch: int | None) -> bytes:
+        return _EMPTY_BODY if epoch is None else encode(ShardRequest(epoch))
 
     def _send(
         self,
-        keeper: _Keeper,
+        keeper: KeeperRecord,
         kind: RequestKind,
         path: str,
         body: bytes,
         now: float,
+        epoch: int | None = None,
         scheduled: float | None = None,
     ) -> None:
         request_id = self._next_request_id
         self._next_request_id += 1
         deadline = min(now + self._schedule.request_timeout, keeper.next_poll_at)
-        request = _Request(request_id, keeper.id, kind, now, deadline)
+        request = Request(request_id, keeper.id, kind, now, deadline, epoch)
         keeper.request = request
         self._inflight[request_id] = request
         self._timers.set((TimerKind.DEADLINE, keeper.id), deadline)
@@ -578,7 +651,7 @@ class NexusCustody:
             SendRequest(keeper.id, request_id, kind, path, deadline, body, now if scheduled is None else scheduled)
         )
 
-    def _end_request(self, keeper: _Keeper) -> _Request | None:
+    def _end_request(self, keeper: KeeperRecord) -> Request | None:
         """Take the keeper's request out of flight (answered, timed out or dropped)."""
         request, keeper.request = keeper.request, None
         if request is not None:
@@ -586,31 +659,43 @@ class NexusCustody:
             self._timers.cancel((TimerKind.DEADLINE, keeper.id))
         return request
 
-    def _push(self, keeper: _Keeper, now: float) -> None:
+    def _push(self, keeper: KeeperRecord, now: float) -> None:
+        """Re-seed a keeper with the oldest shard it should hold whose key is known (the record's, first)."""
         if keeper.request is not None:
             return  # its answer is on the way; the rules decide again then
         record = self._require_record()
-        share = share_for(self.root_key, epoch=record.epoch, threshold=self._threshold, id=keeper.id)
+        rotation = self._rotation
+        if keeper.id in record.keeper_ids and self._key is not None:
+            key, target = self._key, record
+        elif rotation is not None and self._dealing() and keeper.id in rotation.pending.record.keeper_ids:
+            assert rotation.new_key is not None
+            key, target = rotation.new_key, rotation.pending.record
+            keeper.took_new = True
+        else:
+            return  # nothing it should hold is known (a keeper only a stored rotation names, not being dealt)
+        share = share_for(key, epoch=target.epoch, threshold=target.threshold, id=keeper.id)
         keeper.reseed_from = keeper.state
         body = encode(ShardContribution.of(share))
-        self._send(keeper, RequestKind.PUSH, KEEPER_CONTRIBUTE_PATH, body, now)
+        self._send(keeper, RequestKind.PUSH, KEEPER_CONTRIBUTE_PATH, body, now, target.epoch)
 
     # ------------------------------------------------------------------ bookkeeping
 
     def _check_record(self, record: KeyRecord) -> None:
-        if tuple(sorted(record.keeper_ids)) != self._ids:
-            raise LocalProtocolError(
-                f"key record is for keepers {list(record.keeper_ids)}, configured are {list(self._ids)}"
-            )
-        if record.threshold != self._threshold:
-            raise LocalProtocolError(f"key record has threshold {record.threshold}, configured is {self._threshold}")
+        rotation = self._rotation
+        if rotation is not None and rotation.pending.record.same_key(record):
+            return  # the rotation's own new record
+        ids, threshold = self._target
+        if tuple(sorted(record.keeper_ids)) != ids:
+            raise LocalProtocolError(f"key record is for keepers {list(record.keeper_ids)}, configured are {list(ids)}")
+        if record.threshold != threshold:
+            raise LocalProtocolError(f"key record has threshold {record.threshold}, configured is {threshold}")
 
     def _require_record(self) -> KeyRecord:
         if self._record is None:
             raise LocalProtocolError("Nexus has no key record yet: run bootstrap first")
         return self._record
 
-    def _set_state(self, keeper: _Keeper, state: KeeperState, now: float, detail: str, *, count: bool) -> None:
+    def _set_state(self, keeper: KeeperRecord, state: KeeperState, now: float, detail: str, *, count: bool) -> None:
         # Called once per answer (or failure), so it also counts answers by outcome.
         if count:
             keeper.outcomes[state.value] = keeper.outcomes.get(state.value, 0) + 1
@@ -631,4 +716,12 @@ class NexusCustody:
         if self._key is not None:
             self._key.wipe()
             self._key = None
+        rotation = self._rotation
+        if rotation is not None and rotation.new_key is not None:
+            rotation.new_key.wipe()
+            rotation.new_key = None
         self._collected.clear()
+
+
+def _ids(ids: Iterable[int]) -> str:
+    return ", ".join(str(i) for i in ids)

@@ -1,7 +1,7 @@
 """The custody machine's timers: one per (kind, keeper), in a heap, with a pure `next_time()`.
 
 Each keeper has at most two timers: its next scheduled poll and the deadline
-of its one request in flight.  A timer is named by its key, so setting it
+of its one request in flight; a scheduled rotation has one more.  A timer is named by its key, so setting it
 again replaces it and cancelling it needs no search: the heap keeps entries
 of replaced or cancelled timers until they reach the top, and every change
 clears such entries off the top at once.  So the top is always a live timer,
@@ -23,6 +23,7 @@ class TimerKind(IntEnum):
     # next poll, so the request it ends is over before that poll starts another.
     DEADLINE = 0
     POLL = 1
+    ROTATE = 2  # a scheduled rotation (`NexusCustody.rotate_at`), filed under keeper id 0
 
 
 TimerKey = tuple[TimerKind, int]  # (kind, keeper id)

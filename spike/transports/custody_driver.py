@@ -20,7 +20,15 @@ from functools import partial
 
 import anyio
 
-from spike.protocol.effects import Report, RequestKind, SendRequest
+from spike.protocol.effects import (
+    AbandonRotation,
+    CommitRotation,
+    PersistRotation,
+    Report,
+    RequestKind,
+    SendRequest,
+    StoreEffect,
+)
 from spike.protocol.events import Answer, FailureKind, RequestFailed, ResponseReceived
 from spike.protocol.identity import Role, TrustDomains
 from spike.protocol.material import Share
@@ -31,6 +39,7 @@ from .client import HttpsConnection, Outcome, TransportError
 from .tls import keeper_check
 
 ReportSink = Callable[[Report], None]
+StoreSink = Callable[[StoreEffect], None]  # a key rotation's store effects (docs/key-lifecycle.md section 10)
 AnswerSink = Callable[[SendRequest, Answer, float], None]  # request, its outcome, seconds taken
 
 
@@ -56,12 +65,14 @@ class CustodyDriver:
         trust: TrustDomains,
         on_report: ReportSink,
         on_answer: AnswerSink | None = None,
+        on_store: StoreSink | None = None,
     ) -> None:
         if set(keeper_urls) != set(custody.keeper_ids):
             raise ValueError("keeper URLs must be given for exactly the custody machine's keepers")
         self.custody = custody
         self._on_report = on_report
         self._on_answer = on_answer
+        self._on_store = on_store
         self._connections = {
             keeper_id: HttpsConnection(
                 url,
@@ -166,6 +177,11 @@ class CustodyDriver:
             if isinstance(effect, SendRequest):
                 if self._running:  # otherwise its deadline expires it in the machine
                     self._perform(effect)
+            elif isinstance(effect, PersistRotation | CommitRotation | AbandonRotation):
+                # Emitted only after a rotation call, which a driver makes only with somewhere to store it.
+                if self._on_store is None:
+                    raise RuntimeError("a key rotation needs on_store: nowhere to store its pending rotation")
+                self._on_store(effect)
             else:
                 self._on_report(effect)
         # An answer or a new request may have brought the machine's next deadline forward.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -83,6 +83,7 @@ class Rig:
         now: float = 100.0,
         key: RootKey | None = None,
         record: KeyRecord | None = None,
+        **options: Any,
     ) -> None:
         self.key = key if key is not None else key_from_int(SAMPLE_KEY_INT)
         self.record, self.shares = seal_key(self.key, epoch=epoch, threshold=threshold, keeper_ids=ids)
@@ -97,6 +98,7 @@ class Rig:
             rng=random.Random(seed),
             now=now,
             record=self.record if with_record else None,
+            **options,
         )
         self.pending: dict[int, SendRequest] = {}  # keeper id -> its request in flight
         self.history: list[Effect] = []

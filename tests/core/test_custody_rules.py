@@ -20,9 +20,12 @@ import pytest
 from core_helpers import OTHER_KEY_INT, SAMPLE_KEY_INT, Rig, key_from_int, of_type, shard_body
 
 from spike.protocol import (
+    CommitRotation,
     FailureKind,
+    KeeperLeft,
     KeeperMisbehaved,
     KeeperReseeded,
+    KeeperStateChanged,
     KeyRecord,
     KeySource,
     NewerKeySeen,
@@ -31,6 +34,7 @@ from spike.protocol import (
     RequestKind,
     ResponseReceived,
     SendRequest,
+    ShardRetired,
     seal_key,
     share_for,
 )
@@ -41,6 +45,7 @@ from spike.protocol.custody_rules import (
     NO_ANSWER,
     RULES,
     TABLE,
+    WRITES,
     Do,
     Key,
     Outcome,
@@ -49,6 +54,7 @@ from spike.protocol.custody_rules import (
     markdown,
     outcomes_of,
 )
+from spike.protocol.pending import PendingRotation
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DOC = ROOT / "docs" / "custody-rules.md"
@@ -73,7 +79,7 @@ REACHABLE = [key for key in EVERY_KEY if TABLE[key].possible]
 
 def test_the_table_decides_every_combination_of_phase_kind_and_outcome_once() -> None:
     assert set(TABLE) == set(EVERY_KEY)
-    assert len(EVERY_KEY) == len(set(EVERY_KEY)) == 3 * (3 * 12 + 5)
+    assert len(EVERY_KEY) == len(set(EVERY_KEY)) == 3 * (3 * 15 + 4 * 5)  # 3 phases; 3 reads, 4 writes
     for phase, kind, outcome in itertools.product(Phase, RequestKind, Outcome):
         assert ((phase, kind, outcome) in TABLE) == (outcome in outcomes_of(kind))
 
@@ -113,8 +119,14 @@ def test_the_after_rebuild_table_is_total() -> None:
 # ---------------------------------------------------------------- walking every row through the machine
 
 
-def rig_with(phase: Phase, kind: RequestKind) -> Rig:
-    """A machine in `phase` with a request of `kind` to keeper 3 in flight."""
+def rig_with(phase: Phase, kind: RequestKind, outcome: Outcome | None = None) -> Rig:
+    """A machine in `phase` with a request of `kind` to keeper 3 in flight (`outcome`: the answer it will get)."""
+    if kind is RequestKind.DEAL or outcome is Outcome.LACKS_NEW:
+        return dealing_rig(phase, kind)
+    if kind is RequestKind.CLEAR or outcome in (Outcome.REMOVED, Outcome.CLEARED):
+        return removed_rig(phase, kind)
+    if kind is RequestKind.FORGET:
+        return retiring_rig(phase)
     if phase is Phase.UNINITIALISED:
         assert kind is RequestKind.POLL
         rig = Rig(with_record=False, record=HISTORIED)
@@ -147,6 +159,124 @@ def labelled(epoch: int, key_int: int = SAMPLE_KEY_INT) -> bytes:
     return shard_body(share_for(key_from_int(key_int), epoch=epoch, threshold=2, id=3))
 
 
+# ---------------------------------------------------------------- machines in the middle of a rotation
+
+NEW_KEY_INT = 0x0BADC0FFEE0BADC0FFEE0BADC0FFEE0BADC0FFEE0BADC0FFEE0BADC0FFEE0BAD
+
+
+def new_shard(keeper_id: int, epoch: int = EPOCH + 1) -> bytes:
+    return shard_body(share_for(key_from_int(NEW_KEY_INT), epoch=epoch, threshold=2, id=keeper_id))
+
+
+def holding_with_other(other: int) -> bytes:
+    """Keeper 3's own shard of EPOCH, from a keeper that says it also holds one of epoch `other`."""
+    share = share_for(key_from_int(SAMPLE_KEY_INT), epoch=EPOCH, threshold=2, id=3)
+    return msgspec.json.encode(
+        {"shard": list(share.secret_bytes()), "id": 3, "epoch": EPOCH, "other_epoch": other, "slots": 2}
+    )
+
+
+def ready_rig(**options: object) -> Rig:
+    rig = Rig(record=HISTORIED, **options)
+    rig.recover(1, 2, 3)
+    assert rig.phase() is Phase.READY
+    return rig
+
+
+def poll_of(rig: Rig, keeper_id: int) -> SendRequest:
+    """Run the clock (letting other requests time out) until `keeper_id` has a new poll in flight."""
+    rig.pending.pop(keeper_id, None)
+    while keeper_id not in rig.pending or rig.pending[keeper_id].kind is not RequestKind.POLL:
+        rig.pending.pop(keeper_id, None)
+        rig.tick()
+    return rig.pending[keeper_id]
+
+
+def rotating(rig: Rig, keeper_ids: tuple[int, ...] = (1, 2, 3)) -> None:
+    rig.custody.start_rotation(rig.now, key=key_from_int(NEW_KEY_INT), keeper_ids=keeper_ids)
+    rig.take()
+    rig.custody.rotation_persisted(rig.now)
+    rig.take()
+
+
+def deal_to(rig: Rig, keeper_id: int) -> None:
+    """Deal keeper `keeper_id` its new shard at its next poll and confirm it."""
+    poll_of(rig, keeper_id)
+    rig.reply_shard(keeper_id)  # its current shard: it lacks the new one
+    assert rig.pending[keeper_id].kind is RequestKind.DEAL
+    rig.reply(keeper_id, 200)
+    rig.reply(keeper_id, 200, new_shard(keeper_id))
+
+
+def dealing_rig(phase: Phase, kind: RequestKind) -> Rig:
+    """Keeper 3 asked for its shard of the epoch being dealt (a poll, a check, a read-back), or being dealt it."""
+    if kind is RequestKind.CHECK:
+        new_record, _ = seal_key(key_from_int(NEW_KEY_INT), epoch=EPOCH + 1, threshold=2, keeper_ids=(1, 2, 3))
+        pending = PendingRotation.seal(key_from_int(SAMPLE_KEY_INT), HISTORIED, key_from_int(NEW_KEY_INT), new_record)
+        rig = Rig(record=HISTORIED, pending=pending)
+        rig.start()
+        rig.reply(3, 404)
+        rig.recover(1, 2)  # rebuilt: keeper 3 is read again, for the new epoch
+    else:
+        rig = ready_rig()
+        rotating(rig)
+        poll_of(rig, 3)
+        if kind is not RequestKind.POLL:
+            rig.reply_shard(3)
+        if kind is RequestKind.CONFIRM:
+            rig.reply(3, 200)
+    assert rig.pending[3].kind is kind and rig.custody.rotation is not None
+    if phase is Phase.RECOVERING:
+        rig.custody.forget(rig.now)
+        rig.take()
+    return rig
+
+
+def removed_rig(phase: Phase, kind: RequestKind) -> Rig:
+    """Keeper 3 removed from the set by a committed rekey, with a poll, check or clear in flight."""
+    rig = ready_rig()
+    if kind is RequestKind.CHECK:  # it lacks its shard when the rekey commits
+        poll_of(rig, 3)
+        rig.reply(3, 404)
+        rig.pending.pop(3)  # the push goes unanswered
+    rotating(rig, (1, 2))
+    deal_to(rig, 1)
+    deal_to(rig, 2)
+    assert of_type(rig.history, CommitRotation)
+    rig.custody.rotation_committed(rig.now)
+    rig.take()
+    rig.pending.pop(3, None)
+    if kind is RequestKind.CHECK:
+        rig.custody.forget(rig.now)
+        rig.pending.clear()
+        poll_of(rig, 1)
+        rig.reply(1, 200, new_shard(1))
+        poll_of(rig, 2)
+        rig.reply(2, 200, new_shard(2))  # rebuilt: keeper 3 was last seen lacking its shard, read again
+    else:
+        poll_of(rig, 3)
+        if kind is RequestKind.CLEAR:
+            rig.reply(3, 200, labelled(EPOCH))
+    assert rig.pending[3].kind is kind
+    if phase is Phase.RECOVERING:
+        rig.custody.forget(rig.now)
+        rig.take()
+    return rig
+
+
+def retiring_rig(phase: Phase) -> Rig:
+    """Keeper 3 told to forget its shard of an earlier epoch that it said it still holds."""
+    rig = Rig(record=HISTORIED)
+    rig.start()
+    if phase is Phase.READY:
+        rig.recover(1, 2)
+        poll_of(rig, 3)
+    rig.reply(3, 200, holding_with_other(EPOCH - 2))
+    assert rig.pending[3].kind is RequestKind.FORGET
+    assert rig.phase() is phase
+    return rig
+
+
 READ_ANSWERS: dict[Outcome, tuple[int, bytes]] = {
     Outcome.HOLDING: (200, labelled(EPOCH)),
     Outcome.UNVERIFIABLE: (200, labelled(EPOCH)),
@@ -160,6 +290,13 @@ READ_ANSWERS: dict[Outcome, tuple[int, bytes]] = {
     Outcome.ACCEPTED: (200, b"{}"),
     Outcome.REFUSED: (500, b"{}"),
 }
+# Answers whose outcome depends on what the machine asked and knows (a rotation, a removed keeper).
+IN_CONTEXT: dict[Outcome, tuple[int, bytes]] = {
+    Outcome.LACKS_NEW: (200, labelled(EPOCH)),  # asked for the new epoch's
+    Outcome.REMOVED: (200, labelled(EPOCH)),  # from a keeper removed from the set
+    Outcome.CLEARED: (404, b'{"err":"api_not_found"}'),  # from a keeper removed from the set
+}
+ANSWERS = {**READ_ANSWERS, **IN_CONTEXT}
 FAILURES = {Outcome.UNREACHABLE: FailureKind.REFUSED, Outcome.IMPOSTOR: FailureKind.PEER_IDENTITY}
 
 
@@ -172,7 +309,7 @@ def answer(rig: Rig, outcome: Outcome) -> None:
     if outcome in FAILURES:
         rig.custody.receive(RequestFailed(request.request_id, "down", FAILURES[outcome]), rig.now)
     else:
-        status, body = READ_ANSWERS[outcome]
+        status, body = ANSWERS[outcome]
         rig.custody.receive(ResponseReceived(request.request_id, status, body), rig.now)
     rig.take()
 
@@ -180,6 +317,8 @@ def answer(rig: Rig, outcome: Outcome) -> None:
 def check_row(rig: Rig, key: Key, act: Callable[[], None]) -> None:
     """Do `act` on `rig` and check that the machine did what the row `key` says, and nothing else."""
     rule: Rule = TABLE[key]
+    if Do.LEAVE in rule.then:
+        return check_leaving_row(rig, key, act)
     keeper = rig.custody._keepers[3]
     before = (rig.state(3), keeper.needs_seed, rig.view(3).empty_answers, rig.view(3).failures)
     unconfirmed = keeper.unconfirmed_push
@@ -198,22 +337,62 @@ def check_row(rig: Rig, key: Key, act: Callable[[], None]) -> None:
     assert bool(of_type(mine, KeeperReseeded)) == (Do.RESEEDED in rule.then and unconfirmed), key
     requests = [r.kind for r in of_type(mine, SendRequest)]
     expected = [RequestKind.PUSH] * (Do.PUSH in rule.then) + [RequestKind.CONFIRM] * (Do.CONFIRM in rule.then)
-    assert requests == expected, key
+    expected += [RequestKind.DEAL] * (Do.DEAL in rule.then) + [RequestKind.CLEAR] * (Do.CLEAR in rule.then)
+    assert requests == expected, key  # Do.RETIRE asks only when the keeper says it holds a shard to retire
+    assert bool(of_type(mine, ShardRetired)) == (Do.RETIRED in rule.then), key
     if Do.COLLECT in rule.then:
         assert rig.custody.shards_needed == needed - 1, key
+    assert rig.custody._cannot_happen == 0
+
+
+def check_leaving_row(rig: Rig, key: Key, act: Callable[[], None]) -> None:
+    """A row that takes keeper 3 off the poll list: it is gone, with a report, and nothing else is asked of it."""
+    rule: Rule = TABLE[key]
+    mark = len(rig.history)
+    act()
+    mine = [e for e in rig.history[mark:] if getattr(e, "keeper_id", 3) == 3]
+    assert rig.custody._last_rule is rule, key
+    assert 3 not in rig.custody.keeper_ids and 3 not in rig.pending, key
+    assert [type(e) for e in mine if not isinstance(e, KeeperStateChanged)] == [
+        *([KeeperMisbehaved] if Do.REPORT in rule.then else []),
+        *([ShardRetired] if Do.RETIRED in rule.then else []),
+        KeeperLeft,
+    ], key
+    rig.tick(rig.now + 100.0)
+    assert not [r for r in of_type(rig.history[mark:], SendRequest) if r.keeper_id == 3], key
     assert rig.custody._cannot_happen == 0
 
 
 @pytest.mark.parametrize("key", REACHABLE, ids=lambda k: f"{k[0].value}-{k[1].value}-{k[2].value}")
 def test_every_reachable_row_is_what_the_machine_does(key: Key) -> None:
     phase, kind, outcome = key
-    rig = rig_with(phase, kind)
+    rig = rig_with(phase, kind, outcome)
     check_row(rig, key, lambda: answer(rig, outcome))
+
+
+@pytest.mark.parametrize("phase", [Phase.RECOVERING, Phase.READY])
+@pytest.mark.parametrize("kind", [RequestKind.POLL, RequestKind.CHECK])
+@pytest.mark.parametrize("other", [EPOCH - 1, 1, EPOCH + 5])
+def test_a_keeper_holding_a_shard_of_an_epoch_out_of_play_is_told_to_forget_it(
+    phase: Phase, kind: RequestKind, other: int
+) -> None:
+    """The HOLDING rows' conditional RETIRE: an earlier (had or never had) epoch is forgotten; a newer one is left."""
+    rig = rig_with(phase, kind)
+    request = rig.pending.pop(3)
+    rig.custody.receive(ResponseReceived(request.request_id, 200, holding_with_other(other)), rig.now)
+    effects = rig.take()
+    forgets = [r for r in of_type(effects, SendRequest) if r.keeper_id == 3 and r.kind is RequestKind.FORGET]
+    if other > EPOCH:  # above anything known: perhaps another instance's, not this machine's to touch
+        assert forgets == []
+    else:
+        assert [msgspec.json.decode(r.body) for r in forgets] == [{"epoch": other}]
+        rig.reply(3, 200)
+        assert [(r.keeper_id, r.epoch) for r in of_type(rig.history, ShardRetired)] == [(3, other)]
 
 
 @pytest.mark.parametrize(
     "key",
-    [(p, k, Outcome.UNKNOWN_EPOCH) for p in (Phase.RECOVERING, Phase.READY) for k in RequestKind if k.value != "push"],
+    [(p, k, Outcome.UNKNOWN_EPOCH) for p in (Phase.RECOVERING, Phase.READY) for k in RequestKind if k not in WRITES],
     ids=lambda k: f"{k[0].value}-{k[1].value}",
 )
 def test_a_newer_epoch_refuted_by_the_driver_follows_the_unknown_epoch_row(key: Key) -> None:
@@ -253,6 +432,32 @@ def test_the_classifier_gives_each_answer_its_outcome() -> None:
         got = classify(RequestKind.POLL, RequestFailed(1, "x", kind), record, 3).outcome
         assert got is (expected or Outcome.UNREACHABLE), kind
     assert classify(RequestKind.POLL, RequestFailed(1, "x"), record, 3).outcome is Outcome.UNREACHABLE
+
+
+def test_the_classifier_judges_against_a_rotation_and_the_keeper_set() -> None:
+    new_record, _ = seal_key(key_from_int(NEW_KEY_INT), epoch=EPOCH + 1, threshold=2, keeper_ids=(1, 2, 3))
+    old = ResponseReceived(1, 200, labelled(EPOCH))
+    new = ResponseReceived(1, 200, new_shard(3))
+    go_old = ResponseReceived(
+        1, 200, shard_body(share_for(key_from_int(SAMPLE_KEY_INT), epoch=EPOCH, threshold=2, id=3), extension=False)
+    )
+    go_new = ResponseReceived(1, 200, new_shard(3)[: new_shard(3).index(b',"id"')] + b"}")
+    empty = ResponseReceived(1, 404, b"")
+
+    def outcome(answer: ResponseReceived, **context: object) -> Outcome:
+        return classify(RequestKind.POLL, answer, HISTORIED, 3, **context).outcome  # type: ignore[arg-type]
+
+    dealing = {"pending": new_record, "asked": EPOCH + 1}
+    assert outcome(old, **dealing) is outcome(go_old, **dealing) is Outcome.LACKS_NEW
+    assert outcome(new, **dealing) is outcome(go_new, **dealing) is Outcome.HOLDING
+    recovering = {"pending": new_record, "asked": EPOCH}
+    assert outcome(new, **recovering) is outcome(go_new, **recovering) is Outcome.HOLDING  # the new key's pile
+    assert outcome(new) is Outcome.NEWER_EPOCH  # no rotation known: not this machine's to judge
+    assert outcome(new, highest=EPOCH + 1) is Outcome.UNKNOWN_EPOCH  # an abandoned rotation's
+    assert outcome(go_new) is Outcome.WRONG_SHARD
+    assert outcome(old, member=False) is Outcome.REMOVED
+    assert outcome(empty, member=False) is Outcome.CLEARED
+    assert outcome(empty, **dealing) is Outcome.EMPTY
 
 
 # ---------------------------------------------------------------- the document is the table

@@ -40,6 +40,9 @@ PUBLIC_NAMES = {
     # Nexus custody
     "NexusCustody", "PollSchedule", "RandomSource", "KeeperView", "RestoreProgress",
     "AlreadyInitialised", "ShareRejected", "DuplicateShare",
+    # key rotation
+    "PendingRotation", "RotationView", "RotationRefused", "RotationStage", "PersistRotation", "CommitRotation",
+    "AbandonRotation", "StoreEffect", "RotationProgress", "ShardRetired", "KeeperLeft",
     # effects and events
     "Effect", "SendRequest", "RequestKind", "Report", "KeeperStateChanged", "KeeperState",
     "KeeperReseeded", "KeeperMisbehaved", "PhaseChanged", "Phase", "KeyRecovered", "KeyRejected", "KeySource",
@@ -51,7 +54,7 @@ PUBLIC_NAMES = {
     "key_check_value", "shard_commitment", "derive_key",
     # wire
     "KEEPER_CONTRIBUTE_PATH", "KEEPER_SHARD_PATH", "ShardContribution", "ShardAnswer", "ErrorCode",
-    "encode", "decode",
+    "encode", "decode", "KEEPER_FORGET_PATH", "ShardRequest", "ForgetRequest",
     # identity
     "SpiffeId", "InvalidSpiffeId", "TrustDomains", "Role", "peer_spiffe_id",
     # trust per domain
@@ -73,8 +76,18 @@ FIELDS = {
     "RequestFailed": ("request_id", "reason", "kind"),
     "KeeperView": (
         "keeper_id", "state", "since", "detail", "polls", "empty_answers", "failures", "reseeds",
-        "last_poll_at", "last_answer_at", "latency", "next_poll_at", "outcomes",
+        "last_poll_at", "last_answer_at", "latency", "next_poll_at", "outcomes", "slots",
     ),
+    "RotationView": (
+        "stage", "from_epoch", "to_epoch", "threshold", "keeper_ids", "dealt", "needed", "started_at",
+    ),
+    "PersistRotation": ("pending", "at"),
+    "CommitRotation": ("pending", "at"),
+    "AbandonRotation": ("pending", "at"),
+    "RotationProgress": ("stage", "from_epoch", "to_epoch", "dealt", "needed", "at", "detail"),
+    "ShardRetired": ("keeper_id", "epoch", "at"),
+    "KeeperLeft": ("keeper_id", "at", "detail"),
+    "PendingRotation": ("record", "from_epoch", "from_check", "new_key", "old_key"),
     "RestoreProgress": ("accepted", "needed", "ready"),
     "PollSchedule": ("interval", "jitter", "request_timeout"),
     "KeeperOutcome": ("response", "change", "refused"),
@@ -82,7 +95,10 @@ FIELDS = {
     "ApiResponse": ("status", "body", "content_type"),
     "SpiffeId": ("trust_domain", "path"),
     "TrustDomains": ("nexus", "keeper", "bootstrap", "pilot"),
-    "ShardContribution": ("shard", "id", "epoch"),
+    "ShardContribution": ("shard", "id", "epoch", "keep"),
+    "ShardAnswer": ("shard", "id", "epoch", "other_epoch", "slots"),
+    "ShardRequest": ("epoch",),
+    "ForgetRequest": ("epoch", "all"),
     "KeyRecord": ("epoch", "threshold", "keeper_ids", "check", "commitments", "history"),
 }  # fmt: skip
 
@@ -90,12 +106,16 @@ ENUMS = {
     "Phase": ("uninitialised", "recovering", "ready"),
     "KeeperState": (
         "unknown", "holding", "empty", "wrong_shard", "unverified", "unreachable", "bad_answer", "newer_epoch",
+        "removed",
+    ),
+    "RotationStage": (
+        "persisting", "dealing", "committing", "abandoning", "following", "committed", "abandoned", "not_started",
     ),
     "FailureKind": (
         "refused", "unreachable", "timeout", "tls", "peer_identity", "closed", "bad_http", "other",
     ),
-    "RequestKind": ("poll", "push", "confirm", "check"),
-    "KeeperChange": ("none", "stored", "replaced"),
+    "RequestKind": ("poll", "push", "confirm", "check", "deal", "forget", "clear"),
+    "KeeperChange": ("none", "stored", "replaced", "forgotten"),
     "Role": ("nexus", "keeper", "bootstrap", "pilot-superuser", "pilot-recover", "pilot-restore"),
     "ErrorCode": (
         "api_bad_request", "api_not_found", "access_unauthorized", "state_not_ready", "api_conflict",
@@ -130,7 +150,6 @@ def test_fields_of_boundary_values_are_pinned() -> None:
             assert issubclass(kind, msgspec.Struct)
             fields = kind.__struct_fields__
         assert fields == expected, f"fields of {name} changed; {POLICY}"
-    assert protocol.ShardAnswer is protocol.ShardContribution
 
 
 def test_enum_values_are_pinned() -> None:
@@ -149,9 +168,14 @@ def test_effect_and_answer_aliases_cover_exactly_their_types() -> None:
         "KeyRecovered",
         "KeyRejected",
         "NewerKeySeen",
+        "RotationProgress",
+        "ShardRetired",
+        "KeeperLeft",
     }
+    stores = {"PersistRotation", "CommitRotation", "AbandonRotation"}
     assert {t.__name__ for t in protocol.Report.__args__} == reports
-    assert {t.__name__ for t in protocol.Effect.__args__} == reports | {"SendRequest"}
+    assert {t.__name__ for t in protocol.StoreEffect.__args__} == stores
+    assert {t.__name__ for t in protocol.Effect.__args__} == reports | stores | {"SendRequest"}
     assert {t.__name__ for t in protocol.Answer.__args__} == {"ResponseReceived", "RequestFailed"}
 
 
@@ -160,6 +184,7 @@ def test_error_classes_say_whose_fault_it_is() -> None:
     for name in local:
         assert issubclass(getattr(protocol, name), protocol.LocalProtocolError), name
     assert issubclass(protocol.DuplicateShare, protocol.ShareRejected)
+    assert issubclass(protocol.RotationRefused, protocol.LocalProtocolError)
     for base in (protocol.LocalProtocolError, protocol.RemoteProtocolError):
         assert issubclass(base, protocol.SpikeError)
     assert not issubclass(protocol.RemoteProtocolError, protocol.LocalProtocolError)
