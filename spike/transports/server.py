@@ -55,6 +55,7 @@ import ssl
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from enum import Enum
 from typing import cast
 
 import anyio
@@ -418,6 +419,13 @@ async def _first_bytes(conn: socket.socket) -> bool:
             return False
 
 
+class _Timer(Enum):
+    """What a connection's one timer is waiting for."""
+
+    IDLE = "idle"  # the next request, after the last answer went out
+    REQUEST = "request"  # the rest of a request that has begun to arrive
+
+
 class _Connection(asyncio.Protocol):
     """One client connection: TLS, then requests answered one at a time, in order."""
 
@@ -433,7 +441,7 @@ class _Connection(asyncio.Protocol):
         self._peer: SpiffeId | None = None
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_kind = ""  # "idle" or "request"
+        self._timer_kind: _Timer | None = None
         self._busy = False  # a reply is pending: later requests wait in the parser
         self._screened = 0  # the number of the last request head judged before its body
         self._held = 0  # request bytes this connection has counted against the server's budget
@@ -545,9 +553,9 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-            self._timer_kind = ""
+            self._timer_kind = None
 
-    def _arm(self, kind: str, delay: float, expire: Callable[[], None]) -> None:
+    def _arm(self, kind: _Timer, delay: float, expire: Callable[[], None]) -> None:
         # Armed once per kind: the idle wait starts when the last answer went out, and bytes that
         # start no request (empty lines, which RFC 9112 lets a server skip) must not start it again,
         # or a client sending "\r\n" now and then would hold its connection for ever; a request
@@ -560,7 +568,7 @@ class _Connection(asyncio.Protocol):
 
     def _request_too_slow(self) -> None:
         self._timer = None
-        self._timer_kind = ""
+        self._timer_kind = None
         if self._parser.head_received:
             self._fail(408)
         else:
@@ -627,9 +635,9 @@ class _Connection(asyncio.Protocol):
                     self._parser.continue_wanted = False
                     self._writer.write(CONTINUE)
                 if self._parser.in_progress:
-                    self._arm("request", self._limits.request_timeout, self._request_too_slow)
+                    self._arm(_Timer.REQUEST, self._limits.request_timeout, self._request_too_slow)
                 else:
-                    self._arm("idle", self._limits.idle_timeout, self._close)
+                    self._arm(_Timer.IDLE, self._limits.idle_timeout, self._close)
                 return
             self._cancel_timer()
             self._dispatch(request)
