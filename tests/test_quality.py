@@ -166,3 +166,17 @@ def test_the_core_and_the_transports_import_nothing_above_them() -> None:
         package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
         problems += [f"{module} imports {i}" for i in _imports(path, package) if i.startswith("spike.app")]
     assert not problems, "\n".join(sorted(set(problems)))
+
+
+def test_tests_import_their_helpers_as_packages() -> None:
+    """No conftest puts a tier's directory on sys.path, and no test module imports another test module."""
+    problems = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        text = path.read_text()
+        rel = path.relative_to(ROOT)
+        if re.search(r"sys\.path\.(insert|append)", text):
+            problems.append(f"{rel}: changes sys.path")
+        for imported in _imports(path, ".".join(rel.with_suffix("").parts[:-1])):
+            if imported.rsplit(".", 1)[-1].startswith("test_") or imported.startswith("test_"):
+                problems.append(f"{rel}: imports the test module {imported}")
+    assert not problems, "\n".join(problems)

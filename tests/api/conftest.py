@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from api_helpers import Node
+
+from tests.api.api_helpers import Node
 
 
 @pytest.fixture

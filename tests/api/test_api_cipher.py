@@ -6,10 +6,10 @@ import base64
 import logging
 
 import pytest
-from api_helpers import Node
 
 from spike.app.api.messages import CIPHER_DECRYPT_PATH, CIPHER_ENCRYPT_PATH
 from spike.app.nexus.cipher_api import MAX_PLAINTEXT, NONCE_SIZE, OCTET_STREAM, VERSION
+from tests.api.api_helpers import Node
 
 ENC, DEC = CIPHER_ENCRYPT_PATH, CIPHER_DECRYPT_PATH
 BAD = (400, {"err": "api_bad_request"})

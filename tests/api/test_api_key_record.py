@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from api_helpers import KEEPERS, ROOT_KEY, TRUST, Node
 
 from spike.app.api.messages import BOOTSTRAP_INIT_PATH, InitRequest
 from spike.app.store.sqlite_schema import NexusStore
 from spike.protocol import RootKey, seal_key
 from spike.protocol.identity import Role
+from tests.api.api_helpers import KEEPERS, ROOT_KEY, TRUST, Node
 
 pytestmark = pytest.mark.anyio  # the custody driver reads the event loop's clock
 

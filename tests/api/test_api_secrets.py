@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from api_helpers import OTHER_PEERS, Node, snapshot
 
 from spike.app.api.messages import CIPHER_DECRYPT_PATH, CIPHER_ENCRYPT_PATH, SECRETS_METADATA_PATH, SECRETS_PATH
 from spike.app.model import kv
 from spike.app.nexus.routes import Granted
 from spike.app.store.sqlite_schema import DB_NAME
+from tests.api.api_helpers import OTHER_PEERS, Node, snapshot
 
 S, M = SECRETS_PATH, SECRETS_METADATA_PATH
 BAD, NOT_FOUND, CONFLICT = "api_bad_request", "api_not_found", "api_conflict"

@@ -24,7 +24,6 @@ import anyio
 import pytest
 from anyio.abc import SocketAttribute
 from anyio.from_thread import start_blocking_portal
-from api_helpers import TRUST, WAIT, Node
 
 from spike.app.api.messages import (
     CIPHER_DECRYPT_PATH,
@@ -41,6 +40,7 @@ from spike.app.nexus.cipher_api import MAX_PLAINTEXT
 from spike.app.nexus.server import NEXUS_LIMITS
 from spike.transports.server import HttpsServer
 from spike.transports.tls import server_context
+from tests.api.api_helpers import TRUST, WAIT, Node
 
 
 @pytest.fixture

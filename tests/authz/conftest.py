@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from deployment import Deployment, running
 
 from spike.app.commands.devca import DevIdentity
-
-# The rotation test drives real `spike` processes with the end-to-end harness.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "e2e"))
+from tests.authz.deployment import Deployment, running
 
 
 @pytest.fixture

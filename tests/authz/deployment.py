@@ -39,7 +39,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from spike.app.api.messages import POLICY_PATH
+from spike.app.api.messages import (
+    BOOTSTRAP_INIT_PATH,
+    BOOTSTRAP_VERIFY_PATH,
+    CIPHER_DECRYPT_PATH,
+    CIPHER_ENCRYPT_PATH,
+    POLICY_PATH,
+    RECOVER_PATH,
+    RESTORE_PATH,
+    SECRETS_METADATA_PATH,
+    SECRETS_PATH,
+    STATUS_PATH,
+)
 from spike.app.commands.devca import CA_KEY, DevIdentity, mint_svid
 from spike.app.identity import identity_source
 from spike.app.keeper import keeper_server
@@ -379,3 +390,19 @@ def running(identity: DevIdentity, root: Path, **options: Any) -> Iterator[Deplo
 
 
 __all__ = ["Answer", "Caller", "Deployment", "Seen", "TransportError", "mint", "running"]
+
+
+# Every route of the Nexus API, by a short name: (path, action).
+ROUTES: dict[str, tuple[str, str]] = {
+    "status": (STATUS_PATH, ""),
+    "bootstrap/init": (BOOTSTRAP_INIT_PATH, ""),
+    "bootstrap/verify": (BOOTSTRAP_VERIFY_PATH, ""),
+    "operator/recover": (RECOVER_PATH, ""),
+    "operator/restore": (RESTORE_PATH, ""),
+    "cipher/encrypt": (CIPHER_ENCRYPT_PATH, ""),
+    "cipher/decrypt": (CIPHER_DECRYPT_PATH, ""),
+    **{f"secrets?{a}" if a else "secrets": (SECRETS_PATH, a) for a in ("", "get", "delete", "undelete", "destroy")},
+    "secrets?list": (SECRETS_PATH, "list"),
+    **{f"metadata?{a}": (SECRETS_METADATA_PATH, a) for a in ("get", "put", "delete")},
+    **{f"policy?{a}" if a else "policy": (POLICY_PATH, a) for a in ("", "get", "list", "delete")},
+}

@@ -42,23 +42,24 @@ from typing import Any
 import msgspec
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from deployment import Caller, Deployment, TransportError, foreign_ca_context, no_certificate_context, running
 
 from spike.app.api.messages import (
-    BOOTSTRAP_INIT_PATH,
-    BOOTSTRAP_VERIFY_PATH,
-    CIPHER_DECRYPT_PATH,
     CIPHER_ENCRYPT_PATH,
     POLICY_PATH,
-    RECOVER_PATH,
-    RESTORE_PATH,
-    SECRETS_METADATA_PATH,
     SECRETS_PATH,
-    STATUS_PATH,
     VERIFY_INFO,
 )
 from spike.app.commands.devca import DevIdentity
 from spike.protocol.material import RootKey, derive_key
+from tests.authz.deployment import (
+    ROUTES,
+    Caller,
+    Deployment,
+    TransportError,
+    foreign_ca_context,
+    no_certificate_context,
+    running,
+)
 
 MATRIX = """
 route             no-crt rogue  expir  notyet keeper nexus  boot   super  recov  restor wl-app wl-no  wl-all wl-cip
@@ -83,20 +84,6 @@ policy?get        tls    tls    tls    tls    401    401    401    ok     401   
 policy?list       tls    tls    tls    tls    401    401    401    ok     401    401    401    401    ok     401
 policy?delete     tls    tls    tls    tls    401    401    401    ok     401    401    401    401    ok     401
 """
-
-ROUTES: dict[str, tuple[str, str]] = {
-    "status": (STATUS_PATH, ""),
-    "bootstrap/init": (BOOTSTRAP_INIT_PATH, ""),
-    "bootstrap/verify": (BOOTSTRAP_VERIFY_PATH, ""),
-    "operator/recover": (RECOVER_PATH, ""),
-    "operator/restore": (RESTORE_PATH, ""),
-    "cipher/encrypt": (CIPHER_ENCRYPT_PATH, ""),
-    "cipher/decrypt": (CIPHER_DECRYPT_PATH, ""),
-    **{f"secrets?{a}" if a else "secrets": (SECRETS_PATH, a) for a in ("", "get", "delete", "undelete", "destroy")},
-    "secrets?list": (SECRETS_PATH, "list"),
-    **{f"metadata?{a}": (SECRETS_METADATA_PATH, a) for a in ("get", "put", "delete")},
-    **{f"policy?{a}" if a else "policy": (POLICY_PATH, a) for a in ("", "get", "list", "delete")},
-}
 
 # What an allowed caller is answered, for the body `bodies()` sends on that route.
 ALLOWED = {

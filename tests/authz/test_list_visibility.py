@@ -11,9 +11,8 @@ from __future__ import annotations
 from concurrent.futures import wait
 from typing import Any
 
-from deployment import Caller, Deployment
-
 from spike.app.api.messages import SECRETS_PATH
+from tests.authz.deployment import Caller, Deployment
 
 TD = r"spiffe://spike\.test"
 VISIBLE = ["app/a/1", "app/a/2", "app/a/3"]

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deployment import Caller, Deployment, running
 
 from spike.app import cli
 from spike.app.api.messages import CIPHER_ENCRYPT_PATH, POLICY_PATH, SECRETS_METADATA_PATH, SECRETS_PATH
@@ -28,6 +27,7 @@ from spike.app.store.policies import PolicyStore
 from spike.app.store.sealing import Sealer
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.identity import SpiffeId, TrustDomains
+from tests.authz.deployment import Caller, Deployment, running
 
 S, M = SECRETS_PATH, SECRETS_METADATA_PATH
 TD = r"spiffe://spike\.test"

@@ -13,10 +13,10 @@ import logging
 from pathlib import Path
 
 import pytest
-from deployment import Caller, Deployment, running
 
 from spike.app.api.messages import CIPHER_ENCRYPT_PATH, POLICY_PATH, SECRETS_PATH
 from spike.app.commands.devca import DevIdentity
+from tests.authz.deployment import Caller, Deployment, running
 
 TD = r"spiffe://spike\.test"
 

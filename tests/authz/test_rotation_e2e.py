@@ -31,7 +31,6 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from harness import Cluster, presented_serial, wait_until
 
 from spike.app.api.messages import SECRETS_PATH
 from spike.app.commands.client import nexus_connection
@@ -40,6 +39,7 @@ from spike.transports.blocking import ClientSession
 from spike.transports.client import TransportError
 from spike.transports.svid_files import SvidFileSource
 from spike.transports.tls import client_context
+from tests.e2e.harness import Cluster, presented_serial, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -14,7 +14,6 @@ import inspect
 from typing import Any
 
 import pytest
-from deployment import Deployment
 
 from spike.app.api.messages import (
     BOOTSTRAP_INIT_PATH,
@@ -31,6 +30,7 @@ from spike.app.api.messages import (
 from spike.app.model.policy import Permission, reserved
 from spike.app.nexus.routes import Granted, Roles, Route
 from spike.protocol.identity import Role
+from tests.authz.deployment import Deployment
 
 PILOTS = {Role.PILOT_SUPERUSER, Role.PILOT_RECOVER, Role.PILOT_RESTORE}
 READ, WRITE, LIST, EXECUTE, SUPER = (

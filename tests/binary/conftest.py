@@ -12,7 +12,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from binary_build import ROOT, Built, run_build
+
+from tests.binary.binary_build import ROOT, Built, run_build
 
 
 @pytest.fixture(scope="session")

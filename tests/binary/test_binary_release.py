@@ -21,7 +21,8 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 
 import pytest
-from binary_build import ROOT, Built, Contents, run_build
+
+from tests.binary.binary_build import ROOT, Built, Contents, run_build
 
 pytestmark = pytest.mark.e2e
 

@@ -38,15 +38,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pg_server
 import pytest
-from binary_build import ROOT, cannot_build
 
 from spike.app.commands.devca import DevIdentity
 from spike.protocol.identity import Role, TrustDomains
 from spike.protocol.wire import KEEPER_SHARD_PATH
 from spike.transports.blocking import ClientSession
 from spike.transports.tls import client_context, keeper_check
+from tests import pg_server
+from tests.binary.binary_build import ROOT, cannot_build
 
 pytestmark = pytest.mark.e2e
 
@@ -288,8 +288,7 @@ def test_keeper_takes_its_svid_from_the_workload_api(
     spike_binary: Path, spikes: Callable[[list[str]], Spike], dev_identity: DevIdentity
 ) -> None:
     """The lazily imported Workload API client (spiffe, gRPC, protobuf) is in the binary and works."""
-    sys.path.insert(0, str(ROOT / "tests" / "identity"))
-    from workload_api import TestCa, WorkloadApi
+    from tests.identity.workload_api import TestCa, WorkloadApi
 
     trust = TrustDomains.single(dev_identity.trust_domain)
     api = WorkloadApi(TestCa.of(dev_identity))

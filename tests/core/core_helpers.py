@@ -8,7 +8,7 @@ answers back, so a test reads as a conversation with the machine.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -31,6 +31,7 @@ from spike.protocol import (
     SendRequest,
     Share,
     seal_key,
+    share_for,
 )
 
 E = TypeVar("E")
@@ -167,3 +168,54 @@ class Rig:
 
     def misbehaved(self, effects: Iterable[Effect]) -> list[KeeperMisbehaved]:
         return of_type(effects, KeeperMisbehaved)
+
+
+# ---------------------------------------------------------------------- answering a rig's requests
+
+NOT_FOUND = b'{"err":"api_not_found"}'
+GO_EMPTY = b'{"err":"api_bad_request"}'  # how SPIKE's Go keeper says it is empty
+
+Answerer = Callable[[Rig, SendRequest], list[Effect]]
+
+
+def poll_times(rig: Rig, until: float, answer: Answerer) -> dict[int, list[float]]:
+    """Run `rig` until `until`, answering each request with `answer`; return POLL times per keeper."""
+    times: dict[int, list[float]] = {i: [] for i in rig.custody.keeper_ids}
+    queue = rig.requests(rig.start())
+    while True:
+        while queue:
+            request = queue.pop(0)
+            if request.kind is RequestKind.POLL:
+                times[request.keeper_id].append(rig.now)
+            view = rig.view(request.keeper_id)
+            assert request.deadline <= view.next_poll_at, "a request outlives the next poll"
+            assert request.deadline <= rig.now + rig.schedule.request_timeout
+            queue += rig.requests(answer(rig, request))
+        if rig.custody.next_deadline() > until:
+            return times
+        queue += rig.requests(rig.tick())
+
+
+def answer_correctly(rig: Rig, request: SendRequest) -> list[Effect]:
+    if request.kind is RequestKind.PUSH:
+        return rig.reply(request.keeper_id, 200)
+    return rig.reply_shard(request.keeper_id)
+
+
+def answer_badly(rig: Rig, request: SendRequest) -> list[Effect]:
+    """A rotating menu of every bad answer; no correct shard is ever given."""
+    choice = (request.request_id + request.keeper_id) % 7
+    wrong = share_for(key_from_int(OTHER_KEY_INT), epoch=7, threshold=2, id=request.keeper_id)
+    if choice == 0:
+        return rig.reply(request.keeper_id, 404, NOT_FOUND)
+    if choice == 1:
+        return rig.reply(request.keeper_id, 400, GO_EMPTY)
+    if choice == 2:
+        return rig.reply(request.keeper_id, 200, b"\x00garbage")
+    if choice == 3:
+        return rig.reply_shard(request.keeper_id, wrong)
+    if choice == 4:
+        return rig.fail(request.keeper_id)
+    if choice == 5:
+        return rig.reply(request.keeper_id, 500, b"oops")
+    return []  # never answered: the request times out

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from core_helpers import OTHER_KEY_INT, SAMPLE_KEY_INT, Rig, key_from_int, of_type, shard_body
 
 from spike.protocol import (
     CommitRotation,
@@ -55,6 +54,7 @@ from spike.protocol.custody_rules import (
     outcomes_of,
 )
 from spike.protocol.pending import PendingRotation
+from tests.core.core_helpers import OTHER_KEY_INT, SAMPLE_KEY_INT, Rig, key_from_int, of_type, shard_body
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DOC = ROOT / "docs" / "custody-rules.md"
@@ -412,7 +412,7 @@ def test_a_newer_epoch_refuted_by_the_driver_follows_the_unknown_epoch_row(key: 
 
 
 def test_rows_that_cannot_happen_are_never_reached_in_a_long_hostile_run() -> None:
-    from test_nexus_custody import answer_badly, poll_times
+    from tests.core.core_helpers import answer_badly, poll_times
 
     rig = Rig(record=HISTORIED, seed=11)
     poll_times(rig, 2000.0, answer_badly)

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import msgspec
 import pytest
-from core_helpers import SAMPLE_KEY_INT, key_from_int
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,6 +23,7 @@ from spike.protocol import (
     share_for,
 )
 from spike.protocol.wire import encode
+from tests.core.core_helpers import SAMPLE_KEY_INT, key_from_int
 
 TRUST = TrustDomains.single("spike.ist")
 NEXUS = TRUST.id_of(Role.NEXUS)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from core_helpers import SAMPLE_KEY_INT, key_from_int
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +29,7 @@ from spike.protocol import (
     share_for,
 )
 from spike.protocol.wire import KEEPER_FORGET_PATH, encode
+from tests.core.core_helpers import SAMPLE_KEY_INT, key_from_int
 
 TRUST = TrustDomains.single("spike.ist")
 NEXUS = TRUST.id_of(Role.NEXUS)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import traceback
 
 import pytest
-from core_helpers import OTHER_KEY_INT, SAMPLE_KEY_INT, key_from_int, shard_body
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
@@ -26,6 +25,7 @@ from spike.protocol import (
     share_for,
 )
 from spike.protocol.effects import RequestKind
+from tests.core.core_helpers import OTHER_KEY_INT, SAMPLE_KEY_INT, key_from_int, shard_body
 
 KEY = key_from_int(SAMPLE_KEY_INT)
 

@@ -9,7 +9,6 @@ from collections.abc import Callable
 
 import msgspec
 import pytest
-from core_helpers import OTHER_KEY_INT, SAMPLE_KEY_INT, ConstantRandom, Rig, key_from_int, of_type, shard_body
 
 from spike.protocol import (
     KEEPER_CONTRIBUTE_PATH,
@@ -49,9 +48,21 @@ from spike.protocol import (
     share_for,
 )
 from spike.protocol.wire import decode
-
-NOT_FOUND = b'{"err":"api_not_found"}'
-GO_EMPTY = b'{"err":"api_bad_request"}'
+from tests.core.core_helpers import (
+    GO_EMPTY,
+    NOT_FOUND,
+    OTHER_KEY_INT,
+    SAMPLE_KEY_INT,
+    Answerer,
+    ConstantRandom,
+    Rig,
+    answer_badly,
+    answer_correctly,
+    key_from_int,
+    of_type,
+    poll_times,
+    shard_body,
+)
 
 
 def pushed_share(request: SendRequest) -> ShardContribution:
@@ -147,52 +158,6 @@ def test_keepers_are_spread_over_the_interval_on_their_own_phase() -> None:
     rig.start()
     assert [v.next_poll_at for v in rig.custody.keepers()] == [9.0, 12.0, 15.0]
     assert rig.custody.next_deadline() == 2.0  # the first timeouts come first
-
-
-Answerer = Callable[[Rig, SendRequest], list[Effect]]
-
-
-def poll_times(rig: Rig, until: float, answer: Answerer) -> dict[int, list[float]]:
-    """Run `rig` until `until`, answering each request with `answer`; return POLL times per keeper."""
-    times: dict[int, list[float]] = {i: [] for i in rig.custody.keeper_ids}
-    queue = rig.requests(rig.start())
-    while True:
-        while queue:
-            request = queue.pop(0)
-            if request.kind is RequestKind.POLL:
-                times[request.keeper_id].append(rig.now)
-            view = rig.view(request.keeper_id)
-            assert request.deadline <= view.next_poll_at, "a request outlives the next poll"
-            assert request.deadline <= rig.now + rig.schedule.request_timeout
-            queue += rig.requests(answer(rig, request))
-        if rig.custody.next_deadline() > until:
-            return times
-        queue += rig.requests(rig.tick())
-
-
-def answer_correctly(rig: Rig, request: SendRequest) -> list[Effect]:
-    if request.kind is RequestKind.PUSH:
-        return rig.reply(request.keeper_id, 200)
-    return rig.reply_shard(request.keeper_id)
-
-
-def answer_badly(rig: Rig, request: SendRequest) -> list[Effect]:
-    """A rotating menu of every bad answer; no correct shard is ever given."""
-    choice = (request.request_id + request.keeper_id) % 7
-    wrong = share_for(key_from_int(OTHER_KEY_INT), epoch=7, threshold=2, id=request.keeper_id)
-    if choice == 0:
-        return rig.reply(request.keeper_id, 404, NOT_FOUND)
-    if choice == 1:
-        return rig.reply(request.keeper_id, 400, GO_EMPTY)
-    if choice == 2:
-        return rig.reply(request.keeper_id, 200, b"\x00garbage")
-    if choice == 3:
-        return rig.reply_shard(request.keeper_id, wrong)
-    if choice == 4:
-        return rig.fail(request.keeper_id)
-    if choice == 5:
-        return rig.reply(request.keeper_id, 500, b"oops")
-    return []  # never answered: the request times out
 
 
 def answer_one_keeper_always_empty(rig: Rig, request: SendRequest) -> list[Effect]:

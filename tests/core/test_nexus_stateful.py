@@ -14,7 +14,6 @@ import math
 import random
 
 import msgspec
-from core_helpers import OTHER_KEY_INT, SAMPLE_KEY_INT, key_from_int, shard_body
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -41,6 +40,7 @@ from spike.protocol import (
     share_for,
 )
 from spike.protocol.events import Answer
+from tests.core.core_helpers import OTHER_KEY_INT, SAMPLE_KEY_INT, key_from_int, shard_body
 
 ANSWERS = (
     "correct", "correct-go", "404", "400", "wrong", "stale", "swapped", "garbage", "failure", "500", "newer", "ancient",

@@ -6,10 +6,10 @@ import base64
 
 import msgspec
 import pytest
-from core_helpers import OTHER_KEY_INT, SAMPLE_KEY_INT, key_from_int
 
 from spike.protocol import KeyRecord, RemoteProtocolError, Share, seal_key, share_for
 from spike.protocol.wire import decode, encode
+from tests.core.core_helpers import OTHER_KEY_INT, SAMPLE_KEY_INT, key_from_int
 
 KEY = key_from_int(SAMPLE_KEY_INT)
 RECORD, SHARES = seal_key(KEY, epoch=9, threshold=3, keeper_ids=[5, 1, 3, 2, 4])

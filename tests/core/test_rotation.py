@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from core_helpers import of_type
-from rotation_helpers import Deployment, key_of
 
 from spike.protocol import (
     KEEPER_CONTRIBUTE_PATH,
@@ -39,6 +37,8 @@ from spike.protocol import (
     seal_key,
 )
 from spike.protocol.nexus import DEAL_ROUNDS
+from tests.core.core_helpers import of_type
+from tests.core.rotation_helpers import Deployment, key_of
 
 
 def committed(d: Deployment) -> bool:

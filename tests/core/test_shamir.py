@@ -6,12 +6,12 @@ import itertools
 import random
 
 import pytest
-from core_helpers import OTHER_KEY_INT, SAMPLE_KEY_INT, key_from_int
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spike.protocol import ORDER, RootKey, ShamirError, Share, combine, deal, share_for, split_with
 from spike.protocol.shamir import interpolate
+from tests.core.core_helpers import OTHER_KEY_INT, SAMPLE_KEY_INT, key_from_int
 
 KEY = key_from_int(SAMPLE_KEY_INT)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Cluster, SecretsSeen
 
 from spike.app.commands.devca import DevIdentity
+from tests.e2e.harness import Cluster, SecretsSeen
 
 
 @pytest.fixture(scope="session")

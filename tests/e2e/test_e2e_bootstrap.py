@@ -8,7 +8,8 @@ One deployment's life: bootstrapped once it is ready with a spare shard
 from __future__ import annotations
 
 import pytest
-from harness import Cluster
+
+from tests.e2e.harness import Cluster
 
 pytestmark = pytest.mark.e2e
 

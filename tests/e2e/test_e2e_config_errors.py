@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from harness import SPIKE, base_env, pick_port, svid_env
 
 from spike.app.commands.devca import CA_CERT, DevIdentity, new_ca
 from spike.app.store.sqlite_schema import NexusStore
 from spike.protocol.material import RootKey
 from spike.protocol.record import seal_key
+from tests.e2e.harness import SPIKE, base_env, pick_port, svid_env
 
 pytestmark = pytest.mark.e2e
 

@@ -16,7 +16,8 @@ import re
 from typing import Any
 
 import pytest
-from harness import Cluster
+
+from tests.e2e.harness import Cluster
 
 pytestmark = pytest.mark.e2e
 

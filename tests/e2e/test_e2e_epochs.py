@@ -18,11 +18,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import pg_server
 import pytest
-from harness import Cluster, wait_until
 
 from spike.protocol.wire import ShardContribution
+from tests import pg_server
+from tests.e2e.harness import Cluster, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from harness import Cluster, wait_until
 
 from spike.protocol import Role, ShardContribution, share_for
 from spike.protocol.material import RootKey
 from spike.protocol.wire import KEEPER_CONTRIBUTE_PATH, KEEPER_FORGET_PATH, KEEPER_SHARD_PATH, encode
 from spike.transports.blocking import ClientSession
 from spike.transports.tls import client_context, keeper_check
+from tests.e2e.harness import Cluster, wait_until
 
 pytestmark = pytest.mark.e2e
 

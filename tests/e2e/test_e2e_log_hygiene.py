@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Cluster, SecretsSeen, find_secrets
 
 from spike.app.store.sqlite_schema import NexusStore
 from spike.protocol.shamir import combine
+from tests.e2e.harness import Cluster, SecretsSeen, find_secrets
 
 pytestmark = pytest.mark.e2e
 

@@ -15,19 +15,16 @@ and why; the genuine callers of both domains work throughout.
 from __future__ import annotations
 
 import datetime as dt
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Cluster
 
 from spike.app.commands.devca import CA_CERT, DevIdentity
 from spike.transports.tls import SvidFiles
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "transport"))
-from transport_rig import mint_files, raw_client_context, raw_request, refused
+from tests.e2e.harness import Cluster
+from tests.transport.transport_rig import mint_files, raw_client_context, raw_request, refused
 
 pytestmark = pytest.mark.e2e
 

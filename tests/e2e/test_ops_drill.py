@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Cluster, SecretsSeen
 
 from spike.app.api.messages import (
     SECRETS_PATH,
@@ -35,6 +34,7 @@ from spike.app.commands.client import NexusClient, NexusError
 from spike.app.commands.operator import format_shard, parse_shard
 from spike.app.store.sqlite_schema import NexusStore
 from spike.protocol import RootKey, combine, seal_key
+from tests.e2e.harness import Cluster, SecretsSeen
 
 pytestmark = pytest.mark.e2e
 

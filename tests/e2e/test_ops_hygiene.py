@@ -15,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from harness import SecretsSeen, find_secrets
 
 from spike.app.store.sqlite_schema import DB_NAME
+from tests.e2e.harness import SecretsSeen, find_secrets
 
 pytestmark = pytest.mark.e2e
 

@@ -23,7 +23,6 @@ import time
 from typing import Any
 
 import pytest
-from harness import Cluster, SecretsSeen, wait_until
 
 from spike.app.api.messages import (
     SECRETS_PATH,
@@ -34,6 +33,7 @@ from spike.app.api.messages import (
 )
 from spike.app.commands.client import NexusError
 from spike.transports.tls import client_context
+from tests.e2e.harness import Cluster, SecretsSeen, wait_until
 
 pytestmark = pytest.mark.e2e
 

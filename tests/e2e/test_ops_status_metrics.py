@@ -17,10 +17,10 @@ import re
 from typing import Any
 
 import pytest
-from harness import Cluster, Scrape, SecretsSeen
 
 from spike.app.api.messages import SECRETS_PATH, SecretGetRequest, SecretGetResponse
 from spike.app.commands.client import NexusError
+from tests.e2e.harness import Cluster, Scrape, SecretsSeen
 
 pytestmark = pytest.mark.e2e
 

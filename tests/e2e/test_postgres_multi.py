@@ -20,12 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pg_server
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from harness import Cluster, wait_until
 
 from spike.app.api.messages import (
     POLICY_PATH,
@@ -42,6 +40,8 @@ from spike.app.api.messages import (
 from spike.app.commands.client import Empty, NexusClient, NexusError
 from spike.app.commands.devca import CA_KEY, mint_svid
 from spike.transports.tls import SvidFiles
+from tests import pg_server
+from tests.e2e.harness import Cluster, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import SPIKE, Cluster, base_env, pick_port, svid_env, wait_until
 
 from spike.app.commands.devca import DevIdentity
 from spike.transports.tls import SvidFiles
+from tests.e2e.harness import SPIKE, Cluster, base_env, pick_port, svid_env, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import CliResult, Cluster, SecretsSeen, pick_port
 
 from spike.app.api.messages import (
     CIPHER_DECRYPT_PATH,
@@ -39,6 +38,7 @@ from spike.app.api.messages import CIPHER_MAX_OVERHEAD as MAX_OVERHEAD
 from spike.app.api.messages import CIPHER_MAX_PLAINTEXT as MAX_PLAINTEXT
 from spike.app.commands.devca import DevIdentity
 from spike.app.store.sqlite_schema import DB_NAME
+from tests.e2e.harness import CliResult, Cluster, SecretsSeen, pick_port
 
 pytestmark = pytest.mark.e2e
 

@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-from harness import Cluster, wait_until
 
 from spike.app.api.messages import (
     SECRETS_METADATA_PATH,
@@ -35,6 +34,7 @@ from spike.app.api.messages import (
     SecretPutResponse,
 )
 from spike.app.commands.client import Empty, NexusError
+from tests.e2e.harness import Cluster, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -6,17 +6,13 @@ The processes are started and killed with the end-to-end harness
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "e2e"))
-
-from harness import Cluster
-
 from spike.app.commands.devca import DevIdentity
+from tests.e2e.harness import Cluster
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import Cluster, base_env, find_secrets, pick_port, wait_until
 
 from spike.app.commands.devca import CA_CERT, DevIdentity
 from spike.protocol import (
@@ -38,9 +37,8 @@ from spike.protocol import (
 from spike.transports.blocking import BlockingConnection, ClientSession
 from spike.transports.client import TransportError
 from spike.transports.tls import SvidFiles, client_context, keeper_check
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "transport"))
-from transport_rig import mint_files, raw_client_context, raw_request, refused
+from tests.e2e.harness import Cluster, base_env, find_secrets, pick_port, wait_until
+from tests.transport.transport_rig import mint_files, raw_client_context, raw_request, refused
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DRIVERS = ["stdlib_driver.py", "asyncio_driver.py"]

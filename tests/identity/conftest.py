@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from workload_api import TestCa, WorkloadApi
 
 from spike.app.commands.devca import DevIdentity
-
-# The process tests drive real `spike` processes with the end-to-end harness.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "e2e"))
+from tests.identity.workload_api import TestCa, WorkloadApi
 
 
 @pytest.fixture

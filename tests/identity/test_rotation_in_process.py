@@ -18,9 +18,6 @@ import anyio
 import anyio.abc
 import pytest
 from anyio.abc import SocketAttribute
-from harness import presented_serial
-from tls_probe import handshake
-from workload_api import TestCa, WorkloadApi
 
 from spike.app.keeper import KeeperHandler
 from spike.protocol.identity import TrustDomains
@@ -30,6 +27,9 @@ from spike.transports.client import HttpsConnection, TransportError
 from spike.transports.server import HttpsServer
 from spike.transports.tls import keeper_check
 from spike.transports.workload_api import WorkloadApiSource
+from tests.e2e.harness import presented_serial
+from tests.identity.tls_probe import handshake
+from tests.identity.workload_api import TestCa, WorkloadApi
 
 pytestmark = pytest.mark.anyio
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from workload_api import WorkloadApi
+
+from tests.identity.workload_api import WorkloadApi
 
 SPIKE = [sys.executable, "-m", "spike"]
 TD = "spike.test"

@@ -23,9 +23,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from harness import presented_serial
-from tls_probe import handshake
-from workload_api import TestCa, serial_of
 
 from spike.app.commands.devca import DevIdentity
 from spike.app.keeper import KeeperHandler
@@ -37,6 +34,9 @@ from spike.transports.client import HttpsConnection
 from spike.transports.server import HttpsServer
 from spike.transports.svid_files import StaticSource, SvidFileSource
 from spike.transports.tls import IdentityError, SvidFiles, client_context, keeper_check
+from tests.e2e.harness import presented_serial
+from tests.identity.tls_probe import handshake
+from tests.identity.workload_api import TestCa, serial_of
 
 TD = "spike.test"
 KEEPER = f"spiffe://{TD}/spike/keeper/1"

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import base_env, pick_port, presented_serial, wait_until
-from workload_api import TestCa, serial_of
 
 from spike.app.commands.devca import DevIdentity
 from spike.transports.tls import client_context
+from tests.e2e.harness import base_env, pick_port, presented_serial, wait_until
+from tests.identity.workload_api import TestCa, serial_of
 
 pytestmark = pytest.mark.e2e
 

@@ -23,8 +23,6 @@ from typing import Any
 
 import msgspec
 import pytest
-from harness import Cluster, HarnessError, presented_serial, wait_until
-from workload_api import TestCa, WorkloadApi
 
 from spike.app.commands.client import fetch_status, nexus_connection
 from spike.app.commands.devca import DevIdentity
@@ -32,6 +30,8 @@ from spike.transports.blocking import ClientSession
 from spike.transports.client import TransportError
 from spike.transports.tls import SvidFiles, client_context
 from spike.transports.workload_api import WorkloadApiSource
+from tests.e2e.harness import Cluster, HarnessError, presented_serial, wait_until
+from tests.identity.workload_api import TestCa, WorkloadApi
 
 pytestmark = pytest.mark.e2e
 

@@ -18,14 +18,14 @@ import grpc
 import pytest
 from spiffe import WorkloadApiClient
 from spiffe._proto import workload_pb2, workload_pb2_grpc
-from tls_probe import handshake, wait_for
-from workload_api import TestCa, WorkloadApi
 
 from spike.app.commands.devca import DevIdentity
 from spike.protocol.identity import SpiffeId
 from spike.transports.identity import LoadedIdentity
 from spike.transports.tls import IdentityError, client_context
 from spike.transports.workload_api import WorkloadApiSource
+from tests.identity.tls_probe import handshake, wait_for
+from tests.identity.workload_api import TestCa, WorkloadApi
 
 TD = "spike.test"
 KEEPER = f"spiffe://{TD}/spike/keeper/1"

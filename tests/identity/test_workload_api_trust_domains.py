@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import ssl
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -25,7 +24,6 @@ from pathlib import Path
 import anyio
 import pytest
 from anyio.abc import SocketAttribute
-from workload_api import TestCa, WorkloadApi
 
 from spike.app.commands.devca import CA_CERT, DevIdentity
 from spike.app.keeper import KeeperHandler
@@ -35,9 +33,8 @@ from spike.transports.client import HttpsConnection, PeerIdentityError
 from spike.transports.server import HttpsServer
 from spike.transports.tls import keeper_check
 from spike.transports.workload_api import WorkloadApiSource
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "transport"))
-from transport_rig import raw_request, refused
+from tests.identity.workload_api import TestCa, WorkloadApi
+from tests.transport.transport_rig import raw_request, refused
 
 pytestmark = pytest.mark.anyio
 

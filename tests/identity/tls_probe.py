@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
-from harness import wait_until
+
+from tests.e2e.harness import wait_until
 
 
 @dataclass

@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ops_helpers import RECORD, Node
+
+from tests.ops.ops_helpers import RECORD, Node
 
 
 @pytest.fixture

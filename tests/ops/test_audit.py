@@ -16,10 +16,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ops_helpers import ROOT_KEY, SHARES, Node, leaks, peer, secrets_of
-
 from spike.app.api.messages import RECOVER_PATH, RESTORE_PATH
 from spike.app.nexus.audit import AuditLog, secret_path_of
+from tests.ops.ops_helpers import ROOT_KEY, SHARES, Node, leaks, peer, secrets_of
 
 VALUE = "s3cr3t-value-7d1e4b0a9f"
 PLAINTEXT = b"cipher plaintext 0c8e7f1d2a"

@@ -12,11 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from ops_helpers import SHARES, Node, sealed, shard_answer
 
 from spike.app.nexus.server import ClusterWatch
 from spike.app.store.backend import ClusterState
 from spike.protocol import KeeperState, NewerKeySeen, Phase, RequestKind, Share
+from tests.ops.ops_helpers import SHARES, Node, sealed, shard_answer
 
 
 @pytest.fixture

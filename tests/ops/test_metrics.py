@@ -10,13 +10,13 @@ unknown path is "other"), and hold no key, shard or secret value.
 from __future__ import annotations
 
 import pytest
-from ops_helpers import ROOT_KEY, SHARES, Node, leaks, secrets_of, shard_answer
 from prometheus_client.parser import text_string_to_metric_families
 
 from spike.app.api.messages import RESTORE_PATH
 from spike.app.nexus.metrics import PROMETHEUS_TEXT
 from spike.protocol import Answer, FailureKind, RequestFailed, ResponseReceived
 from spike.protocol.api import ApiRequest
+from tests.ops.ops_helpers import ROOT_KEY, SHARES, Node, leaks, secrets_of, shard_answer
 
 SECRET_VALUE = "correct-horse-battery-staple-5f2a9c"
 SECRETS = {**secrets_of(SHARES.values(), ROOT_KEY), "secret value": SECRET_VALUE.encode()}

@@ -17,7 +17,6 @@ import stat
 from pathlib import Path
 
 import pytest
-from ops_helpers import OTHER_KEY, ROOT_KEY, SHARES, Node, leaks, sealed, secrets_of, shard_answer, unlock
 
 from spike.app.api.messages import RECOVER_PATH, RESTORE_PATH
 from spike.app.commands import operator
@@ -25,6 +24,7 @@ from spike.app.commands.operator import format_shard, parse_shard
 from spike.app.errors import CommandError
 from spike.protocol import KeyRecovered, Phase, RequestKind, Share
 from spike.protocol.wire import ShardContribution, decode
+from tests.ops.ops_helpers import OTHER_KEY, ROOT_KEY, SHARES, Node, leaks, sealed, secrets_of, shard_answer, unlock
 
 OLD_RECORD, OLD_SHARES = sealed(OTHER_KEY, epoch=1)  # another deployment's key (same ids, same epoch)
 SECRETS = {**secrets_of(SHARES.values(), ROOT_KEY), **secrets_of(OLD_SHARES.values(), OTHER_KEY, "other key ")}

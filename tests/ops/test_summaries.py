@@ -13,10 +13,10 @@ import logging
 from pathlib import Path
 
 import pytest
-from ops_helpers import SHARES, URLS, Node, shard_answer
 
 from spike.app.config import KEEPER_SUMMARY_EVERY, WAITING_SUMMARY_EVERY
 from spike.app.nexus.server import Summaries
+from tests.ops.ops_helpers import SHARES, URLS, Node, shard_answer
 
 
 def run_for(node: Node, summaries: Summaries, seconds: int, caplog: pytest.LogCaptureFixture) -> list[str]:

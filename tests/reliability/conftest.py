@@ -1,7 +1,7 @@
 """Fixtures for the reliability tier: deployments of real processes under faults, fuzzers, the final leak sweep.
 
 The end-to-end harness (tests/e2e/harness.py), the in-process deployment of
-tests/authz and the transport rig are reused from their directories.  Every
+tests/authz and the transport rig are reused by their package paths.  Every
 secret value, shard and key a test here uses is registered with the
 session's `LeakWatch`; `test_secrets_sweep.py` runs after every other
 test of the session (see `pytest_collection_modifyitems` below) and greps
@@ -10,21 +10,14 @@ every file those tests wrote for them.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-_TESTS = Path(__file__).resolve().parent.parent
-for _helpers in ("e2e", "authz", "transport"):
-    if str(_TESTS / _helpers) not in sys.path:
-        sys.path.insert(0, str(_TESTS / _helpers))
-
-from reliability_rig import REPORT, LeakWatch, ProxiedCluster  # noqa: E402
-
-from spike.app.commands.devca import DevIdentity  # noqa: E402
+from spike.app.commands.devca import DevIdentity
+from tests.reliability.reliability_rig import REPORT, LeakWatch, ProxiedCluster
 
 
 @pytest.fixture(scope="session")

@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from faultproxy import FaultProxy, ProxyLoop
-from harness import Cluster, HarnessError, pick_port
 
 from spike.app.commands.client import fetch_status, nexus_connection
 from spike.app.commands.devca import DevIdentity
@@ -38,6 +36,8 @@ from spike.protocol.shamir import combine
 from spike.transports.blocking import ClientSession
 from spike.transports.client import TransportError
 from spike.transports.tls import client_context
+from tests.e2e.harness import Cluster, HarnessError, pick_port
+from tests.reliability.faultproxy import FaultProxy, ProxyLoop
 
 # What the tests of this tier print at the end of the run (counts, inputs tried): see conftest.py.
 REPORT: list[str] = []

@@ -43,9 +43,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from faultproxy import FaultSchedule
-from harness import HarnessError
-from reliability_rig import REPORT, LeakWatch, ProxiedCluster, ShardProbe, StatusProbe
 
 from spike.app.api.messages import (
     SECRETS_METADATA_PATH,
@@ -59,6 +56,9 @@ from spike.app.api.messages import (
 )
 from spike.app.commands.client import Empty, NexusClient, NexusError
 from spike.protocol.material import Share
+from tests.e2e.harness import HarnessError
+from tests.reliability.faultproxy import FaultSchedule
+from tests.reliability.reliability_rig import REPORT, LeakWatch, ProxiedCluster, ShardProbe, StatusProbe
 
 pytestmark = pytest.mark.e2e
 

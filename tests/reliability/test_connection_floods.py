@@ -28,9 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import HarnessError, wait_until
-from reliability_rig import REPORT, ProxiedCluster, rss_kib
-from transport_rig import mint_files, raw_client_context, read_response, tls_connect
 
 from spike.app.api.messages import (
     CIPHER_ENCRYPT_PATH,
@@ -42,6 +39,9 @@ from spike.app.api.messages import (
 )
 from spike.app.nexus.cipher_api import MAX_PLAINTEXT
 from spike.app.nexus.server import NEXUS_LIMITS
+from tests.e2e.harness import HarnessError, wait_until
+from tests.reliability.reliability_rig import REPORT, ProxiedCluster, rss_kib
+from tests.transport.transport_rig import mint_files, raw_client_context, read_response, tls_connect
 
 pytestmark = pytest.mark.e2e
 

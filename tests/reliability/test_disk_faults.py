@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from reliability_rig import REPORT, LeakWatch, ProxiedCluster, StatusProbe
 
 from spike.app.api.messages import (
     SECRETS_METADATA_PATH,
@@ -51,6 +50,7 @@ from spike.app.api.messages import (
 )
 from spike.app.commands.client import NexusClient, NexusError
 from spike.app.store.sqlite_schema import DB_NAME
+from tests.reliability.reliability_rig import REPORT, LeakWatch, ProxiedCluster, StatusProbe
 
 pytestmark = pytest.mark.e2e
 

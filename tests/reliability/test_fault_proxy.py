@@ -10,7 +10,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from faultproxy import MODES, FaultProxy, FaultSchedule, ProxyLoop
+
+from tests.reliability.faultproxy import MODES, FaultProxy, FaultSchedule, ProxyLoop
 
 
 @pytest.fixture

@@ -42,12 +42,8 @@ import anyio
 import msgspec
 import pytest
 from anyio.from_thread import start_blocking_portal
-from deployment import Deployment, running
-from fuzz_client import RawClient, acceptable, chunked, json_bytes, mutate, request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reliability_rig import REPORT, LeakWatch, ProxiedCluster, ready_cluster, rss_kib
-from transport_rig import raw_client_context
 
 from spike.app.api.messages import (
     BOOTSTRAP_INIT_PATH,
@@ -70,6 +66,10 @@ from spike.protocol.wire import KEEPER_CONTRIBUTE_PATH, KEEPER_SHARD_PATH
 from spike.transports.runner import backend_options
 from spike.transports.server import HttpsServer, ServerLimits
 from spike.transports.tls import server_context
+from tests.authz.deployment import Deployment, running
+from tests.reliability.fuzz_client import RawClient, acceptable, chunked, json_bytes, mutate, request
+from tests.reliability.reliability_rig import REPORT, LeakWatch, ProxiedCluster, ready_cluster, rss_kib
+from tests.transport.transport_rig import raw_client_context
 
 pytestmark = pytest.mark.e2e
 

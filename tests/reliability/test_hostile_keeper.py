@@ -31,8 +31,6 @@ from typing import Any
 import anyio
 import pytest
 from anyio.from_thread import start_blocking_portal
-from harness import pick_port, wait_until
-from reliability_rig import REPORT, LeakWatch, ProxiedCluster, StatusProbe
 
 from spike.app.api.messages import (
     SECRETS_PATH,
@@ -52,6 +50,8 @@ from spike.protocol.shamir import deal
 from spike.protocol.wire import KEEPER_CONTRIBUTE_PATH, KEEPER_SHARD_PATH, ShardContribution, decode, encode
 from spike.transports.server import HttpsServer
 from spike.transports.tls import server_context
+from tests.e2e.harness import pick_port, wait_until
+from tests.reliability.reliability_rig import REPORT, LeakWatch, ProxiedCluster, StatusProbe
 
 pytestmark = pytest.mark.e2e
 

@@ -24,14 +24,14 @@ import ssl
 from collections.abc import Iterator
 
 import pytest
-from fuzz_client import RawClient, request
-from reliability_rig import REPORT, LeakWatch, ProxiedCluster, ready_cluster
-from test_authz_matrix import ROUTES
-from transport_rig import mint_files, raw_client_context
 
 from spike.app.commands.devca import DevIdentity
 from spike.protocol.wire import KEEPER_CONTRIBUTE_PATH, KEEPER_SHARD_PATH
 from spike.transports.tls import SvidFiles
+from tests.authz.deployment import ROUTES
+from tests.reliability.fuzz_client import RawClient, request
+from tests.reliability.reliability_rig import REPORT, LeakWatch, ProxiedCluster, ready_cluster
+from tests.transport.transport_rig import mint_files, raw_client_context
 
 pytestmark = pytest.mark.e2e
 

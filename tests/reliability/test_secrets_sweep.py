@@ -35,7 +35,6 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from reliability_rig import REPORT, LeakWatch, Needles, ProxiedCluster, files_under, ready_cluster, scan, scan_bytes
 
 from spike.app.api.messages import SECRETS_PATH, SecretPutRequest, SecretPutResponse
 from spike.app.commands.devca import DevIdentity
@@ -43,6 +42,16 @@ from spike.app.store.sealing import Sealer, TamperedData
 from spike.app.store.sqlite import SecretStore
 from spike.app.store.sqlite_schema import DB_NAME
 from spike.protocol.material import RootKey
+from tests.reliability.reliability_rig import (
+    REPORT,
+    LeakWatch,
+    Needles,
+    ProxiedCluster,
+    files_under,
+    ready_cluster,
+    scan,
+    scan_bytes,
+)
 
 pytestmark = pytest.mark.after_everything
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from custody_sim import Run, SimConfig, simulate
+
+from tests.sim.custody_sim import Run, SimConfig, simulate
 
 SEEDS = int(os.environ.get("SPIKE_SIM_SEEDS", "2000"))
 BATCH = 100

@@ -14,10 +14,6 @@ from typing import Any
 
 import msgspec
 import pytest
-import test_sim_rotation as rotation
-from custody_sim import Custody, Run, SimConfig, simulate
-from test_sim_custody import late_recoveries, slow_reseeds
-from test_sim_schedule import schedule_problems
 
 from spike.protocol import (
     KEEPER_CONTRIBUTE_PATH,
@@ -41,6 +37,16 @@ from spike.protocol import (
 )
 from spike.protocol.events import Answer
 from spike.protocol.wire import KEEPER_FORGET_PATH
+from tests.sim import rotation_checks as rotation
+from tests.sim.checks import (
+    check_key_in_use_is_real,
+    check_pushes_are_own_and_ready,
+    check_wrong_shards_reported,
+    late_recoveries,
+    schedule_problems,
+    slow_reseeds,
+)
+from tests.sim.custody_sim import Custody, Run, SimConfig, simulate
 
 CONFIG = SimConfig(intervals=30)
 SEEDS = range(12)
@@ -188,22 +194,19 @@ def test_the_recovery_check_catches_a_nexus_that_never_recovers() -> None:
 
 
 def test_the_push_check_catches_foreign_shards() -> None:
-    from test_sim_custody import test_pushes_carry_the_keepers_own_shard_and_happen_only_when_ready as check
-
+    check = check_pushes_are_own_and_ready
     with pytest.raises(AssertionError, match="not its own"):
         check(run_all(PushesAnotherKeepersShard))
 
 
 def test_the_report_check_catches_hidden_misbehaviour() -> None:
-    from test_sim_custody import test_wrong_shards_are_reported_with_the_keepers_id as check
-
+    check = check_wrong_shards_reported
     with pytest.raises(AssertionError, match="reported=False"):
         check(run_all(HidesMisbehaviour))
 
 
 def test_the_key_check_catches_a_wrong_key_in_use() -> None:
-    from test_sim_custody import test_a_key_in_use_is_always_the_real_key as check
-
+    check = check_key_in_use_is_real
     with pytest.raises(AssertionError, match="wrong key"):
         check(run_all(UsesAnotherKey))
 

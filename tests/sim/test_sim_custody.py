@@ -15,17 +15,20 @@ from __future__ import annotations
 
 from collections import Counter
 
-from custody_sim import (
+from tests.sim.checks import (
+    check_key_in_use_is_real,
+    check_late_answers_change_nothing,
+    check_pushes_are_own_and_ready,
+    check_recovered_from_genuine_shards,
+    check_wrong_shards_reported,
+    late_recoveries,
+    slow_reseeds,
+)
+from tests.sim.custody_sim import (
     FaultKind,
-    KeeperHolds,
-    KeeperMode,
     LateAnswer,
-    Mode,
     NewerEpochShown,
-    NexusStarted,
     OperatorShard,
-    PhaseIs,
-    Polled,
     Pushed,
     Recovered,
     Run,
@@ -34,108 +37,18 @@ from custody_sim import (
     WrongShard,
 )
 
-from spike.protocol import Phase
-
-EPSILON = 1e-6
-STATE_FACTS = (KeeperHolds, KeeperMode, PhaseIs, NexusStarted, RunEnded)
-
 
 def test_a_key_in_use_is_always_the_real_key(sim_runs: list[Run]) -> None:
-    for run in sim_runs:
-        for fact in run.facts:
-            if isinstance(fact, Recovered):
-                assert fact.key_matches, f"seed {run.scenario.seed}: wrong key in use at {fact.at}"
-            elif isinstance(fact, RunEnded):
-                assert fact.key_matches in (True, None), f"seed {run.scenario.seed}: wrong key at the end"
-                assert (fact.key_matches is None) == (fact.phase is not Phase.READY)
+    check_key_in_use_is_real(sim_runs)
 
 
 def test_a_key_is_recovered_only_from_threshold_genuine_shards(sim_runs: list[Run]) -> None:
-    for run in sim_runs:
-        for fact in run.facts:
-            if isinstance(fact, Recovered):
-                where = f"seed {run.scenario.seed} at {fact.at:.3f}"
-                assert len(fact.keeper_ids) == run.scenario.threshold, where
-                assert set(fact.keeper_ids) <= fact.eligible, f"{where}: used {fact.keeper_ids}, had {fact.eligible}"
-                if fact.source == "keepers":
-                    assert not set(fact.keeper_ids) - fact.eligible, where
-
-
-def late_recoveries(run: Run) -> list[str]:
-    """Moments where t keepers held their shard and were reachable long enough, yet no key."""
-    scenario, config = run.scenario, run.config
-    window = config.interval * (2 + scenario.jitter) + config.max_latency + EPSILON
-    holds = dict.fromkeys(scenario.keeper_ids, False)
-    up = dict.fromkeys(scenario.keeper_ids, True)
-    phase = Phase.UNINITIALISED
-    has_record = False
-    since: float | None = None
-    problems = []
-    # Only these facts change the condition; checking at them (and at the end) finds every late recovery.
-    for fact in (f for f in run.facts if isinstance(f, STATE_FACTS)):
-        if since is not None and phase is not Phase.READY and fact.at > since + window:
-            problems.append(f"seed {scenario.seed}: enough keepers since {since:.3f}, no key at {fact.at:.3f}")
-            since = None
-        restarted = False
-        if isinstance(fact, KeeperHolds):
-            holds[fact.keeper_id] = fact.own_shard
-        elif isinstance(fact, KeeperMode):
-            up[fact.keeper_id] = fact.mode is Mode.UP
-        elif isinstance(fact, PhaseIs):
-            phase = fact.phase
-        elif isinstance(fact, NexusStarted):
-            has_record = fact.has_record
-            restarted = True
-        enough = has_record and sum(holds[k] and up[k] for k in holds) >= scenario.threshold
-        if not enough:
-            since = None
-        elif since is None or restarted:
-            since = fact.at
-    return problems
+    check_recovered_from_genuine_shards(sim_runs)
 
 
 def test_the_key_is_recovered_once_threshold_keepers_hold_their_shard(sim_runs: list[Run]) -> None:
     problems = [p for run in sim_runs for p in late_recoveries(run)]
     assert not problems, "\n".join(problems[:20])
-
-
-def slow_reseeds(run: Run) -> list[str]:
-    """Reachable keepers lacking their shard while Nexus is READY, not re-seeded after their next poll."""
-    scenario, config = run.scenario, run.config
-    after_poll = 2 * config.max_latency + EPSILON
-    longest_gap = config.interval * (2 + scenario.jitter)
-    holds = dict.fromkeys(scenario.keeper_ids, False)
-    up = dict.fromkeys(scenario.keeper_ids, True)
-    phase = Phase.UNINITIALISED
-    since: dict[int, float] = {}  # keeper -> when it became reachable, unseeded and under a READY Nexus
-    polled: dict[int, float] = {}  # keeper -> its first poll since then
-    problems = []
-    for fact in (f for f in run.facts if isinstance(f, (*STATE_FACTS, Polled))):
-        for keeper_id, start in list(since.items()):
-            poll = polled.get(keeper_id)
-            late = fact.at > poll + after_poll if poll is not None else fact.at > start + longest_gap + after_poll
-            if late:
-                problems.append(
-                    f"seed {scenario.seed}: keeper {keeper_id} unseeded since {start:.3f} "
-                    f"(polled at {poll}), still at {fact.at:.3f}"
-                )
-                del since[keeper_id]
-        if isinstance(fact, KeeperHolds):
-            holds[fact.keeper_id] = fact.own_shard
-        elif isinstance(fact, KeeperMode):
-            up[fact.keeper_id] = fact.mode is Mode.UP
-        elif isinstance(fact, PhaseIs):
-            phase = fact.phase
-        elif isinstance(fact, Polled) and fact.keeper_id in since:
-            polled.setdefault(fact.keeper_id, fact.at)
-        for keeper_id in scenario.keeper_ids:
-            wanted = phase is Phase.READY and up[keeper_id] and not holds[keeper_id]
-            if not wanted:
-                since.pop(keeper_id, None)
-                polled.pop(keeper_id, None)
-            elif keeper_id not in since:
-                since[keeper_id] = fact.at
-    return problems
 
 
 def test_reachable_keepers_are_reseeded_after_their_next_poll(sim_runs: list[Run]) -> None:
@@ -144,29 +57,15 @@ def test_reachable_keepers_are_reseeded_after_their_next_poll(sim_runs: list[Run
 
 
 def test_pushes_carry_the_keepers_own_shard_and_happen_only_when_ready(sim_runs: list[Run]) -> None:
-    for run in sim_runs:
-        phase = Phase.UNINITIALISED
-        for fact in run.facts:
-            if isinstance(fact, PhaseIs):
-                phase = fact.phase
-            elif isinstance(fact, Pushed):
-                where = f"seed {run.scenario.seed}, keeper {fact.keeper_id} at {fact.at:.3f}"
-                assert fact.own_shard, f"{where}: pushed a shard that is not its own"
-                assert phase is Phase.READY, f"{where}: pushed while {phase.value}"
+    check_pushes_are_own_and_ready(sim_runs)
 
 
 def test_wrong_shards_are_reported_with_the_keepers_id(sim_runs: list[Run]) -> None:
-    for run in sim_runs:
-        for fact in run.facts:
-            if isinstance(fact, ShardAnswered) and fact.record_known:
-                where = f"seed {run.scenario.seed}, keeper {fact.keeper_id} at {fact.at:.3f}"
-                assert fact.reported != fact.own_shard, f"{where}: own={fact.own_shard} reported={fact.reported}"
+    check_wrong_shards_reported(sim_runs)
 
 
 def test_late_answers_change_nothing(sim_runs: list[Run]) -> None:
-    for run in sim_runs:
-        late = [f for f in run.facts if isinstance(f, LateAnswer) and f.had_effects]
-        assert not late, f"seed {run.scenario.seed}: late answers had effects: {late[:3]}"
+    check_late_answers_change_nothing(sim_runs)
 
 
 def test_the_batch_exercises_every_fault_and_outcome(sim_runs: list[Run]) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from custody_sim import Run, simulate
+from tests.sim.custody_sim import Run, simulate
 
 REPLAYED_PER_BATCH = 5
 DIGESTED_PER_BATCH = 20

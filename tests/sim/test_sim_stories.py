@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from custody_sim import (
+from spike.protocol import Phase
+from tests.sim.checks import late_recoveries, schedule_problems, slow_reseeds
+from tests.sim.custody_sim import (
     Fact,
     Fault,
     FaultKind,
@@ -26,10 +28,6 @@ from custody_sim import (
     World,
     WrongShard,
 )
-from test_sim_custody import late_recoveries, slow_reseeds
-from test_sim_schedule import schedule_problems
-
-from spike.protocol import Phase
 
 F = TypeVar("F", bound=Fact)
 

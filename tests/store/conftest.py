@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from store_helpers import BACKENDS, ROOT_KEY, CountingSealer, open_backend, open_store
 
 from spike.app.store.sqlite import SecretStore
 from spike.app.store.sqlite_schema import DB_NAME
+from tests.store.store_helpers import BACKENDS, ROOT_KEY, CountingSealer, open_backend, open_store
 
 
 @pytest.fixture

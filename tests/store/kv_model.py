@@ -13,10 +13,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from store_helpers import WAIT
-
 from spike.app.model import kv
 from spike.app.store.sqlite import SecretStore
+from tests.store.store_helpers import WAIT
 
 DEFAULT_MAX = 3
 

@@ -72,9 +72,8 @@ def open_backend(kind: str, data_dir: Path, *, unlock: bool = True, **options: A
     if kind == "sqlite":
         backend: Any = SqliteBackend(data_dir, **options)
     else:
-        import pg_server
-
         from spike.app.store.postgres import PostgresBackend
+        from tests import pg_server
 
         backend = PostgresBackend(pg_server.server().database(), read_threads=2, **options)
     if unlock:

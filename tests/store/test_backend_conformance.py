@@ -16,7 +16,6 @@ from typing import Any
 
 import msgspec
 import pytest
-from store_helpers import EPOCH, OTHER_KEY, ROOT_KEY, WAIT
 
 from spike.app.model import kv
 from spike.app.model.policy import Permission
@@ -25,6 +24,7 @@ from spike.app.store.errors import StorageError
 from spike.app.store.policies import NameTaken, PolicyStore
 from spike.app.store.sealing import Sealer, TamperedData
 from spike.protocol.record import KeyRecord, seal_key
+from tests.store.store_helpers import EPOCH, OTHER_KEY, ROOT_KEY, WAIT
 
 RECORD, _ = seal_key(ROOT_KEY, epoch=1, threshold=2, keeper_ids=[1, 2, 3])
 OTHER_RECORD, _ = seal_key(OTHER_KEY, epoch=1, threshold=2, keeper_ids=[1, 2, 3])

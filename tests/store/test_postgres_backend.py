@@ -14,10 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pg_server
 import psycopg
 import pytest
-from store_helpers import EPOCH, ROOT_KEY, WAIT
 
 from spike.app.model import kv
 from spike.app.store.errors import DatabaseUnavailable, StorageError
@@ -26,6 +24,8 @@ from spike.app.store.postgres_schema import MIGRATIONS
 from spike.app.store.postgres_writer import StaleKey
 from spike.app.store.sealing import Sealer
 from spike.protocol.record import seal_key
+from tests import pg_server
+from tests.store.store_helpers import EPOCH, ROOT_KEY, WAIT
 
 
 def open_pg(url: str) -> PostgresBackend:

@@ -16,16 +16,16 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
 
-import pg_server
 import psycopg
 import pytest
-from store_helpers import WAIT
 
 from spike.app.model import kv
 from spike.app.store.errors import StorageError
 from spike.app.store.postgres_connections import Connections
 from spike.app.store.postgres_schema import migrate
 from spike.app.store.postgres_writer import GroupCommitWriter, StaleKey, XactStatus, xact_status
+from tests import pg_server
+from tests.store.store_helpers import WAIT
 
 Conn = psycopg.Connection[Any]
 

@@ -7,11 +7,10 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from store_helpers import WAIT
-
 from spike.app.model import kv
 from spike.app.store.group_commit import MAX_BATCH, WriteQueue
 from spike.app.store.sqlite import SecretStore
+from tests.store.store_helpers import WAIT
 
 THREADS = 16
 

@@ -29,10 +29,10 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-from kv_model import DEFAULT_MAX, Model, Outcome, WriteOp, settle
-from store_helpers import open_backend, open_store
 
 from spike.app.model import kv
+from tests.store.kv_model import DEFAULT_MAX, Model, Outcome, WriteOp, settle
+from tests.store.store_helpers import open_backend, open_store
 
 # "a~": '~' sorts after every other character a path may hold, so a prefix range must include it.
 PATHS = ["a", "a/b", "a/b/c", "a~", "ab", "b/x"]

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kv_model import Model, WriteOp, settle
-from store_helpers import WAIT, open_store
 
 from spike.app.model import kv
+from tests.store.kv_model import Model, WriteOp, settle
+from tests.store.store_helpers import WAIT, open_store
 
 MARKS = st.lists(
     st.tuples(st.sampled_from(["delete", "undelete", "destroy"]), st.lists(st.integers(1, 4), max_size=2)),

@@ -17,11 +17,11 @@ from typing import Any
 
 import msgspec
 import pytest
-from store_helpers import ROOT_KEY, WAIT, CountingSealer, open_store, raw_db
 
 from spike.app.model import kv
 from spike.app.store.sealing import secret_aad
 from spike.app.store.sqlite import SecretStore
+from tests.store.store_helpers import ROOT_KEY, WAIT, CountingSealer, open_store, raw_db
 
 N = 100_000
 GROUPS = 100  # paths are team{g}/app{i}: a prefix holds about N / GROUPS secrets

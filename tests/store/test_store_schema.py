@@ -6,12 +6,12 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from store_helpers import ROOT_KEY, WAIT, open_store, raw_db
 
 from spike.app.store import sqlite_schema as storage
 from spike.app.store.errors import StorageError
 from spike.app.store.sqlite_schema import DB_NAME, MIGRATIONS, NexusStore
 from spike.protocol.record import seal_key
+from tests.store.store_helpers import ROOT_KEY, WAIT, open_store, raw_db
 
 LATEST = len(MIGRATIONS)
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from store_helpers import OTHER_KEY, WAIT, open_store, raw_db
 
 from spike.app.api.messages import SECRETS_METADATA_PATH, SECRETS_PATH
 from spike.app.nexus.authorizer import Authorizer
@@ -27,6 +26,7 @@ from spike.app.store.sqlite import SecretStore
 from spike.app.store.sqlite_schema import DB_NAME
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.identity import Role, TrustDomains
+from tests.store.store_helpers import OTHER_KEY, WAIT, open_store, raw_db
 
 VALUE = "s3cr3t-VALUE-do-not-leak"
 OTHER = "another-VALUE-do-not-leak"

@@ -12,15 +12,6 @@ import anyio.abc
 import pytest
 from anyio.abc import SocketAttribute
 from anyio.streams.tls import TLSStream
-from transport_rig import (
-    TRUST,
-    CountingListener,
-    in_thread,
-    keeper_server,
-    nexus_client,
-    serving,
-    wait_for,
-)
 
 from spike.app.commands.devca import DevIdentity
 from spike.app.keeper import KeeperHandler
@@ -32,6 +23,15 @@ from spike.transports.blocking import ClientSession
 from spike.transports.client import HttpsConnection, PeerIdentityError, TransportError
 from spike.transports.server import ServerLimits
 from spike.transports.tls import keeper_check, role_check, server_context
+from tests.transport.transport_rig import (
+    TRUST,
+    CountingListener,
+    in_thread,
+    keeper_server,
+    nexus_client,
+    serving,
+    wait_for,
+)
 
 pytestmark = pytest.mark.anyio
 

@@ -17,7 +17,13 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from transport_rig import (
+
+from spike.app.commands.devca import DevIdentity
+from spike.app.keeper import KEEPER_LIMITS
+from spike.protocol.keeper import Keeper
+from spike.transports.server import ServerLimits
+from spike.transports.tls import server_context
+from tests.transport.transport_rig import (
     TRUST,
     in_thread,
     keeper_server,
@@ -29,12 +35,6 @@ from transport_rig import (
     tls_connect,
     wait_for,
 )
-
-from spike.app.commands.devca import DevIdentity
-from spike.app.keeper import KEEPER_LIMITS
-from spike.protocol.keeper import Keeper
-from spike.transports.server import ServerLimits
-from spike.transports.tls import server_context
 
 pytestmark = pytest.mark.anyio
 
@@ -169,13 +169,16 @@ class SilentFlood:
 
 
 async def test_a_client_gets_through_a_sustained_silent_flood(dev_identity: DevIdentity, nexus: ssl.SSLContext) -> None:
-    limits = ServerLimits(max_silent=8, max_handshakes=4, max_connections=4, handshake_timeout=30.0)
+    # The silent stage holds 64 while the flood opens one a millisecond: a client's hello has tens of
+    # milliseconds to arrive before its connection would be the oldest silent one (the server shares
+    # this process with the flood, and CI machines are busy: 8 slots, 8 ms, failed there once).
+    limits = ServerLimits(max_silent=64, max_handshakes=4, max_connections=4, handshake_timeout=30.0)
     async with keeper_server(dev_identity, 1, limits) as k:
         port, server = k.served.port, k.served.server
         with SilentFlood(port) as flood:
-            await wait_for(lambda: server.shed > 100, 10, "the flood to turn the silent stage over")
+            await wait_for(lambda: server.shed > 200, 20, "the flood to turn the silent stage over")
             statuses = [await in_thread(lambda: answered(port, nexus)) for _ in range(10)]
-            assert flood.opened > 100
+            assert flood.opened > 264
         assert statuses == [404] * 10
 
 

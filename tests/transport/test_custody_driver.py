@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 import anyio
 import anyio.abc
 import pytest
-from transport_rig import TRUST, KeeperServer, keeper_server, nexus_client, wait_for
 
 from spike.app.commands.devca import DevIdentity
 from spike.protocol.effects import (
@@ -28,6 +27,7 @@ from spike.protocol.wire import ShardAnswer, ShardContribution, decode, encode
 from spike.transports.client import HttpsConnection
 from spike.transports.custody_driver import CustodyDriver
 from spike.transports.tls import client_context, keeper_check
+from tests.transport.transport_rig import TRUST, KeeperServer, keeper_server, nexus_client, wait_for
 
 pytestmark = pytest.mark.anyio
 

@@ -14,9 +14,9 @@ import socket
 import ssl
 
 import pytest
-from transport_rig import in_thread, keeper_server, raw_client_context, request_bytes
 
 from spike.app.commands.devca import DevIdentity
+from tests.transport.transport_rig import in_thread, keeper_server, raw_client_context, request_bytes
 
 pytestmark = pytest.mark.anyio
 

@@ -20,7 +20,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from transport_rig import (
+
+from spike.app.commands.devca import DevIdentity
+from spike.app.keeper import KeeperHandler
+from spike.protocol.api import ApiRequest, ApiResponse
+from spike.protocol.keeper import Keeper
+from spike.transports.server import ServerLimits
+from spike.transports.tls import server_context
+from tests.transport.transport_rig import (
     TRUST,
     KeeperServer,
     in_thread,
@@ -35,13 +42,6 @@ from transport_rig import (
     wait_closed,
     wait_for,
 )
-
-from spike.app.commands.devca import DevIdentity
-from spike.app.keeper import KeeperHandler
-from spike.protocol.api import ApiRequest, ApiResponse
-from spike.protocol.keeper import Keeper
-from spike.transports.server import ServerLimits
-from spike.transports.tls import server_context
 
 pytestmark = pytest.mark.anyio
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from transport_rig import TRUST, in_thread, keeper_server, raw_client_context, raw_request
 
 from spike.app.commands.devca import DevIdentity
 from spike.transports.client import HttpsConnection
 from spike.transports.tls import client_context, keeper_check
+from tests.transport.transport_rig import TRUST, in_thread, keeper_server, raw_client_context, raw_request
 
 pytestmark = pytest.mark.anyio
 

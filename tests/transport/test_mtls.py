@@ -15,7 +15,11 @@ import ssl
 from pathlib import Path
 
 import pytest
-from transport_rig import (
+
+from spike.app.commands.devca import DevIdentity
+from spike.transports.client import HttpsConnection
+from spike.transports.tls import SvidFiles, client_context, keeper_check
+from tests.transport.transport_rig import (
     NEXUS_ID,
     TRUST,
     in_thread,
@@ -26,10 +30,6 @@ from transport_rig import (
     refused,
     wait_for,
 )
-
-from spike.app.commands.devca import DevIdentity
-from spike.transports.client import HttpsConnection
-from spike.transports.tls import SvidFiles, client_context, keeper_check
 
 pytestmark = pytest.mark.anyio
 

@@ -14,7 +14,6 @@ import json
 import ssl
 
 import pytest
-from transport_rig import TRUST, in_thread, raw_client_context, read_response, running, tls_connect, wait_for
 
 from spike.app.commands.devca import DevIdentity
 from spike.app.keeper import KeeperHandler
@@ -22,6 +21,15 @@ from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.keeper import Keeper
 from spike.transports.server import HttpsServer, ServerLimits
 from spike.transports.tls import server_context
+from tests.transport.transport_rig import (
+    TRUST,
+    in_thread,
+    raw_client_context,
+    read_response,
+    running,
+    tls_connect,
+    wait_for,
+)
 
 pytestmark = pytest.mark.anyio
 

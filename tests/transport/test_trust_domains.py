@@ -29,14 +29,12 @@ import json
 import logging
 import socket
 import ssl
-import sys
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from transport_rig import in_thread, mint_files, raw_client_context, raw_request, refused, serving
 
 from spike.app.commands.client import NexusClient, NexusError
 from spike.app.commands.devca import CA_CERT, DevIdentity, new_ca
@@ -48,9 +46,8 @@ from spike.protocol.identity import TrustDomains
 from spike.transports.client import HttpsConnection, PeerIdentityError
 from spike.transports.svid_files import StaticSource
 from spike.transports.tls import IdentityError, SvidFiles, client_context, keeper_check, server_context
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "api"))
-from api_helpers import Node
+from tests.api.api_helpers import Node
+from tests.transport.transport_rig import in_thread, mint_files, raw_client_context, raw_request, refused, serving
 
 pytestmark = pytest.mark.anyio
 
