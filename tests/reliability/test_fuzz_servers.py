@@ -888,7 +888,11 @@ def abuse(target: ProcTarget) -> None:
         TALLY.inputs[f"{target.name} (process) abuse"] += 1
         status = int(said.split(b" ")[1]) if said.startswith(b"HTTP/1.1 ") else 0
         assert status in statuses, (target.name, name, said[:200], sent)
-        assert sent < 2 * 1024 * 1024, (target.name, name, sent)
+        # What the client got out before the refusal reached it: the body limit (1.4 MB) plus what the
+        # two kernels' socket buffers hold (loopback autotuning: up to a few MiB) and what went out while
+        # the answer was on its way. 2 MiB failed 3 runs in 18 on a loaded machine; the server's side of
+        # it (refused at the limit, nothing held) is what the flood and budget tests measure.
+        assert sent < 4 * 1024 * 1024, (target.name, name, sent)
 
     # A client that sends a thousand requests and never reads an answer: paused, not buffered without end.
     with socket.create_connection(("127.0.0.1", target.port), timeout=5) as raw, context.wrap_socket(raw) as sock:
