@@ -252,8 +252,12 @@ def svid_files(args: argparse.Namespace, env: Env) -> SvidFiles:
                 "for the SPIFFE Workload API (`spike dev-identity` mints a development set)"
             )
         path = Path(value).expanduser()
-        if not path.is_file():  # checked here: the TLS layer cannot say which file is missing
-            problem = "no such file" if not path.exists() else "not a regular file"
+        try:
+            is_file = path.is_file()  # checked here: the TLS layer cannot say which file is missing
+            problem = "" if is_file else "no such file" if not path.exists() else "not a regular file"
+        except OSError as exc:  # a directory on the way we may not search, a name too long, ...
+            problem = exc.strerror or str(exc)
+        if problem:
             raise ConfigError(f"{what} {str(path)!r}: {problem} (--{flag.replace('_', '-')} or {env_name})")
         files.append(path)
     extra = _pick(args, "trust_bundles", env, "SPIKE_TRUST_BUNDLES")

@@ -124,6 +124,24 @@ def test_a_missing_svid_file_still_says_which(command: list[str], tmp_path: Path
     assert "no such file" in lines[0]
 
 
+def test_an_svid_path_that_cannot_be_looked_at_is_one_line_too(tmp_path: Path) -> None:
+    """A path the system refuses to stat (here: a name too long; as a user, a directory it may not
+    search) is a configuration error naming the file, not a traceback."""
+    env = {
+        **base_env(),
+        "SPIKE_SVID_CERT": str(tmp_path / ("c" * 300)),
+        "SPIKE_SVID_KEY": str(tmp_path / "svid_key.pem"),
+        "SPIKE_SVID_BUNDLE": str(tmp_path / "bundle.pem"),
+    }
+    done = subprocess.run(
+        [*SPIKE, "keeper", "--listen", "127.0.0.1:0"], env=env, capture_output=True, timeout=30, check=False
+    )
+    lines = done.stderr.decode().splitlines()
+    assert done.returncode == 2, lines
+    assert len(lines) == 1, lines
+    assert "SVID certificate" in lines[0] and "File name too long" in lines[0]
+
+
 # A `sitecustomize` that makes chosen modules warn as they finish importing, attributed to the
 # module's own file: what a dependency's import-time deprecation notice looks like to Python.
 _PLANT = """
