@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import psycopg
 import pytest
 
@@ -22,15 +23,16 @@ from spike.app.store.errors import DatabaseUnavailable, StorageError
 from spike.app.store.postgres import PostgresBackend
 from spike.app.store.postgres_schema import MIGRATIONS
 from spike.app.store.postgres_writer import StaleKey
-from spike.app.store.sealing import Sealer
 from spike.protocol.record import seal_key
 from tests import pg_server
-from tests.store.store_helpers import EPOCH, ROOT_KEY, WAIT
+from tests.store.store_helpers import EPOCH, RECORD, ROOT_KEY, WAIT
 
 
 def open_pg(url: str) -> PostgresBackend:
+    """An instance on the database, bootstrapped (`RECORD`, by the first to open it) and unlocked."""
     backend = PostgresBackend(url, read_threads=2)
-    backend.unlock(Sealer(ROOT_KEY), EPOCH)
+    backend.install_key_record(RECORD, replace=None)
+    backend.unlock(ROOT_KEY, EPOCH)
     return backend
 
 
@@ -179,8 +181,8 @@ def test_an_unreachable_server_at_start_is_one_clear_error() -> None:
 
 
 def test_a_write_sealed_under_a_replaced_key_is_refused(url: str) -> None:
-    """bootstrap --force through another instance: this one's writes under the old key must not land."""
-    first, _ = seal_key(ROOT_KEY, epoch=EPOCH, threshold=2, keeper_ids=[1, 2, 3])
+    """bootstrap --force through another instance: this one's writes under the old keyring must not land."""
+    first = RECORD
     newer, _ = seal_key(ROOT_KEY, epoch=EPOCH + 1, threshold=2, keeper_ids=[1, 2, 3])
     mine, other = open_pg(url), open_pg(url)
     told = threading.Event()
@@ -195,7 +197,7 @@ def test_a_write_sealed_under_a_replaced_key_is_refused(url: str) -> None:
         # Writes that seal nothing still go through; the old value is as it was.
         mine.delete("s", [1]).result(WAIT)
         assert isinstance(outcome(mine.put("s", {"k": "2"}, 1)), StaleKey)
-        other.unlock(Sealer(ROOT_KEY), EPOCH + 1)
+        other.unlock(ROOT_KEY, EPOCH + 1)
         assert other.put("s", {"k": "3"}, 1).result(WAIT) == 2
     finally:
         mine.close()
@@ -231,3 +233,25 @@ def test_the_schema_lives_in_the_database_it_is_given(tmp_path: Path, url: str) 
     backend = open_pg(url)
     backend.close()
     assert not any(tmp_path.iterdir())
+
+
+def test_a_database_from_before_rotations_gains_the_rotation_state_in_place(url: str) -> None:
+    """Schema 2 (spike before key rotation), with a record: it is its own high-water mark; nothing else moves."""
+    record, _ = seal_key(ROOT_KEY, epoch=3, threshold=2, keeper_ids=[1, 2, 3])
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE spike_schema (id integer PRIMARY KEY CHECK (id = 1), version integer NOT NULL)")
+        for step in MIGRATIONS[:2]:
+            for statement in step:
+                conn.execute(statement)
+        conn.execute("INSERT INTO spike_schema (id, version) VALUES (1, 2)")
+        conn.execute("INSERT INTO key_record (id, epoch, record) VALUES (1, 3, %s)", (msgspec.json.encode(record),))
+    backend = PostgresBackend(url, read_threads=2)
+    try:
+        assert backend.load_key_record() == record
+        assert backend.load_rotation_state() == (None, None, 3)
+        assert backend.load_keyring() == (3, None)
+        assert backend.cluster_state().highest_epoch == 3
+    finally:
+        backend.close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute("SELECT version FROM spike_schema").fetchone() == (len(MIGRATIONS),)

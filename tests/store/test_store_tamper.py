@@ -21,12 +21,14 @@ import pytest
 from spike.app.api.messages import SECRETS_METADATA_PATH, SECRETS_PATH
 from spike.app.nexus.authorizer import Authorizer
 from spike.app.nexus.secrets_api import SecretsApi
+from spike.app.store.errors import StorageError
 from spike.app.store.sealing import FORMAT_V1, NONCE_SIZE, Sealer, TamperedData, secret_aad
 from spike.app.store.sqlite import SecretStore
 from spike.app.store.sqlite_schema import DB_NAME
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.identity import Role, TrustDomains
-from tests.store.store_helpers import OTHER_KEY, WAIT, open_store, raw_db
+from spike.protocol.record import seal_key
+from tests.store.store_helpers import OTHER_KEY, ROOT_KEY, WAIT, open_store, raw_db
 
 VALUE = "s3cr3t-VALUE-do-not-leak"
 OTHER = "another-VALUE-do-not-leak"
@@ -130,11 +132,11 @@ def test_a_row_copied_to_another_path_is_refused(
     with raw_db(data_dir) as db:
         db.execute(
             "INSERT INTO secret SELECT 'planted/db', current_version, oldest_version, max_versions, cas_required, "
-            "created_at, updated_at, NULL FROM secret WHERE path = 'app/db'"
+            "created_at, updated_at, NULL, 0 FROM secret WHERE path = 'app/db'"
         )
         db.execute(
-            "INSERT INTO secret_version SELECT 'planted/db', version, sealed, created_at, deleted_at, key_epoch "
-            "FROM secret_version WHERE path = 'app/db'"
+            "INSERT INTO secret_version SELECT 'planted/db', version, sealed, created_at, deleted_at, key_epoch, "
+            "key_term FROM secret_version WHERE path = 'app/db'"
         )
     assert_refused(filled, caplog, "app/other")
     assert_refused(filled, caplog, "planted/db")
@@ -160,11 +162,15 @@ def test_two_values_swapped_are_both_refused(
     assert_refused(filled, caplog, "app/other", 1)
 
 
-def test_a_value_relabelled_with_another_key_epoch_is_refused(
+def test_a_value_relabelled_with_another_data_key_term_is_refused(
     filled: SecretStore, data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The row's term column and the term its blob names (authenticated with it) must agree.
+
+    Before the keyring this relabelled the key epoch column; a value is now bound to its data-key term, and
+    its row's key epoch only says under which root key it was written (a rotation keeps the keyring)."""
     with raw_db(data_dir) as db:
-        db.execute("UPDATE secret_version SET key_epoch = 2 WHERE path = 'app/db' AND version = 2")
+        db.execute("UPDATE secret_version SET key_term = key_term + 1 WHERE path = 'app/db' AND version = 2")
     assert_refused(filled, caplog, "app/db")
 
 
@@ -206,13 +212,23 @@ def test_a_flipped_byte_in_the_database_file_is_refused(data_dir: Path, caplog: 
 
 
 def test_another_root_key_reads_nothing(data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A wrong key is an authentication failure, never garbage returned as a value."""
+    """A wrong key is an authentication failure, never garbage returned as a value.
+
+    The keyring is what the root key opens: another key opens no keyring, so no value is even tried (a
+    storage error, 500, logged once per use; before the keyring, each value refused to open)."""
     store = open_store(data_dir)
     store.put("app/db", {"password": VALUE}, None).result(WAIT)
     store.close()
     wrong = open_store(data_dir, OTHER_KEY)
     try:
-        assert_refused(wrong, caplog, "app/db")
+        with pytest.raises(StorageError, match="keyring does not open with the root key of epoch 1"):
+            wrong.get("app/db", 0)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="spike"):
+            response = api_get(wrong, "app/db")
+        assert (response.status, response.body) == (500, b'{"err":"api_internal_error"}')
+        assert "keyring does not open" in caplog.text
+        assert VALUE not in caplog.text and VALUE.encode() not in response.body
     finally:
         wrong.close()
 
@@ -228,3 +244,75 @@ def test_sealing_uses_a_fresh_nonce_and_binds_path_and_version() -> None:
     for aad in (secret_aad("a/c", 1), secret_aad("a/b", 2), secret_aad("a/b/", 1)):
         with pytest.raises(TamperedData):
             sealer.open(first, aad)
+
+
+# ---------------------------------------------------------------------- the keyring (spike/app/store/keyring.py)
+
+
+def set_term(data_dir: Path, path: str, version: int, term: int, *, blob_too: bool) -> None:
+    """Relabel a value's data-key term in its row, and in its sealed blob's header if `blob_too`."""
+    with raw_db(data_dir) as db:
+        if blob_too:
+            blob = sealed_of(data_dir, path, version)
+            db.execute(
+                "UPDATE secret_version SET sealed = ? WHERE path = ? AND version = ?",
+                (blob[:1] + term.to_bytes(4, "big") + blob[5:], path, version),
+            )
+        db.execute("UPDATE secret_version SET key_term = ? WHERE path = ? AND version = ?", (term, path, version))
+
+
+def test_a_value_naming_a_term_this_database_never_had_is_refused(
+    filled: SecretStore, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Newer than any term held: the stored keyring is read again (another instance may have made it), and
+    since it does not hold it either, the value is refused as tampered with."""
+    set_term(data_dir, "app/db", 2, filled.keyring().active + 5, blob_too=True)
+    assert_refused(filled, caplog, "app/db")
+
+
+def test_a_value_relabelled_with_another_term_that_exists_is_refused(
+    filled: SecretStore, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The term is in the authenticated header: the other term's key does not open it."""
+    filled.rotate_data_key()
+    set_term(data_dir, "app/db", 2, filled.keyring().active, blob_too=True)
+    assert_refused(filled, caplog, "app/db")
+
+
+def test_a_keyring_put_back_to_an_older_copy_is_refused(filled: SecretStore, data_dir: Path) -> None:
+    """Rolling the keyring back to before a data-key rotation (to drop the newest term) opens nothing."""
+    with raw_db(data_dir) as db:
+        (older,) = db.execute("SELECT keyring FROM key_record").fetchone()
+    filled.rotate_data_key()
+    filled.put("app/db", {"password": VALUE + "-3"}, None).result(WAIT)
+    with raw_db(data_dir) as db:
+        db.execute("UPDATE key_record SET keyring = ?", (older,))
+    again = open_store(data_dir)
+    try:
+        with pytest.raises(StorageError, match="replaced with an older copy"):
+            again.get("app/db", 1)
+    finally:
+        again.close()
+
+
+def test_a_keyring_wrapped_for_another_epoch_is_refused(filled: SecretStore, data_dir: Path) -> None:
+    """The epoch is bound into the wrapping: a keyring moved from another record's epoch opens nothing."""
+    record, _ = seal_key(ROOT_KEY, epoch=2, threshold=2, keeper_ids=[1, 2, 3])
+    with raw_db(data_dir) as db:
+        db.execute("UPDATE key_record SET epoch = 2, record = ?", (msgspec.json.encode(record),))
+        (wrapped,) = db.execute("SELECT keyring FROM key_record").fetchone()
+    again = open_store(data_dir, epoch=2)
+    try:
+        with pytest.raises(StorageError, match="wrapped under the root key of epoch 1, not 2"):
+            again.get("app/db", 1)
+    finally:
+        again.close()
+    # Its clear header rewritten to say epoch 2: the header is authenticated, nothing opens.
+    with raw_db(data_dir) as db:
+        db.execute("UPDATE key_record SET keyring = ?", (wrapped[:1] + (2).to_bytes(8, "big") + wrapped[9:],))
+    again = open_store(data_dir, epoch=2)
+    try:
+        with pytest.raises(StorageError, match="does not open with the root key of epoch 2"):
+            again.get("app/db", 1)
+    finally:
+        again.close()

@@ -9,11 +9,12 @@ in tests/store run against both.
 
 What a backend is, one protocol per concern, composed into `Backend`:
 
-* `Sealing`: the data key, handed over by `unlock` once the root key is known.
+* `Sealing`: the keyring of data keys, opened by `unlock` once the root key is known.
 * `Secrets`: the key/value data (Vault KV v2).
 * `PolicyRows`: the policies' rows, sealed and opened by `PolicyStore` (policies.py).
 * `Reads`: how a read is run without stalling the event loop.
-* `KeyRecords`: the key record (what recognises the root key; never the key).
+* `KeyRecords`: the key record (what recognises the root key; never the key), the epochs'
+  high-water mark and a pending rotation (key_state.py; docs/key-lifecycle.md).
 * `Lifecycle`: what the database is, what other instances changed, closing.
 
 The contract every implementation keeps:
@@ -44,7 +45,9 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from spike.app.model import kv
-from spike.app.store.sealing import Sealer
+from spike.app.store.keyring import Keyring
+from spike.protocol.material import RootKey
+from spike.protocol.pending import PendingRotation
 from spike.protocol.record import KeyRecord
 
 T = TypeVar("T")
@@ -55,21 +58,78 @@ PolicyRow = tuple[str, str, bytes, float, float]
 
 @dataclass(frozen=True, slots=True)
 class ClusterState:
-    """What other Nexus instances may have changed: the key record and the policies' change counter."""
+    """What other Nexus instances may have changed: the key record, the policies' change counter, and the
+    rotation state (the pending rotation, the epochs' high-water mark)."""
 
     record: KeyRecord | None
     policy_version: int
+    pending: PendingRotation | None = None
+    highest_epoch: int = 0
+    data_term: int = 0  # the newest data-key term (keyring.py)
+    rewrap_target: int | None = None  # a re-wrap of stored values to this term is under way
+
+
+@dataclass(frozen=True, slots=True)
+class KeyringStatus:
+    """The data keys, for `spike status` and metrics: no key in it."""
+
+    active_term: int  # new values are sealed under it
+    terms: tuple[tuple[int, float], ...]  # every term held and when it was made, oldest first
+    values_by_term: dict[int, int]  # stored values (versions, custom metadata, policies) per term, from the rows
+    rewrap_target: int | None  # a re-wrap to this term is under way (stored: it resumes after a restart)
+    rewrapping: bool  # this instance runs it now
+    rewrapped: int  # values this instance sealed again since it started
+
+    @property
+    def rewrap_remaining(self) -> int:
+        """Stored values below the term a re-wrap is under way to (0 without one)."""
+        if self.rewrap_target is None:
+            return 0
+        return sum(n for term, n in self.values_by_term.items() if term < self.rewrap_target)
 
 
 class Sealing(Protocol):
-    """The data key everything stored is sealed with: none until `unlock`, none again after `lock`."""
+    """The keyring of data keys everything stored is sealed with (keyring.py): none until `unlock`, none again
+    after `lock`."""
 
-    def unlock(self, sealer: Sealer, epoch: int) -> None: ...
+    def unlock(self, root_key: RootKey, epoch: int) -> None:
+        """Use the keyring under the verified root key of the stored record (epoch `epoch`); again after a
+        root key rotation is committed, with the new key."""
+        ...
 
     def lock(self) -> None: ...
 
-    def sealer(self) -> Sealer:
-        """The data key's sealer; `StorageError` while locked."""
+    def keyring(self) -> Keyring:
+        """The keyring in use; `StorageError` while locked."""
+        ...
+
+    def sealer(self) -> Keyring:
+        """What values are sealed and opened with (the keyring); `StorageError` while locked."""
+        ...
+
+    def seal_value(self, plaintext: bytes, aad: bytes) -> bytes:
+        """`plaintext` sealed under the newest data-key term."""
+        ...
+
+    def open_value(self, sealed: bytes, aad: bytes) -> bytes:
+        """A sealed value's plaintext: `TamperedData`, or `DataKeyGone` for a data key that no longer exists."""
+        ...
+
+    def reload_keyring(self) -> Keyring:
+        """Read the stored keyring again (another instance may have added a term)."""
+        ...
+
+    def rotate_data_key(self, *, rewrap: bool = False) -> int:
+        """Add a data-key term for new values (one write); with `rewrap`, seal stored values again under it in the
+        background.  The new term; `RotationUnderWay` (409) while a root key rotation is stored."""
+        ...
+
+    def rewrap(self) -> int:
+        """Start a background re-wrap of stored values to the newest term; the term."""
+        ...
+
+    def keyring_status(self, *, fresh: bool = False) -> KeyringStatus:
+        """The data-key terms and the re-wrap's progress (blocking: it counts the rows)."""
         ...
 
 
@@ -160,7 +220,30 @@ class KeyRecords(Protocol):
         With `replace` None, only if no record is stored yet; otherwise only if
         the stored record is still `replace` (or none is stored).  When the
         answer is not `record`, another record was there first: use it instead.
+        A replacement deletes any pending rotation and keeps the epochs'
+        high-water mark: `EpochUsed` (nothing changes) unless `record`'s epoch
+        is above it.
         """
+        ...
+
+    def load_keyring(self) -> tuple[int, bytes | None] | None:
+        """(the record's epoch, the keyring wrapped under its root key or None), or None before a bootstrap."""
+        ...
+
+    def load_rotation_state(self) -> tuple[PendingRotation | None, bytes | None, int]:
+        """(pending rotation or None, the keyring blob stored with it or None, the epochs' high-water mark)."""
+        ...
+
+    def persist_rotation(self, pending: PendingRotation, keyring_blob: bytes) -> bool:
+        """Store a rotation if the record is still the one it starts from and none is stored; False if refused."""
+        ...
+
+    def commit_rotation(self, pending: PendingRotation) -> bool:
+        """Record := `pending.record`, keyring := the one stored with it, pending deleted, in one write."""
+        ...
+
+    def abandon_rotation(self, pending: PendingRotation) -> bool:
+        """Pending deleted and the high-water mark raised to its epoch; False if another one is stored."""
         ...
 
 

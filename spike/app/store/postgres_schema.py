@@ -56,6 +56,37 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # Policies in RE2 and SPIKE's rules (policy dialect 2; old bodies are upgraded when first read with
     # the key, see policy_legacy): an older spike must not open this database and misread them.
     ("COMMENT ON TABLE policy IS 'sealed bodies in policy dialect 2 (RE2, SPIKE matching rules) or 1 (older)'",),
+    # Key rotation (docs/key-lifecycle.md): the epochs' high-water mark (a record stored before it is its
+    # own mark), the keyring of data keys wrapped under the root key, and the pending rotation.
+    (
+        "ALTER TABLE key_record ADD COLUMN highest_epoch bigint NOT NULL DEFAULT 0",
+        "UPDATE key_record SET highest_epoch = epoch",
+        "ALTER TABLE key_record ADD COLUMN keyring bytea",
+        """CREATE TABLE pending_rotation (
+            id integer PRIMARY KEY CHECK (id = 1),
+            from_epoch bigint NOT NULL,
+            epoch bigint NOT NULL,
+            pending bytea NOT NULL,
+            keyring bytea NOT NULL,
+            created_at timestamptz NOT NULL
+        )""",
+    ),  # The keyring of data keys (keyring.py).  A value names its data-key term, also in a column of its
+    # row (0: the legacy term, which every value stored before this has); terms are never reused
+    # (highest_term), terms below first_term went with a root key replaced by bootstrap --force, and a
+    # database stored before this has its values sealed under its record's root key (legacy_epoch: the
+    # legacy term is made from it at the first unlock).  rewrap_target: the term a re-wrap of stored
+    # values to the newest term is under way to, so that it resumes after a restart.  Columns added
+    # with a constant default: no row is rewritten.
+    (
+        "ALTER TABLE key_record ADD COLUMN highest_term bigint NOT NULL DEFAULT 0",
+        "ALTER TABLE key_record ADD COLUMN first_term bigint NOT NULL DEFAULT 0",
+        "ALTER TABLE key_record ADD COLUMN legacy_epoch bigint",
+        "UPDATE key_record SET legacy_epoch = epoch",
+        "ALTER TABLE key_record ADD COLUMN rewrap_target bigint",
+        "ALTER TABLE secret_version ADD COLUMN key_term bigint NOT NULL DEFAULT 0",
+        "ALTER TABLE secret ADD COLUMN custom_term bigint NOT NULL DEFAULT 0",
+        "ALTER TABLE policy ADD COLUMN key_term bigint NOT NULL DEFAULT 0",
+    ),
 )
 
 _CREATE_VERSION_TABLE = (

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
+from typing import TypeVar
 
 _PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
 _VERSIONS = re.compile(r"= ANY\(:(\w+)\)")
@@ -25,7 +26,7 @@ _POLICY_COLUMNS = "SELECT id, name, sealed, created_at, updated_at FROM policy"
 class Statements:
     # reads
     value: str = (
-        "SELECT v.version, v.sealed, v.deleted_at, v.key_epoch FROM secret AS s "
+        "SELECT v.version, v.sealed, v.deleted_at, v.key_epoch, v.key_term FROM secret AS s "
         "JOIN secret_version AS v ON v.path = s.path "
         "AND v.version = CASE WHEN :version = 0 THEN s.current_version ELSE :version END WHERE s.path = :path"
     )
@@ -54,8 +55,8 @@ class Statements:
         "ON CONFLICT (path) DO UPDATE SET current_version = :version, oldest_version = :oldest, updated_at = :now"
     )
     put_version: str = (
-        "INSERT INTO secret_version (path, version, sealed, created_at, deleted_at, key_epoch) "
-        "VALUES (:path, :version, :sealed, :now, NULL, :epoch)"
+        "INSERT INTO secret_version (path, version, sealed, created_at, deleted_at, key_epoch, key_term) "
+        "VALUES (:path, :version, :sealed, :now, NULL, :epoch, :term)"
     )
     prune_versions: str = "DELETE FROM secret_version WHERE path = :path AND version = ANY(:versions)"
     # Marks leave destroyed versions alone.
@@ -80,7 +81,8 @@ class Statements:
     update_metadata: str = (
         "UPDATE secret SET max_versions = COALESCE(:max_versions, max_versions), "
         "cas_required = COALESCE(:cas_required, cas_required), "
-        "custom_metadata = COALESCE(:custom, custom_metadata), updated_at = :now WHERE path = :path"
+        "custom_metadata = COALESCE(:custom, custom_metadata), custom_term = COALESCE(:custom_term, custom_term), "
+        "updated_at = :now WHERE path = :path"
     )
     delete_path: str = "DELETE FROM secret WHERE path = :path"
     delete_versions: str = "DELETE FROM secret_version WHERE path = :path"
@@ -88,25 +90,66 @@ class Statements:
     # policy writes
     policy_named: str = "SELECT id FROM policy WHERE name = :name"
     policy_count: str = "SELECT count(*) FROM policy"
-    replace_policy: str = "UPDATE policy SET sealed = :sealed, updated_at = :now WHERE id = :id"
+    replace_policy: str = "UPDATE policy SET sealed = :sealed, key_term = :term, updated_at = :now WHERE id = :id"
     insert_policy: str = (
-        "INSERT INTO policy (id, name, sealed, created_at, updated_at) VALUES (:id, :name, :sealed, :now, :now)"
+        "INSERT INTO policy (id, name, sealed, created_at, updated_at, key_term) "
+        "VALUES (:id, :name, :sealed, :now, :now, :term)"
     )
     delete_policy: str = "DELETE FROM policy WHERE id = :id"
-    reseal_policy: str = "UPDATE policy SET sealed = :sealed WHERE id = :id AND sealed = :expected"
+    reseal_policy: str = "UPDATE policy SET sealed = :sealed, key_term = :term WHERE id = :id AND sealed = :expected"
     # Bumped in the transaction of every policy write: other instances reload their policies when it moves.
     bump_policies: str = "UPDATE policy_version SET version = version + 1 WHERE id = 1"
 
+    # Re-wrap (data_keys.py): stored values below a data-key term, page by page in key order, and each
+    # sealed again only if it is still what was read (a write meanwhile wins).
+    rewrap_versions: str = (
+        "SELECT path, version, sealed, key_term, key_epoch FROM secret_version "
+        "WHERE (path, version) > (:path, :version) AND key_term < :target AND sealed IS NOT NULL "
+        "ORDER BY path, version LIMIT :limit"
+    )
+    rewrap_version: str = (
+        "UPDATE secret_version SET sealed = :new, key_term = :term "
+        "WHERE path = :path AND version = :version AND sealed = :old"
+    )
+    rewrap_customs: str = (
+        "SELECT path, custom_metadata, custom_term FROM secret "
+        "WHERE path > :path AND custom_term < :target AND custom_metadata IS NOT NULL ORDER BY path LIMIT :limit"
+    )
+    rewrap_custom: str = (
+        "UPDATE secret SET custom_metadata = :new, custom_term = :term WHERE path = :path AND custom_metadata = :old"
+    )
+    rewrap_policies: str = (
+        "SELECT id, name, sealed, key_term FROM policy WHERE id > :path AND key_term < :target ORDER BY id LIMIT :limit"
+    )
+    rewrap_policy: str = "UPDATE policy SET sealed = :new, key_term = :term WHERE id = :path AND sealed = :old"
+    # Stored values per data-key term: what a re-wrap has left to do, derived from the rows themselves.
+    versions_by_term: str = "SELECT key_term, count(*) FROM secret_version WHERE sealed IS NOT NULL GROUP BY key_term"
+    customs_by_term: str = (
+        "SELECT custom_term, count(*) FROM secret WHERE custom_metadata IS NOT NULL GROUP BY custom_term"
+    )
+    policies_by_term: str = "SELECT key_term, count(*) FROM policy GROUP BY key_term"
+
     def rendered(self, parameter: str, versions: str) -> Statements:
         """These statements with `:name` written as `parameter % name` and `= ANY(:name)` as `versions % name`."""
+        return rendered(self, parameter, versions)
 
-        def render(sql: str) -> str:
-            if "%" in sql:  # psycopg would read it as a placeholder
-                raise ValueError(f"a statement contains '%': {sql}")
-            sql = _VERSIONS.sub(lambda m: versions % m.group(1), sql)
-            return _PARAMETER.sub(lambda m: parameter % m.group(1), sql)
 
-        return Statements(**{f.name: render(getattr(self, f.name)) for f in dataclasses.fields(self)})
+S = TypeVar("S")
+
+
+def render(sql: str, parameter: str, versions: str) -> str:
+    """One statement with `:name` written as `parameter % name` and `= ANY(:name)` as `versions % name`."""
+    if "%" in sql:  # psycopg would read it as a placeholder
+        raise ValueError(f"a statement contains '%': {sql}")
+    sql = _VERSIONS.sub(lambda m: versions % m.group(1), sql)
+    return _PARAMETER.sub(lambda m: parameter % m.group(1), sql)
+
+
+def rendered(statements: S, parameter: str, versions: str) -> S:
+    """A dataclass of statements (this module's, key_state.py's) with each one rendered for a driver."""
+    assert dataclasses.is_dataclass(statements) and not isinstance(statements, type)
+    fields = {f.name: render(getattr(statements, f.name), parameter, versions) for f in dataclasses.fields(statements)}
+    return type(statements)(**fields)
 
 
 SQL = Statements()
