@@ -13,6 +13,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from spike.app.store.backend import Backend
 from spike.app.store.sqlite import SecretStore, SqliteBackend
 from spike.app.store.sqlite_schema import DB_NAME, NexusStore
 from spike.protocol.material import RootKey
@@ -110,3 +111,18 @@ def open_backend(kind: str, data_dir: Path, *, unlock: bool = True, **options: A
         backend.install_key_record(RECORD, replace=None)
         backend.unlock(ROOT_KEY, EPOCH)
     return backend
+
+
+def second_instance(backend: Backend, tmp_path: Path) -> Any:
+    """Another instance on the same data: the same file for SQLite, the same database for PostgreSQL."""
+    if backend.shared:
+        from spike.app.store.postgres import PostgresBackend
+
+        assert isinstance(backend, PostgresBackend)
+        other: Any = PostgresBackend(backend._url, read_threads=2)
+    else:
+        from spike.app.store.sqlite import SqliteBackend
+
+        other = SqliteBackend(tmp_path / "data")
+    other.unlock(ROOT_KEY, EPOCH)
+    return other

@@ -25,7 +25,7 @@ from spike.app.store.policies import NameTaken, PolicyStore
 from spike.protocol.material import RootKey
 from spike.protocol.pending import PendingRotation
 from spike.protocol.record import KeyRecord, seal_key
-from tests.store.store_helpers import EPOCH, OTHER_KEY, RECORD, ROOT_KEY, WAIT
+from tests.store.store_helpers import EPOCH, OTHER_KEY, RECORD, ROOT_KEY, WAIT, second_instance
 
 OTHER_RECORD, _ = seal_key(OTHER_KEY, epoch=1, threshold=2, keeper_ids=[1, 2, 3])
 NEXT_RECORD, _ = seal_key(OTHER_KEY, epoch=2, threshold=2, keeper_ids=[1, 2, 3])
@@ -50,21 +50,6 @@ def race(threads: int, work: Any) -> list[Any]:
 
     with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(run, range(threads)))
-
-
-def second(backend: Backend, tmp_path: Path) -> Any:
-    """Another instance on the same data: the same file for SQLite, the same database for PostgreSQL."""
-    if backend.shared:
-        from spike.app.store.postgres import PostgresBackend
-
-        assert isinstance(backend, PostgresBackend)
-        other: Any = PostgresBackend(backend._url, read_threads=2)
-    else:
-        from spike.app.store.sqlite import SqliteBackend
-
-        other = SqliteBackend(tmp_path / "data")
-    other.unlock(ROOT_KEY, EPOCH)
-    return other
 
 
 # ---------------------------------------------------------------------- key record
@@ -107,7 +92,7 @@ def test_a_record_keeps_every_earlier_epoch_and_one_without_history_reads_as_bef
     assert backend.install_key_record(nxt, replace=RECORD) == nxt
     latest = third.succeeding(nxt)
     assert backend.install_key_record(latest, replace=nxt) == latest
-    other = second(backend, tmp_path)
+    other = second_instance(backend, tmp_path)
     try:
         for reader in (backend, other):
             stored = reader.load_key_record()
@@ -239,7 +224,7 @@ def test_bootstrap_force_drops_a_pending_rotation_and_keeps_the_high_water_mark(
 
 
 def test_rotations_at_once_from_two_instances_store_one(backend: Backend, tmp_path: Path) -> None:
-    other = second(backend, tmp_path)
+    other = second_instance(backend, tmp_path)
     try:
         instances = [backend, other]
         keys = [RootKey(bytes([i + 1]) * 32) for i in range(8)]
@@ -383,7 +368,7 @@ def test_a_locked_backend_seals_and_opens_nothing(backend: Backend) -> None:
 
 
 def test_an_acknowledged_write_is_read_by_another_instance_at_once(backend: Backend, tmp_path: Path) -> None:
-    other = second(backend, tmp_path)
+    other = second_instance(backend, tmp_path)
     try:
         for n in range(20):
             version = backend.put("shared", {"n": str(n)}, None).result(WAIT)
@@ -431,7 +416,7 @@ def test_policies_create_replace_get_list_delete(backend: Backend) -> None:
 def test_cas_across_two_instances_has_exactly_one_winner(backend: Backend, tmp_path: Path) -> None:
     if not backend.shared:
         pytest.skip("one Nexus process per SQLite file")
-    other = second(backend, tmp_path)
+    other = second_instance(backend, tmp_path)
     try:
         instances = [backend, other]
         for current in range(6):

@@ -15,7 +15,7 @@ from spike.app.store.errors import RotationUnderWay
 from spike.app.store.policies import PolicyStore
 from spike.protocol.pending import PendingRotation
 from spike.protocol.record import seal_key
-from tests.store.store_helpers import BACKENDS, EPOCH, OTHER_KEY, RECORD, ROOT_KEY, WAIT, open_backend
+from tests.store.store_helpers import BACKENDS, EPOCH, OTHER_KEY, RECORD, ROOT_KEY, WAIT, open_backend, second_instance
 
 
 def labels(backend: Any) -> dict[str, int]:
@@ -103,9 +103,7 @@ def test_no_data_key_rotation_while_a_root_key_rotation_is_stored(backend: Any) 
 
 
 def test_another_instance_takes_up_a_new_term_without_a_restart(backend: Any, tmp_path: Path) -> None:
-    from test_backend_conformance import second
-
-    other = second(backend, tmp_path)
+    other = second_instance(backend, tmp_path)
     try:
         old = other.keyring().active
         backend.put("mine", {"k": "before"}, None).result(WAIT)

@@ -16,12 +16,12 @@ from typing import Any
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import invariant, rule
-from test_store_model import KvMachine, write_ops
 
 from spike.app.store.data_keys import RewrapCursor
 from spike.protocol.material import RootKey
 from spike.protocol.pending import PendingRotation
 from spike.protocol.record import seal_key
+from tests.store.kv_machine import KvMachine, write_ops
 from tests.store.kv_model import WriteOp, settle
 
 limits = st.integers(1, 7)
