@@ -154,6 +154,24 @@ class _Stage:
             entry.scope.cancel()
 
 
+async def accept(sock: socket.socket) -> socket.socket:
+    """The next connection on a non-blocking listening socket, as a non-blocking socket.
+
+    Not `loop.sock_accept`: on CPython 3.11 its callback sets the result of a future that a
+    cancellation in the same loop iteration already cancelled (InvalidStateError in the loop's
+    exception handler, and the accepted socket is lost), which stopping a server does.  Waiting
+    for readability is cancelled cleanly, and the accept itself never waits.
+    """
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            await anyio.wait_readable(sock)
+            continue
+        conn.setblocking(False)
+        return conn
+
+
 class HttpsServer:
     """Serves `handler` to mTLS clients (plain HTTP if `ssl_context` is None: metrics only)."""
 
@@ -256,7 +274,7 @@ class HttpsServer:
         starved = False
         while True:
             try:
-                conn, _ = await loop.sock_accept(sock)
+                conn = await accept(sock)
             except OSError as exc:
                 if exc.errno not in _OUT_OF_RESOURCES:
                     raise
