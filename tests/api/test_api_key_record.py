@@ -48,3 +48,31 @@ async def test_a_replacing_record_must_grow_the_epoch_and_is_stored_with_the_one
 async def test_a_first_record_and_a_refused_one_are_as_before(locked_node: Node) -> None:
     assert init(locked_node, 5, replace=False) == 409  # another record is in place: refused as before
     assert locked_node.nexus_store.load_key_record() == locked_node.record
+
+
+async def test_a_replacing_record_must_also_be_above_every_epoch_a_rotation_used(node: Node) -> None:
+    """bootstrap --force after an abandoned rotation to epoch 5: epochs 2 to 5 are never used again."""
+    from spike.protocol.pending import PendingRotation
+
+    burnt, _ = seal_key(ROOT_KEY, epoch=5, threshold=2, keeper_ids=KEEPERS)
+    pending = PendingRotation.seal(ROOT_KEY, node.record, ROOT_KEY, burnt)
+    assert node.nexus_store.persist_rotation(pending, b"keyring") is True
+    assert node.nexus_store.abandon_rotation(pending) is True
+    answer = node.call(
+        BOOTSTRAP_INIT_PATH,
+        msgspec.to_builtins(
+            InitRequest(record=seal_key(NEW_KEY, epoch=3, threshold=2, keeper_ids=KEEPERS)[0], replace=True)
+        ),
+        peer=BOOTSTRAP,
+    )
+    assert answer.status == 409
+    assert answer.json() == {
+        "err": "api_conflict",
+        "reason": "key epoch 3 is not above 5, the highest epoch this deployment has used (epochs are never "
+        "reused): bootstrap again with a higher epoch",
+    }
+    assert node.nexus_store.load_key_record() == node.record == node.custody.record
+    assert init(node, 6) == 200
+    stored = node.nexus_store.load_key_record()
+    assert stored is not None and stored.epoch == 6 and node.custody.record == stored
+    assert node.nexus_store.load_rotation_state() == (None, None, 6)

@@ -21,9 +21,11 @@ from store_helpers import EPOCH, OTHER_KEY, ROOT_KEY, WAIT
 from spike.app.model import kv
 from spike.app.model.policy import Permission
 from spike.app.store.backend import Backend
-from spike.app.store.errors import StorageError
+from spike.app.store.errors import EpochUsed, StorageError
 from spike.app.store.policies import NameTaken, PolicyStore
 from spike.app.store.sealing import Sealer, TamperedData
+from spike.protocol.material import RootKey
+from spike.protocol.pending import PendingRotation
 from spike.protocol.record import KeyRecord, seal_key
 
 RECORD, _ = seal_key(ROOT_KEY, epoch=1, threshold=2, keeper_ids=[1, 2, 3])
@@ -111,6 +113,121 @@ def test_a_record_keeps_every_earlier_epoch_and_one_without_history_reads_as_bef
             assert stored == latest and stored.history == ((0, 2),)
             assert [e for e in range(7) if stored.had_epoch(e)] == [0, 1, 2, 5]
             assert reader.cluster_state().record == latest
+    finally:
+        other.close()
+
+
+# ---------------------------------------------------------------------- rotations (docs/key-lifecycle.md section 4)
+
+THIRD_KEY = RootKey(bytes(range(3, 35)))
+
+
+def rotation(old_key: RootKey, old: KeyRecord, new_key: RootKey, epoch: int) -> PendingRotation:
+    new, _ = seal_key(new_key, epoch=epoch, threshold=old.threshold, keeper_ids=list(old.keeper_ids))
+    return PendingRotation.seal(old_key, old, new_key, new)
+
+
+def test_a_rotation_is_stored_only_over_the_record_it_starts_from_and_only_one_at_a_time(backend: Backend) -> None:
+    p2 = rotation(ROOT_KEY, RECORD, OTHER_KEY, 2)
+    assert backend.load_rotation_state() == (None, None, 0)
+    assert backend.persist_rotation(p2, b"keyring-2") is False  # no record yet
+    backend.install_key_record(RECORD, replace=None)
+    assert backend.load_rotation_state() == (None, None, 1)
+    # Not from the record in force: another epoch, or the same epoch with another key.
+    assert backend.persist_rotation(rotation(OTHER_KEY, NEXT_RECORD, THIRD_KEY, 3), b"x") is False
+    assert backend.persist_rotation(rotation(OTHER_KEY, OTHER_RECORD, THIRD_KEY, 2), b"x") is False
+    assert backend.persist_rotation(p2, b"keyring-2") is True
+    assert backend.load_rotation_state() == (p2, b"keyring-2", 1)
+    assert backend.cluster_state().pending == p2
+    # The same rotation again (a retry) is what is stored; any other is refused while it is.
+    assert backend.persist_rotation(p2, b"keyring-2") is True
+    assert backend.persist_rotation(rotation(ROOT_KEY, RECORD, THIRD_KEY, 2), b"other") is False
+    assert backend.load_rotation_state() == (p2, b"keyring-2", 1)
+    assert backend.load_key_record() == RECORD
+
+
+def test_a_commit_makes_the_new_record_and_its_keyring_current_in_one_write(backend: Backend) -> None:
+    backend.install_key_record(RECORD, replace=None)
+    p2 = rotation(ROOT_KEY, RECORD, OTHER_KEY, 2)
+    other = rotation(ROOT_KEY, RECORD, THIRD_KEY, 2)
+    assert backend.commit_rotation(p2) is False  # nothing stored
+    assert backend.persist_rotation(p2, b"keyring-under-2") is True
+    assert backend.commit_rotation(other) is False  # not the stored one
+    assert backend.load_key_record() == RECORD
+    assert backend.commit_rotation(p2) is True
+    assert backend.load_key_record() == p2.record
+    assert p2.record.had_epoch(1)
+    assert backend.load_rotation_state() == (None, None, 2)
+    assert backend.load_keyring() == (2, b"keyring-under-2")
+    state = backend.cluster_state()
+    assert (state.record, state.pending, state.highest_epoch) == (p2.record, None, 2)
+    assert backend.commit_rotation(p2) is True  # a retry after the commit went through
+    assert backend.commit_rotation(other) is False
+    # The next rotation starts from the new record.
+    p3 = rotation(OTHER_KEY, p2.record, THIRD_KEY, 3)
+    assert backend.persist_rotation(rotation(ROOT_KEY, RECORD, THIRD_KEY, 3), b"x") is False
+    assert backend.persist_rotation(p3, b"keyring-under-3") is True
+    assert backend.commit_rotation(p3) is True
+    assert backend.load_key_record() == p3.record
+    assert backend.load_keyring() == (3, b"keyring-under-3")
+
+
+def test_an_abandoned_epoch_is_never_used_again(backend: Backend) -> None:
+    backend.install_key_record(RECORD, replace=None)
+    p2 = rotation(ROOT_KEY, RECORD, OTHER_KEY, 2)
+    assert backend.persist_rotation(p2, b"k") is True
+    assert backend.abandon_rotation(rotation(ROOT_KEY, RECORD, THIRD_KEY, 2)) is False  # not the stored one
+    assert backend.load_rotation_state() == (p2, b"k", 1)
+    assert backend.abandon_rotation(p2) is True
+    assert backend.load_rotation_state() == (None, None, 2)
+    assert backend.load_key_record() == RECORD
+    assert backend.abandon_rotation(p2) is True  # a retry
+    # Epoch 2 is burnt: a rotation to it is refused, whatever its key; epoch 3 goes.
+    assert backend.persist_rotation(rotation(ROOT_KEY, RECORD, THIRD_KEY, 2), b"k") is False
+    p3 = rotation(ROOT_KEY, RECORD, THIRD_KEY, 3)
+    assert backend.persist_rotation(p3, b"k3") is True
+    assert backend.commit_rotation(p3) is True
+    assert backend.abandon_rotation(p3) is False  # committed: not abandoned
+    assert backend.load_rotation_state() == (None, None, 3)
+
+
+def test_bootstrap_force_drops_a_pending_rotation_and_keeps_the_high_water_mark(backend: Backend) -> None:
+    backend.install_key_record(RECORD, replace=None)
+    backend.abandon_rotation(rotation(ROOT_KEY, RECORD, OTHER_KEY, 2))  # mark at 2
+    p3 = rotation(ROOT_KEY, RECORD, OTHER_KEY, 3)
+    assert backend.persist_rotation(p3, b"k") is True
+    # A replacement at an epoch already used is refused and changes nothing.
+    with pytest.raises(EpochUsed, match="not above 2"):
+        backend.install_key_record(NEXT_RECORD.succeeding(RECORD), replace=RECORD)
+    assert backend.load_key_record() == RECORD
+    assert backend.load_rotation_state() == (p3, b"k", 2)
+    # Above the mark: installed, the pending rotation is gone and cannot be committed any more.
+    forced, _ = seal_key(THIRD_KEY, epoch=3, threshold=2, keeper_ids=[1, 2, 3])
+    forced = forced.succeeding(RECORD)
+    assert backend.install_key_record(forced, replace=RECORD) == forced
+    assert backend.load_rotation_state() == (None, None, 3)
+    assert backend.load_keyring() == (3, None)
+    assert backend.commit_rotation(p3) is False
+    assert backend.load_key_record() == forced
+
+
+def test_rotations_at_once_from_two_instances_store_one(backend: Backend, tmp_path: Path) -> None:
+    backend.install_key_record(RECORD, replace=None)
+    other = second(backend, tmp_path)
+    try:
+        instances = [backend, other]
+        candidates = [rotation(ROOT_KEY, RECORD, RootKey(bytes([i + 1]) * 32), 2) for i in range(8)]
+        won = race(8, lambda i: instances[i % 2].persist_rotation(candidates[i], bytes([i])))
+        assert won.count(True) == 1, won
+        winner = won.index(True)
+        for instance in instances:
+            assert instance.load_rotation_state() == (candidates[winner], bytes([winner]), 1)
+        # Commit and abandon at once: exactly one of them happens.
+        done = race(2, lambda i: [other.commit_rotation, backend.abandon_rotation][i](candidates[winner]))
+        assert done.count(True) == 1, done
+        record = backend.load_key_record()
+        assert record == (candidates[winner].record if done[0] else RECORD)
+        assert backend.load_rotation_state()[:2] == (None, None)
     finally:
         other.close()
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pg_server
 import psycopg
 import pytest
@@ -231,3 +232,25 @@ def test_the_schema_lives_in_the_database_it_is_given(tmp_path: Path, url: str) 
     backend = open_pg(url)
     backend.close()
     assert not any(tmp_path.iterdir())
+
+
+def test_a_database_from_before_rotations_gains_the_rotation_state_in_place(url: str) -> None:
+    """Schema 2 (spike before key rotation), with a record: it is its own high-water mark; nothing else moves."""
+    record, _ = seal_key(ROOT_KEY, epoch=3, threshold=2, keeper_ids=[1, 2, 3])
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE spike_schema (id integer PRIMARY KEY CHECK (id = 1), version integer NOT NULL)")
+        for step in MIGRATIONS[:2]:
+            for statement in step:
+                conn.execute(statement)
+        conn.execute("INSERT INTO spike_schema (id, version) VALUES (1, 2)")
+        conn.execute("INSERT INTO key_record (id, epoch, record) VALUES (1, 3, %s)", (msgspec.json.encode(record),))
+    backend = PostgresBackend(url, read_threads=2)
+    try:
+        assert backend.load_key_record() == record
+        assert backend.load_rotation_state() == (None, None, 3)
+        assert backend.load_keyring() == (3, None)
+        assert backend.cluster_state().highest_epoch == 3
+    finally:
+        backend.close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute("SELECT version FROM spike_schema").fetchone() == (len(MIGRATIONS),)

@@ -109,3 +109,27 @@ def test_a_file_that_is_not_a_database_is_a_storage_error(data_dir: Path) -> Non
     (data_dir / DB_NAME).write_bytes(b"this is not an sqlite file" * 100)
     with pytest.raises(StorageError, match="cannot open the database"):
         NexusStore(data_dir)
+
+
+def test_a_database_from_before_rotations_gains_the_rotation_state_in_place(data_dir: Path) -> None:
+    """Schema 4 (spike before key rotation), with a record and a secret: the record is its own high-water mark."""
+    data_dir.mkdir()
+    record, _ = seal_key(ROOT_KEY, epoch=3, threshold=2, keeper_ids=[1, 2, 3])
+    with raw_db(data_dir) as db:
+        for step in MIGRATIONS[:4]:
+            for statement in step:
+                db.execute(statement)
+        db.execute("PRAGMA user_version = 4")
+        db.execute(
+            "INSERT INTO key_record (id, epoch, record, updated_at) VALUES (1, 3, ?, '2025-01-01T00:00:00+00:00')",
+            (msgspec.json.encode(record),),
+        )
+    reopened = NexusStore(data_dir)
+    try:
+        assert reopened.load_key_record() == record
+        assert reopened.load_rotation_state() == (None, None, 3)
+        assert reopened.load_keyring() == (3, None)
+    finally:
+        reopened.close()
+    assert user_version(data_dir) == LATEST
+    assert "pending_rotation" in tables(data_dir)

@@ -43,7 +43,7 @@ from spike.app.nexus.operator_api import OperatorApi
 from spike.app.nexus.policy_api import PolicyApi
 from spike.app.nexus.secrets_api import SecretsApi
 from spike.app.store.backend import KeyRecords
-from spike.app.store.errors import DatabaseUnavailable, StorageError
+from spike.app.store.errors import DatabaseUnavailable, EpochUsed, StorageError
 from spike.protocol import api
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.effects import Phase
@@ -52,7 +52,7 @@ from spike.protocol.identity import Role, TrustDomains
 from spike.protocol.material import derive_key
 from spike.protocol.nexus import AlreadyInitialised, NexusCustody
 from spike.protocol.record import KeyRecord
-from spike.protocol.wire import decode
+from spike.protocol.wire import ErrorCode, decode
 from spike.transports.custody_driver import CustodyDriver
 
 log = logging.getLogger("spike.nexus.api")
@@ -298,6 +298,9 @@ class NexusApi:
                 # Persist first: a record Nexus acts on must survive a crash.  Atomic: with several
                 # Nexus instances on one database, of two bootstraps at once only one record wins.
                 installed = self._store.install_key_record(record, replace=previous if body.replace else None)
+            except EpochUsed as exc:
+                log.warning("bootstrap refused: %s", exc)
+                return ApiResponse.error(409, ErrorCode.CONFLICT, reason=str(exc))
             except StorageError as exc:
                 log.error("cannot install the key record: %s", exc)  # noqa: TRY400 - a one-line cause, not a bug
                 return api.NOT_READY if isinstance(exc, DatabaseUnavailable) else api.INTERNAL_ERROR

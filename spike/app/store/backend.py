@@ -13,7 +13,8 @@ What a backend is, one protocol per concern, composed into `Backend`:
 * `Secrets`: the key/value data (Vault KV v2).
 * `PolicyRows`: the policies' rows, sealed and opened by `PolicyStore` (policies.py).
 * `Reads`: how a read is run without stalling the event loop.
-* `KeyRecords`: the key record (what recognises the root key; never the key).
+* `KeyRecords`: the key record (what recognises the root key; never the key), the epochs'
+  high-water mark and a pending rotation (key_state.py; docs/key-lifecycle.md).
 * `Lifecycle`: what the database is, what other instances changed, closing.
 
 The contract every implementation keeps:
@@ -45,6 +46,7 @@ from typing import Protocol, TypeVar
 
 from spike.app.model import kv
 from spike.app.store.sealing import Sealer
+from spike.protocol.pending import PendingRotation
 from spike.protocol.record import KeyRecord
 
 T = TypeVar("T")
@@ -55,10 +57,13 @@ PolicyRow = tuple[str, str, bytes, float, float]
 
 @dataclass(frozen=True, slots=True)
 class ClusterState:
-    """What other Nexus instances may have changed: the key record and the policies' change counter."""
+    """What other Nexus instances may have changed: the key record, the policies' change counter, and the
+    rotation state (the pending rotation, the epochs' high-water mark)."""
 
     record: KeyRecord | None
     policy_version: int
+    pending: PendingRotation | None = None
+    highest_epoch: int = 0
 
 
 class Sealing(Protocol):
@@ -160,7 +165,30 @@ class KeyRecords(Protocol):
         With `replace` None, only if no record is stored yet; otherwise only if
         the stored record is still `replace` (or none is stored).  When the
         answer is not `record`, another record was there first: use it instead.
+        A replacement deletes any pending rotation and keeps the epochs'
+        high-water mark: `EpochUsed` (nothing changes) unless `record`'s epoch
+        is above it.
         """
+        ...
+
+    def load_keyring(self) -> tuple[int, bytes | None] | None:
+        """(the record's epoch, the keyring wrapped under its root key or None), or None before a bootstrap."""
+        ...
+
+    def load_rotation_state(self) -> tuple[PendingRotation | None, bytes | None, int]:
+        """(pending rotation or None, the keyring blob stored with it or None, the epochs' high-water mark)."""
+        ...
+
+    def persist_rotation(self, pending: PendingRotation, keyring_blob: bytes) -> bool:
+        """Store a rotation if the record is still the one it starts from and none is stored; False if refused."""
+        ...
+
+    def commit_rotation(self, pending: PendingRotation) -> bool:
+        """Record := `pending.record`, keyring := the one stored with it, pending deleted, in one write."""
+        ...
+
+    def abandon_rotation(self, pending: PendingRotation) -> bool:
+        """Pending deleted and the high-water mark raised to its epoch; False if another one is stored."""
         ...
 
 

@@ -1,7 +1,8 @@
 """What a storage backend raises, whatever the database: one home for every storage error.
 
 The API maps them once: `DatabaseUnavailable` answers 503 (try again, nothing was written),
-`OutcomeUnknown` answers 503 too but says the write may have happened, and any other
+`OutcomeUnknown` answers 503 too but says the write may have happened, `EpochUsed` (a bootstrap
+with an epoch already used) is a 409, and any other
 `StorageError` is a 500 whose message goes to the log.
 """
 
@@ -18,3 +19,7 @@ class DatabaseUnavailable(StorageError):
 
 class OutcomeUnknown(StorageError):
     """The connection broke while a commit was under way and whether it happened could not be learnt."""
+
+
+class EpochUsed(StorageError):
+    """A key record whose epoch is not above every epoch the deployment used: refused, nothing changed (409)."""

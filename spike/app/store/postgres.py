@@ -14,10 +14,11 @@ and what a network does to a database:
   (postgres_connections.py), each read one statement (one snapshot); the API
   awaits them as futures, so a slow network never stalls the event loop.
   Every statement has a timeout; an outage answers 503 and is logged once.
-* **The key record**: installing or replacing it takes the epoch lock
-  exclusively (waiting for the write transactions under way, which hold it
-  shared); the first install is INSERT ... ON CONFLICT, so two instances
-  bootstrapped at once agree on one record.
+* **The key state** (key_state.py: the record, the epochs' high-water mark,
+  a pending rotation): every change takes the epoch lock exclusively
+  (waiting for the write transactions under way, which hold it shared) and
+  is a compare-and-set, so two instances bootstrapped or rotating at once
+  agree on one outcome.
 * **The schema** (postgres_schema.py) is migrated at start, one instance
   after the other.
 """
@@ -28,27 +29,16 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-import msgspec
 import psycopg
 
 from spike.app.model import kv
-from spike.app.store.backend import ClusterState
 from spike.app.store.errors import DatabaseUnavailable, StorageError
+from spike.app.store.key_state import KeyState, rendered_key_sql
 from spike.app.store.postgres_connections import UNAVAILABLE, Connections, one_line
 from spike.app.store.postgres_schema import migrate
-from spike.app.store.postgres_sql import (
-    INSTALL_RECORD,
-    LOCK,
-    LOCK_EPOCH,
-    LOCK_POLICIES,
-    SELECT_CLUSTER_STATE,
-    SELECT_RECORD,
-    PostgresDialect,
-    path_lock,
-)
+from spike.app.store.postgres_sql import LOCK, LOCK_EPOCH, LOCK_POLICIES, PostgresDialect, path_lock
 from spike.app.store.postgres_writer import GroupCommitWriter, WriteOp
 from spike.app.store.sql_store import SqlStore
-from spike.protocol.record import KeyRecord
 
 T = TypeVar("T")
 READ_THREADS = 4
@@ -57,11 +47,12 @@ STATEMENT_TIMEOUT_MS = 5000
 Conn = psycopg.Connection[Any]
 
 
-class PostgresBackend(SqlStore[Conn]):
+class PostgresBackend(SqlStore[Conn], KeyState[Conn]):
     """The storage `Backend` on a PostgreSQL database shared by any number of Nexus instances."""
 
     shared = True
     inline_reads = False
+    _key_sql = rendered_key_sql("%%(%s)s")
 
     def __init__(
         self,
@@ -107,40 +98,21 @@ class PostgresBackend(SqlStore[Conn]):
     def _submit(self, op: WriteOp[T], *, path: str | None, epoch: int | None) -> Future[T]:
         return self._writer.submit((LOCK_POLICIES if path is None else path_lock(path),), epoch, op)
 
-    # ------------------------------------------------------------------ key record
+    # ------------------------------------------------------------------ the key state (key_state.py)
 
-    def load_key_record(self) -> KeyRecord | None:
-        row = self._db.query(lambda c: c.execute(SELECT_RECORD).fetchone())
-        return None if row is None else _decode_record(row[0])
+    def _key_read(self, work: Callable[[Conn], T]) -> T:
+        return self._db.query(work)
 
-    def install_key_record(self, record: KeyRecord, *, replace: KeyRecord | None) -> KeyRecord:
-        def install(conn: Conn) -> KeyRecord:
+    def _key_change(self, work: Callable[[Conn], T]) -> T:
+        def change(conn: Conn) -> T:
             with conn.transaction():
                 # Exclusive: waits for write transactions under way, which hold it shared.
                 conn.execute(LOCK, (LOCK_EPOCH,))
-                row = conn.execute(SELECT_RECORD).fetchone()
-                current = None if row is None else _decode_record(row[0])
-                if current is not None and (replace is None or current != replace):
-                    return current
-                conn.execute(INSTALL_RECORD, (record.epoch, msgspec.json.encode(record)))
-                return record
+                return work(conn)
 
-        return self._db.query(install)
-
-    def cluster_state(self) -> ClusterState:
-        row = self._db.query(lambda c: c.execute(SELECT_CLUSTER_STATE).fetchone())
-        assert row is not None
-        record, version = row
-        return ClusterState(None if record is None else _decode_record(record), int(version or 0))
+        return self._db.query(change)
 
     def close(self) -> None:
         self._writer.close()
         self._readers.shutdown(wait=True)
         self._db.close()
-
-
-def _decode_record(data: bytes) -> KeyRecord:
-    try:
-        return msgspec.json.decode(bytes(data), type=KeyRecord).validate()
-    except (msgspec.DecodeError, ValueError) as exc:
-        raise StorageError(f"the stored key record is damaged: {exc}") from None

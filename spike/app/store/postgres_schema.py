@@ -56,6 +56,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # Policies in RE2 and SPIKE's rules (policy dialect 2; old bodies are upgraded when first read with
     # the key, see policy_legacy): an older spike must not open this database and misread them.
     ("COMMENT ON TABLE policy IS 'sealed bodies in policy dialect 2 (RE2, SPIKE matching rules) or 1 (older)'",),
+    # Key rotation (docs/key-lifecycle.md): the epochs' high-water mark (a record stored before it is its
+    # own mark), the keyring of data keys wrapped under the root key, and the pending rotation.
+    (
+        "ALTER TABLE key_record ADD COLUMN highest_epoch bigint NOT NULL DEFAULT 0",
+        "UPDATE key_record SET highest_epoch = epoch",
+        "ALTER TABLE key_record ADD COLUMN keyring bytea",
+        """CREATE TABLE pending_rotation (
+            id integer PRIMARY KEY CHECK (id = 1),
+            from_epoch bigint NOT NULL,
+            epoch bigint NOT NULL,
+            pending bytea NOT NULL,
+            keyring bytea NOT NULL,
+            created_at timestamptz NOT NULL
+        )""",
+    ),
 )
 
 _CREATE_VERSION_TABLE = (

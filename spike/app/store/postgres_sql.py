@@ -1,4 +1,4 @@
-"""PostgreSQL's SQL: its side of the shared statements, and what only it runs (locks, key record, outcomes).
+"""PostgreSQL's SQL: its side of the shared statements, and what only it runs (locks, outcomes).
 
 A put's read is one round trip: a secret's metadata with its version
 numbers as an array.  Its writes after that read go in one pipeline (one
@@ -48,14 +48,6 @@ EPOCH_AND_XID = "SELECT (SELECT epoch FROM key_record WHERE id = 1), pg_current_
 XACT_STATUS = "SELECT pg_xact_status(%s::xid8)"
 
 LOCK = "SELECT pg_advisory_xact_lock(%s)"
-SELECT_RECORD = "SELECT record FROM key_record WHERE id = 1"
-INSTALL_RECORD = (
-    "INSERT INTO key_record (id, epoch, record) VALUES (1, %s, %s) ON CONFLICT (id) DO UPDATE "
-    "SET epoch = excluded.epoch, record = excluded.record, updated_at = now()"
-)
-SELECT_CLUSTER_STATE = (
-    "SELECT (SELECT record FROM key_record WHERE id = 1), (SELECT version FROM policy_version WHERE id = 1)"
-)
 
 
 def path_lock(path: str) -> int:

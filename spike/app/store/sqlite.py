@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from spike.app.model import kv
-from spike.app.store.backend import ClusterState
 from spike.app.store.errors import DatabaseUnavailable, StorageError
 from spike.app.store.group_commit import WriteOutcome, WriteQueue, settle
+from spike.app.store.key_state import KeyState
 from spike.app.store.sql_store import SqlStore
 from spike.app.store.sqlite_schema import DB_NAME, NexusStore, connect, sqlite_failure
 from spike.app.store.sqlite_sql import SqliteDialect
-from spike.protocol.record import KeyRecord
 
 log = logging.getLogger("spike.nexus.store")
 
@@ -158,10 +157,11 @@ class SecretStore(SqlStore[sqlite3.Connection]):
         self._writer_db.close()
 
 
-class SqliteBackend(SecretStore):
+class SqliteBackend(SecretStore, KeyState[sqlite3.Connection]):
     """The storage `Backend` on one SQLite file in the data dir: for one Nexus process."""
 
     shared = False
+    _key_sql = NexusStore._key_sql
 
     def __init__(self, data_dir: Path, *, default_max_versions: int = kv.DEFAULT_MAX_VERSIONS) -> None:
         self._records = NexusStore(data_dir)  # opens (creating and migrating) the file first
@@ -172,14 +172,12 @@ class SqliteBackend(SecretStore):
             raise StorageError(f"cannot open the database in {data_dir}: {exc}") from None
         self.description = f"the data dir {data_dir}"
 
-    def load_key_record(self) -> KeyRecord | None:
-        return self._records.load_key_record()
+    # The key state is on the records' own connection, whose transactions exclude the writer's.
+    def _key_read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        return self._records._key_read(work)
 
-    def install_key_record(self, record: KeyRecord, *, replace: KeyRecord | None) -> KeyRecord:
-        return self._records.install_key_record(record, replace=replace)
-
-    def cluster_state(self) -> ClusterState:
-        return ClusterState(self.load_key_record(), self.policy_version())
+    def _key_change(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        return self._records._key_change(work)
 
     def close(self) -> None:
         super().close()

@@ -8,16 +8,20 @@ migrated forward in one transaction at open.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 
 from spike.app.store.errors import DatabaseUnavailable, StorageError
+from spike.app.store.key_state import KeyState, rendered_key_sql
 from spike.protocol.record import KeyRecord
+
+T = TypeVar("T")
 
 DB_NAME = "spike.db"
 
@@ -69,6 +73,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE policy_version (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)",
         "INSERT INTO policy_version (id, version) VALUES (1, 0)",
     ),
+    # Key rotation (docs/key-lifecycle.md): the epochs' high-water mark (a record stored before it is its
+    # own mark), the keyring of data keys wrapped under the root key, and the pending rotation.
+    (
+        "ALTER TABLE key_record ADD COLUMN highest_epoch INTEGER NOT NULL DEFAULT 0",
+        "UPDATE key_record SET highest_epoch = epoch",
+        "ALTER TABLE key_record ADD COLUMN keyring BLOB",
+        """CREATE TABLE pending_rotation (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            from_epoch INTEGER NOT NULL,
+            epoch INTEGER NOT NULL,
+            pending BLOB NOT NULL,
+            keyring BLOB NOT NULL,
+            created_at TEXT NOT NULL
+        )""",
+    ),
 )
 
 
@@ -96,7 +115,11 @@ def sqlite_failure(message: str, exc: sqlite3.Error) -> StorageError:
     return StorageError(message)
 
 
-class NexusStore:
+class NexusStore(KeyState[sqlite3.Connection]):
+    """The SQLite file's key state (key_state.py), on a connection of its own."""
+
+    _key_sql = rendered_key_sql(":%s")
+
     def __init__(self, data_dir: Path) -> None:
         try:
             data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -130,50 +153,41 @@ class NexusStore:
             self._db.execute("ROLLBACK")
             raise
 
-    def load_key_record(self) -> KeyRecord | None:
-        try:
-            row = self._db.execute("SELECT record FROM key_record WHERE id = 1").fetchone()
-        except sqlite3.Error as exc:
-            raise sqlite_failure(f"cannot read the key record: {exc}", exc) from None
-        if row is None:
-            return None
-        try:
-            return msgspec.json.decode(row[0], type=KeyRecord).validate()
-        except (msgspec.DecodeError, ValueError) as exc:
-            raise StorageError(f"the stored key record is damaged: {exc}") from None
+    # ------------------------------------------------------------------ the key state (key_state.py)
+
+    def _key_read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        with self._install_lock:  # one connection, callers on any thread
+            try:
+                return work(self._db)
+            except sqlite3.Error as exc:
+                raise sqlite_failure(f"cannot read the key record: {exc}", exc) from None
+
+    def _key_change(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        with self._install_lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")  # excludes the secrets' writer too
+                try:
+                    result = work(self._db)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise sqlite_failure(f"cannot save the key record: {exc}", exc) from None
+            return result
 
     def save_key_record(self, record: KeyRecord) -> None:
-        now = dt.datetime.now(dt.UTC).isoformat()
-        try:
-            self._db.execute(
-                "INSERT INTO key_record (id, epoch, record, updated_at) VALUES (1, ?, ?, ?) "
-                "ON CONFLICT (id) DO UPDATE SET epoch = excluded.epoch, record = excluded.record, "
-                "updated_at = excluded.updated_at",
-                (record.epoch, msgspec.json.encode(record), now),
-            )
-        except sqlite3.Error as exc:
-            raise sqlite_failure(f"cannot save the key record: {exc}", exc) from None
+        """Store `record` whatever is stored (tests and tools that prepare a data dir); keeps the high-water mark."""
+        sql = self._key_sql
+        encoded = msgspec.json.encode(record)
 
-    def install_key_record(self, record: KeyRecord, *, replace: KeyRecord | None) -> KeyRecord:
-        """Store `record` unless another record than `replace` is there; the record now in force."""
-        with self._install_lock:  # one connection, callers on any thread
-            return self._install(record, replace)
+        def save(conn: sqlite3.Connection) -> None:
+            if conn.execute(sql.record, {}).fetchone() is None:
+                conn.execute(sql.insert_record, {"epoch": record.epoch, "record": encoded})
+            else:
+                conn.execute(sql.replace_record, {"epoch": record.epoch, "record": encoded, "keyring": None})
 
-    def _install(self, record: KeyRecord, replace: KeyRecord | None) -> KeyRecord:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                current = self.load_key_record()
-                if current is None or (replace is not None and current == replace):
-                    self.save_key_record(record)
-                    current = record
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise sqlite_failure(f"cannot save the key record: {exc}", exc) from None
-        return current
+        self._key_change(save)
 
     def close(self) -> None:
         self._db.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
+from typing import TypeVar
 
 _PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
 _VERSIONS = re.compile(r"= ANY\(:(\w+)\)")
@@ -99,14 +100,25 @@ class Statements:
 
     def rendered(self, parameter: str, versions: str) -> Statements:
         """These statements with `:name` written as `parameter % name` and `= ANY(:name)` as `versions % name`."""
+        return rendered(self, parameter, versions)
 
-        def render(sql: str) -> str:
-            if "%" in sql:  # psycopg would read it as a placeholder
-                raise ValueError(f"a statement contains '%': {sql}")
-            sql = _VERSIONS.sub(lambda m: versions % m.group(1), sql)
-            return _PARAMETER.sub(lambda m: parameter % m.group(1), sql)
 
-        return Statements(**{f.name: render(getattr(self, f.name)) for f in dataclasses.fields(self)})
+S = TypeVar("S")
+
+
+def render(sql: str, parameter: str, versions: str) -> str:
+    """One statement with `:name` written as `parameter % name` and `= ANY(:name)` as `versions % name`."""
+    if "%" in sql:  # psycopg would read it as a placeholder
+        raise ValueError(f"a statement contains '%': {sql}")
+    sql = _VERSIONS.sub(lambda m: versions % m.group(1), sql)
+    return _PARAMETER.sub(lambda m: parameter % m.group(1), sql)
+
+
+def rendered(statements: S, parameter: str, versions: str) -> S:
+    """A dataclass of statements (this module's, key_state.py's) with each one rendered for a driver."""
+    assert dataclasses.is_dataclass(statements) and not isinstance(statements, type)
+    fields = {f.name: render(getattr(statements, f.name), parameter, versions) for f in dataclasses.fields(statements)}
+    return type(statements)(**fields)
 
 
 SQL = Statements()
