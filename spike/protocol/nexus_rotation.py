@@ -377,8 +377,11 @@ class RotatingCustody:
         if self._key is None and self._phase is Phase.READY:
             self._set_phase(Phase.RECOVERING, now)
         # A scheduled rotation that came due meanwhile is this one (this instance's, or another's it
-        # followed): the next is armed from now by the driver.  A rekey still owed is due at once.
-        self._rotate_due = self._rekey and not self._is_target(record)
+        # followed): the next is armed from now by the driver.  A rekey still owed is due at once, unless
+        # the record came from another instance: instances configured for different sets would then
+        # move custody back and forth for ever (the driver says so; a reload moves it again).
+        followed = rotation.stage is RotationStage.FOLLOWING
+        self._rotate_due = self._rekey and not self._is_target(record) and not followed
 
     def _report_rotation(self, rotation: Rotation, stage: RotationStage, now: float, detail: str = "") -> None:
         new = rotation.pending.record

@@ -364,6 +364,27 @@ def test_a_follower_whose_schedule_came_due_while_following_does_not_rotate_agai
     assert not [e for e in follower.effects() if isinstance(e, PersistRotation)]
 
 
+def test_a_follower_configured_for_another_set_does_not_move_custody_back() -> None:
+    """Two instances configured for different sets would rekey back and forth: a followed commit never chains one."""
+    d = Deployment(ids=(1, 2, 3), threshold=2)
+    d.keeper(4)
+    leader = d.nexus
+    follower = d.start()  # configured for (1, 2, 3) like the record, then the leader moves custody to (1, 2, 4)
+    d.run_for(1.0)
+    d.nexus = leader
+    pending = leader.start_rotation(d.now, keeper_ids=[1, 2, 4])
+    d.run_for(0.01)
+    follower.follow_rotation(pending, d.now)
+    d.run_for(60.0, stop=lambda: committed(d))
+    d.nexus = follower
+    follower.retarget(d.now, [1, 2, 3], 2)  # its configuration says (1, 2, 3): due once the rotation is done
+    follower.effects()
+    assert follower.initialise(pending.record, d.now, replace=True)
+    assert follower.phase is Phase.READY and follower.record == pending.record
+    assert follower.rotation is None
+    assert not [e for e in follower.effects() if isinstance(e, PersistRotation)]
+
+
 # ---------------------------------------------------------------- moving custody on a reload
 
 

@@ -14,6 +14,7 @@ from spike.protocol.wire import ShardBytes
 STATUS_PATH = "/v1/operator/status"
 RECOVER_PATH = "/v1/operator/recover"
 RESTORE_PATH = "/v1/operator/restore"
+ROTATE_PATH = "/v1/operator/rotate"
 BOOTSTRAP_INIT_PATH = "/v1/bootstrap/init"
 BOOTSTRAP_VERIFY_PATH = "/v1/bootstrap/verify"
 
@@ -34,6 +35,34 @@ class KeeperStatus(msgspec.Struct, kw_only=True):
     latency_ms: float | None
 
 
+class RotationStatus(msgspec.Struct, kw_only=True):
+    """A key rotation under way (docs/key-lifecycle.md): where it stands and who holds the new shard."""
+
+    stage: str  # persisting, dealing, committing, abandoning, following
+    from_epoch: int
+    to_epoch: int
+    threshold: int  # of the new record
+    keepers: list[int]  # of the new record
+    dealt: list[int]  # keepers of the new set that showed their verified new shard
+    needed: int  # more keepers that must show it before the commit
+    started: float  # unix time
+
+
+class ScheduleStatus(msgspec.Struct, kw_only=True):
+    """`--rotate-every`: the period, and when the next scheduled rotation is due (unix time)."""
+
+    every: float
+    next: float | None
+
+
+class RecoveryStatus(msgspec.Struct, kw_only=True):
+    """The newest break-glass export (`spike operator recover`) recorded, against the key epoch in force."""
+
+    epoch: int  # the key epoch its shards belong to
+    time: float  # unix time of the export
+    epochs_behind: int  # key epochs in force since then (0: its shards are the current key's)
+
+
 class StatusBody(msgspec.Struct, kw_only=True):
     phase: str
     epoch: int | None
@@ -44,6 +73,24 @@ class StatusBody(msgspec.Struct, kw_only=True):
     poll_interval: float
     keepers: list[KeeperStatus]
     time: float
+    # Key lifecycle (absent from older Nexus versions' answers).
+    highest_epoch: int | None = None
+    rotation: RotationStatus | None = None
+    schedule: ScheduleStatus | None = None
+    recovery: RecoveryStatus | None = None
+
+
+class RotateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`POST /v1/operator/rotate`: rotate the root key (default), give a rotation under way up (`abort`)."""
+
+    abort: bool = False
+
+
+class RotateResponse(msgspec.Struct, kw_only=True):
+    """The rotation as it stands once the request was carried out (None: none under way any more)."""
+
+    rotation: RotationStatus | None
+    epoch: int  # the key epoch in force
 
 
 class InitRequest(msgspec.Struct, kw_only=True):
