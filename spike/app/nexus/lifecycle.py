@@ -257,7 +257,9 @@ class KeyLifecycle:
             try:
                 blob = self._wrap_keyring(self.custody.rotation_key, pending.record.epoch)
             except (LocalProtocolError, StorageError) as exc:
-                self._not_persisted(pending, f"the keyring could not be wrapped under the new key: {exc}")
+                reason = f"the keyring could not be wrapped under the new key: {exc}"
+                # Acknowledged as a store outcome is: after this dispatch, never inside it.
+                self._offload.later(0.0, lambda: self._not_persisted(pending, reason))
                 return
             self._offload(
                 lambda: self._store.persist_rotation(pending, blob), lambda out: self._persisted(pending, out)
