@@ -177,6 +177,7 @@ class KeyLifecycle:
         to_wall: Callable[[float], float],
         rotate_every: float | None = None,
         crash_at: str | None = None,
+        follow_window: float = 0.0,
     ) -> None:
         self._driver = driver
         self._store = store
@@ -186,6 +187,11 @@ class KeyLifecycle:
         self._rotate_every = rotate_every
         self._next_rotation: float | None = None
         self._crash_at = crash_at
+        # Several instances: a commit is written no sooner than this long after the rotation was stored
+        # (or this instance learned of it), so that every other instance has read the stored rotation and
+        # takes the new key as it is (a follower), instead of dropping its key to recover the new one.
+        self._follow_window = follow_window
+        self._stored_at: dict[int, float] = {}  # rotation's epoch -> when this instance knew it stored
         self._waiters: list[_Waiter] = []
         self._dealing_said: set[int] = set()
         self.rotations_committed = 0  # this process's, and those it followed
@@ -243,6 +249,7 @@ class KeyLifecycle:
             crash_here("rotation-retiring", self._crash_at)
         if stage in (RotationStage.COMMITTED, RotationStage.ABANDONED, RotationStage.NOT_STARTED):
             self._dealing_said.discard(report.to_epoch)
+            self._stored_at.pop(report.to_epoch, None)
             if self._rotate_every is not None:
                 self._next_rotation = report.at + self._rotate_every
                 self.custody.rotate_at(self._next_rotation)
@@ -266,7 +273,14 @@ class KeyLifecycle:
             )
         elif isinstance(effect, CommitRotation):
             crash_here("rotation-commit-before", self._crash_at)
-            self._commit(pending, RETRY_FIRST)
+            now = self._driver.now()
+            # A rotation resumed after a restart: the window counts from now (a restarted peer reads it too).
+            stored = self._stored_at.setdefault(pending.record.epoch, now)
+            wait = stored + self._follow_window - now
+            if wait > 0:
+                self._offload.later(wait, lambda: self._commit(pending, RETRY_FIRST))
+            else:
+                self._commit(pending, RETRY_FIRST)
         else:
             crash_here("rotation-abandon-before", self._crash_at)
             self._abandon(pending, RETRY_FIRST)
@@ -284,6 +298,7 @@ class KeyLifecycle:
             )
             return
         crash_here("rotation-stored", self._crash_at)
+        self._stored_at[pending.record.epoch] = self._driver.now()
         self._acknowledge(lambda now: self.custody.rotation_persisted(now, pending))
         self._answer_waiters(pending, None)
 

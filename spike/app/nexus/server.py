@@ -500,6 +500,8 @@ def _run(
             to_wall=to_wall,
             rotate_every=config.rotate_every,
             crash_at=config.crash_at,
+            # Every other instance reads the stored rotation before the commit (ClusterWatch, each second).
+            follow_window=2 * CLUSTER_WATCH_INTERVAL + 0.5 if secrets.shared else 0.0,
         )
         lifecycle_ref.append(lifecycle)
         sinks.append(lifecycle.report)
