@@ -16,6 +16,8 @@ configured keepers, and those a rekey is moving custody away from), opens a
 keeper's connection when it is first asked to talk to it, and answers a
 request to a keeper it has no URL for at once, as a failure: the machine
 keeps polling it (no keeper is ever dropped) and sees it unreachable.
+The connections of the keepers polled at the start are made at once (no I/O
+until the first request), so a caller may open them before `run`.
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ class CustodyDriver:
         self._connections: dict[int, HttpsConnection] = {}
         self._retired: list[HttpsConnection] = []  # connections whose URL changed, to close
         self.keeper_urls = dict(keeper_urls)
+        for keeper_id in custody.keeper_ids:  # made now (no I/O yet): a caller may warm them up before run()
+            self._connection(keeper_id)
         self._running = False
         self._wake = anyio.Event()
         self._sleep_until = math.inf
