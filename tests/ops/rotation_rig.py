@@ -25,7 +25,7 @@ from spike.app.logs import ReportLogger
 from spike.app.nexus.audit import AuditLog
 from spike.app.nexus.authorizer import Authorizer
 from spike.app.nexus.cipher_api import CipherApi
-from spike.app.nexus.lifecycle import KeyLifecycle
+from spike.app.nexus.lifecycle import ExportFile, KeyLifecycle
 from spike.app.nexus.metrics import NexusMetrics
 from spike.app.nexus.operator_api import OperatorApi
 from spike.app.nexus.policy_api import PolicyApi
@@ -284,6 +284,7 @@ class RotatingNode:
             offload=self.offload,
             to_wall=lambda moment: 1_800_000_000.0 + moment,
             rotate_every=self.rotate_every,
+            exports=ExportFile(self.data_dir),
         )
         sinks: list[Callable[[Report], None]] = [
             self.reports.append,
@@ -299,7 +300,7 @@ class RotatingNode:
             TRUST,
             secrets=SecretsApi(self.backend, self.authorizer),
             cipher=self.cipher,
-            operator=OperatorApi(self.driver),  # type: ignore[arg-type]
+            operator=OperatorApi(self.driver, on_export=self.lifecycle.note_export),  # type: ignore[arg-type]
             policies=PolicyApi(self.policies, self.authorizer),
             authorizer=self.authorizer,
             observer=CallRecorder(AuditLog(io.StringIO()), self.metrics),

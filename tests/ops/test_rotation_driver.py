@@ -13,13 +13,16 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 from prometheus_client import generate_latest
 from rotation_rig import INTERVAL, TRUST, RotatingNode
 
-from spike.app.api.messages import ROTATE_PATH, STATUS_PATH
+from spike.app.api.messages import RECOVER_PATH, ROTATE_PATH, STATUS_PATH, StatusBody
+from spike.app.commands.status import EXIT_RECOVERY_STALE, exit_code, render
+from spike.app.nexus.lifecycle import epochs_since
 from spike.app.nexus.server import ClusterWatch
-from spike.protocol import Phase, PhaseChanged, RootKey, RotationProgress, RotationStage
+from spike.protocol import Phase, PhaseChanged, RootKey, RotationProgress, RotationStage, decode, seal_key
 from spike.protocol.identity import Role
 
 
@@ -329,3 +332,39 @@ def test_a_newer_epoch_on_a_keeper_is_never_refuted_while_a_rotation_is_stored(t
     finally:
         leader.close()
         follower.close()
+
+
+# ---------------------------------------------------------------- recovery files follow
+
+
+def test_status_says_how_old_the_newest_recovery_export_is_and_warns_when_it_is_stale(node: RotatingNode) -> None:
+    assert status(node)["recovery"] is None  # never exported: nothing to say, no warning
+    assert exit_code(decode(node.call(STATUS_PATH).body, StatusBody)) == 0
+    exported = node.call(RECOVER_PATH, peer=TRUST.id_of(Role.PILOT_RECOVER))
+    assert exported.status == 200 and json.loads(exported.body)["epoch"] == 1
+    node.driver.dispatch()  # the export is recorded off the event loop
+    shown = status(node)
+    assert shown["recovery"]["epoch"] == 1 and shown["recovery"]["epochs_behind"] == 0  # type: ignore[index]
+    assert rotate(node)[0] == 200
+    node.run_for(INTERVAL * 6, stop=node.committed)
+    assert node.committed()
+    body = decode(node.call(STATUS_PATH).body, StatusBody)
+    assert body.recovery is not None and (body.recovery.epoch, body.recovery.epochs_behind) == (1, 1)
+    assert exit_code(body) == EXIT_RECOVERY_STALE
+    assert "1 epoch(s) old: it no longer rebuilds the key; run `spike operator recover`" in render(body, "n")
+    # What a restart keeps: the record of the export.
+    node.restart()
+    node.run_for(INTERVAL * 2, stop=lambda: node.custody.phase is Phase.READY)
+    assert status(node)["recovery"]["epochs_behind"] == 1  # type: ignore[index]
+    node.call(RECOVER_PATH, peer=TRUST.id_of(Role.PILOT_RECOVER))
+    node.driver.dispatch()
+    assert exit_code(decode(node.call(STATUS_PATH).body, StatusBody)) == 0
+
+
+def test_epochs_since_counts_the_epochs_the_deployment_had_after_the_export() -> None:
+    record, _ = seal_key(RootKey(bytes(range(1, 33))), epoch=7, threshold=2, keeper_ids=(1, 2, 3))
+    with_gap = msgspec.structs.replace(record, history=((0, 2), (5, 6)))  # 3 and 4: given up, never in force
+    assert epochs_since(with_gap, 7) == 0 and epochs_since(with_gap, 9) == 0
+    assert epochs_since(with_gap, 6) == 1
+    assert epochs_since(with_gap, 2) == 3  # 5, 6 and 7
+    assert epochs_since(with_gap, 1) == 4

@@ -270,8 +270,9 @@ class PolicyListResponse(msgspec.Struct, kw_only=True):
 # ------------------------------------------------------------------ break-glass
 
 
-class RecoverResponse(msgspec.Struct, kw_only=True):
+class RecoverResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
     shards: dict[int, ShardBytes]
+    epoch: int | None = None  # the key epoch the shards belong to (spike; SPIKE's Nexus does not say)
 
     def __repr__(self) -> str:
         return f"RecoverResponse(shards=<{len(self.shards)} redacted>)"

@@ -24,12 +24,14 @@ and nothing here logs one.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 from spike.app.api.messages import RecoveryStatus, RotateRequest, RotateResponse, RotationStatus, ScheduleStatus
@@ -51,6 +53,7 @@ from spike.protocol.errors import LocalProtocolError, RemoteProtocolError, Shami
 from spike.protocol.material import RootKey
 from spike.protocol.nexus import NexusCustody
 from spike.protocol.pending import PendingRotation
+from spike.protocol.record import KeyRecord
 from spike.protocol.wire import ErrorCode, decode
 
 log = logging.getLogger("spike.nexus.lifecycle")
@@ -122,6 +125,66 @@ class LoopOffload:
             self._executor.shutdown(wait=True)
 
 
+class ExportLog(Protocol):
+    """Where `spike operator recover`'s exports are recorded: the key epoch, and when (unix time)."""
+
+    def note(self, epoch: int, at: float) -> None: ...
+
+    def newest(self) -> tuple[int, float] | None: ...
+
+
+class ExportFile:
+    """`ExportLog` in a small file of the data dir (`recovery-exports.json`, 0600): it survives restarts.
+
+    It is this instance's: with several Nexus instances on PostgreSQL, each knows the exports it
+    served (docs/key-lifecycle.md section 11).  Nothing secret is in it: epochs and times.
+    """
+
+    NAME = "recovery-exports.json"
+    KEEP = 16
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / self.NAME
+
+    def _read(self) -> list[tuple[int, float]]:
+        try:
+            raw = json.loads(self.path.read_text())
+            return [(int(e["epoch"]), float(e["time"])) for e in raw["exports"]]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s is unreadable (%s): no recovery export is known", self.path, exc)
+            return []
+
+    def note(self, epoch: int, at: float) -> None:
+        exports = [*self._read(), (epoch, at)][-self.KEEP :]
+        data = json.dumps({"exports": [{"epoch": e, "time": t} for e, t in exports]}).encode()
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        tmp.replace(self.path)
+
+    def newest(self) -> tuple[int, float] | None:
+        exports = self._read()
+        return max(exports, key=lambda e: e[1]) if exports else None
+
+
+def epochs_since(record: KeyRecord, epoch: int) -> int:
+    """How many key epochs the deployment had after `epoch`, up to the record's (0: `epoch` is in force)."""
+    if epoch >= record.epoch:
+        return 0
+    later = 1  # the record's own
+    for first, last in record.earlier_epochs():
+        low, high = max(first, epoch + 1), last
+        if high >= low:
+            later += high - low + 1
+    return later
+
+
 def crash_here(point: str, armed: str | None) -> None:
     """SIGKILL this process at `point` if a test build armed it (spike.app.config.CRASH_POINTS)."""
     if armed is not None and point == armed:
@@ -178,6 +241,7 @@ class KeyLifecycle:
         rotate_every: float | None = None,
         crash_at: str | None = None,
         follow_window: float = 0.0,
+        exports: ExportLog | None = None,
     ) -> None:
         self._driver = driver
         self._store = store
@@ -192,6 +256,7 @@ class KeyLifecycle:
         # takes the new key as it is (a follower), instead of dropping its key to recover the new one.
         self._follow_window = follow_window
         self._stored_at: dict[int, float] = {}  # rotation's epoch -> when this instance knew it stored
+        self._exports = exports
         self._waiters: list[_Waiter] = []
         self._dealing_said: set[int] = set()
         self.rotations_committed = 0  # this process's, and those it followed
@@ -230,9 +295,26 @@ class KeyLifecycle:
 
     # ------------------------------------------------------------------ recovery files
 
+    def note_export(self, epoch: int) -> None:
+        """`spike operator recover` exported the shards of key epoch `epoch`: recorded (off the event loop)."""
+        if self._exports is None:
+            return
+        exports, at = self._exports, self._to_wall(self._driver.now())
+
+        def done(outcome: BaseException | None) -> None:
+            if isinstance(outcome, BaseException):
+                log.warning("the recovery export of key epoch %d was not recorded: %s", epoch, outcome)
+
+        self._offload(lambda: exports.note(epoch, at), done)
+
     def recovery_status(self) -> RecoveryStatus | None:
         """The newest break-glass export recorded, against the epoch in force (None: none recorded)."""
-        return None
+        record = self.custody.record
+        newest = None if self._exports is None else self._exports.newest()
+        if newest is None or record is None:
+            return None
+        epoch, at = newest
+        return RecoveryStatus(epoch=epoch, time=at, epochs_behind=epochs_since(record, epoch))
 
     # ------------------------------------------------------------------ reports
 

@@ -21,7 +21,7 @@ from spike.app.memory import AfterFloods, Protection, protect
 from spike.app.nexus.audit import AuditLog, secret_path_of
 from spike.app.nexus.authorizer import Authorizer
 from spike.app.nexus.cipher_api import MAX_PLAINTEXT, CipherApi
-from spike.app.nexus.lifecycle import KeyLifecycle, LoopOffload
+from spike.app.nexus.lifecycle import ExportFile, KeyLifecycle, LoopOffload
 from spike.app.nexus.operator_api import OperatorApi
 from spike.app.nexus.policy_api import PolicyApi
 from spike.app.nexus.routes import ApiCall, NexusApi
@@ -502,6 +502,7 @@ def _run(
             crash_at=config.crash_at,
             # Every other instance reads the stored rotation before the commit (ClusterWatch, each second).
             follow_window=2 * CLUSTER_WATCH_INTERVAL + 0.5 if secrets.shared else 0.0,
+            exports=ExportFile(config.data_dir),
         )
         lifecycle_ref.append(lifecycle)
         sinks.append(lifecycle.report)
@@ -511,7 +512,7 @@ def _run(
             trust,
             secrets=SecretsApi(secrets, authorizer),
             cipher=cipher,
-            operator=OperatorApi(driver),
+            operator=OperatorApi(driver, on_export=lifecycle.note_export),
             policies=PolicyApi(policies, authorizer),
             authorizer=authorizer,
             observer=CallRecorder(audit, metrics),
