@@ -18,11 +18,22 @@ import pytest
 from prometheus_client import generate_latest
 from rotation_rig import INTERVAL, TRUST, RotatingNode
 
-from spike.app.api.messages import RECOVER_PATH, ROTATE_PATH, STATUS_PATH, StatusBody
+from spike.app.api.messages import BOOTSTRAP_INIT_PATH, RECOVER_PATH, ROTATE_PATH, STATUS_PATH, InitRequest, StatusBody
 from spike.app.commands.status import EXIT_RECOVERY_STALE, exit_code, render
 from spike.app.nexus.lifecycle import epochs_since
 from spike.app.nexus.server import ClusterWatch
-from spike.protocol import Phase, PhaseChanged, RootKey, RotationProgress, RotationStage, decode, seal_key
+from spike.protocol import (
+    Phase,
+    PhaseChanged,
+    RootKey,
+    RotationProgress,
+    RotationStage,
+    ShardContribution,
+    decode,
+    encode,
+    seal_key,
+)
+from spike.protocol.api import ApiRequest
 from spike.protocol.identity import Role
 
 
@@ -368,3 +379,33 @@ def test_epochs_since_counts_the_epochs_the_deployment_had_after_the_export() ->
     assert epochs_since(with_gap, 6) == 1
     assert epochs_since(with_gap, 2) == 3  # 5, 6 and 7
     assert epochs_since(with_gap, 1) == 4
+
+
+# ---------------------------------------------------------------- bootstrap --force
+
+
+def test_bootstrap_force_during_a_rotation_deletes_it_and_epochs_are_not_reused(node: RotatingNode) -> None:
+    node.down.update({2, 3})
+    assert rotate(node)[0] == 200  # stored (epoch 2), stalled: only keeper 1 can be dealt
+    node.run_for(INTERVAL)
+    shown = status(node)
+    assert shown["rotation"]["to_epoch"] == 2  # type: ignore[index]
+    # What `spike bootstrap --force` picks: above the record, the high-water mark and the rotation under way.
+    body = decode(node.call(STATUS_PATH).body, StatusBody)
+    epoch = max(body.epoch or 0, body.highest_epoch or 0, body.rotation.to_epoch if body.rotation else 0) + 1
+    assert epoch == 3
+    fresh = RootKey(bytes(range(9, 41)))
+    record, shares = seal_key(fresh, epoch=epoch, threshold=2, keeper_ids=(1, 2, 3))
+    answer = node.call(BOOTSTRAP_INIT_PATH, InitRequest(record=record, replace=True), peer=TRUST.id_of(Role.BOOTSTRAP))
+    assert answer.status == 200, answer.body
+    assert node.backend.load_rotation_state()[0] is None  # the store deleted the stored rotation
+    assert node.custody.rotation is None and stages(node)[-1] is RotationStage.ABANDONED
+    for keeper_id, share in shares.items():  # what bootstrap then does: each keeper gets its shard
+        node.keeper(keeper_id).handle(
+            ApiRequest("POST", "/v1/store/contribute", TRUST.id_of(Role.BOOTSTRAP), encode(ShardContribution.of(share)))
+        )
+    node.down.clear()
+    node.run_for(INTERVAL * 3, stop=lambda: node.custody.phase is Phase.READY)
+    assert node.custody.phase is Phase.READY and node.custody.record == node.backend.load_key_record()
+    assert node.custody.record.epoch == 3  # type: ignore[union-attr]
+    assert rotate(node)[1]["rotation"]["to_epoch"] == 4  # type: ignore[index]
