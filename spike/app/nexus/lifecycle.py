@@ -376,7 +376,8 @@ class KeyLifecycle:
         if not outcome:
             self._not_persisted(
                 pending,
-                "another key rotation is stored, or the key record changed (another Nexus instance, or a bootstrap)",
+                "another key rotation is stored, or the key record or keyring changed meanwhile (another Nexus "
+                "instance, a bootstrap, a data key rotation)",
             )
             return
         crash_here("rotation-stored", self._crash_at)

@@ -33,9 +33,9 @@ class OperatorApi:
             return api.NOT_READY
         shares = custody.export_shards()
         log.warning(
-            "recovery shards of key epoch %d exported to %s",
-            record.epoch,
+            "recovery shards exported to %s (key epoch %d)",
             request.peer,
+            record.epoch,
             extra={"event": "shards_exported", "epoch": record.epoch},
         )
         if self._on_export is not None:
