@@ -56,7 +56,7 @@ async def test_a_replacing_record_must_also_be_above_every_epoch_a_rotation_used
 
     burnt, _ = seal_key(ROOT_KEY, epoch=5, threshold=2, keeper_ids=KEEPERS)
     pending = PendingRotation.seal(ROOT_KEY, node.record, ROOT_KEY, burnt)
-    assert node.nexus_store.persist_rotation(pending, b"keyring") is True
+    assert node.nexus_store.persist_rotation(pending, node.store.keyring().wrap(ROOT_KEY, 5)) is True
     assert node.nexus_store.abandon_rotation(pending) is True
     answer = node.call(
         BOOTSTRAP_INIT_PATH,

@@ -24,8 +24,8 @@ from spike.app.api.messages import CIPHER_ENCRYPT_PATH, POLICY_PATH, SECRETS_MET
 from spike.app.commands.devca import DevIdentity
 from spike.app.model.policy import Permission, Policy
 from spike.app.nexus.authorizer import Authorizer
+from spike.app.store.keyring import Keyring
 from spike.app.store.policies import PolicyStore
-from spike.app.store.sealing import Sealer
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.identity import SpiffeId, TrustDomains
 
@@ -405,7 +405,8 @@ def test_policies_are_stored_sealed(deployment: Deployment, superuser: Caller) -
         assert text.encode() not in stored, text
         assert text.encode("utf-16-le") not in stored, text
     ((_, _, sealed, _, _),) = policies_table(deployment)
-    assert sealed[0] == 1 and len(sealed) > 1 + 12 + 16
+    # Format 2: sealed under a data-key term of the keyring (format byte, term, nonce, tag around the body).
+    assert sealed[0] == 2 and len(sealed) > 1 + 4 + 12 + 16
 
 
 def tamper(db_path: Path, sql: str, *args: Any) -> None:
@@ -511,18 +512,18 @@ def counted(
 ) -> Iterator[tuple[Deployment, Counts]]:
     """A deployment whose policy loads, decryptions and SQL statements on the read connection are counted."""
     counts = Counts()
-    real_load_all, real_open = PolicyStore.load_all, Sealer.open
+    real_load_all, real_open = PolicyStore.load_all, Keyring.open
 
     def load_all(self: PolicyStore) -> Any:
         counts.loads += 1
         return real_load_all(self)
 
-    def open_(self: Sealer, blob: bytes, aad: bytes) -> bytes:
+    def open_(self: Keyring, blob: bytes, aad: bytes) -> bytes:
         counts.opens += 1
         return real_open(self, blob, aad)
 
     monkeypatch.setattr(PolicyStore, "load_all", load_all)
-    monkeypatch.setattr(Sealer, "open", open_)
+    monkeypatch.setattr(Keyring, "open", open_)
     with running(dev_identity, tmp_path / "deployment") as deployment:
 
         def trace(statement: str) -> None:

@@ -322,4 +322,4 @@ def test_a_shutdown_wipes_the_restored_key_and_locks_everything_that_used_it(nod
     assert node.custody.phase is Phase.RECOVERING
     assert node.call("/v1/store/secrets", {"path": "a/b"}, action="get").status == 503
     assert node.call("/v1/cipher/encrypt", {"plaintext": "aGk="}).status == 503
-    assert node.cipher._aead is None and node.store._sealer is None
+    assert node.cipher._aead is None and node.store._keyring is None

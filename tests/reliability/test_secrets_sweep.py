@@ -39,7 +39,7 @@ from reliability_rig import REPORT, LeakWatch, Needles, ProxiedCluster, files_un
 
 from spike.app.api.messages import SECRETS_PATH, SecretPutRequest, SecretPutResponse
 from spike.app.commands.devca import DevIdentity
-from spike.app.store.sealing import Sealer, TamperedData
+from spike.app.store.sealing import TamperedData
 from spike.app.store.sqlite import SecretStore
 from spike.app.store.sqlite_schema import DB_NAME
 from spike.protocol.material import RootKey
@@ -164,7 +164,7 @@ def test_a_moved_row_of_the_real_database_is_refused(
         )
     store = SecretStore(data_dir)
     try:
-        store.unlock(Sealer(RootKey(bytearray(key))), epoch)
+        store.unlock(RootKey(bytearray(key)), epoch)
         version, values = store.get(path, first)
         assert version == first and values["v"].startswith(leak_watch.token)
         with pytest.raises(TamperedData):

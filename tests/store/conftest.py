@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from store_helpers import BACKENDS, ROOT_KEY, CountingSealer, open_backend, open_store
+from store_helpers import BACKENDS, CountingSealer, open_backend, open_store
 
 from spike.app.store.sqlite import SecretStore
 from spike.app.store.sqlite_schema import DB_NAME
@@ -20,7 +20,7 @@ def data_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def sealer() -> CountingSealer:
-    return CountingSealer(ROOT_KEY)
+    return CountingSealer()
 
 
 @pytest.fixture
@@ -39,8 +39,19 @@ def db_file(data_dir: Path) -> Path:
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
-    """The storage backend under test, unlocked: SQLite, then PostgreSQL (a real server, a fresh database)."""
+    """The storage backend under test, bootstrapped and unlocked: SQLite, then PostgreSQL (a real server, a
+    fresh database)."""
     backend = open_backend(request.param, tmp_path / "data")
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def empty_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """The storage backend under test, as before the first bootstrap: no record, locked."""
+    backend = open_backend(request.param, tmp_path / "data", unlock=False)
     try:
         yield backend
     finally:

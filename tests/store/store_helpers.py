@@ -1,9 +1,10 @@
 """Helpers for the storage tier: a real SQLite file in a tmp dir, opened as Nexus opens it.
 
 `open_store` runs the schema migrations (through `NexusStore`, as `spike nexus`
-does at start), then opens a `SecretStore` and unlocks it with a data key
-derived from a fixed root key.  `CountingSealer` counts every seal and open,
-so a test can say how many values an operation decrypted.
+does at start), stores a key record for a fixed root key if there is none (a
+bootstrap), then opens a `SecretStore` and unlocks it with that key (which
+makes its keyring).  `CountingSealer` counts every seal and open of the
+keyring, so a test can say how many values an operation decrypted.
 """
 
 from __future__ import annotations
@@ -12,42 +13,70 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from spike.app.store.sealing import Sealer
 from spike.app.store.sqlite import SecretStore, SqliteBackend
 from spike.app.store.sqlite_schema import DB_NAME, NexusStore
 from spike.protocol.material import RootKey
+from spike.protocol.record import KeyRecord, seal_key
 
 ROOT_KEY = RootKey(bytes(range(1, 33)))
 OTHER_KEY = RootKey(bytes(range(2, 34)))
 EPOCH = 1
+RECORD, _ = seal_key(ROOT_KEY, epoch=EPOCH, threshold=2, keeper_ids=[1, 2, 3])
 WAIT = 10.0  # seconds a test waits for one write's future
 
 
-class CountingSealer(Sealer):
-    def __init__(self, key: RootKey) -> None:
-        super().__init__(key)
+class CountingSealer:
+    """Put in front of a store's keyring (`open_store(..., sealer=...)`): counts every seal and open."""
+
+    def __init__(self) -> None:
         self.sealed = 0
         self.opened = 0
+        self.inner: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         self.sealed += 1
-        return super().seal(plaintext, aad)
+        return bytes(self.inner.seal(plaintext, aad))
 
     def open(self, blob: bytes, aad: bytes) -> bytes:
         self.opened += 1
-        return super().open(blob, aad)
+        return bytes(self.inner.open(blob, aad))
 
 
 def migrate(data_dir: Path) -> None:
     NexusStore(data_dir).close()
 
 
+def with_record(data_dir: Path, key: RootKey = ROOT_KEY, epoch: int = EPOCH) -> KeyRecord:
+    """The data dir's key record: stored now for `key` if there is none (a bootstrap), as Nexus unlocks only then."""
+    store = NexusStore(data_dir)
+    try:
+        record = store.load_key_record()
+        if record is None:
+            record = seal_key(key, epoch=epoch, threshold=2, keeper_ids=[1, 2, 3])[0]
+            store.save_key_record(record)
+        return record
+    finally:
+        store.close()
+
+
 def open_store(
-    data_dir: Path, key: RootKey = ROOT_KEY, *, epoch: int = EPOCH, sealer: Sealer | None = None, **options: Any
+    data_dir: Path,
+    key: RootKey = ROOT_KEY,
+    *,
+    epoch: int = EPOCH,
+    sealer: CountingSealer | None = None,
+    **options: Any,
 ) -> SecretStore:
-    migrate(data_dir)
+    """A store on the data dir's file, unlocked with `key` at `epoch` (its record is made first if none is stored)."""
+    with_record(data_dir, key, epoch)
     store = SecretStore(data_dir, **options)
-    store.unlock(sealer or Sealer(key), epoch)
+    store.unlock(key, epoch)
+    if sealer is not None:
+        sealer.inner = store.keyring()
+        store._keyring = sealer  # type: ignore[assignment]  # counts what the store seals and opens
     return store
 
 
@@ -68,7 +97,8 @@ BACKENDS = ("sqlite", "postgres")
 
 
 def open_backend(kind: str, data_dir: Path, *, unlock: bool = True, **options: Any) -> Any:
-    """A whole storage backend, empty, on SQLite (a file in `data_dir`) or a fresh PostgreSQL database."""
+    """A whole storage backend on SQLite (a file in `data_dir`) or a fresh PostgreSQL database; with
+    `unlock`, bootstrapped (`RECORD`) and unlocked with `ROOT_KEY`, else empty."""
     if kind == "sqlite":
         backend: Any = SqliteBackend(data_dir, **options)
     else:
@@ -78,5 +108,6 @@ def open_backend(kind: str, data_dir: Path, *, unlock: bool = True, **options: A
 
         backend = PostgresBackend(pg_server.server().database(), read_threads=2, **options)
     if unlock:
-        backend.unlock(Sealer(ROOT_KEY), EPOCH)
+        backend.install_key_record(RECORD, replace=None)
+        backend.unlock(ROOT_KEY, EPOCH)
     return backend

@@ -16,19 +16,17 @@ from typing import Any
 
 import msgspec
 import pytest
-from store_helpers import EPOCH, OTHER_KEY, ROOT_KEY, WAIT
+from store_helpers import EPOCH, OTHER_KEY, RECORD, ROOT_KEY, WAIT
 
 from spike.app.model import kv
 from spike.app.model.policy import Permission
 from spike.app.store.backend import Backend
 from spike.app.store.errors import EpochUsed, StorageError
 from spike.app.store.policies import NameTaken, PolicyStore
-from spike.app.store.sealing import Sealer, TamperedData
 from spike.protocol.material import RootKey
 from spike.protocol.pending import PendingRotation
 from spike.protocol.record import KeyRecord, seal_key
 
-RECORD, _ = seal_key(ROOT_KEY, epoch=1, threshold=2, keeper_ids=[1, 2, 3])
 OTHER_RECORD, _ = seal_key(OTHER_KEY, epoch=1, threshold=2, keeper_ids=[1, 2, 3])
 NEXT_RECORD, _ = seal_key(OTHER_KEY, epoch=2, threshold=2, keeper_ids=[1, 2, 3])
 
@@ -65,14 +63,15 @@ def second(backend: Backend, tmp_path: Path) -> Any:
         from spike.app.store.sqlite import SqliteBackend
 
         other = SqliteBackend(tmp_path / "data")
-    other.unlock(Sealer(ROOT_KEY), EPOCH)
+    other.unlock(ROOT_KEY, EPOCH)
     return other
 
 
 # ---------------------------------------------------------------------- key record
 
 
-def test_the_key_record_is_installed_once_and_replaced_only_over_the_one_in_force(backend: Backend) -> None:
+def test_the_key_record_is_installed_once_and_replaced_only_over_the_one_in_force(empty_backend: Backend) -> None:
+    backend = empty_backend
     assert backend.load_key_record() is None
     assert backend.cluster_state().record is None
     assert backend.install_key_record(RECORD, replace=None) == RECORD
@@ -86,7 +85,8 @@ def test_the_key_record_is_installed_once_and_replaced_only_over_the_one_in_forc
     assert backend.cluster_state().record == NEXT_RECORD
 
 
-def test_installs_at_the_same_moment_agree_on_one_record(backend: Backend) -> None:
+def test_installs_at_the_same_moment_agree_on_one_record(empty_backend: Backend) -> None:
+    backend = empty_backend
     records = [seal_key(ROOT_KEY, epoch=1, threshold=2, keeper_ids=[1, 2, 3])[0] for _ in range(8)]
     winners = race(8, lambda i: backend.install_key_record(records[i], replace=None))
     assert len({r.check for r in winners}) == 1
@@ -95,8 +95,9 @@ def test_installs_at_the_same_moment_agree_on_one_record(backend: Backend) -> No
 
 
 def test_a_record_keeps_every_earlier_epoch_and_one_without_history_reads_as_before(
-    backend: Backend, tmp_path: Path
+    empty_backend: Backend, tmp_path: Path
 ) -> None:
+    backend = empty_backend
     """Issue 14 L2: the record knows the deployment's epochs; records stored before it did still load."""
     assert b"history" not in msgspec.json.encode(RECORD)  # what earlier versions stored, byte for byte
     assert backend.install_key_record(RECORD, replace=None) == RECORD
@@ -127,80 +128,106 @@ def rotation(old_key: RootKey, old: KeyRecord, new_key: RootKey, epoch: int) -> 
     return PendingRotation.seal(old_key, old, new_key, new)
 
 
-def test_a_rotation_is_stored_only_over_the_record_it_starts_from_and_only_one_at_a_time(backend: Backend) -> None:
+def wrapped(backend: Backend, pending: PendingRotation, new_key: RootKey) -> bytes:
+    """The keyring under the rotation's new key: what Nexus stores with it."""
+    return backend.keyring().wrap(new_key, pending.record.epoch)
+
+
+def test_a_rotation_is_stored_only_over_the_record_it_starts_from_and_only_one_at_a_time(
+    empty_backend: Backend,
+) -> None:
+    backend = empty_backend
     p2 = rotation(ROOT_KEY, RECORD, OTHER_KEY, 2)
     assert backend.load_rotation_state() == (None, None, 0)
-    assert backend.persist_rotation(p2, b"keyring-2") is False  # no record yet
+    blob = b"\x02" + bytes(8 + 4 + 12 + 16)  # a wrapped keyring's shape, for the refusals before a keyring exists
+    with pytest.raises(ValueError, match="wrapped for epoch 0, not 2"):
+        backend.persist_rotation(p2, blob)
+    blob = b"\x02" + (2).to_bytes(8, "big") + bytes(4 + 12 + 16)
+    assert backend.persist_rotation(p2, blob) is False  # no record yet
     backend.install_key_record(RECORD, replace=None)
     assert backend.load_rotation_state() == (None, None, 1)
+    assert backend.persist_rotation(p2, blob) is False  # no keyring yet: nothing to carry over
+    backend.unlock(ROOT_KEY, EPOCH)
+    keyring = wrapped(backend, p2, OTHER_KEY)
     # Not from the record in force: another epoch, or the same epoch with another key.
-    assert backend.persist_rotation(rotation(OTHER_KEY, NEXT_RECORD, THIRD_KEY, 3), b"x") is False
-    assert backend.persist_rotation(rotation(OTHER_KEY, OTHER_RECORD, THIRD_KEY, 2), b"x") is False
-    assert backend.persist_rotation(p2, b"keyring-2") is True
-    assert backend.load_rotation_state() == (p2, b"keyring-2", 1)
+    p3 = rotation(OTHER_KEY, NEXT_RECORD, THIRD_KEY, 3)
+    assert backend.persist_rotation(p3, wrapped(backend, p3, THIRD_KEY)) is False
+    foreign = rotation(OTHER_KEY, OTHER_RECORD, THIRD_KEY, 2)
+    assert backend.persist_rotation(foreign, wrapped(backend, foreign, THIRD_KEY)) is False
+    assert backend.persist_rotation(p2, keyring) is True
+    assert backend.load_rotation_state() == (p2, keyring, 1)
     assert backend.cluster_state().pending == p2
     # The same rotation again (a retry) is what is stored; any other is refused while it is.
-    assert backend.persist_rotation(p2, b"keyring-2") is True
-    assert backend.persist_rotation(rotation(ROOT_KEY, RECORD, THIRD_KEY, 2), b"other") is False
-    assert backend.load_rotation_state() == (p2, b"keyring-2", 1)
+    assert backend.persist_rotation(p2, keyring) is True
+    other = rotation(ROOT_KEY, RECORD, THIRD_KEY, 2)
+    assert backend.persist_rotation(other, wrapped(backend, other, THIRD_KEY)) is False
+    assert backend.load_rotation_state() == (p2, keyring, 1)
     assert backend.load_key_record() == RECORD
 
 
 def test_a_commit_makes_the_new_record_and_its_keyring_current_in_one_write(backend: Backend) -> None:
-    backend.install_key_record(RECORD, replace=None)
     p2 = rotation(ROOT_KEY, RECORD, OTHER_KEY, 2)
     other = rotation(ROOT_KEY, RECORD, THIRD_KEY, 2)
+    backend.put("kept", {"k": "v"}, None).result(WAIT)
     assert backend.commit_rotation(p2) is False  # nothing stored
-    assert backend.persist_rotation(p2, b"keyring-under-2") is True
+    keyring = wrapped(backend, p2, OTHER_KEY)
+    assert backend.persist_rotation(p2, keyring) is True
     assert backend.commit_rotation(other) is False  # not the stored one
     assert backend.load_key_record() == RECORD
     assert backend.commit_rotation(p2) is True
     assert backend.load_key_record() == p2.record
     assert p2.record.had_epoch(1)
     assert backend.load_rotation_state() == (None, None, 2)
-    assert backend.load_keyring() == (2, b"keyring-under-2")
+    assert backend.load_keyring() == (2, keyring)
     state = backend.cluster_state()
     assert (state.record, state.pending, state.highest_epoch) == (p2.record, None, 2)
     assert backend.commit_rotation(p2) is True  # a retry after the commit went through
     assert backend.commit_rotation(other) is False
+    # The new key opens the same keyring: what was stored reads, what is written next too.
+    backend.unlock(OTHER_KEY, 2)
+    assert backend.get("kept", 0) == (1, {"k": "v"})
+    assert backend.put("kept", {"k": "w"}, 1).result(WAIT) == 2
     # The next rotation starts from the new record.
     p3 = rotation(OTHER_KEY, p2.record, THIRD_KEY, 3)
-    assert backend.persist_rotation(rotation(ROOT_KEY, RECORD, THIRD_KEY, 3), b"x") is False
-    assert backend.persist_rotation(p3, b"keyring-under-3") is True
+    stale = rotation(ROOT_KEY, RECORD, THIRD_KEY, 3)
+    assert backend.persist_rotation(stale, wrapped(backend, stale, THIRD_KEY)) is False
+    assert backend.persist_rotation(p3, wrapped(backend, p3, THIRD_KEY)) is True
     assert backend.commit_rotation(p3) is True
     assert backend.load_key_record() == p3.record
-    assert backend.load_keyring() == (3, b"keyring-under-3")
+    backend.unlock(THIRD_KEY, 3)
+    assert backend.get("kept", 1) == (1, {"k": "v"})
 
 
 def test_an_abandoned_epoch_is_never_used_again(backend: Backend) -> None:
-    backend.install_key_record(RECORD, replace=None)
     p2 = rotation(ROOT_KEY, RECORD, OTHER_KEY, 2)
-    assert backend.persist_rotation(p2, b"k") is True
+    keyring = wrapped(backend, p2, OTHER_KEY)
+    assert backend.persist_rotation(p2, keyring) is True
     assert backend.abandon_rotation(rotation(ROOT_KEY, RECORD, THIRD_KEY, 2)) is False  # not the stored one
-    assert backend.load_rotation_state() == (p2, b"k", 1)
+    assert backend.load_rotation_state() == (p2, keyring, 1)
     assert backend.abandon_rotation(p2) is True
     assert backend.load_rotation_state() == (None, None, 2)
     assert backend.load_key_record() == RECORD
     assert backend.abandon_rotation(p2) is True  # a retry
     # Epoch 2 is burnt: a rotation to it is refused, whatever its key; epoch 3 goes.
-    assert backend.persist_rotation(rotation(ROOT_KEY, RECORD, THIRD_KEY, 2), b"k") is False
+    again = rotation(ROOT_KEY, RECORD, THIRD_KEY, 2)
+    assert backend.persist_rotation(again, wrapped(backend, again, THIRD_KEY)) is False
     p3 = rotation(ROOT_KEY, RECORD, THIRD_KEY, 3)
-    assert backend.persist_rotation(p3, b"k3") is True
+    assert backend.persist_rotation(p3, wrapped(backend, p3, THIRD_KEY)) is True
     assert backend.commit_rotation(p3) is True
     assert backend.abandon_rotation(p3) is False  # committed: not abandoned
     assert backend.load_rotation_state() == (None, None, 3)
 
 
 def test_bootstrap_force_drops_a_pending_rotation_and_keeps_the_high_water_mark(backend: Backend) -> None:
-    backend.install_key_record(RECORD, replace=None)
     backend.abandon_rotation(rotation(ROOT_KEY, RECORD, OTHER_KEY, 2))  # mark at 2
     p3 = rotation(ROOT_KEY, RECORD, OTHER_KEY, 3)
-    assert backend.persist_rotation(p3, b"k") is True
+    keyring = wrapped(backend, p3, OTHER_KEY)
+    assert backend.persist_rotation(p3, keyring) is True
     # A replacement at an epoch already used is refused and changes nothing.
     with pytest.raises(EpochUsed, match="not above 2"):
         backend.install_key_record(NEXT_RECORD.succeeding(RECORD), replace=RECORD)
     assert backend.load_key_record() == RECORD
-    assert backend.load_rotation_state() == (p3, b"k", 2)
+    assert backend.load_rotation_state() == (p3, keyring, 2)
     # Above the mark: installed, the pending rotation is gone and cannot be committed any more.
     forced, _ = seal_key(THIRD_KEY, epoch=3, threshold=2, keeper_ids=[1, 2, 3])
     forced = forced.succeeding(RECORD)
@@ -212,16 +239,17 @@ def test_bootstrap_force_drops_a_pending_rotation_and_keeps_the_high_water_mark(
 
 
 def test_rotations_at_once_from_two_instances_store_one(backend: Backend, tmp_path: Path) -> None:
-    backend.install_key_record(RECORD, replace=None)
     other = second(backend, tmp_path)
     try:
         instances = [backend, other]
-        candidates = [rotation(ROOT_KEY, RECORD, RootKey(bytes([i + 1]) * 32), 2) for i in range(8)]
-        won = race(8, lambda i: instances[i % 2].persist_rotation(candidates[i], bytes([i])))
+        keys = [RootKey(bytes([i + 1]) * 32) for i in range(8)]
+        candidates = [rotation(ROOT_KEY, RECORD, keys[i], 2) for i in range(8)]
+        blobs = [wrapped(instances[i % 2], candidates[i], keys[i]) for i in range(8)]
+        won = race(8, lambda i: instances[i % 2].persist_rotation(candidates[i], blobs[i]))
         assert won.count(True) == 1, won
         winner = won.index(True)
         for instance in instances:
-            assert instance.load_rotation_state() == (candidates[winner], bytes([winner]), 1)
+            assert instance.load_rotation_state() == (candidates[winner], blobs[winner], 1)
         # Commit and abandon at once: exactly one of them happens.
         done = race(2, lambda i: [other.commit_rotation, backend.abandon_rotation][i](candidates[winner]))
         assert done.count(True) == 1, done
@@ -340,12 +368,18 @@ def test_a_locked_backend_seals_and_opens_nothing(backend: Backend) -> None:
         backend.put("sealed", {"k": "w"}, None)
     with pytest.raises(StorageError):
         backend.get("sealed", 0)
-    backend.unlock(Sealer(OTHER_KEY), EPOCH)
-    with pytest.raises(TamperedData):
-        backend.get("sealed", 0)  # another key opens nothing
-    backend.unlock(Sealer(ROOT_KEY), EPOCH + 1)
-    with pytest.raises(TamperedData, match="epoch"):
+    # Another root key, or another epoch, opens no keyring: nothing is sealed or opened (a bare storage error,
+    # never a value, never taken for tampering with a row).
+    backend.unlock(OTHER_KEY, EPOCH)
+    with pytest.raises(StorageError, match="does not open with the root key of epoch 1"):
         backend.get("sealed", 0)
+    with pytest.raises(StorageError, match="does not open"):
+        backend.put("sealed", {"k": "w"}, None)
+    backend.unlock(ROOT_KEY, EPOCH + 1)
+    with pytest.raises(StorageError, match="record is of epoch 1, not 2"):
+        backend.get("sealed", 0)
+    backend.unlock(ROOT_KEY, EPOCH)
+    assert backend.get("sealed", 0) == (1, {"k": "v"})
 
 
 def test_an_acknowledged_write_is_read_by_another_instance_at_once(backend: Backend, tmp_path: Path) -> None:

@@ -18,20 +18,21 @@ import msgspec
 import pg_server
 import psycopg
 import pytest
-from store_helpers import EPOCH, ROOT_KEY, WAIT
+from store_helpers import EPOCH, RECORD, ROOT_KEY, WAIT
 
 from spike.app.model import kv
 from spike.app.store.errors import DatabaseUnavailable, StorageError
 from spike.app.store.postgres import PostgresBackend
 from spike.app.store.postgres_schema import MIGRATIONS
 from spike.app.store.postgres_writer import StaleKey
-from spike.app.store.sealing import Sealer
 from spike.protocol.record import seal_key
 
 
 def open_pg(url: str) -> PostgresBackend:
+    """An instance on the database, bootstrapped (`RECORD`, by the first to open it) and unlocked."""
     backend = PostgresBackend(url, read_threads=2)
-    backend.unlock(Sealer(ROOT_KEY), EPOCH)
+    backend.install_key_record(RECORD, replace=None)
+    backend.unlock(ROOT_KEY, EPOCH)
     return backend
 
 
@@ -180,8 +181,8 @@ def test_an_unreachable_server_at_start_is_one_clear_error() -> None:
 
 
 def test_a_write_sealed_under_a_replaced_key_is_refused(url: str) -> None:
-    """bootstrap --force through another instance: this one's writes under the old key must not land."""
-    first, _ = seal_key(ROOT_KEY, epoch=EPOCH, threshold=2, keeper_ids=[1, 2, 3])
+    """bootstrap --force through another instance: this one's writes under the old keyring must not land."""
+    first = RECORD
     newer, _ = seal_key(ROOT_KEY, epoch=EPOCH + 1, threshold=2, keeper_ids=[1, 2, 3])
     mine, other = open_pg(url), open_pg(url)
     told = threading.Event()
@@ -196,7 +197,7 @@ def test_a_write_sealed_under_a_replaced_key_is_refused(url: str) -> None:
         # Writes that seal nothing still go through; the old value is as it was.
         mine.delete("s", [1]).result(WAIT)
         assert isinstance(outcome(mine.put("s", {"k": "2"}, 1)), StaleKey)
-        other.unlock(Sealer(ROOT_KEY), EPOCH + 1)
+        other.unlock(ROOT_KEY, EPOCH + 1)
         assert other.put("s", {"k": "3"}, 1).result(WAIT) == 2
     finally:
         mine.close()

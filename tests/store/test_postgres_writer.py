@@ -137,17 +137,20 @@ def test_a_database_error_fails_the_batch_and_the_writer_goes_on(
     assert w.submit((2,), None, note("c")).result(WAIT) == "c"
 
 
-def test_a_write_sealed_under_another_epoch_is_refused_and_reported(
+def test_a_write_sealed_under_a_replaced_keyring_is_refused_and_reported(
     writer: tuple[GroupCommitWriter, list[str]], connections: Connections
 ) -> None:
+    """Terms below the stored first term went with a root key replaced by bootstrap --force; a root key rotation
+    keeps the keyring, so a write under a term still held goes through whatever the epoch."""
     w, told = writer
     with connections.connect(autocommit=True) as conn:
-        conn.execute("INSERT INTO key_record (id, epoch, record) VALUES (1, 7, '\\x00')")
+        conn.execute("INSERT INTO key_record (id, epoch, record, first_term) VALUES (1, 7, '\\x00', 7)")
     assert isinstance(outcome(w.submit((1,), 6, note("old"))), StaleKey)
     assert told == ["stale"]
     assert w.submit((1,), 7, note("current")).result(WAIT) == "current"
+    assert w.submit((1,), 8, note("newer")).result(WAIT) == "newer"
     assert w.submit((1,), None, note("unsealed")).result(WAIT) == "unsealed"
-    assert notes(connections) == {"current": "v", "unsealed": "v"}
+    assert notes(connections) == {"current": "v", "newer": "v", "unsealed": "v"}
     assert told == ["stale"]
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from store_helpers import ROOT_KEY, WAIT, CountingSealer, open_store, raw_db
+from store_helpers import WAIT, CountingSealer, open_store, raw_db
 
 from spike.app.model import kv
 from spike.app.store.sealing import secret_aad
@@ -34,18 +34,27 @@ def path_of(i: int) -> str:
 @pytest.fixture(scope="module")
 def big(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SecretStore, CountingSealer, Path]]:
     data_dir = tmp_path_factory.mktemp("big")
-    sealer = CountingSealer(ROOT_KEY)
+    sealer = CountingSealer()
     store = open_store(data_dir, sealer=sealer)
     now = time.time()
+    term = store.keyring().active
     secrets = [(path_of(i), 1, 1, 0, 0, now, now, None) for i in range(N)]
     versions = [
-        (path_of(i), 1, sealer.seal(msgspec.json.encode({"n": str(i)}), secret_aad(path_of(i), 1)), now, None, 1)
+        (path_of(i), 1, sealer.seal(msgspec.json.encode({"n": str(i)}), secret_aad(path_of(i), 1)), now, None, 1, term)
         for i in range(N)
     ]
     with raw_db(data_dir) as db:
         db.execute("BEGIN")
-        db.executemany("INSERT INTO secret VALUES (?, ?, ?, ?, ?, ?, ?, ?)", secrets)
-        db.executemany("INSERT INTO secret_version VALUES (?, ?, ?, ?, ?, ?)", versions)
+        db.executemany(
+            "INSERT INTO secret (path, current_version, oldest_version, max_versions, cas_required, created_at, "
+            "updated_at, custom_metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            secrets,
+        )
+        db.executemany(
+            "INSERT INTO secret_version (path, version, sealed, created_at, deleted_at, key_epoch, key_term) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            versions,
+        )
         db.execute("COMMIT")
     try:
         yield store, sealer, data_dir

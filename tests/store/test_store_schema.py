@@ -60,7 +60,7 @@ def test_an_older_schema_is_migrated_and_keeps_its_data(data_dir: Path) -> None:
     finally:
         reopened.close()
     assert user_version(data_dir) == LATEST
-    store = open_store(data_dir)
+    store = open_store(data_dir, epoch=3)
     try:
         assert store.put("after/migration", {"k": "v"}, None).result(WAIT) == 1
         assert store.get("after/migration", 0) == (1, {"k": "v"})

@@ -22,6 +22,7 @@ from store_helpers import OTHER_KEY, WAIT, open_store, raw_db
 from spike.app.api.messages import SECRETS_METADATA_PATH, SECRETS_PATH
 from spike.app.nexus.authorizer import Authorizer
 from spike.app.nexus.secrets_api import SecretsApi
+from spike.app.store.errors import StorageError
 from spike.app.store.sealing import FORMAT_V1, NONCE_SIZE, Sealer, TamperedData, secret_aad
 from spike.app.store.sqlite import SecretStore
 from spike.app.store.sqlite_schema import DB_NAME
@@ -130,11 +131,11 @@ def test_a_row_copied_to_another_path_is_refused(
     with raw_db(data_dir) as db:
         db.execute(
             "INSERT INTO secret SELECT 'planted/db', current_version, oldest_version, max_versions, cas_required, "
-            "created_at, updated_at, NULL FROM secret WHERE path = 'app/db'"
+            "created_at, updated_at, NULL, 0 FROM secret WHERE path = 'app/db'"
         )
         db.execute(
-            "INSERT INTO secret_version SELECT 'planted/db', version, sealed, created_at, deleted_at, key_epoch "
-            "FROM secret_version WHERE path = 'app/db'"
+            "INSERT INTO secret_version SELECT 'planted/db', version, sealed, created_at, deleted_at, key_epoch, "
+            "key_term FROM secret_version WHERE path = 'app/db'"
         )
     assert_refused(filled, caplog, "app/other")
     assert_refused(filled, caplog, "planted/db")
@@ -160,11 +161,15 @@ def test_two_values_swapped_are_both_refused(
     assert_refused(filled, caplog, "app/other", 1)
 
 
-def test_a_value_relabelled_with_another_key_epoch_is_refused(
+def test_a_value_relabelled_with_another_data_key_term_is_refused(
     filled: SecretStore, data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The row's term column and the term its blob names (authenticated with it) must agree.
+
+    Before the keyring this relabelled the key epoch column; a value is now bound to its data-key term, and
+    its row's key epoch only says under which root key it was written (a rotation keeps the keyring)."""
     with raw_db(data_dir) as db:
-        db.execute("UPDATE secret_version SET key_epoch = 2 WHERE path = 'app/db' AND version = 2")
+        db.execute("UPDATE secret_version SET key_term = key_term + 1 WHERE path = 'app/db' AND version = 2")
     assert_refused(filled, caplog, "app/db")
 
 
@@ -206,13 +211,23 @@ def test_a_flipped_byte_in_the_database_file_is_refused(data_dir: Path, caplog: 
 
 
 def test_another_root_key_reads_nothing(data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A wrong key is an authentication failure, never garbage returned as a value."""
+    """A wrong key is an authentication failure, never garbage returned as a value.
+
+    The keyring is what the root key opens: another key opens no keyring, so no value is even tried (a
+    storage error, 500, logged once per use; before the keyring, each value refused to open)."""
     store = open_store(data_dir)
     store.put("app/db", {"password": VALUE}, None).result(WAIT)
     store.close()
     wrong = open_store(data_dir, OTHER_KEY)
     try:
-        assert_refused(wrong, caplog, "app/db")
+        with pytest.raises(StorageError, match="keyring does not open with the root key of epoch 1"):
+            wrong.get("app/db", 0)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="spike"):
+            response = api_get(wrong, "app/db")
+        assert (response.status, response.body) == (500, b'{"err":"api_internal_error"}')
+        assert "keyring does not open" in caplog.text
+        assert VALUE not in caplog.text and VALUE.encode() not in response.body
     finally:
         wrong.close()
 

@@ -167,14 +167,17 @@ class SecretMetadataUpdate(msgspec.Struct, kw_only=True):
     custom_metadata: dict[str, str] | None = None
 
 
-class VersionMetadata(msgspec.Struct, kw_only=True):
+class VersionMetadata(msgspec.Struct, kw_only=True, omit_defaults=True):
     createdTime: str
     version: int
     deletedTime: str | None
     destroyed: bool
+    # Stored, but sealed under a data key that no longer exists (bootstrap --force): nobody can read it.
+    # Left out of the answer when false, so the shape is SPIKE's and Vault's.
+    unreadable: bool = False
 
 
-class MetadataContent(msgspec.Struct, kw_only=True):
+class MetadataContent(msgspec.Struct, kw_only=True, omit_defaults=True):
     currentVersion: int
     oldestVersion: int
     createdTime: str
@@ -182,6 +185,7 @@ class MetadataContent(msgspec.Struct, kw_only=True):
     maxVersions: int
     casRequired: bool
     customMetadata: dict[str, str]
+    customMetadataUnreadable: bool = False  # left out when false, as `unreadable` above
 
 
 class SecretMetadataResponse(msgspec.Struct, kw_only=True):

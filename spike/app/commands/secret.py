@@ -254,9 +254,13 @@ def _print_metadata(meta: SecretMetadataResponse, path: str, output: str, say: S
     say(f"created {m.createdTime}, updated {m.updatedTime}, check-and-set required: {m.casRequired}")
     for key, value in sorted(m.customMetadata.items()):
         say(f"custom {key}: {value}")
+    if m.customMetadataUnreadable:
+        say("custom metadata: unreadable (sealed under a data key that no longer exists)")
     for number in sorted(meta.versions):
         v = meta.versions[number]
         state = "destroyed" if v.destroyed else (f"deleted {v.deletedTime}" if v.deletedTime else "live")
+        if v.unreadable:
+            state = f"unreadable: sealed under a data key that no longer exists ({state})"
         say(f"  version {number}: created {v.createdTime}, {state}")
 
 

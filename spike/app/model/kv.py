@@ -119,10 +119,13 @@ class VersionInfo:
     created_at: float
     deleted_at: float | None = None
     destroyed: bool = False
+    # Sealed under a data key that no longer exists (its root key was replaced by bootstrap --force):
+    # stored, but nobody can read it any more.
+    unreadable: bool = False
 
     @property
     def readable(self) -> bool:
-        return self.deleted_at is None and not self.destroyed
+        return self.deleted_at is None and not self.destroyed and not self.unreadable
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +138,7 @@ class SecretMeta:
     created_at: float
     updated_at: float
     custom_metadata: dict[str, str] = field(default_factory=dict)
+    custom_unreadable: bool = False  # custom metadata sealed under a data key that no longer exists
 
     def effective_max_versions(self, default: int = DEFAULT_MAX_VERSIONS) -> int:
         return self.max_versions or default

@@ -1,4 +1,8 @@
-"""Encryption as a service: AES-256-GCM under a key derived from the root key.
+"""Encryption as a service: AES-256-GCM under the keyring's cipher key.
+
+The key is the one spike always derived from the root key, kept in the
+keyring (spike/app/store/keyring.py) since: a root key rotation leaves it
+as it is, so ciphertexts handed out before a rotation still decrypt.
 
 As in SPIKE, two forms: JSON with base64 fields, or raw bytes
 (``application/octet-stream``) where the ciphertext is
@@ -24,15 +28,14 @@ from spike.app.api.messages import (
     CipherEncryptRequest,
     CipherEncryptResponse,
 )
+from spike.app.store.errors import StorageError
 from spike.protocol import api
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.errors import RemoteProtocolError
-from spike.protocol.material import RootKey, derive_key
 from spike.protocol.wire import decode
 
 log = logging.getLogger("spike.nexus.cipher")
 
-CIPHER_KEY_INFO = b"spike/v1/cipher-key"
 CIPHER_AAD = b"spike/v1/cipher"
 VERSION = 1
 NONCE_SIZE = CIPHER_NONCE_SIZE
@@ -45,16 +48,31 @@ ALGORITHMS = ("", "AES-GCM", "aes-256-gcm")
 class CipherApi:
     def __init__(self, random_bytes: Callable[[int], bytes] = os.urandom) -> None:
         self._aead: AESGCM | None = None
+        self._key_source: Callable[[], bytes] | None = None
         self._random = random_bytes
 
-    def unlock(self, key: RootKey) -> None:
-        self._aead = AESGCM(derive_key(key, CIPHER_KEY_INFO))
+    def unlock(self, key_source: Callable[[], bytes]) -> None:
+        """Encrypt and decrypt with the key `key_source()` gives (the keyring's cipher key), from the first use:
+        a store whose keyring cannot be read yet answers 503 until it can."""
+        self._aead, self._key_source = None, key_source
 
     def lock(self) -> None:
-        self._aead = None
+        self._aead, self._key_source = None, None
+
+    def _key(self) -> AESGCM | None:
+        aead, source = self._aead, self._key_source
+        if aead is None and source is not None:
+            try:
+                aead = AESGCM(source())
+            except StorageError as exc:
+                log.warning("the cipher key is not available yet: %s", exc)
+                return None
+            if self._key_source is source:
+                self._aead = aead
+        return aead
 
     def encrypt(self, request: ApiRequest) -> ApiResponse:
-        aead = self._aead
+        aead = self._key()
         if aead is None:
             return api.NOT_READY
         stream = request.content_type == OCTET_STREAM
@@ -80,7 +98,7 @@ class CipherApi:
         return ApiResponse.json(CipherEncryptResponse(version=VERSION, nonce=nonce, ciphertext=ciphertext))
 
     def decrypt(self, request: ApiRequest) -> ApiResponse:
-        aead = self._aead
+        aead = self._key()
         if aead is None:
             return api.NOT_READY
         stream = request.content_type == OCTET_STREAM

@@ -23,7 +23,7 @@ from spike.app.nexus.authorizer import Authorizer
 from spike.app.nexus.secrets_api import Reply, error_response, read_reply, when_done
 from spike.app.store.errors import StorageError
 from spike.app.store.policies import PolicyStore
-from spike.app.store.sealing import TamperedData
+from spike.app.store.sealing import DataKeyGone, TamperedData
 from spike.protocol import api
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.errors import RemoteProtocolError
@@ -70,7 +70,7 @@ class PolicyApi:
                 # substring) is the writer's to fix: said in the answer, as SPIKE says it in its error.
                 error_response(exc, what)
                 return ApiResponse.error(exc.status, ErrorCode(exc.code), reason=str(exc)[:500])
-            except (kv.KvError, RemoteProtocolError, TamperedData, StorageError) as exc:
+            except (kv.KvError, RemoteProtocolError, TamperedData, DataKeyGone, StorageError) as exc:
                 return error_response(exc, what)
 
         return run

@@ -35,7 +35,7 @@ from spike.app.nexus.authorizer import Authorizer
 from spike.app.nexus.list_cursor import CursorError, ListCursors
 from spike.app.store.backend import SecretBackend
 from spike.app.store.errors import DatabaseUnavailable, StorageError
-from spike.app.store.sealing import TamperedData
+from spike.app.store.sealing import DataKeyGone, TamperedData
 from spike.protocol import api
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.errors import RemoteProtocolError
@@ -69,6 +69,11 @@ def error_response(exc: BaseException, what: str) -> ApiResponse:
     if isinstance(exc, TamperedData):
         log.error("%s: REFUSED TAMPERED DATA: %s", what, exc)
         return api.INTERNAL_ERROR
+    if isinstance(exc, DataKeyGone):
+        # Not tampering: the value is stored under a key that no longer exists.  The caller asked for it by
+        # name, so the reason names nothing it does not know.
+        log.warning("%s: %s", what, exc)
+        return ApiResponse.error(409, ErrorCode.CONFLICT, reason=str(exc)[:500])
     if isinstance(exc, DatabaseUnavailable):
         log.debug("%s: %s", what, exc)  # the outage itself is logged once, when it starts
         return api.NOT_READY
@@ -131,7 +136,7 @@ class SecretsApi:
                         raise Forbidden(f"{request.peer} may not {permission.value} {path}")
                     return handler(body)
                 return handler(body, request.peer)
-            except (kv.KvError, RemoteProtocolError, TamperedData, StorageError) as exc:
+            except (kv.KvError, RemoteProtocolError, TamperedData, DataKeyGone, StorageError) as exc:
                 return error_response(exc, what)
 
         return run, permission
@@ -239,6 +244,7 @@ class SecretsApi:
                     version=v.version,
                     deletedTime=_iso(v.deleted_at),
                     destroyed=v.destroyed,
+                    unreadable=v.unreadable,
                 )
                 for v in wanted
             },
@@ -250,6 +256,7 @@ class SecretsApi:
                 maxVersions=meta.effective_max_versions(self._store.default_max_versions),
                 casRequired=meta.cas_required,
                 customMetadata=meta.custom_metadata,
+                customMetadataUnreadable=meta.custom_unreadable,
             ),
         )
 

@@ -29,7 +29,6 @@ from spike.app.nexus.secrets_api import SecretsApi
 from spike.app.store.backend import Backend, ClusterState, SecretBackend
 from spike.app.store.errors import StorageError
 from spike.app.store.policies import PolicyStore
-from spike.app.store.sealing import Sealer
 from spike.app.store.sqlite import SqliteBackend
 from spike.protocol.effects import (
     KeeperState,
@@ -174,9 +173,12 @@ class KeyUsers:
 
     def __call__(self, report: Report) -> None:
         if isinstance(report, KeyRecovered):
-            key = self._custody.root_key
-            self._secrets.unlock(Sealer(key), report.epoch)
-            self._cipher.unlock(key)
+            record = self._custody.record
+            assert record is not None  # a key is recovered for a record
+            # The record's key and epoch, whichever epoch in play was rebuilt (a rotation's opens the other).
+            secrets = self._secrets
+            secrets.unlock(self._custody.root_key, record.epoch)
+            self._cipher.unlock(lambda: secrets.keyring().cipher_key)
             self._authorizer.invalidate()  # policies are sealed: readable only now
         elif (
             isinstance(report, RotationProgress)

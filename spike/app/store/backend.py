@@ -9,7 +9,7 @@ in tests/store run against both.
 
 What a backend is, one protocol per concern, composed into `Backend`:
 
-* `Sealing`: the data key, handed over by `unlock` once the root key is known.
+* `Sealing`: the keyring of data keys, opened by `unlock` once the root key is known.
 * `Secrets`: the key/value data (Vault KV v2).
 * `PolicyRows`: the policies' rows, sealed and opened by `PolicyStore` (policies.py).
 * `Reads`: how a read is run without stalling the event loop.
@@ -45,7 +45,8 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from spike.app.model import kv
-from spike.app.store.sealing import Sealer
+from spike.app.store.keyring import Keyring
+from spike.protocol.material import RootKey
 from spike.protocol.pending import PendingRotation
 from spike.protocol.record import KeyRecord
 
@@ -64,17 +65,35 @@ class ClusterState:
     policy_version: int
     pending: PendingRotation | None = None
     highest_epoch: int = 0
+    data_term: int = 0  # the newest data-key term (keyring.py)
+    rewrap_target: int | None = None  # a re-wrap of stored values to this term is under way
 
 
 class Sealing(Protocol):
-    """The data key everything stored is sealed with: none until `unlock`, none again after `lock`."""
+    """The keyring of data keys everything stored is sealed with (keyring.py): none until `unlock`, none again
+    after `lock`."""
 
-    def unlock(self, sealer: Sealer, epoch: int) -> None: ...
+    def unlock(self, root_key: RootKey, epoch: int) -> None:
+        """Use the keyring under the verified root key of the stored record (epoch `epoch`); again after a
+        root key rotation is committed, with the new key."""
+        ...
 
     def lock(self) -> None: ...
 
-    def sealer(self) -> Sealer:
-        """The data key's sealer; `StorageError` while locked."""
+    def keyring(self) -> Keyring:
+        """The keyring in use; `StorageError` while locked."""
+        ...
+
+    def sealer(self) -> Keyring:
+        """What values are sealed and opened with (the keyring); `StorageError` while locked."""
+        ...
+
+    def seal_value(self, plaintext: bytes, aad: bytes) -> bytes:
+        """`plaintext` sealed under the newest data-key term."""
+        ...
+
+    def open_value(self, sealed: bytes, aad: bytes) -> bytes:
+        """A sealed value's plaintext: `TamperedData`, or `DataKeyGone` for a data key that no longer exists."""
         ...
 
 

@@ -26,43 +26,63 @@ parameters and rendered for each driver (statements.py).
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 
 from spike.app.store.backend import ClusterState
 from spike.app.store.errors import EpochUsed, StorageError
-from spike.app.store.sql_store import C
+from spike.app.store.keyring import Keyring, wrapped_header
 from spike.app.store.statements import rendered
+from spike.protocol.material import RootKey
 from spike.protocol.pending import PendingRotation
 from spike.protocol.record import KeyRecord
 
 T = TypeVar("T")
 
 
+class Connection(Protocol):
+    """What an operation uses of a connection: sqlite3's and psycopg's both have it."""
+
+    def execute(self, query: str, params: dict[str, Any], /) -> Any: ...
+
+
+C = TypeVar("C", bound=Connection)
+
+
 @dataclass(frozen=True, slots=True)
 class KeyStatements:
     record: str = "SELECT record FROM key_record WHERE id = 1"
     keyring: str = "SELECT epoch, keyring FROM key_record WHERE id = 1"
-    # The whole key state in one statement (one snapshot): record, high-water mark, pending rotation, its keyring.
+    # The whole key state in one statement (one snapshot), whatever is stored.
     state: str = (
-        "SELECT (SELECT record FROM key_record WHERE id = 1), (SELECT highest_epoch FROM key_record WHERE id = 1), "
-        "(SELECT pending FROM pending_rotation WHERE id = 1), (SELECT keyring FROM pending_rotation WHERE id = 1)"
+        "SELECT k.record, k.highest_epoch, k.keyring, k.highest_term, k.first_term, k.legacy_epoch, "
+        "k.rewrap_target, p.pending, p.keyring FROM (SELECT 1 AS one) AS o "
+        "LEFT JOIN key_record AS k ON k.id = 1 LEFT JOIN pending_rotation AS p ON p.id = 1"
     )
     # What other instances may have changed: the key state and the policies' change counter.
     cluster_state: str = (
         "SELECT (SELECT record FROM key_record WHERE id = 1), (SELECT version FROM policy_version WHERE id = 1), "
-        "(SELECT pending FROM pending_rotation WHERE id = 1), (SELECT highest_epoch FROM key_record WHERE id = 1)"
+        "(SELECT pending FROM pending_rotation WHERE id = 1), (SELECT highest_epoch FROM key_record WHERE id = 1), "
+        "(SELECT highest_term FROM key_record WHERE id = 1), (SELECT rewrap_target FROM key_record WHERE id = 1)"
     )
     insert_record: str = (
-        "INSERT INTO key_record (id, epoch, record, updated_at, highest_epoch, keyring) "
-        "VALUES (1, :epoch, :record, CURRENT_TIMESTAMP, :epoch, NULL)"
+        "INSERT INTO key_record (id, epoch, record, updated_at, highest_epoch, keyring, highest_term, first_term, "
+        "legacy_epoch, rewrap_target) VALUES (1, :epoch, :record, CURRENT_TIMESTAMP, :epoch, NULL, 0, 0, NULL, NULL)"
     )
-    # The high-water mark never goes down.
-    replace_record: str = (
+    # bootstrap --force: the keyring goes with the root key it was wrapped under, and every term it had is
+    # gone; the high-water marks never go down.
+    force_record: str = (
+        "UPDATE key_record SET epoch = :epoch, record = :record, updated_at = CURRENT_TIMESTAMP, "
+        "highest_epoch = CASE WHEN highest_epoch > :epoch THEN highest_epoch ELSE :epoch END, "
+        "keyring = NULL, first_term = highest_term + 1, legacy_epoch = NULL, rewrap_target = NULL WHERE id = 1"
+    )
+    # A rotation's commit: the same keyring, wrapped under the new root key.
+    commit_record: str = (
         "UPDATE key_record SET epoch = :epoch, record = :record, updated_at = CURRENT_TIMESTAMP, "
         "highest_epoch = CASE WHEN highest_epoch > :epoch THEN highest_epoch ELSE :epoch END, "
         "keyring = :keyring WHERE id = 1"
@@ -71,6 +91,13 @@ class KeyStatements:
         "UPDATE key_record SET highest_epoch = CASE WHEN highest_epoch > :epoch THEN highest_epoch ELSE :epoch END "
         "WHERE id = 1"
     )
+    # A keyring made (its legacy term, if any, is in it now) or given a new term.
+    store_keyring: str = (
+        "UPDATE key_record SET keyring = :keyring, highest_term = :term, legacy_epoch = NULL, "
+        "rewrap_target = CASE WHEN :rewrap THEN :term ELSE rewrap_target END WHERE id = 1 AND epoch = :epoch"
+    )
+    set_rewrap: str = "UPDATE key_record SET rewrap_target = :target WHERE id = 1"
+    end_rewrap: str = "UPDATE key_record SET rewrap_target = NULL WHERE id = 1 AND rewrap_target = :target"
     insert_pending: str = (
         "INSERT INTO pending_rotation (id, from_epoch, epoch, pending, keyring, created_at) "
         "VALUES (1, :from_epoch, :epoch, :pending, :keyring, CURRENT_TIMESTAMP)"
@@ -81,12 +108,21 @@ class KeyStatements:
 KEY_SQL = KeyStatements()
 
 
+class RotationUnderWay(StorageError):
+    """The data key cannot change while a root key rotation is stored: its keyring is wrapped already (409)."""
+
+
 @dataclass(frozen=True, slots=True)
 class _State:
     """The key state as one change reads it."""
 
     record: KeyRecord | None
     highest_epoch: int
+    keyring: bytes | None  # wrapped under the record's root key
+    highest_term: int  # the highest data-key term the database ever had
+    first_term: int  # terms below it went with a replaced root key
+    legacy_epoch: int | None  # values were sealed before the keyring under this epoch's root key
+    rewrap_target: int | None
     pending: bytes | None  # as stored: compared byte for byte with an encoded `PendingRotation`
     pending_keyring: bytes | None
 
@@ -109,6 +145,14 @@ def decode_pending(data: bytes) -> PendingRotation:
         raise StorageError(f"the stored pending rotation is damaged: {exc}") from None
 
 
+def _blob(value: Any) -> bytes | None:
+    return None if value is None else bytes(value)
+
+
+def _number(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 class KeyState(ABC, Generic[C]):
     """The key record and the rotation state on a SQL database; a backend provides `_key_read` and `_key_change`."""
 
@@ -123,12 +167,18 @@ class KeyState(ABC, Generic[C]):
         """Run `work` in one transaction that excludes every other change of the key state, and commit it."""
 
     def _state(self, conn: C) -> _State:
-        record, highest, pending, keyring = conn.execute(self._key_sql.state, {}).fetchone()
+        row = conn.execute(self._key_sql.state, {}).fetchone()
+        record, highest, keyring, highest_term, first_term, legacy, rewrap, pending, pending_keyring = row
         return _State(
             None if record is None else decode_record(record),
             int(highest or 0),
-            None if pending is None else bytes(pending),
-            None if keyring is None else bytes(keyring),
+            _blob(keyring),
+            int(highest_term or 0),
+            int(first_term or 0),
+            _number(legacy),
+            _number(rewrap),
+            _blob(pending),
+            _blob(pending_keyring),
         )
 
     # ------------------------------------------------------------------ the key record
@@ -152,9 +202,10 @@ class KeyState(ABC, Generic[C]):
         the stored record is still `replace` (or none is stored).  When the
         answer is not `record`, another record was there first: use it instead.
         A replacement (`spike bootstrap --force`) deletes any pending rotation
-        and the keyring (the new root key cannot open it), and keeps the
-        high-water mark: `EpochUsed` (nothing changes) unless `record`'s epoch
-        is above it.
+        and the keyring (the new root key cannot open it: every value sealed
+        under it is gone), and keeps the high-water marks of epochs and terms:
+        `EpochUsed` (nothing changes) unless `record`'s epoch is above every
+        epoch used.
         """
         sql = self._key_sql
 
@@ -172,8 +223,7 @@ class KeyState(ABC, Generic[C]):
                     f"key epoch {record.epoch} is not above {state.highest_epoch}, the highest epoch this "
                     "deployment has used (epochs are never reused): bootstrap again with a higher epoch"
                 )
-            params = {"epoch": record.epoch, "record": msgspec.json.encode(record), "keyring": None}
-            conn.execute(sql.replace_record, params)
+            conn.execute(sql.force_record, {"epoch": record.epoch, "record": msgspec.json.encode(record)})
             conn.execute(sql.delete_pending, {})
             return record
 
@@ -195,14 +245,20 @@ class KeyState(ABC, Generic[C]):
     def persist_rotation(self, pending: PendingRotation, keyring_blob: bytes) -> bool:
         """Store `pending` and the keyring wrapped under its new key; False (nothing changes) if refused.
 
-        Refused unless the stored record is still the one it starts from
-        (`pending.from_epoch` and its key check value), no pending rotation is
-        stored, and its new epoch is above the high-water mark (another
-        instance may have abandoned a rotation to that epoch).  True if this
-        very rotation is stored already.
+        `keyring_blob` is ``keyring.wrap(new_key, pending.record.epoch)``
+        (keyring.py).  Refused unless the stored record is still the one it
+        starts from (`pending.from_epoch` and its key check value), no pending
+        rotation is stored, its new epoch is above the high-water mark (another
+        instance may have abandoned a rotation to that epoch), and the keyring
+        is the one stored, up to its newest term (no data-key rotation since it
+        was wrapped).  True if this very rotation is stored already.
+        `ValueError` if `keyring_blob` is no wrapped keyring of the new epoch.
         """
         sql = self._key_sql
         encoded = encode_pending(pending)
+        wrapped_epoch, newest_term = wrapped_header(keyring_blob)
+        if wrapped_epoch != pending.record.epoch:
+            raise ValueError(f"the keyring is wrapped for epoch {wrapped_epoch}, not {pending.record.epoch}")
 
         def change(conn: C) -> bool:
             state = self._state(conn)
@@ -211,6 +267,8 @@ class KeyState(ABC, Generic[C]):
             if state.record is None or not pending.starts_from(state.record):
                 return False
             if pending.record.epoch <= state.highest_epoch:
+                return False
+            if state.keyring is None or newest_term != state.highest_term:
                 return False
             params = {
                 "from_epoch": pending.from_epoch,
@@ -242,7 +300,7 @@ class KeyState(ABC, Generic[C]):
                 return False
             record = pending.record
             params = {"epoch": record.epoch, "record": msgspec.json.encode(record), "keyring": state.pending_keyring}
-            conn.execute(sql.replace_record, params)
+            conn.execute(sql.commit_record, params)
             conn.execute(sql.delete_pending, {})
             return True
 
@@ -271,6 +329,98 @@ class KeyState(ABC, Generic[C]):
 
         return self._key_change(change)
 
+    # ------------------------------------------------------------------ the keyring (keyring.py)
+
+    def open_keyring(
+        self, root_key: RootKey, epoch: int, *, now: float, random_bytes: Callable[[int], bytes] = os.urandom
+    ) -> Keyring:
+        """The stored keyring, opened with `root_key` (the stored record's, of `epoch`); made if there is none.
+
+        A keyring is made the first time the record's key is used: one new
+        term, above every term the database ever had, and, in a database
+        stored before the keyring, the legacy term its values were sealed
+        under.  Of instances making it at once, one wins and all use it.
+        `StorageError` if the stored record is not of `epoch` (the key is
+        another's), or the stored keyring does not open with `root_key`.
+        """
+        sql = self._key_sql
+
+        def usable(state: _State) -> bytes | None:
+            if state.record is None:
+                raise StorageError("no key record is stored: the store has no keyring before a bootstrap")
+            if state.record.epoch != epoch:
+                raise StorageError(f"the stored key record is of epoch {state.record.epoch}, not {epoch}")
+            return state.keyring
+
+        stored = usable(self._key_read(self._state))
+        if stored is not None:
+            return Keyring.unwrap(stored, root_key, epoch, random_bytes)
+
+        def make(conn: C) -> Keyring:
+            state = self._state(conn)
+            stored = usable(state)
+            if stored is not None:  # another instance made it meanwhile
+                return Keyring.unwrap(stored, root_key, epoch, random_bytes)
+            legacy = state.legacy_epoch if state.legacy_epoch == epoch else None
+            keyring = Keyring.create(
+                root_key, term=state.highest_term + 1, legacy_epoch=legacy, now=now, random_bytes=random_bytes
+            )
+            params = {"keyring": keyring.wrap(root_key, epoch), "term": keyring.active, "rewrap": False, "epoch": epoch}
+            conn.execute(sql.store_keyring, params)
+            return keyring
+
+        return self._key_change(make)
+
+    def add_data_term(
+        self,
+        root_key: RootKey,
+        epoch: int,
+        *,
+        now: float,
+        rewrap: bool,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> Keyring:
+        """The stored keyring with one new term, for new values, stored in one write; the new keyring.
+
+        With `rewrap`, a re-wrap of stored values to the new term is recorded
+        as under way (it resumes after a restart).  `RotationUnderWay` while a
+        root key rotation is stored (its keyring is wrapped under the new key
+        already: the new term would be lost at its commit); `StorageError` if
+        the stored record is not of `epoch`.
+        """
+        sql = self._key_sql
+
+        def change(conn: C) -> Keyring:
+            state = self._state(conn)
+            if state.pending is not None:
+                raise RotationUnderWay(
+                    "a root key rotation is under way: rotate the data key once it is committed or abandoned"
+                )
+            if state.record is None or state.record.epoch != epoch or state.keyring is None:
+                raise StorageError("the stored key record or keyring changed: try again once this Nexus follows it")
+            keyring = Keyring.unwrap(state.keyring, root_key, epoch, random_bytes)
+            keyring = keyring.with_term(max(state.highest_term, keyring.active) + 1, now)
+            params = {
+                "keyring": keyring.wrap(root_key, epoch),
+                "term": keyring.active,
+                "rewrap": rewrap,
+                "epoch": epoch,
+            }
+            conn.execute(sql.store_keyring, params)
+            return keyring
+
+        return self._key_change(change)
+
+    def set_rewrap_target(self, target: int | None) -> None:
+        """Record a re-wrap of stored values to term `target` as under way (None: none)."""
+        statement = self._key_sql.set_rewrap
+        self._key_change(lambda conn: conn.execute(statement, {"target": target}))
+
+    def end_rewrap(self, target: int) -> bool:
+        """The re-wrap to `target` is done: forget it, unless another was asked for meanwhile; whether it was."""
+        statement = self._key_sql.end_rewrap
+        return bool(self._key_change(lambda conn: conn.execute(statement, {"target": target}).rowcount))
+
     # ------------------------------------------------------------------ several instances
 
     def cluster_state(self) -> ClusterState:
@@ -278,12 +428,14 @@ class KeyState(ABC, Generic[C]):
         statement = self._key_sql.cluster_state
 
         def read(conn: C) -> ClusterState:
-            record, version, pending, highest = conn.execute(statement, {}).fetchone()
+            record, version, pending, highest, term, rewrap = conn.execute(statement, {}).fetchone()
             return ClusterState(
                 None if record is None else decode_record(record),
                 int(version or 0),
                 None if pending is None else decode_pending(pending),
                 int(highest or 0),
+                int(term or 0),
+                _number(rewrap),
             )
 
         return self._key_read(read)

@@ -1,9 +1,11 @@
 """Policies in the Nexus database, sealed like secrets.
 
 The id and name are stored in clear (they are looked up and listed); the
-patterns and permissions are sealed under the data key with associated data
-naming the policy, so a tampered or swapped row is refused: `get` fails,
-and `load_all` leaves it out (it grants nothing) and logs it.  Writes go
+patterns and permissions are sealed under the keyring's data key with
+associated data naming the policy, so a tampered or swapped row is refused:
+`get` fails, and `load_all` leaves it out (it grants nothing) and logs it.
+A policy sealed under a data key that no longer exists (`bootstrap --force`)
+is left out the same way, with its own line: it is not tampering.  Writes go
 through the same group-committing writer as secrets.
 
 `get` and `delete` take an id or a name; an id wins, so a policy whose name
@@ -29,7 +31,7 @@ from spike.app.model.kv import NotFound
 from spike.app.model.policy import Permission, Policy
 from spike.app.store.backend import PolicyRow, SecretBackend
 from spike.app.store.policy_legacy import DIALECT, LEGACY_DIALECT, upgrade
-from spike.app.store.sealing import TamperedData, policy_aad
+from spike.app.store.sealing import DataKeyGone, TamperedData, policy_aad
 from spike.app.store.sql_store import PolicyNameTaken
 
 log = logging.getLogger("spike.nexus.policy")
@@ -71,9 +73,11 @@ class PolicyStore:
     def _open(self, row: PolicyRow) -> _Sealed:
         policy_id, name, sealed, _, _ = row
         try:
-            plain = self._store.sealer().open(sealed, policy_aad(policy_id, name))
+            plain = self._store.open_value(sealed, policy_aad(policy_id, name))
         except TamperedData as exc:
             raise TamperedData(f"policy {name}: {exc} (tampered with, or moved)") from None
+        except DataKeyGone as exc:
+            raise DataKeyGone(f"policy {name} was {exc}; write it again") from None
         try:
             body = msgspec.json.decode(plain, type=_Sealed)
             frozenset(Permission(p) for p in body.permissions)
@@ -117,6 +121,8 @@ class PolicyStore:
             except TamperedData as exc:
                 # A one-line cause, not a bug: no traceback.
                 log.error("REFUSED TAMPERED DATA: %s; it grants nothing", exc, extra={"event": "policy_tampered"})  # noqa: TRY400
+            except DataKeyGone as exc:
+                log.warning("%s; it grants nothing", exc, extra={"event": "policy_unreadable"})
         return policies
 
     def snapshot(self) -> tuple[int, list[Policy]]:
@@ -146,9 +152,10 @@ class PolicyStore:
             new.path_pattern,
             extra={"event": "policy_upgraded"},
         )
-        sealer = self._store.sealer()
         plain = msgspec.json.encode(new)
-        future = self._store.policy_reseal(policy_id, sealed, sealer.seal(plain, policy_aad(policy_id, name)))
+        future = self._store.policy_reseal(
+            policy_id, sealed, self._store.seal_value(plain, policy_aad(policy_id, name))
+        )
 
         def done(finished: Future[bool]) -> None:
             self._rewriting.discard(policy_id)
@@ -177,7 +184,7 @@ class PolicyStore:
         create_only: bool,
     ) -> Future[tuple[str, bool]]:
         """Create the policy, or replace the one with this name; (id, created)."""
-        sealer = self._store.sealer()
+        sealer = self._store.keyring()  # one keyring for the seal and the term the row is labelled with
         body = msgspec.json.encode(
             _Sealed(spiffe_id_pattern, path_pattern, sorted(p.value for p in permissions), dialect=DIALECT)
         )

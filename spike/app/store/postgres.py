@@ -95,8 +95,8 @@ class PostgresBackend(SqlStore[Conn], KeyState[Conn]):
     def _read(self, work: Callable[[Conn], T], what: str) -> T:
         return self._db.query(work)
 
-    def _submit(self, op: WriteOp[T], *, path: str | None, epoch: int | None) -> Future[T]:
-        return self._writer.submit((LOCK_POLICIES if path is None else path_lock(path),), epoch, op)
+    def _submit(self, op: WriteOp[T], *, path: str | None, term: int | None) -> Future[T]:
+        return self._writer.submit((LOCK_POLICIES if path is None else path_lock(path),), term, op)
 
     # ------------------------------------------------------------------ the key state (key_state.py)
 

@@ -70,6 +70,22 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             keyring bytea NOT NULL,
             created_at timestamptz NOT NULL
         )""",
+    ),  # The keyring of data keys (keyring.py).  A value names its data-key term, also in a column of its
+    # row (0: the legacy term, which every value stored before this has); terms are never reused
+    # (highest_term), terms below first_term went with a root key replaced by bootstrap --force, and a
+    # database stored before this has its values sealed under its record's root key (legacy_epoch: the
+    # legacy term is made from it at the first unlock).  rewrap_target: the term a re-wrap of stored
+    # values to the newest term is under way to, so that it resumes after a restart.  Columns added
+    # with a constant default: no row is rewritten.
+    (
+        "ALTER TABLE key_record ADD COLUMN highest_term bigint NOT NULL DEFAULT 0",
+        "ALTER TABLE key_record ADD COLUMN first_term bigint NOT NULL DEFAULT 0",
+        "ALTER TABLE key_record ADD COLUMN legacy_epoch bigint",
+        "UPDATE key_record SET legacy_epoch = epoch",
+        "ALTER TABLE key_record ADD COLUMN rewrap_target bigint",
+        "ALTER TABLE secret_version ADD COLUMN key_term bigint NOT NULL DEFAULT 0",
+        "ALTER TABLE secret ADD COLUMN custom_term bigint NOT NULL DEFAULT 0",
+        "ALTER TABLE policy ADD COLUMN key_term bigint NOT NULL DEFAULT 0",
     ),
 )
 

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 
 from spike.app.model import kv
-from spike.app.store.sql_store import MetaRow
+from spike.app.store.sql_store import MetaRow, VersionRow
 from spike.app.store.statements import SQL
 
 # Advisory lock ids (one 64-bit space per database).  Path locks are hashes, far from these.
@@ -31,20 +31,23 @@ SELECT_FOR_WRITE = (
 )
 SELECT_METADATA = (
     "SELECT s.current_version, s.oldest_version, s.max_versions, s.cas_required, s.created_at, s.updated_at, "
-    "s.custom_metadata, "
+    "s.custom_metadata, s.custom_term, "
     "ARRAY(SELECT v.version FROM secret_version AS v WHERE v.path = s.path ORDER BY v.version), "
     "ARRAY(SELECT v.created_at FROM secret_version AS v WHERE v.path = s.path ORDER BY v.version), "
     "ARRAY(SELECT v.deleted_at FROM secret_version AS v WHERE v.path = s.path ORDER BY v.version), "
-    "ARRAY(SELECT v.sealed IS NULL FROM secret_version AS v WHERE v.path = s.path ORDER BY v.version) "
+    "ARRAY(SELECT v.sealed IS NULL FROM secret_version AS v WHERE v.path = s.path ORDER BY v.version), "
+    "ARRAY(SELECT v.key_term FROM secret_version AS v WHERE v.path = s.path ORDER BY v.version), "
+    "ARRAY(SELECT v.key_epoch FROM secret_version AS v WHERE v.path = s.path ORDER BY v.version) "
     "FROM secret AS s WHERE s.path = %s"
 )
 
 # The writer's transaction: shared on the key epoch, then exclusive on every path (or the policies) it
-# writes, in one global order; then, a statement of its own after the locks (a new snapshot), the key
-# epoch in force and the transaction's id.
+# writes, in one global order; then, a statement of its own after the locks (a new snapshot), the first
+# data-key term still in force (terms below it went with a root key replaced by bootstrap --force) and the
+# transaction's id.
 LOCK_EPOCH_SHARED = "SELECT pg_advisory_xact_lock_shared(%s)"
 LOCK_KEYS = "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k"
-EPOCH_AND_XID = "SELECT (SELECT epoch FROM key_record WHERE id = 1), pg_current_xact_id()::text"
+FIRST_TERM_AND_XID = "SELECT (SELECT first_term FROM key_record WHERE id = 1), pg_current_xact_id()::text"
 XACT_STATUS = "SELECT pg_xact_status(%s::xid8)"
 
 LOCK = "SELECT pg_advisory_xact_lock(%s)"
@@ -72,13 +75,13 @@ class PostgresDialect:
         current, oldest, max_versions, cas_required, created, updated, versions = row
         return kv.SecretMeta(path, current, oldest, max_versions, cas_required, created, updated), list(versions)
 
-    def read_metadata(self, conn: Conn, path: str) -> tuple[MetaRow | None, list[kv.VersionInfo]]:
+    def read_metadata(self, conn: Conn, path: str) -> tuple[MetaRow | None, list[VersionRow]]:
         row = conn.execute(SELECT_METADATA, (path,)).fetchone()
         if row is None:
             return None, []
-        current, oldest, max_versions, cas_required, created, updated, custom, vs, cs, ds, xs = row
-        meta: MetaRow = (current, oldest, max_versions, cas_required, created, updated, custom)
-        return meta, [kv.VersionInfo(v, c, d, bool(x)) for v, c, d, x in zip(vs, cs, ds, xs, strict=True)]
+        current, oldest, max_versions, cas_required, created, updated, custom, custom_term, *columns = row
+        meta: MetaRow = (current, oldest, max_versions, cas_required, created, updated, custom, custom_term)
+        return meta, [(v, c, d, bool(x), t, e) for v, c, d, x, t, e in zip(*columns, strict=True)]
 
     def pipeline(self, conn: Conn) -> AbstractContextManager[Any]:
         return conn.pipeline()

@@ -10,9 +10,11 @@ outcome of a commit whose connection broke.
   locks): check-and-set is exact across instances.  A refused write
   (`kv.KvError`) is refused before it writes anything, so the others in the
   transaction commit without it.
-* **The key epoch** is read in the transaction, after the locks: a value
-  sealed under a key that was replaced meanwhile (`spike bootstrap --force`
-  through another instance) is refused (`StaleKey`, 503), never stored.
+* **The data key**: the first data-key term still in force is read in the
+  transaction, after the locks: a value sealed under a keyring that was
+  replaced meanwhile (`spike bootstrap --force` through another instance) is
+  refused (`StaleKey`, 503), never stored.  A root key rotation keeps the
+  keyring, so writes go on through it.
 * **Outages**: a connection lost before COMMIT is retried once on a fresh
   one (nothing was committed), then the batch fails with
   `DatabaseUnavailable`.  If it breaks during COMMIT, the transaction's id
@@ -40,7 +42,7 @@ from spike.app.model import kv
 from spike.app.store.errors import DatabaseUnavailable, OutcomeUnknown, StorageError
 from spike.app.store.group_commit import MAX_BATCH, WriteOutcome, WriteQueue, settle
 from spike.app.store.postgres_connections import UNAVAILABLE, Connections, one_line
-from spike.app.store.postgres_sql import EPOCH_AND_XID, LOCK_EPOCH, LOCK_EPOCH_SHARED, LOCK_KEYS, XACT_STATUS
+from spike.app.store.postgres_sql import FIRST_TERM_AND_XID, LOCK_EPOCH, LOCK_EPOCH_SHARED, LOCK_KEYS, XACT_STATUS
 
 log = logging.getLogger("spike.nexus.store")
 
@@ -51,7 +53,7 @@ DOUBT_POLL = 0.2  # seconds between two questions
 
 
 class StaleKey(DatabaseUnavailable):
-    """The key record was replaced (through another instance) since this write was sealed."""
+    """The keyring was replaced (bootstrap --force through another instance) since this write was sealed."""
 
 
 class XactStatus(Enum):
@@ -84,7 +86,7 @@ def xact_status(connections: Connections, xid: str) -> XactStatus:
 @dataclass(slots=True)
 class _Write:
     keys: tuple[int, ...]  # advisory locks this write needs
-    epoch: int | None  # the key epoch it sealed under (None: it seals nothing)
+    term: int | None  # the data-key term it sealed under (None: it seals nothing)
     op: WriteOp[Any]
     future: Future[Any]
 
@@ -111,10 +113,10 @@ class GroupCommitWriter:
         self._thread = threading.Thread(target=self._write_loop, name="spike-pg-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, keys: tuple[int, ...], epoch: int | None, op: WriteOp[T]) -> Future[T]:
-        """Queue `op`, to run under advisory locks `keys`, refused if the key epoch is no longer `epoch`."""
+    def submit(self, keys: tuple[int, ...], term: int | None, op: WriteOp[T]) -> Future[T]:
+        """Queue `op`, to run under advisory locks `keys`, refused if data-key term `term` is no longer in force."""
         future: Future[T] = Future()
-        self._queue.put(_Write(keys, epoch, op, future))
+        self._queue.put(_Write(keys, term, op, future))
         return future
 
     def close(self) -> None:
@@ -183,14 +185,16 @@ class GroupCommitWriter:
         with conn.pipeline():  # one round trip; the server still runs them one after the other
             conn.execute(LOCK_EPOCH_SHARED, (LOCK_EPOCH,))
             conn.execute(LOCK_KEYS, (keys,))
-            cursor = conn.execute(EPOCH_AND_XID)
+            cursor = conn.execute(FIRST_TERM_AND_XID)
         row = cursor.fetchone()
         assert row is not None
-        stored_epoch, xid = row
+        first_term, xid = row
         outcomes: list[WriteOutcome] = []
         for write in batch:
-            if write.epoch is not None and stored_epoch is not None and write.epoch != stored_epoch:
-                failure = StaleKey(f"the key was replaced (epoch {stored_epoch}) since this write was sealed")
+            if write.term is not None and first_term is not None and write.term < first_term:
+                failure = StaleKey(
+                    f"the keyring was replaced (data-key terms from {first_term} on) since this write was sealed"
+                )
                 outcomes.append((write.future, None, failure))
                 continue
             try:

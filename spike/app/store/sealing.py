@@ -1,7 +1,11 @@
-"""Sealing stored values with AES-256-GCM under keys derived from the root key.
+"""Sealing stored values with AES-256-GCM: what they are bound to, and the format before the keyring.
 
-Every sealed blob is ``version byte || 96-bit random nonce || ciphertext+tag``
-and its associated data names what it is (secret value, custom metadata,
+Values are sealed under the data keys of the keyring (keyring.py), whose
+blobs name their term.  `Sealer` is the format spike wrote before the
+keyring, kept to describe (and test) what older databases hold: a key
+derived from the root key, and a blob of
+``version byte || 96-bit random nonce || ciphertext+tag``.  Either way,
+a value's associated data names what it is (secret value, custom metadata,
 policy) and where it belongs (path, version), so a row copied to another
 path or version, or a flipped bit anywhere, fails authentication on read.
 Random 96-bit nonces keep the collision risk negligible for far more writes
@@ -25,6 +29,14 @@ DATA_KEY_INFO = b"spike/v1/data-key"
 
 class TamperedData(Exception):
     """A sealed blob failed authentication: modified, truncated, or moved to another place."""
+
+
+class DataKeyGone(Exception):
+    """A value sealed under a data key that no longer exists: its root key was replaced (`bootstrap --force`).
+
+    Not tampering, and nobody can read it any more: the API answers 409 with
+    this reason, and the value can be written again (keyring.py).
+    """
 
 
 def _aad(kind: bytes, *parts: bytes) -> bytes:

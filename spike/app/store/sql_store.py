@@ -7,7 +7,7 @@ decisions of model/kv.py.  A backend adds how it runs them:
 * `_read(work, what)`: run one read on a connection (SQLite: its reader
   connection, on the caller's thread; PostgreSQL: a pooled connection, with
   outage handling);
-* `_submit(op, path=..., epoch=...)`: queue one write for its writer thread,
+* `_submit(op, path=..., term=...)`: queue one write for its writer thread,
   which runs `op` inside a group-committed transaction (sqlite.py,
   postgres_writer.py) and settles the future after the commit;
 * its `Dialect`: what the SQL cannot say the same way in both (how a list of
@@ -17,19 +17,28 @@ decisions of model/kv.py.  A backend adds how it runs them:
 A write's operation first reads what it needs and asks model/kv.py what to
 do; a refusal (`kv.KvError`) is raised before the operation writes anything.
 
-Sealing goes through one place, here: `_sealing()` gives the sealer a write
-seals with and the key epoch stored with it, and `_open` opens a stored value
-after checking the epoch it was sealed under.
+Sealing goes through one place, here: the keyring of data keys (keyring.py),
+loaded (or made, the first time) by `unlock` with the root key, and read
+again when a value names a term it has not seen (another instance rotated
+the data key).  `_sealing()` gives what a write seals with and the term its
+row is labelled with; `_open` opens a stored value after checking that its
+label and its blob name the same term; `seal_value`/`open_value` are the same
+for what is sealed outside the tables' rows here (policy bodies, list cursors).
+The key record and the rotation state are `KeyState`'s (key_state.py).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
-from typing import Any, Generic, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
@@ -37,8 +46,13 @@ from spike.app.model import kv
 from spike.app.model.policy import MAX_POLICIES
 from spike.app.store.backend import PolicyRow
 from spike.app.store.errors import StorageError
-from spike.app.store.sealing import Sealer, TamperedData, metadata_aad, secret_aad
+from spike.app.store.key_state import C, Connection, KeyState
+from spike.app.store.keyring import LEGACY_TERM, Keyring, NewerTerm, term_of
+from spike.app.store.sealing import DataKeyGone, TamperedData, metadata_aad, secret_aad
 from spike.app.store.statements import Statements
+from spike.protocol.material import RootKey
+
+log = logging.getLogger("spike.nexus.store")
 
 T = TypeVar("T")
 
@@ -46,20 +60,16 @@ _values_encoder = msgspec.json.Encoder()
 _values_decoder = msgspec.json.Decoder(dict[str, str])
 
 
-class Connection(Protocol):
-    """What an operation uses of a connection: sqlite3's and psycopg's both have it."""
-
-    def execute(self, query: str, params: dict[str, Any], /) -> Any: ...
-
-
-C = TypeVar("C", bound=Connection)
 C_contra = TypeVar("C_contra", bound=Connection, contravariant=True)
 
 # One write, run by the writer thread inside its transaction.
 WriteOp = Callable[[C], T]
 
-# current_version, oldest_version, max_versions, cas_required, created_at, updated_at, sealed custom metadata
-MetaRow = tuple[int, int, int, Any, float, float, bytes | None]
+# current_version, oldest_version, max_versions, cas_required, created_at, updated_at, sealed custom metadata,
+# its data-key term
+MetaRow = tuple[int, int, int, Any, float, float, bytes | None, int]
+# version, created_at, deleted_at, destroyed, data-key term, key epoch
+VersionRow = tuple[int, float, float | None, bool, int, int]
 
 
 class Dialect(Protocol[C_contra]):
@@ -75,8 +85,8 @@ class Dialect(Protocol[C_contra]):
         """A secret's metadata (without its custom metadata) and stored version numbers, or (None, [])."""
         ...
 
-    def read_metadata(self, conn: C_contra, path: str) -> tuple[MetaRow | None, list[kv.VersionInfo]]:
-        """A secret's metadata row and its versions, in order."""
+    def read_metadata(self, conn: C_contra, path: str) -> tuple[MetaRow | None, list[VersionRow]]:
+        """A secret's metadata row and its versions' rows, in order."""
         ...
 
     def pipeline(self, conn: C_contra) -> AbstractContextManager[Any]:
@@ -87,20 +97,44 @@ class Dialect(Protocol[C_contra]):
         ...
 
 
+def _label(sealed: bytes) -> int:
+    """The data-key term a row holding `sealed` is labelled with (a blob of no known format: the legacy term's
+    label, and it is refused as tampered with when read)."""
+    try:
+        return term_of(sealed)
+    except TamperedData:
+        return LEGACY_TERM
+
+
 class PolicyNameTaken(kv.InvalidRequest):
     status = 409
     code = "api_conflict"
 
 
-class SqlStore(ABC, Generic[C]):
-    """Secrets and policies on a SQL database; a backend provides `_read`, `_submit` and its `Dialect`."""
+@dataclass(frozen=True, slots=True)
+class _Unlocked:
+    key: RootKey  # a copy, wiped when the store is locked or unlocked again
+    epoch: int
+
+
+# After a keyring failed to load (the database away), how long uses answer at once before one tries again.
+KEYRING_RETRY = 1.0
+
+
+class SqlStore(KeyState[C], ABC):
+    """Secrets and policies on a SQL database; a backend provides `_read`, `_submit`, the key state's
+    `_key_read`/`_key_change` and its `Dialect`."""
 
     def __init__(self, dialect: Dialect[C], *, default_max_versions: int) -> None:
         self._dialect = dialect
         self._sql = dialect.sql
         self.default_max_versions = default_max_versions
-        self._sealer: Sealer | None = None
-        self._epoch = 0
+        self._unlocked: _Unlocked | None = None
+        self._keyring: Keyring | None = None
+        self._keyring_lock = threading.Lock()
+        self._keyring_failed_at = -float("inf")
+        self._keyring_failure: StorageError | None = None
+        self.random_bytes: Callable[[int], bytes] = os.urandom
 
     # ------------------------------------------------------------------ what a backend provides
 
@@ -109,35 +143,149 @@ class SqlStore(ABC, Generic[C]):
         """Run `work` on a connection for reads; `what` names what is read, for an error message."""
 
     @abstractmethod
-    def _submit(self, op: WriteOp[C, T], *, path: str | None, epoch: int | None) -> Future[T]:
-        """Queue `op` for the writer; `path`: the secret it changes (None: the policies); `epoch`: the
-        key epoch it sealed under (None: it seals nothing)."""
+    def _submit(self, op: WriteOp[C, T], *, path: str | None, term: int | None) -> Future[T]:
+        """Queue `op` for the writer; `path`: the secret it changes (None: the policies); `term`: the
+        data-key term it sealed under (None: it seals nothing)."""
 
-    # ------------------------------------------------------------------ the data key
+    # ------------------------------------------------------------------ the keyring
 
-    def unlock(self, sealer: Sealer, epoch: int) -> None:
-        """Start sealing and opening with the data key of the verified root key."""
-        self._sealer, self._epoch = sealer, epoch
+    def unlock(self, root_key: RootKey, epoch: int) -> None:
+        """Seal and open with the keyring under `root_key`, the verified root key of the stored record (`epoch`).
+
+        Loads the stored keyring, or makes it the first time (key_state.py).
+        Call it again after a root key rotation is committed (this
+        instance's or another's), with the new key and epoch: the keyring is
+        the same, read again under the new key.  If it cannot be loaded now
+        (the database is away, the record is not stored yet) the store says so
+        at its next use, and tries again then.
+        """
+        unlocked = _Unlocked(RootKey(root_key.secret_bytes()), epoch)
+        with self._keyring_lock:
+            self._forget_key()
+            self._unlocked = unlocked
+            self._keyring_failure = None
+        try:
+            self._load_keyring(unlocked)
+        except StorageError as exc:
+            log.warning("the keyring could not be loaded yet (%s): tried again at its next use", exc)
 
     def lock(self) -> None:
-        self._sealer = None
+        with self._keyring_lock:
+            self._forget_key()
 
-    def sealer(self) -> Sealer:
-        if self._sealer is None:
+    def _forget_key(self) -> None:
+        if self._unlocked is not None:
+            self._unlocked.key.wipe()
+        self._unlocked = None
+        self._keyring = None
+
+    def keyring(self) -> Keyring:
+        """The keyring in use; `StorageError` while locked (or while it cannot be loaded)."""
+        keyring = self._keyring
+        if keyring is not None:
+            return keyring
+        unlocked = self._unlocked
+        if unlocked is None:
             raise StorageError("the store is locked: no root key")
-        return self._sealer
+        failure = self._keyring_failure
+        if failure is not None and time.monotonic() - self._keyring_failed_at < KEYRING_RETRY:
+            raise type(failure)(str(failure))  # as a moment ago, without asking the database again
+        return self._load_keyring(unlocked)
 
-    def _sealing(self) -> tuple[Sealer, int]:
-        """What a write seals with now, and the key epoch stored with what it seals."""
-        return self.sealer(), self._epoch
-
-    def _open(self, sealed: bytes, aad: bytes, epoch: int, what: str) -> bytes:
-        if epoch != self._epoch:
-            raise TamperedData(f"{what} is sealed under key epoch {epoch}, the current key is {self._epoch}")
+    def _load_keyring(self, unlocked: _Unlocked) -> Keyring:
         try:
-            return self.sealer().open(sealed, aad)
+            keyring = self.open_keyring(unlocked.key, unlocked.epoch, now=time.time(), random_bytes=self.random_bytes)
+        except StorageError as exc:
+            self._keyring_failure, self._keyring_failed_at = exc, time.monotonic()
+            raise
+        self._keyring_failure = None
+        return self._use_keyring(unlocked, keyring)
+
+    def _use_keyring(self, unlocked: _Unlocked, keyring: Keyring) -> Keyring:
+        with self._keyring_lock:
+            if self._unlocked is not unlocked:  # locked or unlocked again meanwhile
+                raise StorageError("the store is locked: no root key")
+            current = self._keyring
+            if current is None or keyring.active >= current.active:
+                self._keyring = current = keyring
+            return current
+
+    def reload_keyring(self) -> Keyring:
+        """Read the stored keyring again (another instance may have added a term); the keyring in use."""
+        unlocked = self._unlocked
+        if unlocked is None:
+            raise StorageError("the store is locked: no root key")
+        return self._load_keyring(unlocked)
+
+    def rotate_data_key(self, *, rewrap: bool = False) -> int:
+        """Add a data-key term for new values, in one write; the new term.  Older terms stay readable.
+
+        With `rewrap`, stored values are then sealed again under it, in the
+        background (`rewrap_step`).  `RotationUnderWay` (409) while a root key
+        rotation is stored.
+        """
+        unlocked = self._unlocked
+        if unlocked is None:
+            raise StorageError("the store is locked: no root key")
+        keyring = self.add_data_term(
+            unlocked.key, unlocked.epoch, now=time.time(), rewrap=rewrap, random_bytes=self.random_bytes
+        )
+        return self._use_keyring(unlocked, keyring).active
+
+    def sealer(self) -> Keyring:
+        """What values are sealed and opened with (the keyring); `StorageError` while locked."""
+        return self.keyring()
+
+    def seal_value(self, plaintext: bytes, aad: bytes) -> bytes:
+        """`plaintext` sealed under the newest data-key term, bound to `aad`."""
+        return self.keyring().seal(plaintext, aad)
+
+    def open_value(self, sealed: bytes, aad: bytes) -> bytes:
+        """A sealed value's plaintext; `TamperedData`, `DataKeyGone`, or `StorageError` while locked."""
+        keyring = self.keyring()
+        try:
+            return keyring.open(sealed, aad)
+        except NewerTerm:
+            pass
+        try:  # another instance rotated the data key: its keyring is stored
+            return self.reload_keyring().open(sealed, aad)
+        except NewerTerm as exc:
+            raise TamperedData(f"{exc}, which the stored keyring does not hold either") from None
+
+    def _sealing(self) -> tuple[Keyring, int, int]:
+        """What a write seals with now, the data-key term its row is labelled with, and the root key epoch."""
+        keyring = self.keyring()
+        unlocked = self._unlocked
+        return keyring, keyring.active, 0 if unlocked is None else unlocked.epoch
+
+    def _open(self, sealed: bytes, aad: bytes, term: int, what: str, key_epoch: int | None = None) -> bytes:
+        """A stored value's plaintext, after checking that its row's term (and key epoch) match its blob."""
+        try:
+            self._check_label(sealed, term, key_epoch)
+            return self.open_value(sealed, aad)
         except TamperedData as exc:
             raise TamperedData(f"{what}: {exc} (tampered with, or moved from another path)") from None
+        except DataKeyGone as exc:
+            raise DataKeyGone(f"{what} was {exc}; write it again") from None
+
+    def _check_label(self, sealed: bytes, term: int, key_epoch: int | None) -> None:
+        named = term_of(sealed)
+        if named != term:
+            raise TamperedData(f"labelled with data-key term {term}, but sealed under term {named}")
+        if term == LEGACY_TERM and key_epoch is not None:
+            legacy = self.keyring().legacy_epoch
+            if legacy is not None and key_epoch != legacy:
+                raise DataKeyGone(
+                    f"sealed under the root key of epoch {key_epoch}, which no longer exists: it was replaced "
+                    "(bootstrap --force)"
+                )
+
+    def _gone(self, term: int, key_epoch: int | None) -> bool:
+        """Whether a value labelled with `term` (and `key_epoch`) was sealed under a data key that no longer exists."""
+        keyring = self.keyring()
+        if term == LEGACY_TERM:
+            return keyring.legacy_epoch is None or (key_epoch is not None and key_epoch != keyring.legacy_epoch)
+        return term < keyring.first
 
     # ------------------------------------------------------------------ secret reads
     # sqlite3 and psycopg both give BLOB/bytea columns as bytes: rows are used as they come.
@@ -147,24 +295,34 @@ class SqlStore(ABC, Generic[C]):
         row = self._read(lambda c: c.execute(statement, {"path": path, "version": version}).fetchone(), path)
         if row is None:
             raise kv.NotFound("no such secret or version")
-        found, sealed, deleted_at, epoch = row
+        found, sealed, deleted_at, epoch, term = row
         if sealed is None or deleted_at is not None:
             raise kv.NotFound("this version is deleted or destroyed")
-        plaintext = self._open(sealed, secret_aad(path, found), epoch, f"{path} version {found}")
+        plaintext = self._open(sealed, secret_aad(path, found), term, f"{path} version {found}", epoch)
         return found, _values_decoder.decode(plaintext)
 
     def metadata(self, path: str) -> tuple[kv.SecretMeta, list[kv.VersionInfo]]:
+        """A secret's metadata and versions; a version (or custom metadata) sealed under a data key that no
+        longer exists is shown as unreadable, never as live."""
         read_metadata = self._dialect.read_metadata
-        row, versions = self._read(lambda c: read_metadata(c, path), f"the metadata of {path}")
+        row, rows = self._read(lambda c: read_metadata(c, path), f"the metadata of {path}")
         if row is None:
             raise kv.NotFound("no such secret")
-        current, oldest, max_versions, cas_required, created, updated, custom_sealed = row
+        current, oldest, max_versions, cas_required, created, updated, custom_sealed, custom_term = row
         custom: dict[str, str] = {}
+        custom_gone = False
         if custom_sealed is not None:
-            custom = _values_decoder.decode(
-                self._open(custom_sealed, metadata_aad(path), self._epoch, f"{path} metadata")
-            )
-        meta = kv.SecretMeta(path, current, oldest, max_versions, bool(cas_required), created, updated, custom)
+            try:
+                custom = _values_decoder.decode(
+                    self._open(custom_sealed, metadata_aad(path), custom_term, f"{path} metadata")
+                )
+            except DataKeyGone as exc:
+                log.warning("%s", exc)
+                custom_gone = True
+        meta = kv.SecretMeta(
+            path, current, oldest, max_versions, bool(cas_required), created, updated, custom, custom_gone
+        )
+        versions = [kv.VersionInfo(v, c, d, x, unreadable=not x and self._gone(t, e)) for v, c, d, x, t, e in rows]
         return meta, versions
 
     def list_paths(self, prefix: str, *, limit: int, after: str = "") -> list[str]:
@@ -215,7 +373,7 @@ class SqlStore(ABC, Generic[C]):
 
     def put(self, path: str, values: dict[str, str], cas: int | None) -> Future[int]:
         plaintext = _values_encoder.encode(values)
-        sealer, epoch = self._sealing()
+        sealer, term, epoch = self._sealing()
         default = self.default_max_versions
         dialect, sql = self._dialect, self._sql
 
@@ -226,7 +384,8 @@ class SqlStore(ABC, Generic[C]):
             sealed = sealer.seal(plaintext, secret_aad(path, plan.version))
             # Refusals are above this line: nothing is written for a refused put.
             row = {"path": path, "version": plan.version, "oldest": plan.meta.oldest_version, "now": now}
-            row["sealed"], row["epoch"] = sealed, epoch  # one dict for both: a statement takes the names it has
+            # One dict for both statements: each takes the names it has.
+            row["sealed"], row["epoch"], row["term"] = sealed, epoch, term
             with dialect.pipeline(conn):
                 conn.execute(sql.put_current, row)
                 conn.execute(sql.put_version, row)
@@ -234,7 +393,7 @@ class SqlStore(ABC, Generic[C]):
                     dialect.for_each_version(conn, sql.prune_versions, {"path": path}, plan.pruned)
             return plan.version
 
-        return self._submit(op, path=path, epoch=epoch)
+        return self._submit(op, path=path, term=term)
 
     def delete(self, path: str, versions: list[int]) -> Future[None]:
         return self._mark(path, versions, self._sql.mark_deleted)
@@ -258,7 +417,7 @@ class SqlStore(ABC, Generic[C]):
             dialect.for_each_version(conn, statement, params, kv.targets(meta, versions))
             conn.execute(sql.touch_path, params)
 
-        return self._submit(op, path=path, epoch=None)
+        return self._submit(op, path=path, term=None)
 
     def update_metadata(
         self,
@@ -269,9 +428,9 @@ class SqlStore(ABC, Generic[C]):
         custom_metadata: dict[str, str] | None,
     ) -> Future[None]:
         sealed_custom = None
-        epoch = None
+        term = None
         if custom_metadata is not None:
-            sealer, epoch = self._sealing()
+            sealer, term, _ = self._sealing()
             sealed_custom = sealer.seal(_values_encoder.encode(custom_metadata), metadata_aad(path))
         sql = self._sql
 
@@ -282,11 +441,12 @@ class SqlStore(ABC, Generic[C]):
                 "max_versions": max_versions,
                 "cas_required": cas_required,
                 "custom": sealed_custom,
+                "custom_term": term,
             }
             conn.execute(sql.create_path, params)
             conn.execute(sql.update_metadata, params)
 
-        return self._submit(op, path=path, epoch=epoch)
+        return self._submit(op, path=path, term=term)
 
     def delete_all(self, path: str) -> Future[None]:
         """Remove a secret with every version and its metadata."""
@@ -297,14 +457,14 @@ class SqlStore(ABC, Generic[C]):
                 raise kv.NotFound("no such secret")
             conn.execute(sql.delete_versions, {"path": path})
 
-        return self._submit(op, path=path, epoch=None)
+        return self._submit(op, path=path, term=None)
 
     # ------------------------------------------------------------------ policy writes
 
     def policy_put(
         self, name: str, seal: Callable[[str], bytes], *, create_only: bool, new_id: Callable[[], str]
     ) -> Future[tuple[str, bool]]:
-        epoch = self._epoch  # `seal` seals with this epoch's key
+        term = self.keyring().active  # what `seal` seals under
         sql = self._sql
 
         def op(conn: C) -> tuple[str, bool]:
@@ -314,18 +474,22 @@ class SqlStore(ABC, Generic[C]):
                 if create_only:
                     raise PolicyNameTaken(f"a policy named {name} exists")
                 (policy_id,) = row
-                conn.execute(sql.replace_policy, {"id": policy_id, "sealed": seal(policy_id), "now": now})
+                sealed = seal(policy_id)
+                params = {"id": policy_id, "sealed": sealed, "now": now, "term": _label(sealed)}
+                conn.execute(sql.replace_policy, params)
                 conn.execute(sql.bump_policies, {})
                 return policy_id, False
             (count,) = conn.execute(sql.policy_count, {}).fetchone()
             if count >= MAX_POLICIES:
                 raise kv.InvalidRequest(f"at most {MAX_POLICIES} policies")
             policy_id = new_id()
-            conn.execute(sql.insert_policy, {"id": policy_id, "name": name, "sealed": seal(policy_id), "now": now})
+            sealed = seal(policy_id)
+            row = {"id": policy_id, "name": name, "sealed": sealed, "now": now, "term": _label(sealed)}
+            conn.execute(sql.insert_policy, row)
             conn.execute(sql.bump_policies, {})
             return policy_id, True
 
-        return self._submit(op, path=None, epoch=epoch)
+        return self._submit(op, path=None, term=term)
 
     def policy_delete(self, id_or_name: str) -> Future[None]:
         sql = self._sql
@@ -337,18 +501,17 @@ class SqlStore(ABC, Generic[C]):
             conn.execute(sql.delete_policy, {"id": row[0]})
             conn.execute(sql.bump_policies, {})
 
-        return self._submit(op, path=None, epoch=None)
+        return self._submit(op, path=None, term=None)
 
     def policy_reseal(self, policy_id: str, expected: bytes, sealed: bytes) -> Future[bool]:
-        epoch = self._epoch  # `sealed` was sealed with this epoch's key
+        term = _label(sealed)
         sql = self._sql
 
         def op(conn: C) -> bool:
-            changed = conn.execute(
-                sql.reseal_policy, {"id": policy_id, "sealed": sealed, "expected": expected}
-            ).rowcount
+            params = {"id": policy_id, "sealed": sealed, "expected": expected, "term": term}
+            changed = conn.execute(sql.reseal_policy, params).rowcount
             if changed:
                 conn.execute(sql.bump_policies, {})
             return bool(changed)
 
-        return self._submit(op, path=None, epoch=epoch)
+        return self._submit(op, path=None, term=term)

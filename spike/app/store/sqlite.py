@@ -11,9 +11,9 @@ exact: there is no lost update between two writers.
 
 The operations themselves are `SqlStore`'s (sql_store.py), shared with
 PostgreSQL; this module runs them.  `SqliteBackend` is the whole storage
-`Backend` (backend.py) on one SQLite file: this store, plus the key record of
-`NexusStore`.  One Nexus process uses the file; several instances need
-PostgreSQL (postgres.py).
+`Backend` (backend.py) on one SQLite file; the key state (record, rotation,
+keyring: key_state.py) is on a connection of its own (`NexusStore`).  One
+Nexus process uses the file; several instances need PostgreSQL (postgres.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from typing import Any, TypeVar
 from spike.app.model import kv
 from spike.app.store.errors import DatabaseUnavailable, StorageError
 from spike.app.store.group_commit import WriteOutcome, WriteQueue, settle
-from spike.app.store.key_state import KeyState
 from spike.app.store.sql_store import SqlStore
 from spike.app.store.sqlite_schema import DB_NAME, NexusStore, connect, sqlite_failure
 from spike.app.store.sqlite_sql import SqliteDialect
@@ -52,11 +51,19 @@ def _resolved(call: Callable[[], T]) -> Future[T]:
 
 class SecretStore(SqlStore[sqlite3.Connection]):
     inline_reads = True  # a local file: reads are short enough for the event loop's thread
+    _key_sql = NexusStore._key_sql
 
     def __init__(self, data_dir: Path, *, default_max_versions: int = kv.DEFAULT_MAX_VERSIONS) -> None:
         super().__init__(SqliteDialect(), default_max_versions=default_max_versions)
         self._path = data_dir / DB_NAME
-        self._reader = connect(self._path)
+        # The key state (record, rotation, keyring) on a connection of its own, whose transactions
+        # exclude the writer's; it opens (creating and migrating) the file first.
+        self._keys = NexusStore(data_dir)
+        try:
+            self._reader = connect(self._path)
+        except sqlite3.Error as exc:
+            self._keys.close()
+            raise StorageError(f"cannot open the database in {data_dir}: {exc}") from None
         self._queue: WriteQueue[tuple[WriteOp[Any], Future[Any]]] = WriteQueue()
         self._writer = threading.Thread(target=self._write_loop, name="spike-writer", daemon=True)
         self._writer_db = connect(self._path)
@@ -81,6 +88,12 @@ class SecretStore(SqlStore[sqlite3.Connection]):
         except sqlite3.Error as exc:  # says what it was reading; 503 when it is "not now"
             raise sqlite_failure(f"cannot read {what}: {exc}", exc) from None
 
+    def _key_read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        return self._keys._key_read(work)
+
+    def _key_change(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        return self._keys._key_change(work)
+
     # ------------------------------------------------------------------ writes
 
     def submit(self, op: WriteOp[T]) -> Future[T]:
@@ -88,7 +101,7 @@ class SecretStore(SqlStore[sqlite3.Connection]):
         self._queue.put((op, future))
         return future
 
-    def _submit(self, op: WriteOp[T], *, path: str | None, epoch: int | None) -> Future[T]:
+    def _submit(self, op: WriteOp[T], *, path: str | None, term: int | None) -> Future[T]:
         # One process writes the file: writes need no lock, and the key cannot change under them.
         return self.submit(op)
 
@@ -155,30 +168,17 @@ class SecretStore(SqlStore[sqlite3.Connection]):
         self._writer.join(timeout=10)
         self._reader.close()
         self._writer_db.close()
+        self._keys.close()
 
 
-class SqliteBackend(SecretStore, KeyState[sqlite3.Connection]):
+class SqliteBackend(SecretStore):
     """The storage `Backend` on one SQLite file in the data dir: for one Nexus process."""
 
     shared = False
-    _key_sql = NexusStore._key_sql
 
     def __init__(self, data_dir: Path, *, default_max_versions: int = kv.DEFAULT_MAX_VERSIONS) -> None:
-        self._records = NexusStore(data_dir)  # opens (creating and migrating) the file first
         try:
             super().__init__(data_dir, default_max_versions=default_max_versions)
         except sqlite3.Error as exc:
-            self._records.close()
             raise StorageError(f"cannot open the database in {data_dir}: {exc}") from None
         self.description = f"the data dir {data_dir}"
-
-    # The key state is on the records' own connection, whose transactions exclude the writer's.
-    def _key_read(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        return self._records._key_read(work)
-
-    def _key_change(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        return self._records._key_change(work)
-
-    def close(self) -> None:
-        super().close()
-        self._records.close()

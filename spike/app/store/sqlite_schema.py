@@ -8,6 +8,7 @@ migrated forward in one transaction at open.
 
 from __future__ import annotations
 
+import hmac
 import os
 import sqlite3
 import threading
@@ -87,6 +88,22 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             keyring BLOB NOT NULL,
             created_at TEXT NOT NULL
         )""",
+    ),  # The keyring of data keys (keyring.py).  A value names its data-key term, also in a column of its
+    # row (0: the legacy term, which every value stored before this has); terms are never reused
+    # (highest_term), terms below first_term went with a root key replaced by bootstrap --force, and a
+    # database stored before this has its values sealed under its record's root key (legacy_epoch: the
+    # legacy term is made from it at the first unlock).  rewrap_target: the term a re-wrap of stored
+    # values to the newest term is under way to, so that it resumes after a restart.  Columns added
+    # with a constant default: no row is rewritten.
+    (
+        "ALTER TABLE key_record ADD COLUMN highest_term INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE key_record ADD COLUMN first_term INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE key_record ADD COLUMN legacy_epoch INTEGER",
+        "UPDATE key_record SET legacy_epoch = epoch",
+        "ALTER TABLE key_record ADD COLUMN rewrap_target INTEGER",
+        "ALTER TABLE secret_version ADD COLUMN key_term INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE secret ADD COLUMN custom_term INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE policy ADD COLUMN key_term INTEGER NOT NULL DEFAULT 0",
     ),
 )
 
@@ -177,15 +194,22 @@ class NexusStore(KeyState[sqlite3.Connection]):
             return result
 
     def save_key_record(self, record: KeyRecord) -> None:
-        """Store `record` whatever is stored (tests and tools that prepare a data dir); keeps the high-water mark."""
+        """Store `record` whatever is stored (tests and tools that prepare a data dir): as `bootstrap --force`
+        would, except that a record of the same root key and epoch keeps the keyring."""
         sql = self._key_sql
         encoded = msgspec.json.encode(record)
 
         def save(conn: sqlite3.Connection) -> None:
-            if conn.execute(sql.record, {}).fetchone() is None:
+            state = self._state(conn)
+            current = state.record
+            if current is None:
                 conn.execute(sql.insert_record, {"epoch": record.epoch, "record": encoded})
+            elif current.epoch == record.epoch and hmac.compare_digest(current.check, record.check):
+                # The same root key (dealt again): its keyring still opens, and is kept.
+                params = {"epoch": record.epoch, "record": encoded, "keyring": state.keyring}
+                conn.execute(sql.commit_record, params)
             else:
-                conn.execute(sql.replace_record, {"epoch": record.epoch, "record": encoded, "keyring": None})
+                conn.execute(sql.force_record, {"epoch": record.epoch, "record": encoded})
 
         self._key_change(save)
 

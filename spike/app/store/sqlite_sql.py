@@ -12,12 +12,12 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from spike.app.model import kv
-from spike.app.store.sql_store import MetaRow
+from spike.app.store.sql_store import MetaRow, VersionRow
 from spike.app.store.statements import SQL
 
 _SELECT_META = (
     "SELECT current_version, oldest_version, max_versions, cas_required, created_at, updated_at, "
-    "custom_metadata FROM secret WHERE path = ?"
+    "custom_metadata, custom_term FROM secret WHERE path = ?"
 )
 # For a write: the secret's metadata and stored versions ("1,2,3"), in one statement.
 _SELECT_FOR_WRITE = (
@@ -26,7 +26,8 @@ _SELECT_FOR_WRITE = (
     "FROM secret AS s WHERE s.path = ?"
 )
 _SELECT_VERSION_INFO = (
-    "SELECT version, created_at, deleted_at, sealed IS NULL FROM secret_version WHERE path = ? ORDER BY version"
+    "SELECT version, created_at, deleted_at, sealed IS NULL, key_term, key_epoch FROM secret_version "
+    "WHERE path = ? ORDER BY version"
 )
 
 
@@ -51,12 +52,12 @@ class SqliteDialect:
         meta = kv.SecretMeta(path, current, oldest, max_versions, bool(cas_required), created, updated)
         return meta, [int(v) for v in versions.split(",")] if versions else []
 
-    def read_metadata(self, conn: sqlite3.Connection, path: str) -> tuple[MetaRow | None, list[kv.VersionInfo]]:
+    def read_metadata(self, conn: sqlite3.Connection, path: str) -> tuple[MetaRow | None, list[VersionRow]]:
         row = conn.execute(_SELECT_META, (path,)).fetchone()
         if row is None:
             return None, []
         versions = conn.execute(_SELECT_VERSION_INFO, (path,)).fetchall()
-        return row, [kv.VersionInfo(v, c, d, bool(x)) for v, c, d, x in versions]
+        return row, [(v, c, d, bool(x), t, e) for v, c, d, x, t, e in versions]
 
     def pipeline(self, conn: sqlite3.Connection) -> AbstractContextManager[Any]:
         return _NO_PIPELINE

@@ -26,7 +26,7 @@ _POLICY_COLUMNS = "SELECT id, name, sealed, created_at, updated_at FROM policy"
 class Statements:
     # reads
     value: str = (
-        "SELECT v.version, v.sealed, v.deleted_at, v.key_epoch FROM secret AS s "
+        "SELECT v.version, v.sealed, v.deleted_at, v.key_epoch, v.key_term FROM secret AS s "
         "JOIN secret_version AS v ON v.path = s.path "
         "AND v.version = CASE WHEN :version = 0 THEN s.current_version ELSE :version END WHERE s.path = :path"
     )
@@ -55,8 +55,8 @@ class Statements:
         "ON CONFLICT (path) DO UPDATE SET current_version = :version, oldest_version = :oldest, updated_at = :now"
     )
     put_version: str = (
-        "INSERT INTO secret_version (path, version, sealed, created_at, deleted_at, key_epoch) "
-        "VALUES (:path, :version, :sealed, :now, NULL, :epoch)"
+        "INSERT INTO secret_version (path, version, sealed, created_at, deleted_at, key_epoch, key_term) "
+        "VALUES (:path, :version, :sealed, :now, NULL, :epoch, :term)"
     )
     prune_versions: str = "DELETE FROM secret_version WHERE path = :path AND version = ANY(:versions)"
     # Marks leave destroyed versions alone.
@@ -81,7 +81,8 @@ class Statements:
     update_metadata: str = (
         "UPDATE secret SET max_versions = COALESCE(:max_versions, max_versions), "
         "cas_required = COALESCE(:cas_required, cas_required), "
-        "custom_metadata = COALESCE(:custom, custom_metadata), updated_at = :now WHERE path = :path"
+        "custom_metadata = COALESCE(:custom, custom_metadata), custom_term = COALESCE(:custom_term, custom_term), "
+        "updated_at = :now WHERE path = :path"
     )
     delete_path: str = "DELETE FROM secret WHERE path = :path"
     delete_versions: str = "DELETE FROM secret_version WHERE path = :path"
@@ -89,12 +90,13 @@ class Statements:
     # policy writes
     policy_named: str = "SELECT id FROM policy WHERE name = :name"
     policy_count: str = "SELECT count(*) FROM policy"
-    replace_policy: str = "UPDATE policy SET sealed = :sealed, updated_at = :now WHERE id = :id"
+    replace_policy: str = "UPDATE policy SET sealed = :sealed, key_term = :term, updated_at = :now WHERE id = :id"
     insert_policy: str = (
-        "INSERT INTO policy (id, name, sealed, created_at, updated_at) VALUES (:id, :name, :sealed, :now, :now)"
+        "INSERT INTO policy (id, name, sealed, created_at, updated_at, key_term) "
+        "VALUES (:id, :name, :sealed, :now, :now, :term)"
     )
     delete_policy: str = "DELETE FROM policy WHERE id = :id"
-    reseal_policy: str = "UPDATE policy SET sealed = :sealed WHERE id = :id AND sealed = :expected"
+    reseal_policy: str = "UPDATE policy SET sealed = :sealed, key_term = :term WHERE id = :id AND sealed = :expected"
     # Bumped in the transaction of every policy write: other instances reload their policies when it moves.
     bump_policies: str = "UPDATE policy_version SET version = version + 1 WHERE id = 1"
 
