@@ -280,7 +280,7 @@ class RotatingNode:
         self.lifecycle = KeyLifecycle(
             self.driver,
             self.store,
-            wrap_keyring=lambda key, epoch: b"",
+            wrap_keyring=lambda key, epoch: self.backend.keyring().wrap(key, epoch),
             offload=self.offload,
             to_wall=lambda moment: 1_800_000_000.0 + moment,
             rotate_every=self.rotate_every,

@@ -18,7 +18,17 @@ import pytest
 from prometheus_client import generate_latest
 from rotation_rig import INTERVAL, TRUST, RotatingNode
 
-from spike.app.api.messages import BOOTSTRAP_INIT_PATH, RECOVER_PATH, ROTATE_PATH, STATUS_PATH, InitRequest, StatusBody
+from spike.app.api.messages import (
+    BOOTSTRAP_INIT_PATH,
+    CIPHER_DECRYPT_PATH,
+    CIPHER_ENCRYPT_PATH,
+    RECOVER_PATH,
+    ROTATE_PATH,
+    SECRETS_PATH,
+    STATUS_PATH,
+    InitRequest,
+    StatusBody,
+)
 from spike.app.commands.status import EXIT_RECOVERY_STALE, exit_code, render
 from spike.app.nexus.lifecycle import epochs_since
 from spike.app.nexus.server import ClusterWatch
@@ -171,10 +181,12 @@ def test_a_nexus_without_its_key_answers_not_ready(node: RotatingNode) -> None:
 def test_a_rotation_the_store_refuses_is_not_started_and_says_why(node: RotatingNode) -> None:
     other = RotatingNode(node.data_dir.parent / "other")  # the same deployment: another instance's rotation
     try:
-        theirs = other.custody.start_rotation(other.clock, key=RootKey(bytes(range(7, 39))))
+        their_key = RootKey(bytes(range(7, 39)))
+        theirs = other.custody.start_rotation(other.clock, key=their_key)
     finally:
         other.close()
-    assert node.backend.persist_rotation(theirs, b"")  # stored first by the other instance
+    wrapped = node.backend.keyring().wrap(their_key, theirs.record.epoch)
+    assert node.backend.persist_rotation(theirs, wrapped)  # stored first by the other instance
     code, body = rotate(node)
     assert code == 409 and "not started: another key rotation is stored" in str(body["reason"])
     assert node.custody.rotation is None and node.backend.load_rotation_state()[0] == theirs
@@ -409,3 +421,24 @@ def test_bootstrap_force_during_a_rotation_deletes_it_and_epochs_are_not_reused(
     assert node.custody.phase is Phase.READY and node.custody.record == node.backend.load_key_record()
     assert node.custody.record.epoch == 3  # type: ignore[union-attr]
     assert rotate(node)[1]["rotation"]["to_epoch"] == 4  # type: ignore[index]
+
+
+def test_secrets_and_ciphertexts_from_before_read_back_after_rotations_and_a_restart(node: RotatingNode) -> None:
+    """The root key wraps the keyring only: values sealed before any number of rotations still open."""
+    put = {"path": "app/db", "values": {"password": "before-the-rotation"}}
+    assert node.call(SECRETS_PATH, put).status == 200
+    sealed = node.call(CIPHER_ENCRYPT_PATH, {"plaintext": "aGVsbG8="})
+    assert sealed.status == 200
+    for epoch in (2, 3):
+        assert rotate(node)[0] == 200
+        node.run_for(INTERVAL * 6, stop=lambda epoch=epoch: node.committed(epoch))  # type: ignore[misc]
+        assert node.committed(epoch)
+        got = node.call(SECRETS_PATH, {"path": "app/db"}, action="get")
+        assert got.status == 200 and json.loads(got.body)["data"] == {"password": "before-the-rotation"}
+        opened = node.call(CIPHER_DECRYPT_PATH, json.loads(sealed.body))
+        assert opened.status == 200 and json.loads(opened.body)["plaintext"] == "aGVsbG8="
+    node.restart()
+    node.run_for(INTERVAL * 2, stop=lambda: node.custody.phase is Phase.READY)
+    got = node.call(SECRETS_PATH, {"path": "app/db"}, action="get")
+    assert got.status == 200 and json.loads(got.body)["data"] == {"password": "before-the-rotation"}
+    assert node.call(CIPHER_DECRYPT_PATH, json.loads(sealed.body)).status == 200

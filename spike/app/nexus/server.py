@@ -187,7 +187,7 @@ class KeyUsers:
         ):
             # The new key is in force (this instance's commit, or one it followed): the keyring is now
             # the one wrapped under it.  The data keys are the same: nothing is re-encrypted.
-            self._secrets.unlock(Sealer(self._custody.root_key), report.to_epoch)
+            self._secrets.unlock(self._custody.root_key, report.to_epoch)
         elif isinstance(report, PhaseChanged) and report.previous is Phase.READY:
             self._secrets.lock()
             self._cipher.lock()
@@ -613,8 +613,7 @@ def wrap_keyring(secrets: Backend) -> Callable[[RootKey, int], bytes]:
     """The keyring in force, wrapped under a rotation's new root key (stored with the pending rotation)."""
 
     def wrap(key: RootKey, epoch: int) -> bytes:
-        keyring = getattr(secrets, "keyring", None)  # the store's keyring (keyring step 2)
-        return b"" if keyring is None else bytes(keyring().wrap(key, epoch))
+        return secrets.keyring().wrap(key, epoch)
 
     return wrap
 
