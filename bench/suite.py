@@ -766,38 +766,43 @@ class Suite:
         finally:
             http.close()
 
-    def rotate_bao(self) -> float:
-        """`bao operator rotate`: a new encryption key term for the barrier (PUT /v1/sys/rotate)."""
+    def rotate_bao(self, what: str = "root") -> float:
+        """OpenBao's rotations (2.4+): `root` a new root key (POST /v1/sys/rotate/root, the unseal shares
+        unchanged), `keyring` a new encryption key term for the barrier (`bao operator rotate`)."""
         assert self.bao is not None
         http = Http(self.bao.port, self.bao.ctx, timeout=30.0)
+        path = "/v1/sys/rotate/root" if what == "root" else "/v1/sys/rotate/keyring"
         try:
             t0 = time.monotonic()
-            code, body = http.json("PUT", "/v1/sys/rotate", {}, {"X-Vault-Token": self.bao.root_token})
+            code, body = http.json("POST", path, {}, {"X-Vault-Token": self.bao.root_token})
             if code not in (200, 204):
-                raise RuntimeError(f"OpenBao sys/rotate answered HTTP {code}: {body}")
+                raise RuntimeError(f"OpenBao {path} answered HTTP {code}: {body}")
             return time.monotonic() - t0
         finally:
             http.close()
 
     def rekey_bao(self) -> float:
-        """`bao operator rekey`: new unseal key shares (5, threshold 3), three current keys given."""
+        """`bao operator rotate-keys` (was `rekey`): new unseal shares (5, threshold 3), three current keys given."""
         assert self.bao is not None
         http = Http(self.bao.port, self.bao.ctx, timeout=30.0)
         headers = {"X-Vault-Token": self.bao.root_token}
         try:
             t0 = time.monotonic()
-            code, body = http.json("PUT", "/v1/sys/rekey/init", {"secret_shares": 5, "secret_threshold": 3}, headers)
+            code, body = http.json(
+                "POST", "/v1/sys/rotate/root/init", {"secret_shares": 5, "secret_threshold": 3}, headers
+            )
             if code != 200:
-                raise RuntimeError(f"OpenBao rekey/init answered HTTP {code}: {body}")
-            nonce = body["nonce"]
+                raise RuntimeError(f"OpenBao sys/rotate/root/init answered HTTP {code}: {body}")
+            nonce = body.get("data", body)["nonce"]  # 2.4+ answers in `data`, as other sys/ endpoints do
             for key in self.bao.unseal_keys[:3]:
-                code, body = http.json("PUT", "/v1/sys/rekey/update", {"key": key, "nonce": nonce}, headers)
+                code, body = http.json("POST", "/v1/sys/rotate/root/update", {"key": key, "nonce": nonce}, headers)
                 if code != 200:
-                    raise RuntimeError(f"OpenBao rekey/update answered HTTP {code}: {body}")
+                    raise RuntimeError(f"OpenBao sys/rotate/root/update answered HTTP {code}: {body}")
             took = time.monotonic() - t0
-            if not body.get("complete"):
-                raise RuntimeError(f"OpenBao rekey did not complete: {body}")
-            self.bao.unseal_keys = list(body["keys_base64"])  # later restarts unseal with the new shares
+            done = body.get("data", body)
+            if not done.get("complete"):
+                raise RuntimeError(f"OpenBao's key rotation did not complete: {done}")
+            self.bao.unseal_keys = list(done["keys_base64"])  # later restarts unseal with the new shares
             return took
         finally:
             http.close()
@@ -809,9 +814,10 @@ class Suite:
             f"root key rotation, {stored:,} secrets stored",
             "s",
             "lower",
-            peer="OpenBao operator rotate",
+            peer="OpenBao sys/rotate/root",
             note="spike: POST /v1/operator/rotate until the status shows the new epoch in force (dealt at the "
-            f"keepers' polls, every {self.s.poll_interval:g}s); OpenBao: PUT /v1/sys/rotate (a new barrier key term)",
+            f"keepers' polls, every {self.s.poll_interval:g}s); OpenBao: POST /v1/sys/rotate/root (a new root key, "
+            "the same unseal shares)",
         )
         for n in range(self.s.rounds):
             for system in (SPIKE, BAO):
@@ -829,14 +835,19 @@ class Suite:
         say(f"rotation: time to rotate with {stored:,} secrets stored")
         self.rotation_time_row(stored)
         self.stored_for_rotation = stored
-        rekey = r.row("rekey", "rekey: new key shares", "s", "lower", peer="OpenBao operator rekey",
+        rekey = r.row("rekey", "rekey: new key shares", "s", "lower", peer="OpenBao operator rotate-keys",
                       note="spike: 2-of-3 -> 3-of-5 by configuration and SIGHUP, until in force (bench/rotation.py); "
-                      "OpenBao: rekey/init 5 shares threshold 3, then 3 unseal keys to rekey/update")  # fmt: skip
+                      "OpenBao: sys/rotate/root/init 5 shares threshold 3, then 3 unseal keys to .../update "
+                      "(bao operator rotate-keys, formerly rekey)")  # fmt: skip
+        keyring = r.row("rotate_keyring", "encryption key term rotation", "s", "lower",
+                        peer="OpenBao operator rotate",
+                        note="OpenBao: POST /v1/sys/rotate/keyring; spike: operator rotate --data-key")  # fmt: skip
         for _ in range(s.rounds):
             try:
                 rekey.add(BAO, self.rekey_bao())
+                keyring.add(BAO, self.rotate_bao("keyring"))
             except Exception as exc:
-                r.problem(f"OpenBao rekey failed: {exc}")
+                r.problem(f"OpenBao rotate-keys or keyring rotation failed: {exc}")
         self.rotation_load_rows()
         out_file = self.workdir / "rotation-rows.json"
         say(f"rotation: keepers {s.rotation_counts} (bench/rotation.py)")
@@ -884,7 +895,7 @@ class Suite:
                 r.row(f"{op}_16_{when}", f"{name} 16 conns {what}", "req/s", "higher")
                 r.row(f"{op}_16_{when}_p99", f"{name} 16 conns {what}: p99", "ms", "lower")
         counts = r.row("rotations_under_load", "rotations committed per load run", "count", "higher",
-                       note="spike: back to back, each to its commit; OpenBao: sys/rotate once a second")  # fmt: skip
+                       note="spike: back to back, to each commit; OpenBao: sys/rotate/root each second")  # fmt: skip
         for n in range(s.rounds):
             say(f"round {n + 1}/{s.rounds}: GET and PUT with and without rotations going on")
             for op, name in plans:
@@ -892,36 +903,52 @@ class Suite:
                     for system in (SPIKE, BAO):
                         stop = threading.Event()
                         done: list[int] = []
-                        rotator = None
-                        if when == "rotating":
-                            rotator = threading.Thread(target=self._keep_rotating, args=(system, stop, done))
-                            rotator.start()
+                        # The same watcher in both (a status read every 0.25 s for spike): only rotations differ.
+                        rotate = when == "rotating"
+                        rotator = threading.Thread(target=self._keep_rotating, args=(system, stop, done, rotate))
+                        rotator.start()
                         try:
                             out = self.load(system, op, 16, s.load_seconds, label=f"{name} 16 {when}")
                         finally:
                             stop.set()
-                            if rotator is not None:
-                                rotator.join(timeout=120)
+                            rotator.join(timeout=120)
                         if out is None:
                             continue
                         r.rows[f"{op}_16_{when}"].add(system, out["throughput"])
                         r.rows[f"{op}_16_{when}_p99"].add(system, out["p99_ms"])
-                        if rotator is not None:
+                        if rotate:
                             counts.add(system, len(done))
 
-    def _keep_rotating(self, system: str, stop: threading.Event, done: list[int]) -> None:
-        while not stop.is_set():
-            try:
-                if system == SPIKE:
-                    self.rotate_spike(every=0.1)  # a light watch: the load run is what is measured
-                else:
-                    self.rotate_bao()
+    def _keep_rotating(self, system: str, stop: threading.Event, done: list[int], rotate: bool) -> None:
+        """spike: rotations back to back, each followed to its commit by reading the status every 0.25 s (without
+        `rotate`: the same reads, no rotation); OpenBao: a root key rotation once a second (or nothing)."""
+        assert self.spike is not None
+        http = Http(self.spike.nexus_port, self.spike.pilot_ctx, timeout=30.0)
+        try:
+            while not stop.is_set():
+                if system == BAO:
+                    if rotate:
+                        self.rotate_bao("root")
+                        done.append(1)
                     stop.wait(1.0)
-            except Exception as exc:
-                self.results.problem(f"a rotation under load failed ({system}): {exc}")
-                return
-            if not stop.is_set():
-                done.append(1)
+                    continue
+                before = self.spike.status(http)
+                if rotate and before and before.get("rotation") is None:
+                    code, body = http.json("POST", "/v1/operator/rotate", {})
+                    if code != 200:
+                        raise RuntimeError(f"rotate answered HTTP {code}: {body}")
+                    while True:
+                        stop.wait(0.25)
+                        now = self.spike.status(http)
+                        if now and now["epoch"] > before["epoch"] and now.get("rotation") is None:
+                            done.append(1)
+                            break
+                else:
+                    stop.wait(0.25)
+        except Exception as exc:
+            self.results.problem(f"a rotation under load failed ({system}): {exc}")
+        finally:
+            http.close()
 
     def postgres_rows(self) -> None:
         """One vs two Nexus instances on one PostgreSQL (bench/postgres_rows.py, its own cluster)."""
