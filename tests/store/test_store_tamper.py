@@ -17,7 +17,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from store_helpers import OTHER_KEY, WAIT, open_store, raw_db
+from store_helpers import OTHER_KEY, ROOT_KEY, WAIT, open_store, raw_db
 
 from spike.app.api.messages import SECRETS_METADATA_PATH, SECRETS_PATH
 from spike.app.nexus.authorizer import Authorizer
@@ -28,6 +28,7 @@ from spike.app.store.sqlite import SecretStore
 from spike.app.store.sqlite_schema import DB_NAME
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.identity import Role, TrustDomains
+from spike.protocol.record import seal_key
 
 VALUE = "s3cr3t-VALUE-do-not-leak"
 OTHER = "another-VALUE-do-not-leak"
@@ -243,3 +244,75 @@ def test_sealing_uses_a_fresh_nonce_and_binds_path_and_version() -> None:
     for aad in (secret_aad("a/c", 1), secret_aad("a/b", 2), secret_aad("a/b/", 1)):
         with pytest.raises(TamperedData):
             sealer.open(first, aad)
+
+
+# ---------------------------------------------------------------------- the keyring (spike/app/store/keyring.py)
+
+
+def set_term(data_dir: Path, path: str, version: int, term: int, *, blob_too: bool) -> None:
+    """Relabel a value's data-key term in its row, and in its sealed blob's header if `blob_too`."""
+    with raw_db(data_dir) as db:
+        if blob_too:
+            blob = sealed_of(data_dir, path, version)
+            db.execute(
+                "UPDATE secret_version SET sealed = ? WHERE path = ? AND version = ?",
+                (blob[:1] + term.to_bytes(4, "big") + blob[5:], path, version),
+            )
+        db.execute("UPDATE secret_version SET key_term = ? WHERE path = ? AND version = ?", (term, path, version))
+
+
+def test_a_value_naming_a_term_this_database_never_had_is_refused(
+    filled: SecretStore, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Newer than any term held: the stored keyring is read again (another instance may have made it), and
+    since it does not hold it either, the value is refused as tampered with."""
+    set_term(data_dir, "app/db", 2, filled.keyring().active + 5, blob_too=True)
+    assert_refused(filled, caplog, "app/db")
+
+
+def test_a_value_relabelled_with_another_term_that_exists_is_refused(
+    filled: SecretStore, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The term is in the authenticated header: the other term's key does not open it."""
+    filled.rotate_data_key()
+    set_term(data_dir, "app/db", 2, filled.keyring().active, blob_too=True)
+    assert_refused(filled, caplog, "app/db")
+
+
+def test_a_keyring_put_back_to_an_older_copy_is_refused(filled: SecretStore, data_dir: Path) -> None:
+    """Rolling the keyring back to before a data-key rotation (to drop the newest term) opens nothing."""
+    with raw_db(data_dir) as db:
+        (older,) = db.execute("SELECT keyring FROM key_record").fetchone()
+    filled.rotate_data_key()
+    filled.put("app/db", {"password": VALUE + "-3"}, None).result(WAIT)
+    with raw_db(data_dir) as db:
+        db.execute("UPDATE key_record SET keyring = ?", (older,))
+    again = open_store(data_dir)
+    try:
+        with pytest.raises(StorageError, match="replaced with an older copy"):
+            again.get("app/db", 1)
+    finally:
+        again.close()
+
+
+def test_a_keyring_wrapped_for_another_epoch_is_refused(filled: SecretStore, data_dir: Path) -> None:
+    """The epoch is bound into the wrapping: a keyring moved from another record's epoch opens nothing."""
+    record, _ = seal_key(ROOT_KEY, epoch=2, threshold=2, keeper_ids=[1, 2, 3])
+    with raw_db(data_dir) as db:
+        db.execute("UPDATE key_record SET epoch = 2, record = ?", (msgspec.json.encode(record),))
+        (wrapped,) = db.execute("SELECT keyring FROM key_record").fetchone()
+    again = open_store(data_dir, epoch=2)
+    try:
+        with pytest.raises(StorageError, match="wrapped under the root key of epoch 1, not 2"):
+            again.get("app/db", 1)
+    finally:
+        again.close()
+    # Its clear header rewritten to say epoch 2: the header is authenticated, nothing opens.
+    with raw_db(data_dir) as db:
+        db.execute("UPDATE key_record SET keyring = ?", (wrapped[:1] + (2).to_bytes(8, "big") + wrapped[9:],))
+    again = open_store(data_dir, epoch=2)
+    try:
+        with pytest.raises(StorageError, match="does not open with the root key of epoch 2"):
+            again.get("app/db", 1)
+    finally:
+        again.close()

@@ -69,6 +69,25 @@ class ClusterState:
     rewrap_target: int | None = None  # a re-wrap of stored values to this term is under way
 
 
+@dataclass(frozen=True, slots=True)
+class KeyringStatus:
+    """The data keys, for `spike status` and metrics: no key in it."""
+
+    active_term: int  # new values are sealed under it
+    terms: tuple[tuple[int, float], ...]  # every term held and when it was made, oldest first
+    values_by_term: dict[int, int]  # stored values (versions, custom metadata, policies) per term, from the rows
+    rewrap_target: int | None  # a re-wrap to this term is under way (stored: it resumes after a restart)
+    rewrapping: bool  # this instance runs it now
+    rewrapped: int  # values this instance sealed again since it started
+
+    @property
+    def rewrap_remaining(self) -> int:
+        """Stored values below the term a re-wrap is under way to (0 without one)."""
+        if self.rewrap_target is None:
+            return 0
+        return sum(n for term, n in self.values_by_term.items() if term < self.rewrap_target)
+
+
 class Sealing(Protocol):
     """The keyring of data keys everything stored is sealed with (keyring.py): none until `unlock`, none again
     after `lock`."""
@@ -94,6 +113,23 @@ class Sealing(Protocol):
 
     def open_value(self, sealed: bytes, aad: bytes) -> bytes:
         """A sealed value's plaintext: `TamperedData`, or `DataKeyGone` for a data key that no longer exists."""
+        ...
+
+    def reload_keyring(self) -> Keyring:
+        """Read the stored keyring again (another instance may have added a term)."""
+        ...
+
+    def rotate_data_key(self, *, rewrap: bool = False) -> int:
+        """Add a data-key term for new values (one write); with `rewrap`, seal stored values again under it in the
+        background.  The new term; `RotationUnderWay` (409) while a root key rotation is stored."""
+        ...
+
+    def rewrap(self) -> int:
+        """Start a background re-wrap of stored values to the newest term; the term."""
+        ...
+
+    def keyring_status(self, *, fresh: bool = False) -> KeyringStatus:
+        """The data-key terms and the re-wrap's progress (blocking: it counts the rows)."""
         ...
 
 

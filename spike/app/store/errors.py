@@ -2,7 +2,8 @@
 
 The API maps them once: `DatabaseUnavailable` answers 503 (try again, nothing was written),
 `OutcomeUnknown` answers 503 too but says the write may have happened, `EpochUsed` (a bootstrap
-with an epoch already used) is a 409, and any other
+with an epoch already used) and `RotationUnderWay` (a data-key rotation while a root key
+rotation is stored) are a 409, and any other
 `StorageError` is a 500 whose message goes to the log.
 """
 
@@ -23,3 +24,7 @@ class OutcomeUnknown(StorageError):
 
 class EpochUsed(StorageError):
     """A key record whose epoch is not above every epoch the deployment used: refused, nothing changed (409)."""
+
+
+class RotationUnderWay(StorageError):
+    """The data key cannot change while a root key rotation is stored (its keyring is wrapped already): 409."""

@@ -35,7 +35,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import msgspec
 
 from spike.app.store.backend import ClusterState
-from spike.app.store.errors import EpochUsed, StorageError
+from spike.app.store.errors import EpochUsed, RotationUnderWay, StorageError
 from spike.app.store.keyring import Keyring, wrapped_header
 from spike.app.store.statements import rendered
 from spike.protocol.material import RootKey
@@ -106,10 +106,6 @@ class KeyStatements:
 
 
 KEY_SQL = KeyStatements()
-
-
-class RotationUnderWay(StorageError):
-    """The data key cannot change while a root key rotation is stored: its keyring is wrapped already (409)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,15 +348,27 @@ class KeyState(ABC, Generic[C]):
                 raise StorageError(f"the stored key record is of epoch {state.record.epoch}, not {epoch}")
             return state.keyring
 
-        stored = usable(self._key_read(self._state))
+        def opened(state: _State, stored: bytes) -> Keyring:
+            keyring = Keyring.unwrap(stored, root_key, epoch, random_bytes)
+            if keyring.active != state.highest_term:
+                # Terms are only added, in the write that stores the keyring holding them: a keyring without
+                # the newest is an older copy put back.
+                raise StorageError(
+                    f"the stored keyring's newest data-key term is {keyring.active}, but term "
+                    f"{state.highest_term} was made: it was replaced with an older copy"
+                )
+            return keyring
+
+        state = self._key_read(self._state)
+        stored = usable(state)
         if stored is not None:
-            return Keyring.unwrap(stored, root_key, epoch, random_bytes)
+            return opened(state, stored)
 
         def make(conn: C) -> Keyring:
             state = self._state(conn)
             stored = usable(state)
             if stored is not None:  # another instance made it meanwhile
-                return Keyring.unwrap(stored, root_key, epoch, random_bytes)
+                return opened(state, stored)
             legacy = state.legacy_epoch if state.legacy_epoch == epoch else None
             keyring = Keyring.create(
                 root_key, term=state.highest_term + 1, legacy_epoch=legacy, now=now, random_bytes=random_bytes

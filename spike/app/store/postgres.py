@@ -25,7 +25,8 @@ and what a network does to a database:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -33,10 +34,18 @@ import psycopg
 
 from spike.app.model import kv
 from spike.app.store.errors import DatabaseUnavailable, StorageError
-from spike.app.store.key_state import KeyState, rendered_key_sql
+from spike.app.store.key_state import rendered_key_sql
 from spike.app.store.postgres_connections import UNAVAILABLE, Connections, one_line
 from spike.app.store.postgres_schema import migrate
-from spike.app.store.postgres_sql import LOCK, LOCK_EPOCH, LOCK_POLICIES, PostgresDialect, path_lock
+from spike.app.store.postgres_sql import (
+    LOCK,
+    LOCK_EPOCH,
+    LOCK_POLICIES,
+    LOCK_REWRAP,
+    TRY_LOCK,
+    PostgresDialect,
+    path_lock,
+)
 from spike.app.store.postgres_writer import GroupCommitWriter, WriteOp
 from spike.app.store.sql_store import SqlStore
 
@@ -47,7 +56,7 @@ STATEMENT_TIMEOUT_MS = 5000
 Conn = psycopg.Connection[Any]
 
 
-class PostgresBackend(SqlStore[Conn], KeyState[Conn]):
+class PostgresBackend(SqlStore[Conn]):
     """The storage `Backend` on a PostgreSQL database shared by any number of Nexus instances."""
 
     shared = True
@@ -112,7 +121,23 @@ class PostgresBackend(SqlStore[Conn], KeyState[Conn]):
 
         return self._db.query(change)
 
+    @contextlib.contextmanager
+    def _rewrap_claim(self) -> Iterator[bool]:
+        """One instance re-wraps at a time: the one holding a session lock, on a connection of its own for as
+        long as it runs (if it stops, its connection closes and another instance takes over)."""
+        try:
+            conn = self._db.connect(autocommit=True)
+        except UNAVAILABLE as exc:
+            raise self._db.health.failed(exc) from None
+        try:
+            row = conn.execute(TRY_LOCK, (LOCK_REWRAP,)).fetchone()
+            yield bool(row and row[0])
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+
     def close(self) -> None:
+        self._stop_rewrap()
         self._writer.close()
         self._readers.shutdown(wait=True)
         self._db.close()

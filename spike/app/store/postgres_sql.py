@@ -22,6 +22,7 @@ from spike.app.store.statements import SQL
 LOCK_EPOCH = 0x5350_494B_0001
 LOCK_POLICIES = 0x5350_494B_0002
 LOCK_MIGRATE = 0x5350_494B_0003
+LOCK_REWRAP = 0x5350_494B_0004  # a session lock: the instance holding it runs the re-wrap (data_keys.py)
 
 # For a write: the secret's metadata and stored versions, in one round trip.
 SELECT_FOR_WRITE = (
@@ -51,6 +52,7 @@ FIRST_TERM_AND_XID = "SELECT (SELECT first_term FROM key_record WHERE id = 1), p
 XACT_STATUS = "SELECT pg_xact_status(%s::xid8)"
 
 LOCK = "SELECT pg_advisory_xact_lock(%s)"
+TRY_LOCK = "SELECT pg_try_advisory_lock(%s)"
 
 
 def path_lock(path: str) -> int:

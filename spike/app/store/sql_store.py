@@ -30,14 +30,11 @@ The key record and the rotation state are `KeyState`'s (key_state.py).
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import msgspec
@@ -45,12 +42,10 @@ import msgspec
 from spike.app.model import kv
 from spike.app.model.policy import MAX_POLICIES
 from spike.app.store.backend import PolicyRow
-from spike.app.store.errors import StorageError
-from spike.app.store.key_state import C, Connection, KeyState
-from spike.app.store.keyring import LEGACY_TERM, Keyring, NewerTerm, term_of
-from spike.app.store.sealing import DataKeyGone, TamperedData, metadata_aad, secret_aad
+from spike.app.store.data_keys import DataKeys, label
+from spike.app.store.key_state import C, Connection
+from spike.app.store.sealing import DataKeyGone, metadata_aad, secret_aad
 from spike.app.store.statements import Statements
-from spike.protocol.material import RootKey
 
 log = logging.getLogger("spike.nexus.store")
 
@@ -61,9 +56,6 @@ _values_decoder = msgspec.json.Decoder(dict[str, str])
 
 
 C_contra = TypeVar("C_contra", bound=Connection, contravariant=True)
-
-# One write, run by the writer thread inside its transaction.
-WriteOp = Callable[[C], T]
 
 # current_version, oldest_version, max_versions, cas_required, created_at, updated_at, sealed custom metadata,
 # its data-key term
@@ -97,195 +89,20 @@ class Dialect(Protocol[C_contra]):
         ...
 
 
-def _label(sealed: bytes) -> int:
-    """The data-key term a row holding `sealed` is labelled with (a blob of no known format: the legacy term's
-    label, and it is refused as tampered with when read)."""
-    try:
-        return term_of(sealed)
-    except TamperedData:
-        return LEGACY_TERM
-
-
 class PolicyNameTaken(kv.InvalidRequest):
     status = 409
     code = "api_conflict"
 
 
-@dataclass(frozen=True, slots=True)
-class _Unlocked:
-    key: RootKey  # a copy, wiped when the store is locked or unlocked again
-    epoch: int
-
-
-# After a keyring failed to load (the database away), how long uses answer at once before one tries again.
-KEYRING_RETRY = 1.0
-
-
-class SqlStore(KeyState[C], ABC):
+class SqlStore(DataKeys[C], ABC):
     """Secrets and policies on a SQL database; a backend provides `_read`, `_submit`, the key state's
     `_key_read`/`_key_change` and its `Dialect`."""
 
     def __init__(self, dialect: Dialect[C], *, default_max_versions: int) -> None:
+        super().__init__()
         self._dialect = dialect
         self._sql = dialect.sql
         self.default_max_versions = default_max_versions
-        self._unlocked: _Unlocked | None = None
-        self._keyring: Keyring | None = None
-        self._keyring_lock = threading.Lock()
-        self._keyring_failed_at = -float("inf")
-        self._keyring_failure: StorageError | None = None
-        self.random_bytes: Callable[[int], bytes] = os.urandom
-
-    # ------------------------------------------------------------------ what a backend provides
-
-    @abstractmethod
-    def _read(self, work: Callable[[C], T], what: str) -> T:
-        """Run `work` on a connection for reads; `what` names what is read, for an error message."""
-
-    @abstractmethod
-    def _submit(self, op: WriteOp[C, T], *, path: str | None, term: int | None) -> Future[T]:
-        """Queue `op` for the writer; `path`: the secret it changes (None: the policies); `term`: the
-        data-key term it sealed under (None: it seals nothing)."""
-
-    # ------------------------------------------------------------------ the keyring
-
-    def unlock(self, root_key: RootKey, epoch: int) -> None:
-        """Seal and open with the keyring under `root_key`, the verified root key of the stored record (`epoch`).
-
-        Loads the stored keyring, or makes it the first time (key_state.py).
-        Call it again after a root key rotation is committed (this
-        instance's or another's), with the new key and epoch: the keyring is
-        the same, read again under the new key.  If it cannot be loaded now
-        (the database is away, the record is not stored yet) the store says so
-        at its next use, and tries again then.
-        """
-        unlocked = _Unlocked(RootKey(root_key.secret_bytes()), epoch)
-        with self._keyring_lock:
-            self._forget_key()
-            self._unlocked = unlocked
-            self._keyring_failure = None
-        try:
-            self._load_keyring(unlocked)
-        except StorageError as exc:
-            log.warning("the keyring could not be loaded yet (%s): tried again at its next use", exc)
-
-    def lock(self) -> None:
-        with self._keyring_lock:
-            self._forget_key()
-
-    def _forget_key(self) -> None:
-        if self._unlocked is not None:
-            self._unlocked.key.wipe()
-        self._unlocked = None
-        self._keyring = None
-
-    def keyring(self) -> Keyring:
-        """The keyring in use; `StorageError` while locked (or while it cannot be loaded)."""
-        keyring = self._keyring
-        if keyring is not None:
-            return keyring
-        unlocked = self._unlocked
-        if unlocked is None:
-            raise StorageError("the store is locked: no root key")
-        failure = self._keyring_failure
-        if failure is not None and time.monotonic() - self._keyring_failed_at < KEYRING_RETRY:
-            raise type(failure)(str(failure))  # as a moment ago, without asking the database again
-        return self._load_keyring(unlocked)
-
-    def _load_keyring(self, unlocked: _Unlocked) -> Keyring:
-        try:
-            keyring = self.open_keyring(unlocked.key, unlocked.epoch, now=time.time(), random_bytes=self.random_bytes)
-        except StorageError as exc:
-            self._keyring_failure, self._keyring_failed_at = exc, time.monotonic()
-            raise
-        self._keyring_failure = None
-        return self._use_keyring(unlocked, keyring)
-
-    def _use_keyring(self, unlocked: _Unlocked, keyring: Keyring) -> Keyring:
-        with self._keyring_lock:
-            if self._unlocked is not unlocked:  # locked or unlocked again meanwhile
-                raise StorageError("the store is locked: no root key")
-            current = self._keyring
-            if current is None or keyring.active >= current.active:
-                self._keyring = current = keyring
-            return current
-
-    def reload_keyring(self) -> Keyring:
-        """Read the stored keyring again (another instance may have added a term); the keyring in use."""
-        unlocked = self._unlocked
-        if unlocked is None:
-            raise StorageError("the store is locked: no root key")
-        return self._load_keyring(unlocked)
-
-    def rotate_data_key(self, *, rewrap: bool = False) -> int:
-        """Add a data-key term for new values, in one write; the new term.  Older terms stay readable.
-
-        With `rewrap`, stored values are then sealed again under it, in the
-        background (`rewrap_step`).  `RotationUnderWay` (409) while a root key
-        rotation is stored.
-        """
-        unlocked = self._unlocked
-        if unlocked is None:
-            raise StorageError("the store is locked: no root key")
-        keyring = self.add_data_term(
-            unlocked.key, unlocked.epoch, now=time.time(), rewrap=rewrap, random_bytes=self.random_bytes
-        )
-        return self._use_keyring(unlocked, keyring).active
-
-    def sealer(self) -> Keyring:
-        """What values are sealed and opened with (the keyring); `StorageError` while locked."""
-        return self.keyring()
-
-    def seal_value(self, plaintext: bytes, aad: bytes) -> bytes:
-        """`plaintext` sealed under the newest data-key term, bound to `aad`."""
-        return self.keyring().seal(plaintext, aad)
-
-    def open_value(self, sealed: bytes, aad: bytes) -> bytes:
-        """A sealed value's plaintext; `TamperedData`, `DataKeyGone`, or `StorageError` while locked."""
-        keyring = self.keyring()
-        try:
-            return keyring.open(sealed, aad)
-        except NewerTerm:
-            pass
-        try:  # another instance rotated the data key: its keyring is stored
-            return self.reload_keyring().open(sealed, aad)
-        except NewerTerm as exc:
-            raise TamperedData(f"{exc}, which the stored keyring does not hold either") from None
-
-    def _sealing(self) -> tuple[Keyring, int, int]:
-        """What a write seals with now, the data-key term its row is labelled with, and the root key epoch."""
-        keyring = self.keyring()
-        unlocked = self._unlocked
-        return keyring, keyring.active, 0 if unlocked is None else unlocked.epoch
-
-    def _open(self, sealed: bytes, aad: bytes, term: int, what: str, key_epoch: int | None = None) -> bytes:
-        """A stored value's plaintext, after checking that its row's term (and key epoch) match its blob."""
-        try:
-            self._check_label(sealed, term, key_epoch)
-            return self.open_value(sealed, aad)
-        except TamperedData as exc:
-            raise TamperedData(f"{what}: {exc} (tampered with, or moved from another path)") from None
-        except DataKeyGone as exc:
-            raise DataKeyGone(f"{what} was {exc}; write it again") from None
-
-    def _check_label(self, sealed: bytes, term: int, key_epoch: int | None) -> None:
-        named = term_of(sealed)
-        if named != term:
-            raise TamperedData(f"labelled with data-key term {term}, but sealed under term {named}")
-        if term == LEGACY_TERM and key_epoch is not None:
-            legacy = self.keyring().legacy_epoch
-            if legacy is not None and key_epoch != legacy:
-                raise DataKeyGone(
-                    f"sealed under the root key of epoch {key_epoch}, which no longer exists: it was replaced "
-                    "(bootstrap --force)"
-                )
-
-    def _gone(self, term: int, key_epoch: int | None) -> bool:
-        """Whether a value labelled with `term` (and `key_epoch`) was sealed under a data key that no longer exists."""
-        keyring = self.keyring()
-        if term == LEGACY_TERM:
-            return keyring.legacy_epoch is None or (key_epoch is not None and key_epoch != keyring.legacy_epoch)
-        return term < keyring.first
 
     # ------------------------------------------------------------------ secret reads
     # sqlite3 and psycopg both give BLOB/bytea columns as bytes: rows are used as they come.
@@ -475,7 +292,7 @@ class SqlStore(KeyState[C], ABC):
                     raise PolicyNameTaken(f"a policy named {name} exists")
                 (policy_id,) = row
                 sealed = seal(policy_id)
-                params = {"id": policy_id, "sealed": sealed, "now": now, "term": _label(sealed)}
+                params = {"id": policy_id, "sealed": sealed, "now": now, "term": label(sealed)}
                 conn.execute(sql.replace_policy, params)
                 conn.execute(sql.bump_policies, {})
                 return policy_id, False
@@ -484,7 +301,7 @@ class SqlStore(KeyState[C], ABC):
                 raise kv.InvalidRequest(f"at most {MAX_POLICIES} policies")
             policy_id = new_id()
             sealed = seal(policy_id)
-            row = {"id": policy_id, "name": name, "sealed": sealed, "now": now, "term": _label(sealed)}
+            row = {"id": policy_id, "name": name, "sealed": sealed, "now": now, "term": label(sealed)}
             conn.execute(sql.insert_policy, row)
             conn.execute(sql.bump_policies, {})
             return policy_id, True
@@ -504,7 +321,7 @@ class SqlStore(KeyState[C], ABC):
         return self._submit(op, path=None, term=None)
 
     def policy_reseal(self, policy_id: str, expected: bytes, sealed: bytes) -> Future[bool]:
-        term = _label(sealed)
+        term = label(sealed)
         sql = self._sql
 
         def op(conn: C) -> bool:

@@ -164,6 +164,7 @@ class SecretStore(SqlStore[sqlite3.Connection]):
             future.set_exception(error)
 
     def close(self) -> None:
+        self._stop_rewrap()
         self._queue.stop()
         self._writer.join(timeout=10)
         self._reader.close()

@@ -100,6 +100,35 @@ class Statements:
     # Bumped in the transaction of every policy write: other instances reload their policies when it moves.
     bump_policies: str = "UPDATE policy_version SET version = version + 1 WHERE id = 1"
 
+    # Re-wrap (data_keys.py): stored values below a data-key term, page by page in key order, and each
+    # sealed again only if it is still what was read (a write meanwhile wins).
+    rewrap_versions: str = (
+        "SELECT path, version, sealed, key_term, key_epoch FROM secret_version "
+        "WHERE (path, version) > (:path, :version) AND key_term < :target AND sealed IS NOT NULL "
+        "ORDER BY path, version LIMIT :limit"
+    )
+    rewrap_version: str = (
+        "UPDATE secret_version SET sealed = :new, key_term = :term "
+        "WHERE path = :path AND version = :version AND sealed = :old"
+    )
+    rewrap_customs: str = (
+        "SELECT path, custom_metadata, custom_term FROM secret "
+        "WHERE path > :path AND custom_term < :target AND custom_metadata IS NOT NULL ORDER BY path LIMIT :limit"
+    )
+    rewrap_custom: str = (
+        "UPDATE secret SET custom_metadata = :new, custom_term = :term WHERE path = :path AND custom_metadata = :old"
+    )
+    rewrap_policies: str = (
+        "SELECT id, name, sealed, key_term FROM policy WHERE id > :path AND key_term < :target ORDER BY id LIMIT :limit"
+    )
+    rewrap_policy: str = "UPDATE policy SET sealed = :new, key_term = :term WHERE id = :path AND sealed = :old"
+    # Stored values per data-key term: what a re-wrap has left to do, derived from the rows themselves.
+    versions_by_term: str = "SELECT key_term, count(*) FROM secret_version WHERE sealed IS NOT NULL GROUP BY key_term"
+    customs_by_term: str = (
+        "SELECT custom_term, count(*) FROM secret WHERE custom_metadata IS NOT NULL GROUP BY custom_term"
+    )
+    policies_by_term: str = "SELECT key_term, count(*) FROM policy GROUP BY key_term"
+
     def rendered(self, parameter: str, versions: str) -> Statements:
         """These statements with `:name` written as `parameter % name` and `= ANY(:name)` as `versions % name`."""
         return rendered(self, parameter, versions)
