@@ -222,6 +222,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     rot = op.add_parser("rotate", help="rotate the root key: new epoch, new shards, old ones retired (superuser)")
     rot.add_argument("--abort", action="store_true", help="give up the rotation being dealt instead")
     rot.add_argument(
+        "--data-key", action="store_true", help="rotate the data key instead: a new term for new values (one write)"
+    )
+    rot.add_argument(
+        "--rewrap",
+        action="store_true",
+        help="re-seal stored values under the newest data-key term, in the background (with --data-key: the new one)",
+    )
+    rot.add_argument(
         "--no-wait", action="store_true", help="return once the rotation is stored, without waiting for the commit"
     )
     rot.add_argument("--timeout", metavar="DUR", default="5m", help="how long to wait for the commit (default 5m)")
@@ -353,6 +361,10 @@ def _operator(args: argparse.Namespace) -> int:
             from spike.app.commands import rotate
 
             wait = None if args.no_wait else cfg.parse_duration(args.timeout, "--timeout")
+            if args.abort and (args.data_key or args.rewrap):
+                raise CommandError("--abort gives up a root key rotation: not with --data-key or --rewrap", exit_code=2)
+            if args.data_key or args.rewrap:
+                return rotate.data_key(client, rotate_term=args.data_key, rewrap=args.rewrap, say=print)
             return rotate.run(client, abort=args.abort, wait=wait, say=print)
         if args.file is not None:
             try:

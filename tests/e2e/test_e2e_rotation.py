@@ -221,3 +221,25 @@ def test_a_keeper_removed_by_a_reload_is_told_to_forget_and_no_longer_polled(
     assert c.held_epochs(3) == ()  # told to forget: it holds nothing usable
     settled(c, 2, keepers=(1, 2, 4))
     book.check(c)
+
+
+def test_data_key_rotation_and_rewrap_through_the_cli(ready_cluster: Cluster) -> None:
+    c = ready_cluster
+    book = Secrets()
+    book.put(c, 20, "before")
+    result = c.rotate("--data-key", "--rewrap")
+    assert result.returncode == 0, result
+    said = result.stdout.splitlines()
+    assert re.fullmatch(r"data key rotated: new values are sealed under term \d+; older terms stay readable", said[0])
+    assert said[1].startswith("stored values are re-wrapped to term ")
+    term = int(said[0].split("term ")[1].split(";")[0])
+    _, status = c.wait_status(
+        lambda s: s["keyring"] is not None and s["keyring"]["rewrap_remaining"] == 0, "the re-wrap done", 30.0
+    )
+    assert status["keyring"]["term"] == term
+    assert {int(t) for t in status["keyring"]["values_by_term"]} == {term}  # every value moved to the new term
+    shown = c.run("status")
+    assert f"data key term {term}" in shown.stdout
+    book.check(c)
+    both = c.rotate("--abort", "--data-key")
+    assert both.returncode == 2 and "not with --data-key" in both.stderr

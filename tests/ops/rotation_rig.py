@@ -134,6 +134,17 @@ class FlakyStore:
     def cluster_state(self) -> Any:
         return self.backend.cluster_state()
 
+    def rotate_data_key(self, *, rewrap: bool = False) -> int:
+        self._maybe_fail("data key")
+        return self.backend.rotate_data_key(rewrap=rewrap)
+
+    def rewrap(self) -> int:
+        self._maybe_fail("rewrap")
+        return self.backend.rewrap()
+
+    def keyring_status(self, *, fresh: bool = False) -> Any:
+        return self.backend.keyring_status(fresh=fresh)
+
 
 class SyncDriver:
     """Stands in for `CustodyDriver`: requests are answered at once by in-memory keepers (unless down)."""
@@ -276,7 +287,10 @@ class RotatingNode:
         self.cipher = CipherApi()
         self.policies = PolicyStore(self.backend)
         self.authorizer = Authorizer(TRUST, self.policies)
-        self.metrics = NexusMetrics(lambda: self.custody, self.driver.keeper_urls, lambda: self.clock)
+        self.metrics = NexusMetrics(
+            lambda: self.custody, self.driver.keeper_urls, lambda: self.clock,
+            keyring=lambda: self.lifecycle.refresh_keyring(),  # noqa: PLW0108 - made just below
+        )  # fmt: skip
         self.lifecycle = KeyLifecycle(
             self.driver,
             self.store,
@@ -341,6 +355,7 @@ class RotatingNode:
     def call(self, path: str, body: Any = None, *, peer: Any = SUPERUSER, action: str = "") -> ApiResponse:
         raw = body if isinstance(body, bytes) else msgspec.json.encode({} if body is None else body)
         reply = self.api(ApiRequest("POST", path, peer, raw, f"action={action}" if action else "", "application/json"))
+        self.driver.dispatch()  # what the event loop would run next: store calls handed off by the request
         return reply.result(WAIT) if isinstance(reply, Future) else reply
 
     def logs(self) -> str:

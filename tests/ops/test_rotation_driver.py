@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -442,3 +443,45 @@ def test_secrets_and_ciphertexts_from_before_read_back_after_rotations_and_a_res
     got = node.call(SECRETS_PATH, {"path": "app/db"}, action="get")
     assert got.status == 200 and json.loads(got.body)["data"] == {"password": "before-the-rotation"}
     assert node.call(CIPHER_DECRYPT_PATH, json.loads(sealed.body)).status == 200
+
+
+# ---------------------------------------------------------------- the data key
+
+
+def test_data_key_rotation_adds_a_term_and_a_rewrap_moves_every_value_to_it(node: RotatingNode) -> None:
+    for n in range(5):
+        assert node.call(SECRETS_PATH, {"path": f"app/{n}", "values": {"v": str(n)}}).status == 200
+    shown = status(node)["keyring"]
+    assert isinstance(shown, dict)
+    first = shown["term"]
+    assert shown["values_by_term"] == {str(first): 5} and shown["rewrap_target"] is None
+    code, body = rotate(node, {"data_key": True})
+    assert code == 200 and body["data_term"] == first + 1 and "rewrap_target" not in body  # type: ignore[operator]
+    assert node.call(SECRETS_PATH, {"path": "app/new", "values": {"v": "new"}}).status == 200
+    counted = node.lifecycle.keyring_status()
+    assert counted is not None and counted.term == first + 1  # type: ignore[operator]
+    # A re-wrap moves the older values to the newest term in the background (the store's own thread).
+    code, body = rotate(node, {"rewrap": True})
+    assert code == 200 and body["rewrap_target"] == first + 1  # type: ignore[operator]
+    wait_until_true(lambda: node.backend.keyring_status(fresh=True).rewrap_remaining == 0, "the re-wrap to finish")
+    for n in range(5):
+        got = node.call(SECRETS_PATH, {"path": f"app/{n}"}, action="get")
+        assert got.status == 200 and json.loads(got.body)["data"] == {"v": str(n)}
+    text = generate_latest(node.metrics.registry).decode()
+    assert f"spike_data_key_term {first + 1}.0" in text and "spike_rewrap_remaining" in text
+
+
+def test_a_data_key_rotation_is_refused_while_a_root_key_rotation_is_stored(node: RotatingNode) -> None:
+    node.down.update({2, 3})
+    assert rotate(node)[0] == 200
+    code, body = rotate(node, {"data_key": True})
+    assert code == 409 and "root key rotation" in str(body["reason"])
+    assert node.call(ROTATE_PATH, {"abort": True, "data_key": True}).status == 400
+    assert node.store.calls == ["persist", "data key"]
+
+
+def wait_until_true(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)

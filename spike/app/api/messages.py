@@ -63,6 +63,16 @@ class RecoveryStatus(msgspec.Struct, kw_only=True):
     epochs_behind: int  # key epochs in force since then (0: its shards are the current key's)
 
 
+class KeyringStatusBody(msgspec.Struct, kw_only=True):
+    """The data keys (no key in it): the term new values are sealed under, and a re-wrap's progress."""
+
+    term: int  # new values are sealed under it
+    terms: list[tuple[int, float]]  # every term held, and when it was made (unix time), oldest first
+    values_by_term: dict[int, int]  # stored values per term (secret versions, custom metadata, policies)
+    rewrap_target: int | None  # a re-wrap of older values to this term is under way
+    rewrap_remaining: int  # values still below it
+
+
 class StatusBody(msgspec.Struct, kw_only=True):
     phase: str
     epoch: int | None
@@ -78,19 +88,26 @@ class StatusBody(msgspec.Struct, kw_only=True):
     rotation: RotationStatus | None = None
     schedule: ScheduleStatus | None = None
     recovery: RecoveryStatus | None = None
+    keyring: KeyringStatusBody | None = None
 
 
 class RotateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """`POST /v1/operator/rotate`: rotate the root key (default), give a rotation under way up (`abort`)."""
+    """`POST /v1/operator/rotate`: rotate the root key (default), give a rotation under way up (`abort`),
+    add a data-key term for new values (`data_key`), re-wrap stored values to the newest term (`rewrap`,
+    alone or with `data_key`)."""
 
     abort: bool = False
+    data_key: bool = False
+    rewrap: bool = False
 
 
-class RotateResponse(msgspec.Struct, kw_only=True):
+class RotateResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
     """The rotation as it stands once the request was carried out (None: none under way any more)."""
 
     rotation: RotationStatus | None
     epoch: int  # the key epoch in force
+    data_term: int | None = None  # a data-key request: the term new values are sealed under now
+    rewrap_target: int | None = None  # a re-wrap to this term is under way
 
 
 class InitRequest(msgspec.Struct, kw_only=True):

@@ -8,6 +8,11 @@ Secrets are not re-encrypted: the root key wraps the data keys, so a
 rotation costs the same whatever is stored.  `--abort` gives up a rotation
 being dealt; `--no-wait` returns once the rotation is stored.
 
+`--data-key` adds a data-key term instead (new values are sealed under it,
+older ones stay readable: one write, no keeper involved); `--rewrap` re-seals
+stored values under the newest term in the background (`spike status` shows
+how many are left).
+
 Exit codes: 0 done (committed, given up, or stored with --no-wait), 1
 refused or failed (the reason is said), 2 a bad option.
 """
@@ -92,3 +97,16 @@ def run(
         f"key rotation {start} -> {target} not committed after {wait:g}s{needed}: it goes on in Nexus; "
         "`spike status` shows it, `spike operator rotate --abort` gives it up"
     )
+
+
+def data_key(client: NexusClient, *, rotate_term: bool, rewrap: bool, say: Say) -> int:
+    """`--data-key` and/or `--rewrap`: a new data-key term, a background re-wrap to the newest one."""
+    answer = client.call(ROTATE_PATH, RotateRequest(data_key=rotate_term, rewrap=rewrap), RotateResponse)
+    if rotate_term:
+        say(f"data key rotated: new values are sealed under term {answer.data_term}; older terms stay readable")
+    if answer.rewrap_target is not None:
+        say(
+            f"stored values are re-wrapped to term {answer.rewrap_target} in the background "
+            "(it survives a restart); `spike status` shows how many are left"
+        )
+    return 0

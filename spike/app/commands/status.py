@@ -74,6 +74,14 @@ def _lifecycle_lines(status: StatusBody) -> list[str]:
     if schedule is not None:
         due = "" if schedule.next is None else f"; the next in {_duration(schedule.next - now)}"
         lines.append(f"root key rotated by itself every {_duration(schedule.every)}{due}")
+    keyring = status.keyring
+    if keyring is not None:
+        counts = ", ".join(f"term {t}: {n}" for t, n in sorted(keyring.values_by_term.items()) if n)
+        held = len(keyring.terms)
+        line = f"data key term {keyring.term} ({held} term(s) held; stored values by term: {counts or 'none'})"
+        if keyring.rewrap_target is not None:
+            line += f"; re-wrap to term {keyring.rewrap_target}: {keyring.rewrap_remaining} value(s) left"
+        lines.append(line)
     recovery = status.recovery
     if recovery is not None:
         when = dt.datetime.fromtimestamp(recovery.time, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

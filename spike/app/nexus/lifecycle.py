@@ -34,9 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from spike.app.api.messages import RecoveryStatus, RotateRequest, RotateResponse, RotationStatus, ScheduleStatus
-from spike.app.store.backend import ClusterState
-from spike.app.store.errors import StorageError
+from spike.app.api.messages import (
+    KeyringStatusBody,
+    RecoveryStatus,
+    RotateRequest,
+    RotateResponse,
+    RotationStatus,
+    ScheduleStatus,
+)
+from spike.app.store.backend import ClusterState, KeyringStatus
+from spike.app.store.errors import DatabaseUnavailable, RotationUnderWay, StorageError
 from spike.protocol import api
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.custody_view import RotationView
@@ -66,7 +73,8 @@ RETRY_MOST = 30.0
 
 
 class RotationStore(Protocol):
-    """What the store does for a rotation (spike.app.store: a compare-and-set each, durable on return)."""
+    """What the store does for a rotation (spike.app.store: a compare-and-set each, durable on return),
+    and for the data keys (blocking calls: run off the event loop)."""
 
     def persist_rotation(self, pending: PendingRotation, keyring_blob: bytes) -> bool: ...
 
@@ -75,6 +83,12 @@ class RotationStore(Protocol):
     def abandon_rotation(self, pending: PendingRotation) -> bool: ...
 
     def cluster_state(self) -> ClusterState: ...
+
+    def rotate_data_key(self, *, rewrap: bool = False) -> int: ...
+
+    def rewrap(self) -> int: ...
+
+    def keyring_status(self, *, fresh: bool = False) -> KeyringStatus: ...
 
 
 class Driver(Protocol):
@@ -185,6 +199,15 @@ def epochs_since(record: KeyRecord, epoch: int) -> int:
     return later
 
 
+def _at_once(call: Callable[[], T]) -> Future[T]:
+    done: Future[T] = Future()
+    try:
+        done.set_result(call())
+    except Exception as exc:
+        done.set_exception(exc)
+    return done
+
+
 def crash_here(point: str, armed: str | None) -> None:
     """SIGKILL this process at `point` if a test build armed it (spike.app.config.CRASH_POINTS)."""
     if armed is not None and point == armed:
@@ -242,6 +265,7 @@ class KeyLifecycle:
         crash_at: str | None = None,
         follow_window: float = 0.0,
         exports: ExportLog | None = None,
+        reads: Callable[[Callable[[], KeyringStatusBody | None]], Future[KeyringStatusBody | None]] | None = None,
     ) -> None:
         self._driver = driver
         self._store = store
@@ -257,6 +281,10 @@ class KeyLifecycle:
         self._follow_window = follow_window
         self._stored_at: dict[int, float] = {}  # rotation's epoch -> when this instance knew it stored
         self._exports = exports
+        self._reads = reads or _at_once
+        self.last_keyring: KeyringStatusBody | None = None  # as last counted (metrics read it)
+        self._keyring_reading = False
+        self._keyring_read_at = -float("inf")
         self._waiters: list[_Waiter] = []
         self._dealing_said: set[int] = set()
         self.rotations_committed = 0  # this process's, and those it followed
@@ -473,8 +501,12 @@ class KeyLifecycle:
         now = self._driver.now()
         if custody.phase is not Phase.READY:
             return api.NOT_READY
+        if body.abort and (body.data_key or body.rewrap):
+            return ApiResponse.error(400, ErrorCode.BAD_REQUEST, "abort gives up a root key rotation: nothing else")
         if body.abort:
             return self._abort(request, now)
+        if body.data_key or body.rewrap:
+            return self._data_key(request, rotate=body.data_key, rewrap=body.rewrap)
         under_way = custody.rotation
         if under_way is not None:
             return ApiResponse.error(409, ErrorCode.CONFLICT, describe(under_way))
@@ -488,6 +520,82 @@ class KeyLifecycle:
         self._waiters.append(_Waiter(pending.record.epoch, answer))
         self._driver.dispatch()  # PersistRotation: the answer comes once it is stored, or refused
         return answer
+
+    def _data_key(self, request: ApiRequest, *, rotate: bool, rewrap: bool) -> Future[ApiResponse]:
+        """A new data-key term for new values (and/or a background re-wrap of older ones): one store write."""
+        store = self._store
+        answer: Future[ApiResponse] = Future()
+
+        def call() -> int:
+            return store.rotate_data_key(rewrap=rewrap) if rotate else store.rewrap()
+
+        def done(outcome: int | BaseException) -> None:
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, StorageError):
+                    answer.set_exception(outcome)
+                    return
+                log.warning("data key rotation refused (asked by %s): %s", request.peer, outcome)
+                if isinstance(outcome, RotationUnderWay):
+                    answer.set_result(ApiResponse.error(409, ErrorCode.CONFLICT, str(outcome)))
+                else:
+                    answer.set_result(api.NOT_READY if isinstance(outcome, DatabaseUnavailable) else api.INTERNAL_ERROR)
+                return
+            if rotate:
+                log.info(
+                    "data key rotated by %s: new values are sealed under term %d%s",
+                    request.peer,
+                    outcome,
+                    "; stored values are re-wrapped to it in the background" if rewrap else "",
+                    extra={"event": "data_key_rotated", "term": outcome},
+                )
+            else:
+                log.info(
+                    "re-wrap of stored values to data-key term %d asked by %s", outcome, request.peer,
+                    extra={"event": "rewrap_started", "term": outcome},
+                )  # fmt: skip
+            response = self.rotate_response()
+            response.data_term = outcome
+            response.rewrap_target = outcome if rewrap or not rotate else None
+            answer.set_result(ApiResponse.json(response))
+
+        self._offload(call, done)
+        return answer
+
+    def keyring_status_soon(self) -> Future[KeyringStatusBody | None]:
+        """`keyring_status`, read as the store reads (PostgreSQL: off the event loop; SQLite: at once)."""
+        counted = self._reads(self.keyring_status)
+        counted.add_done_callback(self._keep_keyring)
+        return counted
+
+    def _keep_keyring(self, done: Future[KeyringStatusBody | None]) -> None:
+        self._keyring_reading = False
+        if done.exception() is None:
+            self.last_keyring = done.result()
+
+    def refresh_keyring(self, older_than: float = 5.0) -> KeyringStatusBody | None:
+        """For metrics: the data keys as last counted, counted again when that is older than `older_than` s
+        (at once on SQLite; on PostgreSQL the next call sees the new count).  None before the key is held."""
+        now = self._driver.now()
+        if self.custody.phase is not Phase.READY:
+            self.last_keyring = None
+        elif not self._keyring_reading and now - self._keyring_read_at >= older_than:
+            self._keyring_reading, self._keyring_read_at = True, now
+            self.keyring_status_soon()
+        return self.last_keyring
+
+    def keyring_status(self) -> KeyringStatusBody | None:
+        """The data keys as the store counts them (blocking: the caller runs it off the event loop)."""
+        try:
+            status = self._store.keyring_status()
+        except StorageError:
+            return None  # locked (no root key), or the database is away
+        return KeyringStatusBody(
+            term=status.active_term,
+            terms=[(term, created) for term, created in status.terms],
+            values_by_term=dict(status.values_by_term),
+            rewrap_target=status.rewrap_target,
+            rewrap_remaining=status.rewrap_remaining,
+        )
 
     def _abort(self, request: ApiRequest, now: float) -> ApiResponse | Future[ApiResponse]:
         custody = self.custody

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from spike.app.api.messages import KeyringStatusBody
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.effects import (
     KeeperLeft,
@@ -45,10 +46,17 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 
 class _CustodyCollector(Collector):
-    def __init__(self, custody: Callable[[], NexusCustody], urls: Mapping[int, str], now: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        custody: Callable[[], NexusCustody],
+        urls: Mapping[int, str],
+        now: Callable[[], float],
+        keyring: Callable[[], KeyringStatusBody | None],
+    ) -> None:
         self._custody = custody
         self._urls = urls
         self._now = now
+        self._keyring = keyring
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         custody = self._custody()
@@ -77,6 +85,16 @@ class _CustodyCollector(Collector):
         for under_way in _UNDER_WAY:
             stage.add_metric([under_way.value], float(rotation is not None and rotation.stage is under_way))
         yield stage
+        keyring = self._keyring()
+        if keyring is not None:
+            yield GaugeMetricFamily("spike_data_key_term", "data-key term new values are sealed under",
+                                    value=keyring.term)  # fmt: skip
+            values = GaugeMetricFamily("spike_values", "stored values by data-key term", labels=["term"])
+            for term, count in sorted(keyring.values_by_term.items()):
+                values.add_metric([str(term)], count)
+            yield values
+            yield GaugeMetricFamily("spike_rewrap_remaining", "values still to re-wrap to the newest term",
+                                    value=keyring.rewrap_remaining)  # fmt: skip
         yield GaugeMetricFamily("spike_key_rotation_to_epoch", "epoch the rotation under way goes to (0: none)",
                                 value=rotation.to_epoch if rotation else 0)  # fmt: skip
         yield GaugeMetricFamily(
@@ -114,9 +132,16 @@ class _CustodyCollector(Collector):
 
 
 class NexusMetrics:
-    def __init__(self, custody: Callable[[], NexusCustody], urls: Mapping[int, str], now: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        custody: Callable[[], NexusCustody],
+        urls: Mapping[int, str],
+        now: Callable[[], float],
+        keyring: Callable[[], KeyringStatusBody | None] = lambda: None,
+    ) -> None:
+        """`keyring`: the data keys as last counted (`KeyLifecycle.refresh_keyring`), read at each scrape."""
         self.registry = CollectorRegistry()
-        self.registry.register(_CustodyCollector(custody, urls, now))
+        self.registry.register(_CustodyCollector(custody, urls, now, keyring))
         self._custody = custody
         self.api_requests = Counter(
             "spike_api_requests", "API requests by route and status", ["route", "status"], registry=self.registry

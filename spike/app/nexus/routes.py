@@ -33,6 +33,7 @@ from spike.app.api.messages import (
     InitRequest,
     InitResponse,
     KeeperStatus,
+    KeyringStatusBody,
     StatusBody,
     VerifyRequest,
     VerifyResponse,
@@ -252,7 +253,7 @@ class NexusApi:
 
     # -------------------------------------------------------------------- routes
 
-    def status(self, request: ApiRequest) -> ApiResponse:
+    def status(self, request: ApiRequest) -> Reply:
         custody = self._driver.custody
         now_mono, now_wall = self._driver.now(), time.time()
 
@@ -294,7 +295,18 @@ class NexusApi:
             schedule=None if self._lifecycle is None else self._lifecycle.schedule_status(),
             recovery=None if self._lifecycle is None else self._lifecycle.recovery_status(),
         )
-        return ApiResponse.json(body)
+        if self._lifecycle is None or custody.phase is not Phase.READY:
+            return ApiResponse.json(body)
+        # The data keys are counted from the rows: read as the store reads (off the loop on PostgreSQL).
+        counted = self._lifecycle.keyring_status_soon()
+        answer: Future[ApiResponse] = Future()
+
+        def with_keyring(done: Future[KeyringStatusBody | None]) -> None:
+            body.keyring = None if done.exception() is not None else done.result()
+            answer.set_result(ApiResponse.json(body))
+
+        counted.add_done_callback(with_keyring)
+        return answer
 
     def bootstrap_init(self, request: ApiRequest) -> ApiResponse:
         try:

@@ -466,20 +466,25 @@ def _run(
         except (LocalProtocolError, RemoteProtocolError) as exc:
             raise ConfigError(str(exc)) from None
         driver_ref: list[CustodyDriver] = []
+        lifecycle_ref: list[KeyLifecycle] = []
         urls = LiveUrls(lambda: driver_ref[0])
         metrics = None
         if config.metrics_bind is not None:
             # prometheus_client is imported only when metrics are asked for: it costs start-up time.
             from spike.app.nexus.metrics import NexusMetrics
 
-            metrics = NexusMetrics(lambda: custody, urls, anyio.current_time)
+            metrics = NexusMetrics(
+                lambda: custody,
+                urls,
+                anyio.current_time,
+                keyring=lambda: lifecycle_ref[0].refresh_keyring(),  # noqa: PLW0108 - made below
+            )
         cipher = CipherApi()
         policies = PolicyStore(secrets)
         authorizer = Authorizer(trust, policies)
         sinks: list[Callable[[Report], None]] = [ReportLogger(log, urls, anyio.current_time)]
         if metrics is not None:
             sinks.append(metrics.report)
-        lifecycle_ref: list[KeyLifecycle] = []
         driver = CustodyDriver(
             custody,
             config.keeper_urls,
@@ -505,6 +510,7 @@ def _run(
             # Every other instance reads the stored rotation before the commit (ClusterWatch, each second).
             follow_window=2 * CLUSTER_WATCH_INTERVAL + 0.5 if secrets.shared else 0.0,
             exports=ExportFile(config.data_dir),
+            reads=secrets.read,
         )
         lifecycle_ref.append(lifecycle)
         sinks.append(lifecycle.report)
