@@ -766,6 +766,19 @@ class Suite:
         finally:
             http.close()
 
+    def rotate_data_key_spike(self) -> float:
+        """`spike operator rotate --data-key`: a new data-key term (one store write), to its answer."""
+        assert self.spike is not None
+        http = Http(self.spike.nexus_port, self.spike.pilot_ctx, timeout=30.0)
+        try:
+            t0 = time.monotonic()
+            code, body = http.json("POST", "/v1/operator/rotate", {"data_key": True})
+            if code != 200:
+                raise RuntimeError(f"spike rotate --data-key answered HTTP {code}: {body}")
+            return time.monotonic() - t0
+        finally:
+            http.close()
+
     def rotate_bao(self, what: str = "root") -> float:
         """OpenBao's rotations (2.4+): `root` a new root key (POST /v1/sys/rotate/root, the unseal shares
         unchanged), `keyring` a new encryption key term for the barrier (`bao operator rotate`)."""
@@ -841,13 +854,15 @@ class Suite:
                       "(bao operator rotate-keys, formerly rekey)")  # fmt: skip
         keyring = r.row("rotate_keyring", "encryption key term rotation", "s", "lower",
                         peer="OpenBao operator rotate",
-                        note="OpenBao: POST /v1/sys/rotate/keyring; spike: operator rotate --data-key")  # fmt: skip
+                        note="spike: POST /v1/operator/rotate {data_key: true}, to its answer (one store write); "
+                        "OpenBao: POST /v1/sys/rotate/keyring")  # fmt: skip
         for _ in range(s.rounds):
             try:
                 rekey.add(BAO, self.rekey_bao())
+                keyring.add(SPIKE, self.rotate_data_key_spike())
                 keyring.add(BAO, self.rotate_bao("keyring"))
             except Exception as exc:
-                r.problem(f"OpenBao rotate-keys or keyring rotation failed: {exc}")
+                r.problem(f"a rekey or an encryption key term rotation failed: {exc}")
         self.rotation_load_rows()
         out_file = self.workdir / "rotation-rows.json"
         say(f"rotation: keepers {s.rotation_counts} (bench/rotation.py)")
