@@ -397,8 +397,9 @@ class KeyLifecycle:
 
     def _persisted(self, pending: PendingRotation, outcome: bool | BaseException) -> None:
         if isinstance(outcome, BaseException):
-            if not isinstance(outcome, StorageError):
-                raise outcome
+            if not isinstance(outcome, StorageError):  # a bug: said with its traceback; the rotation is dropped
+                log.error("storing key rotation %d -> %d failed", pending.from_epoch, pending.record.epoch,
+                          exc_info=outcome)  # fmt: skip
             self._not_persisted(pending, f"the store could not take it: {outcome}")
             return
         if not outcome:
@@ -420,14 +421,15 @@ class KeyLifecycle:
     def _commit(self, pending: PendingRotation, retry: float) -> None:
         def done(outcome: bool | BaseException) -> None:
             if isinstance(outcome, BaseException):
-                if not isinstance(outcome, StorageError):
-                    raise outcome
+                # A bug (not a StorageError) is said with its traceback, and tried again all the same: the
+                # machine waits for this write, and nothing of the old epoch is retired meanwhile.
                 log.error(
                     "cannot commit key rotation %d -> %d: %s; trying again in %gs",
                     pending.from_epoch,
                     pending.record.epoch,
                     outcome,
                     retry,
+                    exc_info=None if isinstance(outcome, StorageError) else outcome,
                 )
                 self._offload.later(retry, lambda: self._commit(pending, min(retry * 2, RETRY_MOST)))
                 return
@@ -457,14 +459,15 @@ class KeyLifecycle:
     def _abandon(self, pending: PendingRotation, retry: float) -> None:
         def done(outcome: bool | BaseException) -> None:
             if isinstance(outcome, BaseException):
-                if not isinstance(outcome, StorageError):
-                    raise outcome
+                # A bug (not a StorageError) is said with its traceback, and tried again all the same: the
+                # machine waits for this write, and nothing of the old epoch is retired meanwhile.
                 log.error(
                     "cannot give up key rotation %d -> %d: %s; trying again in %gs",
                     pending.from_epoch,
                     pending.record.epoch,
                     outcome,
                     retry,
+                    exc_info=None if isinstance(outcome, StorageError) else outcome,
                 )
                 self._offload.later(retry, lambda: self._abandon(pending, min(retry * 2, RETRY_MOST)))
                 return
