@@ -243,3 +243,31 @@ def test_data_key_rotation_and_rewrap_through_the_cli(ready_cluster: Cluster) ->
     book.check(c)
     both = c.rotate("--abort", "--data-key")
     assert both.returncode == 2 and "not with --data-key" in both.stderr
+
+
+def test_a_rekey_without_enough_of_the_old_keepers_says_so_once_and_waits(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    """Keepers 2 and 3 leave without their URLs: the record's threshold of its keepers cannot be reached."""
+    c = make_cluster(keepers=4)
+    c.start(keeper_ids=[1, 2, 3, 4], nexus=False)
+    c.start_nexus({"SPIKE_NEXUS_KEEPER_PEERS": _peers(c, (1, 2, 3)), "SPIKE_NEXUS_SHAMIR_SHARES": "3"})
+    assert c.bootstrap().returncode == 0
+    c.wait_status(lambda s: s["phase"] == "ready" and s["redundancy"] == 1, "ready 2-of-3")
+    book = Secrets()
+    book.put(c, 10, "before")
+    c.kill("nexus")
+    new_set = {"SPIKE_NEXUS_KEEPER_PEERS": _peers(c, (1, 4)), "SPIKE_NEXUS_SHAMIR_SHARES": "2"}
+    nexus = c.start_nexus(new_set)
+    c.wait_log(nexus, r"the key record needs 2 of keepers \[1, 2, 3\] to rebuild the root key, and only 1 of them")
+    _, status = c.wait_status(lambda s: all(k["polls"] >= 4 for k in s["keepers"]), "a few rounds of polls")
+    assert status["phase"] == "recovering" and status["epoch"] == 1  # waiting, as for keepers that are down
+    assert {k["id"]: k["url"] for k in status["keepers"]}[2] == "no URL configured"
+    assert len(re.findall("the key record needs 2 of keepers", nexus.text())) == 1  # said once
+    # The URLs of the leaving keepers: the key is rebuilt and custody moves to keepers 1 and 4.
+    c.kill("nexus")
+    c.start_nexus({**new_set, "SPIKE_NEXUS_RETIRING_KEEPER_PEERS": _peers(c, (2, 3))})
+    c.wait_status(lambda s: s["epoch"] == 2 and s["rotation"] is None and s["shares"] == 2, "custody moved", 30.0)
+    settled(c, 2, keepers=(1, 4))
+    assert c.held_epochs(2) == () and c.held_epochs(3) == ()  # told to forget
+    book.check(c)
