@@ -84,3 +84,43 @@ async def test_ciphertexts_and_secrets_outlive_a_root_key_rotation(node: Node) -
     decrypted = node.call(CIPHER_DECRYPT_PATH, encrypted.body, content_type="application/octet-stream")
     assert (decrypted.status, decrypted.body) == (200, b"plaintext")
     assert node.call(SECRETS_PATH, {"path": "app/db"}, action="get").json()["data"] == {"pw": VALUE}
+
+
+async def test_a_nexus_that_rebuilt_the_rotations_key_first_opens_the_keyring_of_the_stored_record(
+    node: Node,
+) -> None:
+    """A Nexus restarted mid-rotation may rebuild the new epoch's key first (keepers that hold only the new
+    shard): `KeyRecovered` then names the new epoch, while the key in use and the stored keyring are the
+    record's.  The store is unlocked with the record's epoch (before: the report's, and nothing opened)."""
+    import random
+
+    from spike.app.nexus.server import KeyUsers
+    from spike.protocol import PollSchedule
+    from spike.protocol.effects import KeyRecovered, Report
+    from spike.protocol.nexus import NexusCustody
+    from spike.protocol.pending import PendingRotation
+
+    assert node.call(SECRETS_PATH, {"path": "app/db", "values": {"pw": VALUE}}).status == 200
+    new, new_shares = seal_key(NEW_KEY, epoch=2, threshold=2, keeper_ids=KEEPERS)
+    pending = PendingRotation.seal(node.custody.root_key, node.record, NEW_KEY, new)
+    assert node.nexus_store.persist_rotation(pending, node.store.keyring().wrap(NEW_KEY, 2))
+    node.lock()
+    restarted = NexusCustody(
+        KEEPERS,
+        threshold=2,
+        schedule=PollSchedule(),
+        rng=random.Random(1),
+        now=node.now,
+        record=node.record,
+        pending=pending,
+        highest_epoch=1,
+    )
+    reports: list[Report] = []
+    users = KeyUsers(restarted, node.store, node.cipher, node.authorizer, [reports.append])
+    for keeper_id in KEEPERS[:2]:
+        restarted.submit_shard(new_shares[keeper_id], node.now)
+    for effect in restarted.effects():
+        if isinstance(effect, Report):
+            users(effect)
+    assert [r.epoch for r in reports if isinstance(r, KeyRecovered)] == [2]
+    assert node.store.get("app/db", 0) == (1, {"pw": VALUE})

@@ -518,9 +518,9 @@ def counted(
         counts.loads += 1
         return real_load_all(self)
 
-    def open_(self: Keyring, blob: bytes, aad: bytes) -> bytes:
+    def open_(self: Keyring, blob: bytes, aad: bytes, label: int | None = None) -> bytes:
         counts.opens += 1
-        return real_open(self, blob, aad)
+        return real_open(self, blob, aad, label)
 
     monkeypatch.setattr(PolicyStore, "load_all", load_all)
     monkeypatch.setattr(Keyring, "open", open_)

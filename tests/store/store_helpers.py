@@ -40,9 +40,9 @@ class CountingSealer:
         self.sealed += 1
         return bytes(self.inner.seal(plaintext, aad))
 
-    def open(self, blob: bytes, aad: bytes) -> bytes:
+    def open(self, blob: bytes, aad: bytes, label: int | None = None) -> bytes:
         self.opened += 1
-        return bytes(self.inner.open(blob, aad))
+        return bytes(self.inner.open(blob, aad, label))
 
 
 def migrate(data_dir: Path) -> None:

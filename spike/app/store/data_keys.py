@@ -218,15 +218,15 @@ class DataKeys(KeyState[C], ABC):
         """`plaintext` sealed under the newest data-key term, bound to `aad`."""
         return self.keyring().seal(plaintext, aad)
 
-    def open_value(self, sealed: bytes, aad: bytes) -> bytes:
-        """A sealed value's plaintext; `TamperedData`, `DataKeyGone`, or `StorageError` while locked."""
-        keyring = self.keyring()
+    def open_value(self, sealed: bytes, aad: bytes, label: int | None = None) -> bytes:
+        """A sealed value's plaintext (with `label`, the term its row names, which must be the blob's);
+        `TamperedData`, `DataKeyGone`, or `StorageError` while locked."""
         try:
-            return keyring.open(sealed, aad)
+            return self.keyring().open(sealed, aad, label)
         except NewerTerm:
             pass
         try:  # another instance rotated the data key: its keyring is stored
-            return self.reload_keyring().open(sealed, aad)
+            return self.reload_keyring().open(sealed, aad, label)
         except NewerTerm as exc:
             raise TamperedData(f"{exc}, which the stored keyring does not hold either") from None
 
@@ -239,31 +239,22 @@ class DataKeys(KeyState[C], ABC):
     def _open(self, sealed: bytes, aad: bytes, term: int, what: str, key_epoch: int | None = None) -> bytes:
         """A stored value's plaintext, after checking that its row's term (and key epoch) match its blob."""
         try:
-            self._check_label(sealed, term, key_epoch)
-            return self.open_value(sealed, aad)
+            if term == LEGACY_TERM and key_epoch is not None:
+                self._check_legacy(key_epoch)
+            return self.open_value(sealed, aad, term)
         except TamperedData as exc:
             raise TamperedData(f"{what}: {exc} (tampered with, or moved from another path)") from None
         except DataKeyGone as exc:
             raise DataKeyGone(f"{what} was {exc}; write it again") from None
 
-    def _check_label(self, sealed: bytes, term: int, key_epoch: int | None) -> None:
-        named = term_of(sealed)
-        if named != term:
-            raise TamperedData(f"labelled with data-key term {term}, but sealed under term {named}")
-        if term == LEGACY_TERM and key_epoch is not None:
-            legacy = self.keyring().legacy_epoch
-            if legacy is not None and key_epoch != legacy:
-                raise DataKeyGone(
-                    f"sealed under the root key of epoch {key_epoch}, which no longer exists: it was replaced "
-                    "(bootstrap --force)"
-                )
-
-    def _gone(self, term: int, key_epoch: int | None) -> bool:
-        """Whether a value labelled with `term` (and `key_epoch`) was sealed under a data key that no longer exists."""
-        keyring = self.keyring()
-        if term == LEGACY_TERM:
-            return keyring.legacy_epoch is None or (key_epoch is not None and key_epoch != keyring.legacy_epoch)
-        return term < keyring.first
+    def _check_legacy(self, key_epoch: int) -> None:
+        """A value of the legacy term written under another root key than the legacy term's is gone with it."""
+        legacy = self.keyring().legacy_epoch
+        if legacy is not None and key_epoch != legacy:
+            raise DataKeyGone(
+                f"sealed under the root key of epoch {key_epoch}, which no longer exists: it was replaced "
+                "(bootstrap --force)"
+            )
 
     # ------------------------------------------------------------------ several instances
 

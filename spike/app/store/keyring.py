@@ -46,6 +46,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable, Iterable
+from typing import NoReturn
 
 import msgspec
 from cryptography.exceptions import InvalidTag
@@ -66,6 +67,8 @@ _KEK_INFO = b"spike/v2/keyring-key"
 _KEYRING_AAD = b"spike/v2/keyring\x00"
 _SEALED = struct.Struct(">BI")  # format, term
 _WRAPPED = struct.Struct(">BQI")  # format, epoch, newest term
+_SEALED_SIZE = _SEALED.size
+_NONCE_END = _SEALED_SIZE + NONCE_SIZE
 _TAG = 16
 
 
@@ -134,6 +137,12 @@ class Keyring:
             raise ValueError("only the legacy term, 0, names a root key epoch")
         self._terms = tuple(held)
         self._aeads = {t.term: AESGCM(t.key) for t in held}
+        # A sealed value's header (format, term) -> (term, its key): opening one is a single lookup.
+        self._by_header = {
+            _SEALED.pack(FORMAT_V2, t.term): (t.term, aead)
+            for t, aead in zip(held, self._aeads.values(), strict=True)
+            if t.term != LEGACY_TERM
+        }
         self._cipher_key = cipher_key
         self._random = random_bytes
         self.active = held[-1].term  # new values are sealed under the newest term
@@ -194,34 +203,42 @@ class Keyring:
         header = self._header
         return header + nonce + self._active_aead.encrypt(nonce, plaintext, header + aad)
 
-    def open(self, blob: bytes, aad: bytes) -> bytes:
-        """The plaintext of a sealed value.
+    def open(self, blob: bytes, aad: bytes, label: int | None = None) -> bytes:
+        """The plaintext of a sealed value; with `label`, the term its row says it is under.
 
-        `TamperedData` if it fails authentication or has no known format,
-        `DataKeyGone` if its term is older than every term held (or it is a
-        legacy value and the legacy term is gone), `NewerTerm` if its term is
-        newer than every term held.
+        `TamperedData` if it fails authentication, has no known format, or is
+        not under `label`; `DataKeyGone` if its term is older than every term
+        held (or it is a legacy value and the legacy term is gone), `NewerTerm`
+        if its term is newer than every term held.
         """
-        term = term_of(blob)
-        aead = self._aeads.get(term)
-        if aead is None:
-            if term == LEGACY_TERM or term < self.first:
-                raise DataKeyGone(
-                    f"sealed under data-key term {term}, which no longer exists: the root key it belonged to "
-                    "was replaced (bootstrap --force)"
-                )
-            if term > self.active:
-                raise NewerTerm(f"sealed under data-key term {term}, newer than this keyring's {self.active}")
-            raise TamperedData(f"sealed value names data-key term {term}, which this database never had")
-        if term == LEGACY_TERM:
-            nonce, body, associated = blob[1 : 1 + NONCE_SIZE], blob[1 + NONCE_SIZE :], aad
+        header = blob[:_SEALED_SIZE]
+        held = self._by_header.get(header)  # the common case: a term held, in one lookup
+        if held is not None and len(blob) >= _NONCE_END + _TAG:
+            term, aead = held
+            nonce, body, associated = blob[_SEALED_SIZE:_NONCE_END], blob[_NONCE_END:], header + aad
         else:
-            start = _SEALED.size
-            nonce, body, associated = blob[start : start + NONCE_SIZE], blob[start + NONCE_SIZE :], blob[:start] + aad
+            term = term_of(blob)
+            found = self._aeads.get(term)
+            if found is None:
+                self._missing(term)
+            aead = found
+            nonce, body, associated = blob[1 : 1 + NONCE_SIZE], blob[1 + NONCE_SIZE :], aad  # the legacy format
+        if label is not None and label != term:
+            raise TamperedData(f"labelled with data-key term {label}, but sealed under term {term}")
         try:
             return aead.decrypt(nonce, body, associated)
         except InvalidTag:
             raise TamperedData("sealed value failed authentication") from None
+
+    def _missing(self, term: int) -> NoReturn:
+        if term == LEGACY_TERM or term < self.first:
+            raise DataKeyGone(
+                f"sealed under data-key term {term}, which no longer exists: the root key it belonged to "
+                "was replaced (bootstrap --force)"
+            )
+        if term > self.active:
+            raise NewerTerm(f"sealed under data-key term {term}, newer than this keyring's {self.active}")
+        raise TamperedData(f"sealed value names data-key term {term}, which this database never had")
 
     # ------------------------------------------------------------------ stored wrapped
 

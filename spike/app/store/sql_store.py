@@ -139,7 +139,14 @@ class SqlStore(DataKeys[C], ABC):
         meta = kv.SecretMeta(
             path, current, oldest, max_versions, bool(cas_required), created, updated, custom, custom_gone
         )
-        versions = [kv.VersionInfo(v, c, d, x, unreadable=not x and self._gone(t, e)) for v, c, d, x, t, e in rows]
+        keyring = self.keyring()
+        first, legacy = keyring.first, keyring.legacy_epoch
+        # Unreadable: a value (not destroyed) under a term older than every term held, or of the legacy term
+        # when it is gone or the value was another root key's (inline: this runs once per version).
+        versions = [
+            kv.VersionInfo(v, c, d, x, not x and (t < first if t else legacy is None or e != legacy))
+            for v, c, d, x, t, e in rows
+        ]
         return meta, versions
 
     def list_paths(self, prefix: str, *, limit: int, after: str = "") -> list[str]:
