@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import pytest
 from harness import Cluster
-from rotation_helpers import ROTATION_TIMEOUT, Secrets, settled, writing
+from lifecycle_helpers import ROTATION_TIMEOUT, Secrets, settled, writing
 
 from spike.app.config import CRASH_POINTS
 

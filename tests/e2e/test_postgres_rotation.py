@@ -18,7 +18,7 @@ import msgspec
 import pg_server
 import pytest
 from harness import Cluster
-from rotation_helpers import ROTATION_TIMEOUT, Secrets, settled, writing
+from lifecycle_helpers import ROTATION_TIMEOUT, Secrets, settled, writing
 
 from spike.app.api.messages import ROTATE_PATH, RotateRequest, RotateResponse
 from spike.app.commands.client import NexusError
