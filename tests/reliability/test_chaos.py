@@ -283,7 +283,7 @@ class Driver:
             assert isinstance(share, Share), (keeper_id, share)
             shards[keeper_id] = share
             self.expected[(keeper_id, share.epoch)] = share.secret_bytes()
-        self.watch.add_shards(shards, "chaos", self.t)
+        self.watch.add_shards(shards, "chaos epoch 1", self.t)
 
     def read_records(self) -> None:
         """The key records in play as the store holds them now (the record in force, a stored rotation's)."""
@@ -540,7 +540,14 @@ class Driver:
         while True:
             self.observe(time.monotonic())
             if self.phase == "ready" and self.holding == set(self.c.keeper_ids) and not self.expect_reseed:
-                return
+                # No rotation under way, every keeper on the epoch in force: the key the secrets sweep opens the
+                # database with (rotations changed it since the start).
+                status = self.status.get()
+                final = {k: s for k in self.c.keeper_ids if isinstance(s := self.shards.read(k), Share)}
+                settled = status is not None and status["rotation"] is None
+                if settled and status and {share.epoch for share in final.values()} == {status["epoch"]}:
+                    self.watch.add_shards(final, "chaos", self.t)
+                    return
             if time.monotonic() > deadline:
                 raise HarnessError(f"not settled: {self.describe()}")
             time.sleep(0.1)
