@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -78,6 +79,7 @@ class Settings:
     profile: bool
     keep: bool
     poll_interval: float = 1.0
+    rotation_counts: str = "3,10,100"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -101,10 +103,11 @@ class Settings:
             groups=groups,
             profile=args.profile,
             keep=args.keep,
+            rotation_counts=args.rotation_counts or ("3,10" if quick else "3,10,100"),
         )
 
 
-GROUPS = ["load", "restart", "reseed", "polling", "shamir", "scale", "postgres"]
+GROUPS = ["load", "restart", "reseed", "polling", "shamir", "rotation", "scale", "postgres"]
 
 
 # ---------------------------------------------------------------------- rows and results
@@ -741,6 +744,230 @@ class Suite:
         say(f"GET latency with {big:,} secrets stored")
         measure(big)
 
+    # -- key rotation (docs/key-lifecycle.md) ------------------------------------
+
+    def rotate_spike(self, every: float = 0.01) -> float:
+        """`spike operator rotate`'s request, then the status every `every` s until the new epoch is in force."""
+        assert self.spike is not None
+        http = Http(self.spike.nexus_port, self.spike.pilot_ctx, timeout=30.0)
+        try:
+            before = self.spike.wait_ready()["epoch"]
+            t0 = time.monotonic()
+            code, body = http.json("POST", "/v1/operator/rotate", {})
+            if code != 200:
+                raise RuntimeError(f"spike rotate answered HTTP {code}: {body}")
+
+            def committed() -> bool:
+                now = self.spike.status(http) if self.spike else None
+                return bool(now) and now["epoch"] > before and now.get("rotation") is None  # type: ignore[index]
+
+            wait_until(committed, "spike's rotation to commit", 120, every=every)
+            return time.monotonic() - t0
+        finally:
+            http.close()
+
+    def rotate_data_key_spike(self) -> float:
+        """`spike operator rotate --data-key`: a new data-key term (one store write), to its answer."""
+        assert self.spike is not None
+        http = Http(self.spike.nexus_port, self.spike.pilot_ctx, timeout=30.0)
+        try:
+            t0 = time.monotonic()
+            code, body = http.json("POST", "/v1/operator/rotate", {"data_key": True})
+            if code != 200:
+                raise RuntimeError(f"spike rotate --data-key answered HTTP {code}: {body}")
+            return time.monotonic() - t0
+        finally:
+            http.close()
+
+    def rotate_bao(self, what: str = "root") -> float:
+        """OpenBao's rotations (2.4+): `root` a new root key (POST /v1/sys/rotate/root, the unseal shares
+        unchanged), `keyring` a new encryption key term for the barrier (`bao operator rotate`)."""
+        assert self.bao is not None
+        http = Http(self.bao.port, self.bao.ctx, timeout=30.0)
+        path = "/v1/sys/rotate/root" if what == "root" else "/v1/sys/rotate/keyring"
+        try:
+            t0 = time.monotonic()
+            code, body = http.json("POST", path, {}, {"X-Vault-Token": self.bao.root_token})
+            if code not in (200, 204):
+                raise RuntimeError(f"OpenBao {path} answered HTTP {code}: {body}")
+            return time.monotonic() - t0
+        finally:
+            http.close()
+
+    def rekey_bao(self) -> float:
+        """`bao operator rotate-keys` (was `rekey`): new unseal shares (5, threshold 3), three current keys given."""
+        assert self.bao is not None
+        http = Http(self.bao.port, self.bao.ctx, timeout=30.0)
+        headers = {"X-Vault-Token": self.bao.root_token}
+        try:
+            t0 = time.monotonic()
+            code, body = http.json(
+                "POST", "/v1/sys/rotate/root/init", {"secret_shares": 5, "secret_threshold": 3}, headers
+            )
+            if code != 200:
+                raise RuntimeError(f"OpenBao sys/rotate/root/init answered HTTP {code}: {body}")
+            nonce = body.get("data", body)["nonce"]  # 2.4+ answers in `data`, as other sys/ endpoints do
+            for key in self.bao.unseal_keys[:3]:
+                code, body = http.json("POST", "/v1/sys/rotate/root/update", {"key": key, "nonce": nonce}, headers)
+                if code != 200:
+                    raise RuntimeError(f"OpenBao sys/rotate/root/update answered HTTP {code}: {body}")
+            took = time.monotonic() - t0
+            done = body.get("data", body)
+            if not done.get("complete"):
+                raise RuntimeError(f"OpenBao's key rotation did not complete: {done}")
+            self.bao.unseal_keys = list(done["keys_base64"])  # later restarts unseal with the new shares
+            return took
+        finally:
+            http.close()
+
+    def rotation_time_row(self, stored: int) -> None:
+        r = self.results
+        row = r.row(
+            f"rotate_{stored}",
+            f"root key rotation, {stored:,} secrets stored",
+            "s",
+            "lower",
+            peer="OpenBao sys/rotate/root",
+            note="spike: POST /v1/operator/rotate until the status shows the new epoch in force (dealt at the "
+            f"keepers' polls, every {self.s.poll_interval:g}s); OpenBao: POST /v1/sys/rotate/root (a new root key, "
+            "the same unseal shares)",
+        )
+        for n in range(self.s.rounds):
+            for system in (SPIKE, BAO):
+                try:
+                    took = self.rotate_spike() if system == SPIKE else self.rotate_bao()
+                except Exception as exc:
+                    r.problem(f"rotation ({system}, {stored} secrets) failed: {exc}")
+                    continue
+                row.add(system, took)
+                say(f"  {system:5} rotation with {stored:,} secrets stored: {took:.3f}s (round {n + 1})")
+
+    def rotation_rows(self, stored: int) -> None:
+        """Rotation time by keeper count (bench/rotation.py), with `stored` secrets, under load; OpenBao's."""
+        r, s = self.results, self.s
+        say(f"rotation: time to rotate with {stored:,} secrets stored")
+        self.rotation_time_row(stored)
+        self.stored_for_rotation = stored
+        rekey = r.row("rekey", "rekey: new key shares", "s", "lower", peer="OpenBao operator rotate-keys",
+                      note="spike: 2-of-3 -> 3-of-5 by configuration and SIGHUP, until in force (bench/rotation.py); "
+                      "OpenBao: sys/rotate/root/init 5 shares threshold 3, then 3 unseal keys to .../update "
+                      "(bao operator rotate-keys, formerly rekey)")  # fmt: skip
+        keyring = r.row("rotate_keyring", "encryption key term rotation", "s", "lower",
+                        peer="OpenBao operator rotate",
+                        note="spike: POST /v1/operator/rotate {data_key: true}, to its answer (one store write); "
+                        "OpenBao: POST /v1/sys/rotate/keyring")  # fmt: skip
+        for _ in range(s.rounds):
+            try:
+                rekey.add(BAO, self.rekey_bao())
+                keyring.add(SPIKE, self.rotate_data_key_spike())
+                keyring.add(BAO, self.rotate_bao("keyring"))
+            except Exception as exc:
+                r.problem(f"a rekey or an encryption key term rotation failed: {exc}")
+        self.rotation_load_rows()
+        out_file = self.workdir / "rotation-rows.json"
+        say(f"rotation: keepers {s.rotation_counts} (bench/rotation.py)")
+        done = subprocess.run(
+            [sys.executable, str(HERE / "rotation.py"), "--counts", s.rotation_counts, "--rounds", str(s.rounds),
+             "--poll-interval", f"{s.poll_interval:g}", "--json", str(out_file)],
+            capture_output=True, text=True, timeout=1800, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            r.problem(f"rotation rows not measured: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+            return
+        for item in json.loads(out_file.read_text())["rows"]:
+            if item["operation"] == "rotate":
+                row = r.row(f"rotate_keepers_{item['keepers']}",
+                            f"root key rotation, {item['keepers']} keepers (threshold {item['threshold']})", "s",
+                            "lower", peer="-")  # fmt: skip
+                target = row
+            else:
+                target = (
+                    rekey
+                    if item["operation"].startswith("rekey 2-of-3")
+                    else r.row(
+                        "rekey_back", "rekey back: 3-of-5 -> 2-of-3 (keepers 4, 5 retired)", "s", "lower", peer="-"
+                    )
+                )
+            for value in item["seconds"]:
+                target.add(SPIKE, value)
+            say(f"  {item['operation']}, {item['keepers']} keepers: {item['seconds']}")
+
+    def rotation_big_rows(self) -> None:
+        """Rotation time again once the scale group stored `--big` secrets (seeded here if it did not run)."""
+        big = self.s.big
+        if "scale" not in self.s.groups:
+            self.seed(self.s.secrets, big, connections=32)
+        say(f"rotation: time to rotate with {big:,} secrets stored")
+        self.rotation_time_row(big)
+
+    def rotation_load_rows(self) -> None:
+        """GET and PUT throughput and p99 with rotations going on all the time, against the same runs without."""
+        r, s = self.results, self.s
+        plans = [("get", "GET"), ("put", "PUT")]
+        for op, name in plans:
+            for when in ("steady", "rotating"):
+                what = "without rotations" if when == "steady" else "during root key rotations"
+                r.row(f"{op}_16_{when}", f"{name} 16 conns {what}", "req/s", "higher")
+                r.row(f"{op}_16_{when}_p99", f"{name} 16 conns {what}: p99", "ms", "lower")
+        counts = r.row("rotations_under_load", "rotations committed per load run", "count", "higher",
+                       note="spike: back to back, to each commit; OpenBao: sys/rotate/root each second")  # fmt: skip
+        for n in range(s.rounds):
+            say(f"round {n + 1}/{s.rounds}: GET and PUT with and without rotations going on")
+            # Which goes first alternates by round, so that a machine getting busier (or quieter) during a
+            # round weighs on both the same.
+            order = ("steady", "rotating") if n % 2 == 0 else ("rotating", "steady")
+            for op, name in plans:
+                for when in order:
+                    for system in (SPIKE, BAO):
+                        stop = threading.Event()
+                        done: list[int] = []
+                        # The same watcher in both (a status read every 0.25 s for spike): only rotations differ.
+                        rotate = when == "rotating"
+                        rotator = threading.Thread(target=self._keep_rotating, args=(system, stop, done, rotate))
+                        rotator.start()
+                        try:
+                            out = self.load(system, op, 16, s.load_seconds, label=f"{name} 16 {when}")
+                        finally:
+                            stop.set()
+                            rotator.join(timeout=120)
+                        if out is None:
+                            continue
+                        r.rows[f"{op}_16_{when}"].add(system, out["throughput"])
+                        r.rows[f"{op}_16_{when}_p99"].add(system, out["p99_ms"])
+                        if rotate:
+                            counts.add(system, len(done))
+
+    def _keep_rotating(self, system: str, stop: threading.Event, done: list[int], rotate: bool) -> None:
+        """spike: rotations back to back, each followed to its commit by reading the status every 0.25 s (without
+        `rotate`: the same reads, no rotation); OpenBao: a root key rotation once a second (or nothing)."""
+        assert self.spike is not None
+        http = Http(self.spike.nexus_port, self.spike.pilot_ctx, timeout=30.0)
+        try:
+            while not stop.is_set():
+                if system == BAO:
+                    if rotate:
+                        self.rotate_bao("root")
+                        done.append(1)
+                    stop.wait(1.0)
+                    continue
+                before = self.spike.status(http)
+                if rotate and before and before.get("rotation") is None:
+                    code, body = http.json("POST", "/v1/operator/rotate", {})
+                    if code != 200:
+                        raise RuntimeError(f"rotate answered HTTP {code}: {body}")
+                    while True:
+                        stop.wait(0.25)
+                        now = self.spike.status(http)
+                        if now and now["epoch"] > before["epoch"] and now.get("rotation") is None:
+                            done.append(1)
+                            break
+                else:
+                    stop.wait(0.25)
+        except Exception as exc:
+            self.results.problem(f"a rotation under load failed ({system}): {exc}")
+        finally:
+            http.close()
+
     def postgres_rows(self) -> None:
         """One vs two Nexus instances on one PostgreSQL (bench/postgres_rows.py, its own cluster)."""
         r, s = self.results, self.s
@@ -905,6 +1132,7 @@ def main() -> int:
     parser.add_argument("--secrets", type=int, default=1000, help="secrets seeded before the rows (default 1000)")
     parser.add_argument("--big", type=int, help="secrets stored for the scale row (default 100000; --quick: 5000)")
     parser.add_argument("--poll-counts", help="keeper counts for the polling row (default 3,10,100,1000)")
+    parser.add_argument("--rotation-counts", help="keeper counts for the rotation rows (default 3,10,100)")
     parser.add_argument("--only", help=f"comma-separated groups to run: {','.join(GROUPS)}")
     parser.add_argument("--profile", action="store_true", help="also py-spy Nexus under GET and PUT load")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
@@ -950,8 +1178,12 @@ def main() -> int:
             suite.polling_rows()
         if settings.profile:
             suite.profile_nexus(results_dir, stamp)
+        if "rotation" in settings.groups:
+            suite.rotation_rows(settings.secrets)
         if "scale" in settings.groups:
             suite.scale_rows()
+        if "rotation" in settings.groups:
+            suite.rotation_big_rows()
         if "postgres" in settings.groups:
             suite.postgres_rows()
     except KeyboardInterrupt:

@@ -137,6 +137,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         metavar="PEERS",
         help="'1=https://k1:8443,2=https://k2:8443,...' (env SPIKE_NEXUS_KEEPER_PEERS)",
     )
+    nexus.add_argument(
+        "--retiring-keepers",
+        metavar="PEERS",
+        help="'4=https://k4:8443,...': keepers of the stored key record that --keepers no longer lists, so that "
+        "custody can move away from them (env SPIKE_NEXUS_RETIRING_KEEPER_PEERS)",
+    )
     nexus.add_argument("--shares", metavar="N", help="number of shards (env SPIKE_NEXUS_SHAMIR_SHARES, default 3)")
     nexus.add_argument(
         "--threshold",
@@ -150,6 +156,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     nexus.add_argument(
         "--keeper-timeout", metavar="DUR", help="per-request keeper timeout (env SPIKE_NEXUS_KEEPER_TIMEOUT)"
+    )
+    nexus.add_argument(
+        "--rotate-every",
+        metavar="DUR",
+        help="rotate the root key by itself this often, e.g. 24h or 7d (env SPIKE_NEXUS_ROTATE_EVERY; default: never)",
     )
     nexus.add_argument("--data-dir", metavar="DIR", help="env SPIKE_NEXUS_DATA_DIR, default ~/.spike/data")
     nexus.add_argument(
@@ -200,13 +211,29 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         add_parsers(sub, _client_flags)
         add_policy_parser(sub, _client_flags)
 
-    operator = sub.add_parser("operator", help="break-glass: export recovery shards, restore from them")
+    operator = sub.add_parser(
+        "operator", help="rotate the root key; break-glass: export recovery shards, restore from them"
+    )
     op = operator.add_subparsers(dest="operator_command", metavar="ACTION", required=True)
     rec = op.add_parser("recover", help="write all shards to files (recover role only)")
     rec.add_argument("--dir", type=Path, required=True, help="directory for the shard files (created 0700)")
     res = op.add_parser("restore", help="give Nexus one shard (restore role only); run once per shard")
     res.add_argument("--file", type=Path, help="read the shard from this file (default: hidden prompt or stdin)")
-    for p in (rec, res):
+    rot = op.add_parser("rotate", help="rotate the root key: new epoch, new shards, old ones retired (superuser)")
+    rot.add_argument("--abort", action="store_true", help="give up the rotation being dealt instead")
+    rot.add_argument(
+        "--data-key", action="store_true", help="rotate the data key instead: a new term for new values (one write)"
+    )
+    rot.add_argument(
+        "--rewrap",
+        action="store_true",
+        help="re-seal stored values under the newest data-key term, in the background (with --data-key: the new one)",
+    )
+    rot.add_argument(
+        "--no-wait", action="store_true", help="return once the rotation is stored, without waiting for the commit"
+    )
+    rot.add_argument("--timeout", metavar="DUR", default="5m", help="how long to wait for the commit (default 5m)")
+    for p in (rec, res, rot):
         _client_flags(p)
 
     sub.add_parser("version", help="print the version")
@@ -240,7 +267,9 @@ def _nexus(args: argparse.Namespace) -> int:
         print(json.dumps(cfg.describe(config), indent=2, default=str))
         return 0
     _setup_logs(config.common)
-    nexus.run(config)
+    # SIGHUP reads the configuration again (flags as given, the environment as started, the
+    # --config file as it is now): keepers, threshold and the rotation schedule take effect.
+    nexus.run(config, reload=lambda: cfg.nexus(args, cfg.environ(args)))
     return 0
 
 
@@ -328,6 +357,15 @@ def _operator(args: argparse.Namespace) -> int:
     with NexusClient(config.nexus_url, config.common.svid, config.common.trust) as client:
         if args.operator_command == "recover":
             return operator.recover(client, args.dir, print)
+        if args.operator_command == "rotate":
+            from spike.app.commands import rotate
+
+            wait = None if args.no_wait else cfg.parse_duration(args.timeout, "--timeout")
+            if args.abort and (args.data_key or args.rewrap):
+                raise CommandError("--abort gives up a root key rotation: not with --data-key or --rewrap", exit_code=2)
+            if args.data_key or args.rewrap:
+                return rotate.data_key(client, rotate_term=args.data_key, rewrap=args.rewrap, say=print)
+            return rotate.run(client, abort=args.abort, wait=wait, say=print)
         if args.file is not None:
             try:
                 text = args.file.read_text()

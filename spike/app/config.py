@@ -13,7 +13,7 @@ import argparse
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from spike.app.identity import IdentitySpec, WorkloadApiSpec, workload_api_address
@@ -70,6 +70,16 @@ class NexusConfig:
     keeper_summary_every: float = KEEPER_SUMMARY_EVERY
     database_url: str | None = None  # postgresql://...: several instances share it; None: SQLite in data_dir
     require_memory_lock: bool = False  # fail the start if memory cannot be locked (spike.app.memory)
+    # Key lifecycle (docs/key-lifecycle.md): keepers custody is moving away from (a rekey), by id.
+    retiring_keepers: dict[int, str] = field(default_factory=dict)
+    rotate_every: float | None = None  # a scheduled root key rotation this often; None: never by itself
+    crash_at: str | None = None  # a test build's SIGKILL point (SPIKE_TEST_CRASH_AT); never in the executable
+    config_file: Path | None = None  # the --config file a SIGHUP reads again
+
+    @property
+    def keeper_urls(self) -> dict[int, str]:
+        """Every keeper Nexus may have to talk to: the configured ones, and those custody moves away from."""
+        return {**self.retiring_keepers, **self.keepers}
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,6 +350,10 @@ def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
     metrics = _pick(args, "metrics_listen", env, "SPIKE_NEXUS_METRICS_LISTEN")
     audit = _pick(args, "audit_log", env, "SPIKE_NEXUS_AUDIT_LOG")
     grace = _pick(args, "shutdown_grace", env, "SPIKE_NEXUS_SHUTDOWN_GRACE", default="5s")
+    retiring_text = _pick(args, "retiring_keepers", env, "SPIKE_NEXUS_RETIRING_KEEPER_PEERS")
+    retiring = retiring_keepers(retiring_text, keepers) if retiring_text else {}
+    every_text = _pick(args, "rotate_every", env, "SPIKE_NEXUS_ROTATE_EVERY")
+    rotate_every = rotation_period(every_text) if every_text else None
     waiting = _pick(args, "waiting_summary_interval", env, "SPIKE_NEXUS_WAITING_SUMMARY_INTERVAL")
     lasting = _pick(args, "keeper_summary_interval", env, "SPIKE_NEXUS_KEEPER_SUMMARY_INTERVAL")
     database = _pick(args, "database_url", env, "SPIKE_NEXUS_DATABASE_URL")
@@ -358,7 +372,76 @@ def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
         parse_duration(lasting, "keeper summary interval") if lasting else KEEPER_SUMMARY_EVERY,
         database_url(database) if database else None,
         _bool(args, "require_memory_lock", env, "SPIKE_REQUIRE_MEMORY_LOCK"),
+        retiring,
+        rotate_every,
+        test_crash_point(env),
+        config_file(args),
     )
+
+
+def retiring_keepers(text: str, keepers: Mapping[int, str]) -> dict[int, str]:
+    """Keepers a rekey moves custody away from ('4=https://k4:8443,...'): ids only, none of the configured set."""
+    if all("=" in entry.split("://", 1)[0] for entry in text.split(",") if entry.strip()):
+        retiring = parse_keeper_peers(text)
+    else:
+        raise ConfigError(
+            "retiring keepers: give each as id=url (e.g. 4=https://k4:8443): ids are what the record knows"
+        )
+    both = sorted(set(retiring) & set(keepers))
+    if both:
+        raise ConfigError(f"retiring keepers: {', '.join(map(str, both))} also in --keepers (a keeper stays or leaves)")
+    shared = sorted(set(retiring.values()) & set(keepers.values()))
+    if shared:
+        raise ConfigError(f"retiring keepers: {shared[0]} is also a configured keeper's URL")
+    return retiring
+
+
+#: Where a test build may stop Nexus with SIGKILL (SPIKE_TEST_CRASH_AT; spike.app.nexus.lifecycle
+#: carries it out).  Each names the moment between two steps of a key rotation
+#: (docs/key-lifecycle.md section 5 says what a restart does in each).
+CRASH_POINTS = (
+    "rotation-store-before",  # PersistRotation given to the driver, nothing written
+    "rotation-stored",  # the pending rotation is durable, the machine not yet told: nothing dealt
+    "rotation-dealing",  # a first keeper showed its new shard
+    "rotation-commit-before",  # enough keepers showed theirs: CommitRotation given, nothing written
+    "rotation-committed",  # the commit is durable, the machine not yet told
+    "rotation-retiring",  # the machine took the new key; no keeper told to forget the old epoch yet
+    "rotation-abandon-before",  # AbandonRotation given, nothing written
+    "rotation-abandoned",  # the pending rotation is deleted, the machine not yet told
+)
+
+#: The shortest --rotate-every accepted: a rotation takes a few poll intervals, and one must end
+#: before the next is due.
+MIN_ROTATE_EVERY = 60.0
+
+
+def rotation_period(text: str) -> float:
+    """--rotate-every: '24h', '7d', '90m' ... (at least a minute)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*d\s*", text)
+    seconds = float(match.group(1)) * 86400 if match else parse_duration(text, "rotate every")
+    if seconds < MIN_ROTATE_EVERY:
+        raise ConfigError(f"rotate every: {text!r} is shorter than a minute (examples: 24h, 7d)")
+    return seconds
+
+
+def test_crash_point(env: Env) -> str | None:
+    """SPIKE_TEST_CRASH_AT: a test build's point to stop Nexus with SIGKILL (spike.app.nexus.lifecycle).
+
+    Read only when spike runs from its sources: the one-file executable (sys.frozen) ignores it.
+    """
+    import sys
+
+    point = env.get("SPIKE_TEST_CRASH_AT", "").strip()
+    if not point or getattr(sys, "frozen", False):
+        return None
+    if point not in CRASH_POINTS:
+        raise ConfigError(f"SPIKE_TEST_CRASH_AT: {point!r} is none of {', '.join(CRASH_POINTS)}")
+    return point
+
+
+def config_file(args: argparse.Namespace | None) -> Path | None:
+    file = getattr(args, "config", None) or os.environ.get("SPIKE_CONFIG")
+    return Path(file).expanduser() if file else None
 
 
 def mask_url(url: str) -> str:
@@ -468,6 +551,8 @@ TOML_KEYS: dict[str, dict[str, str]] = {
         "waiting_summary_interval": "SPIKE_NEXUS_WAITING_SUMMARY_INTERVAL",
         "keeper_summary_interval": "SPIKE_NEXUS_KEEPER_SUMMARY_INTERVAL",
         "database_url": "SPIKE_NEXUS_DATABASE_URL",
+        "retiring_keepers": "SPIKE_NEXUS_RETIRING_KEEPER_PEERS",
+        "rotate_every": "SPIKE_NEXUS_ROTATE_EVERY",
     },
     "bootstrap": {"timeout": "SPIKE_BOOTSTRAP_TIMEOUT"},
 }
@@ -478,7 +563,7 @@ def _toml_value(path: Path, section: str, key: str, value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float | str):
         return str(value)
-    if section == "nexus" and key == "keepers" and isinstance(value, dict):
+    if section == "nexus" and key in ("keepers", "retiring_keepers") and isinstance(value, dict):
         return ",".join(f"{k}={v}" for k, v in value.items())  # [nexus.keepers] 1 = "https://..."
     if section == "trust" and key == "bundles" and isinstance(value, dict):
         return ",".join(f"{k}={v}" for k, v in value.items())  # [trust.bundles] "other.org" = "/etc/..."

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from spike.protocol.effects import (
+    KeeperLeft,
     KeeperMisbehaved,
     KeeperReseeded,
     KeeperState,
@@ -29,6 +30,9 @@ from spike.protocol.effects import (
     Phase,
     PhaseChanged,
     Report,
+    RotationProgress,
+    RotationStage,
+    ShardRetired,
 )
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
@@ -134,6 +138,7 @@ class ReportLogger:
         self._now = now
         self._repeat_every = repeat_every
         self._last_problem: dict[tuple[int, str], float] = {}
+        self._dealt: dict[tuple[int, int], tuple[int, ...]] = {}  # rotation (from, to) -> keepers said dealt
 
     def _keeper(self, keeper_id: int) -> str:
         return f"keeper {keeper_id} ({self._urls.get(keeper_id, '?')})"
@@ -179,6 +184,23 @@ class ReportLogger:
                 (report.at - report.started_at) * 1000,
                 extra={"event": "key_recovered", "source": report.source, "epoch": report.epoch},
             )
+        elif isinstance(report, RotationProgress):
+            self._rotation(report)
+        elif isinstance(report, ShardRetired):
+            what = "every shard" if report.epoch is None else f"its shard of epoch {report.epoch}"
+            log.info(
+                "%s forgot %s",
+                self._keeper(report.keeper_id),
+                what,
+                extra={"keeper_id": report.keeper_id, "event": "shard_retired", "epoch": report.epoch},
+            )
+        elif isinstance(report, KeeperLeft):
+            log.info(
+                "%s is no longer in the keeper set and holds nothing of this deployment: no longer polled%s",
+                self._keeper(report.keeper_id),
+                f" ({report.detail})" if report.detail else "",
+                extra={"keeper_id": report.keeper_id, "event": "keeper_left"},
+            )
         elif isinstance(report, KeyRejected):
             log.error(
                 "shards of keepers %s passed their commitments but rebuilt a key that fails the key "
@@ -187,6 +209,76 @@ class ReportLogger:
                 report.epoch,
                 extra={"event": "key_rejected"},
             )
+
+    def _rotation(self, report: RotationProgress) -> None:
+        """One line per step of a rotation, and one per keeper that shows its new shard."""
+        stage, rotation = report.stage, (report.from_epoch, report.to_epoch)
+        arrow = f"{report.from_epoch} -> {report.to_epoch}"
+        extra = {
+            "event": "key_rotation",
+            "stage": stage.value,
+            "from_epoch": report.from_epoch,
+            "to_epoch": report.to_epoch,
+            "dealt": list(report.dealt),
+            "needed": report.needed,
+        }
+        log = self._log
+        if stage in (RotationStage.DEALING, RotationStage.COMMITTING, RotationStage.FOLLOWING) and report.detail:
+            log.error("key rotation %s: %s", arrow, report.detail, extra=extra)
+            return
+        if stage is RotationStage.DEALING:
+            said = self._dealt.get(rotation)
+            self._dealt[rotation] = report.dealt
+            if said is None:
+                log.info(
+                    "key rotation %s stored: dealing the new shards at the keepers' polls "
+                    "(%d more must show theirs before the commit)",
+                    arrow,
+                    report.needed,
+                    extra=extra,
+                )
+                return
+            for keeper_id in sorted(set(report.dealt) - set(said)):
+                log.info(
+                    "key rotation %s: %s holds its new shard (%d more needed)",
+                    arrow,
+                    self._keeper(keeper_id),
+                    report.needed,
+                    extra={**extra, "keeper_id": keeper_id},
+                )
+            return
+        if stage is not RotationStage.COMMITTING:
+            self._dealt.pop(rotation, None)
+        if stage is RotationStage.PERSISTING:
+            log.info("key rotation %s started: storing it before anything is dealt", arrow, extra=extra)
+        elif stage is RotationStage.COMMITTING:
+            log.info(
+                "key rotation %s: keepers %s showed their new shards: committing",
+                arrow,
+                ", ".join(map(str, report.dealt)),
+                extra=extra,
+            )
+        elif stage is RotationStage.COMMITTED:
+            log.info(
+                "root key rotated: epoch %d is in force; keepers forget epoch %d at their next polls",
+                report.to_epoch,
+                report.from_epoch,
+                extra=extra,
+            )
+        elif stage is RotationStage.FOLLOWING:
+            log.info("another Nexus instance rotates the root key %s: following it", arrow, extra=extra)
+        elif stage is RotationStage.ABANDONING:
+            log.warning("key rotation %s given up: removing it from the store", arrow, extra=extra)
+        elif stage is RotationStage.ABANDONED:
+            log.warning(
+                "key rotation %s abandoned: epoch %d stays in force%s",
+                arrow,
+                report.from_epoch,
+                f" ({report.detail})" if report.detail else "",
+                extra=extra,
+            )
+        else:  # NOT_STARTED
+            log.warning("key rotation not started: %s", report.detail or "refused", extra=extra)
 
     def _state_changed(self, report: KeeperStateChanged) -> None:
         who = self._keeper(report.keeper_id)
@@ -211,6 +303,10 @@ class ReportLogger:
                 who,
                 report.detail,
                 extra=extra,
+            )
+        elif state is KeeperState.REMOVED:
+            self._log.warning(
+                "%s is no longer in the keeper set but still holds a shard: telling it to forget", who, extra=extra
             )
         elif state is KeeperState.UNKNOWN:
             self._log.info("%s state unknown", who, extra=extra)

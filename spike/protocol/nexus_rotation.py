@@ -258,6 +258,33 @@ class RotatingCustody:
         self._highest = max(self._highest, pending.record.epoch)
         self._step(Event.FOLLOW, now, Rotation(pending, new_key, now))
 
+    def retarget(self, now: float, keeper_ids: Iterable[int], threshold: int) -> bool:
+        """The configuration changed (a reload): move custody to `keeper_ids` with `threshold`.
+
+        The new set replaces the configured one (what `initialise` checks a
+        record against, and what a rotation without arguments goes to) and the
+        machine rekeys from then on as if constructed with ``rekey=True``: once
+        READY with no rotation under way, a record for another set or
+        threshold starts a rotation to this one (reported like any rotation:
+        `RotationProgress`, `PERSISTING` or `NOT_STARTED` with the reason).  A
+        rotation under way is finished first.  Needs `random_bytes`.  Returns
+        whether custody has to move (the record in force is for another set).
+        Raises `ShamirError` for bad ids or threshold and `LocalProtocolError`
+        without `random_bytes`; a refusal changes nothing.
+        """
+        ids = tuple(sorted(keeper_ids))
+        check_parameters(threshold, ids)
+        if self._random_bytes is None:
+            raise LocalProtocolError("moving custody needs random_bytes to draw the new key from")
+        self._target = (ids, threshold)
+        self._rekey = True
+        record = self._record
+        if record is None or self._is_target(record):
+            return False
+        self._rotate_due = True
+        self._start_due(now)
+        return True
+
     def rotate_at(self, when: float | None) -> None:
         """Start a rotation to the configured keepers at `when`, or as soon after as READY and idle.
 
@@ -349,8 +376,12 @@ class RotatingCustody:
                 self._end_request(keeper)
         if self._key is None and self._phase is Phase.READY:
             self._set_phase(Phase.RECOVERING, now)
-        if self._rekey and not self._is_target(record):
-            self._rotate_due = True
+        # A scheduled rotation that came due meanwhile is this one (this instance's, or another's it
+        # followed): the next is armed from now by the driver.  A rekey still owed is due at once, unless
+        # the record came from another instance: instances configured for different sets would then
+        # move custody back and forth for ever (the driver says so; a reload moves it again).
+        followed = rotation.stage is RotationStage.FOLLOWING
+        self._rotate_due = self._rekey and not self._is_target(record) and not followed
 
     def _report_rotation(self, rotation: Rotation, stage: RotationStage, now: float, detail: str = "") -> None:
         new = rotation.pending.record

@@ -5,8 +5,19 @@ one keep-alive connection; a request the machine asks for is handed to it
 at once (`HttpsConnection.submit`), bounded by the deadline the machine
 gave it, and its answer comes back by callback and is fed straight into the
 machine.  The machine's reports go to the `on_report` callback (logs,
-metrics).  All of it runs on one event loop thread, so the machine needs no
-locks, and no task is spawned per request.
+metrics), its store effects (a key rotation's) to `on_store`.  All of it runs
+on one event loop thread, so the machine needs no locks, and no task is
+spawned per request.
+
+The keepers the machine polls can change while it runs: a rekey adds the
+keepers of the new set when its rotation is stored and lets removed ones go
+once they are cleared.  So the driver is given URLs by keeper id (the
+configured keepers, and those a rekey is moving custody away from), opens a
+keeper's connection when it is first asked to talk to it, and answers a
+request to a keeper it has no URL for at once, as a failure: the machine
+keeps polling it (no keeper is ever dropped) and sees it unreachable.
+The connections of the keepers polled at the start are made at once (no I/O
+until the first request), so a caller may open them before `run`.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from spike.protocol.events import Answer, FailureKind, RequestFailed, ResponseRe
 from spike.protocol.identity import Role, TrustDomains
 from spike.protocol.material import Share
 from spike.protocol.nexus import NexusCustody, RestoreProgress
+from spike.protocol.pending import PendingRotation
 from spike.protocol.record import KeyRecord
 
 from .client import HttpsConnection, Outcome, TransportError
@@ -67,22 +79,17 @@ class CustodyDriver:
         on_answer: AnswerSink | None = None,
         on_store: StoreSink | None = None,
     ) -> None:
-        if set(keeper_urls) != set(custody.keeper_ids):
-            raise ValueError("keeper URLs must be given for exactly the custody machine's keepers")
         self.custody = custody
         self._on_report = on_report
         self._on_answer = on_answer
         self._on_store = on_store
-        self._connections = {
-            keeper_id: HttpsConnection(
-                url,
-                ssl_context,
-                keeper_check(trust, keeper_id),
-                expected_peer=str(trust.id_of(Role.KEEPER, keeper_id)),
-            )
-            for keeper_id, url in keeper_urls.items()
-        }
+        self._ssl_context = ssl_context
+        self._trust = trust
+        self._connections: dict[int, HttpsConnection] = {}
+        self._retired: list[HttpsConnection] = []  # connections whose URL changed, to close
         self.keeper_urls = dict(keeper_urls)
+        for keeper_id in custody.keeper_ids:  # made now (no I/O yet): a caller may warm them up before run()
+            self._connection(keeper_id)
         self._running = False
         self._wake = anyio.Event()
         self._sleep_until = math.inf
@@ -93,6 +100,25 @@ class CustodyDriver:
     def now(self) -> float:
         return anyio.current_time()
 
+    def url_of(self, keeper_id: int) -> str:
+        """The keeper's URL, or a word saying it has none (a keeper only the stored record names)."""
+        return self.keeper_urls.get(keeper_id, "no URL configured")
+
+    def set_keeper_urls(self, keeper_urls: Mapping[int, str]) -> None:
+        """Use these URLs from now on (a configuration reload); a keeper whose URL changed gets a new connection."""
+        for keeper_id in list(self._connections):
+            if keeper_urls.get(keeper_id) != self.keeper_urls.get(keeper_id):
+                self._retired.append(self._connections.pop(keeper_id))
+        self.keeper_urls = dict(keeper_urls)
+        if self._retired and self._running:
+            retired, self._retired = self._retired, []
+            for connection in retired:
+                asyncio.get_running_loop().create_task(connection.aclose())
+
+    def dispatch(self) -> None:
+        """Carry out what the machine asked for after a call made on it directly (a rotation call)."""
+        self._dispatch()
+
     def initialise(self, record: KeyRecord, *, replace: bool) -> bool:
         changed = self.custody.initialise(record, self.now(), replace=replace)
         self._dispatch()
@@ -102,6 +128,11 @@ class CustodyDriver:
         progress = self.custody.submit_shard(share, self.now())
         self._dispatch()
         return progress
+
+    def follow_rotation(self, pending: PendingRotation | None) -> None:
+        """Another Nexus instance's rotation, as the store shows it (`NexusCustody.follow_rotation`)."""
+        self.custody.follow_rotation(pending, self.now())
+        self._dispatch()
 
     def confirm_record(self, checked_at: float) -> int:
         """The stored key record, read from `checked_at` on, is the machine's own (`NexusCustody.confirm_record`)."""
@@ -118,7 +149,7 @@ class CustodyDriver:
         finally:
             self._running = False
             with anyio.CancelScope(shield=True):
-                for connection in self._connections.values():
+                for connection in [*self._connections.values(), *self._retired]:
                     await connection.aclose()
 
     async def _timer_loop(self) -> None:
@@ -145,13 +176,34 @@ class CustodyDriver:
             failed = RequestFailed(request.request_id, "deadline passed before it could be sent", FailureKind.TIMEOUT)
             asyncio.get_running_loop().call_soon(self._answered, request, start, failed)
             return
-        self._connections[request.keeper_id].submit(
+        connection = self._connection(request.keeper_id)
+        if connection is None:
+            # A keeper of the stored record that the configuration no longer names (a rekey without
+            # its URL in --retiring-keepers): the machine keeps polling it and sees it unreachable.
+            failed = RequestFailed(request.request_id, "no URL configured for this keeper", FailureKind.UNREACHABLE)
+            asyncio.get_running_loop().call_soon(self._answered, request, start, failed)
+            return
+        connection.submit(
             "POST",
             request.path,
             request.body,
             deadline=request.deadline,
             on_done=partial(self._outcome, request, start),
         )
+
+    def _connection(self, keeper_id: int) -> HttpsConnection | None:
+        connection = self._connections.get(keeper_id)
+        if connection is None:
+            url = self.keeper_urls.get(keeper_id)
+            if url is None:
+                return None
+            connection = self._connections[keeper_id] = HttpsConnection(
+                url,
+                self._ssl_context,
+                keeper_check(self._trust, keeper_id),
+                expected_peer=str(self._trust.id_of(Role.KEEPER, keeper_id)),
+            )
+        return connection
 
     def _outcome(self, request: SendRequest, start: float, outcome: Outcome) -> None:
         answer: Answer

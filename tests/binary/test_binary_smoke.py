@@ -444,6 +444,30 @@ def test_dev_stops_on_ctrl_c_and_a_second_run_on_its_data_dir_has_the_same_secre
     _ctrl_c(spike, second, "dev-2")
 
 
+def test_dev_refreshes_its_recovery_shards_after_a_rotation_so_a_second_run_still_restores(
+    spikes: Callable[[list[str]], Spike],
+) -> None:
+    spike = spikes([sys.executable, "-m", "spike"])
+    spike.env["PYTHONPATH"] = str(ROOT)
+    data = spike.home / "data"
+    first = _start_dev(spike, data, "dev-1")
+    put = spike.run("secret", "put", "app/db", "password=s3cret", env=first.pilot)
+    assert put.returncode == 0, put.stderr
+    rotated = spike.run("operator", "rotate", env=first.pilot)
+    assert rotated.returncode == 0 and "root key rotated: epoch 2 is in force" in rotated.stdout, rotated.stderr
+    wait_until(
+        lambda: "key epoch 2: recovery shards in" in spike.log("dev-1"), "the shards of epoch 2 exported", TIMEOUT
+    )
+    _ctrl_c(spike, first, "dev-1")
+
+    second = _start_dev(spike, data, "dev-2")
+    text = spike.log("dev-2")
+    assert "root key epoch 2 restored from" in text, text
+    got = spike.run("secret", "get", "app/db", "password", env=second.pilot)
+    assert (got.returncode, got.stdout) == (0, "s3cret\n"), got.stderr
+    _ctrl_c(spike, second, "dev-2")
+
+
 @pytest.mark.parametrize(("ci", "outcome"), [("true", pytest.fail.Exception), ("", pytest.skip.Exception)])
 def test_a_machine_that_cannot_build_fails_in_ci_and_skips_elsewhere(
     ci: str, outcome: type[BaseException], monkeypatch: pytest.MonkeyPatch

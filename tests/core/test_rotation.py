@@ -321,6 +321,116 @@ def test_a_scheduled_rotation_that_is_refused_says_why() -> None:
     assert report.stage is RotationStage.NOT_STARTED and "keep one shard only" in report.detail
 
 
+def test_a_scheduled_rotation_due_during_a_rotation_is_satisfied_by_its_commit() -> None:
+    """The schedule asks for one rotation per period: one that came due meanwhile is the one just committed."""
+    d = Deployment(hold_store=True)
+    d.nexus.start_rotation(d.now)
+    d.run_for(0.01)
+    d.nexus.rotate_at(d.now)  # comes due while the operator's rotation is still being stored
+    d.run_for(1.0)
+    d.release()
+    d.hold_store = False
+    d.run_for(60.0, stop=lambda: committed(d))
+    assert committed(d)
+    d.run_for(d.interval * 4)
+    assert d.nexus.rotation is None and d.nexus.record is not None and d.nexus.record.epoch == 2
+    assert not [e for e in d.held if isinstance(e, PersistRotation)]
+
+
+def test_a_follower_whose_schedule_came_due_while_following_does_not_rotate_again_at_the_commit() -> None:
+    """With several instances, each arms the same period: the leader's rotation is the follower's too.
+
+    On the old code the follower's due timer started a second rotation the moment it adopted the
+    leader's commit: two rotations per period, one right after the other.
+    """
+    d = Deployment()
+    leader = d.nexus
+    follower = d.start()
+    d.run_for(1.0)
+    d.nexus = leader
+    pending = leader.start_rotation(d.now)
+    d.run_for(0.01)
+    follower.follow_rotation(pending, d.now)
+    follower.rotate_at(d.now)  # its own schedule comes due while it follows
+    d.nexus = follower
+    d.run_for(1.0)
+    assert follower.rotation is not None and follower.rotation.stage is RotationStage.FOLLOWING
+    d.nexus = leader
+    d.run_for(60.0, stop=lambda: committed(d))
+    d.nexus = follower
+    follower.effects()
+    assert follower.initialise(pending.record, d.now, replace=True)
+    assert follower.phase is Phase.READY and follower.rotation is None
+    assert not [e for e in follower.effects() if isinstance(e, PersistRotation)]
+
+
+def test_a_follower_configured_for_another_set_does_not_move_custody_back() -> None:
+    """Two instances configured for different sets would rekey back and forth: a followed commit never chains one."""
+    d = Deployment(ids=(1, 2, 3), threshold=2)
+    d.keeper(4)
+    leader = d.nexus
+    follower = d.start()  # configured for (1, 2, 3) like the record, then the leader moves custody to (1, 2, 4)
+    d.run_for(1.0)
+    d.nexus = leader
+    pending = leader.start_rotation(d.now, keeper_ids=[1, 2, 4])
+    d.run_for(0.01)
+    follower.follow_rotation(pending, d.now)
+    d.run_for(60.0, stop=lambda: committed(d))
+    d.nexus = follower
+    follower.retarget(d.now, [1, 2, 3], 2)  # its configuration says (1, 2, 3): due once the rotation is done
+    follower.effects()
+    assert follower.initialise(pending.record, d.now, replace=True)
+    assert follower.phase is Phase.READY and follower.record == pending.record
+    assert follower.rotation is None
+    assert not [e for e in follower.effects() if isinstance(e, PersistRotation)]
+
+
+# ---------------------------------------------------------------- moving custody on a reload
+
+
+def test_retarget_while_ready_moves_custody_at_once() -> None:
+    d = Deployment(ids=(1, 2, 3), threshold=2)
+    d.keeper(4), d.keeper(5)
+    assert d.nexus.retarget(d.now, [1, 2, 3, 4, 5], 3)
+    assert d.nexus.rotation is not None and d.nexus.rotation.keeper_ids == (1, 2, 3, 4, 5)
+    d.run_for(120.0, stop=lambda: committed(d) and d.nexus.keeper_ids == (1, 2, 3, 4, 5))
+    record = d.nexus.record
+    assert record is not None and (record.keeper_ids, record.threshold) == ((1, 2, 3, 4, 5), 3)
+    assert not d.nexus.retarget(d.now, [1, 2, 3, 4, 5], 3)  # already there: nothing to do
+
+
+def test_retarget_during_a_rotation_moves_custody_after_it() -> None:
+    d = Deployment(ids=(1, 2, 3), threshold=2)
+    d.keeper(4)
+    d.nexus.start_rotation(d.now)
+    d.run_for(0.01)
+    assert d.nexus.retarget(d.now, [1, 2, 3, 4], 2)
+    d.run_for(120.0, stop=lambda: committed(d) and d.nexus.keeper_ids == (1, 2, 3, 4))
+    record = d.nexus.record
+    assert record is not None and record.epoch == 3 and record.keeper_ids == (1, 2, 3, 4)
+
+
+def test_retarget_while_recovering_moves_custody_once_the_key_is_rebuilt() -> None:
+    d = Deployment(ids=(1, 2, 3), threshold=2)
+    d.keeper(4)
+    d.restart()
+    assert d.nexus.phase is Phase.RECOVERING
+    assert d.nexus.retarget(d.now, [1, 2, 4], 2)
+    assert d.nexus.rotation is None
+    d.run_for(120.0, stop=lambda: committed(d) and d.nexus.keeper_ids == (1, 2, 4))
+    record = d.nexus.record
+    assert record is not None and record.keeper_ids == (1, 2, 4) and d.epochs()[3] == ()
+
+
+def test_retarget_refuses_bad_parameters_and_changes_nothing() -> None:
+    d = Deployment()
+    with pytest.raises(ShamirError):
+        d.nexus.retarget(d.now, [1, 2], 3)
+    assert d.nexus.rotation is None
+    d.nexus.start_rotation(d.now)  # the configured set is still (1, 2, 3), threshold 2
+    assert d.nexus.rotation is not None and d.nexus.rotation.keeper_ids == (1, 2, 3)
+
+
 # ---------------------------------------------------------------- another instance's rotation
 
 

@@ -70,6 +70,7 @@ from spike.protocol.wire import (
     KEEPER_SHARD_PATH,
     ShardAnswer,
     ShardContribution,
+    ShardRequest,
     decode,
     encode,
 )
@@ -429,6 +430,34 @@ class Cluster:
 
     def bootstrap(self, *args: str) -> CliResult:
         return self.run("bootstrap", *args, identity="bootstrap")
+
+    def rotate(self, *args: str, nexus: int = 1) -> CliResult:
+        """`spike operator rotate ARGS` as the superuser, against Nexus instance `nexus`."""
+        return self.run("operator", "rotate", *args, env={"SPIKE_NEXUS_API_URL": self.nexus_url_of(nexus)})
+
+    def wait_exit(self, proc: Proc, timeout: float = DEFAULT_TIMEOUT) -> int:
+        """Wait until `proc` has exited (a test build's crash point, say); its return code (-9: SIGKILL)."""
+        wait_until(lambda: not proc.alive(), f"{proc.name} to exit", timeout)
+        return proc.popen.returncode
+
+    def held_epochs(self, keeper_id: int, session: ClientSession | None = None) -> tuple[int, ...]:
+        """The epochs of the shards keeper `keeper_id` holds (latest first); () when empty."""
+        if session is None:
+            with self.as_nexus() as own:
+                return self.held_epochs(keeper_id, own)
+        connection = session.connect(
+            self.keeper_url(keeper_id),
+            keeper_check(self.trust, keeper_id),
+            expected_peer=str(self.trust.id_of(Role.KEEPER, keeper_id)),
+        )
+        status, body = connection.post(KEEPER_SHARD_PATH, encode(ShardRequest(epoch=1)))
+        if status == 404:
+            return ()
+        if status != 200:
+            raise HarnessError(f"keeper {keeper_id} answered HTTP {status} to a shard read")
+        answer = decode(body, ShardAnswer)
+        shown = answer.epoch or 0
+        return (shown,) if answer.other_epoch is None else tuple(sorted((shown, answer.other_epoch), reverse=True))
 
     def start_ready(self, keeper_ids: Iterable[int] | None = None) -> None:
         """Start the processes, bootstrap once (epoch 1), and wait for Nexus ready with every keeper holding."""

@@ -8,7 +8,6 @@ time starting an interpreter), and each test checks one outcome.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -19,9 +18,6 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from spike.app.commands.devca import CA_CERT, DevIdentity, new_ca
-from spike.app.store.sqlite_schema import NexusStore
-from spike.protocol.material import RootKey
-from spike.protocol.record import seal_key
 from tests.e2e.harness import SPIKE, base_env, pick_port, svid_env
 
 pytestmark = pytest.mark.e2e
@@ -51,14 +47,6 @@ def _cases(tmp: Path, identity: DevIdentity, busy_port: int) -> dict[str, Case]:
     garbage = tmp / "garbage.pem"
     garbage.write_bytes(b"-----BEGIN CERTIFICATE-----\nthis is not base64 DER\n-----END CERTIFICATE-----\n")
     missing = str(tmp / "no-such-dir" / "svid.pem")
-    initialised = tmp / "initialised-2-of-3"  # a data dir bootstrapped for keepers 1-3, threshold 2
-    store = NexusStore(initialised)
-    try:
-        key = RootKey.generate(os.urandom)
-        store.save_key_record(seal_key(key, epoch=1, threshold=2, keeper_ids=[1, 2, 3])[0])
-        key.wipe()
-    finally:
-        store.close()
     peers = PEERS.format(a=pick_port(), b=pick_port(), c=pick_port())
     # Trust per domain: a bundle of two domains with a CA that names neither, and a CA given
     # for a domain it does not name.
@@ -105,12 +93,27 @@ def _cases(tmp: Path, identity: DevIdentity, busy_port: int) -> dict[str, Case]:
             "--keepers", peers, env={"SPIKE_SVID_CERT": str(garbage)},
             expect=("invalid certificate",),
         ),
-        "nexus-data-dir-of-another-threshold": Case(
-            "nexus",
-            (*nexus, "--keepers", peers, "--threshold", "3", "--data-dir", str(initialised)),
-            (),
-            ("configuration error", "initialised for keepers [1, 2, 3] with threshold 2", "threshold 3"),
-            creates_nothing=False,
+        # A data dir of another keeper set or threshold is no longer refused: custody moves (a rekey,
+        # tests/e2e/test_e2e_rotation.py).  The settings of the key lifecycle are checked at start:
+        "retiring-keeper-also-configured": nexus_case(
+            "--keepers", peers, "--retiring-keepers", peers.split(",")[0],
+            expect=("configuration error", "retiring keepers: 1 also in --keepers"),
+        ),
+        "retiring-keepers-without-ids": nexus_case(
+            "--keepers", peers, "--retiring-keepers", "https://127.0.0.1:1",
+            expect=("configuration error", "retiring keepers: give each as id=url"),
+        ),
+        "rotate-every-too-short": nexus_case(
+            "--keepers", peers, "--rotate-every", "30s",
+            expect=("configuration error", "rotate every: '30s' is shorter than a minute"),
+        ),
+        "rotate-every-not-a-duration": nexus_case(
+            "--keepers", peers, "--rotate-every", "soon",
+            expect=("configuration error", "rotate every: 'soon' is not a duration"),
+        ),
+        "unknown-crash-point": nexus_case(
+            "--keepers", peers, env={"SPIKE_TEST_CRASH_AT": "nowhere"},
+            expect=("configuration error", "SPIKE_TEST_CRASH_AT: 'nowhere' is none of rotation-store-before"),
         ),
         "nexus-port-in-use": Case(
             "nexus",
@@ -169,7 +172,11 @@ CASE_NAMES = [
     "keeper-url-not-https",
     "nexus-missing-svid-cert",
     "nexus-garbage-certificate",
-    "nexus-data-dir-of-another-threshold",
+    "retiring-keeper-also-configured",
+    "retiring-keepers-without-ids",
+    "rotate-every-too-short",
+    "rotate-every-not-a-duration",
+    "unknown-crash-point",
     "nexus-port-in-use",
     "keeper-missing-svid-cert",
     "keeper-certificate-is-a-directory",

@@ -82,9 +82,14 @@ def test_no_log_or_data_file_holds_a_shard_or_the_root_key(
     assert c.bootstrap("--force").returncode == 0
     c.wait_status(lambda s: s["epoch"] == 2 and s["redundancy"] == 1, "epoch 2, every keeper holding")
     collect(c, "epoch 2", secrets)
+
+    # A key rotation (debug logs, the pending rotation stored and committed in the data dir).
+    assert c.rotate().returncode == 0
+    c.wait_status(lambda s: s["epoch"] == 3 and s["rotation"] is None and s["redundancy"] == 1, "epoch 3")
+    collect(c, "epoch 3", secrets)
     c.close()  # every process has written all it ever will
 
-    assert len(secrets) == 2 * 4
+    assert len(secrets) == 3 * 4
     own = c.log_files()
     data = [p for p in c.data_dir.iterdir() if p.is_file()]
     others = sorted(p for d in secrets_seen.log_dirs if d.exists() for p in d.iterdir() if p.is_file())

@@ -6,8 +6,10 @@ fresh values (each path keeps every version) and readers read back versions
 that were acknowledged, all through the operator's client, while a driver
 thread, drawing from a seeded random source (printed; replay with
 ``SPIKE_CHAOS_SEED``), SIGKILLs and restarts keepers and Nexus at random
-moments and makes the proxies drop, delay, blackhole and cut connections,
-sometimes all at once (a partition).
+moments, makes the proxies drop, delay, blackhole and cut connections,
+sometimes all at once (a partition), and asks Nexus to rotate its root key
+(`spike operator rotate`'s route), so that kills and faults land in every step
+of rotations too.
 
 What is checked, while it runs and at the end:
 
@@ -20,13 +22,17 @@ What is checked, while it runs and at the end:
   least t keepers hold their shard (read directly) and their proxies pass traffic;
 * every keeper that came back empty holds its own shard again (the same bytes as
   before, read directly) within `RESEED_BOUND` seconds of Nexus being READY, its
-  proxy passing and the keeper listening;
+  proxy passing and the keeper listening; a keeper only ever holds a shard that
+  matches the commitment of a key record the store held (the record in force,
+  or a stored rotation's), and "holding" means a shard of the record in force
+  or of the rotation stored now;
 * Nexus never stops polling any keeper: over every stretch of 6+ poll intervals
   each keeper's poll counter in the status grows (whatever the faults), and no
   keeper is ever missing from the status.
 
 The counts (writes acknowledged, reads checked, kills, partitions, recoveries,
-re-seeds, data lost) are printed in the run's summary.  The short run is part of
+re-seeds, rotations asked, started and committed, data lost) are printed in the
+run's summary.  The short run is part of
 the normal suite; ``--run-slow`` adds a long one (``SPIKE_CHAOS_SECONDS``, 10 min
 by default).
 """
@@ -45,8 +51,11 @@ from typing import Any
 import pytest
 
 from spike.app.api.messages import (
+    ROTATE_PATH,
     SECRETS_METADATA_PATH,
     SECRETS_PATH,
+    RotateRequest,
+    RotateResponse,
     SecretGetRequest,
     SecretGetResponse,
     SecretMetadataResponse,
@@ -55,7 +64,9 @@ from spike.app.api.messages import (
     SecretPutResponse,
 )
 from spike.app.commands.client import Empty, NexusClient, NexusError
+from spike.app.store.sqlite_schema import NexusStore
 from spike.protocol.material import Share
+from spike.protocol.record import KeyRecord
 from tests.e2e.harness import HarnessError
 from tests.reliability.faultproxy import FaultSchedule
 from tests.reliability.reliability_rig import REPORT, LeakWatch, ProxiedCluster, ShardProbe, StatusProbe
@@ -226,7 +237,11 @@ class Driver:
         self.faults = FaultSchedule(rng, cluster.keeper_ids, longest=3.0, max_delay=0.6)
         self.status = StatusProbe(cluster)
         self.shards = ShardProbe(cluster)
-        self.expected: dict[int, bytes] = {}
+        self.expected: dict[tuple[int, int], bytes] = {}  # (keeper, epoch) -> its shard, once verified
+        self.store = NexusStore(cluster.data_dir)  # the key records, read beside Nexus (SQLite's WAL allows it)
+        self.in_play: list[KeyRecord] = []  # the record in force and a stored rotation's, as last read
+        self.epoch_seen = 0  # the highest epoch Nexus's status showed in force
+        self.rotate_by = math.inf  # by then the run has asked for a rotation twice (set in run())
         self.counts: Counter[str] = Counter()
         self.violations: list[str] = []
         self.incarnations: list[Incarnation] = []
@@ -249,6 +264,7 @@ class Driver:
         self.status.close()
         self.shards.close()
         self.read_back_client.close()
+        self.store.close()
 
     @property
     def nexus(self) -> Incarnation:
@@ -261,25 +277,47 @@ class Driver:
 
     def learn_expected(self) -> None:
         shards = {}
+        self.read_records()
         for keeper_id in self.c.keeper_ids:
             share = self.shards.read(keeper_id)
             assert isinstance(share, Share), (keeper_id, share)
             shards[keeper_id] = share
-            self.expected[keeper_id] = share.secret_bytes()
-        self.watch.add_shards(shards, "chaos", self.t)
+            self.expected[(keeper_id, share.epoch)] = share.secret_bytes()
+        self.watch.add_shards(shards, "chaos epoch 1", self.t)
+
+    def read_records(self) -> None:
+        """The key records in play as the store holds them now (the record in force, a stored rotation's)."""
+        record = self.store.load_key_record()
+        pending, _, _ = self.store.load_rotation_state()
+        self.in_play = [r for r in (record, None if pending is None else pending.record) if r is not None]
+
+    def genuine(self, share: Share) -> bool:
+        """Whether a keeper's shard is its own: bytes seen verified before, or matching a record in play."""
+        known = self.expected.get((share.id, share.epoch))
+        if known is not None:
+            return known == share.secret_bytes()
+        if not any(r.matches_share(share) for r in self.in_play):
+            self.read_records()  # a rotation stored or committed since the last read
+        if any(r.matches_share(share) for r in self.in_play):
+            self.expected[(share.id, share.epoch)] = share.secret_bytes()
+            self.watch.add_shards({share.id: share}, f"chaos epoch {share.epoch}")
+            return True
+        return False
 
     def observe(self, now: float) -> None:
-        # Who holds its own shard, read directly (not through the proxies).
+        # Who holds its own shard of an epoch in play, read directly (not through the proxies).
         self.holding = set()
+        self.read_records()
+        current = {r.epoch for r in self.in_play}
         for keeper_id in self.c.keeper_ids:
             if keeper_id in self.keeper_restart_at:
                 continue
             share = self.shards.read(keeper_id)
             if isinstance(share, Share):
-                if share.secret_bytes() != self.expected[keeper_id]:
-                    self.note(f"keeper {keeper_id} holds bytes that are not its shard")
-                else:
-                    self.holding.add(keeper_id)
+                if not self.genuine(share):
+                    self.note(f"keeper {keeper_id} holds bytes that are not its shard (epoch {share.epoch})")
+                elif share.epoch in current:
+                    self.holding.add(keeper_id)  # an earlier epoch's shard is stale: re-seeded like an empty one
         for keeper_id in list(self.expect_reseed):
             if keeper_id in self.holding:
                 del self.expect_reseed[keeper_id]
@@ -294,6 +332,10 @@ class Driver:
             self.phase = "down" if self.nexus_restart_at is not None else "unreachable"
         else:
             self.phase = status["phase"]
+            if status["epoch"] is not None and status["epoch"] > self.epoch_seen:
+                if self.epoch_seen:  # epochs grow by one per commit (nothing here gives a rotation up)
+                    self.counts["rotations committed"] += status["epoch"] - self.epoch_seen
+                self.epoch_seen = status["epoch"]
             ids = sorted(k["id"] for k in status["keepers"])
             if ids != self.c.keeper_ids:
                 self.note(f"status lists keepers {ids}, configured are {self.c.keeper_ids}")
@@ -405,6 +447,17 @@ class Driver:
                 self.healed_at[keeper_id] = time.monotonic()
                 del self.fault_end[keeper_id]
 
+    def rotate(self) -> None:
+        """Ask Nexus to rotate its root key, as `spike operator rotate --no-wait` does."""
+        self.counts["rotations asked"] += 1
+        try:
+            self.read_back_client.call(ROTATE_PATH, RotateRequest(), RotateResponse)
+        except NexusError as exc:
+            # Refused (one under way, not ready) or cut by a kill: the kinds are counted, none is a failure.
+            self.counts[f"rotation refused: {classify(exc)}"] += 1
+        else:
+            self.counts["rotations started"] += 1
+
     def act(self, now: float) -> None:
         rng = self.rng
         roll = rng.random()
@@ -412,6 +465,8 @@ class Driver:
             roll = 0.25  # a Nexus kill, as soon as it is allowed
         elif self.counts["keeper kills"] < 2 and now >= self.keeper_kills_by:
             roll = 0.0  # a keeper kill, as soon as it is allowed
+        elif self.counts["rotations started"] < 2 and now >= self.rotate_by and self.phase == "ready":
+            roll = 0.97  # a rotation, as soon as Nexus can take one
         alive = [k for k in self.c.keeper_ids if k not in self.keeper_restart_at]
         if roll < 0.20 and alive:
             keeper_id = rng.choice(alive)
@@ -421,7 +476,7 @@ class Driver:
         elif roll < 0.27:
             if self.nexus_restart_at is None and len(self.holding) >= self.t:
                 self.kill_nexus(now)
-        elif roll < 0.90:
+        elif roll < 0.85:
             fault = self.faults.next()
             proxy = self.c.proxies[fault.target]
             if fault.mode == "cut":
@@ -431,6 +486,9 @@ class Driver:
                 proxy.set_mode(fault.mode, fault.delay)
                 self.fault_end[fault.target] = now + fault.duration
                 self.counts[f"proxy {fault.mode}"] += 1
+        elif roll >= 0.93:
+            if self.nexus_restart_at is None:
+                self.rotate()
         elif not self.fault_end:
             # A partition: Nexus cut off from every keeper at once.
             for proxy in self.c.proxies.values():
@@ -456,6 +514,7 @@ class Driver:
         self.began = time.monotonic()
         end = self.began + seconds
         self.keeper_kills_by, self.nexus_kill_by = self.began + 0.25 * seconds, self.began + 0.4 * seconds
+        self.rotate_by = self.began + 0.15 * seconds
         while time.monotonic() < end and not self.book.crashed:
             now = time.monotonic()
             self.heal_due(now)
@@ -481,7 +540,14 @@ class Driver:
         while True:
             self.observe(time.monotonic())
             if self.phase == "ready" and self.holding == set(self.c.keeper_ids) and not self.expect_reseed:
-                return
+                # No rotation under way, every keeper on the epoch in force: the key the secrets sweep opens the
+                # database with (rotations changed it since the start).
+                status = self.status.get()
+                final = {k: s for k in self.c.keeper_ids if isinstance(s := self.shards.read(k), Share)}
+                settled = status is not None and status["rotation"] is None
+                if settled and status and {share.epoch for share in final.values()} == {status["epoch"]}:
+                    self.watch.add_shards(final, "chaos", self.t)
+                    return
             if time.monotonic() > deadline:
                 raise HarnessError(f"not settled: {self.describe()}")
             time.sleep(0.1)
@@ -604,6 +670,10 @@ def run_chaos(make_rcluster: Any, leak_watch: LeakWatch, seconds: float, label: 
         "recoveries": driver.counts["recoveries"],
         "re-seeds (seen by the test)": driver.counts["re-seeds"],
         "re-seeds (counted by the last Nexus)": reseeds_by_nexus,
+        "rotations asked": driver.counts["rotations asked"],
+        "rotations started": driver.counts["rotations started"],
+        "rotations committed": driver.counts["rotations committed"],
+        "root key epoch at the end": status["epoch"],
         "poll checks": driver.counts["poll checks"],
         "client outcomes": dict(book.outcomes),
         "data lost": len(book.mismatches) + len(problems),
@@ -621,6 +691,7 @@ def run_chaos(make_rcluster: Any, leak_watch: LeakWatch, seconds: float, label: 
     assert driver.counts["keeper kills"] >= 2 and driver.counts["Nexus kills"] >= 1, context
     assert driver.counts["recoveries"] >= 1 and driver.counts["re-seeds"] >= 1, context
     assert driver.counts["poll checks"] >= 1, context
+    assert driver.counts["rotations committed"] >= 1, context
     return counts
 
 

@@ -12,16 +12,18 @@ import pytest
 
 from spike.app.commands.devca import DevIdentity
 from spike.protocol.effects import (
+    CommitRotation,
     KeeperReseeded,
     KeeperState,
     KeeperStateChanged,
     KeyRecovered,
+    PersistRotation,
     Phase,
     Report,
 )
 from spike.protocol.events import Answer, FailureKind, RequestFailed, ResponseReceived
 from spike.protocol.material import RootKey, Share
-from spike.protocol.nexus import KeeperView, NexusCustody, PollSchedule
+from spike.protocol.nexus import DEAL_ROUNDS, KeeperView, NexusCustody, PollSchedule
 from spike.protocol.record import KeyRecord, seal_key
 from spike.protocol.wire import ShardAnswer, ShardContribution, decode, encode
 from spike.transports.client import HttpsConnection
@@ -276,3 +278,74 @@ async def test_the_driver_hands_the_machine_typed_failures(dev_identity: DevIden
     assert (3, FailureKind.PEER_IDENTITY) in kinds
     assert (2, FailureKind.REFUSED) in kinds
     assert not [a for k, a in answers if k == 1 and not isinstance(a, ResponseReceived)]
+
+
+async def test_a_keeper_of_the_record_without_a_url_is_polled_and_seen_unreachable(dev_identity: DevIdentity) -> None:
+    """A rekey's restart where a leaving keeper's URL was not given: still polled (never dropped), unreachable."""
+    record, shares = seal_key(KEY, epoch=1, threshold=2, keeper_ids=IDS)
+    async with keepers(dev_identity) as slots:
+        await seed(dev_identity, slots, dict(shares))
+        custody = NexusCustody(
+            (1, 2), threshold=2, schedule=SCHEDULE, rng=random.Random(7), now=anyio.current_time(), record=record,
+            rekey=True, random_bytes=random.Random(8).randbytes,
+        )  # fmt: skip
+        driver = CustodyDriver(
+            custody, {1: slots[1].url, 2: slots[2].url}, ssl_context=nexus_client(dev_identity), trust=TRUST,
+            on_report=lambda report: None, on_store=lambda effect: None,
+        )  # fmt: skip
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(driver.run)
+            try:
+                await wait_for(lambda: view(driver, 3).polls >= 3, 3 * MAX_GAP + SLACK, "polls of keeper 3")
+                assert view(driver, 3).state is KeeperState.UNREACHABLE
+                assert "no URL configured" in view(driver, 3).detail
+                assert custody.phase is Phase.READY  # rebuilt from keepers 1 and 2
+            finally:
+                tg.cancel_scope.cancel()
+                custody.forget(anyio.current_time())
+
+
+async def test_a_keeper_joining_by_a_rekey_gets_its_connection_when_first_dealt(dev_identity: DevIdentity) -> None:
+    """Keeper 3 is not in the record (1, 2): the rotation to (1, 2, 3) adds it, and the driver connects then."""
+    record, shares = seal_key(KEY, epoch=1, threshold=2, keeper_ids=(1, 2))
+    stored: list[object] = []
+    async with keepers(dev_identity) as slots:
+        await seed(dev_identity, {1: slots[1], 2: slots[2]}, {1: shares[1], 2: shares[2]})
+        custody = NexusCustody(
+            IDS, threshold=2, schedule=SCHEDULE, rng=random.Random(7), now=anyio.current_time(), record=record,
+            rekey=True, random_bytes=random.Random(8).randbytes,
+        )  # fmt: skip
+        assert custody.keeper_ids == (1, 2)
+        holder: list[CustodyDriver] = []
+
+        def on_store(effect: object) -> None:  # a store that takes every write at once
+            stored.append(effect)
+            driver = holder[0]
+            pending = effect.pending  # type: ignore[attr-defined]
+            if isinstance(effect, PersistRotation):
+                driver.custody.rotation_persisted(driver.now(), pending)
+            elif isinstance(effect, CommitRotation):
+                driver.custody.rotation_committed(driver.now(), pending)
+            driver.dispatch()
+
+        driver = CustodyDriver(
+            custody, {i: slot.url for i, slot in slots.items()}, ssl_context=nexus_client(dev_identity),
+            trust=TRUST, on_report=lambda report: None, on_store=on_store,
+        )  # fmt: skip
+        holder.append(driver)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(driver.run)
+            try:
+                await wait_for(
+                    lambda: (
+                        custody.record is not None and custody.record.keeper_ids == IDS and custody.rotation is None
+                    ),
+                    (DEAL_ROUNDS + 3) * MAX_GAP + SLACK,
+                    "custody moved to keepers 1, 2, 3",
+                )
+                assert slots[3].current is not None and slots[3].current.keeper.holds_shard
+                assert accepted(slots[3]) >= 1
+                assert [type(e) for e in stored] == [PersistRotation, CommitRotation]
+            finally:
+                tg.cancel_scope.cancel()
+                custody.forget(anyio.current_time())

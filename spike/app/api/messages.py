@@ -14,6 +14,7 @@ from spike.protocol.wire import ShardBytes
 STATUS_PATH = "/v1/operator/status"
 RECOVER_PATH = "/v1/operator/recover"
 RESTORE_PATH = "/v1/operator/restore"
+ROTATE_PATH = "/v1/operator/rotate"
 BOOTSTRAP_INIT_PATH = "/v1/bootstrap/init"
 BOOTSTRAP_VERIFY_PATH = "/v1/bootstrap/verify"
 
@@ -34,6 +35,44 @@ class KeeperStatus(msgspec.Struct, kw_only=True):
     latency_ms: float | None
 
 
+class RotationStatus(msgspec.Struct, kw_only=True):
+    """A key rotation under way (docs/key-lifecycle.md): where it stands and who holds the new shard."""
+
+    stage: str  # persisting, dealing, committing, abandoning, following
+    from_epoch: int
+    to_epoch: int
+    threshold: int  # of the new record
+    keepers: list[int]  # of the new record
+    dealt: list[int]  # keepers of the new set that showed their verified new shard
+    needed: int  # more keepers that must show it before the commit
+    started: float  # unix time
+
+
+class ScheduleStatus(msgspec.Struct, kw_only=True):
+    """`--rotate-every`: the period, and when the next scheduled rotation is due (unix time)."""
+
+    every: float
+    next: float | None
+
+
+class RecoveryStatus(msgspec.Struct, kw_only=True):
+    """The newest break-glass export (`spike operator recover`) recorded, against the key epoch in force."""
+
+    epoch: int  # the key epoch its shards belong to
+    time: float  # unix time of the export
+    epochs_behind: int  # key epochs in force since then (0: its shards are the current key's)
+
+
+class KeyringStatusBody(msgspec.Struct, kw_only=True):
+    """The data keys (no key in it): the term new values are sealed under, and a re-wrap's progress."""
+
+    term: int  # new values are sealed under it
+    terms: list[tuple[int, float]]  # every term held, and when it was made (unix time), oldest first
+    values_by_term: dict[int, int]  # stored values per term (secret versions, custom metadata, policies)
+    rewrap_target: int | None  # a re-wrap of older values to this term is under way
+    rewrap_remaining: int  # values still below it
+
+
 class StatusBody(msgspec.Struct, kw_only=True):
     phase: str
     epoch: int | None
@@ -44,6 +83,31 @@ class StatusBody(msgspec.Struct, kw_only=True):
     poll_interval: float
     keepers: list[KeeperStatus]
     time: float
+    # Key lifecycle (absent from older Nexus versions' answers).
+    highest_epoch: int | None = None
+    rotation: RotationStatus | None = None
+    schedule: ScheduleStatus | None = None
+    recovery: RecoveryStatus | None = None
+    keyring: KeyringStatusBody | None = None
+
+
+class RotateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`POST /v1/operator/rotate`: rotate the root key (default), give a rotation under way up (`abort`),
+    add a data-key term for new values (`data_key`), re-wrap stored values to the newest term (`rewrap`,
+    alone or with `data_key`)."""
+
+    abort: bool = False
+    data_key: bool = False
+    rewrap: bool = False
+
+
+class RotateResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The rotation as it stands once the request was carried out (None: none under way any more)."""
+
+    rotation: RotationStatus | None
+    epoch: int  # the key epoch in force
+    data_term: int | None = None  # a data-key request: the term new values are sealed under now
+    rewrap_target: int | None = None  # a re-wrap to this term is under way
 
 
 class InitRequest(msgspec.Struct, kw_only=True):
@@ -227,8 +291,9 @@ class PolicyListResponse(msgspec.Struct, kw_only=True):
 # ------------------------------------------------------------------ break-glass
 
 
-class RecoverResponse(msgspec.Struct, kw_only=True):
+class RecoverResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
     shards: dict[int, ShardBytes]
+    epoch: int | None = None  # the key epoch the shards belong to (spike; SPIKE's Nexus does not say)
 
     def __repr__(self) -> str:
         return f"RecoverResponse(shards=<{len(self.shards)} redacted>)"

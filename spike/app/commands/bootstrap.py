@@ -78,7 +78,10 @@ def run(config: BootstrapConfig, say: Say = print) -> None:
         _refuse_if_initialised(status, config.force)
         if status.threshold == 1 and not config.allow_threshold_one:
             raise CommandError(f"Nexus is configured with {THRESHOLD_ONE}", exit_code=2)
-        epoch = (status.epoch or 0) + 1
+        # Epochs are never reused: above the record's and every rotation's, given up ones and the one
+        # under way included (a replacement drops a stored rotation, whose shards keepers may hold).
+        under_way = status.rotation.to_epoch if status.rotation is not None else 0
+        epoch = max(status.epoch or 0, status.highest_epoch or 0, under_way) + 1
         key = RootKey.generate(os.urandom)
         try:
             record, shares = seal_key(key, epoch=epoch, threshold=status.threshold, keeper_ids=sorted(keepers))

@@ -231,6 +231,24 @@ class Deployment:
             "to the data they unlock"
         )
 
+    def follow_rotations(self) -> None:
+        """A rotation made the exported shards useless: export the new epoch's, so a later run can restore."""
+        try:
+            with NexusClient(self.nexus_url, self.identity.files("pilot-superuser"), self.trust, timeout=5.0) as client:
+                status = client.call(STATUS_PATH, b"{}", StatusBody)
+        except (CommandError, OSError):
+            return  # Nexus is restarting: next time
+        recovery = status.recovery
+        if status.phase != "ready" or status.rotation is not None or recovery is None or recovery.epochs_behind == 0:
+            return
+        try:
+            with NexusClient(self.nexus_url, self.identity.files("pilot-recover"), self.trust) as client:
+                operator.recover(client, self.recovery, lambda line: None)
+        except (CommandError, OSError) as exc:
+            self.say(f"spike dev: could not refresh the recovery shards after a key rotation: {exc}")
+            return
+        self.say(f"spike dev: key epoch {status.epoch}: recovery shards in {self.recovery} refreshed after a rotation")
+
     def restore_from_recovery_shards(self) -> bool:
         """A later run: the keepers are new and empty, so give Nexus the shards the first run exported."""
         files = sorted(self.recovery.glob(SHARD_FILES))
@@ -343,6 +361,7 @@ def run(options: DevOptions, say: Say = say_now) -> int:
         spike = spike_hint()
         say(f"  {spike} secret put app/db password=s3cret && {spike} secret get app/db password")
         say("Ctrl-C stops everything.")
+        ticks = 0
         while True:
             for name, process in list(deployment.processes.items()):
                 if process.poll() is not None:
@@ -350,6 +369,9 @@ def run(options: DevOptions, say: Say = say_now) -> int:
                     # re-seeded by Nexus, a restarted Nexus recovers from keepers.
                     say(f"spike dev: {name} exited with code {process.returncode}; starting it again")
                     deployment.restart(name)
+            ticks += 1
+            if not deployment.temporary and ticks % 10 == 0:
+                deployment.follow_rotations()
             time.sleep(0.5)
     except KeyboardInterrupt:
         say("spike dev: stopping")

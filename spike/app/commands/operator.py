@@ -67,9 +67,10 @@ def recover(client: NexusClient, directory: Path, say: Say) -> int:
             os.fsync(fd)
         finally:
             os.close(fd)
+    of_epoch = "" if answer.epoch is None else f" of key epoch {answer.epoch}"
     say(
-        f"wrote {len(answer.shards)} recovery shards to {directory} (mode 0600, one per file): "
-        "keep them apart, offline; any threshold of them rebuild the root key"
+        f"wrote {len(answer.shards)} recovery shards{of_epoch} to {directory} (mode 0600, one per file): "
+        "keep them apart, offline; any threshold of them rebuild the root key until the next rotation"
     )
     return 0
 

@@ -1,9 +1,14 @@
 """`spike status`: the deployment at a glance, with exit codes for scripts.
 
-Exit codes: 0 ready with at least one spare shard (redundancy >= 1),
-3 ready but degraded (one more lost keeper would stop a restart),
-4 not ready (waiting for shards or for bootstrap), 1 Nexus unreachable or
-refusing this identity.
+Exit codes, the first that applies:
+
+* 1 Nexus unreachable or refusing this identity;
+* 4 not ready (waiting for shards or for bootstrap);
+* 3 ready but degraded (one more lost keeper would stop a restart);
+* 5 ready, but the break-glass recovery shards exported last
+  (`spike operator recover`) belong to an earlier key epoch: a rotation
+  made them useless, export again (a deployment that never exported gets 0);
+* 0 ready with at least one spare shard (redundancy >= 1).
 """
 
 from __future__ import annotations
@@ -24,12 +29,70 @@ from spike.transports.client import TransportError
 EXIT_READY = 0
 EXIT_DEGRADED = 3
 EXIT_NOT_READY = 4
+EXIT_RECOVERY_STALE = 5
 
 
 def exit_code(status: StatusBody) -> int:
     if status.phase != "ready":
         return EXIT_NOT_READY
-    return EXIT_READY if (status.redundancy or 0) >= 1 else EXIT_DEGRADED
+    if (status.redundancy or 0) < 1:
+        return EXIT_DEGRADED
+    if status.recovery is not None and status.recovery.epochs_behind > 0:
+        return EXIT_RECOVERY_STALE
+    return EXIT_READY
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def _lifecycle_lines(status: StatusBody) -> list[str]:
+    """What status says of the key lifecycle: a rotation under way, the schedule, the recovery files."""
+    now = status.time
+    lines = []
+    rotation = status.rotation
+    if rotation is not None:
+        dealt = ", ".join(map(str, rotation.dealt)) or "none yet"
+        lines.append(
+            f"key rotation {rotation.from_epoch} -> {rotation.to_epoch}: {rotation.stage}, started "
+            f"{_duration(now - rotation.started)} ago; new set {rotation.threshold}-of-{len(rotation.keepers)} "
+            f"(keepers {', '.join(map(str, rotation.keepers))}); holding their new shard: {dealt}"
+            + (f"; {rotation.needed} more needed" if rotation.needed else "")
+        )
+    highest = status.highest_epoch
+    burned = highest is not None and status.epoch is not None and highest > status.epoch
+    if burned and (rotation is None or (highest or 0) > rotation.to_epoch):
+        lines.append(f"highest key epoch used: {highest} (given-up rotations burn theirs)")
+    schedule = status.schedule
+    if schedule is not None:
+        due = "" if schedule.next is None else f"; the next in {_duration(schedule.next - now)}"
+        lines.append(f"root key rotated by itself every {_duration(schedule.every)}{due}")
+    keyring = status.keyring
+    if keyring is not None:
+        counts = ", ".join(f"term {t}: {n}" for t, n in sorted(keyring.values_by_term.items()) if n)
+        held = len(keyring.terms)
+        line = f"data key term {keyring.term} ({held} term(s) held; stored values by term: {counts or 'none'})"
+        if keyring.rewrap_target is not None:
+            line += f"; re-wrap to term {keyring.rewrap_target}: {keyring.rewrap_remaining} value(s) left"
+        lines.append(line)
+    recovery = status.recovery
+    if recovery is not None:
+        when = dt.datetime.fromtimestamp(recovery.time, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        if recovery.epochs_behind > 0:
+            lines.append(
+                f"recovery shards: the newest export ({when}) is for key epoch {recovery.epoch}, "
+                f"{recovery.epochs_behind} epoch(s) old: it no longer rebuilds the key; run `spike operator recover`"
+            )
+        else:
+            lines.append(f"recovery shards: exported {when} for the current key epoch {recovery.epoch}")
+    return lines
 
 
 def _ago(moment: float | None, now: float) -> str:
@@ -52,6 +115,7 @@ def render(status: StatusBody, url: str) -> str:
     lines = [f"Nexus {url}: {head}"]
     if status.redundancy is not None:
         lines.append(f"shard redundancy: {status.redundancy} (keepers holding their verified shard minus threshold)")
+    lines.extend(_lifecycle_lines(status))
     lines.append(f"keepers polled every {status.poll_interval:g}s")
     rows = [("ID", "URL", "STATE", "SINCE", "LAST POLL", "LATENCY", "POLLS", "404s", "FAILS", "RESEEDS")]
     for k in status.keepers:

@@ -8,33 +8,55 @@ requests finish.  Nothing here ever sees a key, a shard or a secret value.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from spike.app.api.messages import KeyringStatusBody
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.effects import (
+    KeeperLeft,
     KeeperMisbehaved,
     KeeperState,
     KeyRecovered,
     Phase,
     Report,
+    RotationProgress,
+    RotationStage,
     SendRequest,
+    ShardRetired,
 )
 from spike.protocol.events import Answer, RequestFailed, ResponseReceived
 from spike.protocol.nexus import NexusCustody
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+# The stages a rotation can be under way in (the others only end one).
+_UNDER_WAY = (
+    RotationStage.PERSISTING,
+    RotationStage.DEALING,
+    RotationStage.COMMITTING,
+    RotationStage.ABANDONING,
+    RotationStage.FOLLOWING,
+)
+_ENDINGS = {RotationStage.COMMITTED: "committed", RotationStage.ABANDONED: "abandoned",
+            RotationStage.NOT_STARTED: "not_started"}  # fmt: skip
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class _CustodyCollector(Collector):
-    def __init__(self, custody: Callable[[], NexusCustody], urls: dict[int, str], now: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        custody: Callable[[], NexusCustody],
+        urls: Mapping[int, str],
+        now: Callable[[], float],
+        keyring: Callable[[], KeyringStatusBody | None],
+    ) -> None:
         self._custody = custody
         self._urls = urls
         self._now = now
+        self._keyring = keyring
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         custody = self._custody()
@@ -52,6 +74,37 @@ class _CustodyCollector(Collector):
         )
         yield GaugeMetricFamily("spike_shards_needed", "verified shards missing to rebuild the key",
                                 value=custody.shards_needed)  # fmt: skip
+        yield GaugeMetricFamily(
+            "spike_key_highest_epoch", "highest key epoch the deployment used (abandoned rotations included)",
+            value=custody.highest_epoch,
+        )  # fmt: skip
+        rotation = custody.rotation
+        stage = GaugeMetricFamily(
+            "spike_key_rotation_stage", "1 for the stage of the key rotation under way (all 0: none)", labels=["stage"]
+        )
+        for under_way in _UNDER_WAY:
+            stage.add_metric([under_way.value], float(rotation is not None and rotation.stage is under_way))
+        yield stage
+        keyring = self._keyring()
+        if keyring is not None:
+            yield GaugeMetricFamily("spike_data_key_term", "data-key term new values are sealed under",
+                                    value=keyring.term)  # fmt: skip
+            values = GaugeMetricFamily("spike_values", "stored values by data-key term", labels=["term"])
+            for term, count in sorted(keyring.values_by_term.items()):
+                values.add_metric([str(term)], count)
+            yield values
+            yield GaugeMetricFamily("spike_rewrap_remaining", "values still to re-wrap to the newest term",
+                                    value=keyring.rewrap_remaining)  # fmt: skip
+        yield GaugeMetricFamily("spike_key_rotation_to_epoch", "epoch the rotation under way goes to (0: none)",
+                                value=rotation.to_epoch if rotation else 0)  # fmt: skip
+        yield GaugeMetricFamily(
+            "spike_key_rotation_keepers_dealt", "keepers of the new set showing their new shard (rotation under way)",
+            value=len(rotation.dealt) if rotation else 0,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "spike_key_rotation_keepers_needed", "more keepers that must show their new shard before the commit",
+            value=rotation.needed if rotation else 0,
+        )  # fmt: skip
         labels = ["keeper", "url"]
         state = GaugeMetricFamily("spike_keeper_state", "1 for the state each keeper is in", labels=[*labels, "state"])
         since = GaugeMetricFamily("spike_keeper_state_age_seconds", "time since the keeper entered its state",
@@ -79,9 +132,16 @@ class _CustodyCollector(Collector):
 
 
 class NexusMetrics:
-    def __init__(self, custody: Callable[[], NexusCustody], urls: dict[int, str], now: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        custody: Callable[[], NexusCustody],
+        urls: Mapping[int, str],
+        now: Callable[[], float],
+        keyring: Callable[[], KeyringStatusBody | None] = lambda: None,
+    ) -> None:
+        """`keyring`: the data keys as last counted (`KeyLifecycle.refresh_keyring`), read at each scrape."""
         self.registry = CollectorRegistry()
-        self.registry.register(_CustodyCollector(custody, urls, now))
+        self.registry.register(_CustodyCollector(custody, urls, now, keyring))
         self._custody = custody
         self.api_requests = Counter(
             "spike_api_requests", "API requests by route and status", ["route", "status"], registry=self.registry
@@ -118,6 +178,25 @@ class NexusMetrics:
         self.recovery_seconds = Gauge(
             "spike_key_recovery_duration_seconds", "how long the last key recovery took", registry=self.registry
         )
+        self.rotations = Counter(
+            "spike_key_rotations", "key rotations ended, by outcome (committed, abandoned, not_started)", ["outcome"],
+            registry=self.registry,
+        )  # fmt: skip
+        for outcome in _ENDINGS.values():
+            self.rotations.labels(outcome)  # present at 0 from the start
+        self.rotation_seconds = Gauge(
+            "spike_key_rotation_duration_seconds", "how long the last committed key rotation took, start to commit",
+            registry=self.registry,
+        )  # fmt: skip
+        self.shards_retired = Counter(
+            "spike_keeper_shards_retired", "shards keepers confirmed they forgot (old epochs, removed keepers)",
+            ["keeper"], registry=self.registry,
+        )  # fmt: skip
+        self.keepers_left = Counter(
+            "spike_keepers_left", "keepers a rekey removed that hold nothing any more and are no longer polled",
+            registry=self.registry,
+        )  # fmt: skip
+        self._rotation_started: dict[int, float] = {}  # to epoch -> when this instance saw it start
 
     def report(self, report: Report) -> None:
         if isinstance(report, KeeperMisbehaved):
@@ -125,6 +204,18 @@ class NexusMetrics:
         elif isinstance(report, KeyRecovered):
             self.recoveries.labels(report.source).inc()
             self.recovery_seconds.set(report.at - report.started_at)
+        elif isinstance(report, RotationProgress):
+            if report.stage in _UNDER_WAY:
+                self._rotation_started.setdefault(report.to_epoch, report.at)
+                return
+            started = self._rotation_started.pop(report.to_epoch, None)
+            self.rotations.labels(_ENDINGS[report.stage]).inc()
+            if report.stage is RotationStage.COMMITTED and started is not None:
+                self.rotation_seconds.set(report.at - started)
+        elif isinstance(report, ShardRetired):
+            self.shards_retired.labels(str(report.keeper_id)).inc()
+        elif isinstance(report, KeeperLeft):
+            self.keepers_left.inc()
 
     def keeper_request(self, request: SendRequest, answer: Answer, seconds: float) -> None:
         result = str(answer.status) if isinstance(answer, ResponseReceived) else "failed"

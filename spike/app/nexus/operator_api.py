@@ -6,6 +6,7 @@ Nothing about a shard is ever logged: lines name the caller, the shard id and th
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from spike.app.api.messages import RecoverResponse, RestorationStatus, RestoreRequest
 from spike.protocol import api
@@ -21,16 +22,26 @@ log = logging.getLogger("spike.nexus.operator")
 
 
 class OperatorApi:
-    def __init__(self, driver: CustodyDriver) -> None:
+    def __init__(self, driver: CustodyDriver, on_export: Callable[[int], None] | None = None) -> None:
         self._driver = driver
+        self._on_export = on_export  # told the key epoch of every export (spike status says how old it is)
 
     def recover(self, request: ApiRequest) -> ApiResponse:
         custody = self._driver.custody
-        if custody.phase is not Phase.READY:
+        record = custody.record
+        if custody.phase is not Phase.READY or record is None:
             return api.NOT_READY
         shares = custody.export_shards()
-        log.warning("recovery shards exported to %s", request.peer, extra={"event": "shards_exported"})
-        return ApiResponse.json(RecoverResponse(shards={i: list(s.secret_bytes()) for i, s in shares.items()}))
+        log.warning(
+            "recovery shards exported to %s (key epoch %d)",
+            request.peer,
+            record.epoch,
+            extra={"event": "shards_exported", "epoch": record.epoch},
+        )
+        if self._on_export is not None:
+            self._on_export(record.epoch)
+        shards = {i: list(s.secret_bytes()) for i, s in shares.items()}
+        return ApiResponse.json(RecoverResponse(shards=shards, epoch=record.epoch))
 
     def restore(self, request: ApiRequest) -> ApiResponse:
         custody = self._driver.custody

@@ -25,6 +25,7 @@ from spike.app.api.messages import (
     POLICY_PATH,
     RECOVER_PATH,
     RESTORE_PATH,
+    ROTATE_PATH,
     SECRETS_METADATA_PATH,
     SECRETS_PATH,
     STATUS_PATH,
@@ -32,6 +33,7 @@ from spike.app.api.messages import (
     InitRequest,
     InitResponse,
     KeeperStatus,
+    KeyringStatusBody,
     StatusBody,
     VerifyRequest,
     VerifyResponse,
@@ -39,6 +41,7 @@ from spike.app.api.messages import (
 from spike.app.model.policy import SYSTEM_ACL, SYSTEM_CIPHER, Permission
 from spike.app.nexus.authorizer import Authorizer
 from spike.app.nexus.cipher_api import CipherApi
+from spike.app.nexus.lifecycle import KeyLifecycle, rotation_status
 from spike.app.nexus.operator_api import OperatorApi
 from spike.app.nexus.policy_api import PolicyApi
 from spike.app.nexus.secrets_api import SecretsApi
@@ -122,8 +125,10 @@ class NexusApi:
         policies: PolicyApi,
         authorizer: Authorizer,
         observer: Observer | None = None,
+        lifecycle: KeyLifecycle | None = None,
     ) -> None:
         self._driver = driver
+        self._lifecycle = lifecycle
         self._observer = observer
         self._store = store
         self._trust = trust
@@ -141,6 +146,10 @@ class NexusApi:
                 cipher.decrypt, Granted(Permission.EXECUTE, SYSTEM_CIPHER), needs_key=True
             ),
         }
+        if lifecycle is not None:
+            routes[(ROTATE_PATH, "")] = Route(
+                lifecycle.rotate, Roles(frozenset({Role.PILOT_SUPERUSER})), needs_key=True
+            )
         for action, (handler, permission) in secrets.handlers().items():
             routes[(SECRETS_PATH, action)] = Route(handler, Granted(permission), needs_key=True)
         for action, (handler, permission) in secrets.metadata_handlers().items():
@@ -244,18 +253,21 @@ class NexusApi:
 
     # -------------------------------------------------------------------- routes
 
-    def status(self, request: ApiRequest) -> ApiResponse:
+    def status(self, request: ApiRequest) -> Reply:
         custody = self._driver.custody
         now_mono, now_wall = self._driver.now(), time.time()
 
         def wall(moment: float | None) -> float | None:
             return None if moment is None else now_wall - (now_mono - moment)
 
+        def wall_of(moment: float) -> float:
+            return now_wall - (now_mono - moment)
+
         record = custody.record
         keepers = [
             KeeperStatus(
                 id=view.keeper_id,
-                url=self._driver.keeper_urls[view.keeper_id],
+                url=self._driver.keeper_urls.get(view.keeper_id, "no URL configured"),
                 state=view.state.value,
                 since=now_wall - (now_mono - view.since),
                 detail=view.detail,
@@ -272,14 +284,29 @@ class NexusApi:
             phase=custody.phase.value,
             epoch=record.epoch if record else None,
             threshold=custody.threshold,
-            shares=len(custody.keeper_ids),
+            shares=record.shares if record else len(custody.keeper_ids),
             shards_needed=custody.shards_needed,
             redundancy=custody.redundancy if record else None,
             poll_interval=custody.schedule.interval,
             keepers=keepers,
             time=now_wall,
+            highest_epoch=custody.highest_epoch if record else None,
+            rotation=None if custody.rotation is None else rotation_status(custody.rotation, wall_of),
+            schedule=None if self._lifecycle is None else self._lifecycle.schedule_status(),
+            recovery=None if self._lifecycle is None else self._lifecycle.recovery_status(),
         )
-        return ApiResponse.json(body)
+        if self._lifecycle is None or custody.phase is not Phase.READY:
+            return ApiResponse.json(body)
+        # The data keys are counted from the rows: read as the store reads (off the loop on PostgreSQL).
+        counted = self._lifecycle.keyring_status_soon()
+        answer: Future[ApiResponse] = Future()
+
+        def with_keyring(done: Future[KeyringStatusBody | None]) -> None:
+            body.keyring = None if done.exception() is not None else done.result()
+            answer.set_result(ApiResponse.json(body))
+
+        counted.add_done_callback(with_keyring)
+        return answer
 
     def bootstrap_init(self, request: ApiRequest) -> ApiResponse:
         try:

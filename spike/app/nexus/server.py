@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
-from collections.abc import Callable
+import signal
+import time
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import anyio
@@ -17,6 +21,7 @@ from spike.app.memory import AfterFloods, Protection, protect
 from spike.app.nexus.audit import AuditLog, secret_path_of
 from spike.app.nexus.authorizer import Authorizer
 from spike.app.nexus.cipher_api import MAX_PLAINTEXT, CipherApi
+from spike.app.nexus.lifecycle import ExportFile, KeyLifecycle, LoopOffload
 from spike.app.nexus.operator_api import OperatorApi
 from spike.app.nexus.policy_api import PolicyApi
 from spike.app.nexus.routes import ApiCall, NexusApi
@@ -25,10 +30,21 @@ from spike.app.store.backend import Backend, ClusterState, SecretBackend
 from spike.app.store.errors import StorageError
 from spike.app.store.policies import PolicyStore
 from spike.app.store.sqlite import SqliteBackend
-from spike.protocol.effects import KeeperState, KeyRecovered, NewerKeySeen, Phase, PhaseChanged, Report
-from spike.protocol.errors import LocalProtocolError
+from spike.protocol.effects import (
+    KeeperState,
+    KeyRecovered,
+    NewerKeySeen,
+    Phase,
+    PhaseChanged,
+    Report,
+    RotationProgress,
+    RotationStage,
+)
+from spike.protocol.errors import LocalProtocolError, RemoteProtocolError
 from spike.protocol.identity import Role, SpiffeId, TrustDomains
+from spike.protocol.material import RootKey
 from spike.protocol.nexus import NexusCustody
+from spike.protocol.pending import PendingRotation
 from spike.protocol.record import KeyRecord
 from spike.transports.custody_driver import CustodyDriver
 from spike.transports.identity import IdentitySource
@@ -77,7 +93,7 @@ class Summaries:
     def __init__(
         self,
         driver: CustodyDriver,
-        urls: dict[int, str],
+        urls: Mapping[int, str],
         *,
         waiting_every: float = WAITING_SUMMARY_EVERY,
         keepers_every: float = KEEPER_SUMMARY_EVERY,
@@ -127,7 +143,7 @@ class Summaries:
             log.warning(
                 "keeper %d (%s) still %s since %s (%d polls, %d empty, %d failed); shard redundancy %d",
                 view.keeper_id,
-                self._urls[view.keeper_id],
+                self._urls.get(view.keeper_id, "no URL configured"),
                 view.state.value.replace("_", " "),
                 wall_time(view.since, self._driver.now),
                 view.polls,
@@ -164,6 +180,14 @@ class KeyUsers:
             secrets.unlock(self._custody.root_key, record.epoch)
             self._cipher.unlock(lambda: secrets.keyring().cipher_key)
             self._authorizer.invalidate()  # policies are sealed: readable only now
+        elif (
+            isinstance(report, RotationProgress)
+            and report.stage is RotationStage.COMMITTED
+            and self._custody.phase is Phase.READY
+        ):
+            # The new key is in force (this instance's commit, or one it followed): the keyring is now
+            # the one wrapped under it.  The data keys are the same: nothing is re-encrypted.
+            self._secrets.unlock(self._custody.root_key, report.to_epoch)
         elif isinstance(report, PhaseChanged) and report.previous is Phase.READY:
             self._secrets.lock()
             self._cipher.lock()
@@ -219,6 +243,7 @@ class ClusterWatch:
         self._interval = interval
         self._policy_version: int | None = None
         self._refused: object = None
+        self._refused_pending: PendingRotation | None = None
         self._newer_seen_at: float | None = None  # the latest sighting no read has answered yet
         self._wake = anyio.Event()
 
@@ -252,8 +277,16 @@ class ClusterWatch:
         record = state.record
         if record is not None and record not in (custody.record, self._refused):
             previous = custody.record
+            followed = custody.rotation
             if self._api.adopt(record):
-                if previous is None:
+                if followed is not None and followed.to_epoch == record.epoch and custody.phase is Phase.READY:
+                    log.info(
+                        "key rotation %d -> %d committed through another Nexus instance: its key, already held, "
+                        "is in force",
+                        followed.from_epoch,
+                        record.epoch,
+                    )
+                elif previous is None:
                     log.info(
                         "key record for epoch %d installed through another Nexus instance: "
                         "recovering the root key from keepers",
@@ -268,14 +301,36 @@ class ClusterWatch:
                     )
             else:
                 self._refused = record  # said once, in adopt's log line
+        if record is not None and record == custody.record:
+            self._follow(state.pending)
         seen = self._newer_seen_at
         if seen is not None and checked_at is not None and seen <= checked_at:
             self._newer_seen_at = None
-            if record is not None and record == custody.record:
+            # While a rotation is stored, a newer epoch on a keeper is that rotation's (followed above),
+            # never garbage: only the record alone proves that no newer epoch existed.
+            if record is not None and record == custody.record and state.pending is None:
                 self._driver.confirm_record(checked_at)  # otherwise the keepers were read for another record
         if self._policy_version is not None and state.policy_version != self._policy_version:
             self._authorizer.invalidate()
         self._policy_version = state.policy_version
+
+    def _follow(self, pending: PendingRotation | None) -> None:
+        """Follow another instance's rotation as the store shows it (docs/key-lifecycle.md section 8)."""
+        custody = self._api.custody
+        under_way = custody.rotation
+        if under_way is not None and under_way.stage is not RotationStage.FOLLOWING:
+            return  # this instance's own rotation: the store's compare-and-set settles any other
+        if pending is None:
+            if under_way is not None:
+                self._driver.follow_rotation(None)
+            return
+        if (under_way is not None and under_way.to_epoch == pending.record.epoch) or pending == self._refused_pending:
+            return
+        try:
+            self._driver.follow_rotation(pending)
+        except (RemoteProtocolError, LocalProtocolError) as exc:
+            self._refused_pending = pending  # said once
+            log.error("cannot follow the key rotation stored by another Nexus instance: %s", exc)  # noqa: TRY400
 
 
 @runtime_checkable
@@ -315,7 +370,8 @@ class CallRecorder:
             self._metrics.api_request(route if call.known_route else "other", status, seconds)
 
 
-def run(config: NexusConfig) -> None:
+def run(config: NexusConfig, reload: Callable[[], NexusConfig] | None = None) -> None:
+    """Run Nexus until SIGTERM; `reload` reads the configuration again on SIGHUP (None: SIGHUP is ignored)."""
     # First of all, before the SVID's key, the root key or a secret is in memory.
     memory = protect(require_lock=config.require_memory_lock)
     trust = config.common.trust
@@ -324,31 +380,71 @@ def run(config: NexusConfig) -> None:
     # New connections (to keepers, from clients) always take the current SVID.
     identity = identity_source(svid, trust).start()
     try:
-        _run(config, identity, memory)
+        _run(config, identity, memory, reload)
     finally:
         identity.stop()
 
 
-def _check_record_fits(record: KeyRecord | None, config: NexusConfig, where: str) -> None:
-    if record is not None and (set(record.keeper_ids) != set(config.keepers) or record.threshold != config.threshold):
-        raise ConfigError(
-            f"{where} was initialised for keepers {list(record.keeper_ids)} "
-            f"with threshold {record.threshold}, but the configuration says keepers "
-            f"{sorted(config.keepers)} with threshold {config.threshold}"
+def _fits(record: KeyRecord, config: NexusConfig) -> bool:
+    return set(record.keeper_ids) == set(config.keepers) and record.threshold == config.threshold
+
+
+def _custody_lines(record: KeyRecord | None, config: NexusConfig, where: str) -> list[tuple[int, str]]:
+    """What to say at start about a stored record that is not for the configured keepers and threshold."""
+    if record is None or _fits(record, config):
+        return []
+    lines = [
+        (
+            logging.INFO,
+            f"{where} holds a key record for keepers {list(record.keeper_ids)} with threshold {record.threshold}; "
+            f"the configuration says keepers {sorted(config.keepers)} with threshold {config.threshold}: "
+            "custody moves there once the root key is rebuilt (a rekey)",
         )
+    ]
+    reachable = [k for k in record.keeper_ids if k in config.keeper_urls]
+    if len(reachable) < record.threshold:
+        missing = [k for k in record.keeper_ids if k not in config.keeper_urls]
+        lines.append(
+            (
+                logging.ERROR,
+                f"the key record needs {record.threshold} of keepers {list(record.keeper_ids)} to rebuild the root "
+                f"key, and only {len(reachable)} of them have a URL: Nexus waits; give keepers "
+                f"{', '.join(map(str, missing))} with --retiring-keepers (id=url) so custody can move away from them",
+            )
+        )
+    return lines
 
 
-def _run(config: NexusConfig, identity: IdentitySource, memory: Protection) -> None:
+class LiveUrls(Mapping[int, str]):
+    """The keeper URLs in force, read where they are kept (the driver): a reload changes them for every reader."""
+
+    def __init__(self, driver: Callable[[], CustodyDriver]) -> None:
+        self._driver = driver
+
+    def __getitem__(self, keeper_id: int) -> str:
+        return self._driver().keeper_urls[keeper_id]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._driver().keeper_urls)
+
+    def __len__(self) -> int:
+        return len(self._driver().keeper_urls)
+
+
+def _run(
+    config: NexusConfig, identity: IdentitySource, memory: Protection, reload: Callable[[], NexusConfig] | None
+) -> None:
     trust = config.common.trust
     secrets = open_backend(config)
     try:
         record = secrets.load_key_record()
-        _check_record_fits(record, config, secrets.description)
+        pending, _, highest = secrets.load_rotation_state()
         audit = AuditLog.to_file(config.audit_log or config.data_dir / "audit.log")
     except BaseException:
         secrets.close()
         raise
     started = False
+    offload = LoopOffload()
 
     async def main() -> None:
         # The machine's clock must be the event loop's, so it is created inside the loop.
@@ -360,39 +456,75 @@ def _run(config: NexusConfig, identity: IdentitySource, memory: Protection) -> N
                 rng=random.SystemRandom(),
                 now=anyio.current_time(),
                 record=record,
+                pending=pending,
+                highest_epoch=highest,
+                # A stored record for other keepers or another threshold: the configuration changed, and
+                # custody moves to it once the key is rebuilt from the record's keepers.
+                rekey=record is not None and not _fits(record, config),
+                random_bytes=os.urandom,
             )
-        except LocalProtocolError as exc:
+        except (LocalProtocolError, RemoteProtocolError) as exc:
             raise ConfigError(str(exc)) from None
+        driver_ref: list[CustodyDriver] = []
+        lifecycle_ref: list[KeyLifecycle] = []
+        urls = LiveUrls(lambda: driver_ref[0])
         metrics = None
         if config.metrics_bind is not None:
             # prometheus_client is imported only when metrics are asked for: it costs start-up time.
             from spike.app.nexus.metrics import NexusMetrics
 
-            metrics = NexusMetrics(lambda: custody, config.keepers, anyio.current_time)
+            metrics = NexusMetrics(
+                lambda: custody,
+                urls,
+                anyio.current_time,
+                keyring=lambda: lifecycle_ref[0].refresh_keyring(),  # noqa: PLW0108 - made below
+            )
         cipher = CipherApi()
         policies = PolicyStore(secrets)
         authorizer = Authorizer(trust, policies)
-        sinks: list[Callable[[Report], None]] = [ReportLogger(log, config.keepers, anyio.current_time)]
+        sinks: list[Callable[[Report], None]] = [ReportLogger(log, urls, anyio.current_time)]
         if metrics is not None:
             sinks.append(metrics.report)
         driver = CustodyDriver(
             custody,
-            config.keepers,
+            config.keeper_urls,
             ssl_context=identity.client_context,
             trust=trust,
             on_report=KeyUsers(custody, secrets, cipher, authorizer, sinks),
             on_answer=None if metrics is None else metrics.keeper_request,
+            on_store=lambda effect: lifecycle_ref[0].on_store(effect),  # noqa: PLW0108 - made just below
         )
+        driver_ref.append(driver)
+
+        def to_wall(moment: float) -> float:
+            return time.time() - (anyio.current_time() - moment)
+
+        lifecycle = KeyLifecycle(
+            driver,
+            secrets,
+            wrap_keyring=wrap_keyring(secrets),
+            offload=offload,
+            to_wall=to_wall,
+            rotate_every=config.rotate_every,
+            crash_at=config.crash_at,
+            # Every other instance reads the stored rotation before the commit (ClusterWatch, each second).
+            follow_window=2 * CLUSTER_WATCH_INTERVAL + 0.5 if secrets.shared else 0.0,
+            exports=ExportFile(config.data_dir),
+            reads=secrets.read,
+        )
+        lifecycle_ref.append(lifecycle)
+        sinks.append(lifecycle.report)
         api = NexusApi(
             driver,
             secrets,
             trust,
             secrets=SecretsApi(secrets, authorizer),
             cipher=cipher,
-            operator=OperatorApi(driver),
+            operator=OperatorApi(driver, on_export=lifecycle.note_export),
             policies=PolicyApi(policies, authorizer),
             authorizer=authorizer,
             observer=CallRecorder(audit, metrics),
+            lifecycle=lifecycle,
         )
         background = [driver.run]
         if not secrets.shared:
@@ -407,6 +539,8 @@ def _run(config: NexusConfig, identity: IdentitySource, memory: Protection) -> N
                 token = lowlevel.current_token()
                 secrets.on_stale_key = lambda: from_thread.run_sync(watch.poke, token=token)
             background.append(watch.run)
+        if reload is not None:
+            background.append(partial(_reload_on_sighup, config, reload, driver, lifecycle))
         extra = []
         if config.metrics_bind is not None and metrics is not None:
             extra.append(
@@ -425,19 +559,28 @@ def _run(config: NexusConfig, identity: IdentitySource, memory: Protection) -> N
                 log.info("no key record in %s: waiting for `spike bootstrap`", secrets.description)
             else:
                 log.info("key record for epoch %d found: recovering the root key from keepers", record.epoch)
+                if pending is not None:
+                    log.info(
+                        "key rotation %d -> %d is stored: it resumes once a root key is rebuilt",
+                        pending.from_epoch,
+                        pending.record.epoch,
+                    )
+            for level, line in _custody_lines(record, config, secrets.description):
+                log.log(level, "%s", line)
             log.info(
                 "Nexus listening on %s:%d; polling %d keepers every %gs (pid %d)",
                 host,
                 port,
-                len(config.keepers),
+                len(custody.keeper_ids),
                 config.schedule.interval,
                 os.getpid(),
             )
+            lifecycle.arm_schedule()
 
         server = nexus_server(identity.server_context, api, trust)
         summaries = Summaries(
             driver,
-            config.keepers,
+            urls,
             waiting_every=config.waiting_summary_every,
             keepers_every=config.keeper_summary_every,
         )
@@ -465,7 +608,56 @@ def _run(config: NexusConfig, identity: IdentitySource, memory: Protection) -> N
     try:
         run_event_loop(main)
     finally:
+        offload.close()  # a store write under way finishes
         secrets.close()  # lets queued writes finish their commit
         audit.close()
         if started:  # a Nexus that could not start says so in one line, from the CLI
             log.info("Nexus stopped; the root key is gone from memory")
+
+
+def wrap_keyring(secrets: Backend) -> Callable[[RootKey, int], bytes]:
+    """The keyring in force, wrapped under a rotation's new root key (stored with the pending rotation)."""
+
+    def wrap(key: RootKey, epoch: int) -> bytes:
+        return secrets.keyring().wrap(key, epoch)
+
+    return wrap
+
+
+# What a SIGHUP reload applies; the rest needs a restart (said when it changed).
+_RELOADED = ("keepers", "retiring_keepers", "threshold", "rotate_every")
+
+
+async def _reload_on_sighup(
+    started_with: NexusConfig, reload: Callable[[], NexusConfig], driver: CustodyDriver, lifecycle: KeyLifecycle
+) -> None:
+    """SIGHUP: read the configuration again; move custody, change keeper URLs and the rotation schedule."""
+    current: list[NexusConfig | None] = [started_with]
+    with anyio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            try:
+                fresh = reload()
+            except ConfigError as exc:
+                log.error("SIGHUP: configuration not reloaded, the one in force stays: %s", exc)  # noqa: TRY400
+                continue
+            previous = current[0]
+            current[0] = fresh
+            if previous is not None:
+                ignored = [
+                    f.name
+                    for f in dataclasses.fields(fresh)
+                    if f.name not in _RELOADED
+                    and f.name != "common"
+                    and getattr(fresh, f.name) != getattr(previous, f.name)
+                ]
+                if ignored:
+                    log.warning("SIGHUP: %s changed: that takes a restart", ", ".join(ignored))
+            log.info(
+                "SIGHUP: configuration reloaded: keepers %s, threshold %d, rotation %s",
+                sorted(fresh.keepers),
+                fresh.threshold,
+                "off" if fresh.rotate_every is None else f"every {fresh.rotate_every:g}s",
+            )
+            driver.set_keeper_urls(fresh.keeper_urls)
+            lifecycle.set_rotate_every(fresh.rotate_every)
+            lifecycle.move_custody(fresh.keepers, fresh.threshold)
