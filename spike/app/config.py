@@ -70,6 +70,8 @@ class NexusConfig:
     keeper_summary_every: float = KEEPER_SUMMARY_EVERY
     database_url: str | None = None  # postgresql://...: several instances share it; None: SQLite in data_dir
     require_memory_lock: bool = False  # fail the start if memory cannot be locked (spike.app.memory)
+    vault_kv_mount: str = "secret"  # where the Vault face serves KV v2 (/v1/<mount>/data/...)
+    vault_token_ttl: float = 3600.0  # lifetime of a token from the Vault face's auth/cert/login
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +311,27 @@ def keeper(args: argparse.Namespace, env: Env) -> KeeperConfig:
     )
 
 
+# Mount names the Vault face cannot take: SPIKE's route prefixes and its own sys/, auth/ and transit/.
+_TAKEN_MOUNTS = frozenset({"store", "acl", "cipher", "operator", "bootstrap", "sys", "auth", "transit"})
+
+
+def vault_kv_mount(text: str) -> str:
+    """The KV v2 mount of the Vault face: one path segment (`secret`, `kv`, `apps`), with or without a slash."""
+    mount = text.strip().strip("/")
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", mount) or mount in (".", ".."):
+        raise ConfigError(f"vault KV mount must be one path segment of letters, digits and ._-, not {text!r}")
+    if mount in _TAKEN_MOUNTS:
+        raise ConfigError(f"vault KV mount {mount!r} is taken by spike's own routes: choose another name")
+    return mount
+
+
+def vault_token_ttl(text: str) -> float:
+    ttl = parse_duration(text, "vault token TTL")
+    if not 10 <= ttl <= 24 * 3600:
+        raise ConfigError(f"vault token TTL must be between 10s and 24h, not {text!r}")
+    return ttl
+
+
 def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
     base = common(args, env)
     listen = _pick(args, "listen", env, "SPIKE_NEXUS_TLS_PORT", default=f":{DEFAULT_NEXUS_PORT}")
@@ -343,6 +366,8 @@ def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
     waiting = _pick(args, "waiting_summary_interval", env, "SPIKE_NEXUS_WAITING_SUMMARY_INTERVAL")
     lasting = _pick(args, "keeper_summary_interval", env, "SPIKE_NEXUS_KEEPER_SUMMARY_INTERVAL")
     database = _pick(args, "database_url", env, "SPIKE_NEXUS_DATABASE_URL")
+    mount = _pick(args, "vault_kv_mount", env, "SPIKE_NEXUS_VAULT_KV_MOUNT", default="secret") or "secret"
+    token_ttl = _pick(args, "vault_token_ttl", env, "SPIKE_NEXUS_VAULT_TOKEN_TTL", default="1h") or "1h"
     data = Path(data_dir).expanduser()
     return NexusConfig(
         base,
@@ -358,6 +383,8 @@ def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
         parse_duration(lasting, "keeper summary interval") if lasting else KEEPER_SUMMARY_EVERY,
         database_url(database) if database else None,
         _bool(args, "require_memory_lock", env, "SPIKE_REQUIRE_MEMORY_LOCK"),
+        vault_kv_mount(mount),
+        vault_token_ttl(token_ttl),
     )
 
 
@@ -468,6 +495,8 @@ TOML_KEYS: dict[str, dict[str, str]] = {
         "waiting_summary_interval": "SPIKE_NEXUS_WAITING_SUMMARY_INTERVAL",
         "keeper_summary_interval": "SPIKE_NEXUS_KEEPER_SUMMARY_INTERVAL",
         "database_url": "SPIKE_NEXUS_DATABASE_URL",
+        "vault_kv_mount": "SPIKE_NEXUS_VAULT_KV_MOUNT",
+        "vault_token_ttl": "SPIKE_NEXUS_VAULT_TOKEN_TTL",
     },
     "bootstrap": {"timeout": "SPIKE_BOOTSTRAP_TIMEOUT"},
 }

@@ -651,6 +651,7 @@ class _Connection(asyncio.Protocol):
             body=body,
             query=query,
             content_type=headers.get(b"content-type", b"").partition(b";")[0].strip().decode("latin-1"),
+            headers=headers,
         )
 
     def _answered_early(self, head: Head) -> bool:
