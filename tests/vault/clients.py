@@ -19,6 +19,7 @@ def hvac_client(target: Target, who: str = "web", *, login: bool = True) -> hvac
     """An hvac client presenting `who`'s certificate, verifying the server against the trust bundle."""
     ident = target.workloads[who]
     client = hvac.Client(url=target.url, cert=(str(ident.cert), str(ident.key)), verify=str(target.ca))
+    client.token = None  # not VAULT_TOKEN or ~/.vault-token, which hvac reads by default
     if login:
         client.auth.cert.login(cert_pem=str(ident.cert), key_pem=str(ident.key))
     return client

@@ -28,7 +28,7 @@ import ssl
 import subprocess
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,7 @@ class Target:
     ca: Path
     workloads: dict[str, Identity]
     root: Path
-    env_extra: dict[str, str] = field(default_factory=dict)
+    admin_token: str = ""  # OpenBao's root token (dev mode, this run only); spike has none
 
     @property
     def is_spike(self) -> bool:
@@ -121,9 +121,13 @@ class SpikeDeployment:
         self.target = Target("spike", "", identity.directory / "bundle.pem", self.workloads, root, {})
 
     def start(self) -> Target:
+        self.cluster.start_ready()
+        return self.configure()
+
+    def configure(self) -> Target:
+        """The policies of the test workloads, through the SPIKE API as the pilot superuser."""
         cluster = self.cluster
-        cluster.start_ready()
-        self.target.url = f"https://127.0.0.1:{cluster.nexus_port}"
+        self.target.url = cluster.nexus_url
         td = re.escape(cluster.identity.trust_domain)
         with cluster.client() as client:
             for name, paths, permissions in (
@@ -163,7 +167,7 @@ class BaoDeployment:
             "openbao", f"https://127.0.0.1:{self.port}", identity.directory / "bundle.pem", self.workloads, root
         )
         self.root_token = "spike-tests-root"  # dev mode only, on loopback, for this run
-        self.unseal_key = ""
+        self.target.admin_token = self.root_token
 
     def _admin_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("BAO_", "VAULT_"))}
@@ -225,8 +229,6 @@ class BaoDeployment:
                 return False
 
         wait_until(up, "OpenBao to answer", 30)
-        found = re.search(r"Unseal Key: (\S+)", self.log.read_text())
-        self.unseal_key = found.group(1) if found else ""
         self.admin("auth", "enable", "cert")
         self.admin("secrets", "enable", "transit")
         self.admin(
@@ -252,7 +254,8 @@ class BaoDeployment:
         self.admin("operator", "seal")
 
     def unseal(self) -> None:
-        self.admin("operator", "unseal", self.unseal_key)
+        found = wait_until(lambda: re.search(r"Unseal Key: (\S+)", self.log.read_text()), "the dev unseal key", 10)
+        self.admin("operator", "unseal", found.group(1))
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

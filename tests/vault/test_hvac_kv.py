@@ -186,7 +186,7 @@ def test_config(target: Target, vault: hvac.Client) -> None:
     # Writing what is already in force is accepted by both.
     vault.secrets.kv.v2.configure(max_versions=config["max_versions"], cas_required=False, **KV)
     if target.is_spike:
-        # spike's mount-wide settings are fixed (per-secret settings are in the metadata): a change is refused, not ignored.
+        # spike's mount-wide settings are fixed (per-secret ones are in the metadata): a change is refused.
         with pytest.raises(exceptions.InvalidRequest, match="mount-wide"):
             vault.secrets.kv.v2.configure(cas_required=True, **KV)
 
