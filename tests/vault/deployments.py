@@ -56,6 +56,8 @@ class Identity:
 def mint_workloads(identity: DevIdentity, directory: Path) -> dict[str, Identity]:
     """SVIDs for the test workloads, from the test CA (with a common name, for OpenBao's cert auth)."""
     directory.mkdir(parents=True, exist_ok=True)
+    for home in ("cli-home", "admin-home"):  # HOME of the workloads' CLI, and of OpenBao's dev server and admin
+        (directory.parent / home).mkdir(exist_ok=True)
     ca = x509.load_pem_x509_certificate((identity.directory / "bundle.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((identity.directory / "ca-key.pem").read_bytes(), None)
     now = dt.datetime.now(dt.UTC)
@@ -101,7 +103,7 @@ class Target:
             BAO_CACERT=str(self.ca),
             BAO_CLIENT_CERT=str(ident.cert),
             BAO_CLIENT_KEY=str(ident.key),
-            HOME=str(self.root),  # the CLI's token helper writes ~/.vault-token
+            HOME=str(self.root / "cli-home"),  # the CLI's token helper reads and writes ~/.vault-token
         )
         if token:
             env["BAO_TOKEN"] = token

@@ -89,6 +89,8 @@ class VaultApi:
         if head == "transit":
             return _decided(self._transit.handle(vault, rest))
         if head == "sys":
+            if rest == "leader" and vault.operation is Operation.READ:
+                return "allowed", self._sys.leader()
             if rest.startswith("internal/ui/mounts/") and vault.operation is Operation.READ:
                 return "allowed", self._sys.ui_mount(vault, rest[len("internal/ui/mounts/") :])
             return "no_route", envelope.UNSUPPORTED_PATH

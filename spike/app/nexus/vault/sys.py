@@ -97,6 +97,20 @@ class SysPaths:
         record = custody.record
         return "" if record is None else f"epoch-{record.epoch}"
 
+    def leader(self) -> ApiResponse:
+        """`vault status` asks this once unsealed: no HA cluster, every Nexus instance is active."""
+        return ApiResponse.json(
+            {
+                "ha_enabled": False,
+                "is_self": False,
+                "active_time": "0001-01-01T00:00:00Z",
+                "leader_address": "",
+                "leader_cluster_address": "",
+                "performance_standby": False,
+                "performance_standby_last_remote_wal": 0,
+            }
+        )
+
     def ui_mount(self, request: VaultRequest, path: str) -> ApiResponse:
         """Which mount serves `path`, and what it is: the CLIs' ``kv`` commands ask before anything else."""
         for mount, info in self._mounts.items():
