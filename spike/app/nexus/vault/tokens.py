@@ -1,6 +1,6 @@
 """Vault tokens issued by `auth/cert/login`: short-lived, bound to one SPIFFE ID, kept only as hashes.
 
-A token is 32 random bytes (192 bits of it are the secret part) given to the
+A token is 30 random bytes (240 bits, in base32 after "s.") given to the
 client once; Nexus keeps the SHA-256 of it, never the token, so neither memory
 nor a core dump of Nexus yields one that works.  (A fast hash is enough: the
 token is random, not a password to guess.)  Each token remembers the SPIFFE ID
