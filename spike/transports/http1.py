@@ -387,8 +387,8 @@ _REASONS = {
 }
 
 
-def response(status: int, content_type: str, body: bytes, *, close: bool) -> bytes:
-    """One complete HTTP/1.1 response, ready to write."""
+def response(status: int, content_type: str, body: bytes, *, close: bool, head: bool = False) -> bytes:
+    """One complete HTTP/1.1 response, ready to write; `head`: the answer to a HEAD request, without its body."""
     reason = _REASONS.get(status, b"")
     connection = b"connection: close\r\n" if close else b""
     if status == 204:  # no body, and so no Content-Length (RFC 9110, 8.6)
@@ -399,7 +399,7 @@ def response(status: int, content_type: str, body: bytes, *, close: bool) -> byt
         content_type.encode("ascii"),
         len(body),
         connection,
-        body,
+        b"" if head else body,  # RFC 9110 9.3.2: the length a GET would get, and no body
     )
 
 

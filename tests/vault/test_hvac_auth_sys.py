@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import json
+import socket
+import ssl
 
 import hvac
 import pytest
@@ -139,3 +142,30 @@ def test_spike_prefixes_keep_spikes_answers(target: Target) -> None:
     assert raw(target, "GET", "/v1/storefront/x").body == {
         "errors": ['no handler for route "storefront/x". route entry not found.']
     }
+
+
+def test_head_then_get_on_one_connection(target: Target) -> None:
+    """A HEAD answer has no body (RFC 9110): a client that sends HEAD then GET on one connection reads both.
+
+    Pipelined on one raw TLS connection, because Python's http.client drops what follows a HEAD
+    answer with its reader, and so would not notice a body sent after it (Go's client would).
+    """
+    ident = target.workloads["web"]
+    context = ssl.create_default_context(cafile=str(target.ca))
+    context.load_cert_chain(str(ident.cert), str(ident.key))
+    host, port = target.url.removeprefix("https://").split(":")
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw_socket,
+        context.wrap_socket(raw_socket, server_hostname=host) as tls,
+    ):
+        tls.sendall(
+            b"HEAD /v1/sys/health HTTP/1.1\r\nHost: spike\r\n\r\n"
+            b"GET /v1/sys/health HTTP/1.1\r\nHost: spike\r\nConnection: close\r\n\r\n"
+        )
+        received = b""
+        while chunk := tls.recv(65536):
+            received += chunk
+    head, _, rest = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert rest.startswith(b"HTTP/1.1 200"), rest[:80]  # the GET's answer right after the HEAD's head
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["sealed"] is False
