@@ -84,7 +84,9 @@ def _versions(body: dict[str, Any], missing: str) -> list[int]:
 
 def _cas(body: dict[str, Any]) -> int | None:
     options = body.get("options")
-    if not isinstance(options, dict) or "cas" not in options:
+    if options is not None and not isinstance(options, dict):
+        raise BadRequest('error converting input for field "options": expected a map')
+    if options is None or "cas" not in options:
         return None
     try:
         cas = parse_int(options["cas"], "cas")
