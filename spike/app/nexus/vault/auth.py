@@ -12,6 +12,7 @@ issued to.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from spike.app.model.policy import Permission
@@ -30,7 +31,7 @@ NO_ROLES = 'spike has no cert roles: "name" is ignored, the policies matching th
 
 
 class CertAuth:
-    def __init__(self, tokens: TokenStore, authorizer: Authorizer, clock: Any) -> None:
+    def __init__(self, tokens: TokenStore, authorizer: Authorizer, clock: Callable[[], float]) -> None:
         self._tokens = tokens
         self._authorizer = authorizer
         self._clock = clock

@@ -309,8 +309,10 @@ class KvV2:
         def done(source: Future[None]) -> None:
             error = source.exception()
             # As Vault: no such secret (or version) is not an error for these, there is just nothing to do.
-            ok = error is None or isinstance(error, kv.NotFound)
-            reply.set_result(envelope.NO_CONTENT if ok else failure(error, what))  # type: ignore[arg-type]
+            if error is None or isinstance(error, kv.NotFound):
+                reply.set_result(envelope.NO_CONTENT)
+            else:
+                reply.set_result(failure(error, what))
 
         action(path, versions).add_done_callback(done)
         return reply
