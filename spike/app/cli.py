@@ -174,6 +174,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     nexus.add_argument("--audit-log", metavar="FILE", help="env SPIKE_NEXUS_AUDIT_LOG, default <data-dir>/audit.log")
     nexus.add_argument("--shutdown-grace", metavar="DUR", help="time to finish requests on SIGTERM (default 5s)")
+    nexus.add_argument(
+        "--vault-kv-mount",
+        metavar="NAME",
+        help="Vault API: where KV v2 is served (default secret; SPIKE_NEXUS_VAULT_KV_MOUNT)",
+    )
+    nexus.add_argument(
+        "--vault-token-ttl", metavar="DUR", help="Vault API: lifetime of a cert-login token (default 1h)"
+    )
     nexus.add_argument("--check-config", action="store_true", help="print the effective configuration and exit")
     _threshold_one_flag(nexus)
     _memory_flag(nexus)
@@ -203,6 +211,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     ident.add_argument("--dir", type=Path, required=True, help="where to write the PEM files")
     ident.add_argument("--trust-domain", type=_trust_domain_arg, help="default spike.ist")
     ident.add_argument("--keepers", default="1,2,3", help="keeper ids to mint SVIDs for (default 1,2,3)")
+    ident.add_argument(
+        "--nexus-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="one more DNS name or IP address for Nexus's SVID (it always has localhost and 127.0.0.1); repeatable",
+    )
 
     if command is None or command in _CLIENT_COMMANDS or command not in COMMANDS:
         from spike.app.commands.policy import add_parser as add_policy_parser
@@ -311,14 +326,18 @@ def _dev(args: argparse.Namespace) -> int:
 
 def _dev_identity(args: argparse.Namespace) -> int:
     from spike.app import config as cfg
-    from spike.app.commands.devca import mint_dev_identity
+    from spike.app.commands.devca import check_server_names, mint_dev_identity
 
     trust_domain = args.trust_domain or cfg.DEFAULT_TRUST_DOMAIN
     try:
         ids = [int(x) for x in args.keepers.split(",") if x.strip()]
     except ValueError:
         raise cfg.ConfigError(f"--keepers must be a comma-separated list of ids, not {args.keepers!r}") from None
-    identity = mint_dev_identity(args.dir, trust_domain, ids)
+    try:
+        check_server_names(args.nexus_name)
+    except ValueError as exc:
+        raise cfg.ConfigError(f"--nexus-name: {exc}") from None
+    identity = mint_dev_identity(args.dir, trust_domain, ids, nexus_names=args.nexus_name)
     print(f"development SVIDs for spiffe://{trust_domain} written to {identity.directory}")
     return 0
 

@@ -75,6 +75,8 @@ class NexusConfig:
     rotate_every: float | None = None  # a scheduled root key rotation this often; None: never by itself
     crash_at: str | None = None  # a test build's SIGKILL point (SPIKE_TEST_CRASH_AT); never in the executable
     config_file: Path | None = None  # the --config file a SIGHUP reads again
+    vault_kv_mount: str = "secret"  # where the Vault face serves KV v2 (/v1/<mount>/data/...)
+    vault_token_ttl: float = 3600.0  # lifetime of a token from the Vault face's auth/cert/login
 
     @property
     def keeper_urls(self) -> dict[int, str]:
@@ -319,6 +321,27 @@ def keeper(args: argparse.Namespace, env: Env) -> KeeperConfig:
     )
 
 
+# Mount names the Vault face cannot take: SPIKE's route prefixes and its own sys/, auth/ and transit/.
+_TAKEN_MOUNTS = frozenset({"store", "acl", "cipher", "operator", "bootstrap", "sys", "auth", "transit"})
+
+
+def vault_kv_mount(text: str) -> str:
+    """The KV v2 mount of the Vault face: one path segment (`secret`, `kv`, `apps`), with or without a slash."""
+    mount = text.strip().strip("/")
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", mount) or mount in (".", ".."):
+        raise ConfigError(f"vault KV mount must be one path segment of letters, digits and ._-, not {text!r}")
+    if mount in _TAKEN_MOUNTS:
+        raise ConfigError(f"vault KV mount {mount!r} is taken by spike's own routes: choose another name")
+    return mount
+
+
+def vault_token_ttl(text: str) -> float:
+    ttl = parse_duration(text, "vault token TTL")
+    if not 10 <= ttl <= 24 * 3600:
+        raise ConfigError(f"vault token TTL must be between 10s and 24h, not {text!r}")
+    return ttl
+
+
 def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
     base = common(args, env)
     listen = _pick(args, "listen", env, "SPIKE_NEXUS_TLS_PORT", default=f":{DEFAULT_NEXUS_PORT}")
@@ -357,6 +380,8 @@ def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
     waiting = _pick(args, "waiting_summary_interval", env, "SPIKE_NEXUS_WAITING_SUMMARY_INTERVAL")
     lasting = _pick(args, "keeper_summary_interval", env, "SPIKE_NEXUS_KEEPER_SUMMARY_INTERVAL")
     database = _pick(args, "database_url", env, "SPIKE_NEXUS_DATABASE_URL")
+    mount = _pick(args, "vault_kv_mount", env, "SPIKE_NEXUS_VAULT_KV_MOUNT", default="secret") or "secret"
+    token_ttl = _pick(args, "vault_token_ttl", env, "SPIKE_NEXUS_VAULT_TOKEN_TTL", default="1h") or "1h"
     data = Path(data_dir).expanduser()
     return NexusConfig(
         base,
@@ -376,6 +401,8 @@ def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
         rotate_every,
         test_crash_point(env),
         config_file(args),
+        vault_kv_mount(mount),
+        vault_token_ttl(token_ttl),
     )
 
 
@@ -553,6 +580,8 @@ TOML_KEYS: dict[str, dict[str, str]] = {
         "database_url": "SPIKE_NEXUS_DATABASE_URL",
         "retiring_keepers": "SPIKE_NEXUS_RETIRING_KEEPER_PEERS",
         "rotate_every": "SPIKE_NEXUS_ROTATE_EVERY",
+        "vault_kv_mount": "SPIKE_NEXUS_VAULT_KV_MOUNT",
+        "vault_token_ttl": "SPIKE_NEXUS_VAULT_TOKEN_TTL",
     },
     "bootstrap": {"timeout": "SPIKE_BOOTSTRAP_TIMEOUT"},
 }

@@ -7,6 +7,7 @@ Bodies are excluded from ``repr`` because they may carry shards or secrets.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .identity import SpiffeId
@@ -21,7 +22,9 @@ class ApiRequest:
 
     `peer` is the SPIFFE ID of the client's verified certificate (None when
     it has none: see `peer_spiffe_id`); the transport has already enforced
-    its body size limit.  `query` is the raw query string without ``?``.
+    its body size limit.  `query` is the raw query string without ``?``;
+    `headers` are the request's fields, names in lower case (a Vault client's
+    token travels in one: they are left out of ``repr``).
     """
 
     method: str
@@ -30,6 +33,7 @@ class ApiRequest:
     body: bytes = field(default=b"", repr=False)
     query: str = ""
     content_type: str = ""
+    headers: Mapping[bytes, bytes] = field(default_factory=dict, repr=False)
 
     def action(self) -> str:
         """The ``action=`` query parameter SPIKE's API uses to pick an operation ("" if none)."""

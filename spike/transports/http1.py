@@ -367,6 +367,7 @@ def _request_line(line: bytes) -> tuple[str, str, bytes]:
 _REASONS = {
     100: b"Continue",
     200: b"OK",
+    204: b"No Content",
     400: b"Bad Request",
     401: b"Unauthorized",
     403: b"Forbidden",
@@ -377,6 +378,7 @@ _REASONS = {
     411: b"Length Required",
     413: b"Content Too Large",
     415: b"Unsupported Media Type",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     501: b"Not Implemented",
@@ -385,17 +387,19 @@ _REASONS = {
 }
 
 
-def response(status: int, content_type: str, body: bytes, *, close: bool) -> bytes:
-    """One complete HTTP/1.1 response, ready to write."""
+def response(status: int, content_type: str, body: bytes, *, close: bool, head: bool = False) -> bytes:
+    """One complete HTTP/1.1 response, ready to write; `head`: the answer to a HEAD request, without its body."""
     reason = _REASONS.get(status, b"")
     connection = b"connection: close\r\n" if close else b""
+    if status == 204:  # no body, and so no Content-Length (RFC 9110, 8.6)
+        return b"HTTP/1.1 204 No Content\r\ncache-control: no-store\r\n%s\r\n" % connection
     return b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\ncache-control: no-store\r\n%s\r\n%s" % (
         status,
         reason,
         content_type.encode("ascii"),
         len(body),
         connection,
-        body,
+        b"" if head else body,  # RFC 9110 9.3.2: the length a GET would get, and no body
     )
 
 

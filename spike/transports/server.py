@@ -669,6 +669,7 @@ class _Connection(asyncio.Protocol):
             body=body,
             query=query,
             content_type=headers.get(b"content-type", b"").partition(b";")[0].strip().decode("latin-1"),
+            headers=headers,
         )
 
     def _answered_early(self, head: Head) -> bool:
@@ -686,7 +687,9 @@ class _Connection(asyncio.Protocol):
             return False
         # A client waiting for "100 Continue" may or may not send its body now: only a close is unambiguous.
         close = not head.keep_alive or self._parser.continue_wanted or self._server.draining
-        self._writer.write(response(refusal.status, refusal.content_type, refusal.body, close=close))
+        self._writer.write(
+            response(refusal.status, refusal.content_type, refusal.body, close=close, head=head.method == "HEAD")
+        )
         if close:
             self._close()
         else:
@@ -702,7 +705,7 @@ class _Connection(asyncio.Protocol):
             log.exception("handler failed on %s %s", request.method, path)
             reply = _INTERNAL_ERROR
         if isinstance(reply, ApiResponse):
-            self._answer(reply, request.keep_alive)
+            self._answer(reply, request.keep_alive, request.method == "HEAD")
             return
         # Wait for the writer thread; later pipelined requests stay in the parser.
         self._busy = True
@@ -720,16 +723,16 @@ class _Connection(asyncio.Protocol):
         self._busy = False
         if self._closing:
             return
-        self._answer(reply, request.keep_alive)
+        self._answer(reply, request.keep_alive, request.method == "HEAD")
         if not self._closing:
             self._resume_reading()
             self._process()
 
-    def _answer(self, reply: ApiResponse, keep_alive: bool) -> None:
+    def _answer(self, reply: ApiResponse, keep_alive: bool, head: bool) -> None:
         close = not keep_alive or self._server.draining
         if self._writer is None:
             return
-        self._writer.write(response(reply.status, reply.content_type, reply.body, close=close))
+        self._writer.write(response(reply.status, reply.content_type, reply.body, close=close, head=head))
         if close:
             self._close()
 

@@ -91,7 +91,7 @@ FIELDS = {
     "RestoreProgress": ("accepted", "needed", "ready"),
     "PollSchedule": ("interval", "jitter", "request_timeout"),
     "KeeperOutcome": ("response", "change", "refused"),
-    "ApiRequest": ("method", "path", "peer", "body", "query", "content_type"),
+    "ApiRequest": ("method", "path", "peer", "body", "query", "content_type", "headers"),
     "ApiResponse": ("status", "body", "content_type"),
     "SpiffeId": ("trust_domain", "path"),
     "TrustDomains": ("nexus", "keeper", "bootstrap", "pilot"),

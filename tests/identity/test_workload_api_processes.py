@@ -64,7 +64,9 @@ class WorkloadApiCluster(Cluster):
 @pytest.fixture
 def cluster(dev_identity: DevIdentity, workload_api: WorkloadApi, tmp_path: Path) -> Iterator[WorkloadApiCluster]:
     for name, path in WORKLOADS.items():
-        workload_api.add(name, f"spiffe://{TD}{path}")
+        # Nexus registered as with SPIRE's `-dns localhost -dns 127.0.0.1`: Vault clients dial it by name.
+        names = ("localhost", "127.0.0.1") if name == "nexus" else ()
+        workload_api.add(name, f"spiffe://{TD}{path}", server_names=names)
     deployment = WorkloadApiCluster(dev_identity, tmp_path / "cluster", api=workload_api)
     try:
         yield deployment
@@ -212,3 +214,35 @@ def _scenario(cluster: WorkloadApiCluster, api: WorkloadApi, pilot: Pilot, dev_i
         text = proc.text()
         assert "Traceback" not in text, f"{proc.name}:\n{text}"
         assert " ERROR " not in text, f"{proc.name}:\n{text}"
+
+
+def test_a_workload_api_svid_with_dns_names_serves_vault_clients(
+    cluster: WorkloadApiCluster, workload_api: WorkloadApi, dev_identity: DevIdentity
+) -> None:
+    """Nexus serves its Workload API SVID with the DNS/IP SANs it came with, as it is, through every rotation:
+    a Vault client (hvac, checking the host name it dials) talks to it, before and after a rotation."""
+    import hvac
+
+    cluster.start_ready()
+    pilot = dev_identity.files("pilot-superuser")
+
+    def vault_clients_work(value: str) -> None:
+        for host in ("127.0.0.1", "localhost"):
+            client = hvac.Client(
+                url=f"https://{host}:{cluster.nexus_port}",
+                cert=(str(pilot.cert), str(pilot.key)),
+                verify=str(pilot.bundle),
+            )
+            client.token = None
+            kv = client.secrets.kv.v2
+            kv.create_or_update_secret("app/wl", secret={"v": value}, mount_point="secret")
+            assert kv.read_secret_version("app/wl", raise_on_deleted_version=True, mount_point="secret")["data"][
+                "data"
+            ] == {"v": value}
+            client.adapter.close()
+
+    vault_clients_work("before")
+    serial = workload_api.issue("nexus")
+    ctx = client_context(SvidFiles(pilot.cert, pilot.key, pilot.bundle))
+    wait_until(lambda: presented_serial(cluster.nexus_port, ctx) == serial, "the rotated SVID presented")
+    vault_clients_work("after")

@@ -80,8 +80,8 @@ class TestCa:
     def pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
-    def mint(self, spiffe_id: str, *, hours: float = 1.0) -> tuple[bytes, bytes]:
-        """(certificate PEM, PKCS8 key PEM) of a fresh SVID."""
+    def mint(self, spiffe_id: str, *, hours: float = 1.0, server_names: tuple[str, ...] = ()) -> tuple[bytes, bytes]:
+        """(certificate PEM, PKCS8 key PEM) of a fresh SVID (with DNS/IP SANs for `server_names`, as SPIRE's -dns)."""
         now = dt.datetime.now(dt.UTC)
         return mint_svid(
             self.cert,
@@ -89,6 +89,7 @@ class TestCa:
             spiffe_id,
             not_before=now - dt.timedelta(minutes=1),
             not_after=now + dt.timedelta(hours=hours),
+            server_names=server_names,
         )
 
 
@@ -190,6 +191,7 @@ class Workload:
     key_pem: bytes = b""
     registered: bool = True
     history: list[int] = field(default_factory=list)  # serials issued, in order
+    server_names: tuple[str, ...] = ()  # DNS/IP SANs of every SVID issued to it
 
     @property
     def address(self) -> str:
@@ -211,15 +213,15 @@ class WorkloadApi:
         self.directory = Path(tempfile.mkdtemp(prefix="wlapi-", dir="/tmp"))
         self.workloads: dict[str, Workload] = {}
 
-    def add(self, name: str, spiffe_id: str, *, register: bool = True) -> Workload:
-        """A workload with its own socket; registered ones get an SVID at once."""
+    def add(self, name: str, spiffe_id: str, *, register: bool = True, server_names: tuple[str, ...] = ()) -> Workload:
+        """A workload with its own socket; registered ones get an SVID at once (naming `server_names` too)."""
         service = _Service()
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"wlapi-{name}"))
         workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(service, server)
         socket = self.directory / f"{name}.sock"
         server.add_insecure_port(f"unix:{socket}")
         server.start()
-        workload = Workload(name, spiffe_id, socket, service, server, registered=register)
+        workload = Workload(name, spiffe_id, socket, service, server, registered=register, server_names=server_names)
         self.workloads[name] = workload
         if register:
             self.issue(name)
@@ -236,7 +238,7 @@ class WorkloadApi:
     def issue(self, name: str, ca: TestCa | None = None) -> int:
         """A new SVID for `name` (from `ca`, default the signing CA), streamed at once; its serial."""
         workload = self.workloads[name]
-        cert_pem, key_pem = (ca or self.signing_ca).mint(workload.spiffe_id)
+        cert_pem, key_pem = (ca or self.signing_ca).mint(workload.spiffe_id, server_names=workload.server_names)
         workload.cert_pem, workload.key_pem, workload.registered = cert_pem, key_pem, True
         workload.history.append(workload.serial)
         self._publish(workload)

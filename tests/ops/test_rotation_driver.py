@@ -17,7 +17,6 @@ from pathlib import Path
 import msgspec
 import pytest
 from prometheus_client import generate_latest
-from spike.app.nexus.lifecycle import epochs_since
 
 from spike.app.api.messages import (
     BOOTSTRAP_INIT_PATH,
@@ -31,6 +30,7 @@ from spike.app.api.messages import (
     StatusBody,
 )
 from spike.app.commands.status import EXIT_RECOVERY_STALE, exit_code, render
+from spike.app.nexus.lifecycle import epochs_since
 from spike.app.nexus.server import ClusterWatch
 from spike.protocol import (
     Phase,

@@ -9,7 +9,9 @@ that are missing or about to expire.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,9 @@ from spike.transports.tls import SvidFiles
 
 CA_CERT = "bundle.pem"
 CA_KEY = "ca-key.pem"
+# The names a client dialling Nexus on this machine checks its certificate against (hvac, `bao`, Go's
+# TLS): a Vault client verifies the host name or IP it dials, which a SPIFFE ID alone does not satisfy.
+NEXUS_SERVER_NAMES = ("localhost", "127.0.0.1")
 ROLES = {
     "nexus": Role.NEXUS,
     "bootstrap": Role.BOOTSTRAP,
@@ -141,12 +146,25 @@ def mint_svid(
     *,
     not_before: dt.datetime,
     not_after: dt.datetime,
+    server_names: Iterable[str] = (),
+    common_name: str | None = None,
 ) -> tuple[bytes, bytes]:
-    """(certificate PEM, key PEM) of an X.509 SVID for `spiffe_id`, signed by the CA."""
+    """(certificate PEM, key PEM) of an X.509 SVID for `spiffe_id`, signed by the CA.
+
+    `server_names` (host names or IP addresses) go beside the SPIFFE ID as DNS and IP SANs, as
+    SPIRE's `-dns` does: spike's peers read only the URI SAN, clients that verify a host name
+    (Vault clients) read these.  `common_name` is for peers that want one (OpenBao's cert auth
+    names its identity alias after it); spike never reads it.
+    """
     key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe_id)]
+    sans.extend(_server_name(name) for name in server_names)
+    subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "spike dev")]
+    if common_name is not None:
+        subject.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "spike dev")]))
+        .subject_name(x509.Name(subject))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -171,24 +189,77 @@ def mint_svid(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
         )
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
 
-def _still_valid(path: Path, now: dt.datetime) -> bool:
+def check_server_names(names: Iterable[str]) -> list[str]:
+    """The names, each once; `ValueError` naming the first that is neither an IP address nor a DNS name."""
+    unique = list(dict.fromkeys(names))
+    for name in unique:
+        _server_name(name)
+    return unique
+
+
+def _server_name(name: str) -> x509.GeneralName:
+    """An IP SAN for an address, a DNS SAN for anything else (`ValueError` for an unusable name)."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    labels = name.rstrip(".").split(".")
+    if not name or len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(f"{name!r} is neither an IP address nor a DNS name")
+    return x509.DNSName(name)
+
+
+_DNS_LABEL = re.compile(r"(\*|[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)")
+
+
+def _names_of(cert: x509.Certificate) -> set[str]:
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    ips = {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
+    return ips | set(sans.get_values_for_type(x509.DNSName))
+
+
+def _still_valid(path: Path, now: dt.datetime, server_names: Iterable[str] = ()) -> bool:
     if not path.exists():
         return False
     cert = x509.load_pem_x509_certificate(path.read_bytes())
+    if not {str(ipaddress.ip_address(n)) if _is_ip(n) else n for n in server_names} <= _names_of(cert):
+        return False  # minted before these names were asked for: mint it again with them
     return cert.not_valid_after_utc - now > dt.timedelta(days=7)
 
 
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def mint_dev_identity(
-    directory: Path, trust_domain: str, keeper_ids: Iterable[int], *, validity_days: int = 90
+    directory: Path,
+    trust_domain: str,
+    keeper_ids: Iterable[int],
+    *,
+    validity_days: int = 90,
+    nexus_names: Iterable[str] = (),
 ) -> DevIdentity:
-    """Create (or top up) a development CA and SVIDs for every role and keeper."""
+    """Create (or top up) a development CA and SVIDs for every role and keeper.
+
+    Nexus's SVID also names `NEXUS_SERVER_NAMES` and `nexus_names` (DNS or IP SANs), so that
+    clients which check the name they dial (Vault clients) accept it without turning
+    verification off.  `ValueError` for a name that is neither.
+    """
+    names = check_server_names([*NEXUS_SERVER_NAMES, *nexus_names])  # before anything is written
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     now = dt.datetime.now(dt.UTC)
@@ -200,7 +271,8 @@ def mint_dev_identity(
         wanted[f"keeper-{keeper_id}"] = str(trust.id_of(Role.KEEPER, keeper_id))
     for name, spiffe_id in wanted.items():
         files = identity.files(name)
-        if _still_valid(files.cert, now) and files.key.exists():
+        server_names = names if name == "nexus" else []
+        if _still_valid(files.cert, now, server_names) and files.key.exists():
             continue
         cert_pem, key_pem = mint_svid(
             ca_cert,
@@ -208,6 +280,7 @@ def mint_dev_identity(
             spiffe_id,
             not_before=now - dt.timedelta(minutes=5),
             not_after=now + dt.timedelta(days=validity_days),
+            server_names=server_names,
         )
         _write(files.key, key_pem, 0o600)
         _write(files.cert, cert_pem + ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)

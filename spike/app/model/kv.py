@@ -47,6 +47,10 @@ class CasMismatch(KvError):
     code = "api_conflict"
 
 
+class CasRequired(InvalidRequest):
+    """The secret requires check-and-set and the write sent none (400, as any invalid request)."""
+
+
 def check_path(path: str) -> str:
     """Secret paths are slash-separated segments, no leading or trailing slash, no `.`/`..`."""
     if not isinstance(path, str) or not path:
@@ -162,7 +166,7 @@ def plan_put(
 ) -> PutPlan:
     """What a write does: the new version number, new metadata, and versions that fall off."""
     if meta is not None and meta.cas_required and cas is None:
-        raise InvalidRequest("this secret requires check-and-set: pass cas")
+        raise CasRequired("this secret requires check-and-set: pass cas")
     if cas is not None:
         current = meta.current_version if meta is not None else 0
         if cas != current:

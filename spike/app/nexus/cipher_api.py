@@ -71,6 +71,27 @@ class CipherApi:
                 self._aead = aead
         return aead
 
+    def seal(self, plaintext: bytes, context: bytes) -> tuple[int, bytes] | None:
+        """(key version, nonce || ciphertext) of `plaintext` with `context` bound in; None while locked.
+
+        For the other faces of the cipher (Vault's transit): `context` keeps what they seal
+        apart from this API's ciphertexts and from each other's (a transit key name).
+        """
+        aead = self._key()
+        if aead is None:
+            return None
+        nonce = self._random(NONCE_SIZE)
+        return VERSION, nonce + aead.encrypt(nonce, plaintext, CIPHER_AAD + context)
+
+    def unseal(self, version: int, sealed: bytes, context: bytes) -> bytes | None:
+        """What `seal` sealed with the same `context`; None while locked, `InvalidTag` for anything else."""
+        aead = self._key()
+        if aead is None:
+            return None
+        if version != VERSION or len(sealed) < NONCE_SIZE:
+            raise InvalidTag
+        return aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], CIPHER_AAD + context)
+
     def encrypt(self, request: ApiRequest) -> ApiResponse:
         aead = self._key()
         if aead is None:

@@ -45,6 +45,7 @@ from spike.app.nexus.lifecycle import KeyLifecycle, rotation_status
 from spike.app.nexus.operator_api import OperatorApi
 from spike.app.nexus.policy_api import PolicyApi
 from spike.app.nexus.secrets_api import SecretsApi
+from spike.app.nexus.vault.face import is_vault_path
 from spike.app.store.backend import KeyRecords
 from spike.app.store.errors import DatabaseUnavailable, EpochUsed, StorageError
 from spike.protocol import api
@@ -78,6 +79,8 @@ class ApiCall:
 
 
 Observer = Callable[[ApiCall, int, float], None]  # the call, its HTTP status, seconds until answered
+# The Vault face (vault/face.py): (decision, reply) for a path under /v1/ outside SPIKE's prefixes.
+VaultFace = Callable[[ApiRequest], tuple[str, Reply]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +129,11 @@ class NexusApi:
         authorizer: Authorizer,
         observer: Observer | None = None,
         lifecycle: KeyLifecycle | None = None,
+        vault: VaultFace | None = None,
     ) -> None:
         self._driver = driver
         self._lifecycle = lifecycle
+        self._vault = vault
         self._observer = observer
         self._store = store
         self._trust = trust
@@ -165,8 +170,13 @@ class NexusApi:
         started = time.perf_counter()
         action = request.action()
         route = self.routes.get((request.path, action))
-        decision, refusal = self._gate(route, request)
         reply: Reply
+        if route is None and self._vault is not None and is_vault_path(request.path):
+            decision, reply = self._vault(request)  # the Vault face: its own guards and answers
+            if self._observer is not None:
+                self._observe(self._observer, request, False, request.method, decision, reply, started)
+            return reply
+        decision, refusal = self._gate(route, request)
         if refusal is not None:
             reply = refusal
         else:
@@ -187,6 +197,8 @@ class NexusApi:
         started = time.perf_counter()
         action = request.action()
         route = self.routes.get((request.path, action))
+        if route is None and self._vault is not None and is_vault_path(request.path):
+            return None  # judged whole by the Vault face, which needs the body (and the token) to decide
         decision, refusal = self._gate(route, request)
         if refusal is not None and self._observer is not None:
             self._observe(self._observer, request, route is not None, action, decision, refusal, started)

@@ -26,6 +26,7 @@ from spike.app.nexus.operator_api import OperatorApi
 from spike.app.nexus.policy_api import PolicyApi
 from spike.app.nexus.routes import ApiCall, NexusApi
 from spike.app.nexus.secrets_api import SecretsApi
+from spike.app.nexus.vault.face import VaultApi
 from spike.app.store.backend import Backend, ClusterState, SecretBackend
 from spike.app.store.errors import StorageError
 from spike.app.store.policies import PolicyStore
@@ -525,6 +526,15 @@ def _run(
             authorizer=authorizer,
             observer=CallRecorder(audit, metrics),
             lifecycle=lifecycle,
+            vault=VaultApi(
+                store=secrets,
+                authorizer=authorizer,
+                cipher=cipher,
+                custody=lambda: custody,
+                storage_type="postgresql" if config.database_url else "sqlite",
+                mount=config.vault_kv_mount,
+                token_ttl=config.vault_token_ttl,
+            ),
         )
         background = [driver.run]
         if not secrets.shared:
