@@ -18,7 +18,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import spike
 from spike.app.errors import CommandError
@@ -124,12 +124,31 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spike", description="SPIFFE-native secrets manager")
     parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_keeper(sub)
+    _add_nexus(sub)
+    _add_bootstrap(sub)
+    _add_status(sub)
+    _add_dev(sub)
+    _add_dev_identity(sub)
+    if command is None or command in _CLIENT_COMMANDS or command not in COMMANDS:
+        from spike.app.commands.policy import add_parser as add_policy_parser
+        from spike.app.commands.secret import add_parsers
 
+        add_parsers(sub, _client_flags)
+        add_policy_parser(sub, _client_flags)
+    _add_operator(sub)
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def _add_keeper(sub: Any) -> None:
     keeper = sub.add_parser("keeper", help="hold one shard of the root key in memory")
     keeper.add_argument("--listen", metavar="ADDR", help="e.g. :8443 or 127.0.0.1:8443 (env SPIKE_KEEPER_TLS_PORT)")
     _memory_flag(keeper)
     _identity_flags(keeper)
 
+
+def _add_nexus(sub: Any) -> None:
     nexus = sub.add_parser("nexus", help="the secrets store; keeps the keepers seeded")
     nexus.add_argument("--listen", metavar="ADDR", help="e.g. :8553 (env SPIKE_NEXUS_TLS_PORT)")
     nexus.add_argument(
@@ -187,6 +206,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _memory_flag(nexus)
     _identity_flags(nexus)
 
+
+def _add_bootstrap(sub: Any) -> None:
     boot = sub.add_parser("bootstrap", help="make a root key, seed the keepers, verify Nexus holds it")
     boot.add_argument("--keepers", metavar="PEERS", help="keeper URLs as seen from here (default: Nexus's list)")
     boot.add_argument("--force", action="store_true", help="replace an existing root key (old secrets are lost)")
@@ -194,10 +215,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _threshold_one_flag(boot)
     _client_flags(boot)
 
+
+def _add_status(sub: Any) -> None:
     status = sub.add_parser("status", help="Nexus phase, redundancy and every keeper's state")
     status.add_argument("--format", choices=["human", "json"], default="human")
     _client_flags(status)
 
+
+def _add_dev(sub: Any) -> None:
     dev = sub.add_parser("dev", help="run a local deployment: 3 keepers, a Nexus, bootstrapped")
     dev.add_argument("--data-dir", type=Path, help="keep state here (default: a temporary dir)")
     dev.add_argument("--keepers", type=int, default=3)
@@ -207,6 +232,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     dev.add_argument("--poll-interval", default="2s")
     dev.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
 
+
+def _add_dev_identity(sub: Any) -> None:
     ident = sub.add_parser("dev-identity", help="mint a development CA and SVIDs for every role")
     ident.add_argument("--dir", type=Path, required=True, help="where to write the PEM files")
     ident.add_argument("--trust-domain", type=_trust_domain_arg, help="default spike.ist")
@@ -219,13 +246,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="one more DNS name or IP address for Nexus's SVID (it always has localhost and 127.0.0.1); repeatable",
     )
 
-    if command is None or command in _CLIENT_COMMANDS or command not in COMMANDS:
-        from spike.app.commands.policy import add_parser as add_policy_parser
-        from spike.app.commands.secret import add_parsers
 
-        add_parsers(sub, _client_flags)
-        add_policy_parser(sub, _client_flags)
-
+def _add_operator(sub: Any) -> None:
     operator = sub.add_parser(
         "operator", help="rotate the root key; break-glass: export recovery shards, restore from them"
     )
@@ -250,9 +272,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     rot.add_argument("--timeout", metavar="DUR", default="5m", help="how long to wait for the commit (default 5m)")
     for p in (rec, res, rot):
         _client_flags(p)
-
-    sub.add_parser("version", help="print the version")
-    return parser
 
 
 def _setup_logs(common: Common) -> None:

@@ -1,6 +1,6 @@
 """An in-process Nexus for the API tier: the real route table, custody machine, store and cipher.
 
-`Node` wires `NexusApi` as `spike.app.nexus.server._run` does (`KeyUsers` hands the
+`Node` wires `NexusApi` as `spike.app.nexus.server.Nexus` does (`KeyUsers` hands the
 verified key to the secrets store, the cipher and the policy authorizer), minus sockets: the custody
 machine gets its key from two recovery shards handed in as an operator would
 (`unlock`), and gives it up on `lock` (what a shutdown does).  `call` builds
@@ -21,11 +21,11 @@ import msgspec
 
 from spike.app.nexus.authorizer import Authorizer
 from spike.app.nexus.cipher_api import CipherApi
+from spike.app.nexus.key_users import KeyUsers
 from spike.app.nexus.operator_api import OperatorApi
 from spike.app.nexus.policy_api import PolicyApi
 from spike.app.nexus.routes import NexusApi
 from spike.app.nexus.secrets_api import SecretsApi
-from spike.app.nexus.server import KeyUsers
 from spike.app.store.policies import PolicyStore
 from spike.app.store.sqlite import SecretStore
 from spike.app.store.sqlite_schema import DB_NAME, NexusStore

@@ -94,7 +94,7 @@ async def test_a_nexus_that_rebuilt_the_rotations_key_first_opens_the_keyring_of
     record's.  The store is unlocked with the record's epoch (before: the report's, and nothing opened)."""
     import random
 
-    from spike.app.nexus.server import KeyUsers
+    from spike.app.nexus.key_users import KeyUsers
     from spike.protocol import PollSchedule
     from spike.protocol.effects import KeyRecovered, Report
     from spike.protocol.nexus import NexusCustody

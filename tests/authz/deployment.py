@@ -15,7 +15,7 @@ certificate at all.  Every call the route table sees is recorded (`calls`),
 so a test can tell a refusal at the handshake (Nexus saw nothing) from a 401.
 
 This builds its own NexusApi rather than using tests/api's helper: the wiring
-below is kept to what `spike.app.nexus.server._run` does.
+below is kept to what `spike.app.nexus.server.Nexus` does.
 """
 
 from __future__ import annotations
@@ -56,11 +56,12 @@ from spike.app.identity import identity_source
 from spike.app.keeper import keeper_server
 from spike.app.nexus.authorizer import Authorizer
 from spike.app.nexus.cipher_api import CipherApi
+from spike.app.nexus.key_users import KeyUsers
 from spike.app.nexus.operator_api import OperatorApi
 from spike.app.nexus.policy_api import PolicyApi
 from spike.app.nexus.routes import ApiCall, NexusApi
 from spike.app.nexus.secrets_api import SecretsApi
-from spike.app.nexus.server import KeyUsers, nexus_server
+from spike.app.nexus.server import nexus_server
 from spike.app.store.policies import PolicyStore
 from spike.app.store.sqlite import SecretStore
 from spike.app.store.sqlite_schema import DB_NAME, NexusStore

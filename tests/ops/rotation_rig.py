@@ -25,13 +25,14 @@ from spike.app.logs import ReportLogger
 from spike.app.nexus.audit import AuditLog
 from spike.app.nexus.authorizer import Authorizer
 from spike.app.nexus.cipher_api import CipherApi
+from spike.app.nexus.key_users import KeyUsers
 from spike.app.nexus.lifecycle import ExportFile, KeyLifecycle
 from spike.app.nexus.metrics import NexusMetrics
 from spike.app.nexus.operator_api import OperatorApi
 from spike.app.nexus.policy_api import PolicyApi
 from spike.app.nexus.routes import NexusApi
 from spike.app.nexus.secrets_api import SecretsApi
-from spike.app.nexus.server import CallRecorder, KeyUsers
+from spike.app.nexus.server import CallRecorder
 from spike.app.store.errors import StorageError
 from spike.app.store.policies import PolicyStore
 from spike.app.store.sqlite import SqliteBackend

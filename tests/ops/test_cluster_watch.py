@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from spike.app.nexus.server import ClusterWatch
+from spike.app.nexus.cluster_watch import ClusterWatch
 from spike.app.store.backend import ClusterState
 from spike.protocol import KeeperState, NewerKeySeen, Phase, RequestKind, Share
 from tests.ops.ops_helpers import SHARES, Node, sealed, shard_answer

@@ -30,8 +30,8 @@ from spike.app.api.messages import (
     StatusBody,
 )
 from spike.app.commands.status import EXIT_RECOVERY_STALE, exit_code, render
+from spike.app.nexus.cluster_watch import ClusterWatch
 from spike.app.nexus.lifecycle import epochs_since
-from spike.app.nexus.server import ClusterWatch
 from spike.protocol import (
     Phase,
     PhaseChanged,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from spike.app.config import KEEPER_SUMMARY_EVERY, WAITING_SUMMARY_EVERY
-from spike.app.nexus.server import Summaries
+from spike.app.nexus.summaries import Summaries
 from tests.ops.ops_helpers import SHARES, URLS, Node, shard_answer
 
 

@@ -2,48 +2,41 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import random
-import signal
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import anyio
 
-from spike.app.config import KEEPER_SUMMARY_EVERY, WAITING_SUMMARY_EVERY, ConfigError, NexusConfig
+from spike.app.api.messages import KeyringStatusBody
+from spike.app.config import ConfigError, NexusConfig
 from spike.app.identity import identity_source
-from spike.app.logs import ReportLogger, wall_time
+from spike.app.logs import ReportLogger
 from spike.app.memory import AfterFloods, Protection, protect
 from spike.app.nexus.audit import AuditLog, secret_path_of
 from spike.app.nexus.authorizer import Authorizer
 from spike.app.nexus.cipher_api import MAX_PLAINTEXT, CipherApi
+from spike.app.nexus.cluster_watch import ClusterWatch
+from spike.app.nexus.key_users import KeyUsers, OwnRecord, wrap_keyring
 from spike.app.nexus.lifecycle import ExportFile, KeyLifecycle, LoopOffload
 from spike.app.nexus.operator_api import OperatorApi
 from spike.app.nexus.policy_api import PolicyApi
+from spike.app.nexus.reload import reload_on_sighup
 from spike.app.nexus.routes import ApiCall, NexusApi
 from spike.app.nexus.secrets_api import SecretsApi
+from spike.app.nexus.summaries import Summaries
 from spike.app.nexus.vault.face import VaultApi
-from spike.app.store.backend import Backend, ClusterState, SecretBackend
-from spike.app.store.errors import StorageError
+from spike.app.store.backend import Backend
 from spike.app.store.policies import PolicyStore
 from spike.app.store.sqlite import SqliteBackend
-from spike.protocol.effects import (
-    KeeperState,
-    KeyRecovered,
-    NewerKeySeen,
-    Phase,
-    PhaseChanged,
-    Report,
-    RotationProgress,
-    RotationStage,
-)
+from spike.protocol.effects import Report, StoreEffect
 from spike.protocol.errors import LocalProtocolError, RemoteProtocolError
 from spike.protocol.identity import Role, SpiffeId, TrustDomains
-from spike.protocol.material import RootKey
 from spike.protocol.nexus import NexusCustody
 from spike.protocol.pending import PendingRotation
 from spike.protocol.record import KeyRecord
@@ -69,6 +62,8 @@ METRICS_LIMITS = ServerLimits(max_body_bytes=0, max_header_bytes=8192, max_conne
 # At the connection limit, operators and bootstrap take the place of workloads: whatever a workload
 # does with its connections, `spike status` and `spike operator` still get in.
 NEXUS_PREFERS = frozenset({Role.BOOTSTRAP, Role.PILOT_SUPERUSER, Role.PILOT_RECOVER, Role.PILOT_RESTORE})
+# What runs beside the server for as long as it serves (the custody driver, the cluster watch, SIGHUP).
+Background = Callable[[], Coroutine[Any, Any, None]]
 # Several instances on one database: how often each reads what the others may have changed.
 CLUSTER_WATCH_INTERVAL = 1.0
 
@@ -80,258 +75,6 @@ def nexus_server(context: ContextSource, api: NexusApi, trust: TrustDomains) -> 
         return trust.role_of(peer) in NEXUS_PREFERS
 
     return HttpsServer(context, api, NEXUS_LIMITS, prefer=preferred, screen=api.screen)
-
-
-class Summaries:
-    """What stays wrong is said again now and then, never once per poll.
-
-    While Nexus cannot rebuild its key it says so every `waiting_every`
-    seconds (30 s by default; the first time after the couple of polls a
-    normal recovery takes); while a keeper stays without its shard, every
-    `keepers_every` seconds (5 minutes).
-    """
-
-    def __init__(
-        self,
-        driver: CustodyDriver,
-        urls: Mapping[int, str],
-        *,
-        waiting_every: float = WAITING_SUMMARY_EVERY,
-        keepers_every: float = KEEPER_SUMMARY_EVERY,
-    ) -> None:
-        self._driver = driver
-        self._urls = urls
-        self._waiting_every = waiting_every
-        self._keepers_every = keepers_every
-        self._last_waiting = -float("inf")
-        self._last_keepers = -float("inf")
-        self._waiting_since: float | None = None
-
-    def __call__(self) -> None:
-        custody = self._driver.custody
-        now = self._driver.now()
-        if custody.phase is Phase.READY:
-            self._waiting_since = None
-            self._keepers(custody, now)
-            return
-        if self._waiting_since is None:
-            self._waiting_since = now
-        if now - self._waiting_since < 2 * custody.schedule.interval:
-            return
-        if now - self._last_waiting < self._waiting_every:
-            return
-        self._last_waiting = now
-        states = ", ".join(f"{v.keeper_id}={v.state.value}" for v in custody.keepers())
-        if custody.phase is Phase.UNINITIALISED:
-            log.info("not initialised: waiting for `spike bootstrap` (keepers: %s)", states)
-        else:
-            log.warning(
-                "waiting for shards: %d more verified shard(s) needed of %d (keepers: %s); polling continues every %gs",
-                custody.shards_needed,
-                custody.threshold,
-                states,
-                custody.schedule.interval,
-            )
-
-    def _keepers(self, custody: NexusCustody, now: float) -> None:
-        lasting = [
-            v for v in custody.keepers() if v.state is not KeeperState.HOLDING and now - v.since >= self._keepers_every
-        ]
-        if not lasting or now - self._last_keepers < self._keepers_every:
-            return
-        self._last_keepers = now
-        for view in lasting:
-            log.warning(
-                "keeper %d (%s) still %s since %s (%d polls, %d empty, %d failed); shard redundancy %d",
-                view.keeper_id,
-                self._urls.get(view.keeper_id, "no URL configured"),
-                view.state.value.replace("_", " "),
-                wall_time(view.since, self._driver.now),
-                view.polls,
-                view.empty_answers,
-                view.failures,
-                custody.redundancy,
-                extra={"keeper_id": view.keeper_id, "event": "keeper_summary"},
-            )
-
-
-class KeyUsers:
-    """Passes reports on, and hands the verified key to what needs it (and takes it back)."""
-
-    def __init__(
-        self,
-        custody: NexusCustody,
-        secrets: SecretBackend,
-        cipher: CipherApi,
-        authorizer: Authorizer,
-        then: list[Callable[[Report], None]],
-    ) -> None:
-        self._custody = custody
-        self._secrets = secrets
-        self._cipher = cipher
-        self._authorizer = authorizer
-        self._then = then
-
-    def __call__(self, report: Report) -> None:
-        if isinstance(report, KeyRecovered):
-            record = self._custody.record
-            assert record is not None  # a key is recovered for a record
-            # The record's key and epoch, whichever epoch in play was rebuilt (a rotation's opens the other).
-            secrets = self._secrets
-            secrets.unlock(self._custody.root_key, record.epoch)
-            self._cipher.unlock(lambda: secrets.keyring().cipher_key)
-            self._authorizer.invalidate()  # policies are sealed: readable only now
-        elif (
-            isinstance(report, RotationProgress)
-            and report.stage is RotationStage.COMMITTED
-            and self._custody.phase is Phase.READY
-        ):
-            # The new key is in force (this instance's commit, or one it followed): the keyring is now
-            # the one wrapped under it.  The data keys are the same: nothing is re-encrypted.
-            self._secrets.unlock(self._custody.root_key, report.to_epoch)
-        elif isinstance(report, PhaseChanged) and report.previous is Phase.READY:
-            self._secrets.lock()
-            self._cipher.lock()
-            self._authorizer.clear()
-        for sink in self._then:
-            sink(report)
-
-
-class OwnRecord:
-    """One Nexus on its own store (SQLite): its key record is the deployment's newest.
-
-    Nobody else writes the record, so a keeper showing a shard of a newer
-    epoch holds garbage (the bootstrap identity may contribute any label):
-    the custody machine is told at once, and reports and re-seeds it.
-    """
-
-    def __init__(self, driver: CustodyDriver) -> None:
-        self._driver = driver
-
-    def __call__(self, report: Report) -> None:
-        if isinstance(report, NewerKeySeen):
-            self._driver.confirm_record(report.at)
-
-
-class ClusterWatch:
-    """Several Nexus instances on one database: notice what the others changed.
-
-    Every `interval` seconds, and at once when a keeper shows a shard of a key
-    epoch newer than this instance's record or a write finds the key replaced,
-    it reads the stored key record and the policy change counter (off the
-    event loop) and then, on the loop:
-
-    * a record installed through another instance (`spike bootstrap` talked to
-      it): this one adopts it and recovers the root key from the keepers;
-    * a record replaced through another instance (`bootstrap --force`): this one
-      drops its key at once and recovers the new one from the keepers;
-    * the stored record is this instance's own, and a keeper showed a newer
-      epoch before the read began: that epoch was never the deployment's (a
-      record is stored before its shards are dealt), so the custody machine
-      reports and re-seeds the keeper (`confirm_record`);
-    * policies changed through another instance: the authorizer reloads them
-      before its next check.  A policy change made through one instance is in
-      force on every other within `interval` (plus one read).
-    """
-
-    def __init__(
-        self, backend: Backend, api: NexusApi, driver: CustodyDriver, authorizer: Authorizer, interval: float
-    ) -> None:
-        self._backend = backend
-        self._api = api
-        self._driver = driver
-        self._authorizer = authorizer
-        self._interval = interval
-        self._policy_version: int | None = None
-        self._refused: object = None
-        self._refused_pending: PendingRotation | None = None
-        self._newer_seen_at: float | None = None  # the latest sighting no read has answered yet
-        self._wake = anyio.Event()
-
-    def poke(self) -> None:
-        """Look now (event loop thread only)."""
-        self._wake.set()
-
-    def report(self, report: Report) -> None:
-        if isinstance(report, NewerKeySeen):
-            # Another instance's bootstrap --force, or garbage: the stored record tells which.
-            self._newer_seen_at = report.at
-            self.poke()
-
-    async def run(self) -> None:
-        from anyio import to_thread  # only a shared (PostgreSQL) store is watched: SQLite starts without it
-
-        while True:
-            with anyio.move_on_after(self._interval):
-                await self._wake.wait()
-            self._wake = anyio.Event()
-            checked_at = self._driver.now()  # the read below sees every record stored before this
-            try:
-                state = await to_thread.run_sync(self._backend.cluster_state, abandon_on_cancel=True)
-            except StorageError:
-                continue  # an outage: logged once by the backend; data routes answer 503 meanwhile
-            self.apply(state, checked_at)
-
-    def apply(self, state: ClusterState, checked_at: float | None = None) -> None:
-        """Act on what the store holds; `checked_at` is when the read of `state` began (driver clock)."""
-        custody = self._api.custody
-        record = state.record
-        if record is not None and record not in (custody.record, self._refused):
-            previous = custody.record
-            followed = custody.rotation
-            if self._api.adopt(record):
-                if followed is not None and followed.to_epoch == record.epoch and custody.phase is Phase.READY:
-                    log.info(
-                        "key rotation %d -> %d committed through another Nexus instance: its key, already held, "
-                        "is in force",
-                        followed.from_epoch,
-                        record.epoch,
-                    )
-                elif previous is None:
-                    log.info(
-                        "key record for epoch %d installed through another Nexus instance: "
-                        "recovering the root key from keepers",
-                        record.epoch,
-                    )
-                else:
-                    log.warning(
-                        "key record replaced through another Nexus instance (epoch %d -> %d): "
-                        "the old key is dropped; recovering the new one from keepers",
-                        previous.epoch,
-                        record.epoch,
-                    )
-            else:
-                self._refused = record  # said once, in adopt's log line
-        if record is not None and record == custody.record:
-            self._follow(state.pending)
-        seen = self._newer_seen_at
-        if seen is not None and checked_at is not None and seen <= checked_at:
-            self._newer_seen_at = None
-            # While a rotation is stored, a newer epoch on a keeper is that rotation's (followed above),
-            # never garbage: only the record alone proves that no newer epoch existed.
-            if record is not None and record == custody.record and state.pending is None:
-                self._driver.confirm_record(checked_at)  # otherwise the keepers were read for another record
-        if self._policy_version is not None and state.policy_version != self._policy_version:
-            self._authorizer.invalidate()
-        self._policy_version = state.policy_version
-
-    def _follow(self, pending: PendingRotation | None) -> None:
-        """Follow another instance's rotation as the store shows it (docs/key-lifecycle.md section 8)."""
-        custody = self._api.custody
-        under_way = custody.rotation
-        if under_way is not None and under_way.stage is not RotationStage.FOLLOWING:
-            return  # this instance's own rotation: the store's compare-and-set settles any other
-        if pending is None:
-            if under_way is not None:
-                self._driver.follow_rotation(None)
-            return
-        if (under_way is not None and under_way.to_epoch == pending.record.epoch) or pending == self._refused_pending:
-            return
-        try:
-            self._driver.follow_rotation(pending)
-        except (RemoteProtocolError, LocalProtocolError) as exc:
-            self._refused_pending = pending  # said once
-            log.error("cannot follow the key rotation stored by another Nexus instance: %s", exc)  # noqa: TRY400
 
 
 @runtime_checkable
@@ -432,10 +175,18 @@ class LiveUrls(Mapping[int, str]):
         return len(self._driver().keeper_urls)
 
 
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """What the store held when Nexus started."""
+
+    record: KeyRecord | None
+    pending: PendingRotation | None
+    highest_epoch: int
+
+
 def _run(
     config: NexusConfig, identity: IdentitySource, memory: Protection, reload: Callable[[], NexusConfig] | None
 ) -> None:
-    trust = config.common.trust
     secrets = open_backend(config)
     try:
         record = secrets.load_key_record()
@@ -444,176 +195,18 @@ def _run(
     except BaseException:
         secrets.close()
         raise
-    started = False
+    stored = Stored(record, pending, highest)
     offload = LoopOffload()
+    started = False
+
+    def on_start() -> None:
+        nonlocal started
+        started = True
+        memory.say("Nexus")
 
     async def main() -> None:
-        # The machine's clock must be the event loop's, so it is created inside the loop.
-        try:
-            custody = NexusCustody(
-                config.keepers,
-                threshold=config.threshold,
-                schedule=config.schedule,
-                rng=random.SystemRandom(),
-                now=anyio.current_time(),
-                record=record,
-                pending=pending,
-                highest_epoch=highest,
-                # A stored record for other keepers or another threshold: the configuration changed, and
-                # custody moves to it once the key is rebuilt from the record's keepers.
-                rekey=record is not None and not _fits(record, config),
-                random_bytes=os.urandom,
-            )
-        except (LocalProtocolError, RemoteProtocolError) as exc:
-            raise ConfigError(str(exc)) from None
-        driver_ref: list[CustodyDriver] = []
-        lifecycle_ref: list[KeyLifecycle] = []
-        urls = LiveUrls(lambda: driver_ref[0])
-        metrics = None
-        if config.metrics_bind is not None:
-            # prometheus_client is imported only when metrics are asked for: it costs start-up time.
-            from spike.app.nexus.metrics import NexusMetrics
-
-            metrics = NexusMetrics(
-                lambda: custody,
-                urls,
-                anyio.current_time,
-                keyring=lambda: lifecycle_ref[0].refresh_keyring(),  # noqa: PLW0108 - made below
-            )
-        cipher = CipherApi()
-        policies = PolicyStore(secrets)
-        authorizer = Authorizer(trust, policies)
-        sinks: list[Callable[[Report], None]] = [ReportLogger(log, urls, anyio.current_time)]
-        if metrics is not None:
-            sinks.append(metrics.report)
-        driver = CustodyDriver(
-            custody,
-            config.keeper_urls,
-            ssl_context=identity.client_context,
-            trust=trust,
-            on_report=KeyUsers(custody, secrets, cipher, authorizer, sinks),
-            on_answer=None if metrics is None else metrics.keeper_request,
-            on_store=lambda effect: lifecycle_ref[0].on_store(effect),  # noqa: PLW0108 - made just below
-        )
-        driver_ref.append(driver)
-
-        def to_wall(moment: float) -> float:
-            return time.time() - (anyio.current_time() - moment)
-
-        lifecycle = KeyLifecycle(
-            driver,
-            secrets,
-            wrap_keyring=wrap_keyring(secrets),
-            offload=offload,
-            to_wall=to_wall,
-            rotate_every=config.rotate_every,
-            crash_at=config.crash_at,
-            # Every other instance reads the stored rotation before the commit (ClusterWatch, each second).
-            follow_window=2 * CLUSTER_WATCH_INTERVAL + 0.5 if secrets.shared else 0.0,
-            exports=ExportFile(config.data_dir),
-            reads=secrets.read,
-        )
-        lifecycle_ref.append(lifecycle)
-        sinks.append(lifecycle.report)
-        api = NexusApi(
-            driver,
-            secrets,
-            trust,
-            secrets=SecretsApi(secrets, authorizer),
-            cipher=cipher,
-            operator=OperatorApi(driver, on_export=lifecycle.note_export),
-            policies=PolicyApi(policies, authorizer),
-            authorizer=authorizer,
-            observer=CallRecorder(audit, metrics),
-            lifecycle=lifecycle,
-            vault=VaultApi(
-                store=secrets,
-                authorizer=authorizer,
-                cipher=cipher,
-                custody=lambda: custody,
-                storage_type="postgresql" if config.database_url else "sqlite",
-                mount=config.vault_kv_mount,
-                token_ttl=config.vault_token_ttl,
-            ),
-        )
-        background = [driver.run]
-        if not secrets.shared:
-            sinks.append(OwnRecord(driver))
-        if secrets.shared:
-            watch = ClusterWatch(secrets, api, driver, authorizer, CLUSTER_WATCH_INTERVAL)
-            sinks.append(watch.report)
-            if isinstance(secrets, _StaleKeyHook):
-                from anyio import from_thread, lowlevel
-
-                # A write found the key replaced: look now (called on the writer thread).
-                token = lowlevel.current_token()
-                secrets.on_stale_key = lambda: from_thread.run_sync(watch.poke, token=token)
-            background.append(watch.run)
-        if reload is not None:
-            background.append(partial(_reload_on_sighup, config, reload, driver, lifecycle))
-        extra = []
-        if config.metrics_bind is not None and metrics is not None:
-            extra.append(
-                Listener(
-                    config.metrics_bind,
-                    HttpsServer(None, metrics.handler, METRICS_LIMITS),
-                    lambda host, port: log.info("metrics, /healthz and /readyz on http://%s:%d", host, port),
-                )
-            )
-
-        def listening(host: str, port: int) -> None:
-            nonlocal started
-            started = True
-            memory.say("Nexus")
-            if record is None:
-                log.info("no key record in %s: waiting for `spike bootstrap`", secrets.description)
-            else:
-                log.info("key record for epoch %d found: recovering the root key from keepers", record.epoch)
-                if pending is not None:
-                    log.info(
-                        "key rotation %d -> %d is stored: it resumes once a root key is rebuilt",
-                        pending.from_epoch,
-                        pending.record.epoch,
-                    )
-            for level, line in _custody_lines(record, config, secrets.description):
-                log.log(level, "%s", line)
-            log.info(
-                "Nexus listening on %s:%d; polling %d keepers every %gs (pid %d)",
-                host,
-                port,
-                len(custody.keeper_ids),
-                config.schedule.interval,
-                os.getpid(),
-            )
-            lifecycle.arm_schedule()
-
-        server = nexus_server(identity.server_context, api, trust)
-        summaries = Summaries(
-            driver,
-            urls,
-            waiting_every=config.waiting_summary_every,
-            keepers_every=config.keeper_summary_every,
-        )
-        after_floods = AfterFloods(server)
-
-        def every_second() -> None:
-            summaries()
-            after_floods()
-
-        try:
-            await serve(
-                config.bind,
-                server,
-                background=background,
-                periodic=every_second,
-                on_listening=listening,
-                extra=extra,
-                grace=config.shutdown_grace,
-            )
-        finally:
-            custody.forget(anyio.current_time())
-            secrets.lock()
-            cipher.lock()
+        # Made inside the event loop: the custody machine's clock is the loop's.
+        await Nexus(config, identity, secrets, audit, stored, offload, reload).serve(on_start)
 
     try:
         run_event_loop(main)
@@ -625,49 +218,208 @@ def _run(
             log.info("Nexus stopped; the root key is gone from memory")
 
 
-def wrap_keyring(secrets: Backend) -> Callable[[RootKey, int], bytes]:
-    """The keyring in force, wrapped under a rotation's new root key (stored with the pending rotation)."""
+def _custody_machine(config: NexusConfig, stored: Stored, now: float) -> NexusCustody:
+    try:
+        return NexusCustody(
+            config.keepers,
+            threshold=config.threshold,
+            schedule=config.schedule,
+            rng=random.SystemRandom(),
+            now=now,
+            record=stored.record,
+            pending=stored.pending,
+            highest_epoch=stored.highest_epoch,
+            # A stored record for other keepers or another threshold: the configuration changed, and
+            # custody moves to it once the key is rebuilt from the record's keepers.
+            rekey=stored.record is not None and not _fits(stored.record, config),
+            random_bytes=os.urandom,
+        )
+    except (LocalProtocolError, RemoteProtocolError) as exc:
+        raise ConfigError(str(exc)) from None
 
-    def wrap(key: RootKey, epoch: int) -> bytes:
-        return secrets.keyring().wrap(key, epoch)
 
-    return wrap
+class Nexus:
+    """The parts of one running Nexus and how they are wired, made inside its event loop.
 
+    Who tells whom: the custody driver's reports go to the key's users (store, cipher, policies),
+    then to the log, the metrics, the key lifecycle and, with several instances, the cluster watch;
+    the driver's store effects go to the key lifecycle, which performs them off the loop.
+    """
 
-# What a SIGHUP reload applies; the rest needs a restart (said when it changed).
-_RELOADED = ("keepers", "retiring_keepers", "threshold", "rotate_every")
+    def __init__(
+        self,
+        config: NexusConfig,
+        identity: IdentitySource,
+        secrets: Backend,
+        audit: AuditLog,
+        stored: Stored,
+        offload: LoopOffload,
+        reload: Callable[[], NexusConfig] | None,
+    ) -> None:
+        self._config = config
+        self._secrets = secrets
+        self._stored = stored
+        self._identity_context = identity.server_context
+        trust = config.common.trust
+        self.custody = _custody_machine(config, stored, anyio.current_time())
+        self.urls = LiveUrls(lambda: self.driver)
+        self.metrics = self._metrics() if config.metrics_bind is not None else None
+        self.cipher = CipherApi()
+        policies = PolicyStore(secrets)
+        authorizer = Authorizer(trust, policies)
+        sinks: list[Callable[[Report], None]] = [ReportLogger(log, self.urls, anyio.current_time)]
+        if self.metrics is not None:
+            sinks.append(self.metrics.report)
+        self.driver = CustodyDriver(
+            self.custody,
+            config.keeper_urls,
+            ssl_context=identity.client_context,
+            trust=trust,
+            on_report=KeyUsers(self.custody, secrets, self.cipher, authorizer, sinks),
+            on_answer=None if self.metrics is None else self.metrics.keeper_request,
+            on_store=self._on_store,
+        )
+        self.lifecycle = KeyLifecycle(
+            self.driver,
+            secrets,
+            wrap_keyring=wrap_keyring(secrets),
+            offload=offload,
+            to_wall=_to_wall,
+            rotate_every=config.rotate_every,
+            crash_at=config.crash_at,
+            # Every other instance reads the stored rotation before the commit (ClusterWatch, each second).
+            follow_window=2 * CLUSTER_WATCH_INTERVAL + 0.5 if secrets.shared else 0.0,
+            exports=ExportFile(config.data_dir),
+            reads=secrets.read,
+        )
+        sinks.append(self.lifecycle.report)
+        self.api = self._api(secrets, policies, authorizer, audit)
+        self.background: list[Background] = [self.driver.run]
+        if secrets.shared:
+            self.background.append(self._watch_cluster(authorizer, sinks))
+        else:
+            sinks.append(OwnRecord(self.driver))
+        if reload is not None:
+            self.background.append(partial(reload_on_sighup, config, reload, self.driver, self.lifecycle))
 
+    def _api(self, secrets: Backend, policies: PolicyStore, authorizer: Authorizer, audit: AuditLog) -> NexusApi:
+        config = self._config
+        return NexusApi(
+            self.driver,
+            secrets,
+            config.common.trust,
+            secrets=SecretsApi(secrets, authorizer),
+            cipher=self.cipher,
+            operator=OperatorApi(self.driver, on_export=self.lifecycle.note_export),
+            policies=PolicyApi(policies, authorizer),
+            authorizer=authorizer,
+            observer=CallRecorder(audit, self.metrics),
+            lifecycle=self.lifecycle,
+            vault=VaultApi(
+                store=secrets,
+                authorizer=authorizer,
+                cipher=self.cipher,
+                custody=lambda: self.custody,
+                storage_type="postgresql" if config.database_url else "sqlite",
+                mount=config.vault_kv_mount,
+                token_ttl=config.vault_token_ttl,
+            ),
+        )
 
-async def _reload_on_sighup(
-    started_with: NexusConfig, reload: Callable[[], NexusConfig], driver: CustodyDriver, lifecycle: KeyLifecycle
-) -> None:
-    """SIGHUP: read the configuration again; move custody, change keeper URLs and the rotation schedule."""
-    current: list[NexusConfig | None] = [started_with]
-    with anyio.open_signal_receiver(signal.SIGHUP) as signals:
-        async for _ in signals:
-            try:
-                fresh = reload()
-            except ConfigError as exc:
-                log.error("SIGHUP: configuration not reloaded, the one in force stays: %s", exc)  # noqa: TRY400
-                continue
-            previous = current[0]
-            current[0] = fresh
-            if previous is not None:
-                ignored = [
-                    f.name
-                    for f in dataclasses.fields(fresh)
-                    if f.name not in _RELOADED
-                    and f.name != "common"
-                    and getattr(fresh, f.name) != getattr(previous, f.name)
-                ]
-                if ignored:
-                    log.warning("SIGHUP: %s changed: that takes a restart", ", ".join(ignored))
-            log.info(
-                "SIGHUP: configuration reloaded: keepers %s, threshold %d, rotation %s",
-                sorted(fresh.keepers),
-                fresh.threshold,
-                "off" if fresh.rotate_every is None else f"every {fresh.rotate_every:g}s",
+    def _metrics(self) -> NexusMetrics:
+        # prometheus_client is imported only when metrics are asked for: it costs start-up time.
+        from spike.app.nexus.metrics import NexusMetrics
+
+        return NexusMetrics(lambda: self.custody, self.urls, anyio.current_time, keyring=self._keyring_counts)
+
+    def _keyring_counts(self) -> KeyringStatusBody | None:
+        return self.lifecycle.refresh_keyring()
+
+    def _on_store(self, effect: StoreEffect) -> None:
+        self.lifecycle.on_store(effect)
+
+    def _watch_cluster(
+        self, authorizer: Authorizer, sinks: list[Callable[[Report], None]]
+    ) -> Callable[[], Coroutine[Any, Any, None]]:
+        watch = ClusterWatch(self._secrets, self.api, self.driver, authorizer, CLUSTER_WATCH_INTERVAL)
+        sinks.append(watch.report)
+        if isinstance(self._secrets, _StaleKeyHook):
+            from anyio import from_thread, lowlevel
+
+            # A write found the key replaced: look now (called on the writer thread).
+            token = lowlevel.current_token()
+            self._secrets.on_stale_key = lambda: from_thread.run_sync(watch.poke, token=token)
+        return watch.run
+
+    def _listening(self, host: str, port: int) -> None:
+        record, pending, config = self._stored.record, self._stored.pending, self._config
+        if record is None:
+            log.info("no key record in %s: waiting for `spike bootstrap`", self._secrets.description)
+        else:
+            log.info("key record for epoch %d found: recovering the root key from keepers", record.epoch)
+            if pending is not None:
+                log.info(
+                    "key rotation %d -> %d is stored: it resumes once a root key is rebuilt",
+                    pending.from_epoch,
+                    pending.record.epoch,
+                )
+        for level, line in _custody_lines(record, config, self._secrets.description):
+            log.log(level, "%s", line)
+        log.info(
+            "Nexus listening on %s:%d; polling %d keepers every %gs (pid %d)",
+            host,
+            port,
+            len(self.custody.keeper_ids),
+            config.schedule.interval,
+            os.getpid(),
+        )
+        self.lifecycle.arm_schedule()
+
+    async def serve(self, on_start: Callable[[], None]) -> None:
+        """Serve until SIGTERM; `on_start` runs once the API listens.  The key is forgotten however it ends."""
+        config = self._config
+        extra = []
+        if config.metrics_bind is not None and self.metrics is not None:
+            extra.append(
+                Listener(
+                    config.metrics_bind,
+                    HttpsServer(None, self.metrics.handler, METRICS_LIMITS),
+                    lambda host, port: log.info("metrics, /healthz and /readyz on http://%s:%d", host, port),
+                )
             )
-            driver.set_keeper_urls(fresh.keeper_urls)
-            lifecycle.set_rotate_every(fresh.rotate_every)
-            lifecycle.move_custody(fresh.keepers, fresh.threshold)
+        server = nexus_server(self._identity_context, self.api, config.common.trust)
+        summaries = Summaries(
+            self.driver,
+            self.urls,
+            waiting_every=config.waiting_summary_every,
+            keepers_every=config.keeper_summary_every,
+        )
+        after_floods = AfterFloods(server)
+
+        def every_second() -> None:
+            summaries()
+            after_floods()
+
+        def listening(host: str, port: int) -> None:
+            on_start()
+            self._listening(host, port)
+
+        try:
+            await serve(
+                config.bind,
+                server,
+                background=self.background,
+                periodic=every_second,
+                on_listening=listening,
+                extra=extra,
+                grace=config.shutdown_grace,
+            )
+        finally:
+            self.custody.forget(anyio.current_time())
+            self._secrets.lock()
+            self.cipher.lock()
+
+
+def _to_wall(moment: float) -> float:
+    """A moment of the event loop's clock on the wall clock."""
+    return time.time() - (anyio.current_time() - moment)
