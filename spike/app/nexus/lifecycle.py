@@ -421,17 +421,7 @@ class KeyLifecycle:
     def _commit(self, pending: PendingRotation, retry: float) -> None:
         def done(outcome: bool | BaseException) -> None:
             if isinstance(outcome, BaseException):
-                # A bug (not a StorageError) is said with its traceback, and tried again all the same: the
-                # machine waits for this write, and nothing of the old epoch is retired meanwhile.
-                log.error(
-                    "cannot commit key rotation %d -> %d: %s; trying again in %gs",
-                    pending.from_epoch,
-                    pending.record.epoch,
-                    outcome,
-                    retry,
-                    exc_info=None if isinstance(outcome, StorageError) else outcome,
-                )
-                self._offload.later(retry, lambda: self._commit(pending, min(retry * 2, RETRY_MOST)))
+                self._retry_later("commit", pending, outcome, retry, self._commit)
                 return
             if not outcome and not self._committed_by_another(pending):
                 # The record in force is no longer the one this rotation starts from: a bootstrap
@@ -459,17 +449,7 @@ class KeyLifecycle:
     def _abandon(self, pending: PendingRotation, retry: float) -> None:
         def done(outcome: bool | BaseException) -> None:
             if isinstance(outcome, BaseException):
-                # A bug (not a StorageError) is said with its traceback, and tried again all the same: the
-                # machine waits for this write, and nothing of the old epoch is retired meanwhile.
-                log.error(
-                    "cannot give up key rotation %d -> %d: %s; trying again in %gs",
-                    pending.from_epoch,
-                    pending.record.epoch,
-                    outcome,
-                    retry,
-                    exc_info=None if isinstance(outcome, StorageError) else outcome,
-                )
-                self._offload.later(retry, lambda: self._abandon(pending, min(retry * 2, RETRY_MOST)))
+                self._retry_later("give up", pending, outcome, retry, self._abandon)
                 return
             if not outcome:
                 log.warning(
@@ -482,6 +462,27 @@ class KeyLifecycle:
             self._answer_waiters(pending, None)
 
         self._offload(lambda: self._store.abandon_rotation(pending), done)
+
+    def _retry_later(
+        self,
+        what: str,
+        pending: PendingRotation,
+        error: BaseException,
+        retry: float,
+        again: Callable[[PendingRotation, float], None],
+    ) -> None:
+        # A bug (not a StorageError) is said with its traceback, and tried again all the same: the
+        # machine waits for this write, and nothing of the old epoch is retired meanwhile.
+        log.error(
+            "cannot %s key rotation %d -> %d: %s; trying again in %gs",
+            what,
+            pending.from_epoch,
+            pending.record.epoch,
+            error,
+            retry,
+            exc_info=None if isinstance(error, StorageError) else error,
+        )
+        self._offload.later(retry, lambda: again(pending, min(retry * 2, RETRY_MOST)))
 
     def _acknowledge(self, call: Callable[[float], None]) -> None:
         try:

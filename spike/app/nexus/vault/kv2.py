@@ -37,6 +37,10 @@ from spike.app.nexus.vault.request import (
 from spike.app.store.backend import SecretBackend
 from spike.protocol.api import ApiResponse
 
+# A version's metadata and its values (None when the version is deleted or destroyed).
+Found = tuple[kv.SecretMeta, kv.VersionInfo, dict[str, str] | None]
+
+
 LIST_PAGE = 256
 LIST_SCAN_LIMIT = 20_000  # paths one LIST looks at, at most, for a caller that may list only some of them
 # Greater than every character a secret path may hold: "<folder>/" + this sorts after all paths under it.
@@ -184,17 +188,10 @@ class KvV2:
         wanted = parse_int(request.query.get("version", "0") or "0", "version")
         store = self._store
 
-        def find() -> tuple[kv.SecretMeta, kv.VersionInfo, dict[str, str] | None]:
-            meta, versions = store.metadata(path)
-            number = wanted if wanted > 0 else meta.current_version
-            info = next((v for v in versions if v.version == number), None)
-            if info is None:
-                raise kv.NotFound("no such version")
-            if not info.readable:
-                return meta, info, None
-            return meta, info, store.get(path, number)[1]
+        def find() -> Found:
+            return _find_version(store, path, wanted)
 
-        def answer(found: tuple[kv.SecretMeta, kv.VersionInfo, dict[str, str] | None]) -> ApiResponse:
+        def answer(found: Found) -> ApiResponse:
             meta, info, values = found
             body = {"data": values, "metadata": _version_view(meta, info)}
             return envelope.ok(body, status=404 if values is None else 200)
@@ -256,7 +253,7 @@ class KvV2:
                 return meta, info, None
             return meta, info, store.get(path, info.version)[1]
 
-        def apply(found: tuple[kv.SecretMeta, kv.VersionInfo, dict[str, str] | None] | None) -> Reply:
+        def apply(found: Found | None) -> Reply:
             if found is None:
                 return _NOT_FOUND_NO_BODY  # as Vault: a bare 404 for nothing to patch
             meta, info, values = found
@@ -325,15 +322,10 @@ class KvV2:
         parse_int(request.query.get("depth", "0") or "0", "depth")  # values are strings: every depth is 1
         store = self._store
 
-        def find() -> tuple[kv.SecretMeta, kv.VersionInfo, dict[str, str] | None]:
-            meta, versions = store.metadata(path)
-            number = wanted if wanted > 0 else meta.current_version
-            info = next((v for v in versions if v.version == number), None)
-            if info is None:
-                raise kv.NotFound("no such version")
-            return meta, info, store.get(path, number)[1] if info.readable else None
+        def find() -> Found:
+            return _find_version(store, path, wanted)
 
-        def answer(found: tuple[kv.SecretMeta, kv.VersionInfo, dict[str, str] | None]) -> ApiResponse:
+        def answer(found: Found) -> ApiResponse:
             meta, info, values = found
             subkeys = None if values is None else dict.fromkeys(values)
             body = {"metadata": _version_view(meta, info), "subkeys": subkeys}
@@ -523,3 +515,13 @@ class KvV2:
 
 
 _NOT_FOUND_NO_BODY = ApiResponse(404, b"")
+
+
+def _find_version(store: SecretBackend, path: str, wanted: int) -> Found:
+    """Version `wanted` of `path` (0: the current one), as `data/` and `subkeys/` read it."""
+    meta, versions = store.metadata(path)
+    number = wanted if wanted > 0 else meta.current_version
+    info = next((v for v in versions if v.version == number), None)
+    if info is None:
+        raise kv.NotFound("no such version")
+    return meta, info, store.get(path, number)[1] if info.readable else None
