@@ -173,6 +173,11 @@ class NexusClient:
         self.close()
 
 
+def error_reason(raw: bytes) -> str:
+    """The reason an error answer gives people ("" if none): for callers that post without `NexusClient`."""
+    return _error_code(raw)[1]
+
+
 def _error_code(raw: bytes) -> tuple[str, str]:
     """The error code of an answer, and the reason Nexus gave (if any), on one line."""
     try:
