@@ -66,6 +66,14 @@ class Answer:
     def json(self) -> Any:
         return json.loads(self.body)
 
+    def error(self) -> str:
+        """The `err` code of an error answer, which also gives people its `reason` (issue 18): one line."""
+        body = self.json()
+        assert set(body) == {"err", "reason"}, body
+        reason = body["reason"]
+        assert isinstance(reason, str) and reason.strip() and "\n" not in reason, body
+        return str(body["err"])
+
 
 def _no_tls() -> Any:
     raise AssertionError("the in-process node never talks to keepers")

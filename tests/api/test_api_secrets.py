@@ -8,7 +8,7 @@ The cases run against one seeded node per test:
     other/x        v1
 
 A case is (route, action, body, status, then): `then` is the error code for a
-failure, whose body must be exactly ``{"err": code}`` and which must leave the
+failure, whose body must be exactly ``{"err": code, "reason": sentence}`` and which must leave the
 database exactly as it was (a rejected request changes nothing) with the
 detail in the log; or, for a 200, a check of the answer and of what changed.
 No value ever reaches the log.
@@ -448,7 +448,7 @@ def test_route(
         assert answer.status == status, answer.body
         assert answer.content_type == "application/json"
         if isinstance(then, str):
-            assert answer.json() == {"err": then}
+            assert answer.error() == then
             assert snapshot(seeded) == before  # a rejected request changes nothing
             detail = [r for r in caplog.records if r.name == "spike.nexus.secrets"]
             assert detail, "the reason for a refusal goes to the log"
@@ -488,12 +488,12 @@ def test_the_data_routes_are_guarded(node: Node) -> None:
 def test_503_until_the_key_is_verified_and_again_once_it_is_gone(locked_node: Node, route: str, action: str) -> None:
     body = {"path": "app/db", "values": {"k": "v"}, "plaintext": "aGk="}
     answer = locked_node.call(route, body, action=action)
-    assert (answer.status, answer.json()) == (503, {"err": "state_not_ready"})
+    assert (answer.status, answer.error()) == (503, "state_not_ready")
     locked_node.unlock()
     assert locked_node.call(route, body, action=action).status != 503
     locked_node.lock()
     answer = locked_node.call(route, body, action=action)
-    assert (answer.status, answer.json()) == (503, {"err": "state_not_ready"})
+    assert (answer.status, answer.error()) == (503, "state_not_ready")
 
 
 def test_nothing_is_written_while_not_ready(locked_node: Node) -> None:
@@ -509,7 +509,7 @@ def test_401_for_anyone_but_the_superuser(seeded: Node, route: str, action: str)
     body = {"path": "app/db", "values": {"k": "v"}, "versions": [3], "plaintext": "aGk="}
     for name, peer in OTHER_PEERS.items():
         answer = seeded.call(route, body, action=action, peer=peer)
-        assert (answer.status, answer.json()) == (401, {"err": "access_unauthorized"}), name
+        assert (answer.status, answer.error()) == (401, "access_unauthorized"), name
     assert snapshot(seeded) == before
 
 
@@ -517,7 +517,7 @@ def test_before_the_key_everyone_hears_503(locked_node: Node) -> None:
     """Policies are sealed too: before the key no permission can be checked, so nobody learns more."""
     for name, peer in OTHER_PEERS.items():
         answer = locked_node.call(S, {"path": "a"}, action="get", peer=peer)
-        assert (answer.status, answer.json()) == (503, {"err": "state_not_ready"}), name
+        assert (answer.status, answer.error()) == (503, "state_not_ready"), name
 
 
 @pytest.mark.parametrize(
@@ -527,7 +527,7 @@ def test_before_the_key_everyone_hears_503(locked_node: Node) -> None:
 def test_unknown_action_is_400(seeded: Node, route: str, query_action: str) -> None:
     before = snapshot(seeded)
     answer = seeded.call(route, {"path": "app/db", "values": {"k": "v"}}, action=query_action)
-    assert (answer.status, answer.json()) == (400, {"err": "api_bad_request"})
+    assert (answer.status, answer.error()) == (400, "api_bad_request")
     assert snapshot(seeded) == before
 
 
@@ -536,14 +536,14 @@ def test_unknown_action_is_400(seeded: Node, route: str, query_action: str) -> N
 )
 def test_unknown_path_is_404(seeded: Node, path: str) -> None:
     answer = seeded.call(path, {"path": "app/db"}, action="get")
-    assert (answer.status, answer.json()) == (404, {"err": "api_not_found"})
+    assert (answer.status, answer.error()) == (404, "api_not_found")
 
 
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
 def test_other_methods_are_405(seeded: Node, method: str) -> None:
     before = snapshot(seeded)
     answer = seeded.call(S, {"path": "app/db", "values": {"k": "v"}}, method=method)
-    assert (answer.status, answer.json()) == (405, {"err": "api_bad_request"})
+    assert (answer.status, answer.error()) == (405, "api_bad_request")
     assert snapshot(seeded) == before
 
 

@@ -123,7 +123,7 @@ def test_the_answer_waits_for_the_commit_and_the_loop_does_not(
     [
         (lambda n: get(n, "no/such"), 404, "api_not_found", "not found"),
         (lambda n: put(n, "tls/c", "x", cas=5), 409, "api_conflict", "conflicts"),
-        (lambda n: put(n, "tls//c", "x"), 400, "api_bad_request", "rejected the request as invalid"),
+        (lambda n: put(n, "tls//c", "x"), 400, "api_bad_request", "Nexus rejected the request: path must be segments"),
     ],
     ids=["not found", "conflict", "bad request"],
 )

@@ -343,7 +343,7 @@ def test_create_on_an_existing_name_is_a_409_and_changes_nothing(deployment: Dep
         "createOnly": True,
     }
     answer = superuser.post(POLICY_PATH, body)
-    assert (answer.status, answer.json()) == (409, {"err": "api_conflict"})
+    assert (answer.status, answer.json()) == (409, {"err": "api_conflict", "reason": "a policy named taken exists"})
     assert policies_table(deployment) == before
     got = superuser.ok(POLICY_PATH, {"id": "taken"}, action="get")
     assert (got["id"], got["pathPattern"], got["permissions"]) == (first["id"], "^a/.*", ["read"])
@@ -368,7 +368,7 @@ def test_the_policy_api_shapes(deployment: Deployment, superuser: Caller) -> Non
     assert superuser.ok(POLICY_PATH, {"id": created["id"]}, action="delete") == {}
     for action in ("get", "delete"):
         answer = superuser.post(POLICY_PATH, {"id": "shape"}, action=action)
-        assert (answer.status, answer.json()) == (404, {"err": "api_not_found"}), action
+        assert (answer.status, answer.json()) == (404, {"err": "api_not_found", "reason": "no such policy"}), action
 
 
 def test_a_name_that_looks_like_another_policys_id_refers_to_that_policy_only(

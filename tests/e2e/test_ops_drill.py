@@ -128,7 +128,15 @@ def test_recover_lose_everything_restore_and_every_secret_reads_back(
     assert (code, status["shards_needed"], status["redundancy"]) == (EXIT_NOT_READY, 2, -2)
     human = c.run("status")
     assert human.returncode == EXIT_NOT_READY
-    assert "waiting for shards: 2 more verified shard(s) needed" in human.stdout
+    assert "recovering, waiting for shards: 2 more verified shard(s) needed" in human.stdout
+    # Every keeper answered empty: status says the keepers cannot give the key back, and what can.
+    assert (
+        "the root key cannot come back from the keepers: keeper(s) 1, 2, 3 answered without their shard "
+        "(a restarted keeper is empty); restore it with `spike operator restore` and the recovery shards of key "
+        f"epoch {record.epoch} that `spike operator recover` exported: 2 of keeper(s) 1, 2, 3"
+    ) in human.stdout.splitlines()
+    reads = c.run("secret", "get", "drill/app-1")
+    assert reads.returncode == 1 and "nothing was changed" not in reads.stderr, reads
     assert c.http_get("/readyz")[0] == 503 and c.http_get("/healthz")[0] == 200
     with c.client() as nexus, pytest.raises(NexusError) as caught:
         get(nexus, "drill/app-1")
@@ -152,6 +160,10 @@ def test_recover_lose_everything_restore_and_every_secret_reads_back(
     for entry in (json.loads(line) for line in waiting):
         assert entry["level"] == "warning" and entry["logger"] == "spike.nexus"
         assert "(keepers: 1=empty, 2=empty, 3=empty); polling continues every 0.5s" in entry["msg"]
+    (stranded, *_) = c.wait_log(nexus_log, r"the root key cannot come back from the keepers")
+    entry = json.loads(stranded)
+    assert (entry["level"], entry["event"], entry["keeper_ids"]) == ("warning", "key_stranded", [1, 2, 3])
+    assert "`spike operator restore`" in entry["msg"]
 
     # Shard 1 from stdin, then again (refused).
     result = restore(c, texts[1] + "\n")

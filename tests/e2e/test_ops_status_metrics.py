@@ -68,7 +68,7 @@ def test_status_exit_codes_and_metrics_through_every_state(make_cluster: Any, se
 
     # Not initialised: 4.
     out = status(c, EXIT_NOT_READY)
-    assert "not initialised: run `spike bootstrap`" in out
+    assert "uninitialised: run `spike bootstrap`" in out  # the phase's name, as in the JSON
     table(c, out)
     assert c.http_get("/healthz") == (200, "ok\n")
     assert c.http_get("/readyz") == (503, "not ready\n")

@@ -135,9 +135,10 @@ def test_versions_metadata_and_purge(c: Cluster) -> None:
         put(c, "ver/app", {"n": str(n)})
     assert ok(c.run("secret", "delete", "ver/app")).stdout == "deleted the current version of ver/app\n"
     fails(c.run("secret", "get", "ver/app"), 1, "no readable version of ver/app")
-    assert ok(c.run("secret", "undelete", "ver/app", "--versions", "3")).stdout == "undeleted versions 3 of ver/app\n"
+    assert ok(c.run("secret", "undelete", "ver/app", "--versions", "3")).stdout == "undeleted version 3 of ver/app\n"
     assert (
-        ok(c.run("secret", "destroy", "ver/app", "--versions", "1,2")).stdout == "destroyed versions 1,2 of ver/app\n"
+        ok(c.run("secret", "destroy", "ver/app", "--versions", "1,2")).stdout
+        == "destroyed versions 1 and 2 of ver/app\n"
     )
     fails(c.run("secret", "get", "ver/app", "--version", "1"), 1, "version 1 of ver/app does not exist")
     assert read(c, "ver/app") == (3, {"n": "3"})
@@ -149,11 +150,11 @@ def test_versions_metadata_and_purge(c: Cluster) -> None:
     assert {n: v["destroyed"] for n, v in meta["versions"].items()} == {"1": True, "2": True, "3": False}
     human = ok(c.run("secret", "metadata", "ver/app")).stdout
     assert "current version 3" in human and "custom owner: ops" in human and "version 1:" in human
-    fails(c.run("secret", "put", "ver/app", "n=4"), 1, "rejected the request")  # cas is now required
+    fails(c.run("secret", "put", "ver/app", "n=4"), 1, "rejected the request: this secret requires check-and-set")
     ok(c.run("secret", "put", "ver/app", "n=4", "--cas", "3"))
 
     assert ok(c.run("secret", "purge", "ver/app")).stdout == "deleted ver/app with all its versions and metadata\n"
-    fails(c.run("secret", "metadata", "ver/app"), 1, "no readable version of ver/app")
+    fails(c.run("secret", "metadata", "ver/app"), 1, "there is no secret at ver/app")
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +170,7 @@ def seeded(c: Cluster) -> Cluster:
         (["get", "err/app", "--version", "7"], {}, 1, "version 7 of err/app does not exist"),
         (["get", "err/app", "user"], {}, 1, "err/app (version 1) has no key 'user'"),
         (["put", "err/app", "k=v", "--cas", "0"], {}, 1, "check-and-set failed: err/app is not at version 0"),
-        (["delete", "err/absent"], {}, 1, "no readable version of err/absent"),
+        (["delete", "err/absent"], {}, 1, "there is no secret at err/absent"),
         (["put", "err//app", "k=v"], {}, 2, "path must be segments"),
         (["put", "err/app"], {}, 2, "values is empty"),
         (["put", "err/app", "bad key=v"], {}, 2, "key names are"),
@@ -209,8 +210,14 @@ def test_not_ready_while_nexus_waits_for_shards(seeded: Cluster) -> None:
         c.kill("nexus")
         c.start_nexus()
         c.wait_status(lambda s: s["phase"] != "ready" and s["shards_needed"] == 1, "waiting for one more shard")
-        for args in (["get", "err/app", "password"], ["put", "err/app", "k=v"], ["list"]):
-            fails(c.run("secret", *args), 1, "Nexus is not ready: it is waiting for the shards of its root key")
+        waiting = "Nexus is not ready: it is waiting for the shards of its root key"
+        for args in (["get", "err/app", "password"], ["list"], ["metadata", "err/app"]):  # reads: nothing to change
+            said = fails(c.run("secret", *args), 1, f"{waiting}; try again once `spike status` says ready")
+            assert "nothing was changed" not in said.stderr
+        for args in (["put", "err/app", "k=v"], ["delete", "err/app"], ["purge", "err/app"]):
+            fails(
+                c.run("secret", *args), 1, f"{waiting}; nothing was changed; try again once `spike status` says ready"
+            )
     finally:
         for keeper_id in (1, 2):
             c.keeper(keeper_id).resume()
@@ -239,7 +246,7 @@ def test_cipher_round_trips_and_the_size_limit(c: Cluster, tmp_path: Path) -> No
 
     tampered = bytearray(small.read_bytes())
     tampered[-1] ^= 1
-    fails(c.run("cipher", "decrypt", stdin=bytes(tampered)), 1, "Nexus rejected the request as invalid")
+    fails(c.run("cipher", "decrypt", stdin=bytes(tampered)), 1, "the ciphertext does not open under this Nexus's")
     largest.write_bytes(largest.read_bytes() + b"!")
     fails(c.run("cipher", "encrypt", "--in", str(largest)), 2, "is more than Nexus encrypts at once")
 

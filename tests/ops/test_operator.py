@@ -10,6 +10,7 @@ node becomes ready, and every keeper is re-seeded at once.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
@@ -28,6 +29,13 @@ from tests.ops.ops_helpers import OTHER_KEY, ROOT_KEY, SHARES, Node, leaks, seal
 
 OLD_RECORD, OLD_SHARES = sealed(OTHER_KEY, epoch=1)  # another deployment's key (same ids, same epoch)
 SECRETS = {**secrets_of(SHARES.values(), ROOT_KEY), **secrets_of(OLD_SHARES.values(), OTHER_KEY, "other key ")}
+
+
+def error_of(body: bytes) -> str:
+    """The `err` of an error answer, which also carries a one-line `reason` for people (issue 18)."""
+    answer = json.loads(body)
+    assert set(answer) == {"err", "reason"} and answer["reason"] and "\n" not in answer["reason"], answer
+    return str(answer["err"])
 
 
 def restore_text(node: Node, text: str, as_: str = "restore") -> tuple[int, str]:
@@ -174,7 +182,7 @@ def test_a_duplicate_is_refused_and_changes_nothing(node: Node) -> None:
     assert restore_text(node, format_shard(SHARES[2])) == (1, "shard 2 was already given")
     unchanged(node, needed=1)
     response = node.call(RESTORE_PATH, {"id": 2, "shard": list(SHARES[2].secret_bytes())}, as_="restore")
-    assert (response.status, response.body) == (409, b'{"err":"api_conflict"}')
+    assert (response.status, error_of(response.body)) == (409, "api_conflict")
     unchanged(node, needed=1)
 
 
@@ -191,9 +199,9 @@ def test_a_duplicate_is_refused_and_changes_nothing(node: Node) -> None:
         b'{"id": 1, "shard": [' + b",".join([b"255"] * 32) + b"]}",  # not in the field
     ],
 )
-def test_malformed_restore_bodies_get_a_bare_400(node: Node, body: bytes) -> None:
+def test_malformed_restore_bodies_get_a_400(node: Node, body: bytes) -> None:
     response = node.call(RESTORE_PATH, body, as_="restore")
-    assert (response.status, response.body) == (400, b'{"err":"api_bad_request"}')
+    assert (response.status, error_of(response.body)) == (400, "api_bad_request")
     unchanged(node, needed=2)
 
 
@@ -209,7 +217,7 @@ def test_restore_on_a_ready_nexus_is_refused(node: Node) -> None:
     code, said = restore_text(node, format_shard(SHARES[3]))
     assert code == 1 and "already holds its verified root key" in said
     response = node.call(RESTORE_PATH, {"id": 3, "shard": list(SHARES[3].secret_bytes())}, as_="restore")
-    assert (response.status, response.body) == (409, b'{"err":"api_conflict"}')
+    assert (response.status, error_of(response.body)) == (409, "api_conflict")
     assert node.custody.phase is Phase.READY
 
 
@@ -219,7 +227,7 @@ def test_restore_on_an_uninitialised_nexus_is_refused(tmp_path: Path) -> None:
         code, said = restore_text(empty, format_shard(SHARES[1]))
         assert code == 1 and "no key record" in said
         response = empty.call(RESTORE_PATH, {"id": 1, "shard": list(SHARES[1].secret_bytes())}, as_="restore")
-        assert (response.status, response.body) == (503, b'{"err":"state_not_ready"}')
+        assert (response.status, error_of(response.body)) == (503, "state_not_ready")
         assert empty.custody.phase is Phase.UNINITIALISED
     finally:
         empty.close()
@@ -228,7 +236,7 @@ def test_restore_on_an_uninitialised_nexus_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("who", ["superuser", "recover", "bootstrap", "nexus", "keeper-1", "/web", "nobody"])
 def test_only_the_restore_role_may_restore(node: Node, who: str) -> None:
     response = node.call(RESTORE_PATH, {"id": 1, "shard": list(SHARES[1].secret_bytes())}, as_=who)
-    assert (response.status, response.body) == (401, b'{"err":"access_unauthorized"}')
+    assert (response.status, error_of(response.body)) == (401, "access_unauthorized")
     unchanged(node, needed=2)
 
 
@@ -290,12 +298,12 @@ def test_recover_replaces_stale_files_with_private_ones(node: Node, tmp_path: Pa
 def test_only_the_recover_role_may_export_shards(node: Node, who: str) -> None:
     unlock(node, SHARES)
     response = node.call(RECOVER_PATH, as_=who)
-    assert (response.status, response.body) == (401, b'{"err":"access_unauthorized"}')
+    assert (response.status, error_of(response.body)) == (401, "access_unauthorized")
 
 
 def test_recover_waits_for_the_key_and_the_cli_says_so(node: Node, tmp_path: Path) -> None:
     response = node.call(RECOVER_PATH, as_="recover")
-    assert (response.status, response.body) == (503, b'{"err":"state_not_ready"}')
+    assert (response.status, error_of(response.body)) == (503, "state_not_ready")
     with pytest.raises(CommandError, match="not ready"):
         operator.recover(node.client("recover"), tmp_path / "none", print)
     assert not (tmp_path / "none").exists()

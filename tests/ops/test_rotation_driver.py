@@ -362,13 +362,17 @@ def test_a_newer_epoch_on_a_keeper_is_never_refuted_while_a_rotation_is_stored(t
 
 
 def test_status_says_how_old_the_newest_recovery_export_is_and_warns_when_it_is_stale(node: RotatingNode) -> None:
-    assert status(node)["recovery"] is None  # never exported: nothing to say, no warning
-    assert exit_code(decode(node.call(STATUS_PATH).body, StatusBody)) == 0
+    assert status(node)["recovery"] is None  # never exported: no field, and exit code 0 (as documented) ...
+    never = decode(node.call(STATUS_PATH).body, StatusBody)
+    assert exit_code(never) == 0
+    # ... but the text says so (issue 18): without the files, losing Nexus and t keepers loses the key.
+    assert "recovery shards: none exported for this key" in render(never, "n")
     exported = node.call(RECOVER_PATH, peer=TRUST.id_of(Role.PILOT_RECOVER))
     assert exported.status == 200 and json.loads(exported.body)["epoch"] == 1
     node.driver.dispatch()  # the export is recorded off the event loop
     shown = status(node)
     assert shown["recovery"]["epoch"] == 1 and shown["recovery"]["epochs_behind"] == 0  # type: ignore[index]
+    assert "none exported" not in render(decode(node.call(STATUS_PATH).body, StatusBody), "n")
     assert rotate(node)[0] == 200
     node.run_for(INTERVAL * 6, stop=node.committed)
     assert node.committed()

@@ -91,3 +91,32 @@ def test_a_keeper_without_its_shard_is_said_again_every_period(node: Node, caplo
     node.driver.answer(3, 200, shard_answer(SHARES[3]))  # read back
     assert node.custody.redundancy == 1
     assert run_for(node, summaries, 20, caplog) == []
+
+
+def test_keepers_that_answer_empty_leave_only_restore_and_the_log_says_so(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Keepers 1 and 2 restarted (empty), keeper 3 holds: one shard short, and no keeper can give it."""
+    caplog.set_level(logging.INFO)
+    node.driver.tick(0.0)
+    node.driver.answer(1, 404)
+    node.driver.answer(2, 404)
+    node.driver.answer(3, 200, shard_answer(SHARES[3]))
+    summaries = Summaries(node.driver, URLS, waiting_every=4, keepers_every=1000)  # type: ignore[arg-type]
+    lines = run_for(node, summaries, 11, caplog)
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("waiting for shards: 1 more verified shard(s) needed of 2")
+    assert lines[1] == (
+        "the root key cannot come back from the keepers: keeper(s) 1, 2 answered without their shard "
+        "(a restarted keeper is empty); restore it with `spike operator restore` and the recovery shards "
+        "of key epoch 1 that `spike operator recover` exported: 1 of keeper(s) 1, 2"
+    )
+    (stranded,) = [r for r in caplog.records if getattr(r, "event", "") == "key_stranded"]
+    assert stranded.levelname == "WARNING" and stranded.keeper_ids == [1, 2]  # type: ignore[attr-defined]
+
+    node.driver.tick(node.driver.clock)
+    while 2 not in node.driver.pending:
+        node.driver.tick()
+    node.driver.answer(2, None)  # keeper 2 is unreachable now: it may still hold its shard, so no such line
+    lines = run_for(node, summaries, 4, caplog)
+    assert len(lines) == 1 and lines[0].startswith("waiting for shards"), lines

@@ -27,7 +27,7 @@ from spike.app.api.messages import (
     VerifyRequest,
     VerifyResponse,
 )
-from spike.app.commands.client import fetch_status, nexus_connection
+from spike.app.commands.client import error_reason, fetch_status, nexus_connection
 from spike.app.config import THRESHOLD_ONE, BootstrapConfig
 from spike.app.errors import CommandError
 from spike.app.identity import identity_source
@@ -120,10 +120,11 @@ def _refuse_if_initialised(status: StatusBody, force: bool) -> None:
 
 def _install_record(nexus: BlockingConnection, request: InitRequest) -> None:
     status, body = nexus.post(BOOTSTRAP_INIT_PATH, msgspec.json.encode(request))
-    if status == 409:
-        raise CommandError("Nexus already holds another key record (initialised meanwhile?)")
     if status != 200:
-        raise CommandError(f"Nexus refused the key record (HTTP {status}); see its log")
+        reason = error_reason(body)
+        if status == 409:
+            raise CommandError(reason or "Nexus already holds another key record (initialised meanwhile?)")
+        raise CommandError(f"Nexus refused the key record (HTTP {status}): {reason or 'see its log'}")
     decode(body, InitResponse)
 
 

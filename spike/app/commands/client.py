@@ -28,17 +28,40 @@ T = TypeVar("T")
 # The largest answer Nexus gives: a 1 MiB cipher plaintext, sealed and base64-encoded in JSON.
 MAX_ANSWER_BYTES = MAX_PLAINTEXT * 4 // 3 + 4096
 
-_MEANINGS = {
-    "access_unauthorized": "Nexus refused this identity: check the SVID, the trust domain and the policies",
-    "state_not_ready": (
-        "Nexus is not ready: it is waiting for the shards of its root key, or its database cannot be "
-        "used right now (see `spike status` and its log); nothing was changed"
-    ),
-    "api_internal_error": "Nexus failed to carry out the request (see its log)",
-    "api_bad_request": "Nexus rejected the request as invalid (see its log)",
-    "api_conflict": "the request conflicts with the current state",
-    "api_not_found": "not found",
+_REFUSED = "Nexus refused this identity"
+_REFUSED_HINT = "check the SVID, the trust domain and the policies"
+_NOT_READY_CAUSE = "it is waiting for the shards of its root key, or its database cannot be used right now"
+_AFTER_NOT_READY = {
+    True: "nothing was changed; try again once `spike status` says ready",
+    False: "try again once `spike status` says ready",
 }
+
+
+def explain(
+    status: int, code: str, reason: str, *, write: bool = False, not_found: str = "", conflict: str = ""
+) -> str:
+    """One sentence for an error answer: what Nexus said (its `reason`, when it gave one) and what to do.
+
+    `write` says whether the request would have changed something (then "nothing was changed" is news
+    worth giving); `not_found` and `conflict` are the caller's own wording for those two answers.
+    """
+    if code == "access_unauthorized":
+        return f"{_REFUSED} ({reason}): {_REFUSED_HINT}" if reason else f"{_REFUSED}: {_REFUSED_HINT}"
+    if code == "state_not_ready":
+        return f"Nexus is not ready: {reason or _NOT_READY_CAUSE}; {_AFTER_NOT_READY[write]}"
+    if code == "api_not_found" and not_found:
+        return not_found
+    if code == "api_conflict" and conflict:
+        return conflict
+    if code == "api_bad_request":
+        return (
+            f"Nexus rejected the request: {reason}" if reason else "Nexus rejected the request as invalid (see its log)"
+        )
+    if code == "api_internal_error":
+        return "Nexus failed to carry out the request (see its log)"
+    meaning = {"api_conflict": "the request conflicts with the current state", "api_not_found": "not found"}
+    message = meaning.get(code, f"Nexus answered HTTP {status}")
+    return f"{message}: {reason}" if reason else message
 
 
 def nexus_connection(
@@ -72,10 +95,11 @@ def fetch_status(nexus: BlockingConnection) -> StatusBody:
 
 
 class NexusError(CommandError):
-    def __init__(self, message: str, status: int, code: str) -> None:
+    def __init__(self, message: str, status: int, code: str, reason: str = "") -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        self.reason = reason
 
 
 class NexusClient:
@@ -98,11 +122,15 @@ class NexusClient:
         action: str = "",
         not_found: str = "",
         conflict: str = "",
+        write: bool = False,
     ) -> T:
-        """POST `body` as JSON, decode the answer as `answer`; raise `NexusError` on any failure."""
+        """POST `body` as JSON, decode the answer as `answer`; raise `NexusError` on any failure.
+
+        `write`: the request changes something when it succeeds (a refusal then says nothing was changed).
+        """
         target = f"{path}?action={action}" if action else path
         payload = body if isinstance(body, bytes) else msgspec.json.encode(body)
-        raw = self._post(target, payload, "application/json", not_found=not_found, conflict=conflict)
+        raw = self._post(target, payload, "application/json", not_found=not_found, conflict=conflict, write=write)
         try:
             return decode(raw, answer)
         except RemoteProtocolError as exc:
@@ -113,7 +141,14 @@ class NexusClient:
         return self._post(path, data, "application/octet-stream")
 
     def _post(
-        self, target: str, payload: bytes, content_type: str, *, not_found: str = "", conflict: str = ""
+        self,
+        target: str,
+        payload: bytes,
+        content_type: str,
+        *,
+        not_found: str = "",
+        conflict: str = "",
+        write: bool = False,
     ) -> bytes:
         try:
             status, raw = self._nexus.post(target, payload, content_type=content_type)
@@ -121,14 +156,8 @@ class NexusClient:
             raise NexusError(f"Nexus at {self.url} is unreachable: {exc}", 0, "") from None
         if status != 200:
             code, reason = _error_code(raw)
-            message = _MEANINGS.get(code, f"Nexus answered HTTP {status}")
-            if code == "api_not_found" and not_found:
-                message = not_found
-            elif code == "api_conflict" and conflict:
-                message = conflict
-            elif reason:
-                message = f"{message}: {reason}"
-            raise NexusError(message, status, code)
+            message = explain(status, code, reason, write=write, not_found=not_found, conflict=conflict)
+            raise NexusError(message, status, code, reason)
         return raw
 
     def close(self) -> None:
@@ -142,6 +171,11 @@ class NexusClient:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+def error_reason(raw: bytes) -> str:
+    """The reason an error answer gives people ("" if none): for callers that post without `NexusClient`."""
+    return _error_code(raw)[1]
 
 
 def _error_code(raw: bytes) -> tuple[str, str]:

@@ -99,6 +99,7 @@ def restore(client: NexusClient, text: str, say: Say) -> int:
             RestoreRequest(id=share.id, shard=list(share.secret_bytes())),
             RestorationStatus,
             conflict=f"shard {share.id} was already given",
+            write=True,
         )
     except NexusError as exc:
         if exc.code == "api_bad_request":

@@ -142,14 +142,22 @@ def run(args: argparse.Namespace, say: Say = print) -> int:
     with NexusClient(config.nexus_url, config.common.svid, config.common.trust) as nexus:
         for request in requests:
             put = nexus.call(
-                POLICY_PATH, request, PolicyPutResponse, conflict=f"a policy named {request.name} already exists"
+                POLICY_PATH,
+                request,
+                PolicyPutResponse,
+                conflict=f"a policy named {request.name} already exists",
+                write=True,
             )
             verb = "created" if put.created else "replaced"
             say(json.dumps({"name": request.name, "id": put.id, "created": put.created})
                 if config.output == "json" else f"{verb} policy {request.name} ({put.id})")  # fmt: skip
         if command == "get":
             policy = nexus.call(
-                POLICY_PATH, PolicyIdRequest(id=args.policy), PolicyBody, action="get", not_found="no such policy"
+                POLICY_PATH,
+                PolicyIdRequest(id=args.policy),
+                PolicyBody,
+                action="get",
+                not_found=f"no such policy: {args.policy}",
             )
             if config.output == "json":
                 say(json.dumps(msgspec.to_builtins(policy)))
@@ -164,9 +172,17 @@ def run(args: argparse.Namespace, say: Say = print) -> int:
             if config.output == "json":
                 say(json.dumps(msgspec.to_builtins(listed)))
             else:
+                width = max((len(item.name) for item in listed.policies), default=0)
                 for item in listed.policies:
-                    say(f"{item.name}  {item.id}")
+                    say(f"{item.name.ljust(width)}  {item.id}")
         elif command == "delete":
-            nexus.call(POLICY_PATH, PolicyIdRequest(id=args.policy), Empty, action="delete", not_found="no such policy")
+            nexus.call(
+                POLICY_PATH,
+                PolicyIdRequest(id=args.policy),
+                Empty,
+                action="delete",
+                not_found=f"no such policy: {args.policy}",
+                write=True,
+            )
             say(f"deleted policy {args.policy}")
     return 0

@@ -46,7 +46,7 @@ def run(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> int:
-    answer = client.call(ROTATE_PATH, RotateRequest(abort=abort), RotateResponse)
+    answer = client.call(ROTATE_PATH, RotateRequest(abort=abort), RotateResponse, write=True)
     if abort:
         say(
             f"key rotation given up: epoch {answer.epoch} stays in force; keepers forget the abandoned "
@@ -101,7 +101,7 @@ def run(
 
 def data_key(client: NexusClient, *, rotate_term: bool, rewrap: bool, say: Say) -> int:
     """`--data-key` and/or `--rewrap`: a new data-key term, a background re-wrap to the newest one."""
-    answer = client.call(ROTATE_PATH, RotateRequest(data_key=rotate_term, rewrap=rewrap), RotateResponse)
+    answer = client.call(ROTATE_PATH, RotateRequest(data_key=rotate_term, rewrap=rewrap), RotateResponse, write=True)
     if rotate_term:
         say(f"data key rotated: new values are sealed under term {answer.data_term}; older terms stay readable")
     if answer.rewrap_target is not None:

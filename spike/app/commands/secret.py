@@ -9,11 +9,13 @@ non-zero exit code.
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import msgspec
 
@@ -36,11 +38,12 @@ from spike.app.api.messages import (
 )
 from spike.app.api.messages import CIPHER_MAX_OVERHEAD as MAX_OVERHEAD
 from spike.app.api.messages import CIPHER_MAX_PLAINTEXT as MAX_PLAINTEXT
-from spike.app.commands.client import Empty, NexusClient
+from spike.app.commands.client import Empty, NexusClient, NexusError
 from spike.app.errors import CommandError
 from spike.app.model import kv
 
 Say = Callable[[str], None]
+T = TypeVar("T")
 
 
 def add_parsers(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -98,6 +101,13 @@ def add_parsers(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None
         p = cactions.add_parser(name, help=f"{name} bytes (standard input to standard output by default)")
         p.add_argument("--in", dest="infile", metavar="FILE", help="input file (default: standard input)")
         p.add_argument("--out", dest="outfile", metavar="FILE", help="output file (default: standard output)")
+        if name == "encrypt":
+            p.add_argument(
+                "-a",
+                "--armor",
+                action="store_true",
+                help="write the ciphertext as text (base64 between BEGIN/END lines) rather than binary",
+            )
         client_flags(p)
 
 
@@ -158,7 +168,7 @@ def run_secret(args: argparse.Namespace, say: Say = print, stdin: BinaryIO | Non
     path: str = getattr(args, "path", "")
     if path:
         _check(kv.check_path, path)
-    missing = f"no readable version of {path} (no such secret, or deleted or destroyed)"
+    absent = f"there is no secret at {path}"
     with NexusClient(config.nexus_url, config.common.svid, config.common.trust) as nexus:
         if command == "put":
             values = _read_values(args, stdin)
@@ -168,17 +178,22 @@ def run_secret(args: argparse.Namespace, say: Say = print, stdin: BinaryIO | Non
                 SecretPutRequest(path=path, values=values, cas=args.cas),
                 SecretPutResponse,
                 conflict=f"check-and-set failed: {path} is not at version {args.cas}",
+                write=True,
             )
             _out(config.output, say, {"path": path, "version": put.version}, f"wrote {path} version {put.version}")
         elif command == "get":
+            missing = f"no readable version of {path} (no such secret, or deleted or destroyed)"
             if args.version:
                 missing = f"version {args.version} of {path} does not exist, or is deleted or destroyed"
-            got = nexus.call(
-                SECRETS_PATH,
-                SecretGetRequest(path=path, version=args.version),
-                SecretGetResponse,
-                action="get",
-                not_found=missing,
+            got = _unsealed(
+                path,
+                lambda: nexus.call(
+                    SECRETS_PATH,
+                    SecretGetRequest(path=path, version=args.version),
+                    SecretGetResponse,
+                    action="get",
+                    not_found=missing,
+                ),
             )
             if args.key is not None:
                 if args.key not in got.data:
@@ -213,9 +228,10 @@ def run_secret(args: argparse.Namespace, say: Say = print, stdin: BinaryIO | Non
                 SecretVersionsRequest(path=path, versions=versions),
                 Empty,
                 action=command,
-                not_found=missing,
+                not_found=absent,
+                write=True,
             )
-            which = f"versions {args.versions}" if versions else "the current version"
+            which = _which_versions(versions)
             done = {"delete": "deleted", "undelete": "undeleted", "destroy": "destroyed"}[command]
             _out(config.output, say, {"path": path, "action": command}, f"{done} {which} of {path}")
         elif command == "metadata":
@@ -224,7 +240,7 @@ def run_secret(args: argparse.Namespace, say: Say = print, stdin: BinaryIO | Non
                 SecretGetRequest(path=path, version=args.version),
                 SecretMetadataResponse,
                 action="get",
-                not_found=missing,
+                not_found=f"{path} has no version {args.version}" if args.version else absent,
             )
             _print_metadata(meta, path, config.output, say)
         elif command == "tune":
@@ -233,12 +249,68 @@ def run_secret(args: argparse.Namespace, say: Say = print, stdin: BinaryIO | Non
             update = SecretMetadataUpdate(
                 path=path, max_versions=args.max_versions, cas_required=cas_required, custom_metadata=custom
             )
-            nexus.call(SECRETS_METADATA_PATH, update, Empty, action="put")
+            nexus.call(SECRETS_METADATA_PATH, update, Empty, action="put", write=True)
             _out(config.output, say, {"path": path}, f"updated the metadata of {path}")
         elif command == "purge":
-            nexus.call(SECRETS_METADATA_PATH, SecretPathRequest(path=path), Empty, action="delete", not_found=missing)
+            nexus.call(
+                SECRETS_METADATA_PATH,
+                SecretPathRequest(path=path),
+                Empty,
+                action="delete",
+                not_found=absent,
+                write=True,
+            )
             _out(config.output, say, {"path": path}, f"deleted {path} with all its versions and metadata")
     return 0
+
+
+ARMOR_BEGIN = b"-----BEGIN SPIKE CIPHERTEXT-----"
+ARMOR_END = b"-----END SPIKE CIPHERTEXT-----"
+ARMOR_LINE = 64
+
+
+def enarmor(blob: bytes) -> bytes:
+    """A binary ciphertext as text: base64 lines between BEGIN and END lines (what `--armor` writes)."""
+    text = base64.b64encode(blob)
+    lines = [text[i : i + ARMOR_LINE] for i in range(0, len(text), ARMOR_LINE)]
+    return b"\n".join([ARMOR_BEGIN, *lines, ARMOR_END]) + b"\n"
+
+
+def armored(data: bytes) -> bool:
+    """Whether `data` is `--armor` text (a binary ciphertext starts with its version byte, never with '-')."""
+    return data.lstrip().startswith(ARMOR_BEGIN)
+
+
+def dearmor(data: bytes) -> bytes:
+    """The binary ciphertext inside `--armor` text; a CommandError (exit 2) if the text is damaged."""
+    body = data.strip()
+    if not body.endswith(ARMOR_END):
+        raise CommandError("the armored ciphertext has no END line: it is cut short", exit_code=2)
+    inner = b"".join(body[len(ARMOR_BEGIN) : -len(ARMOR_END)].split())
+    try:
+        return base64.b64decode(inner, validate=True)
+    except binascii.Error:
+        raise CommandError("the armored ciphertext is damaged: its body is not base64", exit_code=2) from None
+
+
+def _which_versions(versions: list[int]) -> str:
+    """ "version 3", "versions 1, 2 and 4", or "the current version" (none given)."""
+    if not versions:
+        return "the current version"
+    numbers = [str(v) for v in versions]
+    if len(numbers) == 1:
+        return f"version {numbers[0]}"
+    return f"versions {', '.join(numbers[:-1])} and {numbers[-1]}"
+
+
+def _unsealed(path: str, read: Callable[[], T]) -> T:
+    """A read whose refusal for a value sealed under a key that no longer exists says so, about `path`."""
+    try:
+        return read()
+    except NexusError as exc:
+        if exc.code == "api_conflict" and exc.reason:
+            raise CommandError(f"cannot read {path}: {exc.reason}") from None
+        raise
 
 
 def _out(output: str, say: Say, data: dict[str, Any], human: str) -> None:
@@ -251,7 +323,7 @@ def _print_metadata(meta: SecretMetadataResponse, path: str, output: str, say: S
         return
     m = meta.metadata
     say(f"{path}: current version {m.currentVersion}, oldest {m.oldestVersion}, keeps {m.maxVersions}")
-    say(f"created {m.createdTime}, updated {m.updatedTime}, check-and-set required: {m.casRequired}")
+    say(f"created {m.createdTime}, updated {m.updatedTime}, check-and-set required: {'yes' if m.casRequired else 'no'}")
     for key, value in sorted(m.customMetadata.items()):
         say(f"custom {key}: {value}")
     if m.customMetadataUnreadable:
@@ -266,8 +338,19 @@ def _print_metadata(meta: SecretMetadataResponse, path: str, output: str, say: S
 
 def run_cipher(args: argparse.Namespace, stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> int:
     config = cfg.client(args, cfg.environ(args))
+    out = stdout or sys.stdout.buffer
+    armor = getattr(args, "armor", False)
+    encrypting = args.cipher_command == "encrypt"
+    if encrypting and not armor and not args.outfile and out.isatty():
+        # As gpg and age do: binary on a terminal is garbage at best, and can drive the terminal at worst.
+        raise CommandError(
+            "refusing to write a binary ciphertext to a terminal: use --armor, --out FILE, or redirect the output",
+            exit_code=2,
+        )
     data = _read_file(args.infile) if args.infile else (stdin or sys.stdin.buffer).read()
-    path = CIPHER_ENCRYPT_PATH if args.cipher_command == "encrypt" else CIPHER_DECRYPT_PATH
+    if not encrypting and armored(data):
+        data = dearmor(data)
+    path = CIPHER_ENCRYPT_PATH if encrypting else CIPHER_DECRYPT_PATH
     limit = MAX_PLAINTEXT if args.cipher_command == "encrypt" else MAX_PLAINTEXT + MAX_OVERHEAD
     if len(data) > limit:
         raise CommandError(
@@ -275,13 +358,14 @@ def run_cipher(args: argparse.Namespace, stdin: BinaryIO | None = None, stdout: 
         )
     with NexusClient(config.nexus_url, config.common.svid, config.common.trust) as nexus:
         result = nexus.call_bytes(path, data)
+    if armor:
+        result = enarmor(result)
     if args.outfile:
         try:
             Path(args.outfile).write_bytes(result)
         except OSError as exc:
             raise CommandError(f"cannot write {args.outfile}: {exc.strerror}") from None
     else:
-        out = stdout or sys.stdout.buffer
         out.write(result)
         out.flush()
     return 0

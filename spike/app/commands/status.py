@@ -23,6 +23,7 @@ from spike.app.commands.client import fetch_status, nexus_connection
 from spike.app.config import ClientConfig
 from spike.app.errors import CommandError
 from spike.app.identity import identity_source
+from spike.app.model.stranded import stranded
 from spike.transports.blocking import ClientSession
 from spike.transports.client import TransportError
 
@@ -83,6 +84,11 @@ def _lifecycle_lines(status: StatusBody) -> list[str]:
             line += f"; re-wrap to term {keyring.rewrap_target}: {keyring.rewrap_remaining} value(s) left"
         lines.append(line)
     recovery = status.recovery
+    if recovery is None and status.phase == "ready":
+        lines.append(
+            "recovery shards: none exported for this key: if Nexus and enough keepers are lost together, nothing "
+            "brings the key back; run `spike operator recover` and keep the files offline"
+        )
     if recovery is not None:
         when = dt.datetime.fromtimestamp(recovery.time, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         if recovery.epochs_behind > 0:
@@ -106,13 +112,18 @@ def render(status: StatusBody, url: str) -> str:
     if status.phase == "ready":
         head = f"ready: root key epoch {status.epoch}, {status.threshold}-of-{status.shares}"
     elif status.phase == "recovering":
+        # The phase's name as the JSON gives it, then what it means.
         head = (
-            f"waiting for shards: {status.shards_needed} more verified shard(s) needed "
+            f"recovering, waiting for shards: {status.shards_needed} more verified shard(s) needed "
             f"(key epoch {status.epoch}, {status.threshold}-of-{status.shares})"
         )
     else:
-        head = "not initialised: run `spike bootstrap`"
+        head = "uninitialised: run `spike bootstrap`"
     lines = [f"Nexus {url}: {head}"]
+    if status.phase == "recovering":
+        lost = stranded(status.shards_needed, {k.id: k.state for k in status.keepers})
+        if lost is not None:
+            lines.append(lost.sentence(status.epoch))
     if status.redundancy is not None:
         lines.append(f"shard redundancy: {status.redundancy} (keepers holding their verified shard minus threshold)")
     lines.extend(_lifecycle_lines(status))

@@ -166,7 +166,7 @@ def plan_put(
 ) -> PutPlan:
     """What a write does: the new version number, new metadata, and versions that fall off."""
     if meta is not None and meta.cas_required and cas is None:
-        raise CasRequired("this secret requires check-and-set: pass cas")
+        raise CasRequired("this secret requires check-and-set: give the version the write replaces (cas, or --cas N)")
     if cas is not None:
         current = meta.current_version if meta is not None else 0
         if cas != current:

@@ -28,11 +28,11 @@ from spike.app.api.messages import (
     CipherEncryptRequest,
     CipherEncryptResponse,
 )
+from spike.app.nexus import refusals
 from spike.app.store.errors import StorageError
-from spike.protocol import api
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.errors import RemoteProtocolError
-from spike.protocol.wire import decode
+from spike.protocol.wire import ErrorCode, decode
 
 log = logging.getLogger("spike.nexus.cipher")
 
@@ -43,6 +43,8 @@ MAX_PLAINTEXT = CIPHER_MAX_PLAINTEXT
 MAX_OVERHEAD = CIPHER_MAX_OVERHEAD
 OCTET_STREAM = "application/octet-stream"
 ALGORITHMS = ("", "AES-GCM", "aes-256-gcm")
+# The cipher key is taken up at first use: until the keyring can be read (no root key yet, or no database).
+NOT_READY = ApiResponse.error(503, ErrorCode.NOT_READY, "its cipher key cannot be read yet (see `spike status`)")
 
 
 class CipherApi:
@@ -95,7 +97,7 @@ class CipherApi:
     def encrypt(self, request: ApiRequest) -> ApiResponse:
         aead = self._key()
         if aead is None:
-            return api.NOT_READY
+            return NOT_READY
         stream = request.content_type == OCTET_STREAM
         if stream:
             plaintext = request.body
@@ -104,14 +106,14 @@ class CipherApi:
                 body = decode(request.body, CipherEncryptRequest)
             except RemoteProtocolError as exc:
                 log.info("encrypt: %s", exc)
-                return api.BAD_REQUEST
+                return refusals.bad_request(str(exc))
             if body.algorithm not in ALGORITHMS:
                 log.info("encrypt: unsupported algorithm")
-                return api.BAD_REQUEST
+                return refusals.bad_request("unsupported algorithm: AES-GCM is the only one")
             plaintext = body.plaintext
         if len(plaintext) > MAX_PLAINTEXT:
             log.info("encrypt: plaintext of %d bytes exceeds %d", len(plaintext), MAX_PLAINTEXT)
-            return api.BAD_REQUEST
+            return refusals.bad_request(f"the plaintext is longer than {MAX_PLAINTEXT} bytes")
         nonce = self._random(NONCE_SIZE)
         ciphertext = aead.encrypt(nonce, plaintext, CIPHER_AAD)
         if stream:
@@ -121,7 +123,7 @@ class CipherApi:
     def decrypt(self, request: ApiRequest) -> ApiResponse:
         aead = self._key()
         if aead is None:
-            return api.NOT_READY
+            return NOT_READY
         stream = request.content_type == OCTET_STREAM
         if stream:
             blob = request.body
@@ -131,16 +133,20 @@ class CipherApi:
                 body = decode(request.body, CipherDecryptRequest)
             except RemoteProtocolError as exc:
                 log.info("decrypt: %s", exc)
-                return api.BAD_REQUEST
+                return refusals.bad_request(str(exc))
             version, nonce, ciphertext = body.version, body.nonce, body.ciphertext
         if version != VERSION or len(nonce) != NONCE_SIZE:
             log.info("decrypt: unknown version or malformed nonce")
-            return api.BAD_REQUEST
+            return refusals.bad_request(
+                "not a ciphertext of `spike cipher encrypt`: unknown version byte, or too short"
+            )
         try:
             plaintext = aead.decrypt(nonce, ciphertext, CIPHER_AAD)
         except InvalidTag:
             log.info("decrypt: ciphertext failed authentication")
-            return api.BAD_REQUEST
+            return refusals.bad_request(
+                "the ciphertext does not open under this Nexus's cipher key: damaged, or sealed by another deployment"
+            )
         if stream:
             return ApiResponse(200, plaintext, OCTET_STREAM)
         return ApiResponse.json(CipherDecryptResponse(plaintext=plaintext))

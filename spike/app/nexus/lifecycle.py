@@ -42,9 +42,9 @@ from spike.app.api.messages import (
     RotationStatus,
     ScheduleStatus,
 )
+from spike.app.nexus import refusals
 from spike.app.store.backend import ClusterState, KeyringStatus
-from spike.app.store.errors import DatabaseUnavailable, RotationUnderWay, StorageError
-from spike.protocol import api
+from spike.app.store.errors import RotationUnderWay, StorageError
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.custody_view import RotationView
 from spike.protocol.effects import (
@@ -500,11 +500,11 @@ class KeyLifecycle:
             body = decode(request.body or b"{}", RotateRequest)
         except RemoteProtocolError as exc:
             log.info("rotate: %s", exc)
-            return api.BAD_REQUEST
+            return ApiResponse.error(400, ErrorCode.BAD_REQUEST, str(exc)[:500])
         custody = self.custody
         now = self._driver.now()
         if custody.phase is not Phase.READY:
-            return api.NOT_READY
+            return refusals.not_ready(custody.phase)
         if body.abort and (body.data_key or body.rewrap):
             return ApiResponse.error(400, ErrorCode.BAD_REQUEST, "abort gives up a root key rotation: nothing else")
         if body.abort:
@@ -542,7 +542,7 @@ class KeyLifecycle:
                 if isinstance(outcome, RotationUnderWay):
                     answer.set_result(ApiResponse.error(409, ErrorCode.CONFLICT, str(outcome)))
                 else:
-                    answer.set_result(api.NOT_READY if isinstance(outcome, DatabaseUnavailable) else api.INTERNAL_ERROR)
+                    answer.set_result(refusals.unavailable(outcome))
                 return
             if rotate:
                 log.info(

@@ -9,13 +9,13 @@ import logging
 from collections.abc import Callable
 
 from spike.app.api.messages import RecoverResponse, RestorationStatus, RestoreRequest
-from spike.protocol import api
+from spike.app.nexus import refusals
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.effects import Phase
 from spike.protocol.errors import LocalProtocolError, RemoteProtocolError, ShamirError
 from spike.protocol.material import Share
 from spike.protocol.nexus import DuplicateShare, ShareRejected
-from spike.protocol.wire import decode
+from spike.protocol.wire import ErrorCode, decode
 from spike.transports.custody_driver import CustodyDriver
 
 log = logging.getLogger("spike.nexus.operator")
@@ -30,7 +30,7 @@ class OperatorApi:
         custody = self._driver.custody
         record = custody.record
         if custody.phase is not Phase.READY or record is None:
-            return api.NOT_READY
+            return refusals.not_ready(custody.phase)
         shares = custody.export_shards()
         log.warning(
             "recovery shards exported to %s (key epoch %d)",
@@ -48,26 +48,30 @@ class OperatorApi:
         record = custody.record
         if record is None:
             log.info("restore refused: no key record (bootstrap first)")
-            return api.NOT_READY
+            return ApiResponse.error(
+                503,
+                ErrorCode.NOT_READY,
+                "it has no key record (a new data directory?): restore needs the data directory the shards belong to",
+            )
         if custody.phase is Phase.READY:
             log.info("restore refused: Nexus already holds its root key")
-            return api.CONFLICT
+            return refusals.conflict("Nexus already holds its verified root key: there is nothing to restore")
         try:
             body = decode(request.body, RestoreRequest)
             share = Share(body.id, record.epoch, bytes(body.shard))
             progress = self._driver.submit_shard(share)
         except (RemoteProtocolError, ShamirError) as exc:
             log.info("restore refused: malformed shard: %s", exc)
-            return api.BAD_REQUEST
+            return refusals.bad_request("the shard is malformed (check the id and the 32 bytes of the shard)")
         except DuplicateShare as exc:
             log.info("restore refused: %s", exc)
-            return api.CONFLICT
+            return refusals.conflict(str(exc))
         except ShareRejected as exc:
             log.warning("restore refused: %s", exc)
-            return api.BAD_REQUEST
+            return refusals.bad_request(f"{exc}: it is not a shard of this deployment's key")
         except LocalProtocolError as exc:
             log.info("restore refused: %s", exc)
-            return api.CONFLICT
+            return refusals.conflict(f"Nexus cannot take a shard now: {exc}")
         log.info(
             "recovery shard %d accepted from %s: %d more needed",
             share.id,

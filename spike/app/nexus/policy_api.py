@@ -27,7 +27,7 @@ from spike.app.store.sealing import DataKeyGone, TamperedData
 from spike.protocol import api
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.errors import RemoteProtocolError
-from spike.protocol.wire import ErrorCode, decode
+from spike.protocol.wire import decode
 
 log = logging.getLogger("spike.nexus.policy")
 
@@ -65,13 +65,10 @@ class PolicyApi:
         def run(request: ApiRequest) -> Reply:
             try:
                 return handler(decode(request.body, kind))
-            except kv.InvalidRequest as exc:
-                # What is wrong with the policy written (a pattern RE2 refuses, a reserved path reached by
-                # substring) is the writer's to fix: said in the answer, as SPIKE says it in its error.
-                error_response(exc, what)
-                return ApiResponse.error(exc.status, ErrorCode(exc.code), reason=str(exc)[:500])
             except (kv.KvError, RemoteProtocolError, TamperedData, DataKeyGone, StorageError) as exc:
-                return error_response(exc, what)
+                # What is wrong with the policy written (a pattern RE2 refuses, a reserved path reached by
+                # substring) is the writer's to fix: said in the answer's reason, as SPIKE says it in its error.
+                return error_response(exc, what, log)
 
         return run
 
@@ -91,14 +88,14 @@ class PolicyApi:
             log.info("policy %s %s", body.name, "created" if created else "replaced", extra={"event": "policy_put"})
             return ApiResponse.json(PolicyPutResponse(id=policy_id, created=created))
 
-        return when_done(future, answer, "policy put")
+        return when_done(future, answer, "policy put", log)
 
     def get(self, body: PolicyIdRequest) -> Reply:
         store = self._store
-        return read_reply(store.backend, lambda: policy_body(store.get(body.id)), ApiResponse.json, "policy get")
+        return read_reply(store.backend, lambda: policy_body(store.get(body.id)), ApiResponse.json, "policy get", log)
 
     def list(self, body: PolicyListRequest) -> Reply:
-        return read_reply(self._store.backend, lambda: self._list(body), ApiResponse.json, "policy list")
+        return read_reply(self._store.backend, lambda: self._list(body), ApiResponse.json, "policy list", log)
 
     def _list(self, body: PolicyListRequest) -> PolicyListResponse:
         if not body.spiffeidPattern and not body.pathPattern:
@@ -115,4 +112,4 @@ class PolicyApi:
     def delete(self, body: PolicyIdRequest) -> Reply:
         future = self._store.delete(body.id)
         self._changed(future)
-        return when_done(future, lambda _: api.OK_EMPTY, "policy delete")
+        return when_done(future, lambda _: api.OK_EMPTY, "policy delete", log)

@@ -39,6 +39,7 @@ from spike.app.api.messages import (
     VerifyResponse,
 )
 from spike.app.model.policy import SYSTEM_ACL, SYSTEM_CIPHER, Permission
+from spike.app.nexus import refusals
 from spike.app.nexus.authorizer import Authorizer
 from spike.app.nexus.cipher_api import CipherApi
 from spike.app.nexus.lifecycle import KeyLifecycle, rotation_status
@@ -47,8 +48,7 @@ from spike.app.nexus.policy_api import PolicyApi
 from spike.app.nexus.secrets_api import SecretsApi
 from spike.app.nexus.vault.face import is_vault_path
 from spike.app.store.backend import KeyRecords
-from spike.app.store.errors import DatabaseUnavailable, EpochUsed, StorageError
-from spike.protocol import api
+from spike.app.store.errors import EpochUsed, StorageError
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.effects import Phase
 from spike.protocol.errors import LocalProtocolError, RemoteProtocolError
@@ -207,24 +207,24 @@ class NexusApi:
     def _gate(self, route: Route | None, request: ApiRequest) -> tuple[str, ApiResponse | None]:
         """(decision, refusal): what the route table and the guards say before any handler runs."""
         if route is None:
-            return "no_route", api.BAD_REQUEST if request.path in self._paths else api.NOT_FOUND
+            return "no_route", refusals.UNKNOWN_ACTION if request.path in self._paths else refusals.NO_SUCH_ROUTE
         if request.method != "POST":
-            return "allowed", api.METHOD_NOT_ALLOWED
+            return "allowed", refusals.POST_ONLY
         if self._refused_outright(route.guard, request):
             log.info("refused %s for %s", request.path, request.peer or "a peer without SPIFFE ID")
-            return "denied", api.UNAUTHORIZED
+            return "denied", refusals.REFUSED
         if route.needs_key and self._driver.custody.phase is not Phase.READY:
             # Before the key, policies cannot even be read: for a caller that a policy
             # might admit, nothing but "not ready" can be said.
-            return "not_ready", api.NOT_READY
+            return "not_ready", refusals.not_ready(self._driver.custody.phase)
         try:
             admitted = self._admits(route.guard, request)
         except StorageError as exc:  # the policies could not be read: nothing is granted
             log.debug("cannot check %s for %s: %s", request.path, request.peer, exc)
-            return "denied", api.NOT_READY if isinstance(exc, DatabaseUnavailable) else api.INTERNAL_ERROR
+            return "denied", refusals.unavailable(exc)
         if not admitted:
             log.info("refused %s for %s", request.path, request.peer or "a peer without SPIFFE ID")
-            return "denied", api.UNAUTHORIZED
+            return "denied", refusals.REFUSED
         return "allowed", None
 
     def _refused_outright(self, guard: Guard, request: ApiRequest) -> bool:
@@ -327,10 +327,13 @@ class NexusApi:
             changed = self._driver.custody.check_initialise(record, replace=body.replace)
         except AlreadyInitialised as exc:
             log.warning("bootstrap refused: %s", exc)
-            return api.CONFLICT
+            return refusals.conflict(
+                "Nexus already has another key record: `spike bootstrap --force` replaces it "
+                "(the secrets sealed under the old key become unreadable)"
+            )
         except (RemoteProtocolError, LocalProtocolError) as exc:
             log.warning("bootstrap sent an unusable key record: %s", exc)
-            return api.BAD_REQUEST
+            return refusals.bad_request(f"the key record is unusable: {exc}")
         if changed:
             previous = self._driver.custody.record
             try:
@@ -342,7 +345,7 @@ class NexusApi:
                 return ApiResponse.error(409, ErrorCode.CONFLICT, reason=str(exc))
             except StorageError as exc:
                 log.error("cannot install the key record: %s", exc)  # noqa: TRY400 - a one-line cause, not a bug
-                return api.NOT_READY if isinstance(exc, DatabaseUnavailable) else api.INTERNAL_ERROR
+                return refusals.unavailable(exc)
             if installed != record:
                 log.warning(
                     "bootstrap refused: the database already holds another key record (epoch %d), "
@@ -350,7 +353,9 @@ class NexusApi:
                     installed.epoch,
                 )
                 self.adopt(installed)
-                return api.CONFLICT
+                return refusals.conflict(
+                    f"another Nexus instance installed a key record (epoch {installed.epoch}) first: it is in use"
+                )
             self._driver.initialise(record, replace=body.replace)
             log.info(
                 "key record for epoch %d installed by %s (%d-of-%d)",
@@ -396,12 +401,12 @@ class NexusApi:
     def bootstrap_verify(self, request: ApiRequest) -> ApiResponse:
         custody = self._driver.custody
         if custody.phase is not Phase.READY:
-            return api.NOT_READY
+            return refusals.not_ready(custody.phase)
         try:
             body = decode(request.body, VerifyRequest)
             key = derive_key(custody.root_key, VERIFY_INFO)
             plaintext = AESGCM(key).decrypt(body.nonce, body.ciphertext, VERIFY_INFO)
         except (RemoteProtocolError, InvalidTag, ValueError) as exc:
             log.warning("bootstrap verification failed: %s", exc.__class__.__name__)
-            return api.BAD_REQUEST
+            return refusals.bad_request("the verification ciphertext does not open under Nexus's root key")
         return ApiResponse.json(VerifyResponse(hash=hashlib.sha256(plaintext).hexdigest()))

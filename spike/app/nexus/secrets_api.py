@@ -33,6 +33,7 @@ from spike.app.model import kv
 from spike.app.model.policy import Permission, reserved
 from spike.app.nexus.authorizer import Authorizer
 from spike.app.nexus.list_cursor import CursorError, ListCursors
+from spike.app.nexus.refusals import DATABASE_UNAVAILABLE
 from spike.app.store.backend import SecretBackend
 from spike.app.store.errors import DatabaseUnavailable, StorageError
 from spike.app.store.sealing import DataKeyGone, TamperedData
@@ -48,6 +49,7 @@ MAX_LIST_LIMIT = 10_000
 # Paths one list request looks at, at most (or `limit` + 1 if more): a caller that may see few of many
 # paths gets a page that may be short, and a cursor that continues past the ones it may not see.
 LIST_SCAN = 4096
+CAS_MISMATCH = "check-and-set failed: the secret is not at the version given (cas)"
 T = TypeVar("T")
 Reply = ApiResponse | Future[ApiResponse]
 
@@ -58,49 +60,66 @@ def _iso(moment: float | None) -> str | None:
     return dt.datetime.fromtimestamp(moment, dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-def error_response(exc: BaseException, what: str) -> ApiResponse:
-    """Map a failure to its API answer; log what the caller is not told."""
+def error_response(exc: BaseException, what: str, logger: logging.Logger = log) -> ApiResponse:
+    """Map a failure to its API answer, with a reason for the caller where the cause is the request itself.
+
+    A reason names only what the caller sent or may already know (the path it asked for, after its
+    permission on that path was checked): never a value, never internals.  What the caller is not
+    told goes to `logger` (each API logs under its own name).
+    """
+    if isinstance(exc, kv.CasMismatch):
+        logger.info("%s: %s", what, exc)
+        # The current version stays in the log: a writer may not be a reader.
+        return ApiResponse.error(exc.status, ErrorCode(exc.code), reason=CAS_MISMATCH)
     if isinstance(exc, kv.KvError):
-        log.info("%s: %s", what, exc)
-        return ApiResponse.error(exc.status, ErrorCode(exc.code))
+        logger.info("%s: %s", what, exc)
+        return ApiResponse.error(exc.status, ErrorCode(exc.code), reason=str(exc)[:500])
     if isinstance(exc, RemoteProtocolError):
-        log.info("%s: %s", what, exc)
-        return api.BAD_REQUEST
+        logger.info("%s: %s", what, exc)
+        return ApiResponse.error(400, ErrorCode.BAD_REQUEST, reason=str(exc)[:500])
     if isinstance(exc, TamperedData):
-        log.error("%s: REFUSED TAMPERED DATA: %s", what, exc)
+        logger.error("%s: REFUSED TAMPERED DATA: %s", what, exc)
         return api.INTERNAL_ERROR
     if isinstance(exc, DataKeyGone):
         # Not tampering: the value is stored under a key that no longer exists.  The caller asked for it by
         # name, so the reason names nothing it does not know.
-        log.warning("%s: %s", what, exc)
+        logger.warning("%s: %s", what, exc)
         return ApiResponse.error(409, ErrorCode.CONFLICT, reason=str(exc)[:500])
     if isinstance(exc, DatabaseUnavailable):
-        log.debug("%s: %s", what, exc)  # the outage itself is logged once, when it starts
-        return api.NOT_READY
+        logger.debug("%s: %s", what, exc)  # the outage itself is logged once, when it starts
+        return DATABASE_UNAVAILABLE
     if isinstance(exc, StorageError):
-        log.error("%s: %s", what, exc)
+        logger.error("%s: %s", what, exc)
         return api.INTERNAL_ERROR
-    log.error("%s: unexpected %s", what, exc.__class__.__name__, exc_info=exc)
+    logger.error("%s: unexpected %s", what, exc.__class__.__name__, exc_info=exc)
     return api.INTERNAL_ERROR
 
 
-def when_done(future: Future[T], answer: Callable[[T], ApiResponse], what: str) -> Future[ApiResponse]:
+def when_done(
+    future: Future[T], answer: Callable[[T], ApiResponse], what: str, logger: logging.Logger = log
+) -> Future[ApiResponse]:
     """A future of the API answer for a future store result."""
     reply: Future[ApiResponse] = Future()
 
     def done(source: Future[T]) -> None:
         failure = source.exception()
-        reply.set_result(answer(source.result()) if failure is None else error_response(failure, what))
+        reply.set_result(answer(source.result()) if failure is None else error_response(failure, what, logger))
 
     future.add_done_callback(done)
     return reply
 
 
-def read_reply(store: SecretBackend, call: Callable[[], T], answer: Callable[[T], ApiResponse], what: str) -> Reply:
+def read_reply(
+    store: SecretBackend,
+    call: Callable[[], T],
+    answer: Callable[[T], ApiResponse],
+    what: str,
+    logger: logging.Logger = log,
+) -> Reply:
     """Answer from a read: inline on a local database, through a future on a remote one."""
     if store.inline_reads:
         return answer(call())
-    return when_done(store.read(call), answer, what)
+    return when_done(store.read(call), answer, what, logger)
 
 
 class Forbidden(kv.KvError):

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 from spike.app.config import KEEPER_SUMMARY_EVERY, WAITING_SUMMARY_EVERY
 from spike.app.logs import wall_time
+from spike.app.model.stranded import stranded
 from spike.protocol.effects import KeeperState, Phase
 from spike.protocol.nexus import NexusCustody
 from spike.transports.custody_driver import CustodyDriver
@@ -64,6 +65,10 @@ class Summaries:
                 states,
                 custody.schedule.interval,
             )
+            lost = stranded(custody.shards_needed, {v.keeper_id: v.state.value for v in custody.keepers()})
+            if lost is not None:
+                epoch = None if custody.record is None else custody.record.epoch
+                log.warning("%s", lost.sentence(epoch), extra={"event": "key_stranded", "keeper_ids": list(lost.ids)})
 
     def _keepers(self, custody: NexusCustody, now: float) -> None:
         lasting = [
