@@ -51,7 +51,7 @@ class Model:
     def put(self, path: str, values: dict[str, str], cas: int | None) -> Outcome:
         secret = self.secrets.get(path)
         if secret is not None and secret.cas_required and cas is None:
-            return "error", kv.InvalidRequest
+            return "error", kv.CasRequired
         if cas is not None and cas != (secret.current if secret else 0):
             return "error", kv.CasMismatch
         if secret is None:
