@@ -168,5 +168,8 @@ def run(args: argparse.Namespace, say: Say = print) -> int:
                     say(f"{item.name}  {item.id}")
         elif command == "delete":
             nexus.call(POLICY_PATH, PolicyIdRequest(id=args.policy), Empty, action="delete", not_found="no such policy")
-            say(f"deleted policy {args.policy}")
+            if config.output == "json":
+                say(json.dumps({"deleted": args.policy}))
+            else:
+                say(f"deleted policy {args.policy}")
     return 0
