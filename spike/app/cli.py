@@ -283,7 +283,14 @@ def _add_operator(sub: Any) -> None:
     rot.add_argument(
         "--no-wait", action="store_true", help="return once the rotation is stored, without waiting for the commit"
     )
-    rot.add_argument("--timeout", metavar="DUR", default="5m", help="how long to wait for the commit (default 5m)")
+    rot.add_argument(
+        "--wait",
+        action="store_true",
+        help="with --rewrap: wait until every stored value is re-wrapped, showing how many are left",
+    )
+    rot.add_argument(
+        "--timeout", metavar="DUR", default="5m", help="how long to wait for the commit or re-wrap (default 5m)"
+    )
     for p in (rec, res):
         p.add_argument("--format", choices=["human", "json"], default="human")
     for p in (rec, res, rot):
@@ -413,13 +420,28 @@ def _operator(args: argparse.Namespace) -> int:
             return operator.recover(client, args.dir, print, config.output)
         if args.operator_command == "rotate":
             from spike.app.commands import rotate
+            from spike.app.commands.progress import Progress
 
             wait = None if args.no_wait else cfg.parse_duration(args.timeout, "--timeout")
             if args.abort and (args.data_key or args.rewrap):
                 raise CommandError("--abort gives up a root key rotation: not with --data-key or --rewrap", exit_code=2)
-            if args.data_key or args.rewrap:
-                return rotate.data_key(client, rotate_term=args.data_key, rewrap=args.rewrap, say=print)
-            return rotate.run(client, abort=args.abort, wait=wait, say=print)
+            if args.wait and not args.rewrap:
+                raise CommandError("--wait follows a re-wrap: only with --rewrap", exit_code=2)
+            bar = Progress("spike operator rotate")
+
+            def say(line: str) -> None:
+                bar.done()
+                print(line, flush=True)
+
+            try:
+                if args.data_key or args.rewrap:
+                    follow = wait if args.wait else None
+                    return rotate.data_key(
+                        client, rotate_term=args.data_key, rewrap=args.rewrap, say=say, wait=follow, progress=bar
+                    )
+                return rotate.run(client, abort=args.abort, wait=wait, say=say, progress=bar)
+            finally:
+                bar.done()
         if args.file is not None:
             try:
                 text = args.file.read_text()
