@@ -226,6 +226,7 @@ def _add_bootstrap(sub: Any) -> None:
     boot.add_argument("--keepers", metavar="PEERS", help="keeper URLs as seen from here (default: Nexus's list)")
     boot.add_argument("--force", action="store_true", help="replace an existing root key (old secrets are lost)")
     boot.add_argument("--timeout", metavar="DUR", help="give up after this long (default 60s)")
+    boot.add_argument("--format", choices=["human", "json"], default="human")
     _threshold_one_flag(boot)
     _client_flags(boot)
 
@@ -336,7 +337,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
 
     config = cfg.bootstrap(args, cfg.environ(args))
     _setup_logs(config.common)
-    bootstrap.run(config)
+    bootstrap.run(config, output=args.format)
     return 0
 
 

@@ -29,6 +29,12 @@ def document(result: CliResult) -> Any:
     return json.loads(lines[0])
 
 
+def test_bootstrap_prints_its_result_as_one_json_document(cluster: Cluster) -> None:
+    cluster.start()
+    result = document(cluster.run("bootstrap", "--format", "json", identity="bootstrap"))
+    assert result == {"epoch": 1, "threshold": 2, "shares": 3, "seeded": [1, 2, 3], "missing": []}
+
+
 def test_every_data_command_prints_one_json_document_of_the_documented_shape(
     make_cluster: Callable[..., Cluster], tmp_path: Path
 ) -> None:

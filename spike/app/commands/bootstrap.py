@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import time
 from collections.abc import Callable
@@ -64,21 +65,28 @@ def _wait_for_nexus(nexus: BlockingConnection, deadline: float, url: str, progre
     raise CommandError(f"Nexus at {url} is not reachable: {last_error or 'no answer'}")
 
 
-def run(config: BootstrapConfig, say: Say = print, progress: Progress | None = None) -> None:
-    """Bootstrap; what it waits for is shown by `progress` (a live line on stderr when that is a terminal)."""
+def run(config: BootstrapConfig, say: Say = print, progress: Progress | None = None, output: str = "human") -> None:
+    """Bootstrap; what it waits for is shown by `progress` (a live line on stderr when that is a terminal).
+
+    With `output` "json", the steps are not said, and the result is one JSON object:
+    ``{"epoch", "threshold", "shares", "seeded": [ids], "missing": [ids]}``.
+    """
     bar = Progress("spike bootstrap") if progress is None else progress
 
     def said(line: str) -> None:
         bar.done()  # the result lines go where the live line was
-        say(line)
+        if output != "json":
+            say(line)
 
     try:
-        _run(config, said, bar)
+        result = _run(config, said, bar)
     finally:
         bar.done()
+    if output == "json":
+        say(json.dumps(result))
 
 
-def _run(config: BootstrapConfig, say: Say, progress: Progress) -> None:
+def _run(config: BootstrapConfig, say: Say, progress: Progress) -> dict[str, object]:
     trust = config.common.trust
     deadline = time.monotonic() + config.timeout
     with (
@@ -119,6 +127,13 @@ def _run(config: BootstrapConfig, say: Say, progress: Progress) -> None:
         f"keepers seeded: {', '.join(map(str, sorted(seeded)))}"
         + (f"; Nexus will seed {', '.join(map(str, missing))} when they answer" if missing else "")
     )
+    return {
+        "epoch": epoch,
+        "threshold": status.threshold,
+        "shares": len(keepers),
+        "seeded": sorted(seeded),
+        "missing": missing,
+    }
 
 
 def _refuse_if_initialised(status: StatusBody, force: bool) -> None:
