@@ -428,6 +428,8 @@ def _operator(args: argparse.Namespace) -> int:
                 raise CommandError("--abort gives up a root key rotation: not with --data-key or --rewrap", exit_code=2)
             if args.wait and not args.rewrap:
                 raise CommandError("--wait follows a re-wrap: only with --rewrap", exit_code=2)
+            if args.wait and args.no_wait:
+                raise CommandError("--wait and --no-wait: choose one", exit_code=2)
             bar = Progress("spike operator rotate")
 
             def say(line: str) -> None:
