@@ -50,13 +50,17 @@ def _checkout_commit() -> str | None:
     return f"{commit}-dirty" if changed else commit
 
 
-def version_line() -> str:
-    """`spike 0.1.0 (commit abc1234)`: stamped into the binary by build/build.sh, else read from git."""
+def build_commit() -> str:
+    """The commit this spike was built from: stamped into the binary by build/build.sh, else read from git."""
     try:
-        commit = str(importlib.import_module("spike._build_info").COMMIT)
+        return str(importlib.import_module("spike._build_info").COMMIT)
     except (ImportError, AttributeError):
-        commit = _checkout_commit() or "unknown"
-    return f"spike {spike.__version__} (commit {commit})"
+        return _checkout_commit() or "unknown"
+
+
+def version_line() -> str:
+    """`spike 0.1.0 (commit abc1234)`."""
+    return f"spike {spike.__version__} (commit {build_commit()})"
 
 
 def _trust_domain_arg(text: str) -> str:
@@ -137,7 +141,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         add_parsers(sub, _client_flags)
         add_policy_parser(sub, _client_flags)
     _add_operator(sub)
-    sub.add_parser("version", help="print the version")
+    version = sub.add_parser("version", help="print the version")
+    version.add_argument("--format", choices=["human", "json"], default="human")
+    completion = sub.add_parser(
+        "completion",
+        help="print a shell completion script: `source <(spike completion bash)`",
+        description="Print a completion script for spike's commands, subcommands and flags. bash: "
+        "`source <(spike completion bash)` (or save it in ~/.local/share/bash-completion/completions/spike); "
+        "zsh: `source <(spike completion zsh)` after compinit (or save it as _spike on $fpath); "
+        "fish: `spike completion fish > ~/.config/fish/completions/spike.fish`.",
+    )
+    completion.add_argument("shell", choices=["bash", "zsh", "fish"])
     return parser
 
 
@@ -212,6 +226,7 @@ def _add_bootstrap(sub: Any) -> None:
     boot.add_argument("--keepers", metavar="PEERS", help="keeper URLs as seen from here (default: Nexus's list)")
     boot.add_argument("--force", action="store_true", help="replace an existing root key (old secrets are lost)")
     boot.add_argument("--timeout", metavar="DUR", help="give up after this long (default 60s)")
+    boot.add_argument("--format", choices=["human", "json"], default="human")
     _threshold_one_flag(boot)
     _client_flags(boot)
 
@@ -269,7 +284,16 @@ def _add_operator(sub: Any) -> None:
     rot.add_argument(
         "--no-wait", action="store_true", help="return once the rotation is stored, without waiting for the commit"
     )
-    rot.add_argument("--timeout", metavar="DUR", default="5m", help="how long to wait for the commit (default 5m)")
+    rot.add_argument(
+        "--wait",
+        action="store_true",
+        help="with --rewrap: wait until every stored value is re-wrapped, showing how many are left",
+    )
+    rot.add_argument(
+        "--timeout", metavar="DUR", default="5m", help="how long to wait for the commit or re-wrap (default 5m)"
+    )
+    for p in (rec, res):
+        p.add_argument("--format", choices=["human", "json"], default="human")
     for p in (rec, res, rot):
         _client_flags(p)
 
@@ -313,7 +337,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
 
     config = cfg.bootstrap(args, cfg.environ(args))
     _setup_logs(config.common)
-    bootstrap.run(config)
+    bootstrap.run(config, output=args.format)
     return 0
 
 
@@ -394,16 +418,33 @@ def _operator(args: argparse.Namespace) -> int:
     _setup_logs(config.common)
     with NexusClient(config.nexus_url, config.common.svid, config.common.trust) as client:
         if args.operator_command == "recover":
-            return operator.recover(client, args.dir, print)
+            return operator.recover(client, args.dir, print, config.output)
         if args.operator_command == "rotate":
             from spike.app.commands import rotate
+            from spike.app.commands.progress import Progress
 
             wait = None if args.no_wait else cfg.parse_duration(args.timeout, "--timeout")
             if args.abort and (args.data_key or args.rewrap):
                 raise CommandError("--abort gives up a root key rotation: not with --data-key or --rewrap", exit_code=2)
-            if args.data_key or args.rewrap:
-                return rotate.data_key(client, rotate_term=args.data_key, rewrap=args.rewrap, say=print)
-            return rotate.run(client, abort=args.abort, wait=wait, say=print)
+            if args.wait and not args.rewrap:
+                raise CommandError("--wait follows a re-wrap: only with --rewrap", exit_code=2)
+            if args.wait and args.no_wait:
+                raise CommandError("--wait and --no-wait: choose one", exit_code=2)
+            bar = Progress("spike operator rotate")
+
+            def say(line: str) -> None:
+                bar.done()
+                print(line, flush=True)
+
+            try:
+                if args.data_key or args.rewrap:
+                    follow = wait if args.wait else None
+                    return rotate.data_key(
+                        client, rotate_term=args.data_key, rewrap=args.rewrap, say=say, wait=follow, progress=bar
+                    )
+                return rotate.run(client, abort=args.abort, wait=wait, say=say, progress=bar)
+            finally:
+                bar.done()
         if args.file is not None:
             try:
                 text = args.file.read_text()
@@ -411,11 +452,23 @@ def _operator(args: argparse.Namespace) -> int:
                 raise CommandError(f"cannot read {args.file}: {exc}", exit_code=2) from None
         else:
             text = operator.read_shard_text(sys.stdin)
-        return operator.restore(client, text, print)
+        return operator.restore(client, text, print, config.output)
 
 
 def _version(args: argparse.Namespace) -> int:
+    if args.format == "json":
+        import json
+
+        print(json.dumps({"version": spike.__version__, "commit": build_commit()}))
+        return 0
     print(version_line())
+    return 0
+
+
+def _completion(args: argparse.Namespace) -> int:
+    from spike.app.commands import completion
+
+    sys.stdout.write(completion.script(build_parser(), args.shell))
     return 0
 
 
@@ -431,6 +484,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "operator": _operator,
     "policy": _policy,
     "version": _version,
+    "completion": _completion,
 }
 
 

@@ -432,6 +432,29 @@ class NexusCustody(RotatingCustody):
             refuted += 1
         return refuted
 
+    def shards_dealt(self, now: float) -> int:
+        """Bootstrap says the keepers were just given their shards of the record in force: read them now.
+
+        `initialise` polls every keeper at once, but bootstrap deals the
+        shards only after the record is installed (a shard without its record
+        would be garbage), so that round finds them empty and the key would
+        wait for the next polls, up to an interval later.  While recovering,
+        this reads each keeper with no request in flight once more (a CHECK,
+        handled by the rules table like any read), off the grid: the poll
+        timers and every later poll stay where they were, and the read's
+        deadline is capped at the keeper's next poll as every request's is, so
+        a keeper still has at most one request in flight.  Returns how many
+        reads were sent; does nothing unless recovering.
+        """
+        if self._phase is not Phase.RECOVERING:
+            return 0
+        sent = 0
+        for keeper in sorted(self._keepers.values(), key=lambda k: k.id):
+            if keeper.request is None:
+                self._check(keeper, now)
+                sent += 1
+        return sent
+
     def forget(self, now: float) -> None:
         """Overwrite and drop the keys and any collected shards (shutdown).
 

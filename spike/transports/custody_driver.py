@@ -124,6 +124,12 @@ class CustodyDriver:
         self._dispatch()
         return changed
 
+    def shards_dealt(self) -> int:
+        """Bootstrap dealt the shards of the record in force: read the keepers now (`NexusCustody.shards_dealt`)."""
+        sent = self.custody.shards_dealt(self.now())
+        self._dispatch()
+        return sent
+
     def submit_shard(self, share: Share) -> RestoreProgress:
         progress = self.custody.submit_shard(share, self.now())
         self._dispatch()

@@ -629,6 +629,65 @@ def test_initialise_starts_an_immediate_round_and_ignores_older_answers() -> Non
     assert rig.custody.root_key == rig.key
 
 
+def _installed_then_found_empty(seed: int) -> Rig:
+    """A fresh Nexus whose bootstrap installed the record: the immediate round finds every keeper empty."""
+    rig = Rig(with_record=False, seed=seed, jitter=0.2)
+    rig.start()
+    for keeper_id in (1, 2, 3):
+        rig.reply(keeper_id, 404, NOT_FOUND)
+    rig.now = 101.0
+    assert rig.custody.initialise(rig.record, rig.now)
+    rig.take()
+    rig.tick(rig.now)
+    for keeper_id in (1, 2, 3):
+        rig.reply(keeper_id, 404, NOT_FOUND)  # bootstrap deals the shards only after installing the record
+    return rig
+
+
+def test_shards_dealt_reads_every_keeper_at_once_and_rebuilds_the_key_before_the_next_polls() -> None:
+    rig = _installed_then_found_empty(seed=5)
+    grid = {v.keeper_id: v.next_poll_at for v in rig.custody.keepers()}
+    assert rig.custody.shards_dealt(rig.now) == 3
+    checks = rig.requests(rig.take())
+    assert [(c.kind, c.keeper_id) for c in checks] == [(RequestKind.CHECK, i) for i in (1, 2, 3)]
+    assert all(c.deadline <= grid[c.keeper_id] for c in checks), "a read outlives the keeper's next poll"
+    rig.reply_shard(1)
+    rig.reply_shard(2)
+    assert rig.phase() is Phase.READY and rig.custody.root_key == rig.key
+    assert rig.now < min(grid.values())
+    assert {v.keeper_id: v.next_poll_at for v in rig.custody.keepers()} == grid, "the extra reads moved the grid"
+
+
+def test_shards_dealt_does_not_move_any_later_poll() -> None:
+    """The schedule rule: the extra round at install changes no poll time, then or ever after."""
+    without = _installed_then_found_empty(seed=9)
+    with_reads = _installed_then_found_empty(seed=9)
+    with_reads.custody.shards_dealt(with_reads.now)
+    for request in with_reads.requests(with_reads.take()):
+        answer_correctly(with_reads, request)
+    assert with_reads.phase() is Phase.READY and without.phase() is Phase.RECOVERING
+    until = 101.0 + 30 * 10.0
+    assert poll_times(with_reads, until, answer_correctly) == poll_times(without, until, answer_correctly)
+
+
+def test_shards_dealt_reads_only_idle_keepers_and_only_while_recovering() -> None:
+    rig = Rig(with_record=False)
+    assert rig.custody.shards_dealt(rig.now) == 0  # no record: nothing to read for
+    rig.custody.initialise(rig.record, rig.now)
+    rig.take()
+    rig.start()  # the immediate round is in flight: its answers are news enough
+    assert rig.custody.shards_dealt(rig.now) == 0
+    assert rig.take() == []
+    rig.reply(3, 404, NOT_FOUND)
+    assert rig.custody.shards_dealt(rig.now) == 1
+    assert [(r.kind, r.keeper_id) for r in rig.requests(rig.take())] == [(RequestKind.CHECK, 3)]
+    rig.reply_shard(1)
+    rig.reply_shard(2)
+    assert rig.phase() is Phase.READY
+    assert rig.custody.shards_dealt(rig.now) == 0  # ready: the polls look after the keepers
+    assert rig.requests(rig.take()) == []
+
+
 def test_initialise_is_idempotent_with_the_same_record() -> None:
     rig = Rig(with_record=False)
     assert rig.custody.initialise(rig.record, 100.0)

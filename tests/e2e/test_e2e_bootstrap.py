@@ -7,9 +7,15 @@ One deployment's life: bootstrapped once it is ready with a spare shard
 
 from __future__ import annotations
 
+import os
+import pty
+import subprocess
+import threading
+from collections.abc import Callable
+
 import pytest
 
-from tests.e2e.harness import Cluster
+from tests.e2e.harness import CLI_TIMEOUT, SPIKE, Cluster, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -88,3 +94,57 @@ def test_bootstrap_once_then_refuses_a_second_run_and_force_replaces_the_key(clu
     # And the new key is just as protected against a plain second run.
     again = c.bootstrap()
     assert again.returncode == 1 and "key epoch 2" in again.stderr, again
+
+
+def test_bootstrap_has_nexus_read_the_keepers_at_once_rather_than_at_their_next_polls(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    """Nexus polls every keeper when the record is installed, before bootstrap deals the shards; bootstrap
+    then says they are dealt (issue 18) and Nexus reads them again at once. With a poll interval of two
+    minutes and bootstrap giving up after 20 s, it succeeds only that way: the next polls are far away."""
+    c = make_cluster(poll_interval=120.0)
+    c.start()
+    result = c.bootstrap("--timeout", "20s")
+    assert result.returncode == 0, result
+    assert "bootstrap complete: Nexus rebuilt and verified root key epoch 1" in result.stdout
+    assert result.stderr == ""  # no terminal: no progress line
+    code, status = c.status()
+    assert code == EXIT_READY and [k["polls"] for k in status["keepers"]] == [2, 2, 2]  # at start, at install
+
+
+def test_bootstrap_shows_what_it_waits_for_on_a_terminal_and_erases_it(cluster: Cluster) -> None:
+    """A live line on stderr when that is a terminal (as gh does); stdout keeps only the result lines."""
+    c = cluster
+    c.start(nexus=False)
+    controller, terminal = pty.openpty()
+    env = c._env(c.files("bootstrap"), {"SPIKE_NEXUS_API_URL": c.nexus_url})
+    process = subprocess.Popen(
+        [*SPIKE, "bootstrap"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=terminal
+    )
+    os.close(terminal)
+    seen = bytearray()
+
+    def read_terminal() -> None:
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # EIO: the process closed its end
+                return
+            if not chunk:
+                return
+            seen.extend(chunk)
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    wait_until(lambda: b"waiting for Nexus at" in seen, "the progress line while Nexus is down")
+    c.start_nexus()
+    stdout, _ = process.communicate(timeout=CLI_TIMEOUT)
+    reader.join(timeout=5)
+    os.close(controller)
+    assert process.returncode == 0, (stdout, bytes(seen))
+    text = seen.decode()
+    assert f"spike bootstrap: waiting for Nexus at {c.nexus_url} to answer" in text
+    assert text.endswith("\r\x1b[K"), text[-200:]  # erased at the end
+    out = stdout.decode()
+    assert "\x1b" not in out and "waiting" not in out
+    assert "bootstrap complete" in out.splitlines()[-1]

@@ -113,6 +113,9 @@ class RotateResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
 class InitRequest(msgspec.Struct, kw_only=True):
     record: KeyRecord
     replace: bool = False
+    # Sent again with the same record once bootstrap has dealt the shards: Nexus reads its keepers at
+    # once instead of at their next polls (an older Nexus ignores the field and finds them then).
+    dealt: bool = False
 
 
 class InitResponse(msgspec.Struct, kw_only=True):

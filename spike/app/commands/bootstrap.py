@@ -9,7 +9,9 @@ round trip proves it got the same key.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import time
 from collections.abc import Callable
@@ -28,6 +30,7 @@ from spike.app.api.messages import (
     VerifyResponse,
 )
 from spike.app.commands.client import error_reason, fetch_status, nexus_connection
+from spike.app.commands.progress import Progress
 from spike.app.config import THRESHOLD_ONE, BootstrapConfig
 from spike.app.errors import CommandError
 from spike.app.identity import identity_source
@@ -42,24 +45,48 @@ from spike.transports.tls import keeper_check
 Say = Callable[[str], None]
 
 
-def _wait_for_nexus(nexus: BlockingConnection, deadline: float, url: str) -> StatusBody:
+def _wait_for_nexus(nexus: BlockingConnection, deadline: float, url: str, progress: Say) -> StatusBody:
     last_error = ""
     while time.monotonic() < deadline:
         try:
             status = fetch_status(nexus)
         except TransportError as exc:
             last_error = str(exc)
+            progress(f"waiting for Nexus at {url} to answer ({exc})")
             time.sleep(0.25)
             continue
         # Wait until Nexus has heard from every keeper (or a couple of polls went by),
         # so that "no keeper holds a shard" is known rather than assumed.
         if all(k.state != "unknown" for k in status.keepers) or time.monotonic() > deadline - 1:
             return status
+        unheard = ", ".join(str(k.id) for k in status.keepers if k.state == "unknown")
+        progress(f"waiting for Nexus to hear from keepers {unheard}")
         time.sleep(0.1)
     raise CommandError(f"Nexus at {url} is not reachable: {last_error or 'no answer'}")
 
 
-def run(config: BootstrapConfig, say: Say = print) -> None:
+def run(config: BootstrapConfig, say: Say = print, progress: Progress | None = None, output: str = "human") -> None:
+    """Bootstrap; what it waits for is shown by `progress` (a live line on stderr when that is a terminal).
+
+    With `output` "json", the steps are not said, and the result is one JSON object:
+    ``{"epoch", "threshold", "shares", "seeded": [ids], "missing": [ids]}``.
+    """
+    bar = Progress("spike bootstrap") if progress is None else progress
+
+    def said(line: str) -> None:
+        bar.done()  # the result lines go where the live line was
+        if output != "json":
+            say(line)
+
+    try:
+        result = _run(config, said, bar)
+    finally:
+        bar.done()
+    if output == "json":
+        say(json.dumps(result))
+
+
+def _run(config: BootstrapConfig, say: Say, progress: Progress) -> dict[str, object]:
     trust = config.common.trust
     deadline = time.monotonic() + config.timeout
     with (
@@ -67,7 +94,7 @@ def run(config: BootstrapConfig, say: Say = print) -> None:
         ClientSession(identity.client_context, timeout=5.0) as session,
     ):
         nexus = nexus_connection(session, config.nexus_url, trust, retry_stale=True)
-        status = _wait_for_nexus(nexus, deadline, config.nexus_url)
+        status = _wait_for_nexus(nexus, deadline, config.nexus_url, progress)
         keepers = {k.id: k.url for k in status.keepers}
         if config.keepers is not None:
             if set(config.keepers) != set(keepers):
@@ -87,9 +114,10 @@ def run(config: BootstrapConfig, say: Say = print) -> None:
             record, shares = seal_key(key, epoch=epoch, threshold=status.threshold, keeper_ids=sorted(keepers))
             _install_record(nexus, InitRequest(record=record, replace=config.force))
             say(f"key record for epoch {epoch} installed in Nexus ({status.threshold}-of-{len(keepers)})")
-            seeded = _seed_keepers(session, trust, keepers, shares, status.threshold, deadline, say)
+            seeded = _seed_keepers(session, trust, keepers, shares, status.threshold, deadline, say, progress)
             shares.clear()
-            _wait_until_ready(nexus, deadline, epoch)
+            _shards_dealt(nexus, InitRequest(record=record, replace=config.force, dealt=True))
+            _wait_until_ready(nexus, deadline, epoch, progress)
             _verify(nexus, key)
         finally:
             key.wipe()
@@ -99,6 +127,13 @@ def run(config: BootstrapConfig, say: Say = print) -> None:
         f"keepers seeded: {', '.join(map(str, sorted(seeded)))}"
         + (f"; Nexus will seed {', '.join(map(str, missing))} when they answer" if missing else "")
     )
+    return {
+        "epoch": epoch,
+        "threshold": status.threshold,
+        "shares": len(keepers),
+        "seeded": sorted(seeded),
+        "missing": missing,
+    }
 
 
 def _refuse_if_initialised(status: StatusBody, force: bool) -> None:
@@ -128,6 +163,15 @@ def _install_record(nexus: BlockingConnection, request: InitRequest) -> None:
     decode(body, InitResponse)
 
 
+def _shards_dealt(nexus: BlockingConnection, request: InitRequest) -> None:
+    """Tell Nexus the keepers hold their shards, so that it reads them now rather than at its next polls.
+
+    Only a hint: if it does not arrive (or Nexus is older and ignores it), the polls find the shards.
+    """
+    with contextlib.suppress(TransportError):
+        nexus.post(BOOTSTRAP_INIT_PATH, msgspec.json.encode(request))
+
+
 def _seed_keepers(
     session: ClientSession,
     trust: TrustDomains,
@@ -136,6 +180,7 @@ def _seed_keepers(
     threshold: int,
     deadline: float,
     say: Say,
+    progress: Say,
 ) -> set[int]:
     connections = {
         keeper_id: session.connect(
@@ -165,6 +210,8 @@ def _seed_keepers(
         now = time.monotonic()
         if len(seeded) == len(keepers) or (len(seeded) >= threshold and now > grace_until):
             return seeded
+        waiting = ", ".join(str(i) for i in sorted(set(keepers) - seeded))
+        progress(f"{len(seeded)} of {len(keepers)} keepers hold their shard; waiting for keepers {waiting}")
         if now > deadline:
             detail = "; ".join(f"keeper {i}: {e}" for i, e in sorted(errors.items()) if i not in seeded)
             raise CommandError(
@@ -174,11 +221,12 @@ def _seed_keepers(
         time.sleep(0.2)
 
 
-def _wait_until_ready(nexus: BlockingConnection, deadline: float, epoch: int) -> None:
+def _wait_until_ready(nexus: BlockingConnection, deadline: float, epoch: int, progress: Say) -> None:
     while True:
         status = fetch_status(nexus)
         if status.phase == "ready" and status.epoch == epoch:
             return
+        progress(f"waiting for Nexus to rebuild the root key from the keepers ({status.shards_needed} shard(s) to go)")
         if time.monotonic() > deadline:
             raise CommandError(
                 f"Nexus did not rebuild the key in time (phase {status.phase}, "

@@ -161,8 +161,12 @@ class Deployment:
         return process
 
     def start(self) -> None:
-        for keeper_id in self.keeper_ports:
-            self._start_keeper(keeper_id)
+        # The keepers start side by side (each is a Python start-up of a few hundred ms), and
+        # Nexus once they listen: its first round of polls is immediate, and a keeper not yet
+        # listening then would wait for its next poll.
+        started = {keeper_id: self._start_keeper(keeper_id, wait=False) for keeper_id in self.keeper_ports}
+        for keeper_id, process in started.items():
+            _wait_for_port(self.keeper_ports[keeper_id], process, f"keeper {keeper_id}")
         self._start_nexus()
 
     def restart(self, name: str) -> None:
@@ -171,11 +175,13 @@ class Deployment:
         else:
             self._start_keeper(int(name.removeprefix("keeper-")))
 
-    def _start_keeper(self, keeper_id: int) -> None:
+    def _start_keeper(self, keeper_id: int, *, wait: bool = True) -> subprocess.Popen[bytes]:
         port = self.keeper_ports[keeper_id]
         env = svid_env(self.identity.keeper(keeper_id), self.options.trust_domain)
         process = self._start(f"keeper-{keeper_id}", ["keeper", "--listen", f"127.0.0.1:{port}"], env)
-        _wait_for_port(port, process, f"keeper {keeper_id}")
+        if wait:
+            _wait_for_port(port, process, f"keeper {keeper_id}")
+        return process
 
     def _start_nexus(self) -> None:
         domain = self.options.trust_domain
@@ -254,6 +260,7 @@ class Deployment:
         files = sorted(self.recovery.glob(SHARD_FILES))
         if not files:
             return False
+        self.say(f"  restoring the root key from the recovery shards in {self.recovery}")
         with NexusClient(self.nexus_url, self.identity.files("pilot-restore"), self.trust, timeout=5.0) as client:
             try:
                 for path in files:
@@ -344,6 +351,7 @@ def run(options: DevOptions, say: Say = say_now) -> int:
             + f", logs in {deployment.logs}"
         )
         earlier = deployment.initialised()
+        say(f"spike dev: starting {options.keepers} keepers and Nexus")
         deployment.start()
         if not earlier:
             deployment.bootstrap()

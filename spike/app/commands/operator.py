@@ -12,6 +12,7 @@ re-seeds every keeper at once.  Nothing about a shard is ever logged.
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import re
 from collections.abc import Callable
@@ -54,9 +55,10 @@ def parse_shard(text: str, epoch: int = 0) -> Share:
         raise CommandError(f"not a valid recovery shard: {exc}", exit_code=2) from None
 
 
-def recover(client: NexusClient, directory: Path, say: Say) -> int:
+def recover(client: NexusClient, directory: Path, say: Say, output: str = "human") -> int:
     answer = client.call(RECOVER_PATH, b"{}", RecoverResponse)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    written: dict[int, str] = {}
     for keeper_id, shard in sorted(answer.shards.items()):
         share = Share(keeper_id, 0, bytes(shard))
         target = directory / f"spike.recovery.{keeper_id}.txt"
@@ -67,6 +69,10 @@ def recover(client: NexusClient, directory: Path, say: Say) -> int:
             os.fsync(fd)
         finally:
             os.close(fd)
+        written[keeper_id] = str(target)
+    if output == "json":  # where the shards are, never what they are
+        say(json.dumps({"epoch": answer.epoch, "directory": str(directory), "files": written}))
+        return 0
     of_epoch = "" if answer.epoch is None else f" of key epoch {answer.epoch}"
     say(
         f"wrote {len(answer.shards)} recovery shards{of_epoch} to {directory} (mode 0600, one per file): "
@@ -84,7 +90,7 @@ def read_shard_text(stdin: TextIO, prompt: Callable[[str], str] = getpass.getpas
     return line
 
 
-def restore(client: NexusClient, text: str, say: Say) -> int:
+def restore(client: NexusClient, text: str, say: Say, output: str = "human") -> int:
     from spike.app.commands.client import NexusError
 
     share = parse_shard(text)
@@ -108,7 +114,9 @@ def restore(client: NexusClient, text: str, say: Say) -> int:
                 "(another key or epoch, or the wrong id)"
             ) from None
         raise
-    if status.restored:
+    if output == "json":
+        say(json.dumps({"id": share.id, "remaining": status.remaining, "restored": status.restored}))
+    elif status.restored:
         say(f"shard {share.id} accepted: the root key is restored and verified; Nexus re-seeds its keepers now")
     else:
         say(f"shard {share.id} accepted: {status.remaining} more shard(s) needed")

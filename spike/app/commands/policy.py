@@ -184,5 +184,8 @@ def run(args: argparse.Namespace, say: Say = print) -> int:
                 not_found=f"no such policy: {args.policy}",
                 write=True,
             )
-            say(f"deleted policy {args.policy}")
+            if config.output == "json":
+                say(json.dumps({"deleted": args.policy}))
+            else:
+                say(f"deleted policy {args.policy}")
     return 0

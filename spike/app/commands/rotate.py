@@ -11,7 +11,8 @@ being dealt; `--no-wait` returns once the rotation is stored.
 `--data-key` adds a data-key term instead (new values are sealed under it,
 older ones stay readable: one write, no keeper involved); `--rewrap` re-seals
 stored values under the newest term in the background (`spike status` shows
-how many are left).
+how many are left; `--wait` follows it to the end).  While it waits, a live
+line on stderr says for what, when stderr is a terminal.
 
 Exit codes: 0 done (committed, given up, or stored with --no-wait), 1
 refused or failed (the reason is said), 2 a bad option.
@@ -37,6 +38,10 @@ def _ids(ids: list[int]) -> str:
     return ", ".join(map(str, ids))
 
 
+def _silent(text: str) -> None:
+    """No progress line (library callers and tests)."""
+
+
 def run(
     client: NexusClient,
     *,
@@ -45,6 +50,7 @@ def run(
     say: Say,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    progress: Say = _silent,
 ) -> int:
     answer = client.call(ROTATE_PATH, RotateRequest(abort=abort), RotateResponse, write=True)
     if abort:
@@ -76,6 +82,8 @@ def run(
             for keeper_id in sorted(set(now.dealt) - said):
                 say(f"keeper {keeper_id} holds its new shard ({now.needed} more needed)")
             said.update(now.dealt)
+            waiting = _ids(sorted(set(now.keepers) - set(now.dealt)))
+            progress(f"{now.stage}: waiting for keepers {waiting} to show their new shard at their polls")
         elif status.epoch is not None and status.epoch >= target:
             say(f"root key rotated: epoch {status.epoch} is in force; keepers forget epoch {start} at their next polls")
             if status.recovery is not None and status.recovery.epochs_behind > 0:
@@ -99,14 +107,48 @@ def run(
     )
 
 
-def data_key(client: NexusClient, *, rotate_term: bool, rewrap: bool, say: Say) -> int:
-    """`--data-key` and/or `--rewrap`: a new data-key term, a background re-wrap to the newest one."""
+def data_key(
+    client: NexusClient,
+    *,
+    rotate_term: bool,
+    rewrap: bool,
+    say: Say,
+    wait: float | None = None,
+    progress: Say = _silent,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """`--data-key` and/or `--rewrap`: a new data-key term, a background re-wrap to the newest one.
+
+    With `wait` (seconds; `--rewrap --wait`), follow the re-wrap until no stored value is left below
+    its term, showing how many are left.
+    """
     answer = client.call(ROTATE_PATH, RotateRequest(data_key=rotate_term, rewrap=rewrap), RotateResponse, write=True)
     if rotate_term:
         say(f"data key rotated: new values are sealed under term {answer.data_term}; older terms stay readable")
-    if answer.rewrap_target is not None:
+    target = answer.rewrap_target
+    if target is None:
+        return 0
+    if wait is None:
         say(
-            f"stored values are re-wrapped to term {answer.rewrap_target} in the background "
+            f"stored values are re-wrapped to term {target} in the background "
             "(it survives a restart); `spike status` shows how many are left"
         )
-    return 0
+        return 0
+    say(f"stored values are re-wrapped to term {target} in the background (it survives a restart)")
+    deadline = clock() + wait
+    while True:
+        keyring = client.call(STATUS_PATH, b"{}", StatusBody).keyring
+        if keyring is not None and (keyring.rewrap_target is None or keyring.rewrap_remaining == 0):
+            say(f"re-wrap done: every stored value is sealed under term {target} or newer")
+            return 0
+        if keyring is None:
+            progress(f"re-wrap to term {target}: Nexus is not ready")
+        else:
+            progress(f"re-wrap to term {keyring.rewrap_target}: {keyring.rewrap_remaining} value(s) left")
+        if clock() >= deadline:
+            raise CommandError(
+                f"the re-wrap to term {target} is not done after {wait:g}s: it goes on in Nexus; "
+                "`spike status` shows how many values are left"
+            )
+        sleep(POLL_EVERY)

@@ -198,7 +198,9 @@ def run_secret(args: argparse.Namespace, say: Say = print, stdin: BinaryIO | Non
             if args.key is not None:
                 if args.key not in got.data:
                     raise CommandError(f"{path} (version {got.version}) has no key {args.key!r}")
-                say(got.data[args.key])
+                value = got.data[args.key]
+                picked = {"key": args.key, "value": value, "version": got.version}
+                say(json.dumps(picked) if config.output == "json" else value)
             elif config.output == "json":
                 say(json.dumps({"data": got.data, "version": got.version}))
             else:

@@ -364,6 +364,8 @@ class NexusApi:
                 record.threshold,
                 record.shares,
             )
+        elif body.dealt and self._driver.custody.record == record:
+            self._driver.shards_dealt()
         return ApiResponse.json(InitResponse(changed=changed, epoch=record.epoch))
 
     def _record_to_install(self, body: InitRequest) -> KeyRecord:
