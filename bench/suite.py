@@ -1029,6 +1029,10 @@ def snapshot_spike(src: Path) -> str:
     # PYTHONDONTWRITEBYTECODE, and every restarted Nexus would compile spike from source.
     compileall.compile_dir(str(src / "spike"), quiet=1, workers=1)
     os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (str(src), os.environ.get("PYTHONPATH", "")) if x)
+    # `python -m spike` puts the working directory first on sys.path: run from the repository, every
+    # child would import the live spike/ (unfrozen, and compiled from source at each start when
+    # PYTHONDONTWRITEBYTECODE is set) instead of this copy.  Safe-path mode (3.11+) leaves it out.
+    os.environ["PYTHONSAFEPATH"] = "1"
     sys.path.insert(0, str(src))
     return digest.hexdigest()
 
