@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import spike
+from spike.app import startup
 from spike.app.errors import CommandError
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 EXIT_CONFIG = 2
 _CLIENT_COMMANDS = frozenset({"secret", "cipher", "policy"})
+_SERVERS = frozenset({"nexus", "keeper"})  # they call startup.listening() once they listen
 
 
 def _checkout_commit() -> str | None:
@@ -453,10 +455,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if words[:1] == ["--version"]:  # the quickest path: no parser, no imports
         print(version_line())
         return 0
+    command = next((word for word in words if not word.startswith("-")), None)
+    with startup.collector_paused(command in _SERVERS):  # until the server listens: spike/app/startup.py
+        return _main(command, words)
+
+
+def _main(command: str | None, words: list[str]) -> int:
     from spike.app.logs import route_dependency_warnings
 
     route_dependency_warnings()
-    parser = build_parser(next((word for word in words if not word.startswith("-")), None))
+    parser = build_parser(command)
     args, extra = parser.parse_known_args(words)
     # `spike secret put PATH --cas 1 key=value`: argparse cannot take positionals
     # after an option, so KEY=VALUE words left over are the values.

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import anyio
 
+from spike.app import startup
 from spike.app.api.messages import KeyringStatusBody
 from spike.app.config import ConfigError, NexusConfig
 from spike.app.identity import identity_source
@@ -403,6 +404,7 @@ class Nexus:
         def listening(host: str, port: int) -> None:
             on_start()
             self._listening(host, port)
+            startup.listening()
 
         try:
             await serve(
