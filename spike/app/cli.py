@@ -61,6 +61,19 @@ def version_line() -> str:
     return f"spike {spike.__version__} (commit {commit})"
 
 
+class _VersionAction(argparse.Action):
+    """`--version` among other options: the line is made only when asked (in a git checkout it runs git twice)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(
+            option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="show program's version number and exit"
+        )
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(version_line())
+        parser.exit()
+
+
 def _trust_domain_arg(text: str) -> str:
     from spike.app import config as cfg
 
@@ -124,7 +137,7 @@ def _client_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole parser; given the command word, leave out the client commands' parsers if it is not one."""
     parser = argparse.ArgumentParser(prog="spike", description="SPIFFE-native secrets manager")
-    parser.add_argument("--version", action="version", version=version_line())
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_keeper(sub)
     _add_nexus(sub)
