@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gc
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,3 +70,17 @@ def test_spike_nexus_that_never_listens_leaves_the_collector_on(
     assert code == (0 if extra == ["--check-config"] else 2), capsys.readouterr().err
     assert gc.isenabled()
     assert gc.get_freeze_count() == 0
+
+
+def test_a_command_builds_its_own_parser_and_the_help_lists_every_command(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`spike nexus` builds the nexus parser only; the top level's help, wherever -h stands, lists all."""
+    sub = next(a for a in cli.build_parser("nexus")._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == {"nexus"}
+    every = {"keeper", "nexus", "bootstrap", "status", "dev", "dev-identity", "secret", "cipher", "policy", "operator"}
+    for argv in (["-h"], ["-h", "nexus"], ["--help", "secret"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        listed = capsys.readouterr().out
+        assert all(f"    {name} " in listed or f"    {name}\n" in listed for name in every), (argv, listed)
