@@ -14,13 +14,16 @@ records, from the spawn:
 Beside it, with the same interpreter: a bare `python -c pass` (the interpreter's
 own start), and `--importtime` runs of Nexus under `python -X importtime`, which
 list what a start imports (every module, lazy ones included) with the total and
-the largest spike modules.  Medians with min-max; the machine's load is printed.
+the largest modules (cumulative).  Medians with min-max; the machine's load is printed.
 
-    bench/.venv/bin/python bench/startup_trace.py --rounds 7 [--importtime 3] [--binary dist/spike]
+    bench/.venv/bin/python bench/startup_trace.py --rounds 7 [--importtime 3] [--binary dist/spike] [--against REV]
 
 `--binary dist/spike` starts Nexus as the single binary (`dist/spike nexus ...`;
 keepers and bootstrap stay on the interpreter); the bare-interpreter and
-importtime rows are then skipped.  Like the suite, it runs a byte-compiled
+importtime rows are then skipped.  `--against REV` (interpreter only) restarts,
+in alternate rounds on the same keepers and store, a Nexus running the spike/ of
+git revision REV, and prints both with the difference of the medians: a
+before/after under the same load.  Like the suite, it runs a byte-compiled
 snapshot of this work tree's spike/ (PYTHONPATH), not the copy installed in
 bench/.venv.
 """
@@ -28,7 +31,10 @@ bench/.venv.
 from __future__ import annotations
 
 import argparse
+import compileall
+import contextlib
 import datetime as dt
+import math
 import os
 import re
 import shutil
@@ -37,9 +43,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from suite import snapshot_spike
+from suite import REPO, snapshot_spike
 from systems import Http, Processes, SpikeDeployment, cpu_seconds, kill9, port_open, probe_get
 
 _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
@@ -139,6 +146,26 @@ class Launch:
         procs.spawn = spawn_nexus_as_told  # type: ignore[method-assign]
 
 
+def _export(rev: str, where: Path) -> Path:
+    """spike/ as it was at `rev`, byte-compiled as the snapshot is: the directory for PYTHONPATH."""
+    where.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "spike"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True)
+    compileall.compile_dir(str(where / "spike"), quiet=1, workers=1)
+    return where
+
+
+@contextlib.contextmanager
+def _pythonpath(path: Path) -> Iterator[None]:
+    """Processes started inside import spike from `path` (SpikeDeployment copies the environment at each start)."""
+    saved = os.environ["PYTHONPATH"]
+    os.environ["PYTHONPATH"] = str(path)
+    try:
+        yield
+    finally:
+        os.environ["PYTHONPATH"] = saved
+
+
 def _summary(values: list[float]) -> str:
     if not values:
         return "-"
@@ -150,12 +177,16 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--importtime", type=int, default=0, metavar="N", help="N extra restarts under -X importtime")
     parser.add_argument("--binary", metavar="PATH", help="start Nexus as `PATH nexus ...` (e.g. dist/spike)")
+    parser.add_argument("--against", metavar="REV", help="alternate rounds with spike/ at git REV")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="spike-startup-"))
     snapshot = snapshot_spike(work / "src")  # this work tree's spike/, byte-compiled, as the suite runs it
     nexus = args.binary or f"{sys.executable} -m spike"
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; Nexus: {nexus} (sha256 {snapshot[:12]})")
+    if args.binary and args.against:
+        parser.error("--against compares interpreted starts: leave out --binary")
+    against = _export(args.against, work / "against") if args.against else work
     procs = Processes()
     launch = Launch(procs, sys.executable)
     if args.binary:
@@ -166,7 +197,12 @@ def main() -> int:
         spike.bootstrap()
         spike.wait_ready()
         _seed(spike)
-        rounds = [_restart(spike) for _ in range(args.rounds)]
+        rounds, before = [], []
+        for _ in range(args.rounds):
+            rounds.append(_restart(spike))
+            if args.against:
+                with _pythonpath(against):
+                    before.append(_restart(spike))
         imports = [] if args.binary else [_importtime(spike, launch) for _ in range(args.importtime)]
         bare = [] if args.binary else _bare_python(sys.executable, args.rounds)
     finally:
@@ -175,6 +211,8 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
     print(f"after the runs: load average {os.getloadavg()[0]:.2f}")
     print(f"{'bare interpreter (python -c pass)':42} {_summary(bare)}")
+    if before:
+        print(f"{'':42} {'this work tree':30} {args.against:30} difference of medians")
     for key, label in (
         ("log_listening", "spawn -> 'Nexus listening' log line"),
         ("listening", "spawn -> port accepts a connection"),
@@ -182,7 +220,13 @@ def main() -> int:
         ("first_get", "spawn -> first successful GET"),
         ("cpu_listening", "Nexus's CPU time (user+sys) at listening"),
     ):
-        print(f"{label:42} {_summary([r[key] for r in rounds if key in r])}")
+        now = [r[key] for r in rounds if key in r]
+        line = f"{label:42} {_summary(now):30}"
+        if before:
+            then = [r[key] for r in before if key in r]
+            change = (statistics.median(now) - statistics.median(then)) * 1000 if now and then else math.nan
+            line += f" {_summary(then):30} {change:+.1f} ms"
+        print(line)
     if imports:
         total = statistics.median(i.get("(total)", 0) for i in imports) / 1e6
         print(
