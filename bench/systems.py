@@ -235,6 +235,8 @@ class SpikeDeployment:
     keepers: int = 3
     threshold: int = 2
     poll_interval: float = 1.0
+    # How Nexus is started: `python -m spike nexus ...`, or `<binary> nexus ...` (the single binary).
+    nexus_binary: str | None = None
 
     def __post_init__(self) -> None:
         from spike.app.commands.devca import mint_dev_identity
@@ -303,8 +305,9 @@ class SpikeDeployment:
                 "SPIKE_NEXUS_SHAMIR_THRESHOLD": str(self.threshold),
             },
         )
+        command = [self.nexus_binary] if self.nexus_binary else [self.python, "-m", "spike"]
         argv = [
-            self.python, "-m", "spike", "nexus",
+            *command, "nexus",
             "--listen", f"127.0.0.1:{self.nexus_port}",
             "--data-dir", str(self.data_dir),
             "--poll-interval", f"{self.poll_interval:g}s",
