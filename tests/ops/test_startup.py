@@ -84,3 +84,10 @@ def test_a_command_builds_its_own_parser_and_the_help_lists_every_command(
             cli.main(argv)
         listed = capsys.readouterr().out
         assert all(f"    {name} " in listed or f"    {name}\n" in listed for name in every), (argv, listed)
+
+
+def test_a_server_that_never_paused_the_collector_leaves_it_alone() -> None:
+    """Nexus or a keeper run in-process (a test, an embedding): nothing frozen on their account."""
+    startup.listening()
+    assert gc.isenabled()
+    assert gc.get_freeze_count() == 0
