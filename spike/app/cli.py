@@ -137,14 +137,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole parser; given a command word, the top level and that command's parser only.
 
     Every command's parser is ~8 ms to build (the client commands' import the client
-    stack), paid at each start; a command needs its own.  An unknown word, or none,
-    gets them all, for the list of commands in the help and the error.
+    stack), paid at each start; a command needs its own.  A word no entry of _PARSERS
+    parses, or none, gets them all, for the list of commands in the help and the error.
     """
     parser = argparse.ArgumentParser(prog="spike", description="SPIFFE-native secrets manager")
     parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    known = any(command in names for names, _ in _PARSERS)
     for names, add in _PARSERS:
-        if command not in COMMANDS or command in names:
+        if not known or command in names:
             add(sub)
     return parser
 
