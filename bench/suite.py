@@ -80,6 +80,7 @@ class Settings:
     keep: bool
     poll_interval: float = 1.0
     rotation_counts: str = "3,10,100"
+    nexus_binary: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -104,6 +105,7 @@ class Settings:
             profile=args.profile,
             keep=args.keep,
             rotation_counts=args.rotation_counts or ("3,10" if quick else "3,10,100"),
+            nexus_binary=str(args.nexus_binary.resolve()) if args.nexus_binary else None,
         )
 
 
@@ -459,6 +461,15 @@ class Suite:
                 if peak[system]:
                     loaded.add(system, peak[system] / MiB)
 
+    def restart_spike_binary(self) -> dict[str, float]:
+        """As restart_spike, with Nexus started as the single binary; the next start is the interpreter's again."""
+        assert self.spike is not None
+        self.spike.nexus_binary = self.s.nexus_binary
+        try:
+            return self.restart_spike()
+        finally:
+            self.spike.nexus_binary = None
+
     def restart_spike(self) -> dict[str, float]:
         assert self.spike is not None and self.spike.nexus is not None
         kill9(self.spike.nexus)
@@ -519,20 +530,39 @@ class Suite:
             Goal("ratio", "<=", 1.0, "<= 1.0x"),
             note="from spawning the new process; OpenBao unsealed by the script with 3 keys through its API",
         )
+        restarts: list[tuple[str, Callable[[], dict[str, float]], Row]] = [
+            (SPIKE, self.restart_spike, row),
+            (BAO, self.restart_bao, row),
+        ]
+        if self.s.nexus_binary:
+            binary = r.row(
+                "restart_binary",
+                "restart after kill -9 -> first successful GET, Nexus as the single binary",
+                "s",
+                "lower",
+                Goal("ratio", "<=", 1.0, "<= 1.0x"),
+                note=f"{self.s.nexus_binary}; OpenBao's column is the same rounds' as the row above",
+            )
+            restarts.insert(1, ("binary", self.restart_spike_binary, binary))
         for n in range(self.s.rounds):
             say(f"round {n + 1}/{self.s.rounds}: kill -9 and restart")
-            for system, restart in ((SPIKE, self.restart_spike), (BAO, self.restart_bao)):
+            bao_time = None
+            for system, restart, target in restarts:
                 try:
-                    self.ensure_up(system)
+                    self.ensure_up(SPIKE if system == "binary" else system)
                     out = restart()
                 except Exception as exc:
                     r.problem(f"restart of {system} failed: {exc}")
                     with contextlib.suppress(Exception):
-                        self.ensure_up(system)
+                        self.ensure_up(SPIKE if system == "binary" else system)
                     continue
-                row.add(system, out["first_get"])
+                target.add(SPIKE if system == "binary" else system, out["first_get"])
+                if system == BAO:
+                    bao_time = out["first_get"]
                 r.runs.append({"kind": f"restart-{system}", **out})
-                say(f"  {system:5} first GET {out['first_get']:.3f}s after the restart  {out}")
+                say(f"  {system:6} first GET {out['first_get']:.3f}s after the restart  {out}")
+            if self.s.nexus_binary and bao_time is not None:
+                r.rows["restart_binary"].add(BAO, bao_time)
 
     def reseed_rows(self) -> None:
         assert self.spike is not None
@@ -1029,6 +1059,10 @@ def snapshot_spike(src: Path) -> str:
     # PYTHONDONTWRITEBYTECODE, and every restarted Nexus would compile spike from source.
     compileall.compile_dir(str(src / "spike"), quiet=1, workers=1)
     os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (str(src), os.environ.get("PYTHONPATH", "")) if x)
+    # `python -m spike` puts the working directory first on sys.path: run from the repository, every
+    # child would import the live spike/ (unfrozen, and compiled from source at each start when
+    # PYTHONDONTWRITEBYTECODE is set) instead of this copy.  Safe-path mode (3.11+) leaves it out.
+    os.environ["PYTHONSAFEPATH"] = "1"
     sys.path.insert(0, str(src))
     return digest.hexdigest()
 
@@ -1136,6 +1170,9 @@ def main() -> int:
     parser.add_argument("--only", help=f"comma-separated groups to run: {','.join(GROUPS)}")
     parser.add_argument("--profile", action="store_true", help="also py-spy Nexus under GET and PUT load")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
+    parser.add_argument(
+        "--nexus-binary", type=Path, metavar="PATH", help="restart rows: also restart Nexus as this binary (dist/spike)"
+    )
     parser.add_argument("--out", type=Path, help="where to write the JSON (default bench/results/<timestamp>.json)")
     args = parser.parse_args()
     settings = Settings.from_args(args)

@@ -84,6 +84,7 @@ ROOM_FLOORS = {
     "spike.app.model": 0,
     "spike.app.config": 1,
     "spike.app.memory": 1,
+    "spike.app.startup": 1,
     # What the server keeps.
     "spike.app.store": 2,
     # The server and the clients: side by side, neither imports the other.

@@ -7,8 +7,8 @@ bugs only.
 Start-up time counts (`spike --version`; a keeper restarted by its supervisor;
 the one-file executable unpacks itself first): this module imports only what
 parsing needs, and each subcommand imports its own modules when it runs.
-The parsers of the Nexus client commands (secret, cipher, policy) import the
-client stack, so they are built only for those commands or the full help.
+Each command's parser is built only when that command runs, or for the full
+help (the client commands' parsers import the client stack).
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import spike
+from spike.app import startup
 from spike.app.errors import CommandError
 
 if TYPE_CHECKING:
     from spike.app.config import Common
 
 EXIT_CONFIG = 2
-_CLIENT_COMMANDS = frozenset({"secret", "cipher", "policy"})
+_SERVERS = frozenset({"nexus", "keeper"})  # they call startup.listening() once they listen
 
 
 def _checkout_commit() -> str | None:
@@ -61,6 +62,19 @@ def build_commit() -> str:
 def version_line() -> str:
     """`spike 0.1.0 (commit abc1234)`."""
     return f"spike {spike.__version__} (commit {build_commit()})"
+
+
+class _VersionAction(argparse.Action):
+    """`--version` among other options: the line is made only when asked (in a git checkout it runs git twice)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(
+            option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="show program's version number and exit"
+        )
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(version_line())
+        parser.exit()
 
 
 def _trust_domain_arg(text: str) -> str:
@@ -124,25 +138,40 @@ def _client_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The whole parser; given the command word, leave out the client commands' parsers if it is not one."""
-    parser = argparse.ArgumentParser(prog="spike", description="SPIFFE-native secrets manager")
-    parser.add_argument("--version", action="version", version=version_line())
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_keeper(sub)
-    _add_nexus(sub)
-    _add_bootstrap(sub)
-    _add_status(sub)
-    _add_dev(sub)
-    _add_dev_identity(sub)
-    if command is None or command in _CLIENT_COMMANDS or command not in COMMANDS:
-        from spike.app.commands.policy import add_parser as add_policy_parser
-        from spike.app.commands.secret import add_parsers
+    """The whole parser; given a command word, the top level and that command's parser only.
 
-        add_parsers(sub, _client_flags)
-        add_policy_parser(sub, _client_flags)
-    _add_operator(sub)
+    Every command's parser is ~8 ms to build (the client commands' import the client
+    stack), paid at each start; a command needs its own.  A word no entry of _PARSERS
+    parses, or none, gets them all, for the list of commands in the help and the error.
+    """
+    parser = argparse.ArgumentParser(prog="spike", description="SPIFFE-native secrets manager")
+    parser.add_argument("--version", action=_VersionAction)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    known = any(command in names for names, _ in _PARSERS)
+    for names, add in _PARSERS:
+        if not known or command in names:
+            add(sub)
+    return parser
+
+
+def _add_client_commands(sub: Any) -> None:
+    from spike.app.commands.secret import add_parsers
+
+    add_parsers(sub, _client_flags)
+
+
+def _add_policy(sub: Any) -> None:
+    from spike.app.commands.policy import add_parser
+
+    add_parser(sub, _client_flags)
+
+
+def _add_version(sub: Any) -> None:
     version = sub.add_parser("version", help="print the version")
     version.add_argument("--format", choices=["human", "json"], default="human")
+
+
+def _add_completion(sub: Any) -> None:
     completion = sub.add_parser(
         "completion",
         help="print a shell completion script: `source <(spike completion bash)`",
@@ -152,7 +181,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "fish: `spike completion fish > ~/.config/fish/completions/spike.fish`.",
     )
     completion.add_argument("shell", choices=["bash", "zsh", "fish"])
-    return parser
 
 
 def _add_keeper(sub: Any) -> None:
@@ -302,6 +330,22 @@ def _setup_logs(common: Common) -> None:
     from spike.app.logs import setup
 
     setup(common.log_level, common.log_format)
+
+
+# Each command's parser (in the order of the help), by the command words it parses.
+_PARSERS: list[tuple[frozenset[str], Callable[[Any], None]]] = [
+    (frozenset({"keeper"}), _add_keeper),
+    (frozenset({"nexus"}), _add_nexus),
+    (frozenset({"bootstrap"}), _add_bootstrap),
+    (frozenset({"status"}), _add_status),
+    (frozenset({"dev"}), _add_dev),
+    (frozenset({"dev-identity"}), _add_dev_identity),
+    (frozenset({"secret", "cipher"}), _add_client_commands),
+    (frozenset({"policy"}), _add_policy),
+    (frozenset({"operator"}), _add_operator),
+    (frozenset({"version"}), _add_version),
+    (frozenset({"completion"}), _add_completion),
+]
 
 
 def _keeper(args: argparse.Namespace) -> int:
@@ -502,15 +546,31 @@ _STARTUP_ERRORS = (
 )
 
 
+def _command_word(words: list[str]) -> str | None:
+    """The command a command line runs; None when the top level's help comes first (`spike -h nexus`)."""
+    for word in words:
+        if word in ("-h", "--help"):
+            return None
+        if not word.startswith("-"):
+            return word
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     if words[:1] == ["--version"]:  # the quickest path: no parser, no imports
         print(version_line())
         return 0
+    command = _command_word(words)
+    with startup.collector_paused(command in _SERVERS):  # until the server listens: spike/app/startup.py
+        return _main(command, words)
+
+
+def _main(command: str | None, words: list[str]) -> int:
     from spike.app.logs import route_dependency_warnings
 
     route_dependency_warnings()
-    parser = build_parser(next((word for word in words if not word.startswith("-")), None))
+    parser = build_parser(command)
     args, extra = parser.parse_known_args(words)
     # `spike secret put PATH --cas 1 key=value`: argparse cannot take positionals
     # after an option, so KEY=VALUE words left over are the values.

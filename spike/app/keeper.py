@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from spike.app import startup
 from spike.app.config import KeeperConfig
 from spike.app.identity import identity_source
 from spike.app.memory import protect
@@ -80,6 +81,7 @@ def run(config: KeeperConfig) -> None:
         started = True
         memory.say("keeper")
         log.info("keeper listening on %s:%d (empty until Nexus or bootstrap seeds it)", host, port)
+        startup.listening()
 
     try:
         run_event_loop(lambda: serve(config.bind, server, on_listening=listening), fast=False)

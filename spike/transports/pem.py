@@ -138,6 +138,25 @@ def _decode_leaf(chain_path: str) -> dict[str, Any] | None:
     return decoded if isinstance(decoded, dict) else None
 
 
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def cert_time(text: str) -> dt.datetime:
+    """A certificate time as the ssl module shows it (``Jun  1 12:00:00 2027 GMT``), in UTC.
+
+    What `ssl.cert_time_to_seconds` reads, without its `time.strptime`: the first
+    call of that builds locale tables, ~3 ms of the start of every process that
+    loads an SVID (issue 20).  Text of another form goes to it, as before.
+    """
+    parts = text.split()
+    if len(parts) == 5 and parts[0] in _MONTHS and parts[4] == "GMT":
+        month, day, clock, year, _ = parts
+        with contextlib.suppress(ValueError):
+            hour, minute, second = (int(part) for part in clock.split(":"))
+            return dt.datetime(int(year), _MONTHS.index(month) + 1, int(day), hour, minute, second, tzinfo=dt.UTC)
+    return dt.datetime.fromtimestamp(ssl.cert_time_to_seconds(text), dt.UTC)
+
+
 def leaf_identity(chain: bytes, chain_path: str, *, use_ssl_decoder: bool = True) -> Leaf:
     """The SPIFFE ID, serial and expiry of the first certificate of `chain` (also at `chain_path`).
 
@@ -148,7 +167,7 @@ def leaf_identity(chain: bytes, chain_path: str, *, use_ssl_decoder: bool = True
     if decoded is not None:
         uris = [value for kind, value in decoded.get("subjectAltName", ()) if kind == "URI"]
         serial = int(decoded.get("serialNumber", "0"), 16)
-        not_after = dt.datetime.fromtimestamp(ssl.cert_time_to_seconds(decoded["notAfter"]), dt.UTC)
+        not_after = cert_time(decoded["notAfter"])
     else:
         from cryptography import x509
 

@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import spike
+from spike.app import cli
 
 ROOT = Path(spike.__file__).resolve().parent.parent
 
@@ -39,3 +42,21 @@ def test_version_outside_git_says_unknown(tmp_path: Path) -> None:
         check=True,
     )
     assert done.stdout == f"spike {spike.__version__} (commit unknown)\n"
+
+
+def test_the_parser_makes_the_version_line_only_when_asked(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In a checkout the line runs git twice (~11 ms): no command but --version pays for it."""
+    asked: list[str] = []
+
+    def version_line() -> str:
+        asked.append("version")
+        return "spike 9.9.9 (commit abc)"
+
+    monkeypatch.setattr(cli, "version_line", version_line)
+    parser = cli.build_parser("nexus")
+    assert asked == []
+    with pytest.raises(SystemExit) as stopped:
+        parser.parse_args(["--version"])
+    assert (stopped.value.code, capsys.readouterr().out, asked) == (0, "spike 9.9.9 (commit abc)\n", ["version"])

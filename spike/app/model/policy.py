@@ -23,15 +23,17 @@ versions of spike and its upgrade is `policy_legacy`.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol, cast
-
-import re2
+from typing import TYPE_CHECKING, Protocol, cast
 
 from spike.app.model.kv import InvalidRequest
+
+if TYPE_CHECKING:
+    import re2
 
 MAX_POLICIES = 10_000
 MAX_NAME = 128
@@ -78,22 +80,29 @@ class Regexp(Protocol):
     def search(self, text: str) -> object | None: ...
 
 
-def _options() -> re2.Options:
+@functools.cache
+def re2_options() -> re2.Options:
+    """RE2's options for every policy pattern.
+
+    re2 is imported at the first pattern compiled, not at start: it was ~2 ms of each
+    Nexus start (issue 20), and a Nexus with no policy stored compiles none.
+    """
+    import re2
+
     options = re2.Options()
     options.log_errors = False  # RE2 would print every refused pattern on stderr
     options.never_capture = True  # only "does it match" is ever asked
     return options
 
 
-OPTIONS = _options()
-
-
 def compile_pattern(pattern: str, what: str = "pattern") -> Regexp:
     """Compile with RE2 as SPIKE compiles with Go's regexp; `PatternError` saying why it cannot."""
     if not isinstance(pattern, str) or not pattern or len(pattern) > MAX_PATTERN:
         raise PatternError(f"the {what} must be 1-{MAX_PATTERN} characters")
+    import re2
+
     try:
-        return cast(Regexp, re2.compile(pattern, OPTIONS))
+        return cast(Regexp, re2.compile(pattern, re2_options()))
     except re2.error as exc:
         raise PatternError(f"the {what} {pattern[:80]!r} is not an RE2 regular expression: {_reason(exc)}") from None
     except UnicodeEncodeError:
@@ -108,8 +117,10 @@ def _reason(exc: BaseException) -> str:
 
 def _full_match_form(pattern: str) -> Regexp | None:
     """SPIKE's `asFullMatch`: the pattern wrapped in ``^(?:...)$``; None if that does not compile."""
+    import re2
+
     try:
-        return cast(Regexp, re2.compile(f"^(?:{pattern})$", OPTIONS))
+        return cast(Regexp, re2.compile(f"^(?:{pattern})$", re2_options()))
     except (re2.error, UnicodeEncodeError):
         return None
 

@@ -27,12 +27,9 @@ import logging
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
-
-import re2
+from typing import TYPE_CHECKING, Protocol
 
 from spike.app.model.policy import (
-    OPTIONS,
     SYSTEM_PATHS,
     SYSTEM_SECRET,
     PatternError,
@@ -41,10 +38,14 @@ from spike.app.model.policy import (
     Regexp,
     compile_pattern,
     grants,
+    re2_options,
     system_paths_reached,
 )
 from spike.app.store.errors import DatabaseUnavailable, StorageError
 from spike.protocol.identity import Role, SpiffeId, TrustDomains
+
+if TYPE_CHECKING:
+    import re2
 
 log = logging.getLogger("spike.nexus.policy")
 
@@ -108,8 +109,10 @@ class Applicable:
         self.policies = policies
         self._set: re2.Set | None = None
         if policies:
+            import re2  # imported already: the policies were compiled with it (see re2_options)
+
             try:
-                paths = re2.Set.SearchSet(OPTIONS)
+                paths = re2.Set.SearchSet(re2_options())
                 for policy in policies:
                     paths.Add(policy.path_pattern)
                 paths.Compile()

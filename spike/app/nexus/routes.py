@@ -46,7 +46,7 @@ from spike.app.nexus.lifecycle import KeyLifecycle, rotation_status
 from spike.app.nexus.operator_api import OperatorApi
 from spike.app.nexus.policy_api import PolicyApi
 from spike.app.nexus.secrets_api import SecretsApi
-from spike.app.nexus.vault.face import is_vault_path
+from spike.app.nexus.vault.paths import is_vault_path
 from spike.app.store.backend import KeyRecords
 from spike.app.store.errors import EpochUsed, StorageError
 from spike.protocol.api import ApiRequest, ApiResponse

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import anyio
 
+from spike.app import startup
 from spike.app.api.messages import KeyringStatusBody
 from spike.app.config import ConfigError, NexusConfig
 from spike.app.identity import identity_source
@@ -27,13 +28,13 @@ from spike.app.nexus.lifecycle import ExportFile, KeyLifecycle, LoopOffload
 from spike.app.nexus.operator_api import OperatorApi
 from spike.app.nexus.policy_api import PolicyApi
 from spike.app.nexus.reload import reload_on_sighup
-from spike.app.nexus.routes import ApiCall, NexusApi
+from spike.app.nexus.routes import ApiCall, NexusApi, Reply, VaultFace
 from spike.app.nexus.secrets_api import SecretsApi
 from spike.app.nexus.summaries import Summaries
-from spike.app.nexus.vault.face import VaultApi
 from spike.app.store.backend import Backend
 from spike.app.store.policies import PolicyStore
 from spike.app.store.sqlite import SqliteBackend
+from spike.protocol.api import ApiRequest
 from spike.protocol.effects import Report, StoreEffect
 from spike.protocol.errors import LocalProtocolError, RemoteProtocolError
 from spike.protocol.identity import Role, SpiffeId, TrustDomains
@@ -89,6 +90,22 @@ def open_backend(config: NexusConfig) -> Backend:
 
         return PostgresBackend(config.database_url)
     return SqliteBackend(config.data_dir)
+
+
+class VaultOnFirstUse:
+    """The Vault face, made at its first request (on the event loop, as every request is handled).
+
+    Its modules are ~6 ms of Nexus's start (issue 20), and most Nexus never serve Vault's API.
+    """
+
+    def __init__(self, make: Callable[[], VaultFace]) -> None:
+        self._make = make
+        self._face: VaultFace | None = None
+
+    def __call__(self, request: ApiRequest) -> tuple[str, Reply]:
+        if self._face is None:
+            self._face = self._make()
+        return self._face(request)
 
 
 class CallRecorder:
@@ -315,15 +332,21 @@ class Nexus:
             authorizer=authorizer,
             observer=CallRecorder(audit, self.metrics),
             lifecycle=self.lifecycle,
-            vault=VaultApi(
-                store=secrets,
-                authorizer=authorizer,
-                cipher=self.cipher,
-                custody=lambda: self.custody,
-                storage_type="postgresql" if config.database_url else "sqlite",
-                mount=config.vault_kv_mount,
-                token_ttl=config.vault_token_ttl,
-            ),
+            vault=VaultOnFirstUse(partial(self._vault, secrets, authorizer)),
+        )
+
+    def _vault(self, secrets: Backend, authorizer: Authorizer) -> VaultFace:
+        from spike.app.nexus.vault.face import VaultApi
+
+        config = self._config
+        return VaultApi(
+            store=secrets,
+            authorizer=authorizer,
+            cipher=self.cipher,
+            custody=lambda: self.custody,
+            storage_type="postgresql" if config.database_url else "sqlite",
+            mount=config.vault_kv_mount,
+            token_ttl=config.vault_token_ttl,
         )
 
     def _metrics(self) -> NexusMetrics:
@@ -403,6 +426,7 @@ class Nexus:
         def listening(host: str, port: int) -> None:
             on_start()
             self._listening(host, port)
+            startup.listening()
 
         try:
             await serve(

@@ -18,7 +18,7 @@ from spike.app.nexus.vault import envelope
 from spike.app.nexus.vault.auth import CertAuth
 from spike.app.nexus.vault.kv2 import KvV2
 from spike.app.nexus.vault.replies import Reply
-from spike.app.nexus.vault.request import PREFIX, Operation, VaultRequest
+from spike.app.nexus.vault.request import Operation, VaultRequest
 from spike.app.nexus.vault.sys import SysPaths
 from spike.app.nexus.vault.tokens import DEFAULT_TTL, TokenStore
 from spike.app.nexus.vault.transit import Transit
@@ -27,17 +27,8 @@ from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.effects import Phase
 from spike.protocol.nexus import NexusCustody
 
-# Under these, Nexus answers as SPIKE does (docs/design.md section 7); everything else under /v1/ is Vault's.
-SPIKE_PREFIXES = ("/v1/store", "/v1/acl", "/v1/cipher", "/v1/operator", "/v1/bootstrap")
 DEFAULT_MOUNT = "secret"
 TOKEN_SELF = ("lookup-self", "renew-self", "revoke-self")
-
-
-def is_vault_path(path: str) -> bool:
-    """Whether Nexus answers `path` as Vault does: under /v1/, and under none of SPIKE's prefixes."""
-    if not path.startswith(PREFIX):
-        return False
-    return not any(path == prefix or path.startswith(prefix + "/") for prefix in SPIKE_PREFIXES)
 
 
 class VaultApi:

@@ -9,10 +9,10 @@ from urllib.parse import parse_qsl
 
 import msgspec
 
+from spike.app.nexus.vault.paths import PREFIX
 from spike.protocol.api import ApiRequest
 from spike.protocol.identity import SpiffeId
 
-PREFIX = "/v1/"
 MERGE_PATCH = "application/merge-patch+json"
 
 
