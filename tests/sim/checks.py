@@ -11,6 +11,7 @@ import itertools
 from collections import defaultdict
 
 from spike.protocol import Phase
+from spike.protocol.effects import RotationStage
 from tests.sim.custody_sim import (
     KeeperHolds,
     KeeperMode,
@@ -22,6 +23,7 @@ from tests.sim.custody_sim import (
     Pushed,
     Recovered,
     Run,
+    RotationStep,
     RunEnded,
     ShardAnswered,
 )
@@ -64,7 +66,12 @@ def late_recoveries(run: Run) -> list[str]:
 
 
 def slow_reseeds(run: Run) -> list[str]:
-    """Reachable keepers lacking their shard while Nexus is READY, not re-seeded after their next poll."""
+    """Reachable keepers lacking their shard while Nexus is READY, not re-seeded after their next poll.
+
+    A commit changes the epoch in force: a keeper re-seeded at a poll between the commit's write and
+    Nexus hearing of it gets the old epoch's shard (in force for Nexus then), and the new one at its next
+    poll, so the clock of a keeper still lacking its shard starts again at the commit.
+    """
     scenario, config = run.scenario, run.config
     after_poll = 2 * config.max_latency + EPSILON
     longest_gap = config.interval * (2 + scenario.jitter)
@@ -74,7 +81,12 @@ def slow_reseeds(run: Run) -> list[str]:
     since: dict[int, float] = {}  # keeper -> when it became reachable, unseeded and under a READY Nexus
     polled: dict[int, float] = {}  # keeper -> its first poll since then
     problems = []
-    for fact in (f for f in run.facts if isinstance(f, (*STATE_FACTS, Polled))):
+    for fact in (f for f in run.facts if isinstance(f, (*STATE_FACTS, Polled, RotationStep))):
+        if isinstance(fact, RotationStep):
+            if fact.stage is RotationStage.COMMITTED:
+                since = dict.fromkeys(since, fact.at)
+                polled.clear()
+            continue
         for keeper_id, start in list(since.items()):
             poll = polled.get(keeper_id)
             late = fact.at > poll + after_poll if poll is not None else fact.at > start + longest_gap + after_poll
@@ -84,6 +96,7 @@ def slow_reseeds(run: Run) -> list[str]:
                     f"(polled at {poll}), still at {fact.at:.3f}"
                 )
                 del since[keeper_id]
+                polled.pop(keeper_id, None)
         if isinstance(fact, KeeperHolds):
             holds[fact.keeper_id] = fact.own_shard
         elif isinstance(fact, KeeperMode):
