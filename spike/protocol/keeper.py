@@ -20,6 +20,7 @@ The keeper never talks to anyone first.
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 from enum import Enum
 
@@ -33,8 +34,9 @@ from .api import (
     ApiRequest,
     ApiResponse,
 )
-from .errors import RemoteProtocolError
+from .errors import RemoteProtocolError, ShamirError
 from .identity import Role, TrustDomains
+from .material import Share, shard_commitment
 from .wire import (
     KEEPER_CONTRIBUTE_PATH,
     KEEPER_FORGET_PATH,
@@ -170,6 +172,12 @@ class Keeper:
             # Nexus saw that shard a moment ago; without it (a restart since) the keeper would end up with the
             # new shard alone, and a keeper holding the new epoch's shard must still hold the old one.
             return KeeperOutcome(CONFLICT, refused=f"asked to keep a shard of epoch {keep}, which it does not hold")
+        if kept is not None and not _commits_to(kept, contribution):
+            # What it holds changed since Nexus verified it (garbage put there in between): keeping it would
+            # leave a wrong shard of the key in force that no read checks until the rotation ends.
+            return KeeperOutcome(
+                CONFLICT, refused=f"its shard of epoch {keep} is not the one the key record commits to"
+            )
         if latest is not None and latest.same(shard, contribution.id, contribution.epoch) and kept is self._previous:
             return KeeperOutcome(OK_EMPTY)
         change = KeeperChange.STORED if latest is None else KeeperChange.REPLACED
@@ -207,3 +215,17 @@ class Keeper:
                 held.wipe()
         self._latest = None
         self._previous = None
+
+
+def _commits_to(kept: _Held, contribution: ShardContribution) -> bool:
+    """Whether `kept` is the shard `contribution.keep_commitment` commits to (no commitment: any, as before)."""
+    expected = contribution.keep_commitment
+    if expected is None:
+        return True
+    if contribution.id is None or contribution.keep is None:
+        return False
+    try:
+        share = Share(contribution.id, contribution.keep, bytes(kept.shard))
+    except ShamirError:
+        return False
+    return hmac.compare_digest(shard_commitment(share), expected)

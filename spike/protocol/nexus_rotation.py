@@ -493,7 +493,7 @@ class RotatingCustody:
             return
         share = share_for(rotation.new_key, epoch=new.epoch, threshold=new.threshold, id=keeper.id)
         keeper.took_new = True
-        body = encode(ShardContribution.of(share, keep=record.epoch))
+        body = encode(ShardContribution.of(share, keep=record.epoch, keep_commitment=record.commitments.get(keeper.id)))
         self._send(keeper, RequestKind.DEAL, KEEPER_CONTRIBUTE_PATH, body, now, new.epoch)
 
 

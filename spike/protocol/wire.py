@@ -31,6 +31,7 @@ Byte = Annotated[int, msgspec.Meta(ge=0, le=255)]
 ShardBytes = Annotated[list[Byte], msgspec.Meta(min_length=SHARD_SIZE, max_length=SHARD_SIZE)]
 KeeperId = Annotated[int, msgspec.Meta(ge=MIN_KEEPER_ID, le=MAX_KEEPER_ID)]
 Epoch = Annotated[int, msgspec.Meta(ge=0, le=MAX_EPOCH)]
+Commitment = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]  # base64 in JSON
 
 
 class ErrorCode(StrEnum):
@@ -54,24 +55,31 @@ class ShardContribution(msgspec.Struct, omit_defaults=True):
 
     `keep` (an extension, only with `epoch`) asks the keeper to keep its shard
     of that epoch beside the new one; without it the new shard is the only one
-    the keeper holds, as with SPIKE's keeper.
+    the keeper holds, as with SPIKE's keeper.  `keep_commitment` (with `keep`
+    and `id`) is the key record's commitment to the shard to keep: the keeper
+    keeps only a shard that matches it, so a shard that changed since Nexus
+    verified it (garbage put there in between) is refused, not kept.
     """
 
     shard: ShardBytes
     id: KeeperId | None = None
     epoch: Epoch | None = None
     keep: Epoch | None = None
+    keep_commitment: Commitment | None = None
 
     def __repr__(self) -> str:
         return f"ShardContribution(shard=<redacted>, id={self.id}, epoch={self.epoch}, keep={self.keep})"
 
     @classmethod
-    def of(cls, share: Share, *, keep: int | None = None) -> ShardContribution:
+    def of(cls, share: Share, *, keep: int | None = None, keep_commitment: bytes | None = None) -> ShardContribution:
         """The contribution that gives keeper `share.id` its shard (with the id and epoch extensions).
 
-        With `keep`, the keeper also keeps its shard of epoch `keep` (dealing a new epoch).
+        With `keep`, the keeper also keeps its shard of epoch `keep` (dealing a new epoch), the one
+        `keep_commitment` commits to when given.
         """
-        return cls(shard=list(share.secret_bytes()), id=share.id, epoch=share.epoch, keep=keep)
+        return cls(
+            shard=list(share.secret_bytes()), id=share.id, epoch=share.epoch, keep=keep, keep_commitment=keep_commitment
+        )
 
     def shard_bytes(self) -> bytes:
         """The 32 shard bytes.  Secret: never log them."""

@@ -8,6 +8,8 @@ shard's bytes are overwritten.
 
 from __future__ import annotations
 
+import base64
+
 import msgspec
 import pytest
 from hypothesis import given, settings
@@ -28,6 +30,7 @@ from spike.protocol import (
     TrustDomains,
     share_for,
 )
+from spike.protocol.material import shard_commitment
 from spike.protocol.wire import KEEPER_FORGET_PATH, encode
 from tests.core.core_helpers import SAMPLE_KEY_INT, key_from_int
 
@@ -168,6 +171,52 @@ def test_a_lone_unlabelled_shard_is_kept_as_the_epoch_nexus_names() -> None:
     assert contribute(keeper, 8, keep=7).response.status == 200
     assert keeper.epochs == (8, 7)
     assert read_epoch(keeper, 7) == {"shard": shard(7), "epoch": 7, "other_epoch": 8, "slots": 2}
+
+
+def deal_checked(keeper: Keeper, epoch: int, keep: int) -> KeeperOutcome:
+    """A deal as Nexus sends it: keep the shard of `keep` the key record commits to."""
+    body = msgspec.json.encode(
+        {
+            "shard": shard(epoch),
+            "id": 3,
+            "epoch": epoch,
+            "keep": keep,
+            # base64 of the 32-byte commitment, as msgspec encodes bytes
+            "keep_commitment": base64.b64encode(shard_commitment(share(keep))).decode(),
+        }
+    )
+    return keeper.handle(ApiRequest("POST", KEEPER_CONTRIBUTE_PATH, NEXUS, body))
+
+
+def test_a_deal_keeps_the_shard_the_record_commits_to(rotated: Keeper) -> None:
+    assert deal_checked(rotated, 9, keep=8).response.status == 200
+    assert rotated.epochs == (9, 8)
+    unlabelled = Keeper(TRUST)
+    unlabelled.handle(ApiRequest("POST", KEEPER_CONTRIBUTE_PATH, BOOTSTRAP, msgspec.json.encode({"shard": shard(7)})))
+    assert deal_checked(unlabelled, 8, keep=7).response.status == 200
+    assert unlabelled.epochs == (8, 7)
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        {"shard": shard(9)},  # garbage without labels: SPIKE's lone-shard rule would take it for epoch 7's
+        {"shard": shard(9), "id": 3, "epoch": 7},  # labelled as epoch 7, other bytes
+        {"shard": list(share(7, keeper_id=4).secret_bytes()), "id": 4, "epoch": 7},  # another keeper's shard
+    ],
+    ids=["unlabelled", "labelled-7", "swapped"],
+)
+def test_a_deal_refuses_to_keep_a_shard_that_changed_since_nexus_verified_it(planted: dict[str, object]) -> None:
+    """Simulation seed 2699: a keeper corrupted between Nexus's read and the deal kept the garbage as the old
+    epoch's shard, so the key in force had a wrong shard there until the rotation's commit (the old keeper
+    answered 200 and kept it)."""
+    keeper = Keeper(TRUST)
+    keeper.handle(ApiRequest("POST", KEEPER_CONTRIBUTE_PATH, BOOTSTRAP, msgspec.json.encode(planted)))
+    before = keeper.epochs
+    outcome = deal_checked(keeper, 8, keep=7)
+    assert (outcome.response.status, outcome.change) == (409, KeeperChange.NONE)
+    assert outcome.refused == "its shard of epoch 7 is not the one the key record commits to"
+    assert keeper.epochs == before
 
 
 def test_bootstrap_may_ask_to_keep_too(rotated: Keeper) -> None:

@@ -95,7 +95,7 @@ FIELDS = {
     "ApiResponse": ("status", "body", "content_type"),
     "SpiffeId": ("trust_domain", "path"),
     "TrustDomains": ("nexus", "keeper", "bootstrap", "pilot"),
-    "ShardContribution": ("shard", "id", "epoch", "keep"),
+    "ShardContribution": ("shard", "id", "epoch", "keep", "keep_commitment"),
     "ShardAnswer": ("shard", "id", "epoch", "other_epoch", "slots"),
     "ShardRequest": ("epoch",),
     "ForgetRequest": ("epoch", "all"),

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from tests.sim.checks import (
     check_key_in_use_is_real,
     check_late_answers_change_nothing,
@@ -34,7 +36,9 @@ from tests.sim.custody_sim import (
     Run,
     RunEnded,
     ShardAnswered,
+    SimConfig,
     WrongShard,
+    simulate,
 )
 
 
@@ -133,3 +137,10 @@ def test_the_batch_exercises_epochs_the_deployment_never_had(sim_runs: list[Run]
 def test_no_answer_ever_hits_a_row_the_rules_table_calls_impossible(sim_runs: list[Run]) -> None:
     """spike/protocol/custody_rules.py marks some (phase, request, outcome) combinations unreachable: they are."""
     assert [run.scenario.seed for run in sim_runs if run.cannot_happen] == []
+
+
+@pytest.mark.parametrize("seed", [2569, 2699, 2863])
+def test_seeds_found_outside_the_default_batch_reseed_in_time(seed: int, sim_config: SimConfig) -> None:
+    """2569 and 2863: a re-seed between a commit's write and Nexus hearing of it (the check's clock restarts
+    at the commit); 2699: a keeper corrupted between a read and a deal (the deal's keep_commitment)."""
+    assert slow_reseeds(simulate(seed, sim_config)) == []
