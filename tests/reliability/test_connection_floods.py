@@ -186,7 +186,10 @@ def test_a_caller_without_any_policy_is_refused_before_its_body_is_read(
             sock.sendall(_head(path, length) + body[:1000])
             refusal = read_response(sock)  # the rest of the body has not been sent
             assert refusal is not None and refusal.status == 401, refusal
-            assert json.loads(refusal.body) == {"err": "access_unauthorized"}
+            assert json.loads(refusal.body) == {
+                "err": "access_unauthorized",
+                "reason": "no role or policy lets this identity make this request",
+            }
             assert refusal.headers.get("connection") != "close"
             # The body still comes: it is read and thrown away, and the connection serves on.
             sock.sendall(body[1000:] + _head(f"{SECRETS_PATH}?action=get", 2) + b"{}")

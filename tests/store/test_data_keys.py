@@ -102,6 +102,22 @@ def test_no_data_key_rotation_while_a_root_key_rotation_is_stored(backend: Any) 
     assert backend.persist_rotation(late, backend.keyring().wrap(ROOT_KEY, 3)) is True
 
 
+def test_an_instance_whose_record_was_replaced_still_reads_the_cluster_state(backend: Any, tmp_path: Path) -> None:
+    """bootstrap --force through another instance: the new keyring's term is above every term this instance
+    knows, and opening it with the old key failed ('the stored key record is of epoch 2, not 1'), so its
+    ClusterWatch never saw the new record and it kept the old key for good (tests/e2e/test_postgres_multi)."""
+    other = second_instance(backend, tmp_path)
+    try:
+        replaced, _ = seal_key(OTHER_KEY, epoch=EPOCH + 1, threshold=2, keeper_ids=[1, 2, 3])
+        assert backend.install_key_record(replaced, replace=RECORD) == replaced
+        backend.unlock(OTHER_KEY, EPOCH + 1)  # the new keyring, with a term above the old one's
+        assert backend.cluster_state().data_term > other.keyring().active
+        state = other.cluster_state()
+        assert state.record == replaced
+    finally:
+        other.close()
+
+
 def test_another_instance_takes_up_a_new_term_without_a_restart(backend: Any, tmp_path: Path) -> None:
     other = second_instance(backend, tmp_path)
     try:

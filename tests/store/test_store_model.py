@@ -63,7 +63,7 @@ test_kv_semantics_match_the_model_on_postgres = PostgresKvMachine.TestCase
         # A secret that requires cas refuses a write without it.
         (
             [("tune", "a", (None, True, None)), ("put", "a", ({"k": "1"}, None))],
-            [("ok", None), ("error", kv.InvalidRequest)],
+            [("ok", None), ("error", kv.CasRequired)],
         ),
     ],
 )

@@ -262,6 +262,11 @@ class DataKeys(KeyState[C], ABC):
         """The key state as stored now (key_state.py); a newer data-key term stored by another instance is
         taken up at once, and a re-wrap it asked for is watched (run here if that instance stops)."""
         state = super().cluster_state()
+        unlocked = self._unlocked
+        if unlocked is None or state.record is None or state.record.epoch != unlocked.epoch:
+            # The record was replaced (bootstrap --force through another instance): its keyring does not open
+            # with the key in hand.  The caller adopts the new record and unlocks the store with its key.
+            return state
         keyring = self._keyring
         if keyring is not None and state.data_term > keyring.active:
             keyring = self.reload_keyring()
