@@ -88,8 +88,8 @@ def open_backend(config: NexusConfig) -> Backend:
     if config.database_url:
         from spike.app.store.postgres import PostgresBackend
 
-        return PostgresBackend(config.database_url)
-    return SqliteBackend(config.data_dir)
+        return PostgresBackend(config.database_url, default_max_versions=config.max_secret_versions)
+    return SqliteBackend(config.data_dir, default_max_versions=config.max_secret_versions)
 
 
 class VaultOnFirstUse:
@@ -281,7 +281,7 @@ class Nexus:
         self.custody = _custody_machine(config, stored, anyio.current_time())
         self.urls = LiveUrls(lambda: self.driver)
         self.metrics = self._metrics() if config.metrics_bind is not None else None
-        self.cipher = CipherApi()
+        self.cipher = CipherApi(max_ciphertext=config.cipher_max_ciphertext)
         policies = PolicyStore(secrets)
         authorizer = Authorizer(trust, policies)
         sinks: list[Callable[[Report], None]] = [ReportLogger(log, self.urls, anyio.current_time)]
