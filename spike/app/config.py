@@ -81,6 +81,9 @@ class NexusConfig:
     backend: str = "sqlite"  # SPIKE_NEXUS_BACKEND_STORE: sqlite (or PostgreSQL with database_url)
     max_secret_versions: int = 10  # SPIKE_NEXUS_MAX_SECRET_VERSIONS: versions kept of a secret that sets none
     cipher_max_ciphertext: int | None = None  # SPIKE_NEXUS_CRYPTO_MAX_CIPHERTEXT_SIZE; None: spike's 1 MiB + 16
+    # SPIKE_TRUST_ROOT_LITE_WORKLOAD: trust domains whose spiffe://<td>/spike/workload/role/lite may use the
+    # cipher without a policy (SPIKE's lite workload role); unset, the trust domain of SPIKE_TRUST_ROOT.
+    lite_workload_domains: tuple[str, ...] = ()
 
     @property
     def keeper_urls(self) -> dict[int, str]:
@@ -270,11 +273,6 @@ def common(args: argparse.Namespace, env: Env, component: Component = Component.
         )
     except InvalidSpiffeId as exc:
         raise ConfigError(f"trust domain: {exc}") from None
-    if env.get("SPIKE_TRUST_ROOT_LITE_WORKLOAD"):
-        raise ConfigError(
-            f"SPIKE_TRUST_ROOT_LITE_WORKLOAD={env['SPIKE_TRUST_ROOT_LITE_WORKLOAD']!r} is not supported: "
-            "spike has no lite workload role"
-        )
     svid = identity(args, env)
     level = log_level(args, env)
     fmt = (_pick(args, "log_format", env, "SPIKE_LOG_FORMAT", default="text") or "text").lower()
@@ -484,7 +482,29 @@ def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
         backend_store(env.get("SPIKE_NEXUS_BACKEND_STORE", ""), database_text),
         max_secret_versions(env.get("SPIKE_NEXUS_MAX_SECRET_VERSIONS", "")),
         cipher_max_ciphertext(env.get("SPIKE_NEXUS_CRYPTO_MAX_CIPHERTEXT_SIZE", "")),
+        lite_workload_domains(env.get("SPIKE_TRUST_ROOT_LITE_WORKLOAD", ""), args, env),
     )
+
+
+def lite_workload_domains(text: str, args: argparse.Namespace, env: Env) -> tuple[str, ...]:
+    """SPIKE_TRUST_ROOT_LITE_WORKLOAD: a comma-separated list of trust domains, as SPIKE reads it.
+
+    Only a SPIFFE ID is compared here (no peer is trusted for it), so unlike the
+    other roles' trust roots a list of several domains is honoured.
+    """
+    if not text.strip():
+        flag = getattr(args, "trust_domain", None)
+        base = env.get("SPIKE_TRUST_ROOT")
+        return (str(flag) if flag else trust_root(base, "SPIKE_TRUST_ROOT") if base else DEFAULT_TRUST_DOMAIN,)
+    domains = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    try:
+        for domain in domains:
+            check_trust_domain(domain)
+    except InvalidSpiffeId as exc:
+        raise ConfigError(f"SPIKE_TRUST_ROOT_LITE_WORKLOAD: {exc}") from None
+    if not domains:
+        raise ConfigError(f"SPIKE_TRUST_ROOT_LITE_WORKLOAD={text!r} names no trust domain")
+    return domains
 
 
 def _positive(text: str, name: str) -> int:
@@ -506,10 +526,17 @@ def backend_store(text: str, database: str | None) -> str:
             f"SPIKE_NEXUS_BACKEND_STORE={text.strip()} needs the database's URL in SPIKE_NEXUS_DATABASE_URL "
             "(postgresql://user@host:5432/dbname)"
         )
-    if store in ("memory", "lite"):
+    if store == "lite" and database:
+        raise ConfigError(
+            "SPIKE_NEXUS_BACKEND_STORE=lite keeps no secrets, only its key record (SQLite in the data dir): "
+            "not with SPIKE_NEXUS_DATABASE_URL"
+        )
+    if store == "memory":
         raise ConfigError(f"SPIKE_NEXUS_BACKEND_STORE={text.strip()} is not supported yet")
-    if store not in ("sqlite", "postgresql"):
-        raise ConfigError(f"SPIKE_NEXUS_BACKEND_STORE must be sqlite, postgres or postgresql, not {text.strip()!r}")
+    if store not in ("sqlite", "postgresql", "lite"):
+        raise ConfigError(
+            f"SPIKE_NEXUS_BACKEND_STORE must be sqlite, lite, postgres or postgresql, not {text.strip()!r}"
+        )
     return store
 
 

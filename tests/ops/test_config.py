@@ -242,7 +242,7 @@ def test_check_config_prints_the_whole_effective_configuration_and_touches_nothi
         "common", "bind", "keepers", "threshold", "schedule", "data_dir", "metrics_bind", "audit_log",
         "shutdown_grace", "waiting_summary_every", "keeper_summary_every", "database_url", "require_memory_lock",
         "retiring_keepers", "rotate_every", "crash_at", "config_file", "vault_kv_mount", "vault_token_ttl",
-        "backend", "max_secret_versions", "cipher_max_ciphertext",
+        "backend", "max_secret_versions", "cipher_max_ciphertext", "lite_workload_domains",
     }  # fmt: skip
     assert set(shown["common"]) == {"trust", "svid", "log_level", "log_format"}
     assert shown["audit_log"] == str(data / "audit.log")

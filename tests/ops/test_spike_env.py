@@ -204,9 +204,20 @@ def test_trust_root_lists_of_one_domain_are_honoured_and_of_several_refused(dev_
     assert message.startswith("SPIKE_TRUST_ROOT=")
 
 
-def test_the_lite_workload_trust_root_is_refused_while_spike_has_no_lite_role(dev_identity: DevIdentity) -> None:
-    message = refused(Component.NEXUS, {**base_env(dev_identity), "SPIKE_TRUST_ROOT_LITE_WORKLOAD": "spike.ist"})
-    assert message.startswith("SPIKE_TRUST_ROOT_LITE_WORKLOAD='spike.ist' is not supported")
+def test_the_lite_workload_trust_root_names_the_domains_of_the_lite_role(dev_identity: DevIdentity) -> None:
+    env = base_env(dev_identity)
+
+    def domains(**more: str) -> tuple[str, ...]:
+        config = start(Component.NEXUS, {**env, **more})
+        assert isinstance(config, cfg.NexusConfig)
+        return config.lite_workload_domains
+
+    assert domains() == ("spike.ist",)
+    assert domains(SPIKE_TRUST_ROOT="corp.test") == ("corp.test",)
+    # Only an ID is compared for this role (no peer is trusted for it): SPIKE's list is honoured whole.
+    assert domains(SPIKE_TRUST_ROOT_LITE_WORKLOAD="a.test, b.test,a.test") == ("a.test", "b.test")
+    message = refused(Component.NEXUS, {**env, "SPIKE_TRUST_ROOT_LITE_WORKLOAD": "a.test,bad domain"})
+    assert message.startswith("SPIKE_TRUST_ROOT_LITE_WORKLOAD: ")
 
 
 def test_max_secret_versions_is_the_stores_default(dev_identity: DevIdentity, tmp_path: Path) -> None:
@@ -277,10 +288,15 @@ def test_backend_store_names(dev_identity: DevIdentity) -> None:
     assert backend(SPIKE_NEXUS_DATABASE_URL=url) == "postgresql"
     assert backend(SPIKE_NEXUS_BACKEND_STORE="postgres", SPIKE_NEXUS_DATABASE_URL=url) == "postgresql"
     assert backend(SPIKE_NEXUS_BACKEND_STORE="postgresql", SPIKE_NEXUS_DATABASE_URL=url) == "postgresql"
+    assert backend(SPIKE_NEXUS_BACKEND_STORE="Lite") == "lite"
     for more, start_of_line in (
         ({"SPIKE_NEXUS_BACKEND_STORE": "postgres"}, "SPIKE_NEXUS_BACKEND_STORE=postgres needs"),
         ({"SPIKE_NEXUS_BACKEND_STORE": "sqlite", "SPIKE_NEXUS_DATABASE_URL": url}, "SPIKE_NEXUS_BACKEND_STORE=sqlite"),
         ({"SPIKE_NEXUS_BACKEND_STORE": "etcd"}, "SPIKE_NEXUS_BACKEND_STORE must be"),
+        (
+            {"SPIKE_NEXUS_BACKEND_STORE": "lite", "SPIKE_NEXUS_DATABASE_URL": url},
+            "SPIKE_NEXUS_BACKEND_STORE=lite keeps",
+        ),
     ):
         assert refused(Component.NEXUS, {**env, **more}).startswith(start_of_line)
 
