@@ -532,7 +532,13 @@ def backend_store(text: str, database: str | None) -> str:
             "not with SPIKE_NEXUS_DATABASE_URL"
         )
     if store == "memory":
-        raise ConfigError(f"SPIKE_NEXUS_BACKEND_STORE={text.strip()} is not supported yet")
+        # Every value this Nexus serves is sealed under a root key whose shards the keepers hold; a
+        # Nexus with no keepers and no root key is another server, not a setting of this one.
+        raise ConfigError(
+            f"SPIKE_NEXUS_BACKEND_STORE={text.strip()} is not supported: spike has no keeper-less, unencrypted "
+            "Nexus; for a throw-away development deployment run `spike dev` (keepers, Nexus and a temporary "
+            "data dir in one command, all gone on Ctrl-C)"
+        )
     if store not in ("sqlite", "postgresql", "lite"):
         raise ConfigError(
             f"SPIKE_NEXUS_BACKEND_STORE must be sqlite, lite, postgres or postgresql, not {text.strip()!r}"

@@ -293,6 +293,7 @@ def test_backend_store_names(dev_identity: DevIdentity) -> None:
         ({"SPIKE_NEXUS_BACKEND_STORE": "postgres"}, "SPIKE_NEXUS_BACKEND_STORE=postgres needs"),
         ({"SPIKE_NEXUS_BACKEND_STORE": "sqlite", "SPIKE_NEXUS_DATABASE_URL": url}, "SPIKE_NEXUS_BACKEND_STORE=sqlite"),
         ({"SPIKE_NEXUS_BACKEND_STORE": "etcd"}, "SPIKE_NEXUS_BACKEND_STORE must be"),
+        ({"SPIKE_NEXUS_BACKEND_STORE": "memory"}, "SPIKE_NEXUS_BACKEND_STORE=memory is not supported: "),
         (
             {"SPIKE_NEXUS_BACKEND_STORE": "lite", "SPIKE_NEXUS_DATABASE_URL": url},
             "SPIKE_NEXUS_BACKEND_STORE=lite keeps",
