@@ -34,3 +34,12 @@ def test_spike_env_max_secret_versions_keeps_that_many(make_cluster: Callable[..
     assert kept.stdout == "2\n", kept
     old = c.run("secret", "get", "v/app", "n", "--version", "1")
     assert old.returncode != 0 and old.stdout == "", old  # SPIKE's 2: version 1 is gone
+
+
+def test_spike_env_bootstrap_force_replaces_the_key_as_force_does(make_cluster: Callable[..., Cluster]) -> None:
+    c = make_cluster()
+    c.start_ready()
+    again = c.run("bootstrap", identity="bootstrap")
+    assert again.returncode != 0, again  # already bootstrapped: refused without force
+    forced = c.run("bootstrap", identity="bootstrap", env={"SPIKE_BOOTSTRAP_FORCE": "true"})
+    assert forced.returncode == 0, forced
