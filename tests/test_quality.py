@@ -82,6 +82,7 @@ ROOM_FLOORS = {
     "spike.app.logs": 0,
     "spike.app.api": 0,
     "spike.app.model": 0,
+    "spike.app.spike_env": 0,  # SPIKE's variables spike refuses: read by config
     "spike.app.config": 1,
     "spike.app.memory": 1,
     "spike.app.startup": 1,

@@ -296,7 +296,9 @@ def _add_operator(sub: Any) -> None:
     )
     op = operator.add_subparsers(dest="operator_command", metavar="ACTION", required=True)
     rec = op.add_parser("recover", help="write all shards to files (recover role only)")
-    rec.add_argument("--dir", type=Path, required=True, help="directory for the shard files (created 0700)")
+    rec.add_argument(
+        "--dir", type=Path, help="directory for the shard files (created 0700); default SPIKE_PILOT_RECOVERY_DIR"
+    )
     res = op.add_parser("restore", help="give Nexus one shard (restore role only); run once per shard")
     res.add_argument("--file", type=Path, help="read the shard from this file (default: hidden prompt or stdin)")
     rot = op.add_parser("rotate", help="rotate the root key: new epoch, new shards, old ones retired (superuser)")
@@ -459,10 +461,14 @@ def _operator(args: argparse.Namespace) -> int:
     from spike.app.commands.client import NexusClient
 
     config = cfg.client(args, cfg.environ(args))
+    recovery_dir = getattr(args, "dir", None) or config.recovery_dir
+    if args.operator_command == "recover" and recovery_dir is None:
+        raise CommandError("give the directory for the shard files: --dir or SPIKE_PILOT_RECOVERY_DIR", exit_code=2)
     _setup_logs(config.common)
     with NexusClient(config.nexus_url, config.common.svid, config.common.trust) as client:
         if args.operator_command == "recover":
-            return operator.recover(client, args.dir, print, config.output)
+            assert recovery_dir is not None  # checked above, before any connection
+            return operator.recover(client, recovery_dir, print, config.output)
         if args.operator_command == "rotate":
             from spike.app.commands import rotate
             from spike.app.commands.progress import Progress

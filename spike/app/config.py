@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spike.app.identity import IdentitySpec, WorkloadApiSpec, workload_api_address
+from spike.app.spike_env import Component, refusal
 from spike.protocol.errors import LocalProtocolError
 from spike.protocol.identity import InvalidSpiffeId, TrustDomains, check_trust_domain
 from spike.protocol.material import MAX_KEEPER_ID, MIN_KEEPER_ID
@@ -77,6 +78,12 @@ class NexusConfig:
     config_file: Path | None = None  # the --config file a SIGHUP reads again
     vault_kv_mount: str = "secret"  # where the Vault face serves KV v2 (/v1/<mount>/data/...)
     vault_token_ttl: float = 3600.0  # lifetime of a token from the Vault face's auth/cert/login
+    backend: str = "sqlite"  # SPIKE_NEXUS_BACKEND_STORE: sqlite (or PostgreSQL with database_url)
+    max_secret_versions: int = 10  # SPIKE_NEXUS_MAX_SECRET_VERSIONS: versions kept of a secret that sets none
+    cipher_max_ciphertext: int | None = None  # SPIKE_NEXUS_CRYPTO_MAX_CIPHERTEXT_SIZE; None: spike's 1 MiB + 16
+    # SPIKE_TRUST_ROOT_LITE_WORKLOAD: trust domains whose spiffe://<td>/spike/workload/role/lite may use the
+    # cipher without a policy (SPIKE's lite workload role); unset, the trust domain of SPIKE_TRUST_ROOT.
+    lite_workload_domains: tuple[str, ...] = ()
 
     @property
     def keeper_urls(self) -> dict[int, str]:
@@ -106,6 +113,7 @@ class ClientConfig:
     common: Common
     nexus_url: str
     output: str
+    recovery_dir: Path | None = None  # SPIKE_PILOT_RECOVERY_DIR: `operator recover` without --dir writes here
 
 
 def _pick(args: argparse.Namespace, flag: str, env: Env, *names: str, default: str | None = None) -> str | None:
@@ -118,12 +126,28 @@ def _pick(args: argparse.Namespace, flag: str, env: Env, *names: str, default: s
     return default
 
 
+_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 0.001, "s": 1, "m": 60, "h": 3600}
+_GO_DURATION = re.compile(r"((?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|\u00b5s|\u03bcs|ms|s|m|h))+")
+_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+
+
+def duration_seconds(text: str, what: str) -> float:
+    """A duration in seconds, zero allowed: '1.5' (seconds), or Go's time.ParseDuration form ('1m30s', '500ms').
+
+    SPIKE's variables hold Go durations, so every duration here takes Go's
+    syntax (units ns, us, ms, s, m, h, several in a row); a bare number is seconds.
+    """
+    stripped = text.strip()
+    if re.fullmatch(r"\d+(?:\.\d+)?", stripped):
+        return float(stripped)
+    if not _GO_DURATION.fullmatch(stripped):
+        raise ConfigError(f"{what}: {text!r} is not a duration (examples: 500ms, 5s, 1m30s)")
+    return sum(float(number) * _UNITS[unit] for number, unit in _GO_PART.findall(stripped))
+
+
 def parse_duration(text: str, what: str) -> float:
-    """'500ms', '2s', '1m', '1.5' (seconds) -> seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", text)
-    if not match:
-        raise ConfigError(f"{what}: {text!r} is not a duration (examples: 500ms, 5s, 1m)")
-    value = float(match.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
+    """'500ms', '2s', '1m', '1m30s', '1.5' (seconds) -> seconds, more than zero."""
+    value = duration_seconds(text, what)
     if value <= 0:
         raise ConfigError(f"{what} must be greater than zero")
     return value
@@ -191,22 +215,66 @@ def _int(text: str | None, what: str) -> int:
     return int(text)
 
 
-def common(args: argparse.Namespace, env: Env) -> Common:
-    default_domain = _pick(args, "trust_domain", env, "SPIKE_TRUST_ROOT", default=DEFAULT_TRUST_DOMAIN)
-    assert default_domain is not None
+def trust_root(text: str, name: str) -> str:
+    """One role's trust domain from SPIKE's SPIKE_TRUST_ROOT* form: a comma-separated list of one domain.
+
+    SPIKE accepts a role's peers from any domain of the list; spike keeps one
+    trust domain per role (other domains come in through SPIKE_TRUST_BUNDLES
+    federation), so a list naming two different domains is refused.
+    """
+    domains = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    if len(domains) > 1:
+        raise ConfigError(
+            f"{name}={text!r}: spike takes one trust domain per role, not {len(domains)} "
+            "(federate other domains with SPIKE_TRUST_BUNDLES)"
+        )
+    if not domains:
+        raise ConfigError(f"{name}={text!r} names no trust domain")
+    return domains[0]
+
+
+#: SPIKE_SYSTEM_LOG_LEVEL's values (SPIKE's log.Level) and spike's level for each.
+_SPIKE_LOG_LEVELS = {"DEBUG": "debug", "INFO": "info", "WARN": "warning", "ERROR": "error"}
+
+
+def log_level(args: argparse.Namespace, env: Env) -> str:
+    """--log-level, SPIKE_LOG_LEVEL, then SPIKE's SPIKE_SYSTEM_LOG_LEVEL (DEBUG, INFO, WARN, ERROR), then info."""
+    level = _pick(args, "log_level", env, "SPIKE_LOG_LEVEL")
+    if level is None and env.get("SPIKE_SYSTEM_LOG_LEVEL"):
+        system = env["SPIKE_SYSTEM_LOG_LEVEL"]
+        mapped = _SPIKE_LOG_LEVELS.get(system.strip().upper())
+        if mapped is None:
+            raise ConfigError(f"SPIKE_SYSTEM_LOG_LEVEL must be DEBUG, INFO, WARN or ERROR, not {system!r}")
+        return mapped
+    level = (level or "info").lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log level must be debug, info, warning or error, not {level!r}")
+    return level
+
+
+def common(args: argparse.Namespace, env: Env, component: Component = Component.PILOT) -> Common:
+    refused = refusal(env, component)
+    if refused is not None:
+        raise ConfigError(refused)
+    flag = getattr(args, "trust_domain", None)
+    base = env.get("SPIKE_TRUST_ROOT")
+    default_domain = str(flag) if flag else trust_root(base, "SPIKE_TRUST_ROOT") if base else DEFAULT_TRUST_DOMAIN
+
+    def role(name: str) -> str:
+        text = env.get(name)
+        return trust_root(text, name) if text else default_domain
+
     try:
         trust = TrustDomains(
-            nexus=env.get("SPIKE_TRUST_ROOT_NEXUS") or default_domain,
-            keeper=env.get("SPIKE_TRUST_ROOT_KEEPER") or default_domain,
-            bootstrap=env.get("SPIKE_TRUST_ROOT_BOOTSTRAP") or default_domain,
-            pilot=env.get("SPIKE_TRUST_ROOT_PILOT") or default_domain,
+            nexus=role("SPIKE_TRUST_ROOT_NEXUS"),
+            keeper=role("SPIKE_TRUST_ROOT_KEEPER"),
+            bootstrap=role("SPIKE_TRUST_ROOT_BOOTSTRAP"),
+            pilot=role("SPIKE_TRUST_ROOT_PILOT"),
         )
     except InvalidSpiffeId as exc:
         raise ConfigError(f"trust domain: {exc}") from None
     svid = identity(args, env)
-    level = (_pick(args, "log_level", env, "SPIKE_LOG_LEVEL", default="info") or "info").lower()
-    if level not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"log level must be debug, info, warning or error, not {level!r}")
+    level = log_level(args, env)
     fmt = (_pick(args, "log_format", env, "SPIKE_LOG_FORMAT", default="text") or "text").lower()
     if fmt not in ("text", "json"):
         raise ConfigError(f"log format must be text or json, not {fmt!r}")
@@ -249,7 +317,10 @@ def identity(args: argparse.Namespace, env: Env) -> IdentitySpec:
         address = workload_api_address(socket)
     except ValueError as exc:
         raise ConfigError(f"SPIFFE_ENDPOINT_SOCKET: {exc}") from None
-    timeout = _pick(args, "workload_api_timeout", env, "SPIKE_WORKLOAD_API_TIMEOUT", default="10s")
+    # SPIKE_SPIFFE_SOURCE_TIMEOUT is SPIKE's name of the same wait (Go duration; SPIKE's default 30s).
+    timeout = _pick(
+        args, "workload_api_timeout", env, "SPIKE_WORKLOAD_API_TIMEOUT", "SPIKE_SPIFFE_SOURCE_TIMEOUT", default="10s"
+    )
     return WorkloadApiSpec(address, parse_duration(timeout or "10s", "Workload API timeout"))
 
 
@@ -315,7 +386,7 @@ def keeper(args: argparse.Namespace, env: Env) -> KeeperConfig:
     listen = _pick(args, "listen", env, "SPIKE_KEEPER_TLS_PORT", default=f":{DEFAULT_KEEPER_PORT}")
     assert listen is not None
     return KeeperConfig(
-        common(args, env),
+        common(args, env, Component.KEEPER),
         parse_bind(listen, "keeper listen address"),
         _bool(args, "require_memory_lock", env, "SPIKE_REQUIRE_MEMORY_LOCK"),
     )
@@ -343,7 +414,7 @@ def vault_token_ttl(text: str) -> float:
 
 
 def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
-    base = common(args, env)
+    base = common(args, env, Component.NEXUS)
     listen = _pick(args, "listen", env, "SPIKE_NEXUS_TLS_PORT", default=f":{DEFAULT_NEXUS_PORT}")
     assert listen is not None
     peers = _pick(args, "keepers", env, "SPIKE_NEXUS_KEEPER_PEERS")
@@ -356,6 +427,10 @@ def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
         raise ConfigError("threshold must be at least 1")
     if threshold > shares:
         raise ConfigError(f"threshold ({threshold}) cannot be larger than shares ({shares})")
+    if env.get("SPIKE_NEXUS_SHAMIR_MAX_SHARE_COUNT"):
+        most = _positive(env["SPIKE_NEXUS_SHAMIR_MAX_SHARE_COUNT"], "SPIKE_NEXUS_SHAMIR_MAX_SHARE_COUNT")
+        if shares > most:
+            raise ConfigError(f"shares ({shares}) is more than SPIKE_NEXUS_SHAMIR_MAX_SHARE_COUNT ({most})")
     if threshold == 1 and not _bool(args, "allow_threshold_one", env, "SPIKE_ALLOW_THRESHOLD_ONE"):
         raise ConfigError(THRESHOLD_ONE)
     if len(keepers) != shares:
@@ -383,6 +458,7 @@ def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
     mount = _pick(args, "vault_kv_mount", env, "SPIKE_NEXUS_VAULT_KV_MOUNT", default="secret") or "secret"
     token_ttl = _pick(args, "vault_token_ttl", env, "SPIKE_NEXUS_VAULT_TOKEN_TTL", default="1h") or "1h"
     data = Path(data_dir).expanduser()
+    database_text = database_url(database) if database else None
     return NexusConfig(
         base,
         parse_bind(listen, "Nexus listen address"),
@@ -395,7 +471,7 @@ def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
         parse_duration(grace or "5s", "shutdown grace"),
         parse_duration(waiting, "waiting summary interval") if waiting else WAITING_SUMMARY_EVERY,
         parse_duration(lasting, "keeper summary interval") if lasting else KEEPER_SUMMARY_EVERY,
-        database_url(database) if database else None,
+        database_text,
         _bool(args, "require_memory_lock", env, "SPIKE_REQUIRE_MEMORY_LOCK"),
         retiring,
         rotate_every,
@@ -403,7 +479,101 @@ def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
         config_file(args),
         vault_kv_mount(mount),
         vault_token_ttl(token_ttl),
+        backend_store(env.get("SPIKE_NEXUS_BACKEND_STORE", ""), database_text),
+        max_secret_versions(env.get("SPIKE_NEXUS_MAX_SECRET_VERSIONS", "")),
+        cipher_max_ciphertext(env.get("SPIKE_NEXUS_CRYPTO_MAX_CIPHERTEXT_SIZE", "")),
+        lite_workload_domains(env.get("SPIKE_TRUST_ROOT_LITE_WORKLOAD", ""), args, env),
     )
+
+
+def lite_workload_domains(text: str, args: argparse.Namespace, env: Env) -> tuple[str, ...]:
+    """SPIKE_TRUST_ROOT_LITE_WORKLOAD: a comma-separated list of trust domains, as SPIKE reads it.
+
+    Only a SPIFFE ID is compared here (no peer is trusted for it), so unlike the
+    other roles' trust roots a list of several domains is honoured.
+    """
+    if not text.strip():
+        flag = getattr(args, "trust_domain", None)
+        base = env.get("SPIKE_TRUST_ROOT")
+        return (str(flag) if flag else trust_root(base, "SPIKE_TRUST_ROOT") if base else DEFAULT_TRUST_DOMAIN,)
+    domains = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    try:
+        for domain in domains:
+            check_trust_domain(domain)
+    except InvalidSpiffeId as exc:
+        raise ConfigError(f"SPIKE_TRUST_ROOT_LITE_WORKLOAD: {exc}") from None
+    if not domains:
+        raise ConfigError(f"SPIKE_TRUST_ROOT_LITE_WORKLOAD={text!r} names no trust domain")
+    return domains
+
+
+def _positive(text: str, name: str) -> int:
+    """A whole number above zero, SPIKE's rule for its counts (SPIKE falls back to its default; spike refuses)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ConfigError(f"{name} must be a whole number above zero, not {text!r}")
+    return int(text)
+
+
+def backend_store(text: str, database: str | None) -> str:
+    """SPIKE_NEXUS_BACKEND_STORE: sqlite (the default), or postgres/postgresql with SPIKE_NEXUS_DATABASE_URL."""
+    store = text.strip().lower() or ("postgresql" if database else "sqlite")
+    if store == "postgres":
+        store = "postgresql"
+    if store == "sqlite" and database:
+        raise ConfigError("SPIKE_NEXUS_BACKEND_STORE=sqlite and a database URL (SPIKE_NEXUS_DATABASE_URL): choose one")
+    if store == "postgresql" and not database:
+        raise ConfigError(
+            f"SPIKE_NEXUS_BACKEND_STORE={text.strip()} needs the database's URL in SPIKE_NEXUS_DATABASE_URL "
+            "(postgresql://user@host:5432/dbname)"
+        )
+    if store == "lite" and database:
+        raise ConfigError(
+            "SPIKE_NEXUS_BACKEND_STORE=lite keeps no secrets, only its key record (SQLite in the data dir): "
+            "not with SPIKE_NEXUS_DATABASE_URL"
+        )
+    if store == "memory":
+        # Every value this Nexus serves is sealed under a root key whose shards the keepers hold; a
+        # Nexus with no keepers and no root key is another server, not a setting of this one.
+        raise ConfigError(
+            f"SPIKE_NEXUS_BACKEND_STORE={text.strip()} is not supported: spike has no keeper-less, unencrypted "
+            "Nexus; for a throw-away development deployment run `spike dev` (keepers, Nexus and a temporary "
+            "data dir in one command, all gone on Ctrl-C)"
+        )
+    if store not in ("sqlite", "postgresql", "lite"):
+        raise ConfigError(
+            f"SPIKE_NEXUS_BACKEND_STORE must be sqlite, lite, postgres or postgresql, not {text.strip()!r}"
+        )
+    return store
+
+
+def max_secret_versions(text: str) -> int:
+    """SPIKE_NEXUS_MAX_SECRET_VERSIONS: versions kept of a secret whose metadata sets no max (SPIKE's 10)."""
+    from spike.app.model.kv import DEFAULT_MAX_VERSIONS, MAX_MAX_VERSIONS
+
+    if not text:
+        return DEFAULT_MAX_VERSIONS
+    value = _positive(text, "SPIKE_NEXUS_MAX_SECRET_VERSIONS")
+    if value > MAX_MAX_VERSIONS:
+        raise ConfigError(f"SPIKE_NEXUS_MAX_SECRET_VERSIONS must be at most {MAX_MAX_VERSIONS}, not {value}")
+    return value
+
+
+def cipher_max_ciphertext(text: str) -> int | None:
+    """SPIKE_NEXUS_CRYPTO_MAX_CIPHERTEXT_SIZE: bytes of AES-GCM ciphertext (tag included) the cipher takes.
+
+    As in SPIKE, the longest plaintext is 16 bytes (the tag) less.  Unset,
+    spike keeps its own limit (1 MiB of plaintext; SPIKE's default is 64 KiB).
+    """
+    from spike.app.api.messages import CIPHER_MAX_PLAINTEXT
+
+    if not text:
+        return None
+    value = _positive(text, "SPIKE_NEXUS_CRYPTO_MAX_CIPHERTEXT_SIZE")
+    if not 17 <= value <= CIPHER_MAX_PLAINTEXT + 16:
+        raise ConfigError(
+            f"SPIKE_NEXUS_CRYPTO_MAX_CIPHERTEXT_SIZE must be between 17 and {CIPHER_MAX_PLAINTEXT + 16}, not {value}"
+        )
+    return value
 
 
 def retiring_keepers(text: str, keepers: Mapping[int, str]) -> dict[int, str]:
@@ -514,21 +684,31 @@ def nexus_url(args: argparse.Namespace, env: Env) -> str:
 
 
 def bootstrap(args: argparse.Namespace, env: Env) -> BootstrapConfig:
+    import math
+
+    base = common(args, env, Component.BOOTSTRAP)
     peers = _pick(args, "keepers", env, "SPIKE_NEXUS_KEEPER_PEERS")
-    timeout_text = _pick(args, "timeout", env, "SPIKE_BOOTSTRAP_TIMEOUT", default="60s")
+    timeout_text = _pick(args, "timeout", env, "SPIKE_BOOTSTRAP_TIMEOUT", default="60s") or "60s"
+    # SPIKE's SPIKE_BOOTSTRAP_TIMEOUT=0 means no deadline at all.
+    timeout = duration_seconds(timeout_text, "bootstrap timeout") or math.inf
+    # SPIKE's bootstrap forces only on exactly "true" (its Kubernetes-style flag); anything else is no.
+    force = bool(getattr(args, "force", False)) or env.get("SPIKE_BOOTSTRAP_FORCE", "") == "true"
     return BootstrapConfig(
-        common(args, env),
+        base,
         nexus_url(args, env),
         parse_keeper_peers(peers) if peers else None,
-        bool(getattr(args, "force", False)),
-        parse_duration(timeout_text or "60s", "bootstrap timeout"),
+        force,
+        timeout,
         _bool(args, "allow_threshold_one", env, "SPIKE_ALLOW_THRESHOLD_ONE"),
     )
 
 
 def client(args: argparse.Namespace, env: Env) -> ClientConfig:
     output = (getattr(args, "format", None) or "human").lower()
-    return ClientConfig(common(args, env), nexus_url(args, env), output)
+    recovery = env.get("SPIKE_PILOT_RECOVERY_DIR")
+    return ClientConfig(
+        common(args, env), nexus_url(args, env), output, Path(recovery).expanduser() if recovery else None
+    )
 
 
 def trust_domain_arg(text: str) -> str:
@@ -582,6 +762,9 @@ TOML_KEYS: dict[str, dict[str, str]] = {
         "rotate_every": "SPIKE_NEXUS_ROTATE_EVERY",
         "vault_kv_mount": "SPIKE_NEXUS_VAULT_KV_MOUNT",
         "vault_token_ttl": "SPIKE_NEXUS_VAULT_TOKEN_TTL",
+        "backend_store": "SPIKE_NEXUS_BACKEND_STORE",
+        "max_secret_versions": "SPIKE_NEXUS_MAX_SECRET_VERSIONS",
+        "crypto_max_ciphertext_size": "SPIKE_NEXUS_CRYPTO_MAX_CIPHERTEXT_SIZE",
     },
     "bootstrap": {"timeout": "SPIKE_BOOTSTRAP_TIMEOUT"},
 }

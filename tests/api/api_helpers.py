@@ -80,7 +80,7 @@ def _no_tls() -> Any:
 
 
 class Node:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, lite_workloads: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir
         self.record, self.shares = seal_key(ROOT_KEY, epoch=1, threshold=2, keeper_ids=KEEPERS)
         self.nexus_store = NexusStore(data_dir)
@@ -92,7 +92,7 @@ class Node:
         )
         self.cipher = CipherApi()
         self.policies = PolicyStore(self.store)
-        self.authorizer = Authorizer(TRUST, self.policies)
+        self.authorizer = Authorizer(TRUST, self.policies, lite_workloads=lite_workloads)
         self.reports: list[Report] = []
         self.key_users = KeyUsers(self.custody, self.store, self.cipher, self.authorizer, [self.reports.append])
         urls = {i: f"https://127.0.0.1:{20000 + i}" for i in KEEPERS}

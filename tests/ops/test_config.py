@@ -117,6 +117,10 @@ SETTINGS = [
              "postgres://g:pw-flag@[::1]/spike?password=pw-query&sslmode=require"),
             lambda c: c["database_url"], (None, "postgresql://f:***@db.test/spike", "postgresql://e@db.test:5433/spike",
                                           "postgres://g:***@[::1]/spike?password=***&sslmode=require")),
+    Setting("nexus", "max_secret_versions", "SPIKE_NEXUS_MAX_SECRET_VERSIONS", None, (5, "7", None),
+            lambda c: c["max_secret_versions"], (10, 5, 7, 7)),
+    Setting("nexus", "crypto_max_ciphertext_size", "SPIKE_NEXUS_CRYPTO_MAX_CIPHERTEXT_SIZE", None, (1000, "2000", None),
+            lambda c: c["cipher_max_ciphertext"], (None, 1000, 2000, 2000)),
     Setting("", "log_level", "SPIKE_LOG_LEVEL", "--log-level", ("debug", "WARNING", "error"),
             lambda c: c["common"]["log_level"], ("info", "debug", "warning", "error")),
     Setting("", "log_format", "SPIKE_LOG_FORMAT", "--log-format", ("json", "text", "json"),
@@ -238,6 +242,7 @@ def test_check_config_prints_the_whole_effective_configuration_and_touches_nothi
         "common", "bind", "keepers", "threshold", "schedule", "data_dir", "metrics_bind", "audit_log",
         "shutdown_grace", "waiting_summary_every", "keeper_summary_every", "database_url", "require_memory_lock",
         "retiring_keepers", "rotate_every", "crash_at", "config_file", "vault_kv_mount", "vault_token_ttl",
+        "backend", "max_secret_versions", "cipher_max_ciphertext", "lite_workload_domains",
     }  # fmt: skip
     assert set(shown["common"]) == {"trust", "svid", "log_level", "log_format"}
     assert shown["audit_log"] == str(data / "audit.log")

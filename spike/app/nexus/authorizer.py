@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from spike.app.model.policy import (
+    SYSTEM_CIPHER,
     SYSTEM_PATHS,
     SYSTEM_SECRET,
     PatternError,
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("spike.nexus.policy")
 
 _SYSTEM = frozenset(SYSTEM_PATHS)
+#: SPIKE's lite workload role's SPIFFE ID path (spike-sdk-go spiffeid.LiteWorkload).
+LITE_WORKLOAD_PATH = "/spike/workload/role/lite"
 MAX_CACHED_CALLERS = 10_000
 
 
@@ -190,8 +193,13 @@ _NOTHING = Listing(everything=False)
 class Authorizer:
     """Answers "may this caller do this on this path?" from the compiled policies in force."""
 
-    def __init__(self, trust: TrustDomains, source: PolicySource | None = None) -> None:
+    def __init__(
+        self, trust: TrustDomains, source: PolicySource | None = None, *, lite_workloads: Iterable[str] = ()
+    ) -> None:
         self._trust = trust
+        # SPIKE's lite workload role: spiffe://<td>/spike/workload/role/lite (or below it) may use the
+        # cipher without a policy, for each trust domain <td> here (SPIKE_TRUST_ROOT_LITE_WORKLOAD).
+        self._lite = tuple(f"spiffe://{domain}{LITE_WORKLOAD_PATH}" for domain in lite_workloads)
         self._source = source
         self._stale = source is not None
         self._set = _EMPTY
@@ -277,8 +285,14 @@ class Authorizer:
         """Whether policies decide for this caller: not nobody, not the superuser, not one of spike's own."""
         return caller is not None and self._trust.role_of(caller) is None
 
+    def is_lite_workload(self, caller: SpiffeId | None) -> bool:
+        text = str(caller) if caller is not None else ""
+        return any(text == base or text.startswith(base + "/") for base in self._lite)
+
     def allows(self, caller: SpiffeId | None, permission: Permission, path: str) -> bool:
         if self.is_superuser(caller):
+            return True
+        if permission is Permission.EXECUTE and path == SYSTEM_CIPHER and self.is_lite_workload(caller):
             return True
         if caller is None or not self._policy_caller(caller):
             return False  # spike's own components have no data access through policies
@@ -287,6 +301,8 @@ class Authorizer:
     def may_ever(self, caller: SpiffeId | None, permission: Permission) -> bool:
         """Whether any policy could grant `permission` to `caller` (a cheap first gate)."""
         if self.is_superuser(caller):
+            return True
+        if permission is Permission.EXECUTE and self.is_lite_workload(caller):
             return True
         if caller is None or not self._policy_caller(caller):
             return False

@@ -48,10 +48,13 @@ NOT_READY = ApiResponse.error(503, ErrorCode.NOT_READY, "its cipher key cannot b
 
 
 class CipherApi:
-    def __init__(self, random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+    def __init__(self, random_bytes: Callable[[int], bytes] = os.urandom, *, max_ciphertext: int | None = None) -> None:
         self._aead: AESGCM | None = None
         self._key_source: Callable[[], bytes] | None = None
         self._random = random_bytes
+        # SPIKE_NEXUS_CRYPTO_MAX_CIPHERTEXT_SIZE: SPIKE's limit on AES-GCM ciphertext (tag included);
+        # its plaintext limit is 16 bytes (the tag) less.  None: spike's own 1 MiB of plaintext.
+        self._max_plaintext = MAX_PLAINTEXT if max_ciphertext is None else max_ciphertext - 16
 
     def unlock(self, key_source: Callable[[], bytes]) -> None:
         """Encrypt and decrypt with the key `key_source()` gives (the keyring's cipher key), from the first use:
@@ -111,9 +114,9 @@ class CipherApi:
                 log.info("encrypt: unsupported algorithm")
                 return refusals.bad_request("unsupported algorithm: AES-GCM is the only one")
             plaintext = body.plaintext
-        if len(plaintext) > MAX_PLAINTEXT:
-            log.info("encrypt: plaintext of %d bytes exceeds %d", len(plaintext), MAX_PLAINTEXT)
-            return refusals.bad_request(f"the plaintext is longer than {MAX_PLAINTEXT} bytes")
+        if len(plaintext) > self._max_plaintext:
+            log.info("encrypt: plaintext of %d bytes exceeds %d", len(plaintext), self._max_plaintext)
+            return refusals.bad_request(f"the plaintext is longer than {self._max_plaintext} bytes")
         nonce = self._random(NONCE_SIZE)
         ciphertext = aead.encrypt(nonce, plaintext, CIPHER_AAD)
         if stream:
@@ -140,6 +143,9 @@ class CipherApi:
             return refusals.bad_request(
                 "not a ciphertext of `spike cipher encrypt`: unknown version byte, or too short"
             )
+        if len(ciphertext) > self._max_plaintext + 16:
+            log.info("decrypt: ciphertext of %d bytes exceeds %d", len(ciphertext), self._max_plaintext + 16)
+            return refusals.bad_request(f"the ciphertext is longer than {self._max_plaintext + 16} bytes")
         try:
             plaintext = aead.decrypt(nonce, ciphertext, CIPHER_AAD)
         except InvalidTag:

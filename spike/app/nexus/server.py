@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import anyio
 
 from spike.app import startup
-from spike.app.api.messages import KeyringStatusBody
+from spike.app.api.messages import POLICY_PATH, SECRETS_METADATA_PATH, SECRETS_PATH, KeyringStatusBody
 from spike.app.config import ConfigError, NexusConfig
 from spike.app.identity import identity_source
 from spike.app.logs import ReportLogger
@@ -88,8 +88,27 @@ def open_backend(config: NexusConfig) -> Backend:
     if config.database_url:
         from spike.app.store.postgres import PostgresBackend
 
-        return PostgresBackend(config.database_url)
-    return SqliteBackend(config.data_dir)
+        return PostgresBackend(config.database_url, default_max_versions=config.max_secret_versions)
+    return SqliteBackend(config.data_dir, default_max_versions=config.max_secret_versions)
+
+
+#: What SPIKE's lite backend does not serve: secrets and policies (its routeWithNoBackingStore).
+LITE_CLOSED_PATHS = frozenset({SECRETS_PATH, SECRETS_METADATA_PATH, POLICY_PATH})
+
+
+def close_for_lite(api: NexusApi) -> None:
+    """SPIKE_NEXUS_BACKEND_STORE=lite: encryption as a service only, as SPIKE's lite backend.
+
+    The secret and policy routes go; their paths stay known to the router, so a
+    call to one answers 400 api_bad_request, what SPIKE's lite Nexus answers
+    (its fallback route).  The cipher, bootstrap, status and operator routes stay.
+    """
+    for key in [key for key in api.routes if key[0] in LITE_CLOSED_PATHS]:
+        del api.routes[key]
+    log.warning(
+        "lite backend (SPIKE_NEXUS_BACKEND_STORE=lite): encryption as a service only; "
+        "the secret and policy APIs answer 400, the Vault face is off"
+    )
 
 
 class VaultOnFirstUse:
@@ -281,9 +300,9 @@ class Nexus:
         self.custody = _custody_machine(config, stored, anyio.current_time())
         self.urls = LiveUrls(lambda: self.driver)
         self.metrics = self._metrics() if config.metrics_bind is not None else None
-        self.cipher = CipherApi()
+        self.cipher = CipherApi(max_ciphertext=config.cipher_max_ciphertext)
         policies = PolicyStore(secrets)
-        authorizer = Authorizer(trust, policies)
+        authorizer = Authorizer(trust, policies, lite_workloads=config.lite_workload_domains)
         sinks: list[Callable[[Report], None]] = [ReportLogger(log, self.urls, anyio.current_time)]
         if self.metrics is not None:
             sinks.append(self.metrics.report)
@@ -311,6 +330,8 @@ class Nexus:
         )
         sinks.append(self.lifecycle.report)
         self.api = self._api(secrets, policies, authorizer, audit)
+        if config.backend == "lite":
+            close_for_lite(self.api)
         self.background: list[Background] = [self.driver.run]
         if secrets.shared:
             self.background.append(self._watch_cluster(authorizer, sinks))
@@ -332,7 +353,7 @@ class Nexus:
             authorizer=authorizer,
             observer=CallRecorder(audit, self.metrics),
             lifecycle=self.lifecycle,
-            vault=VaultOnFirstUse(partial(self._vault, secrets, authorizer)),
+            vault=None if config.backend == "lite" else VaultOnFirstUse(partial(self._vault, secrets, authorizer)),
         )
 
     def _vault(self, secrets: Backend, authorizer: Authorizer) -> VaultFace:
