@@ -14,13 +14,15 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from spike.app.identity import IdentitySpec, WorkloadApiSpec, workload_api_address
 from spike.protocol.errors import LocalProtocolError
-from spike.protocol.identity import InvalidSpiffeId, TrustDomains, check_trust_domain
+from spike.protocol.identity import InvalidSpiffeId, KeeperIdentity, TrustDomains, check_trust_domain
 from spike.protocol.material import MAX_KEEPER_ID, MIN_KEEPER_ID
 from spike.protocol.nexus import PollSchedule
+from spike.protocol.shamir import ShardDerivation
 from spike.transports.client import parse_origin
 from spike.transports.tls import SvidFiles
 
@@ -77,6 +79,8 @@ class NexusConfig:
     config_file: Path | None = None  # the --config file a SIGHUP reads again
     vault_kv_mount: str = "secret"  # where the Vault face serves KV v2 (/v1/<mount>/data/...)
     vault_token_ttl: float = 3600.0  # lifetime of a token from the Vault face's auth/cert/login
+    # How new root keys are split (docs/spike-keepers.md): spike's HMAC derivation, or SPIKE's Go one.
+    shard_derivation: ShardDerivation = ShardDerivation.HMAC
 
     @property
     def keeper_urls(self) -> dict[int, str]:
@@ -200,6 +204,7 @@ def common(args: argparse.Namespace, env: Env) -> Common:
             keeper=env.get("SPIKE_TRUST_ROOT_KEEPER") or default_domain,
             bootstrap=env.get("SPIKE_TRUST_ROOT_BOOTSTRAP") or default_domain,
             pilot=env.get("SPIKE_TRUST_ROOT_PILOT") or default_domain,
+            keeper_identity=keeper_identity(args, env),
         )
     except InvalidSpiffeId as exc:
         raise ConfigError(f"trust domain: {exc}") from None
@@ -403,7 +408,36 @@ def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
         config_file(args),
         vault_kv_mount(mount),
         vault_token_ttl(token_ttl),
+        shard_derivation(args, env),
     )
+
+
+# SPIKE compatibility of the keepers (docs/spike-keepers.md): how a keeper's SPIFFE ID is read, and
+# how the root key is split.  Nexus reads both; bootstrap reads the keeper identity (it dials keepers
+# too) and takes the derivation from Nexus's status.
+
+
+def keeper_identity(args: argparse.Namespace, env: Env) -> KeeperIdentity:
+    """`--keeper-identity` (SPIKE_NEXUS_KEEPER_IDENTITY): per-id (spike's) or spike (one ID for every keeper)."""
+    text = _pick(args, "keeper_identity", env, "SPIKE_NEXUS_KEEPER_IDENTITY", default="per-id") or "per-id"
+    try:
+        return KeeperIdentity(text.strip().lower())
+    except ValueError:
+        raise ConfigError(
+            f"keeper identity must be per-id (spiffe://<td>/spike/keeper/<id>) or spike "
+            f"(spiffe://<td>/spike/keeper for every keeper), not {text!r}"
+        ) from None
+
+
+def shard_derivation(args: argparse.Namespace, env: Env) -> ShardDerivation:
+    """`--shard-derivation` (SPIKE_NEXUS_SHARD_DERIVATION): hmac (spike's) or spike (SPIKE's Go Nexus)."""
+    text = _pick(args, "shard_derivation", env, "SPIKE_NEXUS_SHARD_DERIVATION", default="hmac") or "hmac"
+    try:
+        return ShardDerivation(text.strip().lower())
+    except ValueError:
+        raise ConfigError(
+            f"shard derivation must be hmac (spike's) or spike (SPIKE's Go Nexus), not {text!r}"
+        ) from None
 
 
 def retiring_keepers(text: str, keepers: Mapping[int, str]) -> dict[int, str]:
@@ -582,6 +616,8 @@ TOML_KEYS: dict[str, dict[str, str]] = {
         "rotate_every": "SPIKE_NEXUS_ROTATE_EVERY",
         "vault_kv_mount": "SPIKE_NEXUS_VAULT_KV_MOUNT",
         "vault_token_ttl": "SPIKE_NEXUS_VAULT_TOKEN_TTL",
+        "keeper_identity": "SPIKE_NEXUS_KEEPER_IDENTITY",
+        "shard_derivation": "SPIKE_NEXUS_SHARD_DERIVATION",
     },
     "bootstrap": {"timeout": "SPIKE_BOOTSTRAP_TIMEOUT"},
 }
@@ -653,6 +689,8 @@ def describe(config: object) -> dict[str, object]:
             return [plain(v) for v in value]
         if isinstance(value, Path):
             return str(value)
+        if isinstance(value, Enum):
+            return value.value
         if isinstance(value, str) and "://" in value:
             return mask_url(value)
         return value

@@ -147,7 +147,11 @@ def run(config: NexusConfig, reload: Callable[[], NexusConfig] | None = None) ->
 
 
 def _fits(record: KeyRecord, config: NexusConfig) -> bool:
-    return set(record.keeper_ids) == set(config.keepers) and record.threshold == config.threshold
+    return (
+        set(record.keeper_ids) == set(config.keepers)
+        and record.threshold == config.threshold
+        and record.derivation is config.shard_derivation
+    )
 
 
 def _custody_lines(record: KeyRecord | None, config: NexusConfig, where: str) -> list[tuple[int, str]]:
@@ -157,9 +161,10 @@ def _custody_lines(record: KeyRecord | None, config: NexusConfig, where: str) ->
     lines = [
         (
             logging.INFO,
-            f"{where} holds a key record for keepers {list(record.keeper_ids)} with threshold {record.threshold}; "
-            f"the configuration says keepers {sorted(config.keepers)} with threshold {config.threshold}: "
-            "custody moves there once the root key is rebuilt (a rekey)",
+            f"{where} holds a key record for keepers {list(record.keeper_ids)} with threshold {record.threshold} "
+            f"and shard derivation {record.derivation.value}; the configuration says keepers "
+            f"{sorted(config.keepers)} with threshold {config.threshold} and shard derivation "
+            f"{config.shard_derivation.value}: custody moves there once the root key is rebuilt (a rekey)",
         )
     ]
     reachable = [k for k in record.keeper_ids if k in config.keeper_urls]
@@ -250,6 +255,7 @@ def _custody_machine(config: NexusConfig, stored: Stored, now: float) -> NexusCu
             # custody moves to it once the key is rebuilt from the record's keepers.
             rekey=stored.record is not None and not _fits(stored.record, config),
             random_bytes=os.urandom,
+            derivation=config.shard_derivation,
         )
     except (LocalProtocolError, RemoteProtocolError) as exc:
         raise ConfigError(str(exc)) from None
