@@ -1,23 +1,7 @@
 """SPIKE's shard derivation (`ShardDerivation.SPIKE`): the bytes SPIKE's Go Nexus deals, and a record that says so.
 
-The reference below is written from SPIKE's Go code, step by step, not from
-spike's implementation:
-
-* spike-sdk-go ``crypto/shamir.go``, ``ComputeShares``: the root key is
-  unmarshalled into a P-256 scalar (big-endian), and
-  ``shamir.New(NewDeterministicReader(rk[:]), threshold-1, rootSecret).Share(n)``
-  gives shares with ids 1..n; the Nexus (spike ``app/nexus/internal/
-  initialization/recovery/update.go``, ``sendShardsToKeepers``) sends keeper
-  ``k`` the share whose id is ``k``, marshalled as 32 big-endian bytes.
-* spike-sdk-go ``crypto/io.go``, ``DeterministicReader.Read``: starts at
-  SHA256(seed); when the current 32-byte block is used up, the next block is
-  SHA256 of the previous one; a read copies what is left of the block.
-* circl ``secretsharing/ss.go``, ``New``: coefficient 0 is the secret,
-  coefficients 1..t are ``g.RandomScalar(rnd)`` in order; circl
-  ``group/short.go``, ``RandomScalar``: ``crypto/rand.Int(rd, N)``; Go's
-  ``crypto/rand/util.go``, ``Int``: reads ``k`` bytes with ``io.ReadFull``,
-  masks the top byte to the bit length of N-1, retries while not below N.
-* circl ``math/polynomial``, ``Evaluate``: Horner's rule mod N.
+The reference, `tests/core/spike_go_reference.py`, is written from SPIKE's
+Go code step by step (the files and functions are named there).
 """
 
 from __future__ import annotations
@@ -44,60 +28,11 @@ from spike.protocol import (
 )
 from spike.protocol.errors import LocalProtocolError
 from tests.core.core_helpers import SAMPLE_KEY_INT, Rig, key_from_int, of_type
+from tests.core.spike_go_reference import go_compute_shares
 
 KEY = key_from_int(SAMPLE_KEY_INT)
 SPIKE = ShardDerivation.SPIKE
 HMAC = ShardDerivation.HMAC
-
-
-class _DeterministicReader:
-    """spike-sdk-go crypto/io.go DeterministicReader, read by read as the Go code does it."""
-
-    def __init__(self, seed: bytes) -> None:
-        self.data = hashlib.sha256(seed).digest()
-        self.pos = 0
-
-    def read(self, size: int) -> bytes:
-        if self.pos >= len(self.data):
-            self.data = hashlib.sha256(self.data).digest()
-            self.pos = 0
-        chunk = self.data[self.pos : self.pos + size]
-        self.pos += len(chunk)
-        return chunk
-
-
-def _read_full(reader: _DeterministicReader, size: int) -> bytes:
-    out = b""
-    while len(out) < size:
-        out += reader.read(size - len(out))
-    return out
-
-
-def _go_rand_int(reader: _DeterministicReader, maximum: int) -> int:
-    """Go crypto/rand.Int(reader, maximum)."""
-    bit_len = (maximum - 1).bit_length()
-    k = (bit_len + 7) // 8
-    b = bit_len % 8 or 8
-    while True:
-        buf = bytearray(_read_full(reader, k))
-        buf[0] &= (1 << b) - 1
-        n = int.from_bytes(buf, "big")
-        if n < maximum:
-            return n
-
-
-def go_compute_shares(root_key: bytes, threshold: int, n: int) -> dict[int, bytes]:
-    """SPIKE's ComputeShares: keeper id -> the 32 bytes SPIKE's Nexus sends it."""
-    reader = _DeterministicReader(root_key)
-    poly = [int.from_bytes(root_key, "big")] + [_go_rand_int(reader, ORDER) for _ in range(threshold - 1)]
-
-    def evaluate(x: int) -> int:
-        acc = poly[-1]
-        for c in reversed(poly[:-1]):
-            acc = (acc * x + c) % ORDER
-        return acc
-
-    return {i: evaluate(i).to_bytes(32, "big") for i in range(1, n + 1)}
 
 
 # Pinned outputs of the reference above (as `spike operator recover` files say them), so that a

@@ -22,7 +22,7 @@ from spike.protocol import KeeperIdentity, Role, ShardAnswer, ShardDerivation, c
 from spike.protocol.wire import KEEPER_SHARD_PATH, decode
 from spike.transports.blocking import ClientSession
 from spike.transports.tls import SvidFiles, client_context, keeper_check
-from tests.core.test_spike_derivation import go_compute_shares
+from tests.core.spike_go_reference import go_compute_shares
 from tests.e2e.harness import Cluster
 from tests.transport.transport_rig import mint_files
 
