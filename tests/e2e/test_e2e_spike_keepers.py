@@ -121,3 +121,40 @@ def test_without_the_option_spikes_keeper_id_is_an_impostor(make_cluster: Callab
     _, status = cluster.wait_status(lambda s: all(k["polls"] >= 2 for k in s["keepers"]), "every keeper polled twice")
     assert status["phase"] == "uninitialised"
     assert all(k["state"] != "holding" for k in status["keepers"])
+
+
+def test_changing_the_derivation_is_a_rekey_to_a_new_key_split_the_new_way(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster(nexus_env=SPIKE_ENV)
+    svid = spike_keeper_svid(cluster)
+    for keeper_id in cluster.keeper_ids:
+        cluster.start_keeper(keeper_id, files=svid)
+    cluster.start_nexus()
+    booted = cluster.run("bootstrap", identity="bootstrap", env={"SPIKE_NEXUS_KEEPER_IDENTITY": "spike"})
+    assert booted.returncode == 0, booted
+    cluster.wait_status(lambda s: s["phase"] == "ready" and s["redundancy"] == 1, "ready, all holding")
+
+    cluster.kill("nexus")
+    cluster.start_nexus({"SPIKE_NEXUS_SHARD_DERIVATION": "hmac"})
+    assert "shard derivation spike; the configuration says" in cluster.nexus().text()
+    _, status = cluster.wait_status(
+        lambda s: s["phase"] == "ready" and s["epoch"] == 2 and s["rotation"] is None,
+        "rotated to a key split spike's own way",
+        60.0,
+    )
+    assert status["shard_derivation"] == "hmac"
+    store = NexusStore(cluster.data_dir)
+    try:
+        record = store.load_key_record()
+    finally:
+        store.close()
+    assert record is not None and (record.epoch, record.derivation) == (2, ShardDerivation.HMAC)
+    files = recovery_files(cluster, cluster.root / "recovery")
+    key = combine([parse_shard(files[1]), parse_shard(files[2])], 2)
+    try:
+        assert record.matches_key(key)
+        go = go_compute_shares(key.secret_bytes(), 2, 3)
+    finally:
+        key.wipe()
+    assert all(files[i] != f"spike:{i}:{go[i].hex()}" for i in files)  # no longer SPIKE's bytes
