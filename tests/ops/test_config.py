@@ -419,3 +419,26 @@ def test_an_unknown_spike_keeper_option_is_one_line_and_exit_2(
     assert (code, out) == (2, "")
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert expected in err and repr(value) in err, err
+
+
+@pytest.mark.parametrize(
+    ("peers", "derivation", "said"),
+    [
+        (PEERS_ENV, "spike", None),
+        ("https://k1.test:8443,https://k2.test:8443", "spike", None),  # the plain list: ids 1..n
+        ("1=https://k1.test:8443,4=https://k4.test:8443", "spike", "keeper ids 4 outside 1..2"),
+        ("1=https://k1.test:8443,4=https://k4.test:8443", "hmac", None),
+    ],
+)
+def test_spike_derivation_warns_of_ids_spikes_go_nexus_does_not_deal_to(
+    peers: str, derivation: str, said: str | None, svid: DevIdentity
+) -> None:
+    import argparse
+
+    from spike.app.nexus.server import _ids_go_cannot_deal
+
+    shares = str(len(peers.split(",")))
+    env = {**os.environ, "SPIKE_NEXUS_KEEPER_PEERS": peers, "SPIKE_NEXUS_SHAMIR_SHARES": shares}
+    env["SPIKE_NEXUS_SHARD_DERIVATION"] = derivation
+    warning = _ids_go_cannot_deal(cfg.nexus(argparse.Namespace(), env))
+    assert (warning is None) if said is None else (warning is not None and said in warning)

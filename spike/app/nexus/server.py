@@ -41,6 +41,7 @@ from spike.protocol.identity import Role, SpiffeId, TrustDomains
 from spike.protocol.nexus import NexusCustody
 from spike.protocol.pending import PendingRotation
 from spike.protocol.record import KeyRecord
+from spike.protocol.shamir import ShardDerivation
 from spike.transports.custody_driver import CustodyDriver
 from spike.transports.identity import IdentitySource
 from spike.transports.runner import Listener, run_event_loop, serve
@@ -179,6 +180,20 @@ def _custody_lines(record: KeyRecord | None, config: NexusConfig, where: str) ->
             )
         )
     return lines
+
+
+def _ids_go_cannot_deal(config: NexusConfig) -> str | None:
+    """With SPIKE's shard derivation, keeper ids SPIKE's Go Nexus would not deal to (it deals ids 1..n only)."""
+    if config.shard_derivation is not ShardDerivation.SPIKE:
+        return None
+    outside = sorted(set(config.keepers) - set(range(1, len(config.keepers) + 1)))
+    if not outside:
+        return None
+    return (
+        f"--shard-derivation spike with keeper ids {', '.join(map(str, outside))} outside 1..{len(config.keepers)}: "
+        "spike deals them SPIKE's bytes, but SPIKE's Go Nexus deals shares to ids 1..n only, so it could not take "
+        "turns over these keepers (number them 1..n, or use the plain list form of the keeper peers)"
+    )
 
 
 class LiveUrls(Mapping[int, str]):
@@ -394,6 +409,8 @@ class Nexus:
                 )
         for level, line in _custody_lines(record, config, self._secrets.description):
             log.log(level, "%s", line)
+        if (odd := _ids_go_cannot_deal(config)) is not None:
+            log.warning("%s", odd)
         log.info(
             "Nexus listening on %s:%d; polling %d keepers every %gs (pid %d)",
             host,
