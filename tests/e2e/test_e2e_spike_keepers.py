@@ -110,6 +110,19 @@ def test_spike_keepers_under_our_nexus_with_spikes_derivation(make_cluster: Call
     cluster.start_nexus()
     cluster.wait_status(lambda s: s["phase"] == "ready" and s["redundancy"] == 1, "recovered after restart")
 
+    # Everything lost: the recovery files (SPIKE's bytes) bring the key back, and the keepers get SPIKE's bytes.
+    cluster.kill("nexus", *(f"keeper-{i}" for i in cluster.keeper_ids))
+    for keeper_id in cluster.keeper_ids:
+        cluster.start_keeper(keeper_id, files=svid)
+    cluster.start_nexus()
+    cluster.wait_status(lambda s: all(k["state"] == "empty" for k in s["keepers"]), "every keeper empty")
+    for keeper_id in (3, 1):
+        text = f"spike:{keeper_id}:{go[keeper_id].hex()}\n"
+        restored = cluster.run("operator", "restore", identity="pilot-restore", stdin=text.encode())
+        assert restored.returncode == 0, restored
+    cluster.wait_status(lambda s: s["phase"] == "ready" and s["redundancy"] == 1, "restored, every keeper seeded")
+    assert {i: held_shard(cluster, i) for i in cluster.keeper_ids} == go
+
 
 def test_without_the_option_spikes_keeper_id_is_an_impostor(make_cluster: Callable[..., Cluster]) -> None:
     cluster = make_cluster()
