@@ -243,10 +243,27 @@ def _add_nexus(sub: Any) -> None:
     nexus.add_argument(
         "--vault-token-ttl", metavar="DUR", help="Vault API: lifetime of a cert-login token (default 1h)"
     )
+    _keeper_identity_flag(nexus)
+    nexus.add_argument(
+        "--shard-derivation",
+        choices=["hmac", "spike"],
+        help="how a new root key is split: hmac (spike's, default) or spike (SPIKE's Go Nexus, which can then "
+        "take turns over the same keepers and recovery files) (env SPIKE_NEXUS_SHARD_DERIVATION)",
+    )
     nexus.add_argument("--check-config", action="store_true", help="print the effective configuration and exit")
     _threshold_one_flag(nexus)
     _memory_flag(nexus)
     _identity_flags(nexus)
+
+
+def _keeper_identity_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keeper-identity",
+        choices=["per-id", "spike"],
+        help="keepers' SPIFFE IDs: per-id (spiffe://<td>/spike/keeper/<id>, default) or spike (SPIKE's one "
+        "spiffe://<td>/spike/keeper for every keeper: the URL says which keeper it is) "
+        "(env SPIKE_NEXUS_KEEPER_IDENTITY)",
+    )
 
 
 def _add_bootstrap(sub: Any) -> None:
@@ -255,6 +272,7 @@ def _add_bootstrap(sub: Any) -> None:
     boot.add_argument("--force", action="store_true", help="replace an existing root key (old secrets are lost)")
     boot.add_argument("--timeout", metavar="DUR", help="give up after this long (default 60s)")
     boot.add_argument("--format", choices=["human", "json"], default="human")
+    _keeper_identity_flag(boot)
     _threshold_one_flag(boot)
     _client_flags(boot)
 

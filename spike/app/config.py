@@ -14,14 +14,16 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from spike.app.identity import IdentitySpec, WorkloadApiSpec, workload_api_address
 from spike.app.spike_env import Component, refusal
 from spike.protocol.errors import LocalProtocolError
-from spike.protocol.identity import InvalidSpiffeId, TrustDomains, check_trust_domain
+from spike.protocol.identity import InvalidSpiffeId, KeeperIdentity, TrustDomains, check_trust_domain
 from spike.protocol.material import MAX_KEEPER_ID, MIN_KEEPER_ID
 from spike.protocol.nexus import PollSchedule
+from spike.protocol.shamir import ShardDerivation
 from spike.transports.client import parse_origin
 from spike.transports.tls import SvidFiles
 
@@ -84,6 +86,8 @@ class NexusConfig:
     # SPIKE_TRUST_ROOT_LITE_WORKLOAD: trust domains whose spiffe://<td>/spike/workload/role/lite may use the
     # cipher without a policy (SPIKE's lite workload role); unset, the trust domain of SPIKE_TRUST_ROOT.
     lite_workload_domains: tuple[str, ...] = ()
+    # How new root keys are split (docs/spike-keepers.md): spike's HMAC derivation, or SPIKE's Go one.
+    shard_derivation: ShardDerivation = ShardDerivation.HMAC
 
     @property
     def keeper_urls(self) -> dict[int, str]:
@@ -270,6 +274,7 @@ def common(args: argparse.Namespace, env: Env, component: Component = Component.
             keeper=role("SPIKE_TRUST_ROOT_KEEPER"),
             bootstrap=role("SPIKE_TRUST_ROOT_BOOTSTRAP"),
             pilot=role("SPIKE_TRUST_ROOT_PILOT"),
+            keeper_identity=keeper_identity(args, env),
         )
     except InvalidSpiffeId as exc:
         raise ConfigError(f"trust domain: {exc}") from None
@@ -483,6 +488,7 @@ def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
         max_secret_versions(env.get("SPIKE_NEXUS_MAX_SECRET_VERSIONS", "")),
         cipher_max_ciphertext(env.get("SPIKE_NEXUS_CRYPTO_MAX_CIPHERTEXT_SIZE", "")),
         lite_workload_domains(env.get("SPIKE_TRUST_ROOT_LITE_WORKLOAD", ""), args, env),
+        shard_derivation(args, env),
     )
 
 
@@ -574,6 +580,34 @@ def cipher_max_ciphertext(text: str) -> int | None:
             f"SPIKE_NEXUS_CRYPTO_MAX_CIPHERTEXT_SIZE must be between 17 and {CIPHER_MAX_PLAINTEXT + 16}, not {value}"
         )
     return value
+
+
+# SPIKE compatibility of the keepers (docs/spike-keepers.md): how a keeper's SPIFFE ID is read, and
+# how the root key is split.  Nexus reads both; bootstrap reads the keeper identity (it dials keepers
+# too) and takes the derivation from Nexus's status.
+
+
+def keeper_identity(args: argparse.Namespace, env: Env) -> KeeperIdentity:
+    """`--keeper-identity` (SPIKE_NEXUS_KEEPER_IDENTITY): per-id (spike's) or spike (one ID for every keeper)."""
+    text = _pick(args, "keeper_identity", env, "SPIKE_NEXUS_KEEPER_IDENTITY", default="per-id") or "per-id"
+    try:
+        return KeeperIdentity(text.strip().lower())
+    except ValueError:
+        raise ConfigError(
+            f"keeper identity must be per-id (spiffe://<td>/spike/keeper/<id>) or spike "
+            f"(spiffe://<td>/spike/keeper for every keeper), not {text!r}"
+        ) from None
+
+
+def shard_derivation(args: argparse.Namespace, env: Env) -> ShardDerivation:
+    """`--shard-derivation` (SPIKE_NEXUS_SHARD_DERIVATION): hmac (spike's) or spike (SPIKE's Go Nexus)."""
+    text = _pick(args, "shard_derivation", env, "SPIKE_NEXUS_SHARD_DERIVATION", default="hmac") or "hmac"
+    try:
+        return ShardDerivation(text.strip().lower())
+    except ValueError:
+        raise ConfigError(
+            f"shard derivation must be hmac (spike's) or spike (SPIKE's Go Nexus), not {text!r}"
+        ) from None
 
 
 def retiring_keepers(text: str, keepers: Mapping[int, str]) -> dict[int, str]:
@@ -765,6 +799,8 @@ TOML_KEYS: dict[str, dict[str, str]] = {
         "backend_store": "SPIKE_NEXUS_BACKEND_STORE",
         "max_secret_versions": "SPIKE_NEXUS_MAX_SECRET_VERSIONS",
         "crypto_max_ciphertext_size": "SPIKE_NEXUS_CRYPTO_MAX_CIPHERTEXT_SIZE",
+        "keeper_identity": "SPIKE_NEXUS_KEEPER_IDENTITY",
+        "shard_derivation": "SPIKE_NEXUS_SHARD_DERIVATION",
     },
     "bootstrap": {"timeout": "SPIKE_BOOTSTRAP_TIMEOUT"},
 }
@@ -836,6 +872,8 @@ def describe(config: object) -> dict[str, object]:
             return [plain(v) for v in value]
         if isinstance(value, Path):
             return str(value)
+        if isinstance(value, Enum):
+            return value.value
         if isinstance(value, str) and "://" in value:
             return mask_url(value)
         return value

@@ -49,7 +49,7 @@ from .effects import (
 )
 from .errors import LocalProtocolError, RemoteProtocolError, ShamirError, SpikeError
 from .events import Answer, FailureKind, RequestFailed, ResponseReceived
-from .identity import InvalidSpiffeId, Role, SpiffeId, TrustDomains, peer_spiffe_id
+from .identity import InvalidSpiffeId, KeeperIdentity, Role, SpiffeId, TrustDomains, peer_spiffe_id
 from .keeper import MAX_KEEPER_BODY, Keeper, KeeperChange, KeeperOutcome
 from .material import ORDER, RootKey, Share, derive_key, key_check_value, shard_commitment
 from .nexus import (
@@ -66,7 +66,7 @@ from .nexus import (
 )
 from .pending import PendingRotation
 from .record import KeyRecord, seal_key
-from .shamir import combine, deal, share_for, split_with
+from .shamir import ShardDerivation, combine, deal, share_for, split_with
 from .trust import TrustBundleError, TrustBundles, chain_refusal
 from .wire import (
     KEEPER_CONTRIBUTE_PATH,
@@ -101,6 +101,7 @@ __all__ = [
     "InvalidSpiffeId",
     "Keeper",
     "KeeperChange",
+    "KeeperIdentity",
     "KeeperLeft",
     "KeeperMisbehaved",
     "KeeperOutcome",
@@ -137,6 +138,7 @@ __all__ = [
     "ShamirError",
     "ShardAnswer",
     "ShardContribution",
+    "ShardDerivation",
     "ShardRequest",
     "ShardRetired",
     "Share",

@@ -107,6 +107,23 @@ _ROLE_PATHS = {
     Role.PILOT_RESTORE: "/spike/pilot/role/restore",
 }
 _KEEPER_PREFIX = "/spike/keeper/"
+_SPIKE_KEEPER_PATH = "/spike/keeper"
+
+
+class KeeperIdentity(Enum):
+    """How Nexus and bootstrap know a keeper by its SPIFFE ID.
+
+    ``PER_ID`` (spike's): keeper ``k`` is ``spiffe://<td>/spike/keeper/<k>``, so a
+    keeper's SVID answers for its own id only.  ``SPIKE`` (SPIKE's Go
+    deployments): every keeper is ``spiffe://<td>/spike/keeper``, and which
+    keeper answers is decided by the URL dialled: any keeper SVID can answer for
+    any id, so one compromised keeper (or its SVID) can pose as another.  In
+    that mode ``/spike/keeper/<k>`` is still accepted at keeper ``k``'s URL, so
+    Go keepers and spike keepers with their own ids can be mixed.
+    """
+
+    PER_ID = "per-id"
+    SPIKE = "spike"
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +138,7 @@ class TrustDomains:
     keeper: str = "spike.ist"
     bootstrap: str = "spike.ist"
     pilot: str = "spike.ist"
+    keeper_identity: KeeperIdentity = KeeperIdentity.PER_ID
 
     @classmethod
     def single(cls, domain: str) -> TrustDomains:
@@ -142,8 +160,13 @@ class TrustDomains:
         return self.pilot
 
     def id_of(self, role: Role, keeper_id: int | None = None) -> SpiffeId:
-        """The SPIFFE ID that holds `role` (a keeper's needs its `keeper_id`: ``/spike/keeper/<id>``)."""
+        """The SPIFFE ID that holds `role` (a keeper's needs its `keeper_id`: ``/spike/keeper/<id>``).
+
+        With SPIKE's keeper identity, every keeper's is ``/spike/keeper``.
+        """
         if role is Role.KEEPER:
+            if self.keeper_identity is KeeperIdentity.SPIKE:
+                return SpiffeId(self.keeper, _SPIKE_KEEPER_PATH)
             if keeper_id is None:
                 raise LocalProtocolError("a keeper's SPIFFE ID needs its keeper id")
             return SpiffeId(self.keeper, f"{_KEEPER_PREFIX}{keeper_id}")
@@ -160,8 +183,22 @@ class TrustDomains:
             suffix = peer.path[len(_KEEPER_PREFIX) :]
             if suffix.isdigit() and not suffix.startswith("0"):
                 return Role.KEEPER
+        if (
+            self.keeper_identity is KeeperIdentity.SPIKE
+            and peer.trust_domain == self.keeper
+            and peer.path == _SPIKE_KEEPER_PATH
+        ):
+            return Role.KEEPER
         return None
 
     def is_keeper(self, peer: SpiffeId | None, keeper_id: int) -> bool:
-        """True only for keeper `keeper_id`'s own ID: check it before sending that keeper anything."""
-        return peer == self.id_of(Role.KEEPER, keeper_id)
+        """True only for an ID that may be keeper `keeper_id`: check it before sending that keeper anything.
+
+        Keeper `keeper_id`'s own ID; with SPIKE's keeper identity also the one
+        ID every SPIKE keeper has (the URL then decides which keeper it is).
+        """
+        if peer is None:
+            return False
+        if self.keeper_identity is KeeperIdentity.SPIKE and peer == SpiffeId(self.keeper, _SPIKE_KEEPER_PATH):
+            return True
+        return peer == SpiffeId(self.keeper, f"{_KEEPER_PREFIX}{keeper_id}")

@@ -90,7 +90,7 @@ from .nexus_rotation import DEAL_ROUNDS, RotatingCustody
 from .pending import PendingRotation
 from .record import KeyRecord
 from .rotation_steps import Event
-from .shamir import check_parameters, combine, deal, share_for
+from .shamir import ShardDerivation, check_parameters, combine, deal, share_for
 from .timers import TimerKind, Timers
 from .wire import (
     KEEPER_CONTRIBUTE_PATH,
@@ -155,10 +155,13 @@ class NexusCustody(RotatingCustody):
         highest_epoch: int = 0,
         rekey: bool = False,
         random_bytes: Callable[[int], bytes] | None = None,
+        derivation: ShardDerivation = ShardDerivation.HMAC,
     ) -> None:
         ids = sorted(keeper_ids)
         check_parameters(threshold, ids)
         self._target: tuple[tuple[int, ...], int] = (tuple(ids), threshold)
+        # How new keys are dealt (bootstrap's record, rotations); a record in force keeps its own.
+        self._derivation = derivation
         self._schedule = schedule
         self._rng = rng
         self._random_bytes = random_bytes
@@ -206,6 +209,11 @@ class NexusCustody(RotatingCustody):
             self._rotate_due = True
 
     # ------------------------------------------------------------------ queries
+
+    @property
+    def derivation(self) -> ShardDerivation:
+        """How this machine splits a new root key (a record in force keeps the derivation it was made with)."""
+        return self._derivation
 
     @property
     def phase(self) -> Phase:
@@ -283,7 +291,13 @@ class NexusCustody(RotatingCustody):
     def export_shards(self) -> dict[int, Share]:
         """Every keeper's current shard, for the operator's recovery files."""
         record = self._require_record()
-        return deal(self.root_key, epoch=record.epoch, threshold=record.threshold, ids=record.keeper_ids)
+        return deal(
+            self.root_key,
+            epoch=record.epoch,
+            threshold=record.threshold,
+            ids=record.keeper_ids,
+            derivation=record.derivation,
+        )
 
     # ------------------------------------------------------------------ outputs
 
@@ -696,7 +710,9 @@ class NexusCustody(RotatingCustody):
             keeper.took_new = True
         else:
             return  # nothing it should hold is known (a keeper only a stored rotation names, not being dealt)
-        share = share_for(key, epoch=target.epoch, threshold=target.threshold, id=keeper.id)
+        share = share_for(
+            key, epoch=target.epoch, threshold=target.threshold, id=keeper.id, derivation=target.derivation
+        )
         keeper.reseed_from = keeper.state
         body = encode(ShardContribution.of(share))
         self._send(keeper, RequestKind.PUSH, KEEPER_CONTRIBUTE_PATH, body, now, target.epoch)
@@ -712,6 +728,11 @@ class NexusCustody(RotatingCustody):
             raise LocalProtocolError(f"key record is for keepers {list(record.keeper_ids)}, configured are {list(ids)}")
         if record.threshold != threshold:
             raise LocalProtocolError(f"key record has threshold {record.threshold}, configured is {threshold}")
+        if record.derivation is not self._derivation:
+            raise LocalProtocolError(
+                f"key record's shards are derived the {record.derivation.value!r} way, configured is "
+                f"{self._derivation.value!r} (--shard-derivation)"
+            )
 
     def _require_record(self) -> KeyRecord:
         if self._record is None:

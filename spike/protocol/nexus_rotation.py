@@ -31,7 +31,7 @@ from .material import MAX_EPOCH, RootKey, Share
 from .pending import PendingRotation
 from .record import KeyRecord, seal_key
 from .rotation_steps import STEPS, Act, Event, Step
-from .shamir import check_parameters, share_for
+from .shamir import ShardDerivation, check_parameters, share_for
 from .timers import TimerKind, Timers
 from .wire import KEEPER_CONTRIBUTE_PATH, TWO_SLOTS, ShardContribution, encode
 
@@ -55,6 +55,7 @@ class RotatingCustody:
     _timers: Timers
     _highest: int
     _target: tuple[tuple[int, ...], int]
+    _derivation: ShardDerivation
     _rotate_due: bool
     _rekey: bool
     _random_bytes: Callable[[int], bytes] | None
@@ -165,7 +166,17 @@ class RotatingCustody:
             new_key = RootKey.generate(self._random_bytes)
         else:
             new_key = RootKey(key.secret_bytes())  # the machine wipes its own copy when done
-        new_record, _ = seal_key(new_key, epoch=epoch, threshold=new_threshold, keeper_ids=ids)
+        if self._derivation is ShardDerivation.SPIKE and new_key == self._key:
+            # SPIKE's derivation has no epoch input: the same key at a new epoch would deal every
+            # keeper the very shard it holds, so the "rotation" would change nothing but labels.
+            new_key.wipe()
+            raise RotationRefused(
+                "with SPIKE's shard derivation (--shard-derivation spike) the shards depend on the key "
+                "alone: a rotation needs a new root key, not the one in force"
+            )
+        new_record, _ = seal_key(
+            new_key, epoch=epoch, threshold=new_threshold, keeper_ids=ids, derivation=self._derivation
+        )
         pending = PendingRotation.seal(self._key, record, new_key, new_record)
         self._target = (ids, new_threshold)
         for keeper in self._keepers.values():
@@ -480,7 +491,7 @@ class RotatingCustody:
         return record.epoch if keeper.id in record.keeper_ids else None
 
     def _is_target(self, record: KeyRecord) -> bool:
-        return (record.keeper_ids, record.threshold) == self._target
+        return (record.keeper_ids, record.threshold) == self._target and record.derivation is self._derivation
 
     def _deal(self, keeper: KeeperRecord, now: float) -> None:
         """Give a keeper that holds its current shard its new one, keeping the current one beside it."""
@@ -491,7 +502,9 @@ class RotatingCustody:
         new = rotation.pending.record
         if keeper.id not in new.keeper_ids or rotation.new_key is None:
             return
-        share = share_for(rotation.new_key, epoch=new.epoch, threshold=new.threshold, id=keeper.id)
+        share = share_for(
+            rotation.new_key, epoch=new.epoch, threshold=new.threshold, id=keeper.id, derivation=new.derivation
+        )
         keeper.took_new = True
         body = encode(ShardContribution.of(share, keep=record.epoch, keep_commitment=record.commitments.get(keeper.id)))
         self._send(keeper, RequestKind.DEAL, KEEPER_CONTRIBUTE_PATH, body, now, new.epoch)

@@ -21,7 +21,7 @@ import msgspec
 
 from .errors import LocalProtocolError, RemoteProtocolError
 from .material import MAX_EPOCH, RootKey, Share, key_check_value, shard_commitment
-from .shamir import check_parameters, deal
+from .shamir import ShardDerivation, check_parameters, deal
 
 #: The most spans of earlier epochs a record keeps (the oldest are let go beyond it).  Epochs grow
 #: one at a time, so a deployment's history is one span unless its record was ever replaced with a
@@ -44,6 +44,14 @@ class KeyRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_de
     default, left out of the JSON) is a record with no known history, as
     records written before spike kept one: then every epoch below `epoch`
     counts as one the deployment had.
+
+    `derivation` is how the shards of this key were derived from it
+    (`ShardDerivation`); it is left out of the JSON for spike's own, so
+    records written before it existed read back, and are written, unchanged.
+    Every re-seed and recovery export of this key follows it, whatever the
+    configuration says now: a restart never deals a keeper a shard of another
+    polynomial.  (An older spike refuses a record with SPIKE's derivation, as it
+    should: it would deal the wrong shards.)
     """
 
     epoch: int
@@ -52,6 +60,7 @@ class KeyRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_de
     check: bytes
     commitments: dict[int, bytes]
     history: tuple[EpochSpan, ...] | None = None
+    derivation: ShardDerivation = ShardDerivation.HMAC
 
     @property
     def shares(self) -> int:
@@ -128,16 +137,22 @@ class KeyRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_de
 
 
 def seal_key(
-    key: RootKey, *, epoch: int, threshold: int, keeper_ids: Sequence[int]
+    key: RootKey,
+    *,
+    epoch: int,
+    threshold: int,
+    keeper_ids: Sequence[int],
+    derivation: ShardDerivation = ShardDerivation.HMAC,
 ) -> tuple[KeyRecord, dict[int, Share]]:
     """Deal `key` to the keepers and describe the result (the record holds no secret)."""
-    shares = deal(key, epoch=epoch, threshold=threshold, ids=keeper_ids)
+    shares = deal(key, epoch=epoch, threshold=threshold, ids=keeper_ids, derivation=derivation)
     record = KeyRecord(
         epoch=epoch,
         threshold=threshold,
         keeper_ids=tuple(sorted(keeper_ids)),
         check=key_check_value(key, epoch),
         commitments={i: shard_commitment(s) for i, s in shares.items()},
+        derivation=derivation,
     )
     return record, shares
 

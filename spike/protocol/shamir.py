@@ -2,23 +2,43 @@
 
 The secret is the root key read as a big-endian integer; share ``x`` is the
 keeper's stable id, share ``y`` is 32 big-endian bytes.  `deal` derives the
-polynomial's coefficients from the key itself (HMAC-SHA512, reduced modulo
-the field order) so that the same key, epoch and threshold always give the
-same share for the same keeper: every Nexus instance, restart and re-seed
-agree on what a keeper should hold.  Reducing 512 bits modulo a 256-bit prime
-leaves a bias below 2**-256.
+polynomial's coefficients from the key itself so that the same key, epoch and
+threshold always give the same share for the same keeper: every Nexus
+instance, restart and re-seed agree on what a keeper should hold.
+
+Two derivations of the coefficients (`ShardDerivation`):
+
+* ``hmac`` (spike's own, the default): HMAC-SHA512 under the key over a label,
+  the epoch, the threshold and the coefficient's index, reduced modulo the
+  field order (a bias below 2**-256).  Each epoch has its own polynomial.
+* ``spike`` (SPIKE's Go Nexus and bootstrap): a SHA-256 chain of the key,
+  ``H1 = SHA256(key)``, ``H(i+1) = SHA256(H(i))``, each block read as a
+  big-endian number and taken as the next coefficient if it is below the
+  field order (else skipped).  No epoch goes in: the shards depend on the key
+  and the threshold only, so a new key is the only way to new shards (which a
+  rotation always makes).  With it, SPIKE's Go Nexus and spike's deal the
+  same bytes to the same keepers and read each other's recovery files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Iterable, Sequence
+from enum import Enum
 from functools import lru_cache
 
 from .errors import ShamirError
 from .material import MAX_KEEPER_ID, MIN_KEEPER_ID, ORDER, SHARD_SIZE, RootKey, Share
 
 _COEFFICIENT_LABEL = b"spike/v1/shamir-coefficient"
+
+
+class ShardDerivation(Enum):
+    """How the polynomial's coefficients come from the root key (module docstring)."""
+
+    HMAC = "hmac"  # spike's: HMAC-SHA512 in (key, epoch, threshold, index)
+    SPIKE = "spike"  # SPIKE's Go code: a SHA-256 chain of the key, no epoch
 
 
 def check_parameters(threshold: int, ids: Sequence[int]) -> None:
@@ -42,13 +62,31 @@ def _check_id(i: int) -> None:
         raise ShamirError(f"share id {i!r} is not between {MIN_KEEPER_ID} and {MAX_KEEPER_ID}")
 
 
-def _coefficients(key: RootKey, epoch: int, threshold: int) -> list[int]:
+def _coefficients(key: RootKey, epoch: int, threshold: int, derivation: ShardDerivation) -> list[int]:
+    if derivation is ShardDerivation.SPIKE:
+        return _spike_coefficients(key, threshold)
     secret = key.secret_bytes()
     prefix = _COEFFICIENT_LABEL + epoch.to_bytes(8, "big") + threshold.to_bytes(1, "big")
     coefficients = [int.from_bytes(secret, "big")]
     for j in range(1, threshold):
         digest = hmac.new(secret, prefix + j.to_bytes(1, "big"), "sha512").digest()
         coefficients.append(int.from_bytes(digest, "big") % ORDER)
+    return coefficients
+
+
+def _spike_coefficients(key: RootKey, threshold: int) -> list[int]:
+    # SPIKE's ComputeShares (spike-sdk-go crypto/shamir.go) hands circl's secretsharing.New a
+    # DeterministicReader (crypto/io.go: SHA256 of the key, then SHA256 of the previous block, 32
+    # bytes at a time); circl draws each coefficient with crypto/rand.Int(reader, order), which reads
+    # 32 bytes and retries while the number is not below the order.
+    secret = key.secret_bytes()
+    coefficients = [int.from_bytes(secret, "big")]
+    block = secret
+    while len(coefficients) < threshold:
+        block = hashlib.sha256(block).digest()
+        candidate = int.from_bytes(block, "big")
+        if candidate < ORDER:
+            coefficients.append(candidate)
     return coefficients
 
 
@@ -63,19 +101,28 @@ def _to_share(x: int, epoch: int, y: int) -> Share:
     return Share(x, epoch, y.to_bytes(SHARD_SIZE, "big"))
 
 
-def deal(key: RootKey, *, epoch: int, threshold: int, ids: Sequence[int]) -> dict[int, Share]:
+def deal(
+    key: RootKey,
+    *,
+    epoch: int,
+    threshold: int,
+    ids: Sequence[int],
+    derivation: ShardDerivation = ShardDerivation.HMAC,
+) -> dict[int, Share]:
     """Split `key` into one share per id; any `threshold` of them rebuild it."""
     check_parameters(threshold, ids)
-    coefficients = _coefficients(key, epoch, threshold)
+    coefficients = _coefficients(key, epoch, threshold, derivation)
     return {i: _to_share(i, epoch, _evaluate(coefficients, i)) for i in ids}
 
 
-def share_for(key: RootKey, *, epoch: int, threshold: int, id: int) -> Share:
+def share_for(
+    key: RootKey, *, epoch: int, threshold: int, id: int, derivation: ShardDerivation = ShardDerivation.HMAC
+) -> Share:
     """The share `deal` gives to `id`, without computing the others."""
     if threshold < 1:
         raise ShamirError(f"threshold must be at least 1, not {threshold}")
     _check_id(id)
-    return _to_share(id, epoch, _evaluate(_coefficients(key, epoch, threshold), id))
+    return _to_share(id, epoch, _evaluate(_coefficients(key, epoch, threshold, derivation), id))
 
 
 def split_with(secret: int, coefficients: Sequence[int], ids: Sequence[int]) -> dict[int, int]:

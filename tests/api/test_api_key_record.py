@@ -76,3 +76,19 @@ async def test_a_replacing_record_must_also_be_above_every_epoch_a_rotation_used
     stored = node.nexus_store.load_key_record()
     assert stored is not None and stored.epoch == 6 and node.custody.record == stored
     assert node.nexus_store.load_rotation_state() == (None, None, 6)
+
+
+async def test_a_record_split_another_way_than_configured_is_refused_with_the_reason(node: Node) -> None:
+    """docs/spike-keepers.md: bootstrap splits the key as Nexus's status says; a record split otherwise is a 400."""
+    from spike.protocol import ShardDerivation
+
+    before = node.nexus_store.load_key_record()
+    record, _ = seal_key(NEW_KEY, epoch=2, threshold=2, keeper_ids=KEEPERS, derivation=ShardDerivation.SPIKE)
+    answer = node.call(
+        BOOTSTRAP_INIT_PATH, msgspec.to_builtins(InitRequest(record=record, replace=True)), peer=BOOTSTRAP
+    )
+    assert answer.status == 400
+    reason = msgspec.json.decode(answer.body)["reason"]
+    assert "derived the 'spike' way, configured is 'hmac' (--shard-derivation)" in reason
+    assert node.nexus_store.load_key_record() == before == node.custody.record
+    assert init(node, 2) == 200  # the same key split the configured way: installed

@@ -51,12 +51,12 @@ PUBLIC_NAMES = {
     "Keeper", "KeeperOutcome", "KeeperChange", "ApiRequest", "ApiResponse", "MAX_KEEPER_BODY",
     # material and Shamir
     "RootKey", "Share", "KeyRecord", "seal_key", "ORDER", "deal", "share_for", "combine", "split_with",
-    "key_check_value", "shard_commitment", "derive_key",
+    "key_check_value", "shard_commitment", "derive_key", "ShardDerivation",
     # wire
     "KEEPER_CONTRIBUTE_PATH", "KEEPER_SHARD_PATH", "ShardContribution", "ShardAnswer", "ErrorCode",
     "encode", "decode", "KEEPER_FORGET_PATH", "ShardRequest", "ForgetRequest",
     # identity
-    "SpiffeId", "InvalidSpiffeId", "TrustDomains", "Role", "peer_spiffe_id",
+    "SpiffeId", "InvalidSpiffeId", "TrustDomains", "Role", "peer_spiffe_id", "KeeperIdentity",
     # trust per domain
     "TrustBundles", "TrustBundleError", "chain_refusal",
     # errors
@@ -94,12 +94,12 @@ FIELDS = {
     "ApiRequest": ("method", "path", "peer", "body", "query", "content_type", "headers"),
     "ApiResponse": ("status", "body", "content_type"),
     "SpiffeId": ("trust_domain", "path"),
-    "TrustDomains": ("nexus", "keeper", "bootstrap", "pilot"),
+    "TrustDomains": ("nexus", "keeper", "bootstrap", "pilot", "keeper_identity"),
     "ShardContribution": ("shard", "id", "epoch", "keep", "keep_commitment"),
     "ShardAnswer": ("shard", "id", "epoch", "other_epoch", "slots"),
     "ShardRequest": ("epoch",),
     "ForgetRequest": ("epoch", "all"),
-    "KeyRecord": ("epoch", "threshold", "keeper_ids", "check", "commitments", "history"),
+    "KeyRecord": ("epoch", "threshold", "keeper_ids", "check", "commitments", "history", "derivation"),
 }  # fmt: skip
 
 ENUMS = {
@@ -117,6 +117,8 @@ ENUMS = {
     "RequestKind": ("poll", "push", "confirm", "check", "deal", "forget", "clear"),
     "KeeperChange": ("none", "stored", "replaced", "forgotten"),
     "Role": ("nexus", "keeper", "bootstrap", "pilot-superuser", "pilot-recover", "pilot-restore"),
+    "ShardDerivation": ("hmac", "spike"),
+    "KeeperIdentity": ("per-id", "spike"),
     "ErrorCode": (
         "api_bad_request", "api_not_found", "access_unauthorized", "state_not_ready", "api_conflict",
         "api_internal_error",

@@ -90,6 +90,7 @@ class Setting:
 
 
 HOME_DATA = "HOME/.spike/data"
+PER_ID = {"keeper_identity": "per-id"}  # how keepers' SPIFFE IDs are read (docs/spike-keepers.md)
 SETTINGS = [
     Setting("nexus", "listen", "SPIKE_NEXUS_TLS_PORT", "--listen", (":1001", "127.0.0.2:1002", "[::1]:1003"),
             lambda c: c["bind"], (["0.0.0.0", 8553], ["0.0.0.0", 1001], ["127.0.0.2", 1002], ["::1", 1003])),
@@ -127,11 +128,16 @@ SETTINGS = [
             lambda c: c["common"]["log_format"], ("text", "json", "text", "json")),
     Setting("", "trust_domain", "SPIKE_TRUST_ROOT", "--trust-domain", ("file.test", "env.test", "flag.test"),
             lambda c: c["common"]["trust"], (
-                dict.fromkeys(("nexus", "keeper", "bootstrap", "pilot"), "spike.ist"),
-                dict.fromkeys(("nexus", "keeper", "bootstrap", "pilot"), "file.test"),
-                dict.fromkeys(("nexus", "keeper", "bootstrap", "pilot"), "env.test"),
-                dict.fromkeys(("nexus", "keeper", "bootstrap", "pilot"), "flag.test"),
+                {**dict.fromkeys(("nexus", "keeper", "bootstrap", "pilot"), "spike.ist"), **PER_ID},
+                {**dict.fromkeys(("nexus", "keeper", "bootstrap", "pilot"), "file.test"), **PER_ID},
+                {**dict.fromkeys(("nexus", "keeper", "bootstrap", "pilot"), "env.test"), **PER_ID},
+                {**dict.fromkeys(("nexus", "keeper", "bootstrap", "pilot"), "flag.test"), **PER_ID},
             )),
+    Setting("nexus", "keeper_identity", "SPIKE_NEXUS_KEEPER_IDENTITY", "--keeper-identity",
+            ("spike", "per-id", "spike"), lambda c: c["common"]["trust"]["keeper_identity"],
+            ("per-id", "spike", "per-id", "spike")),
+    Setting("nexus", "shard_derivation", "SPIKE_NEXUS_SHARD_DERIVATION", "--shard-derivation",
+            ("spike", "hmac", "spike"), lambda c: c["shard_derivation"], ("hmac", "spike", "hmac", "spike")),
     Setting("trust", "keeper", "SPIKE_TRUST_ROOT_KEEPER", None, ("k-file.test", "k-env.test", None),
             lambda c: c["common"]["trust"]["keeper"], ("spike.ist", "k-file.test", "k-env.test", "k-env.test")),
     Setting("nexus", "keepers", "SPIKE_NEXUS_KEEPER_PEERS", "--keepers",
@@ -242,7 +248,7 @@ def test_check_config_prints_the_whole_effective_configuration_and_touches_nothi
         "common", "bind", "keepers", "threshold", "schedule", "data_dir", "metrics_bind", "audit_log",
         "shutdown_grace", "waiting_summary_every", "keeper_summary_every", "database_url", "require_memory_lock",
         "retiring_keepers", "rotate_every", "crash_at", "config_file", "vault_kv_mount", "vault_token_ttl",
-        "backend", "max_secret_versions", "cipher_max_ciphertext", "lite_workload_domains",
+        "backend", "max_secret_versions", "cipher_max_ciphertext", "lite_workload_domains", "shard_derivation",
     }  # fmt: skip
     assert set(shown["common"]) == {"trust", "svid", "log_level", "log_format"}
     assert shown["audit_log"] == str(data / "audit.log")
@@ -394,3 +400,49 @@ def test_require_memory_lock_from_flag_environment_or_file(
     assert check_config(capsys, "--config", str(config))["require_memory_lock"] is True
     monkeypatch.setenv("SPIKE_REQUIRE_MEMORY_LOCK", "no")
     assert check_config(capsys, "--config", str(config))["require_memory_lock"] is False
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "expected"),
+    [
+        ("SPIKE_NEXUS_SHARD_DERIVATION", "xor", "shard derivation must be hmac (spike's) or spike"),
+        ("SPIKE_NEXUS_KEEPER_IDENTITY", "any", "keeper identity must be per-id"),
+    ],
+)
+def test_an_unknown_spike_keeper_option_is_one_line_and_exit_2(
+    env: str,
+    value: str,
+    expected: str,
+    svid: DevIdentity,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("SPIKE_NEXUS_KEEPER_PEERS", PEERS_ENV)
+    monkeypatch.setenv(env, value)
+    code, out, err = run(["nexus", "--check-config"], capsys)
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert expected in err and repr(value) in err, err
+
+
+@pytest.mark.parametrize(
+    ("peers", "derivation", "said"),
+    [
+        (PEERS_ENV, "spike", None),
+        ("https://k1.test:8443,https://k2.test:8443", "spike", None),  # the plain list: ids 1..n
+        ("1=https://k1.test:8443,4=https://k4.test:8443", "spike", "keeper ids 4 outside 1..2"),
+        ("1=https://k1.test:8443,4=https://k4.test:8443", "hmac", None),
+    ],
+)
+def test_spike_derivation_warns_of_ids_spikes_go_nexus_does_not_deal_to(
+    peers: str, derivation: str, said: str | None, svid: DevIdentity
+) -> None:
+    import argparse
+
+    from spike.app.nexus.server import _ids_go_cannot_deal
+
+    shares = str(len(peers.split(",")))
+    env = {**os.environ, "SPIKE_NEXUS_KEEPER_PEERS": peers, "SPIKE_NEXUS_SHAMIR_SHARES": shares}
+    env["SPIKE_NEXUS_SHARD_DERIVATION"] = derivation
+    warning = _ids_go_cannot_deal(cfg.nexus(argparse.Namespace(), env))
+    assert (warning is None) if said is None else (warning is not None and said in warning)

@@ -83,6 +83,7 @@ from spike.protocol import (
     SendRequest,
     ShardAnswer,
     ShardContribution,
+    ShardDerivation,
     Share,
     SpiffeId,
     TrustDomains,
@@ -160,6 +161,7 @@ class SimConfig:
     rekeys: bool = False  # rotations may move custody to another keeper set or threshold
     kill_around_writes: float = 0.4  # chance that Nexus is killed around each store write
     calm: bool = False  # no storms, no Nexus restarts, no planted garbage: nothing gets in a rotation's way
+    derivation: ShardDerivation = ShardDerivation.HMAC  # how every key of the run is split (SPIKE's: no epoch input)
 
     @property
     def duration(self) -> float:
@@ -552,7 +554,8 @@ class World:
         self._custody_factory = custody
         self._rng = random.Random(f"world-{s.seed}")
         key = RootKey.generate(self._rng.randbytes)
-        record, _ = seal_key(key, epoch=s.epoch, threshold=s.threshold, keeper_ids=s.keeper_ids)
+        derivation = self.config.derivation
+        record, _ = seal_key(key, epoch=s.epoch, threshold=s.threshold, keeper_ids=s.keeper_ids, derivation=derivation)
         # The deployment had the epoch before this one and none earlier (so NEVER_HAD_OLDER exists when epoch >= 2).
         record = msgspec.structs.replace(record, history=((s.epoch - 1, s.epoch - 1),)).validate()
         self._initial = record
@@ -628,9 +631,20 @@ class World:
             record = self.records.get(epoch, self.record)
             key = {"own": self.keys.get(epoch), "stale": self.keys.get(epoch + 1), "foreign": self._other_key}[kind]
             assert key is not None
-            cached = deal(key, epoch=epoch, threshold=record.threshold, ids=record.keeper_ids)
+            cached = deal(
+                key, epoch=epoch, threshold=record.threshold, ids=record.keeper_ids, derivation=record.derivation
+            )
             self._share_cache[(epoch, kind)] = cached
         return cached
+
+    def _stale_key(self, epoch: int) -> RootKey:
+        """The key whose shard, labelled epoch - 1, is a stale one: with spike's derivation the key of `epoch` itself
+        (the epoch changes the polynomial); with SPIKE's, whose shards depend on the key alone, the previous epoch's
+        key (drawn apart, so that the runs of spike's derivation keep their random streams)."""
+        if self.config.derivation is ShardDerivation.HMAC:
+            return self.keys[epoch]
+        drawn = random.Random(f"stale-{self.scenario.seed}-{epoch}")
+        return self.keys.get(epoch - 1) or RootKey.generate(drawn.randbytes)
 
     def _share_of(self, keeper_id: int) -> Share:
         """Keeper `keeper_id`'s shard in force, or its first one if it is no longer in the set."""
@@ -1026,6 +1040,7 @@ class World:
             highest_epoch=self.highest,
             rekey=self._rekey,
             random_bytes=self._keys_rng.randbytes,
+            derivation=self.config.derivation,
         )
         self._live.clear()
         self._verified.clear()
@@ -1078,9 +1093,14 @@ class World:
             return encode(ShardContribution(list(own.secret_bytes()), keeper_id, label))
         ids = record.keeper_ids
         if wrong in (WrongShard.STALE, WrongShard.STALE_GO):
-            share = share_for(self.keys[epoch], epoch=epoch - 1, threshold=record.threshold, id=keeper_id)
+            share = share_for(
+                self._stale_key(epoch), epoch=epoch - 1, threshold=record.threshold, id=keeper_id,
+                derivation=record.derivation,
+            )  # fmt: skip
         elif wrong in (WrongShard.FOREIGN, WrongShard.FOREIGN_GO):
-            share = share_for(self._other_key, epoch=epoch, threshold=record.threshold, id=keeper_id)
+            share = share_for(
+                self._other_key, epoch=epoch, threshold=record.threshold, id=keeper_id, derivation=record.derivation
+            )
         elif keeper_id in ids:
             other = ids[(ids.index(keeper_id) + 1) % len(ids)]
             share = self.shares[other] if other != keeper_id else Share(keeper_id, epoch, b"\x01" * 32)

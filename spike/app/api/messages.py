@@ -89,6 +89,8 @@ class StatusBody(msgspec.Struct, kw_only=True):
     schedule: ScheduleStatus | None = None
     recovery: RecoveryStatus | None = None
     keyring: KeyringStatusBody | None = None
+    # How Nexus splits a new root key (hmac, or spike: SPIKE's Go derivation); bootstrap deals with it.
+    shard_derivation: str | None = None
 
 
 class RotateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

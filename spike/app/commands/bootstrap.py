@@ -37,6 +37,7 @@ from spike.app.identity import identity_source
 from spike.protocol.identity import Role, TrustDomains
 from spike.protocol.material import RootKey, Share, derive_key
 from spike.protocol.record import seal_key
+from spike.protocol.shamir import ShardDerivation
 from spike.protocol.wire import KEEPER_CONTRIBUTE_PATH, ShardContribution, decode, encode
 from spike.transports.blocking import BlockingConnection, ClientSession
 from spike.transports.client import TransportError
@@ -111,7 +112,13 @@ def _run(config: BootstrapConfig, say: Say, progress: Progress) -> dict[str, obj
         epoch = max(status.epoch or 0, status.highest_epoch or 0, under_way) + 1
         key = RootKey.generate(os.urandom)
         try:
-            record, shares = seal_key(key, epoch=epoch, threshold=status.threshold, keeper_ids=sorted(keepers))
+            record, shares = seal_key(
+                key,
+                epoch=epoch,
+                threshold=status.threshold,
+                keeper_ids=sorted(keepers),
+                derivation=_derivation(status.shard_derivation),
+            )
             _install_record(nexus, InitRequest(record=record, replace=config.force))
             say(f"key record for epoch {epoch} installed in Nexus ({status.threshold}-of-{len(keepers)})")
             seeded = _seed_keepers(session, trust, keepers, shares, status.threshold, deadline, say, progress)
@@ -161,6 +168,14 @@ def _install_record(nexus: BlockingConnection, request: InitRequest) -> None:
             raise CommandError(reason or "Nexus already holds another key record (initialised meanwhile?)")
         raise CommandError(f"Nexus refused the key record (HTTP {status}): {reason or 'see its log'}")
     decode(body, InitResponse)
+
+
+def _derivation(name: str | None) -> ShardDerivation:
+    """How Nexus splits its keys (a Nexus that does not say splits them spike's way)."""
+    try:
+        return ShardDerivation(name or ShardDerivation.HMAC.value)
+    except ValueError:
+        raise CommandError(f"Nexus splits its keys a way this bootstrap does not know: {name!r}") from None
 
 
 def _shards_dealt(nexus: BlockingConnection, request: InitRequest) -> None:

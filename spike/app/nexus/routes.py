@@ -306,6 +306,7 @@ class NexusApi:
             rotation=None if custody.rotation is None else rotation_status(custody.rotation, wall_of),
             schedule=None if self._lifecycle is None else self._lifecycle.schedule_status(),
             recovery=None if self._lifecycle is None else self._lifecycle.recovery_status(),
+            shard_derivation=custody.derivation.value,
         )
         if self._lifecycle is None or custody.phase is not Phase.READY:
             return ApiResponse.json(body)

@@ -41,6 +41,7 @@ from spike.protocol.identity import Role, SpiffeId, TrustDomains
 from spike.protocol.nexus import NexusCustody
 from spike.protocol.pending import PendingRotation
 from spike.protocol.record import KeyRecord
+from spike.protocol.shamir import ShardDerivation
 from spike.transports.custody_driver import CustodyDriver
 from spike.transports.identity import IdentitySource
 from spike.transports.runner import Listener, run_event_loop, serve
@@ -166,7 +167,11 @@ def run(config: NexusConfig, reload: Callable[[], NexusConfig] | None = None) ->
 
 
 def _fits(record: KeyRecord, config: NexusConfig) -> bool:
-    return set(record.keeper_ids) == set(config.keepers) and record.threshold == config.threshold
+    return (
+        set(record.keeper_ids) == set(config.keepers)
+        and record.threshold == config.threshold
+        and record.derivation is config.shard_derivation
+    )
 
 
 def _custody_lines(record: KeyRecord | None, config: NexusConfig, where: str) -> list[tuple[int, str]]:
@@ -176,9 +181,10 @@ def _custody_lines(record: KeyRecord | None, config: NexusConfig, where: str) ->
     lines = [
         (
             logging.INFO,
-            f"{where} holds a key record for keepers {list(record.keeper_ids)} with threshold {record.threshold}; "
-            f"the configuration says keepers {sorted(config.keepers)} with threshold {config.threshold}: "
-            "custody moves there once the root key is rebuilt (a rekey)",
+            f"{where} holds a key record for keepers {list(record.keeper_ids)} with threshold {record.threshold} "
+            f"and shard derivation {record.derivation.value}; the configuration says keepers "
+            f"{sorted(config.keepers)} with threshold {config.threshold} and shard derivation "
+            f"{config.shard_derivation.value}: custody moves there once the root key is rebuilt (a rekey)",
         )
     ]
     reachable = [k for k in record.keeper_ids if k in config.keeper_urls]
@@ -193,6 +199,20 @@ def _custody_lines(record: KeyRecord | None, config: NexusConfig, where: str) ->
             )
         )
     return lines
+
+
+def _ids_go_cannot_deal(config: NexusConfig) -> str | None:
+    """With SPIKE's shard derivation, keeper ids SPIKE's Go Nexus would not deal to (it deals ids 1..n only)."""
+    if config.shard_derivation is not ShardDerivation.SPIKE:
+        return None
+    outside = sorted(set(config.keepers) - set(range(1, len(config.keepers) + 1)))
+    if not outside:
+        return None
+    return (
+        f"--shard-derivation spike with keeper ids {', '.join(map(str, outside))} outside 1..{len(config.keepers)}: "
+        "spike deals them SPIKE's bytes, but SPIKE's Go Nexus deals shares to ids 1..n only, so it could not take "
+        "turns over these keepers (number them 1..n, or use the plain list form of the keeper peers)"
+    )
 
 
 class LiveUrls(Mapping[int, str]):
@@ -269,6 +289,7 @@ def _custody_machine(config: NexusConfig, stored: Stored, now: float) -> NexusCu
             # custody moves to it once the key is rebuilt from the record's keepers.
             rekey=stored.record is not None and not _fits(stored.record, config),
             random_bytes=os.urandom,
+            derivation=config.shard_derivation,
         )
     except (LocalProtocolError, RemoteProtocolError) as exc:
         raise ConfigError(str(exc)) from None
@@ -409,6 +430,8 @@ class Nexus:
                 )
         for level, line in _custody_lines(record, config, self._secrets.description):
             log.log(level, "%s", line)
+        if (odd := _ids_go_cannot_deal(config)) is not None:
+            log.warning("%s", odd)
         log.info(
             "Nexus listening on %s:%d; polling %d keepers every %gs (pid %d)",
             host,
