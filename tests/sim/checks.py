@@ -22,8 +22,8 @@ from tests.sim.custody_sim import (
     Polled,
     Pushed,
     Recovered,
-    Run,
     RotationStep,
+    Run,
     RunEnded,
     ShardAnswered,
 )
