@@ -215,8 +215,8 @@ PUT_400 = {
     "body a json list": b'[{"path": "a", "values": {"k": "v"}}]',
     "body empty": b"",
 }
+# Version 0 is no longer here: it is the current version, as in SPIKE (issue 17; tests/api/test_api_spike_go.py).
 VERSIONS_400 = {
-    "version 0": {"path": "app/db", "versions": [0]},
     "negative version": {"path": "app/db", "versions": [-1]},
     "version 2**31": {"path": "app/db", "versions": [BIG]},
     "1001 versions": {"path": "app/db", "versions": list(range(1, 1002))},
@@ -531,19 +531,30 @@ def test_unknown_action_is_400(seeded: Node, route: str, query_action: str) -> N
     assert snapshot(seeded) == before
 
 
-@pytest.mark.parametrize(
-    "path", ["/v1/store/secret", "/v1/store/secrets/", "/v1/store/secrets/app/db", "/v1/store", "/", "/v1/nope"]
-)
-def test_unknown_path_is_404(seeded: Node, path: str) -> None:
+@pytest.mark.parametrize("path", ["/", "/v1", "/v2/store/secrets", "/v1/nope"])
+def test_unknown_path_outside_spikes_prefixes_is_404(seeded: Node, path: str) -> None:
     answer = seeded.call(path, {"path": "app/db"}, action="get")
     assert (answer.status, answer.error()) == (404, "api_not_found")
 
 
+@pytest.mark.parametrize(
+    "path", ["/v1/store/secret", "/v1/store/secrets/", "/v1/store/secrets/app/db", "/v1/store", "/v1/storex"]
+)
+def test_unknown_path_under_spikes_prefixes_is_400_as_from_spike(seeded: Node, path: str) -> None:
+    """SPIKE's Go Nexus answers every request it has no route for with its fallback, 400 (issue 17).
+
+    /v1/storex is not under /v1/store: outside SPIKE's prefixes, so 404 (no Vault face in this node)."""
+    answer = seeded.call(path, {"path": "app/db"}, action="get")
+    expected = (404, "api_not_found") if path == "/v1/storex" else (400, "api_bad_request")
+    assert (answer.status, answer.error()) == expected
+
+
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
-def test_other_methods_are_405(seeded: Node, method: str) -> None:
+def test_other_methods_are_400_as_from_spike(seeded: Node, method: str) -> None:
+    """Was 405, which SPIKE's Go SDK reports as "unexpected status code from peer" (issue 17)."""
     before = snapshot(seeded)
     answer = seeded.call(S, {"path": "app/db", "values": {"k": "v"}}, method=method)
-    assert (answer.status, answer.error()) == (405, "api_bad_request")
+    assert (answer.status, answer.error()) == (400, "api_bad_request")
     assert snapshot(seeded) == before
 
 

@@ -102,12 +102,18 @@ def check_version(version: int) -> int:
     return version
 
 
-def check_versions(versions: list[int]) -> list[int]:
+def check_versions(versions: list[int], *, zero_is_current: bool = False) -> list[int]:
+    """Versions named by a delete, undelete or destroy.
+
+    `zero_is_current`: 0 stands for the current version, as in SPIKE's API (its Pilot sends
+    ``versions: [0]`` when no version is given); Vault's API has no such version.
+    """
     if len(versions) > MAX_VERSIONS_PER_REQUEST:
         raise InvalidRequest(f"at most {MAX_VERSIONS_PER_REQUEST} versions per request")
+    lowest = 0 if zero_is_current else 1
     for version in versions:
-        if not 1 <= version <= MAX_VERSION:
-            raise InvalidRequest("versions must be between 1 and 2**31-1")
+        if not lowest <= version <= MAX_VERSION:
+            raise InvalidRequest(f"versions must be between {lowest} and 2**31-1")
     return versions
 
 
@@ -185,5 +191,5 @@ def plan_put(
 
 
 def targets(meta: SecretMeta, versions: list[int]) -> list[int]:
-    """The versions a delete/undelete/destroy addresses (none given: the current one)."""
-    return sorted(set(versions)) if versions else [meta.current_version]
+    """The versions a delete/undelete/destroy addresses (none given, or 0: the current one)."""
+    return sorted({v or meta.current_version for v in versions}) if versions else [meta.current_version]

@@ -46,7 +46,7 @@ from spike.app.nexus.lifecycle import KeyLifecycle, rotation_status
 from spike.app.nexus.operator_api import OperatorApi
 from spike.app.nexus.policy_api import PolicyApi
 from spike.app.nexus.secrets_api import SecretsApi
-from spike.app.nexus.vault.paths import is_vault_path
+from spike.app.nexus.vault.paths import is_spike_path, is_vault_path
 from spike.app.store.backend import KeyRecords
 from spike.app.store.errors import EpochUsed, StorageError
 from spike.protocol.api import ApiRequest, ApiResponse
@@ -207,7 +207,11 @@ class NexusApi:
     def _gate(self, route: Route | None, request: ApiRequest) -> tuple[str, ApiResponse | None]:
         """(decision, refusal): what the route table and the guards say before any handler runs."""
         if route is None:
-            return "no_route", refusals.UNKNOWN_ACTION if request.path in self._paths else refusals.NO_SUCH_ROUTE
+            if request.path in self._paths:
+                return "no_route", refusals.POST_ONLY if request.method != "POST" else refusals.UNKNOWN_ACTION
+            if is_spike_path(request.path):
+                return "no_route", refusals.POST_ONLY if request.method != "POST" else refusals.NO_SUCH_SPIKE_ROUTE
+            return "no_route", refusals.NO_SUCH_ROUTE
         if request.method != "POST":
             return "allowed", refusals.POST_ONLY
         if self._refused_outright(route.guard, request):

@@ -46,9 +46,14 @@ from spike.protocol.wire import ErrorCode, decode
 log = logging.getLogger("spike.nexus.secrets")
 
 MAX_LIST_LIMIT = 10_000
+DEFAULT_LIST_LIMIT = 1000  # a page when `after` comes without `limit`
 # Paths one list request looks at, at most (or `limit` + 1 if more): a caller that may see few of many
 # paths gets a page that may be short, and a cursor that continues past the ones it may not see.
 LIST_SCAN = 4096
+# A caller that does not page (SPIKE's Go SDK sends `{}`) gets every key it may list in one answer, as from
+# SPIKE, up to these bounds; beyond them a 400 tells it to page with `limit` and `after`.
+UNPAGED_MAX_KEYS = 100_000
+UNPAGED_MAX_SCAN = 1_000_000
 CAS_MISMATCH = "check-and-set failed: the secret is not at the version given (cas)"
 T = TypeVar("T")
 Reply = ApiResponse | Future[ApiResponse]
@@ -209,7 +214,7 @@ class SecretsApi:
     def _versions(
         self, action: Callable[[str, list[int]], Future[None]], body: SecretVersionsRequest, what: str
     ) -> Reply:
-        future = action(kv.check_path(body.path), kv.check_versions(body.versions))
+        future = action(kv.check_path(body.path), kv.check_versions(body.versions, zero_is_current=True))
         return when_done(future, lambda _: api.OK_EMPTY, what)
 
     def list(self, body: SecretListRequest, caller: SpiffeId | None) -> Reply:
@@ -221,9 +226,11 @@ class SecretsApi:
         always moves forward without naming a path the caller may not see.
         """
         prefix = kv.check_prefix(body.prefix)
-        if not 1 <= body.limit <= MAX_LIST_LIMIT:
+        if body.limit is None and not body.after:
+            return self._list_all(prefix, caller)
+        limit = DEFAULT_LIST_LIMIT if body.limit is None else body.limit
+        if not 1 <= limit <= MAX_LIST_LIMIT:
             raise kv.InvalidRequest(f"limit must be between 1 and {MAX_LIST_LIMIT}")
-        limit = body.limit
         visible = self._authorizer.lister(caller)  # bound to the policies in force now, on this thread
         if body.after and not self._cursors.is_token(body.after):
             kv.check_path(body.after)
@@ -244,6 +251,32 @@ class SecretsApi:
             return SecretListResponse(keys=keys, next_after=self._cursors.token(scanned[-1], caller, prefix))
 
         return read_reply(self._store, page, ApiResponse.json, "list")
+
+    def _list_all(self, prefix: str, caller: SpiffeId | None) -> Reply:
+        """Every path under `prefix` that `caller` may list, in one answer with no cursor (SPIKE's `list`).
+
+        Read in scans of `LIST_SCAN` paths; more than `UNPAGED_MAX_KEYS` keys to answer, or more than
+        `UNPAGED_MAX_SCAN` paths to look at, is refused (400, nothing is half answered): page instead.
+        """
+        visible = self._authorizer.lister(caller)
+
+        def everything() -> SecretListResponse:
+            keys: list[str] = []
+            after, scanned = "", 0
+            while True:
+                batch = self._store.list_paths(prefix, limit=LIST_SCAN, after=after)
+                scanned += len(batch)
+                keys.extend(batch if visible.everything else (k for k in batch if visible(k)))
+                if len(keys) > UNPAGED_MAX_KEYS or (scanned >= UNPAGED_MAX_SCAN and len(batch) == LIST_SCAN):
+                    raise kv.InvalidRequest(
+                        f"more than {UNPAGED_MAX_KEYS} keys (or {UNPAGED_MAX_SCAN} paths) to list at once: "
+                        "page with `limit` and `after` (spike secret list --limit N --after PATH)"
+                    )
+                if len(batch) < LIST_SCAN:
+                    return SecretListResponse(keys=keys)
+                after = batch[-1]
+
+        return read_reply(self._store, everything, ApiResponse.json, "list")
 
     # ------------------------------------------------------------------ metadata
 
