@@ -186,3 +186,44 @@ def test_too_many_keys_without_paging_is_a_clear_400(many: Node, monkeypatch: py
     assert (answer.status, answer.error()) == (400, "api_bad_request")
     assert "page with `limit` and `after`" in answer.json()["reason"]
     assert conclude(answer.status, answer.body).error == "api_bad_request"
+
+
+# ---------------------------------------------------------------- SPIKE's names (issue 17 section 4)
+
+
+def test_spikes_paths_and_key_names_are_accepted(node: Node) -> None:
+    """A leading `/`, SPIKE's extra path characters, keys with spaces: each was 400."""
+    body = b'{"path":"/app/db","values":{"db password":"v1"}}'
+    assert go(node, S, body).error is None
+    assert go(node, S, b'{"path":"app/(x)/[y]{z}|q?*+\\\\w","values":{"k":"v2"}}').error is None
+    got = go(node, S, b'{"path":"/app/db"}', action="get")
+    assert (got.error, got.field("data")) == (None, {"db password": "v1"})
+    # As in SPIKE, the leading slash is part of the path: /app/db and app/db are two secrets.
+    assert go(node, S, b'{"path":"app/db"}', action="get").error == "api_not_found"
+    assert go(node, S, LIST_ALL, action="list").field("keys") == ["/app/db", "app/(x)/[y]{z}|q?*+\\w"]
+    assert go(node, S, b'{"path":"/app/db","versions":[0]}', action="delete").error is None
+
+
+@pytest.mark.parametrize(
+    "path", ["/spike/system/acl", "/spike", "a//b", "/", "app/", "app/../x", "app/!x", "/" + "a" * 512]
+)
+def test_paths_still_refused(node: Node, path: str) -> None:
+    """The reserved system paths stay reserved with a leading slash; empty segments, .. and ! stay out."""
+    body = b'{"path":"%s","values":{"k":"v"}}' % path.encode()
+    assert go(node, S, body).error == "api_bad_request"
+    assert go(node, S, LIST_ALL, action="list").field("keys") == []
+
+
+def test_vaults_face_keeps_its_path_rules() -> None:
+    for path in ("/app/db", "app/(x)"):
+        with pytest.raises(kv.InvalidRequest):
+            kv.check_path(path)
+
+
+@pytest.mark.parametrize(("name", "ok"), [("web team", True), ("w" * 250, True), ("w" * 251, False), ("a/b", False)])
+def test_policy_names_with_spaces_up_to_250(node: Node, name: str, ok: bool) -> None:
+    body = POLICY_PUT % (name.encode(), b"^spiffe://spike.test/web$", b"^app/.*$")
+    assert go(node, POLICY_PATH, body).error == (None if ok else "api_bad_request")
+    if ok:
+        got = go(node, POLICY_PATH, POLICY_READ % name.encode(), action="get")  # get takes the id or the name
+        assert got.field("name") == name

@@ -173,7 +173,7 @@ def seeded(c: Cluster) -> Cluster:
         (["delete", "err/absent"], {}, 1, "there is no secret at err/absent"),
         (["put", "err//app", "k=v"], {}, 2, "path must be segments"),
         (["put", "err/app"], {}, 2, "values is empty"),
-        (["put", "err/app", "bad key=v"], {}, 2, "key names are"),
+        (["put", "err/app", "bad:key=v"], {}, 2, "key names are"),  # a space is SPIKE's, allowed (issue 17)
         (["get", "err/app"], {"identity": "pilot-recover"}, 1, "Nexus refused this identity"),
         (["put", "err/app", "k=v"], {"identity": "bootstrap"}, 1, "Nexus refused this identity"),
         (["get", "err/app"], {"unreachable": True}, 1, "is unreachable: connection refused"),

@@ -167,7 +167,7 @@ def run_secret(args: argparse.Namespace, say: Say = print, stdin: BinaryIO | Non
     command = args.secret_command
     path: str = getattr(args, "path", "")
     if path:
-        _check(kv.check_path, path)
+        _check(kv.check_spike_path, path)
     absent = f"there is no secret at {path}"
     with NexusClient(config.nexus_url, config.common.svid, config.common.trust) as nexus:
         if command == "put":
@@ -208,7 +208,7 @@ def run_secret(args: argparse.Namespace, say: Say = print, stdin: BinaryIO | Non
                     say(f"{key}: {got.data[key]}")
         elif command == "list":
             if args.prefix:
-                _check(kv.check_prefix, args.prefix)
+                _check(kv.check_spike_prefix, args.prefix)
             listed = nexus.call(
                 SECRETS_PATH,
                 SecretListRequest(prefix=args.prefix, limit=args.limit, after=args.after),
@@ -224,7 +224,7 @@ def run_secret(args: argparse.Namespace, say: Say = print, stdin: BinaryIO | Non
                     say(f"(more: --after {listed.next_after})")
         elif command in ("delete", "undelete", "destroy"):
             versions = _versions(args.versions)
-            _check(kv.check_versions, versions)
+            _check(lambda v: kv.check_versions(v, zero_is_current=True), versions)
             nexus.call(
                 SECRETS_PATH,
                 SecretVersionsRequest(path=path, versions=versions),

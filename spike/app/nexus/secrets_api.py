@@ -153,7 +153,7 @@ class SecretsApi:
                 body = decode(request.body, kind)
                 path = getattr(body, "path", None)
                 if path is not None:
-                    path = kv.check_path(path)
+                    path = kv.check_spike_path(path)
                     if reserved(path):
                         raise kv.InvalidRequest("paths under spike/ are reserved for the system")
                     if not authorizer.allows(request.peer, permission, path):
@@ -187,7 +187,7 @@ class SecretsApi:
     # ------------------------------------------------------------------ data
 
     def put(self, body: SecretPutRequest) -> Reply:
-        path = kv.check_path(body.path)
+        path = kv.check_spike_path(body.path)
         values = kv.check_values(body.values)
         if body.cas is not None:
             kv.check_version(body.cas)
@@ -195,7 +195,7 @@ class SecretsApi:
         return when_done(future, lambda version: ApiResponse.json(SecretPutResponse(version=version)), "put")
 
     def get(self, body: SecretGetRequest) -> Reply:
-        path, version = kv.check_path(body.path), kv.check_version(body.version)
+        path, version = kv.check_spike_path(body.path), kv.check_version(body.version)
 
         def answer(found: tuple[int, dict[str, str]]) -> ApiResponse:
             return ApiResponse.json(SecretGetResponse(data=found[1], version=found[0]))
@@ -214,7 +214,7 @@ class SecretsApi:
     def _versions(
         self, action: Callable[[str, list[int]], Future[None]], body: SecretVersionsRequest, what: str
     ) -> Reply:
-        future = action(kv.check_path(body.path), kv.check_versions(body.versions, zero_is_current=True))
+        future = action(kv.check_spike_path(body.path), kv.check_versions(body.versions, zero_is_current=True))
         return when_done(future, lambda _: api.OK_EMPTY, what)
 
     def list(self, body: SecretListRequest, caller: SpiffeId | None) -> Reply:
@@ -225,7 +225,7 @@ class SecretsApi:
         token (`list_cursor`) standing for where the scan stopped, so paging
         always moves forward without naming a path the caller may not see.
         """
-        prefix = kv.check_prefix(body.prefix)
+        prefix = kv.check_spike_prefix(body.prefix)
         if body.limit is None and not body.after:
             return self._list_all(prefix, caller)
         limit = DEFAULT_LIST_LIMIT if body.limit is None else body.limit
@@ -233,7 +233,7 @@ class SecretsApi:
             raise kv.InvalidRequest(f"limit must be between 1 and {MAX_LIST_LIMIT}")
         visible = self._authorizer.lister(caller)  # bound to the policies in force now, on this thread
         if body.after and not self._cursors.is_token(body.after):
-            kv.check_path(body.after)
+            kv.check_spike_path(body.after)
         try:
             after = self._cursors.open(body.after, caller, prefix) if body.after else ""
         except CursorError as exc:
@@ -281,7 +281,7 @@ class SecretsApi:
     # ------------------------------------------------------------------ metadata
 
     def metadata_get(self, body: SecretGetRequest) -> Reply:
-        path, version = kv.check_path(body.path), kv.check_version(body.version)
+        path, version = kv.check_spike_path(body.path), kv.check_version(body.version)
         return read_reply(self._store, lambda: self._metadata(path, version), ApiResponse.json, "metadata get")
 
     def _metadata(self, path: str, version: int) -> SecretMetadataResponse:
@@ -313,7 +313,7 @@ class SecretsApi:
         )
 
     def metadata_put(self, body: SecretMetadataUpdate) -> Reply:
-        path = kv.check_path(body.path)
+        path = kv.check_spike_path(body.path)
         if body.max_versions is not None:
             kv.check_max_versions(body.max_versions)
         if body.custom_metadata is not None:
@@ -327,5 +327,5 @@ class SecretsApi:
         return when_done(future, lambda _: api.OK_EMPTY, "metadata put")
 
     def metadata_delete(self, body: SecretPathRequest) -> Reply:
-        future = self._store.delete_all(kv.check_path(body.path))
+        future = self._store.delete_all(kv.check_spike_path(body.path))
         return when_done(future, lambda _: api.OK_EMPTY, "metadata delete")
