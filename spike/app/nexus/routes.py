@@ -54,8 +54,8 @@ from spike.protocol.effects import Phase
 from spike.protocol.errors import LocalProtocolError, RemoteProtocolError
 from spike.protocol.identity import Role, TrustDomains
 from spike.protocol.material import derive_key
-from spike.protocol.nexus import AlreadyInitialised, NexusCustody
-from spike.protocol.record import KeyRecord
+from spike.protocol.nexus import AlreadyInitialised, NexusCustody, UnrecordedKeyRefused
+from spike.protocol.record import KeyRecord, seal_key
 from spike.protocol.wire import ErrorCode, decode
 from spike.transports.custody_driver import CustodyDriver
 
@@ -405,14 +405,72 @@ class NexusApi:
             return False
 
     def bootstrap_verify(self, request: ApiRequest) -> ApiResponse:
+        """spike's bootstrap seals under a key derived from the root key, with associated data; SPIKE's Go
+        bootstrap under the raw root key without (and, having sent no key record, may find none here)."""
         custody = self._driver.custody
+        if custody.phase is Phase.UNINITIALISED:
+            return self._verify_unrecorded(request)
         if custody.phase is not Phase.READY:
             return refusals.not_ready(custody.phase)
         try:
             body = decode(request.body, VerifyRequest)
             key = derive_key(custody.root_key, VERIFY_INFO)
-            plaintext = AESGCM(key).decrypt(body.nonce, body.ciphertext, VERIFY_INFO)
+            try:
+                plaintext = AESGCM(key).decrypt(body.nonce, body.ciphertext, VERIFY_INFO)
+            except InvalidTag:
+                plaintext = AESGCM(custody.root_key.secret_bytes()).decrypt(body.nonce, body.ciphertext, None)
         except (RemoteProtocolError, InvalidTag, ValueError) as exc:
             log.warning("bootstrap verification failed: %s", exc.__class__.__name__)
             return refusals.bad_request("the verification ciphertext does not open under Nexus's root key")
+        return ApiResponse.json(VerifyResponse(hash=hashlib.sha256(plaintext).hexdigest()))
+
+    def _verify_unrecorded(self, request: ApiRequest) -> ApiResponse:
+        """SPIKE's Go bootstrap: it dealt a key to the keepers itself and never sent a key record.
+
+        The key the keepers' unlabelled shards rebuild (all of them on one polynomial) is adopted only if
+        the verification opens under it; then its record is written and this Nexus's own shards of it are
+        handed to the custody machine, which re-seeds every keeper with them (docs/spike-compatibility.md).
+        """
+        custody = self._driver.custody
+        try:
+            body = decode(request.body, VerifyRequest)
+        except RemoteProtocolError:
+            return refusals.bad_request("the verification request is malformed")
+        try:
+            key = custody.adopt_unrecorded()
+        except UnrecordedKeyRefused as exc:
+            if exc.waiting:
+                log.info("bootstrap verification without a key record: %s", exc)
+                return refusals.NOT_INITIALISED  # SPIKE's Go bootstrap asks again
+            log.warning("bootstrap verification refused: %s", exc)
+            return refusals.bad_request(f"Nexus cannot adopt the keepers' key: {exc}")
+        try:
+            plaintext = AESGCM(key.secret_bytes()).decrypt(body.nonce, body.ciphertext, None)
+        except (InvalidTag, ValueError) as exc:
+            log.warning("bootstrap verification failed: %s", exc.__class__.__name__)
+            return refusals.bad_request("the verification ciphertext does not open under the key the keepers hold")
+        record, shares = seal_key(key, epoch=1, threshold=custody.threshold, keeper_ids=custody.keeper_ids)
+        try:
+            installed = self._store.install_key_record(record, replace=None)
+        except EpochUsed as exc:
+            log.warning("bootstrap refused: %s", exc)
+            return refusals.conflict(str(exc))
+        except StorageError as exc:
+            log.error("cannot install the key record: %s", exc)  # noqa: TRY400 - a one-line cause, not a bug
+            return refusals.unavailable(exc)
+        if installed != record:
+            self.adopt(installed)
+            return refusals.conflict(
+                f"another Nexus instance installed a key record (epoch {installed.epoch}) first: it is in use"
+            )
+        self._driver.initialise(record, replace=False)
+        for keeper_id in sorted(shares)[: record.threshold]:
+            self._driver.submit_shard(shares[keeper_id])
+        log.warning(
+            "adopted the root key SPIKE's Go bootstrap dealt to the keepers (%d-of-%d, now key epoch 1), "
+            "verified by %s; the keepers are re-seeded with this Nexus's shards of it",
+            record.threshold,
+            record.shares,
+            request.peer,
+        )
         return ApiResponse.json(VerifyResponse(hash=hashlib.sha256(plaintext).hexdigest()))
