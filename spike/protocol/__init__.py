@@ -63,6 +63,7 @@ from .nexus import (
     RotationRefused,
     RotationView,
     ShareRejected,
+    UnrecordedKeyRefused,
 )
 from .pending import PendingRotation
 from .record import KeyRecord, seal_key
@@ -149,6 +150,7 @@ __all__ = [
     "TrustBundleError",
     "TrustBundles",
     "TrustDomains",
+    "UnrecordedKeyRefused",
     "chain_refusal",
     "combine",
     "deal",

@@ -32,7 +32,8 @@ class Classified:
     outcome: Outcome
     detail: str = ""  # why the keeper is in its state (KeeperStateChanged.detail, KeeperView.detail)
     problem: str = ""  # what it did wrong, if the rule reports it (KeeperMisbehaved.problem)
-    share: Share | None = field(default=None, repr=False)  # the verified shard, when HOLDING or LACKS_NEW
+    # The verified shard, when HOLDING or LACKS_NEW; an unlabelled one (epoch 0), when UNVERIFIABLE.
+    share: Share | None = field(default=None, repr=False)
     epoch: int | None = None  # the epoch the shard was labelled with, when NEWER_EPOCH or UNKNOWN_EPOCH
     retire: int | None = None  # an epoch it says it also holds that is no longer in play (HOLDING)
     slots: int | None = None  # what a decoded shard answer said it keeps (None: one, as SPIKE's keeper)
@@ -89,7 +90,11 @@ def classify(
         return Classified(Outcome.MALFORMED, "malformed shard answer", f"malformed shard answer: {exc}", holds=_NOTHING)
     slots = body.slots or 1  # SPIKE's keeper says nothing: it keeps one shard
     if record is None:
-        return Classified(Outcome.UNVERIFIABLE, "holds a shard, no key record", slots=slots)
+        # An unlabelled shard (SPIKE's Go bootstrap deals them) may be adopted with Go bootstrap's key
+        # (`NexusCustody.adopt_unrecorded`): it is kept, at epoch 0, as the shard keeper `keeper_id` shows.
+        unlabelled = body.epoch is None and body.id in (None, keeper_id)
+        share = Share(keeper_id, 0, bytes_) if unlabelled else None
+        return Classified(Outcome.UNVERIFIABLE, "holds a shard, no key record", share=share, slots=slots)
     if not member:
         detail = "removed from the key's keepers, still holds a shard"
         return Classified(Outcome.REMOVED, detail, slots=slots, holds=_NOTHING)

@@ -117,6 +117,7 @@ class Do(Enum):
     REPORT_NEWER = "report NewerKeySeen; remember the sighting"
     RESEEDED = "if it accepted a push not yet seen: report KeeperReseeded"
     COLLECT = "use the shard towards the key"
+    KEEP_UNRECORDED = "keep an unlabelled shard: SPIKE's Go bootstrap's key may be adopted from it (adopt_unrecorded)"
     PUSH = "push its shard (PUSH)"
     CONFIRM = "read it back (CONFIRM)"
     CHECK = "read it again (CHECK)"
@@ -457,8 +458,8 @@ RULES: tuple[Rule, ...] = (
         (Outcome.UNVERIFIABLE,),
         KeeperState.UNVERIFIED,
         False,
-        (),
-        "checked once bootstrap installs a key record",
+        (Do.KEEP_UNRECORDED,),
+        "checked once bootstrap installs a key record, or adopted with SPIKE's Go bootstrap's verification",
     ),
 )
 

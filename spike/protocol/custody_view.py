@@ -37,6 +37,18 @@ class DuplicateShare(ShareRejected):
     """An operator gave the same keeper's share twice."""
 
 
+class UnrecordedKeyRefused(LocalProtocolError):
+    """No key from the keepers' unlabelled shards (`NexusCustody.adopt_unrecorded`): the message says why.
+
+    `waiting` is True when fewer than the threshold of keepers show one (ask again later), False when
+    the shards they show cannot be one key's (they do not lie on one polynomial, or a key record exists).
+    """
+
+    def __init__(self, message: str, *, waiting: bool) -> None:
+        super().__init__(message)
+        self.waiting = waiting
+
+
 class RotationRefused(LocalProtocolError):
     """A rotation (or giving one up) was refused: the message says why, and nothing changed."""
 

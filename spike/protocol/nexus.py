@@ -64,6 +64,7 @@ from .custody_view import (
     RotationRefused,
     RotationView,
     ShareRejected,
+    UnrecordedKeyRefused,
 )
 from .effects import (
     Effect,
@@ -83,14 +84,14 @@ from .effects import (
     SendRequest,
     ShardRetired,
 )
-from .errors import LocalProtocolError, RemoteProtocolError
+from .errors import LocalProtocolError, RemoteProtocolError, ShamirError
 from .events import Answer
 from .material import RootKey, Share
 from .nexus_rotation import DEAL_ROUNDS, RotatingCustody
 from .pending import PendingRotation
 from .record import KeyRecord
 from .rotation_steps import Event
-from .shamir import ShardDerivation, check_parameters, combine, deal, share_for
+from .shamir import ShardDerivation, check_parameters, combine, deal, on_one_polynomial, share_for
 from .timers import TimerKind, Timers
 from .wire import (
     KEEPER_CONTRIBUTE_PATH,
@@ -117,6 +118,7 @@ __all__ = [  # what this module offers (spike.protocol re-exports the public one
     "RotationRefused",
     "RotationView",
     "ShareRejected",
+    "UnrecordedKeyRefused",
 ]
 
 
@@ -177,6 +179,8 @@ class NexusCustody(RotatingCustody):
         self._rotate_due = False
         self._collected: dict[int, dict[int, Share]] = {}  # epoch -> keeper id -> verified shard
         self._from_operator: set[int] = set()
+        # Without a key record: the unlabelled shard each keeper showed (SPIKE's Go bootstrap deals them).
+        self._unrecorded: dict[int, Share] = {}
         self._recovery_started = now
         self._phase = Phase.UNINITIALISED
         self._last_rule: Rule | None = None  # the rule applied last (tests follow the table with it)
@@ -371,6 +375,7 @@ class NexusCustody(RotatingCustody):
         self._record = record
         self._highest = max(self._highest, record.epoch)
         self._from_operator.clear()
+        self._unrecorded.clear()
         self._recovery_started = now
         self._set_phase(Phase.RECOVERING, now)
         # Answers to requests made for the old record must not count for the new one, and what
@@ -399,6 +404,32 @@ class NexusCustody(RotatingCustody):
         if self._record is not None and not replace:
             raise AlreadyInitialised(f"already initialised with key epoch {self._record.epoch}")
         return True
+
+    def adopt_unrecorded(self) -> RootKey:
+        """The key SPIKE's Go bootstrap dealt to the keepers itself, without a key record (it sends none).
+
+        From the unlabelled shards the keepers showed at their latest polls (those still unverified): at
+        least `threshold` of them, and every one on the polynomial the lowest `threshold` define, so with
+        more than `threshold` keepers a shard of anything else is caught.  Nothing changes here: the
+        caller proves the key (Go bootstrap's verification opens under it), writes its record
+        (`initialise`) and hands in shards of it (`submit_shard`).  Raises `UnrecordedKeyRefused`.
+        """
+        if self._record is not None:
+            raise UnrecordedKeyRefused("Nexus already has a key record", waiting=False)
+        shown = {i: share for i, share in self._unrecorded.items() if self._keepers[i].state is KeeperState.UNVERIFIED}
+        if len(shown) < self.threshold:
+            raise UnrecordedKeyRefused(
+                f"{len(shown)} keeper(s) showed an unlabelled shard at their latest poll, {self.threshold} needed",
+                waiting=True,
+            )
+        if not on_one_polynomial({i: s.as_int() for i, s in shown.items()}, self.threshold):
+            raise UnrecordedKeyRefused(
+                f"the unlabelled shards of keepers {sorted(shown)} are not shards of one key", waiting=False
+            )
+        try:
+            return combine(shown.values(), self.threshold)
+        except ShamirError as exc:
+            raise UnrecordedKeyRefused(str(exc), waiting=False) from None
 
     def submit_shard(self, share: Share, now: float) -> RestoreProgress:
         """An operator hands in a recovery shard (break-glass restore).
@@ -522,6 +553,11 @@ class NexusCustody(RotatingCustody):
                 keeper.unconfirmed_push = False
                 keeper.reseeds += 1
                 self._effects.append(KeeperReseeded(keeper.id, now, keeper.reseed_from))
+        elif do is Do.KEEP_UNRECORDED:
+            if seen.share is None:
+                self._unrecorded.pop(keeper.id, None)
+            else:
+                self._unrecorded[keeper.id] = seen.share
         elif do is Do.COLLECT:
             assert seen.share is not None
             self._collected.setdefault(seen.share.epoch, {})[keeper.id] = seen.share

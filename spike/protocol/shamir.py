@@ -156,6 +156,28 @@ def interpolate(points: dict[int, int]) -> int:
     return sum(w * points[i] for w, i in zip(weights, ids, strict=True)) % ORDER
 
 
+def on_one_polynomial(points: dict[int, int], threshold: int) -> bool:
+    """Whether every (x, y) point lies on the polynomial of degree `threshold` - 1 through the lowest `threshold`.
+
+    With exactly `threshold` points this always holds (they define the polynomial); every point beyond
+    them is a real check: shards of one key dealt once agree, a shard of anything else does not.
+    """
+    ids = sorted(points)
+    base, rest = ids[:threshold], ids[threshold:]
+    for x in rest:
+        value = 0
+        for i in base:
+            numerator, denominator = 1, 1
+            for j in base:
+                if j != i:
+                    numerator = numerator * (x - j) % ORDER
+                    denominator = denominator * (i - j) % ORDER
+            value = (value + points[i] * numerator * pow(denominator, -1, ORDER)) % ORDER
+        if value != points[x] % ORDER:
+            return False
+    return True
+
+
 def combine(shares: Iterable[Share], threshold: int) -> RootKey:
     """Rebuild the key from at least `threshold` shares of one epoch.
 

@@ -9,7 +9,7 @@ the servers.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from types import TracebackType
 
@@ -73,6 +73,7 @@ class ClientSession:
         expected_peer: str = "",
         max_response_bytes: int = 1024 * 1024,
         retry_stale: bool = True,
+        headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> BlockingConnection:
         connection = BlockingConnection(
             self._portal,
@@ -83,6 +84,7 @@ class ClientSession:
                 expected_peer=expected_peer,
                 max_response_bytes=max_response_bytes,
                 retry_stale=retry_stale,
+                headers=headers,
             ),
             self._timeout,
         )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -84,10 +84,12 @@ class HttpsConnection:
         max_response_bytes: int = 1024 * 1024,
         connect_timeout: float = 5.0,
         retry_stale: bool = True,
+        headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         """`retry_stale`: when a kept-alive connection closes before answering, send the
         request once more on a new connection.  Only for requests that are safe to repeat:
-        the server may have acted on the first one before it closed (or died)."""
+        the server may have acted on the first one before it closed (or died).
+        `headers`: sent with every request, after the ones every request has."""
         self.host, self.port = parse_origin(url)
         self._host_header = url.split("://", 1)[1].rstrip("/").encode()
         self._ssl_context = ssl_context
@@ -96,6 +98,7 @@ class HttpsConnection:
         self._max_response_bytes = max_response_bytes
         self._connect_timeout = connect_timeout
         self._retry_stale = retry_stale
+        self._headers = tuple(headers)
         self._protocol: _ClientProtocol | None = None
         self._current: _Op | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -188,6 +191,7 @@ class HttpsConnection:
             (b"content-type", op.content_type.encode()),
             (b"content-length", str(len(op.body)).encode()),
             (b"accept", b"application/json"),
+            *self._headers,
         ]
         data = conn.send(h11.Request(method=op.method, target=op.path, headers=headers)) or b""
         data += conn.send(h11.Data(data=op.body)) or b""

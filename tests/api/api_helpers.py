@@ -138,10 +138,11 @@ class Node:
         peer: SpiffeId | None = SUPERUSER,
         method: str = "POST",
         content_type: str = "application/json",
+        headers: dict[bytes, bytes] | None = None,
     ) -> ApiResponse | Future[ApiResponse]:
         raw = body if isinstance(body, bytes) else msgspec.json.encode({} if body is None else body)
         query = f"action={action}" if action else ""
-        return self.api(ApiRequest(method, path, peer, raw, query, content_type))
+        return self.api(ApiRequest(method, path, peer, raw, query, content_type, headers or {}))
 
     def call(self, path: str, body: Any = None, **options: Any) -> Answer:
         reply = self.request(path, body, **options)

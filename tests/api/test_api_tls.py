@@ -28,6 +28,7 @@ from anyio.from_thread import start_blocking_portal
 from spike.app.api.messages import (
     CIPHER_DECRYPT_PATH,
     CIPHER_ENCRYPT_PATH,
+    EXTENSIONS_HEADER,
     SECRETS_PATH,
     SecretGetRequest,
     SecretGetResponse,
@@ -38,6 +39,7 @@ from spike.app.commands.client import NexusClient, NexusError
 from spike.app.commands.devca import DevIdentity
 from spike.app.nexus.cipher_api import MAX_PLAINTEXT
 from spike.app.nexus.server import NEXUS_LIMITS
+from spike.protocol.api import ApiRequest
 from spike.transports.server import HttpsServer
 from spike.transports.tls import server_context
 from tests.api.api_helpers import TRUST, WAIT, Node
@@ -83,6 +85,29 @@ def test_put_and_get_over_mtls(served: str, dev_identity: DevIdentity) -> None:
         assert put(nexus, "tls/a", "two", cas=1) == 2
         got = get(nexus, "tls/a")
         assert (got.version, got.data) == (2, {"k": "two"})
+
+
+def test_the_client_says_it_reads_spikes_answers(node: Node, dev_identity: DevIdentity) -> None:
+    """Every request of spike's client carries the header that gets it spike's answers (409 and its reason)
+    where SPIKE's Go Nexus would answer otherwise (spike/app/nexus/dialect.py)."""
+    seen: list[bytes | None] = []
+
+    def api(request: ApiRequest) -> Any:
+        seen.append(request.headers.get(EXTENSIONS_HEADER))
+        return node.api(request)
+
+    with start_blocking_portal() as portal:
+        listener = portal.call(partial(anyio.create_tcp_listener, local_host="127.0.0.1"))
+        port = listener.listeners[0].extra(SocketAttribute.local_port)
+        server = HttpsServer(server_context(dev_identity.files("nexus")), api, NEXUS_LIMITS)
+        task = portal.start_task_soon(server.serve, listener)
+        try:
+            with client(f"https://127.0.0.1:{port}", dev_identity) as nexus:
+                assert put(nexus, "tls/h", "one") == 1
+                assert get(nexus, "tls/h").version == 1
+        finally:
+            task.cancel()
+    assert seen == [b"1", b"1"]
 
 
 def test_the_answer_waits_for_the_commit_and_the_loop_does_not(

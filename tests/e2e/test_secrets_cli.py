@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from spike.app.api.messages import (
     CIPHER_DECRYPT_PATH,
@@ -173,7 +174,7 @@ def seeded(c: Cluster) -> Cluster:
         (["delete", "err/absent"], {}, 1, "there is no secret at err/absent"),
         (["put", "err//app", "k=v"], {}, 2, "path must be segments"),
         (["put", "err/app"], {}, 2, "values is empty"),
-        (["put", "err/app", "bad key=v"], {}, 2, "key names are"),
+        (["put", "err/app", "bad:key=v"], {}, 2, "key names are"),  # a space is SPIKE's, allowed (issue 17)
         (["get", "err/app"], {"identity": "pilot-recover"}, 1, "Nexus refused this identity"),
         (["put", "err/app", "k=v"], {"identity": "bootstrap"}, 1, "Nexus refused this identity"),
         (["get", "err/app"], {"unreachable": True}, 1, "is unreachable: connection refused"),
@@ -265,6 +266,63 @@ def test_cipher_json_mode(c: Cluster) -> None:
         too_big = base64.b64encode(os.urandom(MAX_PLAINTEXT + 1)).decode()
         status, _ = nexus._nexus.post(CIPHER_ENCRYPT_PATH, json.dumps({"plaintext": too_big}).encode())
         assert status == 400
+
+
+# ---------------------------------------------------------------------- SPIKE's habits (issue 17 section 4)
+
+
+def test_spikes_names_and_short_flags(c: Cluster) -> None:
+    """A leading slash, a key with a space, -v for versions (0: the current one), -f for the format."""
+    assert ok(c.run("secret", "put", "/habits/app", "db password=one", "-f", "j")).json() == {
+        "path": "/habits/app",
+        "version": 1,
+    }
+    ok(c.run("secret", "put", "/habits/app", "db password=two"))
+    got = yaml.safe_load(ok(c.run("secret", "get", "/habits/app", "-v", "1", "-f", "yaml")).stdout)
+    assert got == {"data": {"db password": "one"}, "version": 1}
+    ok(c.run("secret", "delete", "/habits/app", "-v", "0"))
+    assert read(c, "/habits/app", 1) == (1, {"db password": "one"})
+    ok(c.run("secret", "undelete", "/habits/app", "-v", "0"))
+    assert read(c, "/habits/app") == (2, {"db password": "two"})
+    assert "/habits/app" in yaml.safe_load(ok(c.run("secret", "list", "/habits", "-f", "y")).stdout)["keys"]
+    meta = yaml.safe_load(ok(c.run("secret", "metadata", "/habits/app", "-f", "yaml")).stdout)
+    assert meta["metadata"]["currentVersion"] == 2
+    usage = c.run("secret", "get", "/habits/app", "-f", "xml")  # argparse's usage error, as for any flag
+    assert (usage.returncode, usage.stdout) == (2, "") and "invalid choice: 'xml'" in usage.stderr
+
+
+def test_policy_list_filters_and_yaml(c: Cluster) -> None:
+    pattern = "^spiffe://spike.test/workload/habits$"
+    ok(c.run("policy", "create", "--name", "habits one", "--spiffeid-pattern", pattern, "--path-pattern",
+             "^habits/a$", "--permissions", "read"))  # fmt: skip
+    ok(c.run("policy", "create", "--name", "habits two", "--spiffeid-pattern", pattern, "--path-pattern",
+             "^habits/b$", "--permissions", "read"))  # fmt: skip
+    listed = yaml.safe_load(ok(c.run("policy", "list", "--path-pattern", "^habits/b$", "-f", "yaml")).stdout)
+    assert [p["name"] for p in listed["policies"]] == ["habits two"]
+    both = ok(c.run("policy", "list", "--spiffeid-pattern", pattern, "-f", "json")).json()
+    assert sorted(p["name"] for p in both["policies"]) == ["habits one", "habits two"]
+    shown = yaml.safe_load(ok(c.run("policy", "get", "habits one", "-f", "yaml")).stdout)
+    assert (shown["spiffeidPattern"], shown["pathPattern"]) == (pattern, "^habits/a$")
+    usage = c.run("policy", "list", "--path-pattern", "a", "--spiffeid-pattern", "b")
+    assert (usage.returncode, usage.stdout) == (2, "") and "not allowed with" in usage.stderr
+    ok(c.run("policy", "delete", "habits one"))
+    ok(c.run("policy", "delete", "habits two"))
+
+
+def test_cipher_short_flags_and_json_mode(c: Cluster, tmp_path: Path) -> None:
+    """SPIKE's -f/-o, and its JSON mode: --plaintext, then --version/--nonce/--ciphertext."""
+    (tmp_path / "in").write_bytes(PASSWORD.encode())
+    ok(c.run("cipher", "encrypt", "-f", str(tmp_path / "in"), "-o", str(tmp_path / "sealed")))
+    ok(c.run("cipher", "decrypt", "-f", str(tmp_path / "sealed"), "-o", str(tmp_path / "opened")))
+    assert (tmp_path / "opened").read_bytes() == PASSWORD.encode()
+    sealed = ok(c.run("cipher", "encrypt", "--plaintext", base64.b64encode(PASSWORD.encode()).decode())).json()
+    assert set(sealed) == {"version", "nonce", "ciphertext"}
+    args = ["--version", str(sealed["version"]), "--nonce", sealed["nonce"], "--ciphertext", sealed["ciphertext"]]
+    ok(c.run("cipher", "decrypt", *args, "-o", str(tmp_path / "json-opened")))
+    assert (tmp_path / "json-opened").read_bytes() == PASSWORD.encode()
+    fails(c.run("cipher", "encrypt", "--plaintext", "not base64!"), 2, "--plaintext must be base64")
+    fails(c.run("cipher", "decrypt", "--nonce", sealed["nonce"]), 2, "JSON mode takes --version, --nonce and")
+    fails(c.run("cipher", "decrypt", *args[:-1], "!!"), 2, "--ciphertext must be base64")
 
 
 # ---------------------------------------------------------------------- tampering with the file

@@ -16,13 +16,14 @@ import base64
 import io
 import json
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from spike.app.api.messages import EXTENSIONS_HEADER
 from spike.app.commands.client import NexusClient
 from spike.app.nexus.audit import AuditLog
 from spike.app.nexus.authorizer import Authorizer
@@ -52,11 +53,14 @@ from spike.protocol import (
 )
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.identity import Role, SpiffeId, TrustDomains
+from spike.protocol.shamir import ShardDerivation
 
 TRUST_DOMAIN = "spike.test"  # as in tests/conftest.py
 TRUST = TrustDomains.single(TRUST_DOMAIN)
 KEEPERS = (1, 2, 3)
 URLS = {i: f"https://127.0.0.1:{20000 + i}" for i in KEEPERS}
+#: The header spike's own clients send with every request (spike/app/nexus/dialect.py).
+SPIKE_CLIENT = {EXTENSIONS_HEADER: b"1"}
 ROOT_KEY = bytes(range(101, 133))  # a fixed, recognisable 32-byte key
 OTHER_KEY = bytes(range(1, 33))
 WAIT = 10.0
@@ -149,7 +153,14 @@ class Driver:
 class Node:
     """A Nexus in-process: custody, operator API, secrets, cipher, audit log (in memory) and metrics."""
 
-    def __init__(self, data_dir: Path, *, record: KeyRecord | None = None, initialised: bool = True) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        record: KeyRecord | None = None,
+        initialised: bool = True,
+        derivation: ShardDerivation = ShardDerivation.HMAC,
+    ) -> None:
         if initialised and record is None:
             record, _ = sealed()
         self.record = record
@@ -159,7 +170,13 @@ class Node:
             self.nexus_store.save_key_record(record)
         self.store = SecretStore(data_dir)
         self.custody = NexusCustody(
-            KEEPERS, threshold=2, schedule=PollSchedule(interval=5.0), rng=random.Random(1), now=0.0, record=record
+            KEEPERS,
+            threshold=2,
+            schedule=PollSchedule(interval=5.0),
+            rng=random.Random(1),
+            now=0.0,
+            record=record,
+            derivation=derivation,
         )
         self.reports: list[Report] = []
         self.cipher = CipherApi()
@@ -196,10 +213,13 @@ class Node:
         action: str = "",
         method: str = "POST",
         content_type: str = "application/json",
+        headers: Mapping[bytes, bytes] | None = None,
     ) -> ApiResponse:
+        """`headers`: none by default (SPIKE's Go SDK sends none that matter); `SPIKE_CLIENT` for spike's own."""
         raw = body if isinstance(body, bytes) else msgspec.json.encode({} if body is None else body)
         who = None if as_ == "nobody" else peer(as_)
-        reply = self.api(ApiRequest(method, path, who, raw, f"action={action}" if action else "", content_type))
+        query = f"action={action}" if action else ""
+        reply = self.api(ApiRequest(method, path, who, raw, query, content_type, headers or {}))
         return reply.result(WAIT) if isinstance(reply, Future) else reply
 
     def audit(self) -> list[dict[str, Any]]:
@@ -223,7 +243,9 @@ class _InProcess:
     def post(self, target: str, body: bytes = b"{}", *, content_type: str = "application/json") -> tuple[int, bytes]:
         path, _, query = target.partition("?")
         action = query.partition("action=")[2]
-        answer = self._node.call(path, body, as_=self._as, action=action, content_type=content_type)
+        answer = self._node.call(
+            path, body, as_=self._as, action=action, content_type=content_type, headers=SPIKE_CLIENT
+        )
         return answer.status, answer.body
 
 

@@ -136,7 +136,7 @@ def test_fish_script_is_valid_and_completes_the_tree(tmp_path: Path) -> None:
     assert "secret" in fish_offers(script, "spike ")
     assert fish_offers(script, "spike operator r") == ["recover", "restore", "rotate"]
     assert fish_offers(script, "spike secret put --ca") == ["--cas"]
-    assert fish_offers(script, "spike policy list --format ") == ["human", "json"]
+    assert fish_offers(script, "spike policy list --format ") == ["human", "json", "yaml"]  # SPIKE's yaml (issue 17)
 
 
 # ---------------------------------------------------------------------- zsh

@@ -25,7 +25,19 @@ from spike.app.commands.operator import format_shard, parse_shard
 from spike.app.errors import CommandError
 from spike.protocol import KeyRecovered, Phase, RequestKind, Share
 from spike.protocol.wire import ShardContribution, decode
-from tests.ops.ops_helpers import OTHER_KEY, ROOT_KEY, SHARES, Node, leaks, sealed, secrets_of, shard_answer, unlock
+from tests.ops.ops_helpers import (
+    OTHER_KEY,
+    ROOT_KEY,
+    SHARES,
+    SPIKE_CLIENT,
+    Node,
+    leaks,
+    sealed,
+    secrets_of,
+    shard_answer,
+    unlock,
+)
+from tests.spike_go_sdk import conclude, restore_body
 
 OLD_RECORD, OLD_SHARES = sealed(OTHER_KEY, epoch=1)  # another deployment's key (same ids, same epoch)
 SECRETS = {**secrets_of(SHARES.values(), ROOT_KEY), **secrets_of(OLD_SHARES.values(), OTHER_KEY, "other key ")}
@@ -181,9 +193,31 @@ def test_a_duplicate_is_refused_and_changes_nothing(node: Node) -> None:
     assert restore_text(node, format_shard(SHARES[2]))[0] == 0
     assert restore_text(node, format_shard(SHARES[2])) == (1, "shard 2 was already given")
     unchanged(node, needed=1)
-    response = node.call(RESTORE_PATH, {"id": 2, "shard": list(SHARES[2].secret_bytes())}, as_="restore")
+    shard = {"id": 2, "shard": list(SHARES[2].secret_bytes())}
+    response = node.call(RESTORE_PATH, shard, as_="restore", headers=SPIKE_CLIENT)
     assert (response.status, error_of(response.body)) == (409, "api_conflict")
     unchanged(node, needed=1)
+
+
+def test_spikes_go_pilot_gets_the_progress_for_a_duplicate(node: Node) -> None:
+    """SPIKE's Go Nexus answers a shard it holds with 200 and the progress (spike's CLI gets 409 above)."""
+    body = restore_body(2, SHARES[2].secret_bytes())
+    assert node.call(RESTORE_PATH, body, as_="restore").status == 200
+    response = node.call(RESTORE_PATH, body, as_="restore")
+    go = conclude(response.status, response.body)
+    assert go.error is None
+    assert (go.field("collected"), go.field("remaining"), go.field("restored")) == (1, 1, False)
+    unchanged(node, needed=1)
+
+
+def test_spikes_go_pilot_hears_restored_from_a_ready_nexus(node: Node) -> None:
+    """Was 409, which the Go SDK reports as "unexpected status code from peer"; SPIKE answers 200."""
+    unlock(node, SHARES)
+    response = node.call(RESTORE_PATH, restore_body(3, SHARES[3].secret_bytes()), as_="restore")
+    go = conclude(response.status, response.body)
+    assert go.error is None
+    assert (go.field("collected"), go.field("remaining"), go.field("restored")) == (2, 0, True)
+    assert node.custody.phase is Phase.READY
 
 
 @pytest.mark.parametrize(
@@ -216,7 +250,8 @@ def test_restore_on_a_ready_nexus_is_refused(node: Node) -> None:
     assert node.custody.phase is Phase.READY
     code, said = restore_text(node, format_shard(SHARES[3]))
     assert code == 1 and "already holds its verified root key" in said
-    response = node.call(RESTORE_PATH, {"id": 3, "shard": list(SHARES[3].secret_bytes())}, as_="restore")
+    shard = {"id": 3, "shard": list(SHARES[3].secret_bytes())}
+    response = node.call(RESTORE_PATH, shard, as_="restore", headers=SPIKE_CLIENT)
     assert (response.status, error_of(response.body)) == (409, "api_conflict")
     assert node.custody.phase is Phase.READY
 

@@ -20,6 +20,11 @@ BOOTSTRAP_VERIFY_PATH = "/v1/bootstrap/verify"
 
 VERIFY_INFO = b"spike/v1/bootstrap-verify"
 
+# Sent by spike's own clients (CLI, bootstrap) on every request to Nexus: "I read spike's answers".
+# Where SPIKE's Go Nexus and spike answer the same request differently (docs/spike-compatibility.md),
+# a request without it (SPIKE's Go Pilot and SDK) gets SPIKE's answer.
+EXTENSIONS_HEADER = b"x-spike-extensions"
+
 
 class KeeperStatus(msgspec.Struct, kw_only=True):
     id: int
@@ -168,8 +173,10 @@ class SecretVersionsRequest(msgspec.Struct, kw_only=True):
 
 
 class SecretListRequest(msgspec.Struct, kw_only=True):
+    """No `limit` and no `after` (SPIKE's Go SDK sends ``{}``): every key the caller may list, as SPIKE answers."""
+
     prefix: str = ""
-    limit: int = 1000
+    limit: int | None = None  # None: not paging (spike's CLI always pages, 1000 by default)
     after: str = ""
 
 
@@ -277,6 +284,9 @@ class PolicyBody(msgspec.Struct, kw_only=True):
     permissions: list[str]
     createdAt: str
     updatedAt: str
+    # The same pattern under the name SPIKE's Go SDK reads (its `data.Policy` says `spiffiedPattern`, sic):
+    # without it the Go Pilot shows an empty pattern.  Absent from older Nexus versions' answers.
+    spiffiedPattern: str = ""
 
 
 class PolicyListRequest(msgspec.Struct, kw_only=True):

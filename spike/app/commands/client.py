@@ -13,7 +13,7 @@ from typing import TypeVar
 import msgspec
 
 from spike.app.api.messages import CIPHER_MAX_PLAINTEXT as MAX_PLAINTEXT
-from spike.app.api.messages import STATUS_PATH, StatusBody
+from spike.app.api.messages import EXTENSIONS_HEADER, STATUS_PATH, StatusBody
 from spike.app.errors import CommandError
 from spike.app.identity import IdentitySpec, identity_source
 from spike.protocol.errors import RemoteProtocolError
@@ -79,6 +79,7 @@ def nexus_connection(
         expected_peer=str(trust.id_of(Role.NEXUS)),
         max_response_bytes=MAX_ANSWER_BYTES,
         retry_stale=retry_stale,
+        headers=((EXTENSIONS_HEADER, b"1"),),
     )
 
 

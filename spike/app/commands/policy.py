@@ -30,6 +30,7 @@ from spike.app.api.messages import (
     PolicyPutResponse,
 )
 from spike.app.commands.client import Empty, NexusClient
+from spike.app.commands.formats import add_format_flag, machine, render
 from spike.app.errors import CommandError
 from spike.app.model import kv
 from spike.app.model.policy import check_policy_fields, unanchored_warnings
@@ -43,7 +44,7 @@ def add_parser(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None]
 
     def parser(name: str, help_text: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = actions.add_parser(name, help=help_text)
-        p.add_argument("--format", choices=["human", "json"], default="human")
+        add_format_flag(p)
         client_flags(p)  # --nexus and the identity
         return p
 
@@ -64,7 +65,10 @@ def add_parser(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None]
         p = parser(name, help_text)
         p.add_argument("policy", metavar="NAME_OR_ID")
 
-    parser("list", "list policies")
+    lst = parser("list", "list policies (all, or those with exactly this pattern)")
+    only = lst.add_mutually_exclusive_group()
+    only.add_argument("--spiffeid-pattern", default="", help="only policies with exactly this SPIFFE ID pattern")
+    only.add_argument("--path-pattern", default="", help="only policies with exactly this path pattern")
 
 
 def _load_specs(path: Path) -> list[dict[str, Any]]:
@@ -149,8 +153,8 @@ def run(args: argparse.Namespace, say: Say = print) -> int:
                 write=True,
             )
             verb = "created" if put.created else "replaced"
-            say(json.dumps({"name": request.name, "id": put.id, "created": put.created})
-                if config.output == "json" else f"{verb} policy {request.name} ({put.id})")  # fmt: skip
+            say(render(config.output, {"name": request.name, "id": put.id, "created": put.created})
+                if machine(config.output) else f"{verb} policy {request.name} ({put.id})")  # fmt: skip
         if command == "get":
             policy = nexus.call(
                 POLICY_PATH,
@@ -159,8 +163,10 @@ def run(args: argparse.Namespace, say: Say = print) -> int:
                 action="get",
                 not_found=f"no such policy: {args.policy}",
             )
-            if config.output == "json":
-                say(json.dumps(msgspec.to_builtins(policy)))
+            if machine(config.output):
+                shown = msgspec.to_builtins(policy)
+                shown.pop("spiffiedPattern", None)  # the same pattern, for SPIKE's Go SDK only
+                say(render(config.output, shown))
             else:
                 say(f"{policy.name} ({policy.id})")
                 say(f"  SPIFFE IDs: {policy.spiffeidPattern}")
@@ -168,9 +174,10 @@ def run(args: argparse.Namespace, say: Say = print) -> int:
                 say(f"  grants:     {', '.join(policy.permissions)}")
                 say(f"  created {policy.createdAt}, updated {policy.updatedAt}")
         elif command == "list":
-            listed = nexus.call(POLICY_PATH, PolicyListRequest(), PolicyListResponse, action="list")
-            if config.output == "json":
-                say(json.dumps(msgspec.to_builtins(listed)))
+            wanted = PolicyListRequest(spiffeidPattern=args.spiffeid_pattern, pathPattern=args.path_pattern)
+            listed = nexus.call(POLICY_PATH, wanted, PolicyListResponse, action="list")
+            if machine(config.output):
+                say(render(config.output, msgspec.to_builtins(listed)))
             else:
                 width = max((len(item.name) for item in listed.policies), default=0)
                 for item in listed.policies:
@@ -184,8 +191,8 @@ def run(args: argparse.Namespace, say: Say = print) -> int:
                 not_found=f"no such policy: {args.policy}",
                 write=True,
             )
-            if config.output == "json":
-                say(json.dumps({"deleted": args.policy}))
+            if machine(config.output):
+                say(render(config.output, {"deleted": args.policy}))
             else:
                 say(f"deleted policy {args.policy}")
     return 0

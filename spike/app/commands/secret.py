@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,10 @@ from spike.app.api.messages import (
     CIPHER_ENCRYPT_PATH,
     SECRETS_METADATA_PATH,
     SECRETS_PATH,
+    CipherDecryptRequest,
+    CipherDecryptResponse,
+    CipherEncryptRequest,
+    CipherEncryptResponse,
     SecretGetRequest,
     SecretGetResponse,
     SecretListRequest,
@@ -39,6 +42,7 @@ from spike.app.api.messages import (
 from spike.app.api.messages import CIPHER_MAX_OVERHEAD as MAX_OVERHEAD
 from spike.app.api.messages import CIPHER_MAX_PLAINTEXT as MAX_PLAINTEXT
 from spike.app.commands.client import Empty, NexusClient, NexusError
+from spike.app.commands.formats import add_format_flag, machine, render
 from spike.app.errors import CommandError
 from spike.app.model import kv
 
@@ -52,7 +56,7 @@ def add_parsers(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None
 
     def parser(name: str, help_text: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = actions.add_parser(name, help=help_text)
-        p.add_argument("--format", choices=["human", "json"], default="human")
+        add_format_flag(p)
         client_flags(p)  # --nexus and the identity
         return p
 
@@ -66,7 +70,7 @@ def add_parsers(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None
     get = parser("get", "read a secret (or one key of it)")
     get.add_argument("path")
     get.add_argument("key", nargs="?", help="print only this key's value")
-    get.add_argument("--version", type=int, default=0, help="version to read (default: current)")
+    get.add_argument("-v", "--version", type=int, default=0, help="version to read (default: current)")
 
     lst = parser("list", "list secret paths")
     lst.add_argument("prefix", nargs="?", default="")
@@ -80,11 +84,13 @@ def add_parsers(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None
     ):
         p = parser(name, help_text)
         p.add_argument("path")
-        p.add_argument("--versions", default="", metavar="N,M", help="comma-separated version numbers")
+        p.add_argument(
+            "-v", "--versions", default="", metavar="N,M", help="comma-separated version numbers (0: the current one)"
+        )
 
     meta = parser("metadata", "show a secret's versions and metadata")
     meta.add_argument("path")
-    meta.add_argument("--version", type=int, default=0)
+    meta.add_argument("-v", "--version", type=int, default=0)
 
     tune = parser("tune", "set a secret's max versions, check-and-set requirement, custom metadata")
     tune.add_argument("path")
@@ -99,8 +105,12 @@ def add_parsers(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None
     cactions = cipher.add_subparsers(dest="cipher_command", metavar="ACTION", required=True)
     for name in ("encrypt", "decrypt"):
         p = cactions.add_parser(name, help=f"{name} bytes (standard input to standard output by default)")
-        p.add_argument("--in", dest="infile", metavar="FILE", help="input file (default: standard input)")
-        p.add_argument("--out", dest="outfile", metavar="FILE", help="output file (default: standard output)")
+        p.add_argument(
+            "-f", "--in", "--file", dest="infile", metavar="FILE", help="input file (default: standard input)"
+        )
+        p.add_argument("-o", "--out", dest="outfile", metavar="FILE", help="output file (default: standard output)")
+        # SPIKE's JSON mode: the fields of Nexus's JSON cipher API, base64, on the command line.
+        p.add_argument("--algorithm", default="", help="algorithm hint (JSON mode)")
         if name == "encrypt":
             p.add_argument(
                 "-a",
@@ -108,6 +118,15 @@ def add_parsers(sub: Any, client_flags: Callable[[argparse.ArgumentParser], None
                 action="store_true",
                 help="write the ciphertext as text (base64 between BEGIN/END lines) rather than binary",
             )
+            p.add_argument(
+                "--plaintext",
+                metavar="BASE64",
+                help="JSON mode: encrypt these bytes and print Nexus's answer (version, nonce, ciphertext) as JSON",
+            )
+        else:
+            p.add_argument("--version", dest="cipher_version", metavar="N", help="JSON mode: the version byte (0-255)")
+            p.add_argument("--nonce", metavar="BASE64", help="JSON mode: the nonce")
+            p.add_argument("--ciphertext", metavar="BASE64", help="JSON mode: the ciphertext")
         client_flags(p)
 
 
@@ -167,7 +186,7 @@ def run_secret(args: argparse.Namespace, say: Say = print, stdin: BinaryIO | Non
     command = args.secret_command
     path: str = getattr(args, "path", "")
     if path:
-        _check(kv.check_path, path)
+        _check(kv.check_spike_path, path)
     absent = f"there is no secret at {path}"
     with NexusClient(config.nexus_url, config.common.svid, config.common.trust) as nexus:
         if command == "put":
@@ -200,23 +219,23 @@ def run_secret(args: argparse.Namespace, say: Say = print, stdin: BinaryIO | Non
                     raise CommandError(f"{path} (version {got.version}) has no key {args.key!r}")
                 value = got.data[args.key]
                 picked = {"key": args.key, "value": value, "version": got.version}
-                say(json.dumps(picked) if config.output == "json" else value)
-            elif config.output == "json":
-                say(json.dumps({"data": got.data, "version": got.version}))
+                say(render(config.output, picked) if machine(config.output) else value)
+            elif machine(config.output):
+                say(render(config.output, {"data": got.data, "version": got.version}))
             else:
                 for key in sorted(got.data):
                     say(f"{key}: {got.data[key]}")
         elif command == "list":
             if args.prefix:
-                _check(kv.check_prefix, args.prefix)
+                _check(kv.check_spike_prefix, args.prefix)
             listed = nexus.call(
                 SECRETS_PATH,
                 SecretListRequest(prefix=args.prefix, limit=args.limit, after=args.after),
                 SecretListResponse,
                 action="list",
             )
-            if config.output == "json":
-                say(json.dumps(msgspec.to_builtins(listed)))
+            if machine(config.output):
+                say(render(config.output, msgspec.to_builtins(listed)))
             else:
                 for key in listed.keys:
                     say(key)
@@ -224,7 +243,7 @@ def run_secret(args: argparse.Namespace, say: Say = print, stdin: BinaryIO | Non
                     say(f"(more: --after {listed.next_after})")
         elif command in ("delete", "undelete", "destroy"):
             versions = _versions(args.versions)
-            _check(kv.check_versions, versions)
+            _check(lambda v: kv.check_versions(v, zero_is_current=True), versions)
             nexus.call(
                 SECRETS_PATH,
                 SecretVersionsRequest(path=path, versions=versions),
@@ -316,12 +335,12 @@ def _unsealed(path: str, read: Callable[[], T]) -> T:
 
 
 def _out(output: str, say: Say, data: dict[str, Any], human: str) -> None:
-    say(json.dumps(data) if output == "json" else human)
+    say(render(output, data) if machine(output) else human)
 
 
 def _print_metadata(meta: SecretMetadataResponse, path: str, output: str, say: Say) -> None:
-    if output == "json":
-        say(json.dumps(msgspec.to_builtins(meta)))
+    if machine(output):
+        say(render(output, msgspec.to_builtins(meta)))
         return
     m = meta.metadata
     say(f"{path}: current version {m.currentVersion}, oldest {m.oldestVersion}, keeps {m.maxVersions}")
@@ -338,9 +357,71 @@ def _print_metadata(meta: SecretMetadataResponse, path: str, output: str, say: S
         say(f"  version {number}: created {v.createdTime}, {state}")
 
 
+def _base64_flag(text: str, flag: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise CommandError(f"{flag} must be base64", exit_code=2) from None
+
+
+def _cipher_json_request(args: argparse.Namespace) -> tuple[str, object, type[Any]] | None:
+    """SPIKE's JSON mode (`--plaintext`, or `--version`/`--nonce`/`--ciphertext`): the request, or None."""
+    if args.cipher_command == "encrypt":
+        if args.plaintext is None:
+            return None
+        if args.infile or args.armor:
+            raise CommandError("--plaintext does not go with --in/--file or --armor", exit_code=2)
+        plaintext = _base64_flag(args.plaintext, "--plaintext")
+        if len(plaintext) > MAX_PLAINTEXT:
+            raise CommandError(
+                f"{len(plaintext)} bytes is more than Nexus encrypts at once ({MAX_PLAINTEXT})", exit_code=2
+            )
+        request = CipherEncryptRequest(plaintext=plaintext, algorithm=args.algorithm)
+        return CIPHER_ENCRYPT_PATH, request, CipherEncryptResponse
+    given = [args.cipher_version, args.nonce, args.ciphertext]
+    if all(v is None for v in given):
+        return None
+    if any(v is None for v in given) or args.infile:
+        raise CommandError("JSON mode takes --version, --nonce and --ciphertext together (and no --in)", exit_code=2)
+    try:
+        version = int(args.cipher_version)
+    except ValueError:
+        version = -1
+    if not 0 <= version <= 255:
+        raise CommandError("--version must be 0-255", exit_code=2)
+    opening = CipherDecryptRequest(
+        version=version,
+        nonce=_base64_flag(args.nonce, "--nonce"),
+        ciphertext=_base64_flag(args.ciphertext, "--ciphertext"),
+        algorithm=args.algorithm,
+    )
+    return CIPHER_DECRYPT_PATH, opening, CipherDecryptResponse
+
+
+def _write_result(args: argparse.Namespace, out: BinaryIO, result: bytes) -> None:
+    if args.outfile:
+        try:
+            Path(args.outfile).write_bytes(result)
+        except OSError as exc:
+            raise CommandError(f"cannot write {args.outfile}: {exc.strerror}") from None
+    else:
+        out.write(result)
+        out.flush()
+
+
 def run_cipher(args: argparse.Namespace, stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> int:
     config = cfg.client(args, cfg.environ(args))
     out = stdout or sys.stdout.buffer
+    json_mode = _cipher_json_request(args)
+    if json_mode is not None:
+        path, request, answer = json_mode
+        with NexusClient(config.nexus_url, config.common.svid, config.common.trust) as nexus:
+            reply = nexus.call(path, request, answer)
+        if isinstance(reply, CipherDecryptResponse):
+            _write_result(args, out, reply.plaintext)
+        else:
+            _write_result(args, out, msgspec.json.encode(reply) + b"\n")
+        return 0
     armor = getattr(args, "armor", False)
     encrypting = args.cipher_command == "encrypt"
     if encrypting and not armor and not args.outfile and out.isatty():
@@ -362,12 +443,5 @@ def run_cipher(args: argparse.Namespace, stdin: BinaryIO | None = None, stdout: 
         result = nexus.call_bytes(path, data)
     if armor:
         result = enarmor(result)
-    if args.outfile:
-        try:
-            Path(args.outfile).write_bytes(result)
-        except OSError as exc:
-            raise CommandError(f"cannot write {args.outfile}: {exc.strerror}") from None
-    else:
-        out.write(result)
-        out.flush()
+    _write_result(args, out, result)
     return 0

@@ -24,6 +24,11 @@ MAX_VERSIONS_PER_REQUEST = 1000
 
 _SEGMENT = re.compile(r"[A-Za-z0-9._@+=~-]+")
 _KEY = re.compile(r"[A-Za-z0-9._-]+")
+# What SPIKE's secret paths may also hold (spike-sdk-go validation.validPath: ()?+*|[]{}\), on its routes.
+_SPIKE_SEGMENT = re.compile(r"[A-Za-z0-9._@+=~()?*|\[\]{}\\-]+")
+# Secret key names: ours, and SPIKE's (validation.ValidateName: letters, digits, -, _ and spaces, up to 250).
+MAX_VALUE_KEY_BYTES = 250
+_VALUE_KEY = re.compile(r"[A-Za-z0-9._ -]+")
 
 
 class KvError(Exception):
@@ -63,6 +68,33 @@ def check_path(path: str) -> str:
     return path
 
 
+def check_spike_path(path: str) -> str:
+    """A secret path on SPIKE's routes: `check_path`'s, or with SPIKE's leading ``/`` and characters.
+
+    A leading ``/`` is part of the path, as in SPIKE (``/app/db`` and ``app/db`` are two secrets); empty
+    segments, ``.`` and ``..`` stay refused.  Vault's face keeps `check_path`.
+    """
+    if not isinstance(path, str) or not path:
+        raise InvalidRequest("path is empty")
+    if len(path.encode()) > MAX_PATH_BYTES:
+        raise InvalidRequest(f"path is longer than {MAX_PATH_BYTES} bytes")
+    for segment in path.removeprefix("/").split("/"):
+        if segment in ("", ".", "..") or not _SPIKE_SEGMENT.fullmatch(segment):
+            raise InvalidRequest(
+                "path must be segments of letters, digits and ._@+=~-()?*|[]{}\\ separated by single slashes "
+                "(a leading slash is allowed)"
+            )
+    return path
+
+
+def check_spike_prefix(prefix: str) -> str:
+    """A list prefix on SPIKE's routes: empty, ``/``, or a path optionally ending in a slash."""
+    if prefix in ("", "/"):
+        return prefix
+    check_spike_path(prefix.removesuffix("/"))
+    return prefix
+
+
 def check_prefix(prefix: str) -> str:
     """A list prefix: empty, or a path optionally ending in a slash."""
     if prefix == "":
@@ -76,8 +108,8 @@ def check_values(values: dict[str, str]) -> dict[str, str]:
         raise InvalidRequest("values is empty: a secret needs at least one key")
     size = 0
     for key, value in values.items():
-        if len(key.encode()) > MAX_KEY_BYTES or not _KEY.fullmatch(key):
-            raise InvalidRequest(f"key names are 1-{MAX_KEY_BYTES} letters, digits and ._-")
+        if len(key.encode()) > MAX_VALUE_KEY_BYTES or not _VALUE_KEY.fullmatch(key):
+            raise InvalidRequest(f"key names are 1-{MAX_VALUE_KEY_BYTES} letters, digits, spaces and ._-")
         size += len(key.encode()) + len(value.encode())
     if size > MAX_VALUES_BYTES:
         raise InvalidRequest(f"values exceed {MAX_VALUES_BYTES} bytes")
@@ -102,12 +134,18 @@ def check_version(version: int) -> int:
     return version
 
 
-def check_versions(versions: list[int]) -> list[int]:
+def check_versions(versions: list[int], *, zero_is_current: bool = False) -> list[int]:
+    """Versions named by a delete, undelete or destroy.
+
+    `zero_is_current`: 0 stands for the current version, as in SPIKE's API (its Pilot sends
+    ``versions: [0]`` when no version is given); Vault's API has no such version.
+    """
     if len(versions) > MAX_VERSIONS_PER_REQUEST:
         raise InvalidRequest(f"at most {MAX_VERSIONS_PER_REQUEST} versions per request")
+    lowest = 0 if zero_is_current else 1
     for version in versions:
-        if not 1 <= version <= MAX_VERSION:
-            raise InvalidRequest("versions must be between 1 and 2**31-1")
+        if not lowest <= version <= MAX_VERSION:
+            raise InvalidRequest(f"versions must be between {lowest} and 2**31-1")
     return versions
 
 
@@ -185,5 +223,5 @@ def plan_put(
 
 
 def targets(meta: SecretMeta, versions: list[int]) -> list[int]:
-    """The versions a delete/undelete/destroy addresses (none given: the current one)."""
-    return sorted(set(versions)) if versions else [meta.current_version]
+    """The versions a delete/undelete/destroy addresses (none given, or 0: the current one)."""
+    return sorted({v or meta.current_version for v in versions}) if versions else [meta.current_version]

@@ -36,9 +36,10 @@ if TYPE_CHECKING:
     import re2
 
 MAX_POLICIES = 10_000
-MAX_NAME = 128
+MAX_NAME = 250  # SPIKE's (spike-sdk-go validation.ValidateName)
 MAX_PATTERN = 1024
-_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# Ours (letters, digits, ._-) and SPIKE's (letters, digits, -_ and spaces).
+_NAME = re.compile(r"[A-Za-z0-9._ -]{1,250}")
 
 # SPIKE's reserved system paths (spike-sdk-go config/auth), in the order SPIKE checks them.
 SYSTEM_ACL = "spike/system/acl"
@@ -54,6 +55,8 @@ RESERVED_PREFIX = "spike/"
 
 
 def reserved(path: str) -> bool:
+    """Whether no secret may be stored at `path` (SPIKE's leading ``/`` does not make a path another's)."""
+    path = path.lstrip("/")
     return path == "spike" or path.startswith(RESERVED_PREFIX)
 
 
@@ -201,7 +204,7 @@ def check_policy_fields(
 ) -> frozenset[Permission]:
     """Everything a policy write is checked for; `InvalidRequest` (400) with the reason."""
     if not _NAME.fullmatch(name):
-        raise InvalidRequest(f"policy names are 1-{MAX_NAME} letters, digits and ._-")
+        raise InvalidRequest(f"policy names are 1-{MAX_NAME} letters, digits, spaces and ._-")
     compile_pattern(spiffe_id_pattern, "SPIFFE ID pattern")
     compile_pattern(path_pattern, "path pattern")
     granted = check_permissions(permissions)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from spike.app.api.messages import RecoverResponse, RestorationStatus, RestoreRequest
 from spike.app.nexus import refusals
+from spike.app.nexus.dialect import speaks_spike_go
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.effects import Phase
 from spike.protocol.errors import LocalProtocolError, RemoteProtocolError, ShamirError
@@ -54,8 +55,7 @@ class OperatorApi:
                 "it has no key record (a new data directory?): restore needs the data directory the shards belong to",
             )
         if custody.phase is Phase.READY:
-            log.info("restore refused: Nexus already holds its root key")
-            return refusals.conflict("Nexus already holds its verified root key: there is nothing to restore")
+            return self._already_restored(request)
         try:
             body = decode(request.body, RestoreRequest)
             share = Share(body.id, record.epoch, bytes(body.shard))
@@ -65,12 +65,20 @@ class OperatorApi:
             return refusals.bad_request("the shard is malformed (check the id and the 32 bytes of the shard)")
         except DuplicateShare as exc:
             log.info("restore refused: %s", exc)
+            if speaks_spike_go(request):
+                # SPIKE's Go Nexus answers a shard it holds already with the progress so far.
+                needed = custody.shards_needed
+                return ApiResponse.json(
+                    RestorationStatus(collected=max(0, custody.threshold - needed), remaining=needed, restored=False)
+                )
             return refusals.conflict(str(exc))
         except ShareRejected as exc:
             log.warning("restore refused: %s", exc)
             return refusals.bad_request(f"{exc}: it is not a shard of this deployment's key")
-        except LocalProtocolError as exc:
+        except LocalProtocolError as exc:  # the key came back (from the keepers) since the phase was read
             log.info("restore refused: %s", exc)
+            if self._driver.custody.phase is Phase.READY:
+                return self._already_restored(request)
             return refusals.conflict(f"Nexus cannot take a shard now: {exc}")
         log.info(
             "recovery shard %d accepted from %s: %d more needed",
@@ -82,3 +90,11 @@ class OperatorApi:
         return ApiResponse.json(
             RestorationStatus(collected=progress.accepted, remaining=progress.needed, restored=progress.ready)
         )
+
+    def _already_restored(self, request: ApiRequest) -> ApiResponse:
+        """A shard for a Nexus that holds its verified key: 409 for spike's CLI, SPIKE's 200 "restored" for Go's."""
+        log.info("restore refused: Nexus already holds its root key")
+        if speaks_spike_go(request):
+            threshold = self._driver.custody.threshold
+            return ApiResponse.json(RestorationStatus(collected=threshold, remaining=0, restored=True))
+        return refusals.conflict("Nexus already holds its verified root key: there is nothing to restore")

@@ -41,6 +41,7 @@ def policy_body(policy: Policy) -> PolicyBody:
         id=policy.id,
         name=policy.name,
         spiffeidPattern=policy.spiffe_id_pattern,
+        spiffiedPattern=policy.spiffe_id_pattern,
         pathPattern=policy.path_pattern,
         permissions=sorted(p.value for p in policy.permissions),
         createdAt=_iso(policy.created_at),

@@ -15,8 +15,11 @@ WAITING_FOR_SHARDS = ApiResponse.error(503, ErrorCode.NOT_READY, "it is waiting 
 NOT_INITIALISED = ApiResponse.error(503, ErrorCode.NOT_READY, "it has no root key yet: run `spike bootstrap`")
 DATABASE_UNAVAILABLE = ApiResponse.error(503, ErrorCode.NOT_READY, "its database cannot be used right now")
 NO_SUCH_ROUTE = ApiResponse.error(404, ErrorCode.NOT_FOUND, "no such API path")
+# Under SPIKE's route prefixes an unknown path, an unknown action and any method but POST are SPIKE's
+# "fallback": 400 api_bad_request (its Go SDK reports 404 and 405 as a broken peer, not as a refusal).
+NO_SUCH_SPIKE_ROUTE = ApiResponse.error(400, ErrorCode.BAD_REQUEST, "no such API path")
 UNKNOWN_ACTION = ApiResponse.error(400, ErrorCode.BAD_REQUEST, "no such action for this API path")
-POST_ONLY = ApiResponse.error(405, ErrorCode.BAD_REQUEST, "this API takes POST requests only")
+POST_ONLY = ApiResponse.error(400, ErrorCode.BAD_REQUEST, "this API takes POST requests only")
 REFUSED = ApiResponse.error(401, ErrorCode.UNAUTHORIZED, "no role or policy lets this identity make this request")
 
 

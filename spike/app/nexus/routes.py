@@ -46,7 +46,7 @@ from spike.app.nexus.lifecycle import KeyLifecycle, rotation_status
 from spike.app.nexus.operator_api import OperatorApi
 from spike.app.nexus.policy_api import PolicyApi
 from spike.app.nexus.secrets_api import SecretsApi
-from spike.app.nexus.vault.paths import is_vault_path
+from spike.app.nexus.vault.paths import is_spike_path, is_vault_path
 from spike.app.store.backend import KeyRecords
 from spike.app.store.errors import EpochUsed, StorageError
 from spike.protocol.api import ApiRequest, ApiResponse
@@ -54,8 +54,8 @@ from spike.protocol.effects import Phase
 from spike.protocol.errors import LocalProtocolError, RemoteProtocolError
 from spike.protocol.identity import Role, TrustDomains
 from spike.protocol.material import derive_key
-from spike.protocol.nexus import AlreadyInitialised, NexusCustody
-from spike.protocol.record import KeyRecord
+from spike.protocol.nexus import AlreadyInitialised, NexusCustody, UnrecordedKeyRefused
+from spike.protocol.record import KeyRecord, seal_key
 from spike.protocol.wire import ErrorCode, decode
 from spike.transports.custody_driver import CustodyDriver
 
@@ -207,7 +207,11 @@ class NexusApi:
     def _gate(self, route: Route | None, request: ApiRequest) -> tuple[str, ApiResponse | None]:
         """(decision, refusal): what the route table and the guards say before any handler runs."""
         if route is None:
-            return "no_route", refusals.UNKNOWN_ACTION if request.path in self._paths else refusals.NO_SUCH_ROUTE
+            if request.path in self._paths:
+                return "no_route", refusals.POST_ONLY if request.method != "POST" else refusals.UNKNOWN_ACTION
+            if is_spike_path(request.path):
+                return "no_route", refusals.POST_ONLY if request.method != "POST" else refusals.NO_SUCH_SPIKE_ROUTE
+            return "no_route", refusals.NO_SUCH_ROUTE
         if request.method != "POST":
             return "allowed", refusals.POST_ONLY
         if self._refused_outright(route.guard, request):
@@ -402,14 +406,76 @@ class NexusApi:
             return False
 
     def bootstrap_verify(self, request: ApiRequest) -> ApiResponse:
+        """spike's bootstrap seals under a key derived from the root key, with associated data; SPIKE's Go
+        bootstrap under the raw root key without (and, having sent no key record, may find none here)."""
         custody = self._driver.custody
+        if custody.phase is Phase.UNINITIALISED:
+            return self._verify_unrecorded(request)
         if custody.phase is not Phase.READY:
             return refusals.not_ready(custody.phase)
         try:
             body = decode(request.body, VerifyRequest)
             key = derive_key(custody.root_key, VERIFY_INFO)
-            plaintext = AESGCM(key).decrypt(body.nonce, body.ciphertext, VERIFY_INFO)
+            try:
+                plaintext = AESGCM(key).decrypt(body.nonce, body.ciphertext, VERIFY_INFO)
+            except InvalidTag:
+                plaintext = AESGCM(custody.root_key.secret_bytes()).decrypt(body.nonce, body.ciphertext, None)
         except (RemoteProtocolError, InvalidTag, ValueError) as exc:
             log.warning("bootstrap verification failed: %s", exc.__class__.__name__)
             return refusals.bad_request("the verification ciphertext does not open under Nexus's root key")
+        return ApiResponse.json(VerifyResponse(hash=hashlib.sha256(plaintext).hexdigest()))
+
+    def _verify_unrecorded(self, request: ApiRequest) -> ApiResponse:
+        """SPIKE's Go bootstrap: it dealt a key to the keepers itself and never sent a key record.
+
+        The key the keepers' unlabelled shards rebuild (all of them on one polynomial) is adopted only if
+        the verification opens under it; then its record is written and this Nexus's own shards of it are
+        handed to the custody machine, which re-seeds every keeper with them (docs/spike-compatibility.md).
+        """
+        custody = self._driver.custody
+        try:
+            body = decode(request.body, VerifyRequest)
+        except RemoteProtocolError:
+            return refusals.bad_request("the verification request is malformed")
+        try:
+            key = custody.adopt_unrecorded()
+        except UnrecordedKeyRefused as exc:
+            if exc.waiting:
+                log.info("bootstrap verification without a key record: %s", exc)
+                return refusals.NOT_INITIALISED  # SPIKE's Go bootstrap asks again
+            log.warning("bootstrap verification refused: %s", exc)
+            return refusals.bad_request(f"Nexus cannot adopt the keepers' key: {exc}")
+        try:
+            plaintext = AESGCM(key.secret_bytes()).decrypt(body.nonce, body.ciphertext, None)
+        except (InvalidTag, ValueError) as exc:
+            log.warning("bootstrap verification failed: %s", exc.__class__.__name__)
+            return refusals.bad_request("the verification ciphertext does not open under the key the keepers hold")
+        # Split the configured way: with --shard-derivation spike (SPIKE's Go deployments) the record commits to
+        # the very shards Go bootstrap dealt, and a SPIKE Go Nexus can read the keepers after this one.
+        record, shares = seal_key(
+            key, epoch=1, threshold=custody.threshold, keeper_ids=custody.keeper_ids, derivation=custody.derivation
+        )
+        try:
+            installed = self._store.install_key_record(record, replace=None)
+        except EpochUsed as exc:
+            log.warning("bootstrap refused: %s", exc)
+            return refusals.conflict(str(exc))
+        except StorageError as exc:
+            log.error("cannot install the key record: %s", exc)  # noqa: TRY400 - a one-line cause, not a bug
+            return refusals.unavailable(exc)
+        if installed != record:
+            self.adopt(installed)
+            return refusals.conflict(
+                f"another Nexus instance installed a key record (epoch {installed.epoch}) first: it is in use"
+            )
+        self._driver.initialise(record, replace=False)
+        for keeper_id in sorted(shares)[: record.threshold]:
+            self._driver.submit_shard(shares[keeper_id])
+        log.warning(
+            "adopted the root key SPIKE's Go bootstrap dealt to the keepers (%d-of-%d, now key epoch 1), "
+            "verified by %s; the keepers are re-seeded with this Nexus's shards of it",
+            record.threshold,
+            record.shares,
+            request.peer,
+        )
         return ApiResponse.json(VerifyResponse(hash=hashlib.sha256(plaintext).hexdigest()))

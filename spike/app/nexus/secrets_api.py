@@ -46,9 +46,14 @@ from spike.protocol.wire import ErrorCode, decode
 log = logging.getLogger("spike.nexus.secrets")
 
 MAX_LIST_LIMIT = 10_000
+DEFAULT_LIST_LIMIT = 1000  # a page when `after` comes without `limit`
 # Paths one list request looks at, at most (or `limit` + 1 if more): a caller that may see few of many
 # paths gets a page that may be short, and a cursor that continues past the ones it may not see.
 LIST_SCAN = 4096
+# A caller that does not page (SPIKE's Go SDK sends `{}`) gets every key it may list in one answer, as from
+# SPIKE, up to these bounds; beyond them a 400 tells it to page with `limit` and `after`.
+UNPAGED_MAX_KEYS = 100_000
+UNPAGED_MAX_SCAN = 1_000_000
 CAS_MISMATCH = "check-and-set failed: the secret is not at the version given (cas)"
 T = TypeVar("T")
 Reply = ApiResponse | Future[ApiResponse]
@@ -148,7 +153,7 @@ class SecretsApi:
                 body = decode(request.body, kind)
                 path = getattr(body, "path", None)
                 if path is not None:
-                    path = kv.check_path(path)
+                    path = kv.check_spike_path(path)
                     if reserved(path):
                         raise kv.InvalidRequest("paths under spike/ are reserved for the system")
                     if not authorizer.allows(request.peer, permission, path):
@@ -182,7 +187,7 @@ class SecretsApi:
     # ------------------------------------------------------------------ data
 
     def put(self, body: SecretPutRequest) -> Reply:
-        path = kv.check_path(body.path)
+        path = kv.check_spike_path(body.path)
         values = kv.check_values(body.values)
         if body.cas is not None:
             kv.check_version(body.cas)
@@ -190,7 +195,7 @@ class SecretsApi:
         return when_done(future, lambda version: ApiResponse.json(SecretPutResponse(version=version)), "put")
 
     def get(self, body: SecretGetRequest) -> Reply:
-        path, version = kv.check_path(body.path), kv.check_version(body.version)
+        path, version = kv.check_spike_path(body.path), kv.check_version(body.version)
 
         def answer(found: tuple[int, dict[str, str]]) -> ApiResponse:
             return ApiResponse.json(SecretGetResponse(data=found[1], version=found[0]))
@@ -209,7 +214,7 @@ class SecretsApi:
     def _versions(
         self, action: Callable[[str, list[int]], Future[None]], body: SecretVersionsRequest, what: str
     ) -> Reply:
-        future = action(kv.check_path(body.path), kv.check_versions(body.versions))
+        future = action(kv.check_spike_path(body.path), kv.check_versions(body.versions, zero_is_current=True))
         return when_done(future, lambda _: api.OK_EMPTY, what)
 
     def list(self, body: SecretListRequest, caller: SpiffeId | None) -> Reply:
@@ -220,13 +225,15 @@ class SecretsApi:
         token (`list_cursor`) standing for where the scan stopped, so paging
         always moves forward without naming a path the caller may not see.
         """
-        prefix = kv.check_prefix(body.prefix)
-        if not 1 <= body.limit <= MAX_LIST_LIMIT:
+        prefix = kv.check_spike_prefix(body.prefix)
+        if body.limit is None and not body.after:
+            return self._list_all(prefix, caller)
+        limit = DEFAULT_LIST_LIMIT if body.limit is None else body.limit
+        if not 1 <= limit <= MAX_LIST_LIMIT:
             raise kv.InvalidRequest(f"limit must be between 1 and {MAX_LIST_LIMIT}")
-        limit = body.limit
         visible = self._authorizer.lister(caller)  # bound to the policies in force now, on this thread
         if body.after and not self._cursors.is_token(body.after):
-            kv.check_path(body.after)
+            kv.check_spike_path(body.after)
         try:
             after = self._cursors.open(body.after, caller, prefix) if body.after else ""
         except CursorError as exc:
@@ -245,10 +252,36 @@ class SecretsApi:
 
         return read_reply(self._store, page, ApiResponse.json, "list")
 
+    def _list_all(self, prefix: str, caller: SpiffeId | None) -> Reply:
+        """Every path under `prefix` that `caller` may list, in one answer with no cursor (SPIKE's `list`).
+
+        Read in scans of `LIST_SCAN` paths; more than `UNPAGED_MAX_KEYS` keys to answer, or more than
+        `UNPAGED_MAX_SCAN` paths to look at, is refused (400, nothing is half answered): page instead.
+        """
+        visible = self._authorizer.lister(caller)
+
+        def everything() -> SecretListResponse:
+            keys: list[str] = []
+            after, scanned = "", 0
+            while True:
+                batch = self._store.list_paths(prefix, limit=LIST_SCAN, after=after)
+                scanned += len(batch)
+                keys.extend(batch if visible.everything else (k for k in batch if visible(k)))
+                if len(keys) > UNPAGED_MAX_KEYS or (scanned >= UNPAGED_MAX_SCAN and len(batch) == LIST_SCAN):
+                    raise kv.InvalidRequest(
+                        f"more than {UNPAGED_MAX_KEYS} keys (or {UNPAGED_MAX_SCAN} paths) to list at once: "
+                        "page with `limit` and `after` (spike secret list --limit N --after PATH)"
+                    )
+                if len(batch) < LIST_SCAN:
+                    return SecretListResponse(keys=keys)
+                after = batch[-1]
+
+        return read_reply(self._store, everything, ApiResponse.json, "list")
+
     # ------------------------------------------------------------------ metadata
 
     def metadata_get(self, body: SecretGetRequest) -> Reply:
-        path, version = kv.check_path(body.path), kv.check_version(body.version)
+        path, version = kv.check_spike_path(body.path), kv.check_version(body.version)
         return read_reply(self._store, lambda: self._metadata(path, version), ApiResponse.json, "metadata get")
 
     def _metadata(self, path: str, version: int) -> SecretMetadataResponse:
@@ -280,7 +313,7 @@ class SecretsApi:
         )
 
     def metadata_put(self, body: SecretMetadataUpdate) -> Reply:
-        path = kv.check_path(body.path)
+        path = kv.check_spike_path(body.path)
         if body.max_versions is not None:
             kv.check_max_versions(body.max_versions)
         if body.custom_metadata is not None:
@@ -294,5 +327,5 @@ class SecretsApi:
         return when_done(future, lambda _: api.OK_EMPTY, "metadata put")
 
     def metadata_delete(self, body: SecretPathRequest) -> Reply:
-        future = self._store.delete_all(kv.check_path(body.path))
+        future = self._store.delete_all(kv.check_spike_path(body.path))
         return when_done(future, lambda _: api.OK_EMPTY, "metadata delete")

@@ -11,8 +11,13 @@ PREFIX = "/v1/"
 SPIKE_PREFIXES = ("/v1/store", "/v1/acl", "/v1/cipher", "/v1/operator", "/v1/bootstrap")
 
 
+def is_spike_path(path: str) -> bool:
+    """Whether `path` is under one of SPIKE's route prefixes (where even an unknown path is answered as SPIKE does)."""
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in SPIKE_PREFIXES)
+
+
 def is_vault_path(path: str) -> bool:
     """Whether Nexus answers `path` as Vault does: under /v1/, and under none of SPIKE's prefixes."""
     if not path.startswith(PREFIX):
         return False
-    return not any(path == prefix or path.startswith(prefix + "/") for prefix in SPIKE_PREFIXES)
+    return not is_spike_path(path)
