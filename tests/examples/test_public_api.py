@@ -41,7 +41,7 @@ PUBLIC_NAMES = {
     "NexusCustody", "PollSchedule", "RandomSource", "KeeperView", "RestoreProgress",
     "AlreadyInitialised", "ShareRejected", "DuplicateShare",
     # key rotation
-    "PendingRotation", "RotationView", "RotationRefused", "RotationStage", "PersistRotation", "CommitRotation",
+    "PendingRotation", "RotationView", "RotationRefused", "UnrecordedKeyRefused", "RotationStage", "PersistRotation", "CommitRotation",
     "AbandonRotation", "StoreEffect", "RotationProgress", "ShardRetired", "KeeperLeft",
     # effects and events
     "Effect", "SendRequest", "RequestKind", "Report", "KeeperStateChanged", "KeeperState",
