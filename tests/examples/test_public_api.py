@@ -39,9 +39,9 @@ POLICY = "see docs/api-policy.md: update this pin, CHANGELOG.md and the version"
 PUBLIC_NAMES = {
     # Nexus custody
     "NexusCustody", "PollSchedule", "RandomSource", "KeeperView", "RestoreProgress",
-    "AlreadyInitialised", "ShareRejected", "DuplicateShare",
+    "AlreadyInitialised", "ShareRejected", "DuplicateShare", "UnrecordedKeyRefused",
     # key rotation
-    "PendingRotation", "RotationView", "RotationRefused", "UnrecordedKeyRefused", "RotationStage", "PersistRotation", "CommitRotation",
+    "PendingRotation", "RotationView", "RotationRefused", "RotationStage", "PersistRotation", "CommitRotation",
     "AbandonRotation", "StoreEffect", "RotationProgress", "ShardRetired", "KeeperLeft",
     # effects and events
     "Effect", "SendRequest", "RequestKind", "Report", "KeeperStateChanged", "KeeperState",
