@@ -40,22 +40,17 @@ from spike.protocol import (
     PollSchedule,
     RequestFailed,
     ResponseReceived,
-    Role,
     RootKey,
     SendRequest,
     ShardContribution,
-    TrustDomains,
+    StoreEffect,
     deal,
     decode,
     encode,
     seal_key,
 )
 from spike.protocol.wire import KEEPER_FORGET_PATH
-
-TRUST = TrustDomains.single("spike.test")
-NEXUS = TRUST.id_of(Role.NEXUS)
-BOOTSTRAP = TRUST.id_of(Role.BOOTSTRAP)
-StoreEffect = PersistRotation | CommitRotation | AbandonRotation
+from tests.core.rotation_helpers import BOOTSTRAP, NEXUS, TRUST
 
 
 class RotationMachine(RuleBasedStateMachine):

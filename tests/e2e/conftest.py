@@ -8,6 +8,7 @@ which runs after every other e2e test and greps every log for them.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from spike.app.commands.devca import DevIdentity
-from tests.e2e.harness import Cluster, SecretsSeen
+from tests.e2e.harness import Cluster, SecretsSeen, swept
 
 
 @pytest.fixture(scope="session")
@@ -27,21 +28,16 @@ def secrets_seen() -> SecretsSeen:
 def make_cluster(
     dev_identity: DevIdentity, tmp_path: Path, secrets_seen: SecretsSeen, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., Cluster]]:
-    clusters: list[Cluster] = []
+    with contextlib.ExitStack() as clusters:
+        made = 0
 
-    def make(**options: Any) -> Cluster:
-        cluster = Cluster(dev_identity, tmp_path / f"cluster-{len(clusters) + 1}", **options)
-        clusters.append(cluster)
-        return cluster
+        def make(**options: Any) -> Cluster:
+            nonlocal made
+            made += 1
+            cluster = Cluster(dev_identity, tmp_path / f"cluster-{made}", **options)
+            return clusters.enter_context(swept(cluster, secrets_seen, f"{request.node.name}#{made}"))
 
-    try:
         yield make
-    finally:
-        for number, cluster in enumerate(clusters, start=1):
-            try:
-                secrets_seen.add_cluster(cluster, f"{request.node.name}#{number}")
-            finally:
-                cluster.close()
 
 
 @pytest.fixture

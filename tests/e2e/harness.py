@@ -722,6 +722,18 @@ class SecretsSeen:
                 self.shards[f"{label} keeper {keeper_id} epoch {share.epoch} shard"] = share.secret_bytes()
 
 
+@contextlib.contextmanager
+def swept(cluster: Cluster, seen: SecretsSeen, label: str) -> Iterator[Cluster]:
+    """`cluster`, closed at the end once the secrets sweep has taken its shards and log directory."""
+    try:
+        yield cluster
+    finally:
+        try:
+            seen.add_cluster(cluster, label)
+        finally:
+            cluster.close()
+
+
 WINDOW = 8  # bytes: a leak of any 8 consecutive bytes of a secret counts (64 bits never match by chance)
 
 

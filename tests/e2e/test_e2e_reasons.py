@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from spike.app.commands.devca import DevIdentity
-from tests.e2e.harness import CLI_TIMEOUT, SPIKE, CliResult, Cluster, SecretsSeen
+from tests.e2e.harness import CLI_TIMEOUT, SPIKE, CliResult, Cluster, SecretsSeen, swept
 
 pytestmark = pytest.mark.e2e
 
@@ -31,15 +31,9 @@ PASSWORD = "reasons-Qx81-secret"  # grepped for in every output and log
 def c(
     dev_identity: DevIdentity, tmp_path_factory: pytest.TempPathFactory, secrets_seen: SecretsSeen
 ) -> Iterator[Cluster]:
-    cluster = Cluster(dev_identity, tmp_path_factory.mktemp("reasons"))
-    try:
+    with swept(Cluster(dev_identity, tmp_path_factory.mktemp("reasons")), secrets_seen, "test_e2e_reasons") as cluster:
         cluster.start_ready()
         yield cluster
-    finally:
-        try:
-            secrets_seen.add_cluster(cluster, "test_e2e_reasons")
-        finally:
-            cluster.close()
 
 
 def ok(result: CliResult) -> CliResult:

@@ -39,7 +39,7 @@ from spike.app.api.messages import CIPHER_MAX_OVERHEAD as MAX_OVERHEAD
 from spike.app.api.messages import CIPHER_MAX_PLAINTEXT as MAX_PLAINTEXT
 from spike.app.commands.devca import DevIdentity
 from spike.app.store.sqlite_schema import DB_NAME
-from tests.e2e.harness import CliResult, Cluster, SecretsSeen, pick_port
+from tests.e2e.harness import CliResult, Cluster, SecretsSeen, pick_port, swept
 
 pytestmark = pytest.mark.e2e
 
@@ -50,15 +50,11 @@ PASSWORD = "hunter2-Vz71"  # distinctive: grepped for in every output and log
 def c(
     dev_identity: DevIdentity, tmp_path_factory: pytest.TempPathFactory, secrets_seen: SecretsSeen
 ) -> Iterator[Cluster]:
-    cluster = Cluster(dev_identity, tmp_path_factory.mktemp("secrets-cli"))
-    try:
+    with swept(
+        Cluster(dev_identity, tmp_path_factory.mktemp("secrets-cli")), secrets_seen, "test_secrets_cli"
+    ) as cluster:
         cluster.start_ready()
         yield cluster
-    finally:
-        try:
-            secrets_seen.add_cluster(cluster, "test_secrets_cli")
-        finally:
-            cluster.close()
 
 
 def ok(result: CliResult) -> CliResult:

@@ -45,6 +45,7 @@ from spike.app.api.messages import (
 from spike.app.nexus import refusals
 from spike.app.store.backend import ClusterState, KeyringStatus
 from spike.app.store.errors import RotationUnderWay, StorageError
+from spike.app.store.group_commit import resolved
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.custody_view import RotationView
 from spike.protocol.effects import (
@@ -199,15 +200,6 @@ def epochs_since(record: KeyRecord, epoch: int) -> int:
     return later
 
 
-def _at_once(call: Callable[[], T]) -> Future[T]:
-    done: Future[T] = Future()
-    try:
-        done.set_result(call())
-    except Exception as exc:
-        done.set_exception(exc)
-    return done
-
-
 def crash_here(point: str, armed: str | None) -> None:
     """SIGKILL this process at `point` if a test build armed it (spike.app.config.CRASH_POINTS)."""
     if armed is not None and point == armed:
@@ -281,7 +273,7 @@ class KeyLifecycle:
         self._follow_window = follow_window
         self._stored_at: dict[int, float] = {}  # rotation's epoch -> when this instance knew it stored
         self._exports = exports
-        self._reads = reads or _at_once
+        self._reads = reads or resolved
         self.last_keyring: KeyringStatusBody | None = None  # as last counted (metrics read it)
         self._keyring_reading = False
         self._keyring_read_at = -float("inf")

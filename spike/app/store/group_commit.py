@@ -8,11 +8,12 @@ future is settled only once the batch is committed, or known not to be.
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
 
 W = TypeVar("W")
+T = TypeVar("T")
 
 # What one write of a batch came to: its caller's future, and what the write returned or raised.
 WriteOutcome = tuple[Future[Any], Any, BaseException | None]
@@ -65,3 +66,13 @@ def settle(outcomes: Iterable[WriteOutcome]) -> None:
             future.set_result(result)
         else:
             future.set_exception(failure)
+
+
+def resolved(call: Callable[[], T]) -> Future[T]:
+    """A future already settled with what `call()` returned or raised (a read done on the caller's thread)."""
+    future: Future[T] = Future()
+    try:
+        future.set_result(call())
+    except Exception as exc:
+        future.set_exception(exc)
+    return future

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from spike.app.model import kv
 from spike.app.store.errors import DatabaseUnavailable, StorageError
-from spike.app.store.group_commit import WriteOutcome, WriteQueue, settle
+from spike.app.store.group_commit import WriteOutcome, WriteQueue, resolved, settle
 from spike.app.store.sql_store import SqlStore
 from spike.app.store.sqlite_schema import DB_NAME, NexusStore, connect, sqlite_failure
 from spike.app.store.sqlite_sql import SqliteDialect
@@ -37,16 +37,6 @@ log = logging.getLogger("spike.nexus.store")
 
 T = TypeVar("T")
 WriteOp = Callable[[sqlite3.Connection], T]
-
-
-def _resolved(call: Callable[[], T]) -> Future[T]:
-    """A future already settled with what `call()` returned or raised (reads of a local database)."""
-    future: Future[T] = Future()
-    try:
-        future.set_result(call())
-    except Exception as exc:
-        future.set_exception(exc)
-    return future
 
 
 class SecretStore(SqlStore[sqlite3.Connection]):
@@ -80,7 +70,7 @@ class SecretStore(SqlStore[sqlite3.Connection]):
     # ------------------------------------------------------------------ reads
 
     def read(self, call: Callable[[], T]) -> Future[T]:
-        return _resolved(call)
+        return resolved(call)
 
     def _read(self, work: Callable[[sqlite3.Connection], T], what: str) -> T:
         try:
