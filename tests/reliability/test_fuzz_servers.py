@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import ctypes
-import functools
 import gc
 import os
 import random
@@ -69,7 +68,7 @@ from spike.transports.tls import server_context
 from tests.authz.deployment import Deployment, running
 from tests.reliability.fuzz_client import RawClient, acceptable, chunked, json_bytes, mutate, request
 from tests.reliability.reliability_rig import REPORT, LeakWatch, ProxiedCluster, ready_cluster, rss_kib
-from tests.transport.transport_rig import raw_client_context
+from tests.transport.transport_rig import client_hello, raw_client_context
 
 pytestmark = pytest.mark.e2e
 
@@ -603,19 +602,6 @@ def check_valid(target: ProcTarget) -> None:
         client.valid(target.valid, target.expect)
     finally:
         client.close()
-
-
-@functools.cache
-def client_hello() -> bytes:
-    """The first flight of a real TLS client (a ClientHello), taken from memory BIOs."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname="k")
-    with contextlib.suppress(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
 
 
 def tls_garbage(rng: random.Random) -> bytes:

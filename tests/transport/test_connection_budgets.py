@@ -25,6 +25,7 @@ from spike.transports.server import ServerLimits
 from spike.transports.tls import server_context
 from tests.transport.transport_rig import (
     TRUST,
+    client_hello,
     in_thread,
     keeper_server,
     raw_client_context,
@@ -42,19 +43,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def nexus(dev_identity: DevIdentity) -> ssl.SSLContext:
     return raw_client_context(dev_identity.files("nexus"), dev_identity.files("nexus").bundle)
-
-
-@functools.cache
-def client_hello() -> bytes:
-    """The first flight of a real TLS client, taken from memory BIOs."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname="k")
-    with contextlib.suppress(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
 
 
 def open_sockets(port: int, count: int, first_bytes: bytes = b"") -> list[socket.socket]:

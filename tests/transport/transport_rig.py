@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import socket
 import ssl
 import time
@@ -147,6 +148,19 @@ def in_thread(func: Callable[[], Any]) -> Awaitable[Any]:
 
 
 # ---------------------------------------------------------------------- identities
+
+
+@functools.cache
+def client_hello() -> bytes:
+    """The first flight of a real TLS client (a ClientHello), taken from memory BIOs."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="k")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
 
 
 def raw_client_context(files: SvidFiles | None, bundle: Path) -> ssl.SSLContext:
