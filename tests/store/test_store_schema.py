@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import msgspec
@@ -41,7 +42,7 @@ def test_an_empty_file_is_migrated(data_dir: Path) -> None:
     assert user_version(data_dir) == LATEST
 
 
-def test_an_older_schema_is_migrated_and_keeps_its_data(data_dir: Path) -> None:
+def test_an_older_schema_is_migrated_and_keeps_its_data(data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A database written by the first release (key record only) gains the secret tables."""
     data_dir.mkdir()
     record, _ = seal_key(ROOT_KEY, epoch=3, threshold=2, keeper_ids=[1, 2, 3])
@@ -54,12 +55,14 @@ def test_an_older_schema_is_migrated_and_keeps_its_data(data_dir: Path) -> None:
             (msgspec.json.encode(record),),
         )
 
-    reopened = NexusStore(data_dir)
+    with caplog.at_level(logging.INFO, logger="spike.nexus.store"):
+        reopened = NexusStore(data_dir)
     try:
         assert reopened.load_key_record() == record
     finally:
         reopened.close()
     assert user_version(data_dir) == LATEST
+    assert f"database schema upgraded from version 1 to {LATEST}" in caplog.text  # said once, in the log
     store = open_store(data_dir, epoch=3)
     try:
         assert store.put("after/migration", {"k": "v"}, None).result(WAIT) == 1
@@ -68,11 +71,13 @@ def test_an_older_schema_is_migrated_and_keeps_its_data(data_dir: Path) -> None:
         store.close()
 
 
-def test_reopening_a_current_schema_changes_nothing(data_dir: Path) -> None:
+def test_reopening_a_current_schema_changes_nothing(data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     store = open_store(data_dir)
     store.put("kept", {"k": "v"}, None).result(WAIT)
     store.close()
-    store = open_store(data_dir)  # migrations run again: a no-op
+    with caplog.at_level(logging.INFO, logger="spike.nexus.store"):
+        store = open_store(data_dir)  # migrations run again: a no-op
+    assert "schema upgraded" not in caplog.text
     try:
         assert store.get("kept", 0) == (1, {"k": "v"})
     finally:

@@ -7,12 +7,15 @@ the statements of statements.py.  Paths and names compare byte by byte
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import psycopg
 
 from spike.app.store.errors import StorageError
 from spike.app.store.postgres_sql import LOCK_MIGRATE
+
+log = logging.getLogger("spike.nexus.store")
 
 # Entry i moves the schema from version i to i + 1, in one transaction.  Released entries never change.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -114,3 +117,5 @@ def migrate(conn: psycopg.Connection[Any]) -> None:
             for statement in step:
                 conn.execute(statement)
         conn.execute(_SET_VERSION, (len(MIGRATIONS),))
+    if 0 < version < len(MIGRATIONS):  # a new database's first schema is not news
+        log.info("database schema upgraded from version %d to %d", version, len(MIGRATIONS))

@@ -9,6 +9,7 @@ migrated forward in one transaction at open.
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import sqlite3
 import threading
@@ -21,6 +22,8 @@ import msgspec
 from spike.app.store.errors import DatabaseUnavailable, StorageError
 from spike.app.store.key_state import KeyState, rendered_key_sql
 from spike.protocol.record import KeyRecord
+
+log = logging.getLogger("spike.nexus.store")
 
 T = TypeVar("T")
 
@@ -169,6 +172,8 @@ class NexusStore(KeyState[sqlite3.Connection]):
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
+        if version:  # a new database's first schema is not news
+            log.info("database schema upgraded from version %d to %d", version, len(MIGRATIONS))
 
     # ------------------------------------------------------------------ the key state (key_state.py)
 
