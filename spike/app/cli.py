@@ -346,6 +346,42 @@ def _add_operator(sub: Any) -> None:
         _client_flags(p)
 
 
+def _add_migrate(sub: Any) -> None:
+    from spike.app.commands.formats import add_format_flag
+
+    migrate = sub.add_parser("migrate", help="move another deployment's secrets and policies into this Nexus")
+    mig = migrate.add_subparsers(dest="migrate_command", metavar="SOURCE", required=True)
+    spike_go = mig.add_parser(
+        "from-spike",
+        help="from a SPIKE Go Nexus's SQLite database, opened with its recovery shards (superuser)",
+        description="Rebuild SPIKE's root key from the shards its `spike operator recover` wrote, open every "
+        "secret version and policy of its database (read-only), check them, and write them into this Nexus in "
+        "one transaction. --dry-run stops before writing. See docs/migrating-from-spike.md.",
+    )
+    spike_go.add_argument("database", type=Path, metavar="DB", help="SPIKE's SQLite database (its spike.db)")
+    spike_go.add_argument(
+        "--shard", type=Path, action="append", default=[], metavar="FILE", help="a recovery shard file (repeat)"
+    )
+    spike_go.add_argument(
+        "--recovery-dir", type=Path, metavar="DIR", help="read every spike.recovery.*.txt file in this directory"
+    )
+    spike_go.add_argument(
+        "--threshold",
+        type=int,
+        metavar="T",
+        help="SPIKE's Shamir threshold: fewer shards are refused, more must lie on one polynomial",
+    )
+    spike_go.add_argument("--dry-run", action="store_true", help="read, open and check everything; write nothing")
+    spike_go.add_argument(
+        "--merge",
+        action="store_true",
+        help="import into a Nexus that holds secrets or policies already (a path or policy name on both sides "
+        "refuses the whole import)",
+    )
+    add_format_flag(spike_go)
+    _client_flags(spike_go)
+
+
 def _setup_logs(common: Common) -> None:
     from spike.app.logs import setup
 
@@ -363,6 +399,7 @@ _PARSERS: list[tuple[frozenset[str], Callable[[Any], None]]] = [
     (frozenset({"secret", "cipher"}), _add_client_commands),
     (frozenset({"policy"}), _add_policy),
     (frozenset({"operator"}), _add_operator),
+    (frozenset({"migrate"}), _add_migrate),
     (frozenset({"version"}), _add_version),
     (frozenset({"completion"}), _add_completion),
 ]
@@ -523,6 +560,30 @@ def _operator(args: argparse.Namespace) -> int:
         return operator.restore(client, text, print, config.output)
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    from spike.app import config as cfg
+    from spike.app.commands import migrate
+    from spike.app.commands.client import NexusClient
+
+    config = cfg.client(args, cfg.environ(args))
+    shares = migrate.read_shards(args.shard, args.recovery_dir)
+    _setup_logs(config.common)
+
+    def connect() -> NexusClient:
+        return NexusClient(config.nexus_url, config.common.svid, config.common.trust, timeout=60.0)
+
+    return migrate.run(
+        args.database,
+        shares,
+        threshold=args.threshold,
+        dry_run=args.dry_run,
+        merge=args.merge,
+        output=config.output,
+        say=print,
+        client=connect,
+    )
+
+
 def _version(args: argparse.Namespace) -> int:
     if args.format == "json":
         import json
@@ -550,6 +611,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "secret": _secret,
     "cipher": _cipher,
     "operator": _operator,
+    "migrate": _migrate,
     "policy": _policy,
     "version": _version,
     "completion": _completion,

@@ -15,6 +15,7 @@ STATUS_PATH = "/v1/operator/status"
 RECOVER_PATH = "/v1/operator/recover"
 RESTORE_PATH = "/v1/operator/restore"
 ROTATE_PATH = "/v1/operator/rotate"
+IMPORT_PATH = "/v1/operator/import"
 BOOTSTRAP_INIT_PATH = "/v1/bootstrap/init"
 BOOTSTRAP_VERIFY_PATH = "/v1/bootstrap/verify"
 
@@ -328,3 +329,55 @@ class RestorationStatus(msgspec.Struct, kw_only=True):
     collected: int
     remaining: int
     restored: bool
+
+
+# ---------------------------------------------------------------- import (`spike migrate from-spike`)
+
+
+class ImportVersion(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One version of an imported secret, with its number and times as the source kept them."""
+
+    version: int
+    values: dict[str, str]
+    created_at: float  # Unix seconds
+    deleted_at: float | None = None  # soft-deleted at (None: live)
+
+
+class ImportSecret(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    path: str
+    versions: list[ImportVersion]
+    created_at: float
+    updated_at: float
+    max_versions: int = 0  # 0: the deployment's default
+
+
+class ImportPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    spiffeidPattern: str
+    pathPattern: str
+    permissions: list[str]
+    created_at: float
+    updated_at: float
+
+
+# The largest request body Nexus reads (a 1 MiB cipher plaintext, base64 in JSON): an import is one request.
+MAX_BODY_BYTES = CIPHER_MAX_PLAINTEXT * 4 // 3 + 4096
+
+
+class ImportRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`POST /v1/operator/import` (superuser): secrets and policies written in one transaction, or none.
+
+    Without `merge`, refused (409) unless Nexus holds no secret and no policy; with it, refused (409) if a
+    path or a policy name is already there (nothing is overwritten or renumbered).
+    """
+
+    secrets: list[ImportSecret]
+    policies: list[ImportPolicy]
+    merge: bool = False
+
+
+class ImportResponse(msgspec.Struct, kw_only=True):
+    secrets: int
+    versions: int
+    deleted_versions: int
+    policies: int

@@ -225,3 +225,62 @@ def plan_put(
 def targets(meta: SecretMeta, versions: list[int]) -> list[int]:
     """The versions a delete/undelete/destroy addresses (none given, or 0: the current one)."""
     return sorted({v or meta.current_version for v in versions}) if versions else [meta.current_version]
+
+
+class ImportConflict(KvError):
+    """An import that would overwrite or mix with what is stored (409): nothing of it is written."""
+
+    status = 409
+    code = "api_conflict"
+
+
+@dataclass(frozen=True, slots=True)
+class ImportedVersion:
+    """A version brought from another store (`spike migrate`), with its number and times kept."""
+
+    version: int
+    values: dict[str, str]
+    created_at: float
+    deleted_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ImportedSecret:
+    path: str
+    versions: tuple[ImportedVersion, ...]  # at least one, distinct numbers
+    created_at: float
+    updated_at: float
+    max_versions: int = 0
+
+    @property
+    def current_version(self) -> int:
+        """The newest version: the next write is numbered after it, whether it is live or deleted."""
+        return max(v.version for v in self.versions)
+
+    @property
+    def oldest_version(self) -> int:
+        return min(v.version for v in self.versions)
+
+
+def check_import(secret: ImportedSecret) -> ImportedSecret:
+    """What a write of this secret would be checked for, plus what an import adds: `InvalidRequest` with why.
+
+    Paths may be SPIKE's (a leading ``/``, its characters): imports come from SPIKE.
+    """
+    check_spike_path(secret.path)
+    where = f"secret {secret.path}"
+    if not secret.versions:
+        raise InvalidRequest(f"{where} has no version")
+    check_max_versions(secret.max_versions)
+    seen: set[int] = set()
+    for version in secret.versions:
+        if not 1 <= version.version <= MAX_VERSION:
+            raise InvalidRequest(f"{where}: versions must be between 1 and 2**31-1")
+        if version.version in seen:
+            raise InvalidRequest(f"{where}: version {version.version} appears twice")
+        seen.add(version.version)
+        try:
+            check_values(version.values)
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"{where} version {version.version}: {exc}") from None
+    return secret

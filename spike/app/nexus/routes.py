@@ -22,6 +22,7 @@ from spike.app.api.messages import (
     BOOTSTRAP_VERIFY_PATH,
     CIPHER_DECRYPT_PATH,
     CIPHER_ENCRYPT_PATH,
+    IMPORT_PATH,
     POLICY_PATH,
     RECOVER_PATH,
     RESTORE_PATH,
@@ -42,6 +43,7 @@ from spike.app.model.policy import SYSTEM_ACL, SYSTEM_CIPHER, Permission
 from spike.app.nexus import refusals
 from spike.app.nexus.authorizer import Authorizer
 from spike.app.nexus.cipher_api import CipherApi
+from spike.app.nexus.import_api import ImportApi
 from spike.app.nexus.lifecycle import KeyLifecycle, rotation_status
 from spike.app.nexus.operator_api import OperatorApi
 from spike.app.nexus.policy_api import PolicyApi
@@ -130,6 +132,7 @@ class NexusApi:
         observer: Observer | None = None,
         lifecycle: KeyLifecycle | None = None,
         vault: VaultFace | None = None,
+        importer: ImportApi | None = None,
     ) -> None:
         self._driver = driver
         self._lifecycle = lifecycle
@@ -155,6 +158,8 @@ class NexusApi:
             routes[(ROTATE_PATH, "")] = Route(
                 lifecycle.rotate, Roles(frozenset({Role.PILOT_SUPERUSER})), needs_key=True
             )
+        if importer is not None:  # the superuser role, as SPIKE's Pilot, and only with the key
+            routes[(IMPORT_PATH, "")] = Route(importer.handle, Roles(frozenset({Role.PILOT_SUPERUSER})), needs_key=True)
         for action, (handler, permission) in secrets.handlers().items():
             routes[(SECRETS_PATH, action)] = Route(handler, Granted(permission), needs_key=True)
         for action, (handler, permission) in secrets.metadata_handlers().items():

@@ -14,15 +14,23 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import anyio
 
 from spike.app import startup
-from spike.app.api.messages import POLICY_PATH, SECRETS_METADATA_PATH, SECRETS_PATH, KeyringStatusBody
+from spike.app.api.messages import (
+    IMPORT_PATH,
+    MAX_BODY_BYTES,
+    POLICY_PATH,
+    SECRETS_METADATA_PATH,
+    SECRETS_PATH,
+    KeyringStatusBody,
+)
 from spike.app.config import ConfigError, NexusConfig
 from spike.app.identity import identity_source
 from spike.app.logs import ReportLogger
 from spike.app.memory import AfterFloods, Protection, protect
 from spike.app.nexus.audit import AuditLog, secret_path_of
 from spike.app.nexus.authorizer import Authorizer
-from spike.app.nexus.cipher_api import MAX_PLAINTEXT, CipherApi
+from spike.app.nexus.cipher_api import CipherApi
 from spike.app.nexus.cluster_watch import ClusterWatch
+from spike.app.nexus.import_api import ImportApi
 from spike.app.nexus.key_users import KeyUsers, OwnRecord, wrap_keyring
 from spike.app.nexus.lifecycle import ExportFile, KeyLifecycle, LoopOffload
 from spike.app.nexus.operator_api import OperatorApi
@@ -54,7 +62,7 @@ log = logging.getLogger("spike.nexus")
 
 # Bodies up to a cipher plaintext (1 MiB) plus its JSON and base64 overhead.
 NEXUS_LIMITS = ServerLimits(
-    max_body_bytes=MAX_PLAINTEXT * 4 // 3 + 4096,
+    max_body_bytes=MAX_BODY_BYTES,
     max_connections=1024,
     max_handshakes=128,
     max_silent=512,
@@ -94,7 +102,7 @@ def open_backend(config: NexusConfig) -> Backend:
 
 
 #: What SPIKE's lite backend does not serve: secrets and policies (its routeWithNoBackingStore).
-LITE_CLOSED_PATHS = frozenset({SECRETS_PATH, SECRETS_METADATA_PATH, POLICY_PATH})
+LITE_CLOSED_PATHS = frozenset({SECRETS_PATH, SECRETS_METADATA_PATH, POLICY_PATH, IMPORT_PATH})
 
 
 def close_for_lite(api: NexusApi) -> None:
@@ -371,6 +379,7 @@ class Nexus:
             cipher=self.cipher,
             operator=OperatorApi(self.driver, on_export=self.lifecycle.note_export),
             policies=PolicyApi(policies, authorizer),
+            importer=ImportApi(policies, authorizer.invalidate),
             authorizer=authorizer,
             observer=CallRecorder(audit, self.metrics),
             lifecycle=self.lifecycle,

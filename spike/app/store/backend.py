@@ -39,7 +39,7 @@ The contract every implementation keeps:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -164,6 +164,12 @@ class Secrets(Protocol):
     ) -> Future[None]: ...
 
     def delete_all(self, path: str) -> Future[None]: ...
+
+    def import_batch(
+        self, secrets: Sequence[kv.ImportedSecret], policies: Sequence[PolicyRow], *, merge: bool
+    ) -> Future[None]:
+        """Secrets (sealed by the store) and sealed policy rows in one write, or nothing (sql_store.py)."""
+        ...
 
 
 class PolicyRows(Protocol):

@@ -107,6 +107,10 @@ class PostgresBackend(SqlStore[Conn]):
     def _submit(self, op: WriteOp[T], *, path: str | None, term: int | None) -> Future[T]:
         return self._writer.submit((LOCK_POLICIES if path is None else path_lock(path),), term, op)
 
+    def _submit_import(self, op: WriteOp[None], paths: list[str], term: int) -> Future[None]:
+        # Every path imported, and the policies, locked as their own writes lock them.
+        return self._writer.submit((LOCK_POLICIES, *sorted({path_lock(p) for p in paths})), term, op)
+
     # ------------------------------------------------------------------ the key state (key_state.py)
 
     def _key_read(self, work: Callable[[Conn], T]) -> T:

@@ -89,6 +89,16 @@ class Dialect(Protocol[C_contra]):
         ...
 
 
+def _first_few(paths: list[str], names: list[str], most: int = 5) -> str:
+    """The clashes an import refusal names (paths and policy names, never a value), at most `most` of each."""
+    parts = []
+    for what, items in (("secret path", paths), ("policy", names)):
+        if items:
+            more = f" and {len(items) - most} more" if len(items) > most else ""
+            parts.append(f"{what}(s) {', '.join(repr(i) for i in items[:most])}{more}")
+    return "; ".join(parts)
+
+
 class PolicyNameTaken(kv.InvalidRequest):
     status = 409
     code = "api_conflict"
@@ -282,6 +292,72 @@ class SqlStore(DataKeys[C], ABC):
             conn.execute(sql.delete_versions, {"path": path})
 
         return self._submit(op, path=path, term=None)
+
+    # ------------------------------------------------------------------ imports (`spike migrate`)
+
+    def import_batch(
+        self, secrets: Sequence[kv.ImportedSecret], policies: Sequence[PolicyRow], *, merge: bool
+    ) -> Future[None]:
+        """Every secret (each version sealed here) and policy row (sealed by the caller) in one write, or none.
+
+        Refused (`kv.ImportConflict`, before anything is written) unless the store holds no secret and no
+        policy, or with `merge`, unless no path and no policy name is already there.  Version numbers and
+        times are kept; the secret's current version is its newest one.
+        """
+        sealer, term, epoch = self._sealing()
+        sealed = [
+            [sealer.seal(_values_encoder.encode(v.values), secret_aad(secret.path, v.version)) for v in secret.versions]
+            for secret in secrets
+        ]
+        terms = {label(row[2]) for row in policies}
+        sql = self._sql
+
+        def op(conn: C) -> None:
+            (stored_policies,) = conn.execute(sql.policy_count, {}).fetchone()
+            if not merge:
+                (stored_secrets,) = conn.execute(sql.count, {}).fetchone()
+                if stored_secrets or stored_policies:
+                    raise kv.ImportConflict(
+                        f"Nexus already holds {stored_secrets} secret(s) and {stored_policies} policy(ies): "
+                        "nothing was imported (merge to add to them)"
+                    )
+            else:
+                paths = [s.path for s in secrets if conn.execute(sql.path_exists, {"path": s.path}).fetchone()]
+                names = [r[1] for r in policies if conn.execute(sql.policy_named, {"name": r[1]}).fetchone()]
+                if paths or names:
+                    raise kv.ImportConflict(f"already in Nexus, nothing was imported: {_first_few(paths, names)}")
+            if stored_policies + len(policies) > MAX_POLICIES:
+                raise kv.InvalidRequest(f"at most {MAX_POLICIES} policies")
+            # Refusals are above this line: an import is written whole or not at all.
+            for secret, blobs in zip(secrets, sealed, strict=True):
+                conn.execute(
+                    sql.import_path,
+                    {
+                        "path": secret.path,
+                        "current": secret.current_version,
+                        "oldest": secret.oldest_version,
+                        "max_versions": secret.max_versions,
+                        "created": secret.created_at,
+                        "updated": secret.updated_at,
+                    },
+                )
+                for version, blob in zip(secret.versions, blobs, strict=True):
+                    row = {"path": secret.path, "version": version.version, "sealed": blob}
+                    row |= {"created": version.created_at, "deleted": version.deleted_at}
+                    row |= {"epoch": epoch, "term": term}
+                    conn.execute(sql.import_version, row)
+            for policy_id, name, body, created, updated in policies:
+                row = {"id": policy_id, "name": name, "sealed": body, "created": created, "updated": updated}
+                conn.execute(sql.import_policy, row | {"term": label(body)})
+            if policies:
+                conn.execute(sql.bump_policies, {})
+
+        # The oldest term sealed under: a keyring replaced meanwhile refuses the whole import (PostgreSQL).
+        return self._submit_import(op, [s.path for s in secrets], min({term, *terms}))
+
+    def _submit_import(self, op: Callable[[C], None], paths: list[str], term: int) -> Future[None]:
+        """Queue an import: one database serialises every write already (SQLite); PostgreSQL locks its paths."""
+        return self._submit(op, path=None, term=term)
 
     # ------------------------------------------------------------------ policy writes
 

@@ -85,6 +85,16 @@ class Statements:
         "updated_at = :now WHERE path = :path"
     )
     delete_path: str = "DELETE FROM secret WHERE path = :path"
+    # An import (`spike migrate`) keeps the source's version numbers and times.
+    path_exists: str = "SELECT 1 FROM secret WHERE path = :path"
+    import_path: str = (
+        "INSERT INTO secret (path, current_version, oldest_version, max_versions, cas_required, created_at, "
+        "updated_at, custom_metadata) VALUES (:path, :current, :oldest, :max_versions, FALSE, :created, :updated, NULL)"
+    )
+    import_version: str = (
+        "INSERT INTO secret_version (path, version, sealed, created_at, deleted_at, key_epoch, key_term) "
+        "VALUES (:path, :version, :sealed, :created, :deleted, :epoch, :term)"
+    )
     delete_versions: str = "DELETE FROM secret_version WHERE path = :path"
 
     # policy writes
@@ -94,6 +104,10 @@ class Statements:
     insert_policy: str = (
         "INSERT INTO policy (id, name, sealed, created_at, updated_at, key_term) "
         "VALUES (:id, :name, :sealed, :now, :now, :term)"
+    )
+    import_policy: str = (
+        "INSERT INTO policy (id, name, sealed, created_at, updated_at, key_term) "
+        "VALUES (:id, :name, :sealed, :created, :updated, :term)"
     )
     delete_policy: str = "DELETE FROM policy WHERE id = :id"
     reseal_policy: str = "UPDATE policy SET sealed = :sealed, key_term = :term WHERE id = :id AND sealed = :expected"
