@@ -565,11 +565,14 @@ def _migrate(args: argparse.Namespace) -> int:
     from spike.app.commands import migrate
     from spike.app.commands.client import NexusClient
 
-    config = cfg.client(args, cfg.environ(args))
+    # A dry run reads files only: it needs no identity and no Nexus.
+    config = None if args.dry_run else cfg.client(args, cfg.environ(args))
     shares = migrate.read_shards(args.shard, args.recovery_dir)
-    _setup_logs(config.common)
+    if config is not None:
+        _setup_logs(config.common)
 
     def connect() -> NexusClient:
+        assert config is not None
         return NexusClient(config.nexus_url, config.common.svid, config.common.trust, timeout=60.0)
 
     return migrate.run(
@@ -578,7 +581,7 @@ def _migrate(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         dry_run=args.dry_run,
         merge=args.merge,
-        output=config.output,
+        output=args.format,
         say=print,
         client=connect,
     )
