@@ -21,6 +21,7 @@ import msgspec
 
 from spike.app.nexus.authorizer import Authorizer
 from spike.app.nexus.cipher_api import CipherApi
+from spike.app.nexus.import_api import ImportApi
 from spike.app.nexus.key_users import KeyUsers
 from spike.app.nexus.operator_api import OperatorApi
 from spike.app.nexus.policy_api import PolicyApi
@@ -106,6 +107,7 @@ class Node:
             operator=OperatorApi(driver),
             policies=PolicyApi(self.policies, self.authorizer),
             authorizer=self.authorizer,
+            importer=ImportApi(self.policies, self.authorizer.invalidate),
         )
 
     def _dispatch(self) -> None:
