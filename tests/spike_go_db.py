@@ -274,13 +274,14 @@ def recovery_lines(root_key: bytes, threshold: int, shares: int) -> dict[int, st
 
 # The deployment the tests migrate: every shape SPIKE stores.
 ROOT_KEY = bytes.fromhex("5b1c0de2f3a4b5c6d7e8f90112233445566778899aabbccddeeff00112233445")
+# Distinct in every 8 bytes (the secrets sweep looks for any 8 consecutive bytes of each).
 VALUES = {
-    "v1": "spike-go-Pw1-Lq83",
-    "v2": "spike-go-Pw2-Mr94",
-    "v3": "spike-go-Pw3-Ns05",
-    "gone": "spike-go-Gone-Ot16",
-    "slash": "spike-go-Slash-Pu27",
-    "spaced": "spike-go-Spaced-Qv38",
+    "v1": "Kq7vT2mXp9Ld-v1",
+    "v2": "Zr4wB8nHc3Fs-v2",
+    "v3": "Jt6yN1qGd5Wv-v3",
+    "gone": "Hx2uM7kRb4Pe-gone",
+    "slash": "Ua9cE3jLw8Ty-slash",
+    "spaced": "Nb5fQ2sVz7Gm-spaced",
 }
 
 
