@@ -88,10 +88,12 @@ def test_bash_completes_commands_subcommands_flags_and_their_values(tmp_path: Pa
         ["spike", "operator", "recover", "--dir", "sh"],
         ["spike", "policy", "apply", "--file", "pol"],
         ["spike", "completion", ""],
+        ["spike", "migrate", ""],
+        ["spike", "migrate", "from-spike", "--recovery-dir", "sh"],
         cwd=tmp_path,
     )
     top = {"keeper", "nexus", "bootstrap", "status", "dev", "dev-identity", "secret", "cipher", "policy"}
-    assert top | {"operator", "version", "completion"} == set(offers[0])
+    assert top | {"operator", "migrate", "version", "completion"} == set(offers[0])
     assert offers[1] == ["secret"]
     assert offers[2] == ["put", "get", "list", "delete", "undelete", "destroy", "metadata", "tune", "purge"]
     assert offers[3] == ["--config", "--cas"]
@@ -101,6 +103,8 @@ def test_bash_completes_commands_subcommands_flags_and_their_values(tmp_path: Pa
     assert offers[7] == ["shards"]  # a directory
     assert offers[8] == ["policy.yaml"]  # a file
     assert offers[9] == ["bash", "zsh", "fish"]
+    assert offers[10] == ["from-spike"]
+    assert offers[11] == ["shards"]
 
 
 def test_every_subcommand_and_flag_of_the_parser_is_in_the_bash_script(tmp_path: Path) -> None:
