@@ -86,6 +86,7 @@ ROOM_FLOORS = {
     "spike.app.config": 1,
     "spike.app.memory": 1,
     "spike.app.startup": 1,
+    "spike.app.spike_db": 1,  # SPIKE's Go database, read by `spike migrate`
     # What the server keeps.
     "spike.app.store": 2,
     # The server and the clients: side by side, neither imports the other.

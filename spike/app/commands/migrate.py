@@ -147,8 +147,8 @@ def plan(database: Path, key: RootKey, *, merge: bool) -> Plan:
         raise CommandError(str(exc)) from None
     request = import_request(data, merge=merge)
     try:
-        secrets = checked_secrets(request)
-        checked_policies(request)
+        secrets = checked_secrets(data.secrets)
+        checked_policies((p.name, p.spiffe_id_pattern, p.path_pattern, list(p.permissions)) for p in data.policies)
     except kv.InvalidRequest as exc:
         raise CommandError(f"cannot be moved as it is: {exc}") from None
     body = msgspec.json.encode(request)

@@ -7,45 +7,40 @@ what the CLI cannot know (data already there, a database outage).
 
 from __future__ import annotations
 
-from spike.app.api.messages import ImportPolicy, ImportRequest
+from collections.abc import Iterable
+
 from spike.app.model import kv
 from spike.app.model.policy import Permission, check_policy_fields, reserved
 
+# name, SPIFFE ID pattern, path pattern, permissions
+PolicyFields = tuple[str, str, str, list[str]]
 
-def checked_secrets(body: ImportRequest) -> list[kv.ImportedSecret]:
-    """The body's secrets as the store takes them, each checked; `kv.InvalidRequest` says what is wrong."""
-    secrets: list[kv.ImportedSecret] = []
+
+def checked_secrets(secrets: Iterable[kv.ImportedSecret]) -> list[kv.ImportedSecret]:
+    """Each secret checked as a write of it would be, plus what an import adds; `kv.InvalidRequest` says why."""
+    checked: list[kv.ImportedSecret] = []
     seen: set[str] = set()
-    for item in body.secrets:
-        secret = kv.check_import(
-            kv.ImportedSecret(
-                item.path,
-                tuple(kv.ImportedVersion(v.version, v.values, v.created_at, v.deleted_at) for v in item.versions),
-                item.created_at,
-                item.updated_at,
-                item.max_versions,
-            )
-        )
+    for secret in secrets:
+        kv.check_import(secret)
         if reserved(secret.path):
             raise kv.InvalidRequest(f"secret {secret.path}: paths under spike/ belong to the system")
         if secret.path in seen:
             raise kv.InvalidRequest(f"secret {secret.path} appears twice")
         seen.add(secret.path)
-        secrets.append(secret)
-    return secrets
-
-
-def checked_policies(body: ImportRequest) -> list[tuple[ImportPolicy, frozenset[Permission]]]:
-    """Each policy with the permissions it grants, checked as a policy write is; `kv.InvalidRequest` otherwise."""
-    checked: list[tuple[ImportPolicy, frozenset[Permission]]] = []
-    seen: set[str] = set()
-    for item in body.policies:
-        try:
-            granted = check_policy_fields(item.name, item.spiffeidPattern, item.pathPattern, item.permissions)
-        except kv.InvalidRequest as exc:
-            raise kv.InvalidRequest(f"policy {item.name[:250]!r}: {exc}") from None
-        if item.name in seen:
-            raise kv.InvalidRequest(f"policy {item.name!r} appears twice")
-        seen.add(item.name)
-        checked.append((item, granted))
+        checked.append(secret)
     return checked
+
+
+def checked_policies(policies: Iterable[PolicyFields]) -> list[frozenset[Permission]]:
+    """The permissions each policy grants, checked as a policy write is; `kv.InvalidRequest` otherwise."""
+    granted: list[frozenset[Permission]] = []
+    seen: set[str] = set()
+    for name, spiffe_id_pattern, path_pattern, permissions in policies:
+        try:
+            granted.append(check_policy_fields(name, spiffe_id_pattern, path_pattern, permissions))
+        except kv.InvalidRequest as exc:
+            raise kv.InvalidRequest(f"policy {name[:250]!r}: {exc}") from None
+        if name in seen:
+            raise kv.InvalidRequest(f"policy {name!r} appears twice")
+        seen.add(name)
+    return granted

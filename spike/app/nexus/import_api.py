@@ -34,7 +34,16 @@ class ImportApi:
     def handle(self, request: ApiRequest) -> Reply:
         try:
             body = decode(request.body, ImportRequest)
-            secrets = checked_secrets(body)
+            secrets = checked_secrets(
+                kv.ImportedSecret(
+                    item.path,
+                    tuple(kv.ImportedVersion(v.version, v.values, v.created_at, v.deleted_at) for v in item.versions),
+                    item.created_at,
+                    item.updated_at,
+                    item.max_versions,
+                )
+                for item in body.secrets
+            )
             rows = self._policy_rows(body)
             future = self._policies.backend.import_batch(secrets, rows, merge=body.merge)
         except (kv.KvError, RemoteProtocolError, StorageError) as exc:
@@ -62,9 +71,10 @@ class ImportApi:
         return when_done(future, answer, "import", log)
 
     def _policy_rows(self, body: ImportRequest) -> list[PolicyRow]:
+        fields = [(p.name, p.spiffeidPattern, p.pathPattern, p.permissions) for p in body.policies]
         return [
             self._policies.new_row(
                 item.name, item.spiffeidPattern, item.pathPattern, granted, item.created_at, item.updated_at
             )
-            for item, granted in checked_policies(body)
+            for item, granted in zip(body.policies, checked_policies(fields), strict=True)
         ]
