@@ -296,7 +296,7 @@ def build_deployment(path: Path, root_key: bytes = ROOT_KEY) -> SpikeGoNexus:
     nexus.upsert_secret("old/token", {"token": VALUES["gone"]})
     nexus.delete_secret("old/token", [0])  # the Go Pilot's default: the current version; none is left
     nexus.upsert_secret("/tenants/acme/api", {"api key": VALUES["slash"]})
-    nexus.upsert_secret("team/web", {"signing key": VALUES["spaced"], "region": "eu-west-1"})
+    nexus.upsert_secret("team/web", {"signing key": VALUES["spaced"], "region": "eu-west-1", "note": "a<b&c>d"})
     nexus.upsert_policy("db readers", "^spiffe://spike\\.test/workload/db-.*$", "^apps/db$", ["read", "list"])
     nexus.upsert_policy("web-writer", "^spiffe://spike\\.test/workload/web$", "^team/.*$", ["read", "write"])
     nexus.upsert_policy("web-writer", "^spiffe://spike\\.test/workload/web$", "^team/", ["write"])  # replaced

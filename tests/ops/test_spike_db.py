@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from spike.app.cli import main
-from spike.app.commands.migrate import read_shards, rebuild_key
+from spike.app.commands.migrate import fitted_threshold, read_shards, rebuild_key
 from spike.app.errors import CommandError
 from spike.app.spike_db import SpikeDbError, WrongKey, field_nonce, go_time, read_database
 from spike.protocol.material import RootKey
@@ -90,7 +90,12 @@ def test_every_secret_version_and_policy_is_read_as_spike_serves_it(spike_db: Pa
     assert [(v.version, v.deleted_at is not None) for v in token.versions] == [(1, True)]
     assert token.current_version == 1  # ours: the newest version, so the next write is 2, as SPIKE's
     assert secrets["/tenants/acme/api"].versions[0].values == {"api key": VALUES["slash"]}
-    assert secrets["team/web"].versions[0].values == {"region": "eu-west-1", "signing key": VALUES["spaced"]}
+    # Go's json.Marshal escapes <, > and & as \u003c, \u003e, \u0026: read back as they were.
+    assert secrets["team/web"].versions[0].values == {
+        "region": "eu-west-1",
+        "signing key": VALUES["spaced"],
+        "note": "a<b&c>d",
+    }
 
     policies = {p.name: p for p in data.policies}
     assert sorted(policies) == ["db readers", "web-writer"]
@@ -119,11 +124,17 @@ def test_t_shards_rebuild_spikes_key_and_more_must_agree(tmp_path: Path) -> None
     assert rebuild_key(shares[1:], 2) == RootKey(ROOT_KEY)
     assert rebuild_key(shares, 2) == RootKey(ROOT_KEY)
     assert rebuild_key(shares, None) == RootKey(ROOT_KEY)  # any t or more of one polynomial
+    assert fitted_threshold(shares) == 2  # more than t shards: SPIKE's threshold is found
+    five = read_shards(shard_files(tmp_path / "five", threshold=3, shares=5), None)
+    assert fitted_threshold(five) == 3 and rebuild_key(five, None) == RootKey(ROOT_KEY)
     assert read_shards([], tmp_path / "recover") == shares
 
     foreign = read_shards(shard_files(tmp_path / "other", OTHER_KEY), None)
     with pytest.raises(CommandError, match="do not lie on one polynomial"):
         rebuild_key([shares[0], shares[1], foreign[2]], 2)
+    # Without --threshold, a foreign shard among more than t makes them fit only degree k-1: a wrong key.
+    assert fitted_threshold([shares[0], shares[1], foreign[2]]) == 3
+    assert rebuild_key([shares[0], shares[1], foreign[2]], None) != RootKey(ROOT_KEY)
     with pytest.raises(CommandError, match="2 shards are needed"):
         rebuild_key(shares[:1], 2)
 
@@ -227,6 +238,8 @@ def test_the_dry_run_reports_what_would_move_and_writes_nothing(
         ("foreign shard", "does not open under the key the shards rebuild"),
         ("threshold", "3 shards are needed (--threshold), 2 given"),
         ("not sqlite", "is not an SQLite database"),
+        ("a directory", "is not a file"),
+        ("foreign third shard", "does not open under the key the shards rebuild"),
         ("bad shard file", "a recovery shard looks like spike:<id>:<64 hex digits>"),
         ("no shards", "give SPIKE's recovery shards"),
     ],
@@ -240,12 +253,14 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(
     junk.write_bytes(b"not a database at all" * 10)
     bad = tmp_path / "bad.txt"
     bad.write_text("spike:1:zz")
-    database = str(junk if case == "not sqlite" else spike_db)
+    database = str({"not sqlite": junk, "a directory": tmp_path}.get(case, spike_db))
     shards = {
         "one shard": ["--shard", files[0]],
         "foreign shard": ["--shard", files[0], "--shard", foreign[1]],
         "threshold": ["--shard", files[0], "--shard", files[1], "--threshold", "3"],
         "not sqlite": ["--shard", files[0], "--shard", files[1]],
+        "a directory": ["--shard", files[0], "--shard", files[1]],
+        "foreign third shard": ["--shard", files[0], "--shard", files[1], "--shard", foreign[2]],
         "bad shard file": ["--shard", str(bad)],
         "no shards": [],
     }[case]

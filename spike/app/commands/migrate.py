@@ -76,13 +76,24 @@ def read_shards(files: list[Path], directory: Path | None) -> list[Share]:
     return [shares[i] for i in sorted(shares)]
 
 
+def fitted_threshold(shares: list[Share]) -> int:
+    """The lowest threshold whose polynomial goes through every shard: SPIKE's own when more are given.
+
+    k shards of one polynomial of degree t-1 (t <= k) fit no lower degree, except with negligible
+    probability: the lowest t they fit is SPIKE's threshold.  k shards always fit degree k-1, so with
+    exactly SPIKE's threshold of them (or with a shard of something else among them) this is k.
+    """
+    points = {s.id: s.as_int() for s in shares}
+    return next(t for t in range(1, len(points) + 1) if on_one_polynomial(points, t))
+
+
 def rebuild_key(shares: list[Share], threshold: int | None) -> RootKey:
     """SPIKE's root key from its shards.
 
-    Without a threshold every shard given is used: shards of one polynomial of degree t-1 rebuild the same
-    key through any t or more of them, so the key is right whenever they are SPIKE's (fewer than t, or a
-    shard of something else, rebuilds a key that opens nothing: the first row says so).  With a threshold,
-    fewer shards are refused at once and more must all lie on one polynomial.
+    Without a threshold, the lowest one every shard fits is used (`fitted_threshold`): any t or more
+    shards of one polynomial rebuild the same key, and fewer than t, or a shard of something else,
+    rebuild a key that opens nothing (the first row says so).  With a threshold, fewer shards are
+    refused at once and more must all lie on one polynomial of that threshold.
     """
     if threshold is not None:
         if threshold < 1:
@@ -95,7 +106,7 @@ def rebuild_key(shares: list[Share], threshold: int | None) -> RootKey:
                 "they are not all shards of one key (or the threshold is wrong)"
             )
     try:
-        return combine(shares, threshold or len(shares))
+        return combine(shares, threshold or fitted_threshold(shares))
     except ShamirError as exc:
         raise CommandError(f"the shards do not rebuild a key: {exc}") from None
 

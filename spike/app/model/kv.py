@@ -271,7 +271,10 @@ def check_import(secret: ImportedSecret) -> ImportedSecret:
     where = f"secret {secret.path}"
     if not secret.versions:
         raise InvalidRequest(f"{where} has no version")
-    check_max_versions(secret.max_versions)
+    try:
+        check_max_versions(secret.max_versions)
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"{where}: {exc}") from None
     seen: set[int] = set()
     for version in secret.versions:
         if not 1 <= version.version <= MAX_VERSION:
