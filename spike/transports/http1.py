@@ -35,6 +35,7 @@ memory per connection (`buffered`).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -83,6 +84,8 @@ class RequestParser:
         "_head",
         "_heads",
         "_keep_alive",
+        "_larger_bodies",
+        "_limit",
         "_max_body",
         "_max_head",
         "_method",
@@ -92,10 +95,14 @@ class RequestParser:
         "continue_wanted",
     )
 
-    def __init__(self, *, max_head: int, max_body: int) -> None:
+    def __init__(self, *, max_head: int, max_body: int, larger_bodies: Mapping[str, int] | None = None) -> None:
         self._buf = bytearray()
         self._max_head = max_head
         self._max_body = max_body
+        # Paths whose bodies may be larger than `max_body` (the request target without its query): the
+        # limit is chosen by the head, before any of the body is held.
+        self._larger_bodies: Mapping[str, int] = larger_bodies or {}
+        self._limit = max_body  # the body limit of the request under way
         self._head: dict[bytes, bytes] | None = None
         self._heads = 0
         self._method = ""
@@ -212,6 +219,7 @@ class RequestParser:
         connection = headers.get(b"connection", b"").lower()
         tokens = {t.strip() for t in connection.split(b",")}
         keep_alive = b"close" not in tokens if version == b"HTTP/1.1" else b"keep-alive" in tokens
+        self._limit = self._larger_bodies.get(target.partition("?")[0], self._max_body)
         self._set_body_mode(headers)
         if self._chunked and version == b"HTTP/1.0":
             keep_alive = False  # RFC 9112 6.1: read it, then close
@@ -243,7 +251,7 @@ class RequestParser:
         if not length.isdigit() or len(length) > 18:
             raise HttpError(400, "malformed Content-Length")
         self._need = int(length)
-        if self._need > self._max_body:
+        if self._need > self._limit:
             raise HttpError(413, "body too large")
 
     # ------------------------------------------------------------------ body
@@ -303,7 +311,7 @@ class RequestParser:
                     self._chunk_left = -2
                     continue
                 self._chunked_size += size
-                if self._chunked_size > self._max_body:
+                if self._chunked_size > self._limit:
                     raise HttpError(413, "body too large")
                 self._chunk_left = size
             else:  # the trailer section: header fields (checked, then ignored) and an empty line

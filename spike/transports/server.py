@@ -95,6 +95,9 @@ class ServerLimits:
     max_handshakes: int = 64  # TLS under way; the oldest is closed to make room for a new one
     max_silent: int = 256  # accepted, nothing received yet; the oldest is closed to make room
     max_buffered_bytes: int = 64 * 1024 * 1024  # request bytes held across all connections
+    # (path, limit): paths whose bodies may exceed `max_body_bytes`, chosen by the request's head (a caller
+    # the screen refuses by its head never has its body held, whatever the limit).
+    larger_bodies: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if min(self.max_connections, self.max_handshakes, self.max_silent) < 1:
@@ -453,7 +456,9 @@ class _Connection(asyncio.Protocol):
         self.preferred = False
         limits = server.limits
         self._limits = limits
-        self._parser = RequestParser(max_head=limits.max_header_bytes, max_body=limits.max_body_bytes)
+        self._parser = RequestParser(
+            max_head=limits.max_header_bytes, max_body=limits.max_body_bytes, larger_bodies=dict(limits.larger_bodies)
+        )
         self._transport: asyncio.Transport | None = None
         self._writer: asyncio.Transport | None = None  # set once TLS (if any) is up
         self._peer: SpiffeId | None = None

@@ -14,9 +14,22 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from spike.app.api.messages import SECRETS_PATH, SecretGetRequest, SecretGetResponse
+from spike.app.api.messages import (
+    IMPORT_PATH,
+    MAX_BODY_BYTES,
+    MAX_IMPORT_BYTES,
+    SECRETS_PATH,
+    ImportRequest,
+    ImportResponse,
+    ImportSecret,
+    ImportVersion,
+    SecretGetRequest,
+    SecretGetResponse,
+)
+from spike.app.commands.client import NexusError
 from tests import pg_server
 from tests.e2e.harness import CliResult, Cluster, SecretsSeen
 from tests.spike_go_db import ROOT_KEY, VALUES, SpikeGoNexus, build_deployment, recovery_lines
@@ -120,6 +133,32 @@ def test_a_spike_deployment_moves_here(
     wrong = c.run("migrate", "from-spike", str(database), "--recovery-dir", str(other_shards), "--merge")
     assert wrong.returncode == 1
     assert "does not open under the key the shards rebuild" in one_line(wrong)
+
+    # A deployment larger than any other request Nexus reads still goes in one import (superuser only).
+    values = {"blob": "b" * 60_000}
+    large = ImportRequest(
+        secrets=[
+            ImportSecret(
+                path=f"large/{i}",
+                versions=[ImportVersion(version=1, values=values, created_at=1.0)],
+                created_at=1.0,
+                updated_at=1.0,
+            )
+            for i in range(25)
+        ],
+        policies=[],
+        merge=True,
+    )
+    body = msgspec.json.encode(large)
+    assert MAX_BODY_BYTES < len(body) < MAX_IMPORT_BYTES
+    with c.client("pilot-recover") as nexus, pytest.raises(NexusError) as refused_large:
+        nexus.call(IMPORT_PATH, body, ImportResponse, write=True)
+    assert refused_large.value.status == 401  # judged by its head: the body is never held
+    with c.client() as nexus:
+        assert nexus.call(IMPORT_PATH, body, ImportResponse, write=True).secrets == 25
+        with pytest.raises(NexusError) as too_large:
+            nexus.call(SECRETS_PATH, {"path": "large/x", "values": {"blob": "b" * (MAX_BODY_BYTES + 1)}}, dict)
+        assert too_large.value.status == 413  # every other route keeps the usual limit
 
     for result in (dry, moved, again, merged, clash, wrong):
         for name, value in VALUES.items():

@@ -250,3 +250,32 @@ def test_a_bare_lf_gets_400_at_once(data: bytes) -> None:
 def test_control_characters_in_a_chunk_extension_are_refused() -> None:
     data = b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n1;a=\x00\r\na\r\n0\r\n\r\n"
     assert refused(data) == 400
+
+
+def test_a_larger_body_is_read_only_on_the_paths_given_whatever_the_query() -> None:
+    """`larger_bodies`: the limit follows the request's path (Nexus's import route), chosen by the head."""
+    big = b"x" * (BODY + 1)
+
+    def sized(target: bytes, body: bytes) -> bytes:
+        return b"POST " + target + b" HTTP/1.1\r\nHost: n\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+
+    def chunked(target: bytes, body: bytes) -> bytes:
+        return (
+            b"POST "
+            + target
+            + b" HTTP/1.1\r\nHost: n\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % len(body)
+            + body
+            + b"\r\n0\r\n\r\n"
+        )
+
+    for form in (sized, chunked):
+        parser = RequestParser(max_head=HEAD, max_body=BODY, larger_bodies={"/v1/operator/import": 2 * BODY})
+        parser.feed(form(b"/v1/operator/import?x=1", big))
+        request = parser.next_request()
+        assert request is not None and request.body == big
+        for target, body in ((b"/v1/store/secrets", big), (b"/v1/operator/import", big * 2)):
+            parser = RequestParser(max_head=HEAD, max_body=BODY, larger_bodies={"/v1/operator/import": 2 * BODY})
+            parser.feed(form(target, body))
+            with pytest.raises(HttpError) as caught:
+                parser.next_request()
+            assert caught.value.status == 413

@@ -360,8 +360,12 @@ class ImportPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     updated_at: float
 
 
-# The largest request body Nexus reads (a 1 MiB cipher plaintext, base64 in JSON): an import is one request.
+# The largest request body Nexus reads (a 1 MiB cipher plaintext, base64 in JSON) ...
 MAX_BODY_BYTES = CIPHER_MAX_PLAINTEXT * 4 // 3 + 4096
+# ... but on the import route (superuser only: anyone else is refused by the request's head, before its
+# body is held), which moves a whole deployment in one atomic request.  Under the server's 64 MiB budget
+# of bytes held across connections.
+MAX_IMPORT_BYTES = 16 * 1024 * 1024
 
 
 class ImportRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

