@@ -15,6 +15,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import yaml
 
 from spike.app.cli import main
 from spike.app.commands.migrate import fitted_threshold, read_shards, rebuild_key
@@ -228,6 +229,11 @@ def test_the_dry_run_reports_what_would_move_and_writes_nothing(
     assert (report["dry_run"], report["secrets"], report["versions"], report["deleted_versions"]) == (True, 4, 6, 2)
     assert report["policy_names"] == ["db readers", "web-writer"]
     assert {"path": "old/token", "versions": [1], "deleted": [1]} in report["paths"]
+    assert_no_secret(out)
+
+    code, out, err = migrate(capsys, str(spike_db), "--recovery-dir", str(tmp_path / "recover"), "--dry-run", "-f", "y")
+    assert code == 0, err
+    assert yaml.safe_load(out)["policy_names"] == ["db readers", "web-writer"]
     assert_no_secret(out)
 
 
