@@ -223,6 +223,12 @@ def _add_nexus(sub: Any) -> None:
         metavar="DUR",
         help="rotate the root key by itself this often, e.g. 24h or 7d (env SPIKE_NEXUS_ROTATE_EVERY; default: never)",
     )
+    nexus.add_argument(
+        "--backend-store",
+        choices=["sqlite", "lite", "memory", "postgres", "postgresql"],
+        help="where secrets live: sqlite (default), postgresql (with --database-url), lite (cipher only) or memory "
+        "(development: no keepers, NOTHING KEPT when Nexus stops) (env SPIKE_NEXUS_BACKEND_STORE)",
+    )
     nexus.add_argument("--data-dir", metavar="DIR", help="env SPIKE_NEXUS_DATA_DIR, default ~/.spike/data")
     nexus.add_argument(
         "--database-url",

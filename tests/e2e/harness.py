@@ -304,7 +304,7 @@ class Cluster:
         env.update(extra or {})
         return env
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> Proc:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str], cwd: Path | None = None) -> Proc:
         existing = self.procs.get(name)
         if existing is not None and existing.alive():
             raise HarnessError(f"{name} is already running")
@@ -318,6 +318,7 @@ class Cluster:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent if _PRCTL is not None else None,  # noqa: PLW1509
+                cwd=cwd,
             )
         proc = Proc(name, popen, log)
         self.procs[name] = proc
@@ -368,6 +369,16 @@ class Cluster:
         if self.database_url:
             args += ["--database-url", self.database_url]
         return self._spawn(self.nexus_name(index), args, env)
+
+    def start_memory_nexus(self, home: Path) -> Proc:
+        """Nexus on the memory backend (no keepers), with `home` as its HOME, TMPDIR and working directory."""
+        (home / "tmp").mkdir(parents=True, exist_ok=True)
+        env = self._env(
+            self.files("nexus"),
+            {"SPIKE_NEXUS_BACKEND_STORE": "memory", "HOME": str(home), "TMPDIR": str(home / "tmp")},
+        )
+        proc = self._spawn("nexus", ["nexus", "--listen", f"127.0.0.1:{self.nexus_port}"], env, cwd=home)
+        return self._await_listening(proc)
 
     def start_keeper(self, keeper_id: int, files: SvidFiles | None = None) -> Proc:
         return self._await_listening(self.spawn_keeper(keeper_id, files))

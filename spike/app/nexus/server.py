@@ -161,7 +161,12 @@ def run(config: NexusConfig, reload: Callable[[], NexusConfig] | None = None) ->
     # New connections (to keepers, from clients) always take the current SVID.
     identity = identity_source(svid, trust).start()
     try:
-        _run(config, identity, memory, reload)
+        if config.backend == "memory":
+            from spike.app.nexus.memory_mode import run_memory
+
+            run_memory(config, identity, memory)
+        else:
+            _run(config, identity, memory, reload)
     finally:
         identity.stop()
 
