@@ -90,6 +90,9 @@ def open_backend(config: NexusConfig) -> Backend:
         from spike.app.store.postgres import PostgresBackend
 
         return PostgresBackend(config.database_url, default_max_versions=config.max_secret_versions)
+    from spike.app.store.spike_layout import check_data_dir
+
+    check_data_dir(config.data_dir)  # SPIKE Go's database there: one line, and it is not touched
     return SqliteBackend(config.data_dir, default_max_versions=config.max_secret_versions)
 
 
