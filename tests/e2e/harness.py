@@ -784,3 +784,35 @@ def find_secrets(files: Iterable[Path], secrets: dict[str, bytes]) -> list[str]:
         data = path.read_bytes()
         hits.extend(f"{path}: {what}" for what, needles in patterns if any(n in data for n in needles))
     return hits
+
+
+#: What `spike dev` prints once its deployment is ready.
+DEV_READY = "Ctrl-C stops everything."
+
+
+def dev_until_ready(data_dir: Path, *more: str) -> list[str]:
+    """Run `spike dev --data-dir` (and `more` arguments) until it says it is ready, stop it with Ctrl-C; the lines
+    it printed."""
+    process = subprocess.Popen(
+        [*SPIKE, "dev", "--data-dir", str(data_dir), *more],
+        env=base_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its keepers and Nexus too: killed together if anything goes wrong
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    try:
+        for line in process.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.strip() == DEV_READY:
+                break
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0, lines
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert DEV_READY in lines, lines
+    return lines
