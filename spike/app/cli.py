@@ -185,6 +185,13 @@ def _add_completion(sub: Any) -> None:
 
 def _add_keeper(sub: Any) -> None:
     keeper = sub.add_parser("keeper", help="hold one shard of the root key in memory")
+    keeper.add_argument(
+        "--nexus-identity",
+        choices=["exact", "spike"],
+        help="who may read the shard: exact (only spiffe://<td>/spike/nexus, default) or spike (also any ID "
+        "below it, spiffe://<td>/spike/nexus/..., as SPIKE's Go keeper: more readers of the shard) "
+        "(env SPIKE_KEEPER_NEXUS_IDENTITY)",
+    )
     keeper.add_argument("--listen", metavar="ADDR", help="e.g. :8443 or 127.0.0.1:8443 (env SPIKE_KEEPER_TLS_PORT)")
     _memory_flag(keeper)
     _identity_flags(keeper)

@@ -10,6 +10,7 @@ sentence instead of failing later at run time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from pathlib import Path
 from spike.app.identity import IdentitySpec, WorkloadApiSpec, workload_api_address
 from spike.app.spike_env import Component, refusal
 from spike.protocol.errors import LocalProtocolError
-from spike.protocol.identity import InvalidSpiffeId, KeeperIdentity, TrustDomains, check_trust_domain
+from spike.protocol.identity import InvalidSpiffeId, KeeperIdentity, NexusIdentity, TrustDomains, check_trust_domain
 from spike.protocol.material import MAX_KEEPER_ID, MIN_KEEPER_ID
 from spike.protocol.nexus import PollSchedule
 from spike.protocol.shamir import ShardDerivation
@@ -390,11 +391,25 @@ def parse_trust_bundles(text: str) -> tuple[tuple[str, Path], ...]:
 def keeper(args: argparse.Namespace, env: Env) -> KeeperConfig:
     listen = _pick(args, "listen", env, "SPIKE_KEEPER_TLS_PORT", default=f":{DEFAULT_KEEPER_PORT}")
     assert listen is not None
+    base = common(args, env, Component.KEEPER)
+    trust = dataclasses.replace(base.trust, nexus_identity=nexus_identity(args, env))
     return KeeperConfig(
-        common(args, env, Component.KEEPER),
+        dataclasses.replace(base, trust=trust),
         parse_bind(listen, "keeper listen address"),
         _bool(args, "require_memory_lock", env, "SPIKE_REQUIRE_MEMORY_LOCK"),
     )
+
+
+def nexus_identity(args: argparse.Namespace, env: Env) -> NexusIdentity:
+    """A keeper's `--nexus-identity` (SPIKE_KEEPER_NEXUS_IDENTITY): exact (spike's) or spike (SPIKE's IsNexus)."""
+    text = _pick(args, "nexus_identity", env, "SPIKE_KEEPER_NEXUS_IDENTITY", default="exact") or "exact"
+    try:
+        return NexusIdentity(text.strip().lower())
+    except ValueError:
+        raise ConfigError(
+            f"Nexus identity must be exact (only spiffe://<td>/spike/nexus may read the shard) or spike "
+            f"(also any ID below it, as SPIKE's Go keeper), not {text!r}"
+        ) from None
 
 
 # Mount names the Vault face cannot take: SPIKE's route prefixes and its own sys/, auth/ and transit/.
@@ -826,7 +841,7 @@ TOML_KEYS: dict[str, dict[str, str]] = {
         "bootstrap": "SPIKE_TRUST_ROOT_BOOTSTRAP",
         "pilot": "SPIKE_TRUST_ROOT_PILOT",
     },
-    "keeper": {"listen": "SPIKE_KEEPER_TLS_PORT"},
+    "keeper": {"listen": "SPIKE_KEEPER_TLS_PORT", "nexus_identity": "SPIKE_KEEPER_NEXUS_IDENTITY"},
     "nexus": {
         "listen": "SPIKE_NEXUS_TLS_PORT",
         "keepers": "SPIKE_NEXUS_KEEPER_PEERS",
@@ -910,7 +925,6 @@ def environ(args: argparse.Namespace | None = None) -> Env:
 
 def describe(config: object) -> dict[str, object]:
     """A printable view of a configuration (paths and names; a database URL without its password)."""
-    import dataclasses
 
     def plain(value: object) -> object:
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
