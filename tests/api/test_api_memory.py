@@ -28,7 +28,9 @@ from spike.app.api.messages import (
     ROTATE_PATH,
     SECRETS_PATH,
     STATUS_PATH,
+    StatusBody,
 )
+from spike.app.commands import status
 from spike.app.nexus.cipher_api import CipherApi
 from spike.app.nexus.memory_mode import memory_api
 from spike.app.nexus.routes import NexusApi
@@ -100,6 +102,10 @@ def test_status_says_memory_and_nothing_in_custody(memory_node: MemoryNode) -> N
     assert body["backend"] == "memory"
     assert (body["phase"], body["keepers"], body["epoch"], body["threshold"]) == ("ready", [], None, 0)
     assert memory_node.call(STATUS_PATH, peer=WORKLOAD).status == 401  # still the operators' route
+    # What `spike status` makes of it: ready, exit 0 (no keepers to be degraded by), and says nothing is kept.
+    answer = msgspec.json.decode(memory_node.call(STATUS_PATH).body, type=StatusBody)
+    assert status.exit_code(answer) == status.EXIT_READY
+    assert "memory backend, NOTHING IS KEPT" in status.render(answer, "https://nexus.test")
 
 
 def test_two_memory_stores_of_one_process_are_apart(memory_node: MemoryNode) -> None:
