@@ -185,6 +185,13 @@ def _add_completion(sub: Any) -> None:
 
 def _add_keeper(sub: Any) -> None:
     keeper = sub.add_parser("keeper", help="hold one shard of the root key in memory")
+    keeper.add_argument(
+        "--nexus-identity",
+        choices=["exact", "spike"],
+        help="who may read the shard: exact (only spiffe://<td>/spike/nexus, default) or spike (also any ID "
+        "below it, spiffe://<td>/spike/nexus/..., as SPIKE's Go keeper: more readers of the shard) "
+        "(env SPIKE_KEEPER_NEXUS_IDENTITY)",
+    )
     keeper.add_argument("--listen", metavar="ADDR", help="e.g. :8443 or 127.0.0.1:8443 (env SPIKE_KEEPER_TLS_PORT)")
     _memory_flag(keeper)
     _identity_flags(keeper)
@@ -222,6 +229,12 @@ def _add_nexus(sub: Any) -> None:
         "--rotate-every",
         metavar="DUR",
         help="rotate the root key by itself this often, e.g. 24h or 7d (env SPIKE_NEXUS_ROTATE_EVERY; default: never)",
+    )
+    nexus.add_argument(
+        "--backend-store",
+        choices=["sqlite", "lite", "memory", "postgres", "postgresql"],
+        help="where secrets live: sqlite (default), postgresql (with --database-url), lite (cipher only) or memory "
+        "(development: no keepers, NOTHING KEPT when Nexus stops) (env SPIKE_NEXUS_BACKEND_STORE)",
     )
     nexus.add_argument("--data-dir", metavar="DIR", help="env SPIKE_NEXUS_DATA_DIR, default ~/.spike/data")
     nexus.add_argument(
@@ -291,6 +304,13 @@ def _add_dev(sub: Any) -> None:
     _threshold_one_flag(dev)
     dev.add_argument("--trust-domain", type=_trust_domain_arg, help="default spike.ist")
     dev.add_argument("--poll-interval", default="2s")
+    dev.add_argument(
+        "--keeper-identity",
+        choices=["per-id", "spike"],
+        default="per-id",
+        help="spike: every keeper presents SPIKE's one keeper ID spiffe://<td>/spike/keeper, and Nexus and "
+        "bootstrap accept it (docs/spike-keepers.md)",
+    )
     dev.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
 
 
@@ -298,7 +318,18 @@ def _add_dev_identity(sub: Any) -> None:
     ident = sub.add_parser("dev-identity", help="mint a development CA and SVIDs for every role")
     ident.add_argument("--dir", type=Path, required=True, help="where to write the PEM files")
     ident.add_argument("--trust-domain", type=_trust_domain_arg, help="default spike.ist")
-    ident.add_argument("--keepers", default="1,2,3", help="keeper ids to mint SVIDs for (default 1,2,3)")
+    ident.add_argument(
+        "--keepers",
+        help="keeper ids to mint spiffe://<td>/spike/keeper/<id> SVIDs for (default 1,2,3; none with "
+        "--keeper-identity spike unless given)",
+    )
+    ident.add_argument(
+        "--keeper-identity",
+        choices=["per-id", "spike"],
+        default="per-id",
+        help="spike: also mint keeper.pem for SPIKE's one keeper ID spiffe://<td>/spike/keeper, which every "
+        "keeper presents (for a Nexus and bootstrap with --keeper-identity spike)",
+    )
     ident.add_argument(
         "--nexus-name",
         action="append",
@@ -454,6 +485,7 @@ def _status(args: argparse.Namespace) -> int:
 def _dev(args: argparse.Namespace) -> int:
     from spike.app import config as cfg
     from spike.app.commands import dev
+    from spike.protocol.identity import KeeperIdentity
 
     return dev.run(
         dev.DevOptions(
@@ -464,6 +496,7 @@ def _dev(args: argparse.Namespace) -> int:
             poll_interval=args.poll_interval,
             log_level=args.log_level,
             allow_threshold_one=bool(args.allow_threshold_one),
+            keeper_identity=KeeperIdentity(args.keeper_identity),
         )
     )
 
@@ -473,16 +506,23 @@ def _dev_identity(args: argparse.Namespace) -> int:
     from spike.app.commands.devca import check_server_names, mint_dev_identity
 
     trust_domain = args.trust_domain or cfg.DEFAULT_TRUST_DOMAIN
+    spike_keeper = args.keeper_identity == "spike"
+    keepers = args.keepers if args.keepers is not None else ("" if spike_keeper else "1,2,3")
     try:
-        ids = [int(x) for x in args.keepers.split(",") if x.strip()]
+        ids = [int(x) for x in keepers.split(",") if x.strip()]
     except ValueError:
-        raise cfg.ConfigError(f"--keepers must be a comma-separated list of ids, not {args.keepers!r}") from None
+        raise cfg.ConfigError(f"--keepers must be a comma-separated list of ids, not {keepers!r}") from None
     try:
         check_server_names(args.nexus_name)
     except ValueError as exc:
         raise cfg.ConfigError(f"--nexus-name: {exc}") from None
-    identity = mint_dev_identity(args.dir, trust_domain, ids, nexus_names=args.nexus_name)
+    identity = mint_dev_identity(args.dir, trust_domain, ids, nexus_names=args.nexus_name, spike_keeper=spike_keeper)
     print(f"development SVIDs for spiffe://{trust_domain} written to {identity.directory}")
+    if spike_keeper:
+        print(
+            f"every keeper: {identity.spike_keeper().cert.name} (spiffe://{trust_domain}/spike/keeper); "
+            "run Nexus and bootstrap with --keeper-identity spike"
+        )
     return 0
 
 

@@ -10,6 +10,7 @@ sentence instead of failing later at run time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from pathlib import Path
 from spike.app.identity import IdentitySpec, WorkloadApiSpec, workload_api_address
 from spike.app.spike_env import Component, refusal
 from spike.protocol.errors import LocalProtocolError
-from spike.protocol.identity import InvalidSpiffeId, KeeperIdentity, TrustDomains, check_trust_domain
+from spike.protocol.identity import InvalidSpiffeId, KeeperIdentity, NexusIdentity, TrustDomains, check_trust_domain
 from spike.protocol.material import MAX_KEEPER_ID, MIN_KEEPER_ID
 from spike.protocol.nexus import PollSchedule
 from spike.protocol.shamir import ShardDerivation
@@ -80,7 +81,7 @@ class NexusConfig:
     config_file: Path | None = None  # the --config file a SIGHUP reads again
     vault_kv_mount: str = "secret"  # where the Vault face serves KV v2 (/v1/<mount>/data/...)
     vault_token_ttl: float = 3600.0  # lifetime of a token from the Vault face's auth/cert/login
-    backend: str = "sqlite"  # SPIKE_NEXUS_BACKEND_STORE: sqlite (or PostgreSQL with database_url)
+    backend: str = "sqlite"  # SPIKE_NEXUS_BACKEND_STORE: sqlite (or postgresql with database_url), lite, memory
     max_secret_versions: int = 10  # SPIKE_NEXUS_MAX_SECRET_VERSIONS: versions kept of a secret that sets none
     cipher_max_ciphertext: int | None = None  # SPIKE_NEXUS_CRYPTO_MAX_CIPHERTEXT_SIZE; None: spike's 1 MiB + 16
     # SPIKE_TRUST_ROOT_LITE_WORKLOAD: trust domains whose spiffe://<td>/spike/workload/role/lite may use the
@@ -390,11 +391,25 @@ def parse_trust_bundles(text: str) -> tuple[tuple[str, Path], ...]:
 def keeper(args: argparse.Namespace, env: Env) -> KeeperConfig:
     listen = _pick(args, "listen", env, "SPIKE_KEEPER_TLS_PORT", default=f":{DEFAULT_KEEPER_PORT}")
     assert listen is not None
+    base = common(args, env, Component.KEEPER)
+    trust = dataclasses.replace(base.trust, nexus_identity=nexus_identity(args, env))
     return KeeperConfig(
-        common(args, env, Component.KEEPER),
+        dataclasses.replace(base, trust=trust),
         parse_bind(listen, "keeper listen address"),
         _bool(args, "require_memory_lock", env, "SPIKE_REQUIRE_MEMORY_LOCK"),
     )
+
+
+def nexus_identity(args: argparse.Namespace, env: Env) -> NexusIdentity:
+    """A keeper's `--nexus-identity` (SPIKE_KEEPER_NEXUS_IDENTITY): exact (spike's) or spike (SPIKE's IsNexus)."""
+    text = _pick(args, "nexus_identity", env, "SPIKE_KEEPER_NEXUS_IDENTITY", default="exact") or "exact"
+    try:
+        return NexusIdentity(text.strip().lower())
+    except ValueError:
+        raise ConfigError(
+            f"Nexus identity must be exact (only spiffe://<td>/spike/nexus may read the shard) or spike "
+            f"(also any ID below it, as SPIKE's Go keeper), not {text!r}"
+        ) from None
 
 
 # Mount names the Vault face cannot take: SPIKE's route prefixes and its own sys/, auth/ and transit/.
@@ -422,6 +437,9 @@ def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
     base = common(args, env, Component.NEXUS)
     listen = _pick(args, "listen", env, "SPIKE_NEXUS_TLS_PORT", default=f":{DEFAULT_NEXUS_PORT}")
     assert listen is not None
+    store_text = _pick(args, "backend_store", env, "SPIKE_NEXUS_BACKEND_STORE", default="") or ""
+    if store_text.strip().lower() == "memory":
+        return memory_nexus(args, env, base, parse_bind(listen, "Nexus listen address"))
     peers = _pick(args, "keepers", env, "SPIKE_NEXUS_KEEPER_PEERS")
     if not peers:
         raise ConfigError("no keepers configured: set --keepers or SPIKE_NEXUS_KEEPER_PEERS")
@@ -484,11 +502,64 @@ def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
         config_file(args),
         vault_kv_mount(mount),
         vault_token_ttl(token_ttl),
-        backend_store(env.get("SPIKE_NEXUS_BACKEND_STORE", ""), database_text),
+        backend_store(store_text, database_text),
         max_secret_versions(env.get("SPIKE_NEXUS_MAX_SECRET_VERSIONS", "")),
         cipher_max_ciphertext(env.get("SPIKE_NEXUS_CRYPTO_MAX_CIPHERTEXT_SIZE", "")),
         lite_workload_domains(env.get("SPIKE_TRUST_ROOT_LITE_WORKLOAD", ""), args, env),
         shard_derivation(args, env),
+    )
+
+
+#: The data dir of a Nexus on the memory backend, which never touches it: what `--check-config` shows.
+NO_DATA_DIR = Path(":memory:")
+
+#: What has no meaning on the memory backend, each (attribute of the flag, flag, variable, why).  Refused at
+#: start in one line: a Nexus that ignored `--keepers` would let the operator believe the secrets are kept.
+MEMORY_REFUSES = (
+    ("keepers", "--keepers", "SPIKE_NEXUS_KEEPER_PEERS", "it has no keepers"),
+    ("retiring_keepers", "--retiring-keepers", "SPIKE_NEXUS_RETIRING_KEEPER_PEERS", "it has no keepers"),
+    ("shares", "--shares", "SPIKE_NEXUS_SHAMIR_SHARES", "its key is not split"),
+    ("threshold", "--threshold", "SPIKE_NEXUS_SHAMIR_THRESHOLD", "its key is not split"),
+    ("", "", "SPIKE_NEXUS_SHAMIR_MAX_SHARE_COUNT", "its key is not split"),
+    ("shard_derivation", "--shard-derivation", "SPIKE_NEXUS_SHARD_DERIVATION", "its key is not split"),
+    ("keeper_identity", "--keeper-identity", "SPIKE_NEXUS_KEEPER_IDENTITY", "it has no keepers"),
+    ("poll_interval", "--poll-interval", "SPIKE_NEXUS_KEEPER_POLL_INTERVAL", "it has no keepers to poll"),
+    ("keeper_timeout", "--keeper-timeout", "SPIKE_NEXUS_KEEPER_TIMEOUT", "it has no keepers"),
+    ("", "", "SPIKE_NEXUS_WAITING_SUMMARY_INTERVAL", "it never waits for shards"),
+    ("", "", "SPIKE_NEXUS_KEEPER_SUMMARY_INTERVAL", "it has no keepers"),
+    ("rotate_every", "--rotate-every", "SPIKE_NEXUS_ROTATE_EVERY", "its key lives as long as the process"),
+    ("data_dir", "--data-dir", "SPIKE_NEXUS_DATA_DIR", "it writes nothing to disk"),
+    ("database_url", "--database-url", "SPIKE_NEXUS_DATABASE_URL", "it keeps its data in memory"),
+    ("metrics_listen", "--metrics-listen", "SPIKE_NEXUS_METRICS_LISTEN", "its metrics describe custody; it has none"),
+)
+
+
+def memory_nexus(args: argparse.Namespace, env: Env, base: Common, bind: tuple[str, int]) -> NexusConfig:
+    """The memory backend (SPIKE's development store): nothing kept, and no setting that would say otherwise."""
+    for flag, option, name, why in MEMORY_REFUSES:
+        if (flag and getattr(args, flag, None) not in (None, False)) or env.get(name):
+            given = f"{option} ({name})" if option else name
+            raise ConfigError(
+                f"{given} cannot be used with the memory backend (SPIKE_NEXUS_BACKEND_STORE=memory): {why}; "
+                "nothing is kept, so leave it out (or choose another backend)"
+            )
+    audit = _pick(args, "audit_log", env, "SPIKE_NEXUS_AUDIT_LOG")
+    grace = _pick(args, "shutdown_grace", env, "SPIKE_NEXUS_SHUTDOWN_GRACE", default="5s")
+    return NexusConfig(
+        base,
+        bind,
+        {},
+        0,
+        PollSchedule(),
+        NO_DATA_DIR,
+        audit_log=Path(audit).expanduser() if audit else None,
+        shutdown_grace=parse_duration(grace or "5s", "shutdown grace"),
+        require_memory_lock=_bool(args, "require_memory_lock", env, "SPIKE_REQUIRE_MEMORY_LOCK"),
+        config_file=config_file(args),
+        backend="memory",
+        max_secret_versions=max_secret_versions(env.get("SPIKE_NEXUS_MAX_SECRET_VERSIONS", "")),
+        cipher_max_ciphertext=cipher_max_ciphertext(env.get("SPIKE_NEXUS_CRYPTO_MAX_CIPHERTEXT_SIZE", "")),
+        lite_workload_domains=lite_workload_domains(env.get("SPIKE_TRUST_ROOT_LITE_WORKLOAD", ""), args, env),
     )
 
 
@@ -537,17 +608,10 @@ def backend_store(text: str, database: str | None) -> str:
             "SPIKE_NEXUS_BACKEND_STORE=lite keeps no secrets, only its key record (SQLite in the data dir): "
             "not with SPIKE_NEXUS_DATABASE_URL"
         )
-    if store == "memory":
-        # Every value this Nexus serves is sealed under a root key whose shards the keepers hold; a
-        # Nexus with no keepers and no root key is another server, not a setting of this one.
-        raise ConfigError(
-            f"SPIKE_NEXUS_BACKEND_STORE={text.strip()} is not supported: spike has no keeper-less, unencrypted "
-            "Nexus; for a throw-away development deployment run `spike dev` (keepers, Nexus and a temporary "
-            "data dir in one command, all gone on Ctrl-C)"
-        )
     if store not in ("sqlite", "postgresql", "lite"):
         raise ConfigError(
-            f"SPIKE_NEXUS_BACKEND_STORE must be sqlite, lite, postgres or postgresql, not {text.strip()!r}"
+            f"the backend store (--backend-store, SPIKE_NEXUS_BACKEND_STORE) must be sqlite, lite, memory, postgres "
+            f"or postgresql, not {text.strip()!r}"
         )
     return store
 
@@ -777,7 +841,7 @@ TOML_KEYS: dict[str, dict[str, str]] = {
         "bootstrap": "SPIKE_TRUST_ROOT_BOOTSTRAP",
         "pilot": "SPIKE_TRUST_ROOT_PILOT",
     },
-    "keeper": {"listen": "SPIKE_KEEPER_TLS_PORT"},
+    "keeper": {"listen": "SPIKE_KEEPER_TLS_PORT", "nexus_identity": "SPIKE_KEEPER_NEXUS_IDENTITY"},
     "nexus": {
         "listen": "SPIKE_NEXUS_TLS_PORT",
         "keepers": "SPIKE_NEXUS_KEEPER_PEERS",
@@ -861,7 +925,6 @@ def environ(args: argparse.Namespace | None = None) -> Env:
 
 def describe(config: object) -> dict[str, object]:
     """A printable view of a configuration (paths and names; a database URL without its password)."""
-    import dataclasses
 
     def plain(value: object) -> object:
         if dataclasses.is_dataclass(value) and not isinstance(value, type):

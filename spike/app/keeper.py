@@ -9,7 +9,7 @@ from spike.app.config import KeeperConfig
 from spike.app.identity import identity_source
 from spike.app.memory import protect
 from spike.protocol.api import ApiRequest, ApiResponse
-from spike.protocol.identity import Role, SpiffeId, TrustDomains
+from spike.protocol.identity import NexusIdentity, Role, SpiffeId, TrustDomains
 from spike.protocol.keeper import MAX_KEEPER_BODY, Keeper, KeeperChange
 from spike.transports.runner import run_event_loop, serve
 from spike.transports.server import ContextSource, HttpsServer, ServerLimits
@@ -80,6 +80,13 @@ def run(config: KeeperConfig) -> None:
         nonlocal started
         started = True
         memory.say("keeper")
+        trust = config.common.trust
+        if trust.nexus_identity is NexusIdentity.SPIKE:
+            log.warning(
+                "--nexus-identity spike: any ID below spiffe://%s/spike/nexus is taken for Nexus and may read "
+                "and replace this keeper's shard (SPIKE's Go keeper's rule); register nothing else there",
+                trust.nexus,
+            )
         log.info("keeper listening on %s:%d (empty until Nexus or bootstrap seeds it)", host, port)
         startup.listening()
 

@@ -49,7 +49,7 @@ from .effects import (
 )
 from .errors import LocalProtocolError, RemoteProtocolError, ShamirError, SpikeError
 from .events import Answer, FailureKind, RequestFailed, ResponseReceived
-from .identity import InvalidSpiffeId, KeeperIdentity, Role, SpiffeId, TrustDomains, peer_spiffe_id
+from .identity import InvalidSpiffeId, KeeperIdentity, NexusIdentity, Role, SpiffeId, TrustDomains, peer_spiffe_id
 from .keeper import MAX_KEEPER_BODY, Keeper, KeeperChange, KeeperOutcome
 from .material import ORDER, RootKey, Share, derive_key, key_check_value, shard_commitment
 from .nexus import (
@@ -87,6 +87,7 @@ __all__ = [
     "KEEPER_FORGET_PATH",
     "KEEPER_SHARD_PATH",
     "MAX_KEEPER_BODY",
+    "NexusIdentity",
     "ORDER",
     "AbandonRotation",
     "AlreadyInitialised",

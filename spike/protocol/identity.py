@@ -126,6 +126,19 @@ class KeeperIdentity(Enum):
     SPIKE = "spike"
 
 
+class NexusIdentity(Enum):
+    """Which SPIFFE IDs a keeper takes for Nexus (the only caller that may read its shard).
+
+    ``EXACT`` (spike's): only ``spiffe://<td>/spike/nexus``.  ``SPIKE`` (SPIKE's Go
+    keeper, spike-sdk-go ``spiffeid.IsNexus``): also every ID below it,
+    ``spiffe://<td>/spike/nexus/<anything>``, so every workload registered under that
+    path may read the shard and replace it: a wider set of shard readers, opt-in.
+    """
+
+    EXACT = "exact"
+    SPIKE = "spike"
+
+
 @dataclass(frozen=True, slots=True)
 class TrustDomains:
     """Which trust domain each role's SVIDs come from.
@@ -139,6 +152,7 @@ class TrustDomains:
     bootstrap: str = "spike.ist"
     pilot: str = "spike.ist"
     keeper_identity: KeeperIdentity = KeeperIdentity.PER_ID
+    nexus_identity: NexusIdentity = NexusIdentity.EXACT  # a keeper's reading of Nexus's ID
 
     @classmethod
     def single(cls, domain: str) -> TrustDomains:
@@ -179,6 +193,12 @@ class TrustDomains:
         for role, path in _ROLE_PATHS.items():
             if peer.path == path and peer.trust_domain == self._domain(role):
                 return role
+        if (
+            self.nexus_identity is NexusIdentity.SPIKE
+            and peer.trust_domain == self.nexus
+            and peer.path.startswith(_ROLE_PATHS[Role.NEXUS] + "/")  # a SPIFFE ID's path never ends in "/"
+        ):
+            return Role.NEXUS
         if peer.trust_domain == self.keeper and peer.path.startswith(_KEEPER_PREFIX):
             suffix = peer.path[len(_KEEPER_PREFIX) :]
             if suffix.isdigit() and not suffix.startswith("0"):

@@ -304,7 +304,7 @@ class Cluster:
         env.update(extra or {})
         return env
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> Proc:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str], cwd: Path | None = None) -> Proc:
         existing = self.procs.get(name)
         if existing is not None and existing.alive():
             raise HarnessError(f"{name} is already running")
@@ -318,6 +318,7 @@ class Cluster:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent if _PRCTL is not None else None,  # noqa: PLW1509
+                cwd=cwd,
             )
         proc = Proc(name, popen, log)
         self.procs[name] = proc
@@ -368,6 +369,16 @@ class Cluster:
         if self.database_url:
             args += ["--database-url", self.database_url]
         return self._spawn(self.nexus_name(index), args, env)
+
+    def start_memory_nexus(self, home: Path) -> Proc:
+        """Nexus on the memory backend (no keepers), with `home` as its HOME, TMPDIR and working directory."""
+        (home / "tmp").mkdir(parents=True, exist_ok=True)
+        env = self._env(
+            self.files("nexus"),
+            {"SPIKE_NEXUS_BACKEND_STORE": "memory", "HOME": str(home), "TMPDIR": str(home / "tmp")},
+        )
+        proc = self._spawn("nexus", ["nexus", "--listen", f"127.0.0.1:{self.nexus_port}"], env, cwd=home)
+        return self._await_listening(proc)
 
     def start_keeper(self, keeper_id: int, files: SvidFiles | None = None) -> Proc:
         return self._await_listening(self.spawn_keeper(keeper_id, files))
@@ -773,3 +784,35 @@ def find_secrets(files: Iterable[Path], secrets: dict[str, bytes]) -> list[str]:
         data = path.read_bytes()
         hits.extend(f"{path}: {what}" for what, needles in patterns if any(n in data for n in needles))
     return hits
+
+
+#: What `spike dev` prints once its deployment is ready.
+DEV_READY = "Ctrl-C stops everything."
+
+
+def dev_until_ready(data_dir: Path, *more: str) -> list[str]:
+    """Run `spike dev --data-dir` (and `more` arguments) until it says it is ready, stop it with Ctrl-C; the lines
+    it printed."""
+    process = subprocess.Popen(
+        [*SPIKE, "dev", "--data-dir", str(data_dir), *more],
+        env=base_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its keepers and Nexus too: killed together if anything goes wrong
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    try:
+        for line in process.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.strip() == DEV_READY:
+                break
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0, lines
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert DEV_READY in lines, lines
+    return lines

@@ -8,46 +8,13 @@ only once every stored value is sealed under the new term.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import SPIKE, Cluster, base_env
+from tests.e2e.harness import Cluster, dev_until_ready
 
 pytestmark = pytest.mark.e2e
-
-READY = "Ctrl-C stops everything."
-
-
-def dev_until_ready(data_dir: Path) -> list[str]:
-    """Run `spike dev --data-dir` until it says it is ready, stop it with Ctrl-C; the lines it printed."""
-    process = subprocess.Popen(
-        [*SPIKE, "dev", "--data-dir", str(data_dir)],
-        env=base_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its keepers and Nexus too: killed together if anything goes wrong
-    )
-    assert process.stdout is not None
-    lines: list[str] = []
-    try:
-        for line in process.stdout:
-            lines.append(line.rstrip("\n"))
-            if line.strip() == READY:
-                break
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 0, lines
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-    assert READY in lines, lines
-    return lines
 
 
 def test_spike_dev_says_what_it_starts_and_restores(tmp_path: Path) -> None:

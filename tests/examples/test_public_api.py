@@ -56,7 +56,7 @@ PUBLIC_NAMES = {
     "KEEPER_CONTRIBUTE_PATH", "KEEPER_SHARD_PATH", "ShardContribution", "ShardAnswer", "ErrorCode",
     "encode", "decode", "KEEPER_FORGET_PATH", "ShardRequest", "ForgetRequest",
     # identity
-    "SpiffeId", "InvalidSpiffeId", "TrustDomains", "Role", "peer_spiffe_id", "KeeperIdentity",
+    "SpiffeId", "InvalidSpiffeId", "TrustDomains", "Role", "peer_spiffe_id", "KeeperIdentity", "NexusIdentity",
     # trust per domain
     "TrustBundles", "TrustBundleError", "chain_refusal",
     # errors
@@ -94,7 +94,7 @@ FIELDS = {
     "ApiRequest": ("method", "path", "peer", "body", "query", "content_type", "headers"),
     "ApiResponse": ("status", "body", "content_type"),
     "SpiffeId": ("trust_domain", "path"),
-    "TrustDomains": ("nexus", "keeper", "bootstrap", "pilot", "keeper_identity"),
+    "TrustDomains": ("nexus", "keeper", "bootstrap", "pilot", "keeper_identity", "nexus_identity"),
     "ShardContribution": ("shard", "id", "epoch", "keep", "keep_commitment"),
     "ShardAnswer": ("shard", "id", "epoch", "other_epoch", "slots"),
     "ShardRequest": ("epoch",),
@@ -119,6 +119,7 @@ ENUMS = {
     "Role": ("nexus", "keeper", "bootstrap", "pilot-superuser", "pilot-recover", "pilot-restore"),
     "ShardDerivation": ("hmac", "spike"),
     "KeeperIdentity": ("per-id", "spike"),
+    "NexusIdentity": ("exact", "spike"),
     "ErrorCode": (
         "api_bad_request", "api_not_found", "access_unauthorized", "state_not_ready", "api_conflict",
         "api_internal_error",

@@ -90,7 +90,7 @@ class Setting:
 
 
 HOME_DATA = "HOME/.spike/data"
-PER_ID = {"keeper_identity": "per-id"}  # how keepers' SPIFFE IDs are read (docs/spike-keepers.md)
+PER_ID = {"keeper_identity": "per-id", "nexus_identity": "exact"}  # how keepers' and Nexus's SPIFFE IDs are read
 SETTINGS = [
     Setting("nexus", "listen", "SPIKE_NEXUS_TLS_PORT", "--listen", (":1001", "127.0.0.2:1002", "[::1]:1003"),
             lambda c: c["bind"], (["0.0.0.0", 8553], ["0.0.0.0", 1001], ["127.0.0.2", 1002], ["::1", 1003])),

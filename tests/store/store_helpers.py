@@ -98,10 +98,18 @@ BACKENDS = ("sqlite", "postgres")
 
 
 def open_backend(kind: str, data_dir: Path, *, unlock: bool = True, **options: Any) -> Any:
-    """A whole storage backend on SQLite (a file in `data_dir`) or a fresh PostgreSQL database; with
-    `unlock`, bootstrapped (`RECORD`) and unlocked with `ROOT_KEY`, else empty."""
+    """A whole storage backend on SQLite (a file in `data_dir`), a fresh PostgreSQL database or in memory
+    (`memory`: nothing in `data_dir`); with `unlock`, bootstrapped (`RECORD`) and unlocked with `ROOT_KEY`,
+    else empty."""
     if kind == "sqlite":
         backend: Any = SqliteBackend(data_dir, **options)
+    elif kind == "memory":  # no key record: the process's key, as memory_mode.MemoryNexus unlocks it
+        from spike.app.store.memory import MemoryBackend
+
+        backend = MemoryBackend(**options)
+        if unlock:
+            backend.unlock(ROOT_KEY, 0)
+        return backend
     else:
         from spike.app.store.postgres import PostgresBackend
         from tests import pg_server

@@ -53,6 +53,25 @@ PostgresKvMachine.TestCase.settings = settings(
 test_kv_semantics_match_the_model_on_postgres = PostgresKvMachine.TestCase
 
 
+class MemoryKvMachine(KvMachine):
+    """The same rules on the memory backend (SPIKE_NEXUS_BACKEND_STORE=memory): the same SqlStore, in memory."""
+
+    backend = "memory"
+
+    def teardown(self) -> None:
+        assert not any(self.dir.iterdir()), "the memory backend wrote a file"
+        super().teardown()
+
+
+MemoryKvMachine.TestCase.settings = settings(
+    max_examples=30,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_kv_semantics_match_the_model_on_the_memory_backend = MemoryKvMachine.TestCase
+
+
 @pytest.mark.parametrize(
     ("ops", "expected"),
     [

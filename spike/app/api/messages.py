@@ -97,6 +97,9 @@ class StatusBody(msgspec.Struct, kw_only=True):
     keyring: KeyringStatusBody | None = None
     # How Nexus splits a new root key (hmac, or spike: SPIKE's Go derivation); bootstrap deals with it.
     shard_derivation: str | None = None
+    # "memory": SPIKE's memory backend, nothing kept (no keepers, no key record; data lost when Nexus stops).
+    # Absent for every other backend.
+    backend: str | None = None
 
 
 class RotateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -15,6 +15,7 @@ Nexus re-seeds the new keepers and the same secrets come back.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import shlex
@@ -37,7 +38,7 @@ from spike.app.commands.devca import DevIdentity, mint_dev_identity
 from spike.app.config import THRESHOLD_ONE, BootstrapConfig, Common
 from spike.app.errors import CommandError
 from spike.app.store.sqlite_schema import NexusStore
-from spike.protocol.identity import TrustDomains
+from spike.protocol.identity import KeeperIdentity, TrustDomains
 from spike.transports.tls import SvidFiles
 
 Say = Callable[[str], None]
@@ -60,6 +61,9 @@ class DevOptions:
     poll_interval: str
     log_level: str
     allow_threshold_one: bool = False
+    # SPIKE's one keeper ID for every keeper (docs/spike-keepers.md): the keepers share keeper.pem, and
+    # Nexus and bootstrap run with --keeper-identity spike.
+    keeper_identity: KeeperIdentity = KeeperIdentity.PER_ID
 
 
 def spike_command() -> list[str]:
@@ -137,10 +141,15 @@ class Deployment:
         self.logs.mkdir(exist_ok=True)
         self.recovery = self.root / RECOVERY_DIR
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self.trust = TrustDomains.single(options.trust_domain)
+        spike_keeper = options.keeper_identity is KeeperIdentity.SPIKE
+        self.trust = dataclasses.replace(
+            TrustDomains.single(options.trust_domain), keeper_identity=options.keeper_identity
+        )
         ids = range(1, options.keepers + 1)
         try:
-            self.identity: DevIdentity = mint_dev_identity(self.root / "identity", options.trust_domain, ids)
+            self.identity: DevIdentity = mint_dev_identity(
+                self.root / "identity", options.trust_domain, () if spike_keeper else ids, spike_keeper=spike_keeper
+            )
         except ValueError as exc:  # the directory holds a CA for another trust domain
             raise CommandError(f"{exc}; use that --trust-domain or another --data-dir", exit_code=2) from None
         self.keeper_ports = {i: free_port() for i in ids}
@@ -177,7 +186,12 @@ class Deployment:
 
     def _start_keeper(self, keeper_id: int, *, wait: bool = True) -> subprocess.Popen[bytes]:
         port = self.keeper_ports[keeper_id]
-        env = svid_env(self.identity.keeper(keeper_id), self.options.trust_domain)
+        files = (
+            self.identity.spike_keeper()
+            if self.options.keeper_identity is KeeperIdentity.SPIKE
+            else self.identity.keeper(keeper_id)
+        )
+        env = svid_env(files, self.options.trust_domain)
         process = self._start(f"keeper-{keeper_id}", ["keeper", "--listen", f"127.0.0.1:{port}"], env)
         if wait:
             _wait_for_port(port, process, f"keeper {keeper_id}")
@@ -193,6 +207,7 @@ class Deployment:
             "SPIKE_ALLOW_THRESHOLD_ONE": "true" if self.options.allow_threshold_one else "false",
             "SPIKE_NEXUS_DATA_DIR": str(self.root / "nexus"),
             "SPIKE_NEXUS_KEEPER_POLL_INTERVAL": self.options.poll_interval,
+            "SPIKE_NEXUS_KEEPER_IDENTITY": self.options.keeper_identity.value,
         }
         process = self._start("nexus", ["nexus", "--listen", f"127.0.0.1:{self.nexus_port}"], env)
         _wait_for_port(self.nexus_port, process, "Nexus")

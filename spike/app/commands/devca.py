@@ -8,6 +8,7 @@ that are missing or about to expire.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import ipaddress
 import os
@@ -21,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from spike.protocol.identity import Role, TrustDomains
+from spike.protocol.identity import KeeperIdentity, Role, TrustDomains
 from spike.transports.tls import SvidFiles
 
 CA_CERT = "bundle.pem"
@@ -29,6 +30,8 @@ CA_KEY = "ca-key.pem"
 # The names a client dialling Nexus on this machine checks its certificate against (hvac, `bao`, Go's
 # TLS): a Vault client verifies the host name or IP it dials, which a SPIFFE ID alone does not satisfy.
 NEXUS_SERVER_NAMES = ("localhost", "127.0.0.1")
+# SPIKE registers every keeper with one SPIFFE ID: its SVID's files are keeper.pem and keeper-key.pem.
+SPIKE_KEEPER = "keeper"
 ROLES = {
     "nexus": Role.NEXUS,
     "bootstrap": Role.BOOTSTRAP,
@@ -52,6 +55,10 @@ class DevIdentity:
 
     def keeper(self, keeper_id: int) -> SvidFiles:
         return self.files(f"keeper-{keeper_id}")
+
+    def spike_keeper(self) -> SvidFiles:
+        """The SVID of SPIKE's one keeper ID, `spiffe://<td>/spike/keeper`, which every keeper may present."""
+        return self.files(SPIKE_KEEPER)
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
@@ -252,8 +259,13 @@ def mint_dev_identity(
     *,
     validity_days: int = 90,
     nexus_names: Iterable[str] = (),
+    spike_keeper: bool = False,
 ) -> DevIdentity:
     """Create (or top up) a development CA and SVIDs for every role and keeper.
+
+    With `spike_keeper`, also the SVID of SPIKE's one keeper ID (`spiffe://<td>/spike/keeper`,
+    `DevIdentity.spike_keeper`), for keepers run as SPIKE registers them, under a Nexus and
+    bootstrap with `--keeper-identity spike` (docs/spike-keepers.md).
 
     Nexus's SVID also names `NEXUS_SERVER_NAMES` and `nexus_names` (DNS or IP SANs), so that
     clients which check the name they dial (Vault clients) accept it without turning
@@ -269,6 +281,9 @@ def mint_dev_identity(
     wanted = {name: str(trust.id_of(role)) for name, role in ROLES.items()}
     for keeper_id in keeper_ids:
         wanted[f"keeper-{keeper_id}"] = str(trust.id_of(Role.KEEPER, keeper_id))
+    if spike_keeper:
+        spike_trust = dataclasses.replace(trust, keeper_identity=KeeperIdentity.SPIKE)
+        wanted[SPIKE_KEEPER] = str(spike_trust.id_of(Role.KEEPER))
     for name, spiffe_id in wanted.items():
         files = identity.files(name)
         server_names = names if name == "nexus" else []

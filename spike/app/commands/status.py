@@ -8,7 +8,8 @@ Exit codes, the first that applies:
 * 5 ready, but the break-glass recovery shards exported last
   (`spike operator recover`) belong to an earlier key epoch: a rotation
   made them useless, export again (a deployment that never exported gets 0);
-* 0 ready with at least one spare shard (redundancy >= 1).
+* 0 ready with at least one spare shard (redundancy >= 1), or ready on the
+  memory backend (no keepers: nothing to lose but everything, on exit).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ EXIT_RECOVERY_STALE = 5
 def exit_code(status: StatusBody) -> int:
     if status.phase != "ready":
         return EXIT_NOT_READY
+    if status.backend == "memory":
+        return EXIT_READY
     if (status.redundancy or 0) < 1:
         return EXIT_DEGRADED
     if status.recovery is not None and status.recovery.epochs_behind > 0:
@@ -107,7 +110,16 @@ def _ago(moment: float | None, now: float) -> str:
     return f"{max(0.0, now - moment):.1f}s ago"
 
 
+#: What `spike status` says of a Nexus on the memory backend, instead of custody it has not.
+MEMORY_LINES = (
+    "ready: memory backend, NOTHING IS KEPT",
+    "no keepers and no key record: every secret and policy is lost when Nexus stops (development and tests only)",
+)
+
+
 def render(status: StatusBody, url: str) -> str:
+    if status.backend == "memory":
+        return "\n".join([f"Nexus {url}: {MEMORY_LINES[0]}", *MEMORY_LINES[1:]])
     now = status.time
     if status.phase == "ready":
         head = f"ready: root key epoch {status.epoch}, {status.threshold}-of-{status.shares}"

@@ -6,6 +6,7 @@ on and nothing it may not know: never a value, never whether a path it may not r
 
 from __future__ import annotations
 
+from spike.app.api.messages import BOOTSTRAP_INIT_PATH, BOOTSTRAP_VERIFY_PATH, RECOVER_PATH, RESTORE_PATH, ROTATE_PATH
 from spike.app.store.errors import DatabaseUnavailable
 from spike.protocol.api import INTERNAL_ERROR, ApiResponse
 from spike.protocol.effects import Phase
@@ -21,6 +22,21 @@ NO_SUCH_SPIKE_ROUTE = ApiResponse.error(400, ErrorCode.BAD_REQUEST, "no such API
 UNKNOWN_ACTION = ApiResponse.error(400, ErrorCode.BAD_REQUEST, "no such action for this API path")
 POST_ONLY = ApiResponse.error(400, ErrorCode.BAD_REQUEST, "this API takes POST requests only")
 REFUSED = ApiResponse.error(401, ErrorCode.UNAUTHORIZED, "no role or policy lets this identity make this request")
+
+# The memory backend (SPIKE_NEXUS_BACKEND_STORE=memory) holds a key drawn at start that nobody keeps: nothing to
+# bootstrap, recover, restore or rotate.  SPIKE's memory Nexus answers recover and restore with 400 too.
+_MEMORY = "Nexus runs with the memory backend (nothing kept, no keepers)"
+MEMORY_CLOSED = {
+    BOOTSTRAP_INIT_PATH: ApiResponse.error(400, ErrorCode.BAD_REQUEST, f"{_MEMORY}: there is nothing to bootstrap"),
+    BOOTSTRAP_VERIFY_PATH: ApiResponse.error(400, ErrorCode.BAD_REQUEST, f"{_MEMORY}: there is nothing to bootstrap"),
+    RECOVER_PATH: ApiResponse.error(
+        400, ErrorCode.BAD_REQUEST, f"{_MEMORY}: recovery is not applicable, its data is lost when it stops"
+    ),
+    RESTORE_PATH: ApiResponse.error(400, ErrorCode.BAD_REQUEST, f"{_MEMORY}: there is nothing to restore"),
+    ROTATE_PATH: ApiResponse.error(
+        400, ErrorCode.BAD_REQUEST, f"{_MEMORY}: its key lives as long as the process, there is nothing to rotate"
+    ),
+}
 
 
 def not_ready(phase: Phase) -> ApiResponse:

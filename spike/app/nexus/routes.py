@@ -115,18 +115,34 @@ class Route:
     needs_key: bool = False  # answer 503 state_not_ready until the root key is verified
 
 
+def memory_status(now: float) -> StatusBody:
+    """`spike status` of a Nexus on the memory backend: ready from its start, nothing in custody, nothing kept."""
+    return StatusBody(
+        phase=Phase.READY.value,
+        epoch=None,
+        threshold=0,
+        shares=0,
+        shards_needed=0,
+        redundancy=None,
+        poll_interval=0.0,
+        keepers=[],
+        time=now,
+        backend="memory",
+    )
+
+
 class NexusApi:
     """Routes by (path, action): SPIKE selects operations with ``?action=``."""
 
     def __init__(
         self,
-        driver: CustodyDriver,
+        driver: CustodyDriver | None,
         store: KeyRecords,
         trust: TrustDomains,
         *,
         secrets: SecretsApi,
         cipher: CipherApi,
-        operator: OperatorApi,
+        operator: OperatorApi | None,
         policies: PolicyApi,
         authorizer: Authorizer,
         observer: Observer | None = None,
@@ -143,10 +159,6 @@ class NexusApi:
         self._authorizer = authorizer
         routes: dict[tuple[str, str], Route] = {
             (STATUS_PATH, ""): Route(self.status, Roles(frozenset({Role.BOOTSTRAP, *PILOTS}))),
-            (BOOTSTRAP_INIT_PATH, ""): Route(self.bootstrap_init, Roles(frozenset({Role.BOOTSTRAP}))),
-            (BOOTSTRAP_VERIFY_PATH, ""): Route(self.bootstrap_verify, Roles(frozenset({Role.BOOTSTRAP}))),
-            (RECOVER_PATH, ""): Route(operator.recover, Roles(frozenset({Role.PILOT_RECOVER})), needs_key=True),
-            (RESTORE_PATH, ""): Route(operator.restore, Roles(frozenset({Role.PILOT_RESTORE}))),
             (CIPHER_ENCRYPT_PATH, ""): Route(
                 cipher.encrypt, Granted(Permission.EXECUTE, SYSTEM_CIPHER), needs_key=True
             ),
@@ -154,6 +166,15 @@ class NexusApi:
                 cipher.decrypt, Granted(Permission.EXECUTE, SYSTEM_CIPHER), needs_key=True
             ),
         }
+        # The routes of a key in custody; with no driver (the memory backend) there is none, and they are closed.
+        self._closed: dict[str, ApiResponse] = {}
+        if driver is not None and operator is not None:
+            routes[(BOOTSTRAP_INIT_PATH, "")] = Route(self.bootstrap_init, Roles(frozenset({Role.BOOTSTRAP})))
+            routes[(BOOTSTRAP_VERIFY_PATH, "")] = Route(self.bootstrap_verify, Roles(frozenset({Role.BOOTSTRAP})))
+            routes[(RECOVER_PATH, "")] = Route(operator.recover, Roles(frozenset({Role.PILOT_RECOVER})), needs_key=True)
+            routes[(RESTORE_PATH, "")] = Route(operator.restore, Roles(frozenset({Role.PILOT_RESTORE})))
+        else:
+            self._closed = dict(refusals.MEMORY_CLOSED)
         if lifecycle is not None:
             routes[(ROTATE_PATH, "")] = Route(
                 lifecycle.rotate, Roles(frozenset({Role.PILOT_SUPERUSER})), needs_key=True
@@ -169,7 +190,7 @@ class NexusApi:
                 handler, Granted(POLICY_PERMISSIONS[action], SYSTEM_ACL), needs_key=True
             )
         self.routes = routes
-        self._paths = {path for path, _ in routes}
+        self._paths = {path for path, _ in routes} | set(self._closed)
 
     def __call__(self, request: ApiRequest) -> Reply:
         started = time.perf_counter()
@@ -211,6 +232,9 @@ class NexusApi:
 
     def _gate(self, route: Route | None, request: ApiRequest) -> tuple[str, ApiResponse | None]:
         """(decision, refusal): what the route table and the guards say before any handler runs."""
+        closed = self._closed.get(request.path)
+        if closed is not None:  # whoever calls, as SPIKE's memory Nexus answers recover and restore
+            return "closed", closed
         if route is None:
             if request.path in self._paths:
                 return "no_route", refusals.POST_ONLY if request.method != "POST" else refusals.UNKNOWN_ACTION
@@ -222,7 +246,7 @@ class NexusApi:
         if self._refused_outright(route.guard, request):
             log.info("refused %s for %s", request.path, request.peer or "a peer without SPIFFE ID")
             return "denied", refusals.REFUSED
-        if route.needs_key and self._driver.custody.phase is not Phase.READY:
+        if route.needs_key and self._driver is not None and self._driver.custody.phase is not Phase.READY:
             # Before the key, policies cannot even be read: for a caller that a policy
             # might admit, nothing but "not ready" can be said.
             return "not_ready", refusals.not_ready(self._driver.custody.phase)
@@ -275,6 +299,8 @@ class NexusApi:
     # -------------------------------------------------------------------- routes
 
     def status(self, request: ApiRequest) -> Reply:
+        if self._driver is None:
+            return ApiResponse.json(memory_status(time.time()))
         custody = self._driver.custody
         now_mono, now_wall = self._driver.now(), time.time()
 
@@ -330,11 +356,18 @@ class NexusApi:
         counted.add_done_callback(with_keyring)
         return answer
 
+    @property
+    def _custodian(self) -> CustodyDriver:
+        """The custody driver, for the routes that exist only with one (never in memory mode)."""
+        if self._driver is None:
+            raise LocalProtocolError("the memory backend has no key in custody")
+        return self._driver
+
     def bootstrap_init(self, request: ApiRequest) -> ApiResponse:
         try:
             body = decode(request.body, InitRequest)
             record = self._record_to_install(body)
-            changed = self._driver.custody.check_initialise(record, replace=body.replace)
+            changed = self._custodian.custody.check_initialise(record, replace=body.replace)
         except AlreadyInitialised as exc:
             log.warning("bootstrap refused: %s", exc)
             return refusals.conflict(
@@ -345,7 +378,7 @@ class NexusApi:
             log.warning("bootstrap sent an unusable key record: %s", exc)
             return refusals.bad_request(f"the key record is unusable: {exc}")
         if changed:
-            previous = self._driver.custody.record
+            previous = self._custodian.custody.record
             try:
                 # Persist first: a record Nexus acts on must survive a crash.  Atomic: with several
                 # Nexus instances on one database, of two bootstraps at once only one record wins.
@@ -366,7 +399,7 @@ class NexusApi:
                 return refusals.conflict(
                     f"another Nexus instance installed a key record (epoch {installed.epoch}) first: it is in use"
                 )
-            self._driver.initialise(record, replace=body.replace)
+            self._custodian.initialise(record, replace=body.replace)
             log.info(
                 "key record for epoch %d installed by %s (%d-of-%d)",
                 record.epoch,
@@ -374,8 +407,8 @@ class NexusApi:
                 record.threshold,
                 record.shares,
             )
-        elif body.dealt and self._driver.custody.record == record:
-            self._driver.shards_dealt()
+        elif body.dealt and self._custodian.custody.record == record:
+            self._custodian.shards_dealt()
         return ApiResponse.json(InitResponse(changed=changed, epoch=record.epoch))
 
     def _record_to_install(self, body: InitRequest) -> KeyRecord:
@@ -386,7 +419,7 @@ class NexusApi:
         place, sent again, is that one: nothing changes.  Raises `LocalProtocolError` for
         a replacement whose epoch does not grow.
         """
-        current = self._driver.custody.record
+        current = self._custodian.custody.record
         if current is None:
             return body.record
         if current.same_key(body.record):
@@ -397,15 +430,15 @@ class NexusApi:
 
     @property
     def custody(self) -> NexusCustody:
-        return self._driver.custody
+        return self._custodian.custody
 
     def adopt(self, record: KeyRecord) -> bool:
         """Use the key record another Nexus instance installed: recover its key from the keepers."""
-        custody = self._driver.custody
+        custody = self._custodian.custody
         if custody.record == record:
             return False
         try:
-            return self._driver.initialise(record, replace=True)
+            return self._custodian.initialise(record, replace=True)
         except (RemoteProtocolError, LocalProtocolError) as exc:
             log.error("the stored key record does not fit this Nexus: %s", exc)  # noqa: TRY400 - a one-line cause
             return False
@@ -413,7 +446,7 @@ class NexusApi:
     def bootstrap_verify(self, request: ApiRequest) -> ApiResponse:
         """spike's bootstrap seals under a key derived from the root key, with associated data; SPIKE's Go
         bootstrap under the raw root key without (and, having sent no key record, may find none here)."""
-        custody = self._driver.custody
+        custody = self._custodian.custody
         if custody.phase is Phase.UNINITIALISED:
             return self._verify_unrecorded(request)
         if custody.phase is not Phase.READY:
@@ -437,7 +470,7 @@ class NexusApi:
         the verification opens under it; then its record is written and this Nexus's own shards of it are
         handed to the custody machine, which re-seeds every keeper with them (docs/spike-compatibility.md).
         """
-        custody = self._driver.custody
+        custody = self._custodian.custody
         try:
             body = decode(request.body, VerifyRequest)
         except RemoteProtocolError:
@@ -473,9 +506,9 @@ class NexusApi:
             return refusals.conflict(
                 f"another Nexus instance installed a key record (epoch {installed.epoch}) first: it is in use"
             )
-        self._driver.initialise(record, replace=False)
+        self._custodian.initialise(record, replace=False)
         for keeper_id in sorted(shares)[: record.threshold]:
-            self._driver.submit_shard(shares[keeper_id])
+            self._custodian.submit_shard(shares[keeper_id])
         log.warning(
             "adopted the root key SPIKE's Go bootstrap dealt to the keepers (%d-of-%d, now key epoch 1), "
             "verified by %s; the keepers are re-seeded with this Nexus's shards of it",

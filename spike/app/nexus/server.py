@@ -100,6 +100,9 @@ def open_backend(config: NexusConfig) -> Backend:
         from spike.app.store.postgres import PostgresBackend
 
         return PostgresBackend(config.database_url, default_max_versions=config.max_secret_versions)
+    from spike.app.store.spike_layout import check_data_dir
+
+    check_data_dir(config.data_dir)  # SPIKE Go's database there: one line, and it is not touched
     return SqliteBackend(config.data_dir, default_max_versions=config.max_secret_versions)
 
 
@@ -171,7 +174,12 @@ def run(config: NexusConfig, reload: Callable[[], NexusConfig] | None = None) ->
     # New connections (to keepers, from clients) always take the current SVID.
     identity = identity_source(svid, trust).start()
     try:
-        _run(config, identity, memory, reload)
+        if config.backend == "memory":
+            from spike.app.nexus.memory_mode import run_memory
+
+            run_memory(config, identity, memory)
+        else:
+            _run(config, identity, memory, reload)
     finally:
         identity.stop()
 

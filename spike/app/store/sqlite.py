@@ -43,12 +43,15 @@ class SecretStore(SqlStore[sqlite3.Connection]):
     inline_reads = True  # a local file: reads are short enough for the event loop's thread
     _key_sql = NexusStore._key_sql
 
-    def __init__(self, data_dir: Path, *, default_max_versions: int = kv.DEFAULT_MAX_VERSIONS) -> None:
+    def __init__(
+        self, data_dir: Path, *, default_max_versions: int = kv.DEFAULT_MAX_VERSIONS, memory: str | None = None
+    ) -> None:
         super().__init__(SqliteDialect(), default_max_versions=default_max_versions)
-        self._path = data_dir / DB_NAME
+        # With `memory` (sqlite_schema.memory_database), the database is in this process's memory only.
+        self._path: Path | str = data_dir / DB_NAME if memory is None else memory
         # The key state (record, rotation, keyring) on a connection of its own, whose transactions
         # exclude the writer's; it opens (creating and migrating) the file first.
-        self._keys = NexusStore(data_dir)
+        self._keys = NexusStore(data_dir, memory=memory)
         try:
             self._reader = connect(self._path)
         except sqlite3.Error as exc:

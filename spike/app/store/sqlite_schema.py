@@ -111,11 +111,27 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """A connection with the settings every user of the database relies on."""
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")  # an acknowledged write survives power loss
+def memory_database() -> str:
+    """The name of a new database held in this process's memory only (the memory backend, store/memory.py).
+
+    SQLite's `memdb` VFS: every connection of this process that opens the name shares
+    the one database, with SQLite's usual locking between them; no file is ever made,
+    and the database is freed when its last connection closes (or the process dies).
+    The random part keeps two stores of one process (tests) apart.
+    """
+    return f"file:/spike-memory-{os.urandom(16).hex()}?vfs=memdb"
+
+
+def connect(path: Path | str) -> sqlite3.Connection:
+    """A connection with the settings every user of the database relies on.
+
+    `path` is the database file, or a `memory_database()` name (a `str`).
+    """
+    in_memory = isinstance(path, str)
+    db = sqlite3.connect(path, uri=in_memory, isolation_level=None, check_same_thread=False)
+    if not in_memory:  # memdb has no WAL and nothing to fsync
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # an acknowledged write survives power loss
     db.execute("PRAGMA busy_timeout=5000")
     return db
 
@@ -140,12 +156,17 @@ class NexusStore(KeyState[sqlite3.Connection]):
 
     _key_sql = rendered_key_sql(":%s")
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, memory: str | None = None) -> None:
+        """The database in `data_dir`, or with `memory` (a `memory_database()` name) one in memory only."""
+        path: Path | str
         try:
-            data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            path = data_dir / DB_NAME
-            if not path.exists():
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+            if memory is None:
+                data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                path = data_dir / DB_NAME
+                if not path.exists():
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+            else:
+                path = memory
             self._db = connect(path)
             self._migrate()
         except (OSError, sqlite3.Error) as exc:
