@@ -103,23 +103,23 @@ class Settings:
         return cls(
             quick=quick,
             rounds=args.rounds or (1 if quick else 3),
-            seq_seconds=args.seconds or (2.0 if quick else 5.0),
-            load_seconds=args.seconds or (2.0 if quick else 6.0),
+            seq_seconds=args.seconds or (1.5 if quick else 5.0),
+            load_seconds=args.seconds or (1.5 if quick else 6.0),
             secrets=args.secrets,
             big=args.big or (5_000 if quick else 100_000),
             poll_counts=[int(x) for x in (args.poll_counts or "3,10,100,1000").split(",")],
             poll_seconds=4.0 if quick else 20.0,
             poll_windows=2 if quick else 4,
             shamir_seconds=0.5 if quick else 1.0,
-            scale_seconds=args.seconds or (2.0 if quick else 4.0),
+            scale_seconds=args.seconds or (1.5 if quick else 4.0),
             groups=groups,
             profile=args.profile,
             keep=args.keep,
             rotation_counts=args.rotation_counts or ("3,10" if quick else "3,10,100"),
             nexus_binary=binary,
             binary_problem=binary_problem,
-            dev_rounds=args.rounds or (2 if quick else 5),
-            cli_rounds=args.rounds or (5 if quick else 11),
+            dev_rounds=args.rounds or (1 if quick else 5),
+            cli_rounds=args.rounds or (3 if quick else 11),
         )
 
 
@@ -1191,7 +1191,7 @@ def markdown_report(report: dict[str, Any], cells: list[list[str]]) -> str:
     dirty = " plus uncommitted changes" if report["spike_work_tree_changes"] else ""
     loads = ["/".join(f"{x:.2f}" for x in m[k]) for k in ("load_average_at_start", "load_average_at_end")]
     lines = [
-        f"### Full run: {started:%Y-%m-%d %H:%M} UTC" if not report["settings"]["quick"] else "### Quick run",
+        f"### {'Quick' if report['settings']['quick'] else 'Full'} run: {started:%Y-%m-%d %H:%M} UTC",
         "",
         "```sh",
         report["command"],
@@ -1200,7 +1200,7 @@ def markdown_report(report: dict[str, Any], cells: list[list[str]]) -> str:
         f"- spike commit `{report['spike_commit'][:12]}`{dirty} (snapshot sha256 "
         f"`{report['spike_snapshot_sha256'][:12]}`); {report['status']} in {report['seconds'] / 60:.1f} min.",
         f"- Machine: {m['cpu_model']}, {m['cores']} cores ({m['usable_cores']} usable), Python {m['python']}, "
-        f"{report['extra'].get('openbao_version', 'OpenBao ?')}"
+        f"{report['extra'].get('openbao_version', 'OpenBao ?').split(' (')[0]}"
         + (f", binary: {report['extra']['binary_version']}" if report["extra"].get("binary_version") else "")
         + ".",
         f"- Load average (1/5/15 min) at the start {loads[0]}, at the end {loads[1]}; busiest processes at the "
@@ -1234,7 +1234,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a short smoke run: 1 round, a few seconds per row")
     parser.add_argument("--list", action="store_true", help="list the groups (and the user group's rows); run nothing")
     parser.add_argument(
-        "--rounds", type=int, help="rounds per row (default 3, user group 5 and 11; --quick: 1, user group 2 and 5)"
+        "--rounds", type=int, help="rounds per row (default 3, user group 5 and 11; --quick: 1, user group 1 and 3)"
     )
     parser.add_argument("--seconds", type=float, help="seconds per load run (default 5 sequential, 6 concurrent)")
     parser.add_argument("--secrets", type=int, default=1000, help="secrets seeded before the rows (default 1000)")

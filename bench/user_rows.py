@@ -198,7 +198,8 @@ def run(suite: Suite, say: Callable[[str], None]) -> None:
             if spec.binary:
                 rows[spec.key].skipped = s.binary_problem or NO_BINARY
 
-    spike_env = spike_deploy._env("pilot-superuser", {"SPIKE_NEXUS_API_URL": spike_deploy.nexus_url})
+    pilot = spike_deploy._env("pilot-superuser", {"SPIKE_NEXUS_API_URL": spike_deploy.nexus_url})
+    spike_env = {k: v for k, v in pilot.items() if k.startswith("SPIKE_")}  # the SVID, the trust root, the URL
     cli_home = suite.workdir / "cli-home"
     cli_home.mkdir(exist_ok=True)
     bao_env = {**bao_deploy.env(), "HOME": str(cli_home)}
@@ -223,10 +224,12 @@ def run(suite: Suite, say: Callable[[str], None]) -> None:
         )
         commands["version"].append(("version_binary", "", "spike", [binary, "--version"], _clean_env(binary=True)))
 
-    say(f"what users wait for: spike dev vs bao server -dev ({s.dev_rounds} rounds), CLI commands "
-        f"({s.cli_rounds} rounds){'' if binary else '; no --binary: the binary rows are not measured'}")  # fmt: skip
+    say(f"what users wait for: spike dev vs bao server -dev ({s.dev_rounds} round(s)), CLI commands "
+        f"({s.cli_rounds} round(s)){'' if binary else '; no --binary: the binary rows are not measured'}")  # fmt: skip
     _dev_rows(suite, rows, binary, say)
     for name, plan in commands.items():
+        suite.ensure_up("spike")  # the commands read from the suite's servers: up, and Nexus ready
+        suite.ensure_up("bao")
         for _, _, _, argv, env in plan:  # warm-up: the page cache, not the first start, is what this skips
             with contextlib.suppress(Exception):
                 timed_process(argv, env)
