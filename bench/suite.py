@@ -103,8 +103,8 @@ class Settings:
         return cls(
             quick=quick,
             rounds=args.rounds or (1 if quick else 3),
-            seq_seconds=args.seconds or (1.5 if quick else 5.0),
-            load_seconds=args.seconds or (1.5 if quick else 6.0),
+            seq_seconds=args.seconds or (1.5 if quick else 4.0),
+            load_seconds=args.seconds or (1.5 if quick else 5.0),
             secrets=args.secrets,
             big=args.big or (5_000 if quick else 100_000),
             poll_counts=[int(x) for x in (args.poll_counts or "3,10,100,1000").split(",")],
@@ -119,7 +119,7 @@ class Settings:
             nexus_binary=binary,
             binary_problem=binary_problem,
             dev_rounds=args.rounds or (1 if quick else 5),
-            cli_rounds=args.rounds or (3 if quick else 11),
+            cli_rounds=args.rounds or (3 if quick else 9),
         )
 
 
@@ -1234,9 +1234,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a short smoke run: 1 round, a few seconds per row")
     parser.add_argument("--list", action="store_true", help="list the groups (and the user group's rows); run nothing")
     parser.add_argument(
-        "--rounds", type=int, help="rounds per row (default 3, user group 5 and 11; --quick: 1, user group 1 and 3)"
+        "--rounds", type=int, help="rounds per row (default 3, user group 5 and 9; --quick: 1, user group 1 and 3)"
     )
-    parser.add_argument("--seconds", type=float, help="seconds per load run (default 5 sequential, 6 concurrent)")
+    parser.add_argument(
+        "--seconds", type=float, help="seconds per load run (default 4 sequential, 5 concurrent; --quick: 1.5)"
+    )
     parser.add_argument("--secrets", type=int, default=1000, help="secrets seeded before the rows (default 1000)")
     parser.add_argument("--big", type=int, help="secrets stored for the scale row (default 100000; --quick: 5000)")
     parser.add_argument("--poll-counts", help="keeper counts for the polling row (default 3,10,100,1000)")
