@@ -9,40 +9,19 @@ Nexus started, the key bootstrapped or restored from the recovery shards, every 
 then stops it with SIGINT and waits for it to exit. Each round takes a new data dir: its first run
 bootstraps; the second run on the same dir starts empty keepers and restores the same key from the
 recovery shards the first one wrote (issue 18: "ready in under 2 s after the first run").
+The suite has the same rows, beside OpenBao's dev server (bench/user_rows.py, `bench/run --only user`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-READY = "Ctrl-C stops everything."
-
-
-def one_run(command: list[str], data_dir: Path) -> float:
-    started = time.monotonic()
-    process = subprocess.Popen(
-        [*command, "dev", "--data-dir", str(data_dir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stdout is not None
-    try:
-        for line in process.stdout:
-            if line.strip() == READY:
-                return time.monotonic() - started
-        raise SystemExit(f"spike dev exited ({process.wait()}) before it was ready; see {data_dir}/logs")
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=30)
+from user_rows import spike_dev_ready
 
 
 def main() -> None:
@@ -56,8 +35,8 @@ def main() -> None:
     for _ in range(args.runs):  # each round: a new data dir, its first run, then a second run on it
         with tempfile.TemporaryDirectory(prefix="spike-dev-bench-") as tmp:
             data_dir = Path(tmp) / "dev"
-            first.append(one_run(command, data_dir))
-            later.append(one_run(command, data_dir))
+            first.append(spike_dev_ready(command, data_dir, dict(os.environ)))
+            later.append(spike_dev_ready(command, data_dir, dict(os.environ)))
     for name, times in (("first run (bootstrap)", first), ("second run (restore)", later)):
         print(
             f"spike dev --data-dir, {name}: median {statistics.median(times):.2f} s of {len(times)} "

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import loadgen
+import user_rows
 from loadgen import Paths, Target
 from systems import (
     BaoDeployment,
@@ -81,6 +82,9 @@ class Settings:
     poll_interval: float = 1.0
     rotation_counts: str = "3,10,100"
     nexus_binary: str | None = None
+    binary_problem: str = ""  # why the binary rows are not measured, when a --binary was given
+    dev_rounds: int = 5
+    cli_rounds: int = 11
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -89,27 +93,50 @@ class Settings:
         unknown = groups - set(GROUPS)
         if unknown:
             raise SystemExit(f"unknown group(s) {sorted(unknown)}; choose from {', '.join(GROUPS)}")
+        binary, binary_problem = None, ""
+        if args.nexus_binary:
+            path = args.nexus_binary.resolve()
+            if os.access(path, os.X_OK) and path.is_file():
+                binary = str(path)
+            else:
+                binary_problem = f"not measured: {args.nexus_binary} is not an executable file (build/build.sh)"
         return cls(
             quick=quick,
             rounds=args.rounds or (1 if quick else 3),
-            seq_seconds=args.seconds or (2.0 if quick else 5.0),
-            load_seconds=args.seconds or (2.0 if quick else 6.0),
+            seq_seconds=args.seconds or (1.5 if quick else 4.0),
+            load_seconds=args.seconds or (1.5 if quick else 5.0),
             secrets=args.secrets,
             big=args.big or (5_000 if quick else 100_000),
             poll_counts=[int(x) for x in (args.poll_counts or "3,10,100,1000").split(",")],
             poll_seconds=4.0 if quick else 20.0,
             poll_windows=2 if quick else 4,
             shamir_seconds=0.5 if quick else 1.0,
-            scale_seconds=args.seconds or (2.0 if quick else 4.0),
+            scale_seconds=args.seconds or (1.5 if quick else 4.0),
             groups=groups,
             profile=args.profile,
             keep=args.keep,
             rotation_counts=args.rotation_counts or ("3,10" if quick else "3,10,100"),
-            nexus_binary=str(args.nexus_binary.resolve()) if args.nexus_binary else None,
+            nexus_binary=binary,
+            binary_problem=binary_problem,
+            dev_rounds=args.rounds or (1 if quick else 5),
+            cli_rounds=args.rounds or (3 if quick else 9),
         )
 
 
-GROUPS = ["load", "restart", "reseed", "polling", "shamir", "rotation", "scale", "postgres"]
+GROUPS = ["load", "restart", "user", "reseed", "polling", "shamir", "rotation", "scale", "postgres"]
+
+# What each group measures, for `bench/run --list` (docs/benchmarks.md says more).
+GROUP_NOTES = {
+    "load": "GET/PUT throughput, latency, server CPU and RSS at 1, 16 and 64 connections; idle RSS",
+    "restart": "Nexus kill -9 -> first successful GET, against OpenBao restarted and unsealed (and the binary's)",
+    "user": "what users wait for: spike dev until ready, a CLI command as a process, --version",
+    "reseed": "a keeper kill -9 and restarted -> holding its shard again",
+    "polling": "Nexus polling 3..1000 keepers: CPU and schedule lateness",
+    "shamir": "Shamir 3-of-5 split + combine against pyshamir",
+    "rotation": "root key rotation, rekey, data-key rotation, GET/PUT during rotations",
+    "scale": "GET latency with 1,000 and 100,000 secrets stored",
+    "postgres": "GET/PUT throughput with one and two Nexus on PostgreSQL",
+}
 
 
 # ---------------------------------------------------------------------- rows and results
@@ -146,6 +173,7 @@ class Row:
     peer: str = "OpenBao"
     values: dict[str, list[float]] = field(default_factory=lambda: {SPIKE: [], BAO: []})
     note: str = ""
+    skipped: str = ""  # why the row was not measured (shown in the table instead of "-")
 
     def add(self, system: str, value: float | None) -> None:
         if value is not None and not math.isnan(value):
@@ -174,6 +202,8 @@ class Row:
         out["met"] = self.goal.met(ratio, self.values[SPIKE]) if self.goal else None
         if self.note:
             out["note"] = self.note
+        if self.skipped:
+            out["skipped"] = self.skipped
         return out
 
 
@@ -1133,7 +1163,8 @@ def table(rows: list[dict[str, Any]]) -> list[list[str]]:
             peer += f" [{row['peer']}]"
         met = {True: "yes", False: "NO", None: "-" if not row["target"] else "n/a"}[row["met"]]
         ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "-"
-        out.append([row["row"], row["unit"], cell(row[SPIKE], row["unit"]), peer, ratio, row["target"] or "", met])
+        mine = cell(row[SPIKE], row["unit"]) if row[SPIKE] else row.get("skipped") or "-"
+        out.append([row["row"], row["unit"], mine, peer, ratio, row["target"] or "", met])
     return out
 
 
@@ -1153,6 +1184,46 @@ def render_markdown(cells: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def markdown_report(report: dict[str, Any], cells: list[list[str]]) -> str:
+    """What docs/benchmarks.md's results take, pasted as is: the run's heading, its facts, the table, its problems."""
+    m = report["machine"]
+    started = dt.datetime.fromisoformat(report["started"])
+    dirty = " plus uncommitted changes" if report["spike_work_tree_changes"] else ""
+    loads = ["/".join(f"{x:.2f}" for x in m[k]) for k in ("load_average_at_start", "load_average_at_end")]
+    lines = [
+        f"### {'Quick' if report['settings']['quick'] else 'Full'} run: {started:%Y-%m-%d %H:%M} UTC",
+        "",
+        "```sh",
+        report["command"],
+        "```",
+        "",
+        f"- spike commit `{report['spike_commit'][:12]}`{dirty} (snapshot sha256 "
+        f"`{report['spike_snapshot_sha256'][:12]}`); {report['status']} in {report['seconds'] / 60:.1f} min.",
+        f"- Machine: {m['cpu_model']}, {m['cores']} cores ({m['usable_cores']} usable), Python {m['python']}, "
+        f"{report['extra'].get('openbao_version', 'OpenBao ?').split(' (')[0]}"
+        + (f", binary: {report['extra']['binary_version']}" if report["extra"].get("binary_version") else "")
+        + ".",
+        f"- Load average (1/5/15 min) at the start {loads[0]}, at the end {loads[1]}; busiest processes at the "
+        f"start: {m['busiest_processes_at_start'] or '?'}.",
+        "",
+        render_markdown(cells),
+        "",
+    ]
+    if report["problems"]:
+        lines += [f"Problems during the run ({len(report['problems'])}, all in the JSON):", ""]
+        lines += [f"- {p}" for p in report["problems"][:20]] + [""]
+    return "\n".join(lines)
+
+
+def list_groups() -> str:
+    lines = []
+    for group in GROUPS:
+        lines.append(f"{group:9} {GROUP_NOTES[group]}")
+        if group == "user":
+            lines += [f"          row {spec.key}: {spec.label}" for spec in user_rows.ROWS]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------- main
 
 
@@ -1161,8 +1232,13 @@ def main() -> int:
         prog="bench/run", description="spike vs OpenBao, side by side (see docs/benchmarks.md)"
     )
     parser.add_argument("--quick", action="store_true", help="a short smoke run: 1 round, a few seconds per row")
-    parser.add_argument("--rounds", type=int, help="rounds per row (default 3; --quick: 1)")
-    parser.add_argument("--seconds", type=float, help="seconds per load run (default 5 sequential, 6 concurrent)")
+    parser.add_argument("--list", action="store_true", help="list the groups (and the user group's rows); run nothing")
+    parser.add_argument(
+        "--rounds", type=int, help="rounds per row (default 3, user group 5 and 9; --quick: 1, user group 1 and 3)"
+    )
+    parser.add_argument(
+        "--seconds", type=float, help="seconds per load run (default 4 sequential, 5 concurrent; --quick: 1.5)"
+    )
     parser.add_argument("--secrets", type=int, default=1000, help="secrets seeded before the rows (default 1000)")
     parser.add_argument("--big", type=int, help="secrets stored for the scale row (default 100000; --quick: 5000)")
     parser.add_argument("--poll-counts", help="keeper counts for the polling row (default 3,10,100,1000)")
@@ -1171,10 +1247,18 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="also py-spy Nexus under GET and PUT load")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
     parser.add_argument(
-        "--nexus-binary", type=Path, metavar="PATH", help="restart rows: also restart Nexus as this binary (dist/spike)"
+        "--binary",
+        "--nexus-binary",
+        dest="nexus_binary",
+        type=Path,
+        metavar="PATH",
+        help="also measure the single binary (dist/spike): the restart rows and the user group's binary rows",
     )
     parser.add_argument("--out", type=Path, help="where to write the JSON (default bench/results/<timestamp>.json)")
     args = parser.parse_args()
+    if args.list:
+        print(list_groups())
+        return 0
     settings = Settings.from_args(args)
 
     started = dt.datetime.now(dt.UTC)
@@ -1198,6 +1282,11 @@ def main() -> int:
     snapshot = snapshot_spike(workdir / "src")
     say(f"measuring a snapshot of {REPO / 'spike'} taken now (sha256 {snapshot[:12]}), not later edits")
     suite = Suite(settings, workdir)
+    if settings.nexus_binary:  # a binary left in dist/ from older code would be measured as this code
+        stale = user_rows.binary_staleness(settings.nexus_binary, commit)
+        suite.results.extra["binary_version"] = stale.version
+        if stale.problem:
+            suite.results.problem(stale.problem)
     status = "complete"
     try:
         suite.start_systems()
@@ -1207,6 +1296,8 @@ def main() -> int:
             suite.load_rows()
         if "restart" in settings.groups:
             suite.restart_rows()
+        if "user" in settings.groups:
+            user_rows.run(suite, say)
         if "reseed" in settings.groups:
             suite.reseed_rows()
         if "shamir" in settings.groups:
@@ -1258,20 +1349,11 @@ def main() -> int:
     }
     out_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
     cells = table(rows)
-    print()
-    print(render_text(cells))
-    print()
-    if suite.results.problems:
-        print(f"{len(suite.results.problems)} problem(s) during the run (see 'problems' in the JSON):")
-        for p in suite.results.problems[:20]:
-            print(f"  - {p}")
+    print(render_text(cells), file=sys.stderr)  # the terminal's view; standard output gets the Markdown
     md = out_path.with_suffix(".md")
-    md.write_text(
-        f"`{command}` ({status}), spike {commit[:12]}, {started:%Y-%m-%d %H:%M} UTC, "
-        f"{machine['cpu_model']}, {machine['cores']} cores, load average at start "
-        f"{machine['load_average_at_start'][0]:.2f}\n\n{render_markdown(cells)}\n"
-    )
-    print(f"{status}: {len(rows)} rows in {report['seconds']:.0f}s; JSON in {out_path}, Markdown table in {md}")
+    md.write_text(markdown_report(report, cells))
+    print(markdown_report(report, cells), end="")
+    say(f"{status}: {len(rows)} rows in {report['seconds']:.0f}s; JSON in {out_path}, Markdown (as printed) in {md}")
     return 0 if status == "complete" else 1
 
 
