@@ -22,7 +22,10 @@ a second machine would add.
 
 ``--base DIR``: a checkout whose ``spike`` package the PostgreSQL cluster
 ``pgbase`` runs (a second PostgreSQL cluster on the same server, its own
-schema), for an A/B of a code change in the same run.
+schema), for an A/B of a code change in the same run; ``--alt DIR`` the same
+for a third cluster, ``pgalt``.  Each load also gives the CPU time per
+request of the Nexus instances and of PostgreSQL (all its processes): on a
+shared machine these move less than throughput does.
 
     .venv/bin/python bench/pg_vs_sqlite.py --rounds 5 --seconds 5 --connections 16 [--pin] [--base /tmp/base]
 """
@@ -57,15 +60,41 @@ def target(cluster: Cluster, index: int) -> loadgen.Target:
     )
 
 
-def load(cluster: Cluster, indices: list[int], kind: str, connections: int, seconds: float, paths: int) -> float:
-    """Requests per second of the same total load split evenly over these instances at once."""
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def load(
+    cluster: Cluster, indices: list[int], kind: str, connections: int, seconds: float, paths: int, db_pid: int
+) -> tuple[float, float, float]:
+    """The same total load split evenly over these instances at once: requests per second, and the CPU time
+    per request of the Nexus instances and of PostgreSQL (every process of the server, in microseconds)."""
     results: list[dict[str, Any]] = []
     errors: list[BaseException] = []
+    nexus = [cluster.nexus(i).popen.pid for i in indices]
+    marks: dict[str, float] = {}
+    started = threading.Barrier(
+        len(indices),
+        action=lambda: marks.update(
+            nexus=cpu_seconds(nexus), db=cpu_seconds(descendants(db_pid)) if cluster.database_url else 0.0
+        ),
+    )
 
     def one(index: int) -> None:
         share = connections // len(indices)
         try:
-            results.append(loadgen.run(target(cluster, index), kind, share, max(1, share // 8), seconds, paths))
+            results.append(
+                loadgen.run(
+                    target(cluster, index), kind, share, max(1, share // 8), seconds, paths, on_start=started.wait
+                )
+            )
         except BaseException as exc:
             errors.append(exc)
 
@@ -78,7 +107,10 @@ def load(cluster: Cluster, indices: list[int], kind: str, connections: int, seco
         raise errors[0]
     if any(int(r["errors"]) for r in results):
         raise RuntimeError(f"errors under load: {results}")
-    return sum(int(r["requests"]) for r in results) / max(float(r["seconds"]) for r in results)
+    nexus_cpu = cpu_seconds(nexus) - marks["nexus"]
+    db_cpu = (cpu_seconds(descendants(db_pid)) - marks["db"]) if cluster.database_url else 0.0
+    requests = sum(int(r["requests"]) for r in results)
+    return requests / max(float(r["seconds"]) for r in results), nexus_cpu / requests * 1e6, db_cpu / requests * 1e6
 
 
 def descendants(pid: int) -> list[int]:
@@ -103,14 +135,21 @@ def pin(pids: list[int], cpus: str) -> None:
         subprocess.run(["taskset", "-a", "-cp", cpus, str(pid)], capture_output=True, check=False)
 
 
-def report(kind: str, by_config: dict[str, list[float]], args: argparse.Namespace) -> None:
+def report(
+    kind: str, by_config: dict[str, list[float]], cpu: dict[str, list[tuple[float, float]]], args: argparse.Namespace
+) -> None:
     medians = {c: statistics.median(v) for c, v in by_config.items()}
     pinned = " (pinned: PostgreSQL CPU 0, every Nexus CPU 1)" if args.pin else ""
     print(f"\n{kind}, {args.connections} connections, median of {args.rounds} rounds{pinned}:")
     for c, m in medians.items():
-        print(f"  {c:8s} {m:8,.0f} req/s  (rounds: {', '.join(f'{x:,.0f}' for x in by_config[c])})")
+        nexus_us = statistics.median(n for n, _ in cpu[c])
+        db_us = statistics.median(d for _, d in cpu[c])
+        print(
+            f"  {c:8s} {m:8,.0f} req/s  CPU per request: Nexus {nexus_us:4.0f} us, PostgreSQL {db_us:3.0f} us  "
+            f"(rounds: {', '.join(f'{x:,.0f}' for x in by_config[c])})"
+        )
     ratios = [(c, "sqlite") for c in medians if c != "sqlite"]
-    ratios += [("pg2", "pg1"), ("pgbase2", "pgbase1"), ("pg1", "pgbase1"), ("pg2", "pgbase2")]
+    ratios += [("pg2", "pg1"), ("pgbase2", "pgbase1"), ("pg1", "pgbase1"), ("pg2", "pgbase2"), ("pgalt1", "pg1")]
     for top, bottom in ratios:
         if top in medians and bottom in medians:
             print(f"  {top}/{bottom} = {medians[top] / medians[bottom]:.2f}")
@@ -126,6 +165,7 @@ def main() -> None:
     parser.add_argument("--configs", default="sqlite,pg1,pg2")
     parser.add_argument("--pin", action="store_true")
     parser.add_argument("--base", type=Path, help="a checkout the configurations pgbase1/pgbase2 run")
+    parser.add_argument("--alt", type=Path, help="another checkout, for the configurations pgalt1/pgalt2")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     configs = args.configs.split(",")
@@ -142,15 +182,16 @@ def main() -> None:
             clusters["pg"] = Cluster(
                 identity, root / "pg", database_url=server.database("cur"), nexus_count=2, poll_interval=5.0
             )
-            if args.base is not None:
-                clusters["pgbase"] = Cluster(
-                    identity,
-                    root / "pgbase",
-                    database_url=server.database("base"),
-                    nexus_count=2,
-                    poll_interval=5.0,
-                    nexus_env={"PYTHONPATH": str(args.base.resolve())},
-                )
+            for name, checkout in (("pgbase", args.base), ("pgalt", args.alt)):
+                if checkout is not None:
+                    clusters[name] = Cluster(
+                        identity,
+                        root / name,
+                        database_url=server.database(name),
+                        nexus_count=2,
+                        poll_interval=5.0,
+                        nexus_env={"PYTHONPATH": str(checkout.resolve())},
+                    )
             try:
                 for cluster in clusters.values():
                     cluster.start()
@@ -175,23 +216,36 @@ def main() -> None:
                             pin([cluster.nexus(i).popen.pid], "1")
                 plans = {"sqlite": ("sqlite", [1]), "pg1": ("pg", [1]), "pg2": ("pg", [1, 2])}
                 plans |= {"pgbase1": ("pgbase", [1]), "pgbase2": ("pgbase", [1, 2])}
+                plans |= {"pgalt1": ("pgalt", [1]), "pgalt2": ("pgalt", [1, 2])}
                 results: dict[str, dict[str, list[float]]] = {}
+                cpu: dict[str, dict[str, list[tuple[float, float]]]] = {}
+                db_pid = int((server.data / "postmaster.pid").read_text().split()[0])
                 for kind in args.kinds.split(","):
                     results[kind] = {c: [] for c in configs}
+                    cpu[kind] = {c: [] for c in configs}
                     for r in range(args.rounds):
                         order = configs if r % 2 == 0 else configs[::-1]
                         for config in order:
                             name, indices = plans[config]
                             if args.pin:  # backends started since (the pool's reconnections) go to CPU 0 as well
-                                pin(descendants(int((server.data / "postmaster.pid").read_text().split()[0])), "0")
-                            rate = load(clusters[name], indices, kind, args.connections, args.seconds, args.paths)
+                                pin(descendants(db_pid), "0")
+                            rate, nexus_us, db_us = load(
+                                clusters[name], indices, kind, args.connections, args.seconds, args.paths, db_pid
+                            )
                             results[kind][config].append(rate)
-                            print(f"round {r + 1} {kind} {config}: {rate:,.0f} req/s", flush=True)
+                            cpu[kind][config].append((nexus_us, db_us))
+                            print(
+                                f"round {r + 1} {kind} {config}: {rate:,.0f} req/s, CPU per request: Nexus "
+                                f"{nexus_us:.0f} us, PostgreSQL {db_us:.0f} us",
+                                flush=True,
+                            )
                 for kind, by_config in results.items():
-                    report(kind, by_config, args)
+                    report(kind, by_config, cpu[kind], args)
                 if args.json:
                     args.json.write_text(
-                        json.dumps({"cpus": os.cpu_count(), "pin": args.pin, "rounds": results}, indent=2)
+                        json.dumps(
+                            {"cpus": os.cpu_count(), "pin": args.pin, "rounds": results, "cpu_us": cpu}, indent=2
+                        )
                     )
             finally:
                 for cluster in clusters.values():
