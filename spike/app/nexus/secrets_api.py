@@ -200,10 +200,7 @@ class SecretsApi:
         def answer(found: tuple[int, dict[str, str]]) -> ApiResponse:
             return ApiResponse.json(SecretGetResponse(data=found[1], version=found[0]))
 
-        store = self._store
-        if store.inline_reads:
-            return read_reply(store, lambda: store.get(path, version), answer, "get")
-        return when_done(store.get_later(path, version), answer, "get")
+        return read_reply(self._store, lambda: self._store.get(path, version), answer, "get")
 
     def delete(self, body: SecretVersionsRequest) -> Reply:
         return self._versions(self._store.delete, body, "delete")

@@ -208,11 +208,6 @@ class Reads(Protocol):
         """Run a blocking read away from the caller's thread."""
         ...
 
-    def get_later(self, path: str, version: int) -> Future[tuple[int, dict[str, str]]]:
-        """`get` away from the caller's thread: what a GET on a remote database goes through (PostgreSQL
-        answers the reads waiting at one moment with one statement)."""
-        ...
-
 
 class KeyRecords(Protocol):
     def load_key_record(self) -> KeyRecord | None:

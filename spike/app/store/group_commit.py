@@ -37,13 +37,12 @@ class WriteQueue(Generic[W]):
     def qsize(self) -> int:
         return self._waiting.qsize()
 
-    def next_batch(self, limit: int = MAX_BATCH) -> list[W] | None:
-        """Wait for a write and return it with the ones waiting behind it (`limit` in all at most); None once
-        stopped."""
+    def next_batch(self) -> list[W] | None:
+        """Wait for a write and return it with the ones waiting behind it; None once stopped."""
         first = None if self._stopped else self._waiting.get()
         if first is None:
             return None
-        return [first, *self.waiting(limit - 1)]
+        return [first, *self.waiting(MAX_BATCH - 1)]
 
     def waiting(self, limit: int) -> list[W]:
         """Up to `limit` of the writes queued now, without waiting for more."""

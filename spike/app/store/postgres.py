@@ -13,8 +13,6 @@ and what a network does to a database:
 * **Reads** run on a few threads with connections from a psycopg pool
   (postgres_connections.py), each read one statement (one snapshot); the API
   awaits them as futures, so a slow network never stalls the event loop.
-  Secret values (a GET) go through a queue of their own: the ones waiting at
-  one moment are read with one statement (postgres_reads.py).
   Every statement has a timeout; an outage answers 503 and is logged once.
 * **The key state** (key_state.py: the record, the epochs' high-water mark,
   a pending rotation): every change takes the epoch lock exclusively
@@ -38,7 +36,6 @@ from spike.app.model import kv
 from spike.app.store.errors import DatabaseUnavailable, StorageError
 from spike.app.store.key_state import rendered_key_sql
 from spike.app.store.postgres_connections import UNAVAILABLE, Connections, one_line
-from spike.app.store.postgres_reads import ValueReads
 from spike.app.store.postgres_schema import migrate
 from spike.app.store.postgres_sql import (
     LOCK,
@@ -54,9 +51,6 @@ from spike.app.store.sql_store import SqlStore
 
 T = TypeVar("T")
 READ_THREADS = 4
-# One thread reads secret values: while its statement is out, the reads arriving wait and go together in the
-# next one (measured: one thread served 1.15x the GETs of two, 1.3x those of four, on a loaded 2-core machine).
-VALUE_READERS = 1
 STATEMENT_TIMEOUT_MS = 5000
 
 Conn = psycopg.Connection[Any]
@@ -79,7 +73,7 @@ class PostgresBackend(SqlStore[Conn]):
     ) -> None:
         super().__init__(PostgresDialect(), default_max_versions=default_max_versions)
         self._url = url
-        self._db = Connections(url, statement_timeout_ms=statement_timeout_ms, pool_size=read_threads + VALUE_READERS)
+        self._db = Connections(url, statement_timeout_ms=statement_timeout_ms, pool_size=read_threads)
         self.description = self._db.description
         try:
             with self._db.connect(autocommit=True) as conn:
@@ -90,7 +84,6 @@ class PostgresBackend(SqlStore[Conn]):
             raise StorageError(f"cannot use {self.description}: {one_line(exc)}") from None
         self._db.open_pool()
         self._readers = ThreadPoolExecutor(read_threads, thread_name_prefix="spike-pg-read")
-        self._values = ValueReads(self._db, threads=VALUE_READERS)
         self.on_stale_key: Callable[[], None] = lambda: None  # told when a write finds a newer key record
         # Late bound: the server sets `on_stale_key` after the backend is open.
         self._writer = GroupCommitWriter(self._db, on_stale_key=lambda: self.on_stale_key())  # noqa: PLW0108
@@ -107,9 +100,6 @@ class PostgresBackend(SqlStore[Conn]):
 
     def read(self, call: Callable[[], T]) -> Future[T]:
         return self._readers.submit(call)
-
-    def get_later(self, path: str, version: int) -> Future[tuple[int, dict[str, str]]]:
-        return self._values.submit(path, version, lambda row: self._value(path, row))
 
     def _read(self, work: Callable[[Conn], T], what: str) -> T:
         return self._db.query(work)
@@ -150,5 +140,4 @@ class PostgresBackend(SqlStore[Conn]):
         self._stop_rewrap()
         self._writer.close()
         self._readers.shutdown(wait=True)
-        self._values.close()
         self._db.close()

@@ -41,15 +41,6 @@ SELECT_METADATA = (
     "ARRAY(SELECT v.key_epoch FROM secret_version AS v WHERE v.path = s.path ORDER BY v.version) "
     "FROM secret AS s WHERE s.path = %s"
 )
-# The value reads waiting at one moment (postgres_reads.py), in one statement: `Statements.value` for each
-# (path, version) pair, numbered from 1 in the order given; a pair without a row is missing from the result.
-SELECT_VALUES = (
-    "SELECT q.i, v.version, v.sealed, v.deleted_at, v.key_epoch, v.key_term "
-    "FROM unnest(%s::text[], %s::integer[]) WITH ORDINALITY AS q(path, version, i) "
-    "JOIN secret AS s ON s.path = q.path "
-    "JOIN secret_version AS v ON v.path = s.path "
-    "AND v.version = CASE WHEN q.version = 0 THEN s.current_version ELSE q.version END"
-)
 
 # The writer's transaction: shared on the key epoch, then exclusive on every path (or the policies) it
 # writes, in one global order; then, a statement of its own after the locks (a new snapshot), the first

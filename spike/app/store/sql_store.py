@@ -60,8 +60,6 @@ C_contra = TypeVar("C_contra", bound=Connection, contravariant=True)
 # current_version, oldest_version, max_versions, cas_required, created_at, updated_at, sealed custom metadata,
 # its data-key term
 MetaRow = tuple[int, int, int, Any, float, float, bytes | None, int]
-# version, sealed value, deleted_at, key epoch, data-key term: the row of `Statements.value`
-ValueRow = tuple[int, bytes | None, float | None, int, int]
 # version, created_at, deleted_at, destroyed, data-key term, key epoch
 VersionRow = tuple[int, float, float | None, bool, int, int]
 
@@ -112,10 +110,6 @@ class SqlStore(DataKeys[C], ABC):
     def get(self, path: str, version: int) -> tuple[int, dict[str, str]]:
         statement = self._sql.value
         row = self._read(lambda c: c.execute(statement, {"path": path, "version": version}).fetchone(), path)
-        return self._value(path, row)
-
-    def _value(self, path: str, row: ValueRow | None) -> tuple[int, dict[str, str]]:
-        """What `get` answers for the row of `value` (or None: no such secret or version)."""
         if row is None:
             raise kv.NotFound("no such secret or version")
         found, sealed, deleted_at, epoch, term = row

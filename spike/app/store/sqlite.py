@@ -72,9 +72,6 @@ class SecretStore(SqlStore[sqlite3.Connection]):
     def read(self, call: Callable[[], T]) -> Future[T]:
         return resolved(call)
 
-    def get_later(self, path: str, version: int) -> Future[tuple[int, dict[str, str]]]:
-        return resolved(lambda: self.get(path, version))
-
     def _read(self, work: Callable[[sqlite3.Connection], T], what: str) -> T:
         try:
             return work(self._reader)
