@@ -7,18 +7,19 @@ closed-loop load (bench/loadgen.py) one after the other, so a noisy machine
 hits them alike; the table gives each configuration's median over the rounds
 and the ratios of the medians.
 
-Configurations (`--kinds` picks the request kinds):
+Configurations (``--configs``; ``--kinds`` picks the request kinds):
 
 * ``sqlite``: one Nexus on SQLite;
 * ``pg1``: instance 1 of the PostgreSQL cluster alone;
-* ``pg2``: the same load split evenly over instances 1 and 2.
+* ``pg2``: the same load split evenly over instances 1 and 2;
+* ``pgbase1``/``pgbase2``, ``pgalt1``/``pgalt2``: the same on the clusters
+  of ``--base`` and ``--alt``.
 
 ``--pin`` pins with taskset: PostgreSQL (the postmaster and every backend)
-on CPU 0, every Nexus on CPU 1, and the load generator on both; on a
-two-core machine the two PostgreSQL-mode instances then share CPU 1 with each
-other (there is no third core to give the second one), so ``pg2`` measures
-what a second instance adds when the database has cores of its own, not what
-a second machine would add.
+on CPU 0 and every Nexus on CPU 1; the load generator is not pinned.  On a
+two-core machine the two PostgreSQL-mode instances then share CPU 1 (there is
+no third core to give the second one), so ``pg2`` measures what a second
+instance adds on the same core, not what a second machine would add.
 
 ``--base DIR``: a checkout whose ``spike`` package the PostgreSQL cluster
 ``pgbase`` runs (a second PostgreSQL cluster on the same server, its own
