@@ -155,6 +155,21 @@ class LazyBinaries:
             raise ImportError(f"spike: cannot unpack {name} into {self._home}: {error}") from None
 
 
+# A Nexus start imports cryptography before it listens, and inflating its 12 MB Rust library is ~40 ms of
+# CPU.  A thread starts on it at once, while the main thread imports everything else: zlib and os.write let
+# go of the GIL, so on a machine with a free core that time leaves the start's critical path.  If it fails,
+# the main thread's import unpacks again and reports the error.
+_PREFETCH = {"nexus": ("cryptography.hazmat.bindings._rust",)}
+
+
+def _prefetch(finder: LazyBinaries, modules: tuple[str, ...]) -> None:
+    for module in modules:
+        try:
+            finder.unpack(finder.modules.get(module, ()))
+        except ImportError:
+            return
+
+
 def _install() -> None:
     home = getattr(sys, "_MEIPASS", None)
     if home is None:
@@ -169,6 +184,8 @@ def _install() -> None:
         sys.stderr.write(f"spike: this executable is damaged or incomplete ({error}); download it again\n")
         raise SystemExit(70) from None
     sys.meta_path.insert(0, finder)
+    if len(sys.argv) > 1 and sys.argv[1] in _PREFETCH:
+        _thread.start_new_thread(_prefetch, (finder, _PREFETCH[sys.argv[1]]))
 
 
 _install()
