@@ -17,13 +17,15 @@ list what a start imports (every module, lazy ones included) with the total and
 the largest modules (cumulative).  Medians with min-max; the machine's load is printed.
 
     bench/.venv/bin/python bench/startup_trace.py --rounds 7 [--importtime 3] [--binary dist/spike] [--against REV]
+    bench/.venv/bin/python bench/startup_trace.py --rounds 7 --binary dist/spike --against-binary /tmp/old-spike
 
 `--binary dist/spike` starts Nexus as the single binary (`dist/spike nexus ...`;
 keepers and bootstrap stay on the interpreter); the bare-interpreter and
 importtime rows are then skipped.  `--against REV` (interpreter only) restarts,
 in alternate rounds on the same keepers and store, a Nexus running the spike/ of
 git revision REV, and prints both with the difference of the medians: a
-before/after under the same load.  Like the suite, it runs a byte-compiled
+before/after under the same load; `--against-binary PATH` does the same for two
+builds of the single binary (with `--binary`).  Like the suite, it runs a byte-compiled
 snapshot of this work tree's spike/ (PYTHONPATH), not the copy installed in
 bench/.venv.
 """
@@ -47,7 +49,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from suite import REPO, snapshot_spike
-from systems import Http, Processes, SpikeDeployment, cpu_seconds, kill9, port_open, probe_get
+from systems import Http, Processes, SpikeDeployment, descendants, kill9, port_open, probe_get
 
 _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 _IMPORT = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)")
@@ -59,6 +61,15 @@ def _log_moment(log: Path, needle: str) -> float | None:
         if needle in line and (m := _LOG_TIME.match(line)):
             return dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
     return None
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time of a process, all its threads, in ns from schedstat (/proc/<pid>/stat counts 10 ms ticks)."""
+    total = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(stat.read_text().split()[0])
+    return total / 1e9
 
 
 def _restart(spike: SpikeDeployment, deadline: float = 60.0) -> dict[str, float]:
@@ -74,7 +85,8 @@ def _restart(spike: SpikeDeployment, deadline: float = 60.0) -> dict[str, float]
             raise RuntimeError(f"Nexus exited with {popen.returncode}; see {log}")
         if port_open(spike.nexus_port, 0.05):
             listening = time.monotonic() - t0
-            cpu = cpu_seconds(popen.pid)  # steadier than wall time on a busy machine
+            # Steadier than wall time on a busy machine; the binary's Nexus is its bootloader's child.
+            cpu = sum(_cpu_seconds(pid) for pid in (popen.pid, *descendants(popen.pid)))
         elif time.monotonic() - t0 > deadline:
             raise RuntimeError("Nexus did not listen")
         else:
@@ -178,6 +190,7 @@ def main() -> int:
     parser.add_argument("--importtime", type=int, default=0, metavar="N", help="N extra restarts under -X importtime")
     parser.add_argument("--binary", metavar="PATH", help="start Nexus as `PATH nexus ...` (e.g. dist/spike)")
     parser.add_argument("--against", metavar="REV", help="alternate rounds with spike/ at git REV")
+    parser.add_argument("--against-binary", metavar="PATH", help="with --binary: alternate rounds with this binary")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="spike-startup-"))
@@ -185,7 +198,9 @@ def main() -> int:
     nexus = args.binary or f"{sys.executable} -m spike"
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; Nexus: {nexus} (sha256 {snapshot[:12]})")
     if args.binary and args.against:
-        parser.error("--against compares interpreted starts: leave out --binary")
+        parser.error("--against compares interpreted starts: leave out --binary (or use --against-binary)")
+    if args.against_binary and not args.binary:
+        parser.error("--against-binary needs --binary")
     against = _export(args.against, work / "against") if args.against else work
     procs = Processes()
     launch = Launch(procs, sys.executable)
@@ -203,6 +218,10 @@ def main() -> int:
             if args.against:
                 with _pythonpath(against):
                     before.append(_restart(spike))
+            elif args.against_binary:
+                launch.nexus = [str(Path(args.against_binary).resolve())]
+                before.append(_restart(spike))
+                launch.nexus = [str(Path(args.binary).resolve())]
         imports = [] if args.binary else [_importtime(spike, launch) for _ in range(args.importtime)]
         bare = [] if args.binary else _bare_python(sys.executable, args.rounds)
     finally:
@@ -212,7 +231,8 @@ def main() -> int:
     print(f"after the runs: load average {os.getloadavg()[0]:.2f}")
     print(f"{'bare interpreter (python -c pass)':42} {_summary(bare)}")
     if before:
-        print(f"{'':42} {'this work tree':30} {args.against:30} difference of medians")
+        now_label = args.binary if args.against_binary else "this work tree"
+        print(f"{'':42} {now_label:30} {args.against or args.against_binary:30} difference of medians")
     for key, label in (
         ("log_listening", "spawn -> 'Nexus listening' log line"),
         ("listening", "spawn -> port accepts a connection"),

@@ -105,10 +105,48 @@ class Processes:
         self.children.clear()
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process under `pid` (children first-level first), from /proc/<pid>/task/*/children."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for children in Path(f"/proc/{parent}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                kids = [int(k) for k in children.read_text().split()]
+                found += kids
+                todo += kids
+    return found
+
+
+def _gone(pid: int) -> bool:
+    """Dead with every thread: a zombie leader's files stay open until its last thread has exited."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        threads = len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return True
+    return data[data.rindex(b")") + 2 : data.rindex(b")") + 3] in (b"Z", b"X") and threads <= 1
+
+
 def kill9(popen: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a process and every process under it, and wait until none is left.
+
+    The single binary's bootloader runs Nexus as its child: killing the bootloader alone
+    left the child closing its sockets while the next Nexus started (its port still
+    accepted connections a few ms after the kill).
+    """
+    family = descendants(popen.pid) if popen.poll() is None else []
     if popen.poll() is None:
         popen.send_signal(signal.SIGKILL)
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     popen.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while not all(_gone(pid) for pid in family) and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -5,11 +5,12 @@ or under one of them; its files are its extension module, every shared library o
 (DT_NEEDED, transitively) that no eager file needs, the data files in its package's directory and the links
 PyInstaller made to its libraries.  Everything else stays in PyInstaller's list and is
 unpacked at every start as before.  The lazy files are stripped like the others (PyInstaller's own
-process_collected_binary), compressed with zlib and written, in sorted order, to one blob:
+process_collected_binary), compressed with zlib (except those of STORED_MODULES, and any file compression
+would not shrink: stored as they are) and written, in sorted order, to one blob:
 
     SPIKE-LAZY-1\\n<index length>\\n<index><data>
 
-The index is text, one line per file `F <offset> <compressed length> <length> <file>` (offsets from the end
+The index is text, one line per file `F <offset> <stored length> <length> <file>` (offsets from the end
 of the index), one per symbolic link `S <link> <target>` and one per module `M <module> <file or link> ...`.
 Deterministic: same inputs, same bytes.
 """
@@ -51,6 +52,12 @@ LAZY_MODULES = (
     "pyexpat",
 )
 
+# Stored as they are, not compressed: every Nexus start imports them before it listens, and inflating them
+# cost ~14 ms of CPU at each (SQLite 7, uvloop 5.5, _cffi_backend 1) for 2 MB of binary (issue 20).
+# cryptography's Rust library is left compressed: storing it would save ~40 ms a start but add 7.8 MB
+# (docs/benchmarks.md, 2026-12-06 restart section).
+STORED_MODULES = ("_cffi_backend", "uvloop", "_sqlite3")
+
 # glibc loads libgcc_s itself (dlopen, for unwinding and pthread_cancel), not only through DT_NEEDED.
 ALWAYS_EAGER = ("libgcc_s.so.1",)
 
@@ -66,8 +73,12 @@ def module_name(dest: str) -> str | None:
     return None
 
 
+def _under(module: str, names: Iterable[str]) -> bool:
+    return any(module == name or module.startswith(name + ".") for name in names)
+
+
 def is_lazy(module: str) -> bool:
-    return any(module == name or module.startswith(name + ".") for name in LAZY_MODULES)
+    return _under(module, LAZY_MODULES)
 
 
 def needed(path: str) -> list[str]:
@@ -141,9 +152,12 @@ def split(
 
     index: list[str] = []
     data = bytearray()
+    stored = {dest for name, files in modules.items() if _under(name, STORED_MODULES) for dest in files}
     for dest in sorted(lazy_binaries | lazy_data):
         raw = Path(strip(source[dest], dest) if dest in lazy_binaries else source[dest]).read_bytes()
-        packed = zlib.compress(raw, 9)
+        packed = raw if dest in stored else zlib.compress(raw, 9)
+        if len(packed) >= len(raw):  # lazy_unpack takes equal stored and unpacked lengths for "not compressed"
+            packed = raw
         index.append(f"F {len(data)} {len(packed)} {len(raw)} {dest}")
         data += packed
     index.extend(f"S {dest} {target}" for dest, target in sorted(links.items()))

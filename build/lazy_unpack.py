@@ -3,11 +3,12 @@
 The one-file bootloader copies every file of the bundle into a fresh private directory (sys._MEIPASS, mode
 0700) at every start.  build/lazy_pack.py takes the largest extension modules that only some subcommands
 import (gRPC and protobuf for the Workload API, psycopg for PostgreSQL, cryptography, uvloop, SQLite, ...),
-with the shared libraries only they need, out of that list and stores them, zlib-compressed, in one archive
-entry of a kind the bootloader does not unpack.  This hook runs before spike's code: it finds that entry in
-the running executable and puts an import finder first on sys.meta_path.  The first import of one of those
-modules writes it and its libraries into sys._MEIPASS (a temporary name, then a rename: processes of
-`spike dev` share the directory) and returns None, so that Python's own finders then load it from there.
+with the shared libraries only they need, out of that list and stores them (zlib-compressed, except a few
+that every Nexus start imports) in one archive entry of a kind the bootloader does not unpack.  This hook
+runs before spike's code: it finds that entry in the running executable and puts an import finder first on
+sys.meta_path.  The first import of one of those modules writes it and its libraries into sys._MEIPASS (a
+temporary name, then a rename: processes of `spike dev` share the directory) and returns None, so that
+Python's own finders then load it from there.
 
 Standard library modules that are already loaded only (os, sys, zlib, _thread, importlib): this runs at
 every start, `spike --version` included.
@@ -85,7 +86,7 @@ class LazyBinaries:
         self.modules: dict[str, tuple[str, ...]] = {}
         for line in _read(fd, index_length, index_start).decode().splitlines():
             kind, *fields = line.split(" ")
-            if kind == "F":  # F <offset> <compressed length> <length> <file>
+            if kind == "F":  # F <offset> <stored length> <length> <file>
                 self._files[fields[3]] = (int(fields[0]), int(fields[1]), int(fields[2]))
             elif kind == "S":  # S <link> <target>
                 self._links[fields[0]] = fields[1]
@@ -128,9 +129,11 @@ class LazyBinaries:
             raise ImportError(f"spike: cannot unpack {name} into {self._home}: {error}") from None
 
     def _write(self, name: str, target: str) -> None:
-        offset, compressed, length = self._files[name]
+        offset, stored, length = self._files[name]
         try:
-            data = zlib.decompress(_read(self._fd, compressed, self._data_start + offset))
+            data = _read(self._fd, stored, self._data_start + offset)
+            if stored != length:  # zlib; a file stored as it is has its own length (build/lazy_pack.py)
+                data = zlib.decompress(data)
         except (OSError, zlib.error, _Damaged) as error:
             raise ImportError(f"spike: {name} in this executable is damaged ({error}); download it again") from None
         if len(data) != length:
@@ -152,6 +155,21 @@ class LazyBinaries:
             raise ImportError(f"spike: cannot unpack {name} into {self._home}: {error}") from None
 
 
+# A Nexus start imports cryptography before it listens, and inflating its 12 MB Rust library is ~40 ms of
+# CPU.  A thread starts on it at once, while the main thread imports everything else: zlib and os.write let
+# go of the GIL, so on a machine with a free core that time leaves the start's critical path.  If it fails,
+# the main thread's import unpacks again and reports the error.
+_PREFETCH = {"nexus": ("cryptography.hazmat.bindings._rust",)}
+
+
+def _prefetch(finder: LazyBinaries, modules: tuple[str, ...]) -> None:
+    for module in modules:
+        try:
+            finder.unpack(finder.modules.get(module, ()))
+        except ImportError:
+            return
+
+
 def _install() -> None:
     home = getattr(sys, "_MEIPASS", None)
     if home is None:
@@ -166,6 +184,8 @@ def _install() -> None:
         sys.stderr.write(f"spike: this executable is damaged or incomplete ({error}); download it again\n")
         raise SystemExit(70) from None
     sys.meta_path.insert(0, finder)
+    if len(sys.argv) > 1 and sys.argv[1] in _PREFETCH:
+        _thread.start_new_thread(_prefetch, (finder, _PREFETCH[sys.argv[1]]))
 
 
 _install()

@@ -14,9 +14,10 @@ import dataclasses
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+
+import msgspec
 
 from spike.app.identity import IdentitySpec, WorkloadApiSpec, workload_api_address
 from spike.app.spike_env import Component, refusal
@@ -44,23 +45,20 @@ WAITING_SUMMARY_EVERY = 30.0  # while it waits for shards
 KEEPER_SUMMARY_EVERY = 300.0  # while a keeper stays without its shard
 
 
-@dataclass(frozen=True, slots=True)
-class Common:
+class Common(msgspec.Struct, frozen=True):
     trust: TrustDomains
     svid: IdentitySpec  # SVID files, or the SPIFFE Workload API to fetch the SVID from
     log_level: str
     log_format: str
 
 
-@dataclass(frozen=True, slots=True)
-class KeeperConfig:
+class KeeperConfig(msgspec.Struct, frozen=True):
     common: Common
     bind: tuple[str, int]
     require_memory_lock: bool = False  # fail the start if memory cannot be locked (spike.app.memory)
 
 
-@dataclass(frozen=True, slots=True)
-class NexusConfig:
+class NexusConfig(msgspec.Struct, frozen=True):
     common: Common
     bind: tuple[str, int]
     keepers: dict[int, str]
@@ -75,7 +73,7 @@ class NexusConfig:
     database_url: str | None = None  # postgresql://...: several instances share it; None: SQLite in data_dir
     require_memory_lock: bool = False  # fail the start if memory cannot be locked (spike.app.memory)
     # Key lifecycle (docs/key-lifecycle.md): keepers custody is moving away from (a rekey), by id.
-    retiring_keepers: dict[int, str] = field(default_factory=dict)
+    retiring_keepers: dict[int, str] = msgspec.field(default_factory=dict)
     rotate_every: float | None = None  # a scheduled root key rotation this often; None: never by itself
     crash_at: str | None = None  # a test build's SIGKILL point (SPIKE_TEST_CRASH_AT); never in the executable
     config_file: Path | None = None  # the --config file a SIGHUP reads again
@@ -90,14 +88,20 @@ class NexusConfig:
     # How new root keys are split (docs/spike-keepers.md): spike's HMAC derivation, or SPIKE's Go one.
     shard_derivation: ShardDerivation = ShardDerivation.HMAC
 
+    def __repr__(self) -> str:  # a database URL may hold a password: masked, as in logs
+        shown = (
+            f"{name}={(mask_url(value) if name == 'database_url' and value else value)!r}"
+            for name, value in zip(self.__struct_fields__, msgspec.structs.astuple(self), strict=True)
+        )
+        return f"NexusConfig({', '.join(shown)})"
+
     @property
     def keeper_urls(self) -> dict[int, str]:
         """Every keeper Nexus may have to talk to: the configured ones, and those custody moves away from."""
         return {**self.retiring_keepers, **self.keepers}
 
 
-@dataclass(frozen=True, slots=True)
-class BootstrapConfig:
+class BootstrapConfig(msgspec.Struct, frozen=True):
     common: Common
     nexus_url: str
     keepers: dict[int, str] | None  # None: take them from Nexus
@@ -113,8 +117,7 @@ THRESHOLD_ONE = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class ClientConfig:
+class ClientConfig(msgspec.Struct, frozen=True):
     common: Common
     nexus_url: str
     output: str
@@ -394,7 +397,7 @@ def keeper(args: argparse.Namespace, env: Env) -> KeeperConfig:
     base = common(args, env, Component.KEEPER)
     trust = dataclasses.replace(base.trust, nexus_identity=nexus_identity(args, env))
     return KeeperConfig(
-        dataclasses.replace(base, trust=trust),
+        msgspec.structs.replace(base, trust=trust),
         parse_bind(listen, "keeper listen address"),
         _bool(args, "require_memory_lock", env, "SPIKE_REQUIRE_MEMORY_LOCK"),
     )
@@ -927,7 +930,9 @@ def describe(config: object) -> dict[str, object]:
     """A printable view of a configuration (paths and names; a database URL without its password)."""
 
     def plain(value: object) -> object:
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        if isinstance(value, msgspec.Struct):  # spike.app's records
+            return {name: plain(getattr(value, name)) for name in value.__struct_fields__}
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):  # spike.protocol's
             return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
         if isinstance(value, dict):
             return {str(k): plain(v) for k, v in value.items()}

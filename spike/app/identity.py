@@ -9,8 +9,9 @@ it lives here, beside config.py.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+import msgspec
 
 from spike.protocol.identity import TrustDomains
 from spike.transports.identity import IdentitySource
@@ -19,8 +20,7 @@ from spike.transports.tls import SvidFiles
 from spike.transports.workload_api import DEFAULT_WORKLOAD_API_TIMEOUT, WorkloadApiSource
 
 
-@dataclass(frozen=True, slots=True)
-class WorkloadApiSpec:
+class WorkloadApiSpec(msgspec.Struct, frozen=True):
     """Fetch the SVID from the SPIFFE Workload API at `address` (a ``unix://`` URI)."""
 
     address: str

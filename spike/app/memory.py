@@ -48,9 +48,10 @@ import os
 import platform
 import resource
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+import msgspec
 
 from spike.app.errors import CommandError
 
@@ -69,8 +70,7 @@ class MemoryLockError(CommandError):
         super().__init__(message, exit_code=2)
 
 
-@dataclass(frozen=True, slots=True)
-class Protection:
+class Protection(msgspec.Struct, frozen=True):
     """What `protect` did: each flag, and why memory is not locked when it is not."""
 
     not_dumpable: bool

@@ -12,8 +12,9 @@ one line naming the variable and why (docs/spike-environment.md has the table).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from enum import Enum
+
+import msgspec
 
 
 class Component(Enum):
@@ -43,8 +44,7 @@ def _lower_false(value: str) -> bool:
     return value.strip().lower() != "true"
 
 
-@dataclass(frozen=True, slots=True)
-class Refused:
+class Refused(msgspec.Struct, frozen=True):
     """A SPIKE variable spike has no setting for: refused unless its value is what spike does anyway."""
 
     name: str

@@ -26,10 +26,10 @@ import asyncio
 import math
 import ssl
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from functools import partial
 
 import anyio
+import msgspec
 
 from spike.protocol.effects import (
     AbandonRotation,
@@ -55,11 +55,10 @@ StoreSink = Callable[[StoreEffect], None]  # a key rotation's store effects (doc
 AnswerSink = Callable[[SendRequest, Answer, float], None]  # request, its outcome, seconds taken
 
 
-@dataclass(slots=True)
-class PollTiming:
+class PollTiming(msgspec.Struct):
     """How late polls were sent compared with the schedule, for metrics and benchmarks."""
 
-    samples: list[float] = field(default_factory=list)
+    samples: list[float] = msgspec.field(default_factory=list)
     limit: int = 100_000
 
     def add(self, lateness: float) -> None:

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+
+import msgspec
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _TARGET = re.compile(rb"/[\x21-\x7e]*")
@@ -54,17 +55,21 @@ class HttpError(Exception):
         self.status = status
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(msgspec.Struct, frozen=True):
     method: str
     target: str
     headers: dict[bytes, bytes]  # lower-case names; repeated fields joined with ", "
     body: bytes
     keep_alive: bool
 
+    def __repr__(self) -> str:  # the body may be a secret, and a header a token: their sizes only
+        return (
+            f"Request(method={self.method!r}, target={self.target!r}, headers=<{len(self.headers)}>, "
+            f"body=<{len(self.body)} bytes>, keep_alive={self.keep_alive!r})"
+        )
 
-@dataclass(frozen=True, slots=True)
-class Head:
+
+class Head(msgspec.Struct, frozen=True):
     """A request whose head is whole and whose body is still to come."""
 
     method: str
@@ -72,6 +77,12 @@ class Head:
     headers: dict[bytes, bytes]
     keep_alive: bool
     number: int  # counts heads on this connection: a server judges each one once
+
+    def __repr__(self) -> str:  # a header may be a token: their number only
+        return (
+            f"Head(method={self.method!r}, target={self.target!r}, headers=<{len(self.headers)}>, "
+            f"keep_alive={self.keep_alive!r}, number={self.number!r})"
+        )
 
 
 class RequestParser:

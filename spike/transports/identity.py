@@ -35,9 +35,10 @@ import logging
 import ssl
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, Self
+
+import msgspec
 
 from spike.protocol.identity import SpiffeId
 from spike.protocol.trust import TrustBundles
@@ -54,8 +55,7 @@ log = logging.getLogger("spike.transports.identity")
 # ---------------------------------------------------------------------- the interface
 
 
-@dataclass(frozen=True, slots=True)
-class LoadedIdentity:
+class LoadedIdentity(msgspec.Struct, frozen=True):
     """One SVID, ready to use: immutable, replaced whole on rotation."""
 
     spiffe_id: SpiffeId

@@ -15,9 +15,10 @@ import hashlib
 import os
 import ssl
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from spike.protocol.identity import InvalidSpiffeId, SpiffeId
 from spike.protocol.trust import TrustBundles
@@ -114,8 +115,7 @@ def _private_file(directory: Path, data: bytes) -> Path:
     return path
 
 
-@dataclass(frozen=True, slots=True)
-class Leaf:
+class Leaf(msgspec.Struct, frozen=True):
     spiffe_id: SpiffeId
     serial: int
     not_after: dt.datetime

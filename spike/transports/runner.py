@@ -14,12 +14,12 @@ import logging
 import math
 import signal
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import anyio
 import anyio.abc
+import msgspec
 from anyio.abc import SocketAttribute
 
 from .server import HttpsServer
@@ -63,8 +63,7 @@ def _bound_port(listener: anyio.abc.Listener[anyio.abc.SocketStream]) -> int:
     return int(inner.extra(SocketAttribute.local_port))
 
 
-@dataclass(frozen=True, slots=True)
-class Listener:
+class Listener(msgspec.Struct, frozen=True):
     """One more server to run beside the main one (e.g. the metrics listener)."""
 
     bind: tuple[str, int]

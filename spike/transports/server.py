@@ -54,12 +54,12 @@ import socket
 import ssl
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from enum import Enum
 from typing import cast
 
 import anyio
 import anyio.abc
+import msgspec
 from anyio.abc import SocketAttribute
 
 from spike.protocol.api import ApiRequest, ApiResponse
@@ -84,8 +84,7 @@ _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _CLOSE_LINGER = 0.5  # seconds a closing connection may take to flush and say goodbye
 
 
-@dataclass(frozen=True, slots=True)
-class ServerLimits:
+class ServerLimits(msgspec.Struct, frozen=True):
     max_header_bytes: int = 16 * 1024
     max_body_bytes: int = 64 * 1024
     handshake_timeout: float = 3.0  # from accept to TLS done (first bytes, then the handshake)

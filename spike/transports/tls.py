@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from spike.protocol.identity import Role, SpiffeId, TrustDomains, peer_spiffe_id
 
@@ -25,8 +26,7 @@ class IdentityError(Exception):
     """No usable X.509 SVID: the files or the Workload API do not give one; the message says why."""
 
 
-@dataclass(frozen=True, slots=True)
-class SvidFiles:
+class SvidFiles(msgspec.Struct, frozen=True):
     """An X.509 SVID as spiffe-helper writes it: chain, key and trust bundle in PEM.
 
     `bundle` is the bundle of the SVID's own trust domain (it may also hold

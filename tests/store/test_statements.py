@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
+import msgspec
 import pytest
 
 from spike.app.store.postgres_sql import PostgresDialect
@@ -15,7 +15,7 @@ NAMED = re.compile(r"(?<![:\w]):\w+")
 
 
 def statements(of: Statements) -> dict[str, str]:
-    return {f.name: getattr(of, f.name) for f in dataclasses.fields(of)}
+    return msgspec.structs.asdict(of)
 
 
 def test_postgresql_gets_psycopg_parameters_and_arrays() -> None:

@@ -10,7 +10,8 @@ tests compare it with a plain in-memory model.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+
+import msgspec
 
 DEFAULT_MAX_VERSIONS = 10
 MAX_MAX_VERSIONS = 1000
@@ -155,8 +156,7 @@ def check_max_versions(value: int) -> int:
     return value
 
 
-@dataclass(frozen=True, slots=True)
-class VersionInfo:
+class VersionInfo(msgspec.Struct, frozen=True):
     version: int
     created_at: float
     deleted_at: float | None = None
@@ -170,8 +170,7 @@ class VersionInfo:
         return self.deleted_at is None and not self.destroyed and not self.unreadable
 
 
-@dataclass(frozen=True, slots=True)
-class SecretMeta:
+class SecretMeta(msgspec.Struct, frozen=True):
     path: str
     current_version: int
     oldest_version: int
@@ -179,15 +178,14 @@ class SecretMeta:
     cas_required: bool
     created_at: float
     updated_at: float
-    custom_metadata: dict[str, str] = field(default_factory=dict)
+    custom_metadata: dict[str, str] = msgspec.field(default_factory=dict)
     custom_unreadable: bool = False  # custom metadata sealed under a data key that no longer exists
 
     def effective_max_versions(self, default: int = DEFAULT_MAX_VERSIONS) -> int:
         return self.max_versions or default
 
 
-@dataclass(frozen=True, slots=True)
-class PutPlan:
+class PutPlan(msgspec.Struct, frozen=True):
     meta: SecretMeta
     version: int
     pruned: tuple[int, ...]  # versions to remove for good
@@ -218,7 +216,7 @@ def plan_put(
     remaining = sorted([*stored_versions, version])
     pruned = tuple(remaining[: max(0, len(remaining) - keep)])
     kept = remaining[len(pruned) :]
-    new_meta = replace(meta, current_version=version, oldest_version=kept[0], updated_at=now)
+    new_meta = msgspec.structs.replace(meta, current_version=version, oldest_version=kept[0], updated_at=now)
     return PutPlan(new_meta, version, pruned)
 
 
@@ -234,8 +232,7 @@ class ImportConflict(KvError):
     code = "api_conflict"
 
 
-@dataclass(frozen=True, slots=True)
-class ImportedVersion:
+class ImportedVersion(msgspec.Struct, frozen=True):
     """A version brought from another store (`spike migrate`), with its number and times kept."""
 
     version: int
@@ -243,9 +240,14 @@ class ImportedVersion:
     created_at: float
     deleted_at: float | None = None
 
+    def __repr__(self) -> str:  # the values are secrets: their keys only
+        return (
+            f"ImportedVersion(version={self.version!r}, values=<keys {sorted(self.values)!r}>, "
+            f"created_at={self.created_at!r}, deleted_at={self.deleted_at!r})"
+        )
 
-@dataclass(frozen=True, slots=True)
-class ImportedSecret:
+
+class ImportedSecret(msgspec.Struct, frozen=True):
     path: str
     versions: tuple[ImportedVersion, ...]  # at least one, distinct numbers
     created_at: float

@@ -26,9 +26,10 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol, cast
+
+import msgspec
 
 from spike.app.model.kv import InvalidRequest
 
@@ -169,8 +170,7 @@ def check_reserved_guard(name: str, spiffe_id_pattern: str, path_pattern: str) -
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Policy:
+class Policy(msgspec.Struct, frozen=True):
     id: str
     name: str
     spiffe_id_pattern: str

@@ -11,7 +11,8 @@ log from the custody machine's view, the CLI from the status body, so both take 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+
+import msgspec
 
 # Answered, and holds nothing usable: empty (restarted), a shard that fails its commitment, garbage.
 WITHOUT_SHARD = frozenset({"empty", "wrong_shard", "bad_answer"})
@@ -20,8 +21,7 @@ WITHOUT_SHARD = frozenset({"empty", "wrong_shard", "bad_answer"})
 NOT_A_SOURCE = frozenset({"holding", "removed"})
 
 
-@dataclass(frozen=True, slots=True)
-class Stranded:
+class Stranded(msgspec.Struct, frozen=True):
     """The key cannot be rebuilt from the keepers: `needed` break-glass shards, of the keepers `ids`."""
 
     needed: int

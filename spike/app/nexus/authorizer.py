@@ -26,8 +26,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
+
+import msgspec
 
 from spike.app.model.policy import (
     SYSTEM_CIPHER,
@@ -74,8 +75,7 @@ class PolicySource(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class CompiledPolicy:
+class CompiledPolicy(msgspec.Struct, frozen=True):
     name: str
     ids: Regexp
     paths: Regexp
@@ -138,14 +138,13 @@ class Applicable:
         return any(grants(c.permissions, permission) for c in self.matching(path))
 
 
-@dataclass(slots=True)
-class PolicySet:
+class PolicySet(msgspec.Struct):
     """The policies in force, compiled; `version` is the stored change counter they were read at."""
 
     compiled: tuple[CompiledPolicy, ...]
     version: int | None
-    _per_caller: dict[SpiffeId, Applicable] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _per_caller: dict[SpiffeId, Applicable] = msgspec.field(default_factory=dict)
+    _lock: threading.Lock = msgspec.field(default_factory=threading.Lock)
 
     def applicable(self, caller: SpiffeId) -> Applicable:
         found = self._per_caller.get(caller)
@@ -173,8 +172,7 @@ def build(policies: Iterable[Policy], version: int | None) -> PolicySet:
 _EMPTY = PolicySet((), None)
 
 
-@dataclass(frozen=True, slots=True)
-class Listing:
+class Listing(msgspec.Struct, frozen=True):
     """Which secret paths a caller may see in a listing: every one, or those its policies give `list` on."""
 
     everything: bool

@@ -30,9 +30,10 @@ import os
 import signal
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
+
+import msgspec
 
 from spike.app.api.messages import (
     KeyringStatusBody,
@@ -234,8 +235,7 @@ def describe(view: RotationView) -> str:
     return f"a key rotation {view.from_epoch} -> {view.to_epoch} is under way ({where})"
 
 
-@dataclass
-class _Waiter:
+class _Waiter(msgspec.Struct):
     """An operator's request waiting for its rotation to be stored (or given up)."""
 
     to_epoch: int  # the rotation's (each rotation has an epoch of its own)

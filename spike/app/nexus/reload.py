@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
 from collections.abc import Callable
@@ -36,11 +35,9 @@ async def reload_on_sighup(
             current[0] = fresh
             if previous is not None:
                 ignored = [
-                    f.name
-                    for f in dataclasses.fields(fresh)
-                    if f.name not in RELOADED
-                    and f.name != "common"
-                    and getattr(fresh, f.name) != getattr(previous, f.name)
+                    name
+                    for name in fresh.__struct_fields__
+                    if name not in RELOADED and name != "common" and getattr(fresh, name) != getattr(previous, name)
                 ]
                 if ignored:
                     log.warning("SIGHUP: %s changed: that takes a restart", ", ".join(ignored))

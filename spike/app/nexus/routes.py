@@ -12,8 +12,8 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 
+import msgspec
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -70,8 +70,7 @@ PILOTS = frozenset({Role.PILOT_SUPERUSER, Role.PILOT_RECOVER, Role.PILOT_RESTORE
 POLICY_PERMISSIONS = {"": Permission.WRITE, "delete": Permission.WRITE, "get": Permission.READ, "list": Permission.LIST}
 
 
-@dataclass(frozen=True, slots=True)
-class ApiCall:
+class ApiCall(msgspec.Struct, frozen=True):
     """What the audit log and metrics learn of a call: never its body."""
 
     request: ApiRequest
@@ -85,15 +84,13 @@ Observer = Callable[[ApiCall, int, float], None]  # the call, its HTTP status, s
 VaultFace = Callable[[ApiRequest], tuple[str, Reply]]
 
 
-@dataclass(frozen=True, slots=True)
-class Roles:
+class Roles(msgspec.Struct, frozen=True):
     """Guard: only these spike roles (an empty set admits nobody)."""
 
     roles: frozenset[Role]
 
 
-@dataclass(frozen=True, slots=True)
-class Granted:
+class Granted(msgspec.Struct, frozen=True):
     """Guard: a policy (or the superuser role) must grant `permission` on `path`.
 
     With no fixed `path` the route acts on the secret path in its body: the
@@ -108,8 +105,7 @@ class Granted:
 Guard = Roles | Granted
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
+class Route(msgspec.Struct, frozen=True):
     handler: RouteHandler
     guard: Guard  # required: no route without an explicit guard
     needs_key: bool = False  # answer 503 state_not_ready until the root key is verified

@@ -7,11 +7,11 @@ import os
 import random
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import anyio
+import msgspec
 
 from spike.app import startup
 from spike.app.api.messages import (
@@ -249,8 +249,7 @@ class LiveUrls(Mapping[int, str]):
         return len(self._driver().keeper_urls)
 
 
-@dataclass(frozen=True, slots=True)
-class Stored:
+class Stored(msgspec.Struct, frozen=True):
     """What the store held when Nexus started."""
 
     record: KeyRecord | None

@@ -41,8 +41,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Protocol, TypeVar
+
+import msgspec
 
 from spike.app.model import kv
 from spike.app.store.keyring import Keyring
@@ -56,8 +57,7 @@ T = TypeVar("T")
 PolicyRow = tuple[str, str, bytes, float, float]
 
 
-@dataclass(frozen=True, slots=True)
-class ClusterState:
+class ClusterState(msgspec.Struct, frozen=True):
     """What other Nexus instances may have changed: the key record, the policies' change counter, and the
     rotation state (the pending rotation, the epochs' high-water mark)."""
 
@@ -69,8 +69,7 @@ class ClusterState:
     rewrap_target: int | None = None  # a re-wrap of stored values to this term is under way
 
 
-@dataclass(frozen=True, slots=True)
-class KeyringStatus:
+class KeyringStatus(msgspec.Struct, frozen=True):
     """The data keys, for `spike status` and metrics: no key in it."""
 
     active_term: int  # new values are sealed under it

@@ -31,8 +31,9 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, TypeVar
+
+import msgspec
 
 from spike.app.store.backend import ClusterState, KeyringStatus
 from spike.app.store.errors import StorageError
@@ -76,14 +77,12 @@ def _fetch_all(statement: str, params: dict[str, Any]) -> Callable[[Any], list[A
     return work
 
 
-@dataclass(frozen=True, slots=True)
-class _Unlocked:
+class _Unlocked(msgspec.Struct, frozen=True):
     key: RootKey  # a copy, wiped when the store is locked or unlocked again
     epoch: int
 
 
-@dataclass(frozen=True, slots=True)
-class RewrapCursor:
+class RewrapCursor(msgspec.Struct, frozen=True):
     """Where a re-wrap pass is: the kind of value (`VERSIONS`, `CUSTOMS`, `POLICIES`) and the last key done."""
 
     kind: int = VERSIONS
@@ -91,8 +90,7 @@ class RewrapCursor:
     version: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class RewrapBatch:
+class RewrapBatch(msgspec.Struct, frozen=True):
     """What one re-wrap transaction did."""
 
     rewrapped: int  # values sealed again under the target term

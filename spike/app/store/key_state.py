@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
@@ -54,8 +53,7 @@ class Connection(Protocol):
 C = TypeVar("C", bound=Connection)
 
 
-@dataclass(frozen=True, slots=True)
-class KeyStatements:
+class KeyStatements(msgspec.Struct, frozen=True):
     record: str = "SELECT record FROM key_record WHERE id = 1"
     keyring: str = "SELECT epoch, keyring FROM key_record WHERE id = 1"
     # The whole key state in one statement (one snapshot), whatever is stored.
@@ -108,8 +106,7 @@ class KeyStatements:
 KEY_SQL = KeyStatements()
 
 
-@dataclass(frozen=True, slots=True)
-class _State:
+class _State(msgspec.Struct, frozen=True):
     """The key state as one change reads it."""
 
     record: KeyRecord | None

@@ -34,7 +34,8 @@ old hand-made split at ``|`` misread patterns such as ``app/x[]|spike/acl/polici
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+
+import msgspec
 
 from spike.app.model.policy import (
     SYSTEM_ACL,
@@ -61,8 +62,7 @@ _USES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Upgraded:
+class Upgraded(msgspec.Struct, frozen=True):
     spiffe_id_pattern: str
     path_pattern: str
     system_paths: frozenset[str] | None

@@ -32,10 +32,10 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypeVar
 
+import msgspec
 import psycopg
 
 from spike.app.model import kv
@@ -83,8 +83,7 @@ def xact_status(connections: Connections, xid: str) -> XactStatus:
     return XactStatus(row[0])
 
 
-@dataclass(slots=True)
-class _Write:
+class _Write(msgspec.Struct):
     keys: tuple[int, ...]  # advisory locks this write needs
     term: int | None  # the data-key term it sealed under (None: it seals nothing)
     op: WriteOp[Any]

@@ -11,10 +11,10 @@ round trip) is in each dialect: sqlite_sql.py, postgres_sql.py.
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from dataclasses import dataclass
 from typing import TypeVar
+
+import msgspec
 
 _PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
 _VERSIONS = re.compile(r"= ANY\(:(\w+)\)")
@@ -22,8 +22,7 @@ _VERSIONS = re.compile(r"= ANY\(:(\w+)\)")
 _POLICY_COLUMNS = "SELECT id, name, sealed, created_at, updated_at FROM policy"
 
 
-@dataclass(frozen=True, slots=True)
-class Statements:
+class Statements(msgspec.Struct, frozen=True):
     # reads
     value: str = (
         "SELECT v.version, v.sealed, v.deleted_at, v.key_epoch, v.key_term FROM secret AS s "
@@ -148,7 +147,7 @@ class Statements:
         return rendered(self, parameter, versions)
 
 
-S = TypeVar("S")
+S = TypeVar("S", bound=msgspec.Struct)
 
 
 def render(sql: str, parameter: str, versions: str) -> str:
@@ -160,9 +159,8 @@ def render(sql: str, parameter: str, versions: str) -> str:
 
 
 def rendered(statements: S, parameter: str, versions: str) -> S:
-    """A dataclass of statements (this module's, key_state.py's) with each one rendered for a driver."""
-    assert dataclasses.is_dataclass(statements) and not isinstance(statements, type)
-    fields = {f.name: render(getattr(statements, f.name), parameter, versions) for f in dataclasses.fields(statements)}
+    """A struct of statements (this module's, key_state.py's) with each one rendered for a driver."""
+    fields = {name: render(getattr(statements, name), parameter, versions) for name in statements.__struct_fields__}
     return type(statements)(**fields)
 
 

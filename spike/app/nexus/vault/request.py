@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 from urllib.parse import parse_qsl
@@ -42,14 +41,16 @@ class BadRequest(Exception):
     """The request cannot be read: a 400 with this text (never a secret value in it)."""
 
 
-@dataclass(frozen=True, slots=True)
-class VaultRequest:
+class VaultRequest(msgspec.Struct, frozen=True):
     operation: Operation | None  # None: a method Vault does not know
     path: str  # under /v1/, e.g. "secret/data/app/db"
     peer: SpiffeId | None
     query: dict[str, str]
     token: str
     raw: ApiRequest
+
+    def __repr__(self) -> str:  # the token is a credential: left out (`raw` hides its own body and headers)
+        return f"VaultRequest(operation={self.operation!r}, path={self.path!r}, peer={self.peer!r}, raw={self.raw!r})"
 
     @classmethod
     def of(cls, request: ApiRequest) -> VaultRequest:

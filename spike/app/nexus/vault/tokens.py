@@ -20,7 +20,8 @@ import hashlib
 import secrets
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+
+import msgspec
 
 from spike.protocol.identity import SpiffeId
 
@@ -32,8 +33,7 @@ PREFIX = "s."
 SWEEP_EVERY = 60.0  # seconds between looks for expired tokens (and whenever memory is full)
 
 
-@dataclass(frozen=True, slots=True)
-class Token:
+class Token(msgspec.Struct, frozen=True):
     """What Nexus remembers of an issued token: never the token itself."""
 
     spiffe_id: SpiffeId
@@ -123,7 +123,7 @@ class TokenStore:
                 return None
             ttl = self.ttl if not increment or increment <= 0 else increment
             expires = min(now + ttl, entry.max_expires_at)
-            renewed = replace(entry, ttl=expires - now, expires_at=expires)
+            renewed = msgspec.structs.replace(entry, ttl=expires - now, expires_at=expires)
             self._tokens[key] = renewed
         return renewed
 
