@@ -50,15 +50,9 @@ sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests"), str(ROOT / "tests" / "
 import loadgen  # noqa: E402
 import pg_server  # noqa: E402
 from harness import Cluster  # noqa: E402
+from postgres_rows import target  # noqa: E402
 
 from spike.app.commands.devca import mint_dev_identity  # noqa: E402
-
-
-def target(cluster: Cluster, index: int) -> loadgen.Target:
-    files = cluster.identity.files("pilot-superuser")
-    return loadgen.Target(
-        "127.0.0.1", cluster.nexus_ports[index], str(files.cert), str(files.key), str(files.bundle), None
-    )
 
 
 def cpu_seconds(pids: list[int]) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +26,8 @@ PEERS = {1: "https://k1.test:8443", 2: "https://k2.test:8443", 3: "https://k3.te
 PEERS_ENV = ",".join(f"{i}={u}" for i, u in PEERS.items())
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    for name in list(os.environ):
-        if name.startswith("SPIKE_") or name == "SPIFFE_ENDPOINT_SOCKET":
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    yield
+# Each test reads configuration from a clean slate: no SPIKE_* variable of the machine, an empty HOME.
+pytestmark = pytest.mark.usefixtures("clean_environment")
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import argparse
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,13 +22,8 @@ from spike.app.commands.devca import DevIdentity
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    for name in list(os.environ):
-        if name.startswith("SPIKE_") or name == "SPIFFE_ENDPOINT_SOCKET":
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    yield
+# Each test reads configuration from a clean slate: no SPIKE_* variable of the machine, an empty HOME.
+pytestmark = pytest.mark.usefixtures("clean_environment")
 
 
 def svid_env(identity: DevIdentity) -> dict[str, str]:

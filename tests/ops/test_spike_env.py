@@ -12,7 +12,6 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,13 +58,8 @@ SPIKE_VARIABLES = frozenset(
 PEERS_ENV = "1=https://k1.test:8443,2=https://k2.test:8443,3=https://k3.test:8443"
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    for name in list(os.environ):
-        if name.startswith("SPIKE_") or name == "SPIFFE_ENDPOINT_SOCKET":
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    yield
+# Each test reads configuration from a clean slate: no SPIKE_* variable of the machine, an empty HOME.
+pytestmark = pytest.mark.usefixtures("clean_environment")
 
 
 def base_env(identity: DevIdentity) -> dict[str, str]:
