@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 # The public names are imported on first use (PEP 562), not by this file: any
 # `import spike.protocol.identity` (the CLI's client path) runs this file first, and importing every
-# submodule here made `spike secret get` load the whole custody core it never uses (~50 ms of its start).
+# submodule here made `spike secret get` load the whole custody core it never uses (issue 20).
 if TYPE_CHECKING:
     from .api import ApiRequest, ApiResponse
     from .effects import (
