@@ -38,7 +38,7 @@ from spike.app.keeper import KeeperHandler
 from spike.protocol.identity import TrustDomains
 from spike.protocol.keeper import Keeper
 from spike.transports.client import HttpsConnection
-from spike.transports.runner import backend_options
+from spike.transports.event_loop import backend_options
 from spike.transports.server import HttpsServer
 from spike.transports.tls import SvidFiles, client_context, keeper_check, server_context
 

@@ -99,7 +99,7 @@ def sealed(key_file: Path, count: int) -> list[tuple[list[int], int, KeyRecord, 
 def run_loop(fn: Any, *args: Any) -> Any:
     """Run on the event loop `spike nexus` and `spike keeper` use (uvloop where spike picks it)."""
     try:
-        from spike.transports.runner import backend_options
+        from spike.transports.event_loop import backend_options
     except ImportError:  # a spike without the hook: anyio's default asyncio loop
         return anyio.run(fn, *args)
     return anyio.run(fn, *args, backend="asyncio", backend_options=backend_options())

@@ -51,12 +51,33 @@ IO_MODULES = (
 def test_protocol_imports_no_io_modules() -> None:
     """The sans-IO core loads no sockets, event loops, threads, loggers or random sources (docs/embedding.md)."""
     code = (
-        "import sys, spike.protocol; "
+        "import sys; from spike.protocol import *; "  # every public name: the package loads them lazily
         f"bad = [m for m in {IO_MODULES!r} if m in sys.modules]; "
         "print(bad); raise SystemExit(1 if bad else 0)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout
+
+
+# What a client command must not load: it never serves, and it never runs the custody machine.
+CLIENT_MAY_NOT_LOAD = (
+    "spike.transports.server", "spike.transports.runner", "spike.transports.http1", "spike.app.nexus",
+    "spike.app.store", "spike.protocol.nexus", "spike.protocol.effects", "spike.protocol.keeper",
+)  # fmt: skip
+
+
+def test_client_commands_import_no_server_code() -> None:
+    """A CLI command's start-up is what its user waits for (issue 20): server modules stay out of it."""
+    commands = ("secret", "policy", "status", "operator", "bootstrap")
+    code = (
+        "import sys; from spike.app import cli, config; "
+        f"[__import__('spike.app.commands.' + c) for c in {commands!r}]; cli.build_parser('secret'); "
+        f"banned = {CLIENT_MAY_NOT_LOAD!r}; "
+        "bad = sorted(m for m in sys.modules if any(m == b or m.startswith(b + '.') for b in banned)); "
+        "print(bad); raise SystemExit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_links_in_the_docs_point_inside_the_repository() -> None:

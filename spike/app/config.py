@@ -16,6 +16,7 @@ import re
 from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -24,10 +25,14 @@ from spike.app.spike_env import Component, refusal
 from spike.protocol.errors import LocalProtocolError
 from spike.protocol.identity import InvalidSpiffeId, KeeperIdentity, NexusIdentity, TrustDomains, check_trust_domain
 from spike.protocol.material import MAX_KEEPER_ID, MIN_KEEPER_ID
-from spike.protocol.nexus import PollSchedule
 from spike.protocol.shamir import ShardDerivation
 from spike.transports.client import parse_origin
 from spike.transports.tls import SvidFiles
+
+if TYPE_CHECKING:
+    # Imported where a Nexus configuration is built: spike.protocol.nexus is the whole custody machine,
+    # which a client command, reading its configuration here too, never uses.
+    from spike.protocol.nexus import PollSchedule
 
 
 class ConfigError(Exception):
@@ -465,6 +470,8 @@ def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
     interval = parse_duration(interval_text or "5s", "poll interval")
     timeout_text = _pick(args, "keeper_timeout", env, "SPIKE_NEXUS_KEEPER_TIMEOUT")
     timeout = parse_duration(timeout_text, "keeper timeout") if timeout_text else min(2.0, interval / 2)
+    from spike.protocol.nexus import PollSchedule  # see the TYPE_CHECKING import above
+
     try:
         schedule = PollSchedule(interval=interval, request_timeout=timeout)
     except LocalProtocolError as exc:
@@ -548,6 +555,8 @@ def memory_nexus(args: argparse.Namespace, env: Env, base: Common, bind: tuple[s
             )
     audit = _pick(args, "audit_log", env, "SPIKE_NEXUS_AUDIT_LOG")
     grace = _pick(args, "shutdown_grace", env, "SPIKE_NEXUS_SHUTDOWN_GRACE", default="5s")
+    from spike.protocol.nexus import PollSchedule  # see the TYPE_CHECKING import above
+
     return NexusConfig(
         base,
         bind,

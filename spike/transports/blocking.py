@@ -19,7 +19,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from spike.protocol.events import FailureKind
 
 from .client import HttpsConnection, TransportError
-from .runner import backend_options
+from .event_loop import backend_options
 from .tls import PeerCheck
 
 

@@ -22,20 +22,12 @@ import anyio.abc
 import msgspec
 from anyio.abc import SocketAttribute
 
+from .event_loop import backend_options
 from .server import HttpsServer
 
 log = logging.getLogger("spike.transports.runner")
 
 Background = Callable[[], Coroutine[Any, Any, None]]
-
-
-def backend_options() -> dict[str, Any]:
-    """uvloop when it is installed: its C event loop and TLS roughly halve the server's cost per request."""
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return {}
-    return {"use_uvloop": True}
 
 
 def run_event_loop(main: Callable[[], Coroutine[Any, Any, None]], *, fast: bool = True) -> None:

@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from spike.app.logs import ReportLogger
 from spike.app.nexus.audit import AuditLog
 from spike.app.nexus.authorizer import Authorizer
 from spike.app.nexus.cipher_api import CipherApi
@@ -30,6 +29,7 @@ from spike.app.nexus.lifecycle import ExportFile, KeyLifecycle
 from spike.app.nexus.metrics import NexusMetrics
 from spike.app.nexus.operator_api import OperatorApi
 from spike.app.nexus.policy_api import PolicyApi
+from spike.app.nexus.report_log import ReportLogger
 from spike.app.nexus.routes import NexusApi
 from spike.app.nexus.secrets_api import SecretsApi
 from spike.app.nexus.server import CallRecorder

@@ -62,7 +62,7 @@ from spike.app.nexus.server import NEXUS_LIMITS
 from spike.protocol.identity import TrustDomains
 from spike.protocol.keeper import Keeper
 from spike.protocol.wire import KEEPER_CONTRIBUTE_PATH, KEEPER_SHARD_PATH
-from spike.transports.runner import backend_options
+from spike.transports.event_loop import backend_options
 from spike.transports.server import HttpsServer, ServerLimits
 from spike.transports.tls import server_context
 from tests.authz.deployment import Deployment, running

@@ -25,7 +25,6 @@ from spike.app.api.messages import (
 )
 from spike.app.config import ConfigError, NexusConfig
 from spike.app.identity import identity_source
-from spike.app.logs import ReportLogger
 from spike.app.memory import AfterFloods, Protection, protect
 from spike.app.nexus.audit import AuditLog, secret_path_of
 from spike.app.nexus.authorizer import Authorizer
@@ -37,6 +36,7 @@ from spike.app.nexus.lifecycle import ExportFile, KeyLifecycle, LoopOffload
 from spike.app.nexus.operator_api import OperatorApi
 from spike.app.nexus.policy_api import PolicyApi
 from spike.app.nexus.reload import reload_on_sighup
+from spike.app.nexus.report_log import ReportLogger
 from spike.app.nexus.routes import ApiCall, NexusApi, Reply, VaultFace
 from spike.app.nexus.secrets_api import SecretsApi
 from spike.app.nexus.summaries import Summaries
