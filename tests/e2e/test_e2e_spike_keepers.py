@@ -13,6 +13,7 @@ import dataclasses
 import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,7 +68,11 @@ def recovery_files(cluster: Cluster, directory: Path) -> dict[int, str]:
     return {parse_shard(p.read_text()).id: p.read_text().strip() for p in sorted(directory.iterdir())}
 
 
-def test_spike_keepers_under_our_nexus_with_spikes_derivation(make_cluster: Callable[..., Cluster]) -> None:
+def bootstrapped_under_spikes_keeper_id(
+    make_cluster: Callable[..., Cluster],
+) -> tuple[Cluster, SvidFiles, dict[str, Any]]:
+    """Every keeper under SPIKE's one keeper ID, Nexus splitting SPIKE's way, bootstrapped: (cluster, the
+    keepers' SVID, the status once every keeper holds its shard)."""
     cluster = make_cluster(nexus_env=SPIKE_ENV)
     svid = spike_keeper_svid(cluster)
     for keeper_id in cluster.keeper_ids:
@@ -76,6 +81,11 @@ def test_spike_keepers_under_our_nexus_with_spikes_derivation(make_cluster: Call
     booted = cluster.run("bootstrap", identity="bootstrap", env={"SPIKE_NEXUS_KEEPER_IDENTITY": "spike"})
     assert booted.returncode == 0, booted
     _, status = cluster.wait_status(lambda s: s["phase"] == "ready" and s["redundancy"] == 1, "ready, all holding")
+    return cluster, svid, status
+
+
+def test_spike_keepers_under_our_nexus_with_spikes_derivation(make_cluster: Callable[..., Cluster]) -> None:
+    cluster, svid, status = bootstrapped_under_spikes_keeper_id(make_cluster)
     assert status["shard_derivation"] == "spike"
 
     store = NexusStore(cluster.data_dir)
@@ -139,14 +149,7 @@ def test_without_the_option_spikes_keeper_id_is_an_impostor(make_cluster: Callab
 def test_changing_the_derivation_is_a_rekey_to_a_new_key_split_the_new_way(
     make_cluster: Callable[..., Cluster],
 ) -> None:
-    cluster = make_cluster(nexus_env=SPIKE_ENV)
-    svid = spike_keeper_svid(cluster)
-    for keeper_id in cluster.keeper_ids:
-        cluster.start_keeper(keeper_id, files=svid)
-    cluster.start_nexus()
-    booted = cluster.run("bootstrap", identity="bootstrap", env={"SPIKE_NEXUS_KEEPER_IDENTITY": "spike"})
-    assert booted.returncode == 0, booted
-    cluster.wait_status(lambda s: s["phase"] == "ready" and s["redundancy"] == 1, "ready, all holding")
+    cluster, _, _ = bootstrapped_under_spikes_keeper_id(make_cluster)
 
     cluster.kill("nexus")
     cluster.start_nexus({"SPIKE_NEXUS_SHARD_DERIVATION": "hmac"})

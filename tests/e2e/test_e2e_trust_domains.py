@@ -14,7 +14,6 @@ and why; the genuine callers of both domains work throughout.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,12 +57,9 @@ def test_an_id_minted_by_the_other_domains_ca_cannot_read_a_shard_or_reach_nexus
         cluster = make_cluster(pilot_identity=foreign_identity, trust_bundles=((OURS, ours), (THEIRS, theirs)))
     cluster.start_ready()  # bootstrap (spike.test) seeds, the other.test superuser sees Nexus ready
 
-    now = dt.datetime.now(dt.UTC)
-    day = dt.timedelta(days=1)
-
     def forged(by: DevIdentity, spiffe_id: str) -> SvidFiles:
         name = spiffe_id.replace("spiffe://", "").replace("/", "-")
-        return mint_files(by, tmp_path, name, spiffe_id, not_before=now - day, not_after=now + day)
+        return mint_files(by, tmp_path, name, spiffe_id)
 
     # The audit's reproduction: other.test's CA claims to be spike.test's Nexus and asks a keeper for its shard.
     forged_nexus = raw_client_context(forged(foreign_identity, f"spiffe://{OURS}/spike/nexus"), both)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as dt
 import json
 from collections.abc import AsyncIterator
 
@@ -33,10 +32,7 @@ CONTRIBUTION = json.dumps({"shard": list(range(1, 33))}).encode()  # what SPIKE'
 
 @pytest.fixture(scope="module")
 def spike_keeper_svid(dev_identity: DevIdentity, tmp_path_factory: pytest.TempPathFactory) -> SvidFiles:
-    now = dt.datetime.now(dt.UTC)
-    day = dt.timedelta(days=1)
-    directory = tmp_path_factory.mktemp("spike-keeper")
-    return mint_files(dev_identity, directory, "keeper", SPIKE_KEEPER_ID, not_before=now - day, not_after=now + day)
+    return mint_files(dev_identity, tmp_path_factory.mktemp("spike-keeper"), "keeper", SPIKE_KEEPER_ID)
 
 
 @contextlib.asynccontextmanager

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime as dt
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -34,10 +33,7 @@ CONTRIBUTION = json.dumps({"shard": list(range(1, 33))}).encode()
 
 @pytest.fixture(scope="module")
 def nexus_below_svid(dev_identity: DevIdentity, tmp_path_factory: pytest.TempPathFactory) -> SvidFiles:
-    now = dt.datetime.now(dt.UTC)
-    day = dt.timedelta(days=1)
-    directory = tmp_path_factory.mktemp("nexus-below")
-    return mint_files(dev_identity, directory, "nexus-0", BELOW, not_before=now - day, not_after=now + day)
+    return mint_files(dev_identity, tmp_path_factory.mktemp("nexus-below"), "nexus-0", BELOW)
 
 
 @contextlib.asynccontextmanager

@@ -179,10 +179,13 @@ def mint_files(
     name: str,
     spiffe_id: str,
     *,
-    not_before: dt.datetime,
-    not_after: dt.datetime,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
 ) -> SvidFiles:
-    """An SVID signed by `identity`'s CA with any validity window and ID."""
+    """An SVID signed by `identity`'s CA with any ID, valid from a day ago to a day ahead unless told otherwise."""
+    now = dt.datetime.now(dt.UTC)
+    not_before = now - dt.timedelta(days=1) if not_before is None else not_before
+    not_after = now + dt.timedelta(days=1) if not_after is None else not_after
     ca_cert = x509.load_pem_x509_certificate((identity.directory / CA_CERT).read_bytes())
     ca_key = serialization.load_pem_private_key((identity.directory / CA_KEY).read_bytes(), None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
