@@ -481,13 +481,13 @@ def _keeper(args: argparse.Namespace) -> int:
 
 
 def _nexus(args: argparse.Namespace) -> int:
-    import json
-
     from spike.app import config as cfg
     from spike.app.nexus import server as nexus
 
     config = cfg.nexus(args, cfg.environ(args))
     if args.check_config:
+        import json
+
         print(json.dumps(cfg.describe(config), indent=2, default=str))
         return 0
     _setup_logs(config.common)
