@@ -86,7 +86,9 @@ class _HelpFormatter(argparse.HelpFormatter):
     makes a formatter for every argument it adds: every spike command paid that (issue 20).
     """
 
-    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None):
+    def __init__(
+        self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None
+    ) -> None:
         super().__init__(prog, indent_increment, max_help_position, _terminal_columns() - 2 if width is None else width)
 
 

@@ -162,7 +162,7 @@ class ExportFile:
         self.path = data_dir / self.NAME
 
     def _read(self) -> list[tuple[int, float]]:
-        import json  # here: only an export writes or reads the file (~1 ms of every start, issue 20)
+        import json  # here: only an export writes or reads the file (~2 ms of every start, issue 20)
 
         try:
             raw = json.loads(self.path.read_text())
