@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -62,6 +63,41 @@ def build_commit() -> str:
 def version_line() -> str:
     """`spike 0.1.0 (commit abc1234)`."""
     return f"spike {spike.__version__} (commit {build_commit()})"
+
+
+def _terminal_columns() -> int:
+    """The width `shutil.get_terminal_size()` gives: $COLUMNS, else the terminal's, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):  # no stdout, or not a terminal
+        return 80
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help formatter, given the terminal's width.
+
+    Not given one, it imports shutil to ask (with bz2 and lzma: 2.7 ms), and argparse
+    makes a formatter for every argument it adds: every spike command paid that (issue 20).
+    """
+
+    def __init__(
+        self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None
+    ) -> None:
+        super().__init__(prog, indent_increment, max_help_position, _terminal_columns() - 2 if width is None else width)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser with the formatter above; subcommands' parsers are of the same class."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 class _VersionAction(argparse.Action):
@@ -144,7 +180,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     stack), paid at each start; a command needs its own.  A word no entry of _PARSERS
     parses, or none, gets them all, for the list of commands in the help and the error.
     """
-    parser = argparse.ArgumentParser(prog="spike", description="SPIFFE-native secrets manager")
+    parser = _Parser(prog="spike", description="SPIFFE-native secrets manager")
     parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     known = any(command in names for names, _ in _PARSERS)
@@ -447,13 +483,13 @@ def _keeper(args: argparse.Namespace) -> int:
 
 
 def _nexus(args: argparse.Namespace) -> int:
-    import json
-
     from spike.app import config as cfg
     from spike.app.nexus import server as nexus
 
     config = cfg.nexus(args, cfg.environ(args))
     if args.check_config:
+        import json
+
         print(json.dumps(cfg.describe(config), indent=2, default=str))
         return 0
     _setup_logs(config.common)

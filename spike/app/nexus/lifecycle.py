@@ -24,7 +24,6 @@ and nothing here logs one.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -163,6 +162,8 @@ class ExportFile:
         self.path = data_dir / self.NAME
 
     def _read(self) -> list[tuple[int, float]]:
+        import json  # here: only an export writes or reads the file (~2 ms of every start, issue 20)
+
         try:
             raw = json.loads(self.path.read_text())
             return [(int(e["epoch"]), float(e["time"])) for e in raw["exports"]]
@@ -173,6 +174,8 @@ class ExportFile:
             return []
 
     def note(self, epoch: int, at: float) -> None:
+        import json
+
         exports = [*self._read(), (epoch, at)][-self.KEEP :]
         data = json.dumps({"exports": [{"epoch": e, "time": t} for e, t in exports]}).encode()
         tmp = self.path.with_suffix(".tmp")
