@@ -99,7 +99,11 @@ def open_backend(config: NexusConfig) -> Backend:
     if config.database_url:
         from spike.app.store.postgres import PostgresBackend
 
-        return PostgresBackend(config.database_url, default_max_versions=config.max_secret_versions)
+        return PostgresBackend(
+            config.database_url,
+            default_max_versions=config.max_secret_versions,
+            read_cache_staleness=config.read_cache_staleness,
+        )
     from spike.app.store.spike_layout import check_data_dir
 
     check_data_dir(config.data_dir)  # SPIKE Go's database there: one line, and it is not touched
