@@ -28,6 +28,7 @@ The clock is passed in (monotonic seconds): the tests drive it by hand.
 
 from __future__ import annotations
 
+import enum
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -37,12 +38,11 @@ from typing import Any
 Row = tuple[Any, ...] | None
 
 
-class _Miss:
-    def __repr__(self) -> str:
-        return "MISS"
+class _Miss(enum.Enum):
+    MISS = "MISS"
 
 
-MISS = _Miss()  # `lookup` found nothing it may serve (distinct from a kept None: "no such version")
+MISS = _Miss.MISS  # `lookup` found nothing it may serve (distinct from a kept None: "no such version")
 
 
 class ReadCache:
@@ -170,7 +170,7 @@ _ROW_OVERHEAD = 200  # bytes a kept row costs besides its blob and path (tuple, 
 
 
 def _size(path: str, row: Row | _Miss) -> int:
-    if isinstance(row, _Miss):
+    if row is MISS:
         return 0
     sealed = row[1] if row is not None else None
     return _ROW_OVERHEAD + len(path) + (len(sealed) if isinstance(sealed, bytes) else 0)
