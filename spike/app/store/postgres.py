@@ -42,7 +42,7 @@ from spike.app.model import kv
 from spike.app.store.errors import DatabaseUnavailable, StorageError
 from spike.app.store.key_state import rendered_key_sql
 from spike.app.store.keyring import LEGACY_TERM, NewerTerm
-from spike.app.store.postgres_changes import ChangeListener
+from spike.app.store.postgres_changes import CHANGES_APPLICATION, ChangeListener
 from spike.app.store.postgres_connections import UNAVAILABLE, Connections, one_line
 from spike.app.store.postgres_schema import migrate
 from spike.app.store.postgres_sql import (
@@ -105,7 +105,9 @@ class PostgresBackend(SqlStore[Conn]):
             self.read_cache = ReadCache(
                 staleness=read_cache_staleness, max_bytes=READ_CACHE_BYTES, clock=time.monotonic
             )
-            self._changes = ChangeListener(lambda: self._db.connect(autocommit=True), self.read_cache)
+            self._changes = ChangeListener(
+                lambda: self._db.connect(autocommit=True, application_name=CHANGES_APPLICATION), self.read_cache
+            )
             self._changes.start()
 
     @property

@@ -34,6 +34,7 @@ from spike.app.store.read_cache import ReadCache
 log = logging.getLogger("spike.nexus.store")
 
 CHANNEL = "spike_secret_changes"
+CHANGES_APPLICATION = "spike-nexus-changes"  # the listener's application_name, as pg_stat_activity shows it
 EVERYTHING = ""  # the payload of a change that names no single path (TRUNCATE, a path too long to send)
 IDLE_BARRIER = 1.0  # seconds between barriers while no read asks the cache
 SLICE = 0.1  # seconds the thread waits at most before it looks at the reads (and at `close`) again
@@ -55,8 +56,9 @@ class ChangeListener:
         self._clock = clock
         self._stop = threading.Event()
         self._broken = False  # logged once per outage
-        self.barriers = 0
-        self._last_sent = -float("inf")
+        self.barriers = 0  # barriers answered
+        self.connections = 0  # times it started listening
+        self.last_answered_sent = -float("inf")  # when the newest answered barrier was sent
         self._thread = threading.Thread(target=self._run, name="spike-pg-changes", daemon=True)
 
     def start(self) -> None:
@@ -86,6 +88,7 @@ class ChangeListener:
         conn.execute(f"LISTEN {CHANNEL}")
         # Whatever changed while nobody listened was announced to nobody.
         self._cache.drop_all()
+        self.connections += 1
         if self._broken:
             self._broken = False
             log.info("the read cache is on again", extra={"event": "read_cache_on"})
@@ -95,14 +98,14 @@ class ChangeListener:
             lookups = self._cache.hits + self._cache.misses
             if lookups != asked:  # reads are coming: barriers often enough for the cache to serve them
                 asked = lookups
-                due = min(due, self._last_sent + self._cache.staleness / 2)
+                due = min(due, self.last_answered_sent + self._cache.staleness / 2)
             if self._clock() >= due:
                 sent = self._clock()
                 conn.execute("SELECT 1")
                 self._apply(conn.notifies(timeout=0))  # those that came ahead of the answer
                 self._cache.barrier(sent)
                 self.barriers += 1
-                self._last_sent = sent
+                self.last_answered_sent = sent
                 due = sent + IDLE_BARRIER
                 continue
             # Until the next barrier, drop paths as their notifications come.

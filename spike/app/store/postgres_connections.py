@@ -110,8 +110,9 @@ class Connections:
         self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
         self._pool_lock = threading.Lock()
 
-    def connect(self, *, autocommit: bool) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.url, autocommit=autocommit, **self._connect_kwargs)
+    def connect(self, *, autocommit: bool, application_name: str = "spike-nexus") -> psycopg.Connection[Any]:
+        kwargs = self._connect_kwargs | {"application_name": application_name}
+        return psycopg.connect(self.url, autocommit=autocommit, **kwargs)
 
     def open_pool(self) -> None:
         quiet_pool_log()
