@@ -417,7 +417,13 @@ class Nexus:
         # prometheus_client is imported only when metrics are asked for: it costs start-up time.
         from spike.app.nexus.metrics import NexusMetrics
 
-        return NexusMetrics(lambda: self.custody, self.urls, anyio.current_time, keyring=self._keyring_counts)
+        return NexusMetrics(
+            lambda: self.custody,
+            self.urls,
+            anyio.current_time,
+            keyring=self._keyring_counts,
+            read_cache=self._secrets.read_cache,
+        )
 
     def _keyring_counts(self) -> KeyringStatusBody | None:
         return self.lifecycle.refresh_keyring()

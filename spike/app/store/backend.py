@@ -47,6 +47,7 @@ import msgspec
 
 from spike.app.model import kv
 from spike.app.store.keyring import Keyring
+from spike.app.store.read_cache import ReadCache
 from spike.protocol.material import RootKey
 from spike.protocol.pending import PendingRotation
 from spike.protocol.record import KeyRecord
@@ -216,6 +217,11 @@ class Reads(Protocol):
 
     def read(self, call: Callable[[], T]) -> Future[T]:
         """Run a blocking read away from the caller's thread."""
+        ...
+
+    @property
+    def read_cache(self) -> ReadCache | None:
+        """PostgreSQL's read cache (read_cache.py), for metrics; None without one."""
         ...
 
 

@@ -44,6 +44,7 @@ from spike.app.model.policy import MAX_POLICIES
 from spike.app.store.backend import PolicyRow
 from spike.app.store.data_keys import DataKeys, label
 from spike.app.store.key_state import C, Connection
+from spike.app.store.read_cache import ReadCache
 from spike.app.store.sealing import DataKeyGone, metadata_aad, secret_aad
 from spike.app.store.statements import Statements
 
@@ -110,6 +111,8 @@ class PolicyNameTaken(kv.InvalidRequest):
 class SqlStore(DataKeys[C], ABC):
     """Secrets and policies on a SQL database; a backend provides `_read`, `_submit`, the key state's
     `_key_read`/`_key_change` and its `Dialect`."""
+
+    read_cache: ReadCache | None = None  # PostgreSQL's, when it keeps one
 
     def __init__(self, dialect: Dialect[C], *, default_max_versions: int) -> None:
         super().__init__()
