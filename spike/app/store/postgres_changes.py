@@ -73,7 +73,7 @@ class ChangeListener:
             try:
                 with self._connect() as conn:
                     self._listen(conn)
-            except psycopg.Error as exc:
+            except Exception as exc:  # psycopg's errors, or a bug here: either way the cache must stop answering
                 self._cache.unsure()
                 if not self._broken and not self._stop.is_set():
                     self._broken = True
