@@ -164,6 +164,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     configs = args.configs.split(",")
+    # Every child imports spike/ from PYTHONPATH: this tree's (the sqlite and pg clusters, keepers, the CLI),
+    # or --base's and --alt's for those clusters' Nexus.  `python -m spike` would put the working directory
+    # first on sys.path (run from a checkout, every cluster would import that checkout, whatever PYTHONPATH
+    # says: until 2026-12-06 the --base/--alt A/Bs run from a checkout compared that checkout with itself);
+    # safe-path mode leaves it out.
+    os.environ["PYTHONSAFEPATH"] = "1"
+    os.environ["PYTHONPATH"] = str(ROOT)
     bindir = pg_server.find_bindir()
     if bindir is None:
         raise SystemExit("PostgreSQL's server binaries are missing (apt-get install postgresql)")

@@ -280,6 +280,12 @@ def _add_nexus(sub: Any) -> None:
         "(env SPIKE_NEXUS_DATABASE_URL; default SQLite in the data dir)",
     )
     nexus.add_argument(
+        "--read-cache-staleness",
+        metavar="DUR",
+        help="PostgreSQL: how old a GET may be for writes through other instances, 0 for no read cache "
+        "(env SPIKE_NEXUS_READ_CACHE_STALENESS; default 20ms)",
+    )
+    nexus.add_argument(
         "--metrics-listen", metavar="ADDR", help="plain-HTTP /metrics /healthz /readyz (SPIKE_NEXUS_METRICS_LISTEN)"
     )
     nexus.add_argument("--audit-log", metavar="FILE", help="env SPIKE_NEXUS_AUDIT_LOG, default <data-dir>/audit.log")

@@ -46,6 +46,8 @@ DEFAULT_KEEPER_PORT = 8443
 DEFAULT_NEXUS_PORT = 8553
 DEFAULT_NEXUS_URL = f"https://localhost:{DEFAULT_NEXUS_PORT}"
 # How often Nexus says again, in its log, what stays wrong (see `Summaries` in nexus.py).
+READ_CACHE_STALENESS = 0.02  # seconds (PostgreSQL's read cache, docs/postgresql.md)
+MAX_READ_CACHE_STALENESS = 10.0
 WAITING_SUMMARY_EVERY = 30.0  # while it waits for shards
 KEEPER_SUMMARY_EVERY = 300.0  # while a keeper stays without its shard
 
@@ -92,6 +94,9 @@ class NexusConfig(msgspec.Struct, frozen=True):
     lite_workload_domains: tuple[str, ...] = ()
     # How new root keys are split (docs/spike-keepers.md): spike's HMAC derivation, or SPIKE's Go one.
     shard_derivation: ShardDerivation = ShardDerivation.HMAC
+    # PostgreSQL only (docs/postgresql.md): how old a GET's answer may be, for writes through other instances;
+    # 0: no read cache, every GET asks the database.
+    read_cache_staleness: float = READ_CACHE_STALENESS
 
     def __repr__(self) -> str:  # a database URL may hold a password: masked, as in logs
         shown = (
@@ -492,6 +497,8 @@ def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
     token_ttl = _pick(args, "vault_token_ttl", env, "SPIKE_NEXUS_VAULT_TOKEN_TTL", default="1h") or "1h"
     data = Path(data_dir).expanduser()
     database_text = database_url(database) if database else None
+    staleness_text = _pick(args, "read_cache_staleness", env, "SPIKE_NEXUS_READ_CACHE_STALENESS")
+    staleness = read_cache_staleness(staleness_text, database_text)
     return NexusConfig(
         base,
         parse_bind(listen, "Nexus listen address"),
@@ -517,7 +524,26 @@ def nexus(args: argparse.Namespace, env: Env) -> NexusConfig:
         cipher_max_ciphertext(env.get("SPIKE_NEXUS_CRYPTO_MAX_CIPHERTEXT_SIZE", "")),
         lite_workload_domains(env.get("SPIKE_TRUST_ROOT_LITE_WORKLOAD", ""), args, env),
         shard_derivation(args, env),
+        staleness,
     )
+
+
+def read_cache_staleness(text: str | None, database: str | None) -> float:
+    """--read-cache-staleness (SPIKE_NEXUS_READ_CACHE_STALENESS): a duration from 0 (no cache) to 10s, only
+    with a PostgreSQL database (SQLite reads need no cache: they are local)."""
+    if text is None:
+        return READ_CACHE_STALENESS
+    if database is None:
+        raise ConfigError(
+            "--read-cache-staleness (SPIKE_NEXUS_READ_CACHE_STALENESS) applies to PostgreSQL only "
+            "(--database-url): leave it out on SQLite"
+        )
+    value = duration_seconds(text, "read cache staleness")
+    if value > MAX_READ_CACHE_STALENESS:
+        raise ConfigError(
+            f"read cache staleness must be at most {MAX_READ_CACHE_STALENESS:g}s (0 turns the cache off), not {text!r}"
+        )
+    return value
 
 
 #: The data dir of a Nexus on the memory backend, which never touches it: what `--check-config` shows.
@@ -540,6 +566,7 @@ MEMORY_REFUSES = (
     ("rotate_every", "--rotate-every", "SPIKE_NEXUS_ROTATE_EVERY", "its key lives as long as the process"),
     ("data_dir", "--data-dir", "SPIKE_NEXUS_DATA_DIR", "it writes nothing to disk"),
     ("database_url", "--database-url", "SPIKE_NEXUS_DATABASE_URL", "it keeps its data in memory"),
+    ("read_cache_staleness", "--read-cache-staleness", "SPIKE_NEXUS_READ_CACHE_STALENESS", "it has no database"),
     ("metrics_listen", "--metrics-listen", "SPIKE_NEXUS_METRICS_LISTEN", "its metrics describe custody; it has none"),
 )
 
@@ -877,6 +904,7 @@ TOML_KEYS: dict[str, dict[str, str]] = {
         "crypto_max_ciphertext_size": "SPIKE_NEXUS_CRYPTO_MAX_CIPHERTEXT_SIZE",
         "keeper_identity": "SPIKE_NEXUS_KEEPER_IDENTITY",
         "shard_derivation": "SPIKE_NEXUS_SHARD_DERIVATION",
+        "read_cache_staleness": "SPIKE_NEXUS_READ_CACHE_STALENESS",
     },
     "bootstrap": {"timeout": "SPIKE_BOOTSTRAP_TIMEOUT"},
 }

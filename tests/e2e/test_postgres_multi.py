@@ -1,7 +1,9 @@
 """Several Nexus instances on one PostgreSQL: real processes, real keepers, a real database server.
 
 Two Nexus processes share one database (tests/pg_server.py) and three keepers.
-What one acknowledges, the other reads at once; check-and-set holds across
+What one acknowledges, the other reads once the read cache's staleness bound
+has passed (docs/postgresql.md; the default 20 ms, waited out here), and with
+no wait at all when its cache is off; check-and-set holds across
 them; policies changed through one are in force on the other within a couple
 of seconds; a bootstrap through one is picked up by the other on its own, and
 `bootstrap --force` through one moves the other to the new key without a fight
@@ -39,6 +41,7 @@ from spike.app.api.messages import (
 )
 from spike.app.commands.client import Empty, NexusClient, NexusError
 from spike.app.commands.devca import CA_KEY, mint_svid
+from spike.app.config import READ_CACHE_STALENESS
 from spike.transports.tls import SvidFiles
 from tests import pg_server
 from tests.e2e.harness import Cluster, wait_until
@@ -71,6 +74,7 @@ def get(cluster: Cluster, nexus: int, path: str, version: int = 0) -> tuple[int,
 @dataclass
 class Ledger:
     acked: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+    acked_at: list[tuple[float, int]] = field(default_factory=list)  # (monotonic time after the answer, version)
     in_doubt: dict[str, set[str]] = field(default_factory=dict)
     not_ready: int = 0
     refused: int = 0
@@ -103,6 +107,27 @@ def writer(cluster: Cluster, nexus: int, number: int, ledger: Ledger, stop: thre
                         break  # a new connection (the instance may have been restarted)
                 else:
                     ledger.acked.setdefault(path, []).append((answer.version, value))
+                    ledger.acked_at.append((time.monotonic(), answer.version))
+
+
+def stale_reads(cluster: Cluster, nexus: int, path: str, ledger: Ledger, stop: threading.Event) -> list[str]:
+    """Read `path` through `nexus` until `stop`, while another instance writes it: each answer must be at least
+    the newest version acknowledged READ_CACHE_STALENESS or more before the read was sent (the read cache's
+    promise), whatever fails meanwhile (a dead instance, a database restart: those reads fail, or are
+    answered within the bound)."""
+    wrong: list[str] = []
+    while not stop.is_set():
+        try:
+            with cluster.client(nexus=nexus, timeout=5.0) as client:
+                while not stop.is_set():
+                    sent = time.monotonic()
+                    got = client.call(SECRETS_PATH, SecretGetRequest(path=path), SecretGetResponse, action="get")
+                    due = max((v for at, v in list(ledger.acked_at) if at <= sent - READ_CACHE_STALENESS), default=0)
+                    if got.version < due:
+                        wrong.append(f"read v{got.version} at {sent:.4f}, v{due} acknowledged before the bound")
+        except NexusError:
+            stop.wait(0.05)
+    return wrong
 
 
 READER_ID = "spiffe://spike.test/workload/reader"
@@ -143,17 +168,25 @@ def test_two_instances_one_database_through_a_crash_and_a_database_restart(pair:
     assert first["epoch"] == second["epoch"] == 1
     c.wait_log(c.nexus(2), "installed through another Nexus instance")
 
-    # What one acknowledges, the other reads at once: puts, deletes, destroys, purges.
+    # What one acknowledges, the other reads once the staleness bound has passed: puts, deletes, destroys,
+    # purges.  Each is read before the write as well, so that the other instance's cache holds the old answer.
     with c.client(nexus=1) as one, c.client(nexus=2) as two:
         for n in range(10):
+            get(c, 2, "x/rw")
             put = one.call(SECRETS_PATH, SecretPutRequest(path="x/rw", values={"n": str(n)}), SecretPutResponse)
+            time.sleep(READ_CACHE_STALENESS)
             assert get(c, 2, "x/rw") == (put.version, {"n": str(n)})
+        get(c, 1, "x/rw")
         two.call(SECRETS_PATH, SecretVersionsRequest(path="x/rw", versions=[]), Empty, action="delete")
+        time.sleep(READ_CACHE_STALENESS)
         assert get(c, 1, "x/rw") == 404
+        get(c, 1, "x/rw", 9)
         one.call(SECRETS_PATH, SecretVersionsRequest(path="x/rw", versions=[9]), Empty, action="destroy")
         two.call(SECRETS_PATH, SecretVersionsRequest(path="x/rw", versions=[9]), Empty, action="undelete")
+        time.sleep(READ_CACHE_STALENESS)
         assert get(c, 1, "x/rw", 9) == 404  # destroyed through one, for good on both
         two.call(SECRETS_METADATA_PATH, SecretGetRequest(path="x/rw"), Empty, action="delete")
+        time.sleep(READ_CACHE_STALENESS)
         assert get(c, 1, "x/rw") == 404
 
         # Check-and-set across instances: of two puts with the same cas, exactly one wins.
@@ -210,6 +243,11 @@ def test_two_instances_one_database_through_a_crash_and_a_database_restart(pair:
     ledgers = [Ledger() for _ in range(4)]
     stop = threading.Event()
     threads = [threading.Thread(target=writer, args=(c, 1 + w % 2, w, ledgers[w], stop), daemon=True) for w in range(4)]
+    # And a reader of writer 0's path (written through instance 1) through instance 2, where the cache serves it.
+    stale: list[str] = []
+    threads.append(
+        threading.Thread(target=lambda: stale.extend(stale_reads(c, 2, "multi/w0", ledgers[0], stop)), daemon=True)
+    )
     for thread in threads:
         thread.start()
 
@@ -275,6 +313,7 @@ def test_two_instances_one_database_through_a_crash_and_a_database_restart(pair:
                         )
                         assert got.data["v"] in ledger.in_doubt.get(path, set()), (path, version, context)
     assert not lost, f"{context}\n" + "\n".join(lost)
+    assert not stale, "\n".join(stale[:20])
 
     # The outage was logged once by the instance that lived through it, and its end once.
     log = c.nexus(2).text()
@@ -319,3 +358,25 @@ def test_bootstraps_through_two_instances_at_once_agree_and_force_moves_both(pai
     with c.client(nexus=1) as one:
         one.call(SECRETS_PATH, SecretPutRequest(path="after/force", values={"k": "w"}), SecretPutResponse)
     assert get(c, 2, "after/force") == (1, {"k": "w"})
+
+
+def test_without_the_read_cache_what_one_acknowledges_the_other_reads_at_once(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    """--read-cache-staleness 0: every GET asks the database, so no wait is needed after another instance's write."""
+    c = make_cluster(
+        database_url=pg_server.server().database("e2e"),
+        nexus_count=2,
+        nexus_env={"SPIKE_NEXUS_READ_CACHE_STALENESS": "0"},
+    )
+    c.start()
+    assert c.bootstrap().returncode == 0
+    c.wait_ready(nexus=1)
+    c.wait_ready(nexus=2)
+    with c.client(nexus=1) as one, c.client(nexus=2) as two:
+        for n in range(20):
+            if n:  # its old answer read first: a cache would have it
+                two.call(SECRETS_PATH, SecretGetRequest(path="strict"), SecretGetResponse, action="get")
+            put = one.call(SECRETS_PATH, SecretPutRequest(path="strict", values={"n": str(n)}), SecretPutResponse)
+            got = two.call(SECRETS_PATH, SecretGetRequest(path="strict"), SecretGetResponse, action="get")
+            assert (got.version, got.data) == (put.version, {"n": str(n)})

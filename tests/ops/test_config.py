@@ -244,6 +244,7 @@ def test_check_config_prints_the_whole_effective_configuration_and_touches_nothi
         "shutdown_grace", "waiting_summary_every", "keeper_summary_every", "database_url", "require_memory_lock",
         "retiring_keepers", "rotate_every", "crash_at", "config_file", "vault_kv_mount", "vault_token_ttl",
         "backend", "max_secret_versions", "cipher_max_ciphertext", "lite_workload_domains", "shard_derivation",
+        "read_cache_staleness",
     }  # fmt: skip
     assert set(shown["common"]) == {"trust", "svid", "log_level", "log_format"}
     assert shown["audit_log"] == str(data / "audit.log")
@@ -355,6 +356,30 @@ def test_check_config_never_prints_the_database_password(
     assert code == 0, err
     assert json.loads(out)["database_url"] == "postgresql://spike:***@db.test:5432/spike?password=***"
     assert "S3cret" not in out + err
+
+
+def test_the_read_cache_staleness_by_flag_environment_or_file_postgresql_only(
+    svid: DevIdentity, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SPIKE_NEXUS_KEEPER_PEERS", PEERS_ENV)
+    url = "postgresql://spike@db.test:5432/spike"
+    assert check_config(capsys, "--database-url", url)["read_cache_staleness"] == 0.02
+    assert check_config(capsys, "--database-url", url, "--read-cache-staleness", "0")["read_cache_staleness"] == 0
+    config = write_toml(tmp_path / "spike.toml", {"nexus": {"read_cache_staleness": "250ms"}})
+    shown = check_config(capsys, "--database-url", url, "--config", str(config))
+    assert shown["read_cache_staleness"] == 0.25
+    monkeypatch.setenv("SPIKE_NEXUS_READ_CACHE_STALENESS", "1s")
+    assert check_config(capsys, "--database-url", url)["read_cache_staleness"] == 1.0
+    for bad, said in (("11s", "at most 10s"), ("-1s", "not a duration"), ("soon", "not a duration")):
+        monkeypatch.setenv("SPIKE_NEXUS_READ_CACHE_STALENESS", bad)
+        code, out, err = run(["nexus", "--check-config", "--database-url", url], capsys)
+        assert (code, out) == (2, ""), bad
+        assert said in err and len(err.splitlines()) == 1, err
+    # On SQLite there is nothing to cache: said, not ignored.
+    monkeypatch.setenv("SPIKE_NEXUS_READ_CACHE_STALENESS", "20ms")
+    code, out, err = run(["nexus", "--check-config"], capsys)
+    assert (code, out) == (2, "")
+    assert "applies to PostgreSQL only" in err and len(err.splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("url", ["mysql://db.test/spike", "db.test:5432", "postgresql://db.test:port/x"])

@@ -21,6 +21,7 @@ import pytest
 from spike.app.model import kv
 from spike.app.store.errors import DatabaseUnavailable, StorageError
 from spike.app.store.postgres import PostgresBackend
+from spike.app.store.postgres_connections import Connections
 from spike.app.store.postgres_schema import MIGRATIONS
 from spike.app.store.postgres_writer import StaleKey
 from spike.protocol.record import seal_key
@@ -76,6 +77,49 @@ def test_a_lost_server_is_503_logged_once_and_served_again_when_back(
     assert len(down) == 1, [r.getMessage() for r in caplog.records]
     assert len(up) == 1
     assert server.password not in caplog.text  # the URL is logged without its password
+
+
+def test_a_read_waiting_for_the_pool_an_outage_replaced_is_answered_from_the_new_pool(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The outage's end replaces the pool and closes the old one; a read that was waiting for a connection of the
+    old pool then takes one from the new pool, instead of failing (503) and logging a second outage."""
+    connections = Connections(url, statement_timeout_ms=5000, pool_size=1)
+    connections.open_pool()
+    try:
+        holding, release = threading.Event(), threading.Event()
+
+        def hold(conn: Any) -> int:
+            holding.set()
+            release.wait(10)
+            return 1
+
+        results: list[object] = []
+
+        def waiting_read() -> None:  # waits for the one connection the first read holds
+            try:
+                results.append(connections.query(lambda conn: conn.execute("SELECT 2").fetchone()[0]))
+            except Exception as exc:
+                results.append(exc)
+
+        first = threading.Thread(target=lambda: connections.query(hold))
+        first.start()
+        assert holding.wait(10)
+        second = threading.Thread(target=waiting_read)
+        second.start()
+        time.sleep(0.3)  # let it wait on the old pool (if it is not waiting yet, it takes the new pool anyway)
+        caplog.set_level(logging.INFO, logger="spike.nexus.store")
+        connections.health.failed(psycopg.OperationalError("the test's outage"))
+        connections.back()  # the outage ends: a fresh pool, the old one closed
+        second.join(10)
+        release.set()
+        first.join(10)
+        assert results == [2]
+        assert [r.getMessage() for r in caplog.records if "is unavailable" in r.getMessage()] == [
+            next(r.getMessage() for r in caplog.records if "is unavailable" in r.getMessage())
+        ]  # the test's own outage, once
+    finally:
+        connections.close()
 
 
 def test_a_restart_between_two_requests_costs_no_error(url: str) -> None:

@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from spike.app.api.messages import KeyringStatusBody
+from spike.app.store.read_cache import ReadCache
 from spike.protocol.api import ApiRequest, ApiResponse
 from spike.protocol.effects import (
     KeeperLeft,
@@ -131,6 +132,24 @@ class _CustodyCollector(Collector):
         yield from (state, since, polls, answers, empties, failures, reseeds)
 
 
+class _ReadCacheCollector(Collector):
+    """PostgreSQL's read cache (docs/postgresql.md): how many GETs it answered, and whether it may now."""
+
+    def __init__(self, cache: ReadCache) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        cache = self._cache
+        yield CounterMetricFamily("spike_read_cache_hits", "GETs answered from the read cache", value=cache.hits)
+        yield CounterMetricFamily(
+            "spike_read_cache_misses", "GETs the read cache could not answer (asked the database)", value=cache.misses
+        )
+        yield GaugeMetricFamily("spike_read_cache_bytes", "bytes the read cache holds", value=cache.size)
+        yield GaugeMetricFamily(
+            "spike_read_cache_fresh", "1 while a recent barrier lets the read cache answer", value=float(cache.fresh())
+        )
+
+
 class NexusMetrics:
     def __init__(
         self,
@@ -138,10 +157,13 @@ class NexusMetrics:
         urls: Mapping[int, str],
         now: Callable[[], float],
         keyring: Callable[[], KeyringStatusBody | None] = lambda: None,
+        read_cache: ReadCache | None = None,
     ) -> None:
         """`keyring`: the data keys as last counted (`KeyLifecycle.refresh_keyring`), read at each scrape."""
         self.registry = CollectorRegistry()
         self.registry.register(_CustodyCollector(custody, urls, now, keyring))
+        if read_cache is not None:
+            self.registry.register(_ReadCacheCollector(read_cache))
         self._custody = custody
         self.api_requests = Counter(
             "spike_api_requests", "API requests by route and status", ["route", "status"], registry=self.registry

@@ -120,10 +120,15 @@ def read_reply(
     answer: Callable[[T], ApiResponse],
     what: str,
     logger: logging.Logger = log,
+    *,
+    at_once: Callable[[], T | None] | None = None,
 ) -> Reply:
-    """Answer from a read: inline on a local database, through a future on a remote one."""
+    """Answer from a read: inline on a local database, through a future on a remote one (unless `at_once`
+    answers from memory first: the read cache)."""
     if store.inline_reads:
         return answer(call())
+    if at_once is not None and (found := at_once()) is not None:
+        return answer(found)
     return when_done(store.read(call), answer, what, logger)
 
 
@@ -200,7 +205,10 @@ class SecretsApi:
         def answer(found: tuple[int, dict[str, str]]) -> ApiResponse:
             return ApiResponse.json(SecretGetResponse(data=found[1], version=found[0]))
 
-        return read_reply(self._store, lambda: self._store.get(path, version), answer, "get")
+        store = self._store
+        return read_reply(
+            store, lambda: store.get(path, version), answer, "get", at_once=lambda: store.cached_get(path, version)
+        )
 
     def delete(self, body: SecretVersionsRequest) -> Reply:
         return self._versions(self._store.delete, body, "delete")

@@ -99,7 +99,11 @@ def open_backend(config: NexusConfig) -> Backend:
     if config.database_url:
         from spike.app.store.postgres import PostgresBackend
 
-        return PostgresBackend(config.database_url, default_max_versions=config.max_secret_versions)
+        return PostgresBackend(
+            config.database_url,
+            default_max_versions=config.max_secret_versions,
+            read_cache_staleness=config.read_cache_staleness,
+        )
     from spike.app.store.spike_layout import check_data_dir
 
     check_data_dir(config.data_dir)  # SPIKE Go's database there: one line, and it is not touched
@@ -413,7 +417,13 @@ class Nexus:
         # prometheus_client is imported only when metrics are asked for: it costs start-up time.
         from spike.app.nexus.metrics import NexusMetrics
 
-        return NexusMetrics(lambda: self.custody, self.urls, anyio.current_time, keyring=self._keyring_counts)
+        return NexusMetrics(
+            lambda: self.custody,
+            self.urls,
+            anyio.current_time,
+            keyring=self._keyring_counts,
+            read_cache=self._secrets.read_cache,
+        )
 
     def _keyring_counts(self) -> KeyringStatusBody | None:
         return self.lifecycle.refresh_keyring()

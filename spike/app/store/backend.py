@@ -47,6 +47,7 @@ import msgspec
 
 from spike.app.model import kv
 from spike.app.store.keyring import Keyring
+from spike.app.store.read_cache import ReadCache
 from spike.protocol.material import RootKey
 from spike.protocol.pending import PendingRotation
 from spike.protocol.record import KeyRecord
@@ -139,6 +140,11 @@ class Secrets(Protocol):
 
     def get(self, path: str, version: int) -> tuple[int, dict[str, str]]: ...
 
+    def cached_get(self, path: str, version: int) -> tuple[int, dict[str, str]] | None:
+        """`get`'s answer at once, without I/O, when the store keeps it in memory (PostgreSQL's read cache);
+        None: call `get`.  Safe on the event loop's thread."""
+        ...
+
     def metadata(self, path: str) -> tuple[kv.SecretMeta, list[kv.VersionInfo]]: ...
 
     def list_paths(self, prefix: str, *, limit: int, after: str = "") -> list[str]: ...
@@ -211,6 +217,11 @@ class Reads(Protocol):
 
     def read(self, call: Callable[[], T]) -> Future[T]:
         """Run a blocking read away from the caller's thread."""
+        ...
+
+    @property
+    def read_cache(self) -> ReadCache | None:
+        """PostgreSQL's read cache (read_cache.py), for metrics; None without one."""
         ...
 
 

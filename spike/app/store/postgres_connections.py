@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolClosed
 
 from spike.app.config import mask_url
 from spike.app.store.errors import DatabaseUnavailable, StorageError
@@ -110,8 +110,9 @@ class Connections:
         self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
         self._pool_lock = threading.Lock()
 
-    def connect(self, *, autocommit: bool) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.url, autocommit=autocommit, **self._connect_kwargs)
+    def connect(self, *, autocommit: bool, application_name: str = "spike-nexus") -> psycopg.Connection[Any]:
+        kwargs = self._connect_kwargs | {"application_name": application_name}
+        return psycopg.connect(self.url, autocommit=autocommit, **kwargs)
 
     def open_pool(self) -> None:
         quiet_pool_log()
@@ -136,19 +137,26 @@ class Connections:
         assert self._pool is not None, "open_pool first"
         if self.health.down:
             return self._query_while_down(work)
-        for attempt in (1, 2):
+        retried = False
+        while True:
+            pool = self._pool
+            assert pool is not None
             try:
-                with self._pool.connection() as conn:
-                    result = work(conn)
+                with pool.connection() as conn:
+                    return work(conn)
+            except PoolClosed as exc:
+                # Replaced (an outage ended) while this read waited for it, or between its two tries: not news.
+                if pool is not self._pool:
+                    continue
+                raise self.health.failed(exc) from None
             except UNAVAILABLE as exc:
-                if attempt == 1 and not isinstance(exc, psycopg.errors.QueryCanceled):
-                    self._pool.check()  # after a server restart every idle connection is stale: drop them all
+                if not retried and not isinstance(exc, psycopg.errors.QueryCanceled):
+                    retried = True
+                    pool.check()  # after a server restart every idle connection is stale: drop them all
                     continue
                 raise self.health.failed(exc) from None
             except psycopg.Error as exc:
                 raise StorageError(f"the database refused a read: {one_line(exc)}") from None
-            return result
-        raise AssertionError("unreachable")
 
     def _query_while_down(self, work: Callable[[psycopg.Connection[Any]], T]) -> T:
         """During an outage every query tries a connection of its own: it fails at once while the database

@@ -90,6 +90,34 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE secret ADD COLUMN custom_term bigint NOT NULL DEFAULT 0",
         "ALTER TABLE policy ADD COLUMN key_term bigint NOT NULL DEFAULT 0",
     ),
+    # The read cache (read_cache.py, postgres_changes.py): every change to a secret's rows, by any writer,
+    # announces its path to the instances listening; a TRUNCATE, or a path too long for a notification's
+    # payload (8000 bytes), announces '' (everything).  Identical notifications of one transaction are sent
+    # once, so a put's two rows cost one.
+    (
+        """CREATE FUNCTION spike_secret_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+        DECLARE
+            changed text := '';
+        BEGIN
+            IF TG_LEVEL = 'ROW' THEN
+                changed := CASE WHEN TG_OP = 'DELETE' THEN OLD.path ELSE NEW.path END;
+                IF octet_length(changed) > 7900 THEN
+                    changed := '';
+                END IF;
+            END IF;
+            PERFORM pg_notify('spike_secret_changes', changed);
+            RETURN NULL;
+        END
+        $$""",
+        "CREATE TRIGGER secret_changed AFTER INSERT OR UPDATE OR DELETE ON secret "
+        "FOR EACH ROW EXECUTE FUNCTION spike_secret_changed()",
+        "CREATE TRIGGER secret_version_changed AFTER INSERT OR UPDATE OR DELETE ON secret_version "
+        "FOR EACH ROW EXECUTE FUNCTION spike_secret_changed()",
+        "CREATE TRIGGER secret_truncated AFTER TRUNCATE ON secret "
+        "FOR EACH STATEMENT EXECUTE FUNCTION spike_secret_changed()",
+        "CREATE TRIGGER secret_version_truncated AFTER TRUNCATE ON secret_version "
+        "FOR EACH STATEMENT EXECUTE FUNCTION spike_secret_changed()",
+    ),
 )
 
 _CREATE_VERSION_TABLE = (

@@ -44,6 +44,7 @@ from spike.app.model.policy import MAX_POLICIES
 from spike.app.store.backend import PolicyRow
 from spike.app.store.data_keys import DataKeys, label
 from spike.app.store.key_state import C, Connection
+from spike.app.store.read_cache import ReadCache
 from spike.app.store.sealing import DataKeyGone, metadata_aad, secret_aad
 from spike.app.store.statements import Statements
 
@@ -56,6 +57,9 @@ _values_decoder = msgspec.json.Decoder(dict[str, str])
 
 
 C_contra = TypeVar("C_contra", bound=Connection, contravariant=True)
+
+# How a stored value is opened: (sealed, aad, data-key term, what it is for messages, key epoch) -> plaintext.
+Opener = Callable[[bytes, bytes, int, str, int], bytes]
 
 # current_version, oldest_version, max_versions, cas_required, created_at, updated_at, sealed custom metadata,
 # its data-key term
@@ -108,6 +112,8 @@ class SqlStore(DataKeys[C], ABC):
     """Secrets and policies on a SQL database; a backend provides `_read`, `_submit`, the key state's
     `_key_read`/`_key_change` and its `Dialect`."""
 
+    read_cache: ReadCache | None = None  # PostgreSQL's, when it keeps one
+
     def __init__(self, dialect: Dialect[C], *, default_max_versions: int) -> None:
         super().__init__()
         self._dialect = dialect
@@ -118,14 +124,25 @@ class SqlStore(DataKeys[C], ABC):
     # sqlite3 and psycopg both give BLOB/bytea columns as bytes: rows are used as they come.
 
     def get(self, path: str, version: int) -> tuple[int, dict[str, str]]:
+        return self._value(path, self._value_row(path, version), self._open)
+
+    def cached_get(self, path: str, version: int) -> tuple[int, dict[str, str]] | None:
+        """What `get` would answer, if it can be answered at once from memory (no I/O); None: call `get`."""
+        return None
+
+    def _value_row(self, path: str, version: int) -> Any:
         statement = self._sql.value
-        row = self._read(lambda c: c.execute(statement, {"path": path, "version": version}).fetchone(), path)
+        return self._read(lambda c: c.execute(statement, {"path": path, "version": version}).fetchone(), path)
+
+    @staticmethod
+    def _value(path: str, row: Any, opener: Opener) -> tuple[int, dict[str, str]]:
+        """`get`'s answer from the value statement's row (None: there was none)."""
         if row is None:
             raise kv.NotFound("no such secret or version")
         found, sealed, deleted_at, epoch, term = row
         if sealed is None or deleted_at is not None:
             raise kv.NotFound("this version is deleted or destroyed")
-        plaintext = self._open(sealed, secret_aad(path, found), term, f"{path} version {found}", epoch)
+        plaintext = opener(sealed, secret_aad(path, found), term, f"{path} version {found}", epoch)
         return found, _values_decoder.decode(plaintext)
 
     def metadata(self, path: str) -> tuple[kv.SecretMeta, list[kv.VersionInfo]]:
