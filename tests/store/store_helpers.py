@@ -111,10 +111,21 @@ def open_backend(kind: str, data_dir: Path, *, unlock: bool = True, **options: A
             backend.unlock(ROOT_KEY, 0)
         return backend
     else:
-        from spike.app.store.postgres import PostgresBackend
         from tests import pg_server
 
-        backend = PostgresBackend(pg_server.server().database(), read_threads=2, **options)
+        return open_postgres(pg_server.server().database(), unlock=unlock, **options)
+    if unlock:
+        backend.install_key_record(RECORD, replace=None)
+        backend.unlock(ROOT_KEY, EPOCH)
+    return backend
+
+
+def open_postgres(url: str, *, unlock: bool = True, **options: Any) -> Any:
+    """An instance on the PostgreSQL database at `url`; with `unlock`, bootstrapped (`RECORD`, installed by
+    the first instance to open the database) and unlocked with `ROOT_KEY`."""
+    from spike.app.store.postgres import PostgresBackend
+
+    backend = PostgresBackend(url, read_threads=2, **options)
     if unlock:
         backend.install_key_record(RECORD, replace=None)
         backend.unlock(ROOT_KEY, EPOCH)

@@ -26,14 +26,11 @@ from spike.app.store.postgres_schema import MIGRATIONS
 from spike.app.store.postgres_writer import StaleKey
 from spike.protocol.record import seal_key
 from tests import pg_server
-from tests.store.store_helpers import EPOCH, RECORD, ROOT_KEY, WAIT
+from tests.store.store_helpers import EPOCH, RECORD, ROOT_KEY, WAIT, open_postgres
 
 
 def open_pg(url: str) -> PostgresBackend:
-    """An instance on the database, bootstrapped (`RECORD`, by the first to open it) and unlocked."""
-    backend = PostgresBackend(url, read_threads=2)
-    backend.install_key_record(RECORD, replace=None)
-    backend.unlock(ROOT_KEY, EPOCH)
+    backend: PostgresBackend = open_postgres(url)
     return backend
 
 
@@ -98,7 +95,7 @@ def test_a_read_waiting_for_the_pool_an_outage_replaced_is_answered_from_the_new
 
         def waiting_read() -> None:  # waits for the one connection the first read holds
             try:
-                results.append(connections.query(lambda conn: conn.execute("SELECT 2").fetchone()[0]))
+                results.append(connections.query(lambda conn: conn.execute("SELECT 2").fetchone()))
             except Exception as exc:
                 results.append(exc)
 
@@ -114,7 +111,7 @@ def test_a_read_waiting_for_the_pool_an_outage_replaced_is_answered_from_the_new
         second.join(10)
         release.set()
         first.join(10)
-        assert results == [2]
+        assert results == [(2,)]
         assert [r.getMessage() for r in caplog.records if "is unavailable" in r.getMessage()] == [
             next(r.getMessage() for r in caplog.records if "is unavailable" in r.getMessage())
         ]  # the test's own outage, once

@@ -20,16 +20,13 @@ from spike.app.store.postgres import PostgresBackend
 from spike.app.store.postgres_changes import CHANGES_APPLICATION
 from tests import pg_server
 from tests.e2e.harness import wait_until
-from tests.store.store_helpers import EPOCH, RECORD, ROOT_KEY, WAIT
+from tests.store.store_helpers import EPOCH, ROOT_KEY, WAIT, open_postgres
 
 STALENESS = 0.05
 
 
 def open_pg(url: str, *, staleness: float = STALENESS) -> PostgresBackend:
-    backend = PostgresBackend(url, read_threads=2, read_cache_staleness=staleness)
-    if backend.load_key_record() is None:
-        backend.install_key_record(RECORD, replace=None)
-    backend.unlock(ROOT_KEY, EPOCH)
+    backend: PostgresBackend = open_postgres(url, read_cache_staleness=staleness)
     return backend
 
 
