@@ -9,15 +9,19 @@ the old one.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
 
 from spike.app.model import kv
+from spike.app.store import postgres_changes
 from spike.app.store.postgres import PostgresBackend
-from spike.app.store.postgres_changes import CHANGES_APPLICATION
+from spike.app.store.postgres_changes import CHANGES_APPLICATION, ChangeListener
+from spike.app.store.read_cache import MISS, ReadCache
 from tests import pg_server
 from tests.e2e.harness import wait_until
 from tests.store.store_helpers import EPOCH, ROOT_KEY, WAIT, open_postgres
@@ -179,3 +183,47 @@ def test_a_locked_store_serves_nothing_from_the_cache(pair: tuple[PostgresBacken
     assert one.cached_get("locked", 0) is None  # the database read says what a locked store answers
     one.unlock(ROOT_KEY, EPOCH)
     assert one.cached_get("locked", 0) in (None, (1, {"k": "1"}))
+
+
+class LosesBarriers:
+    """A real connection whose LISTEN on the barrier channel goes nowhere: as through a pooler in transaction
+    mode, where a session's LISTEN does not follow the client (so its notifications never come back)."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> LosesBarriers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._conn.close()
+
+    def execute(self, query: str, params: Any = None) -> Any:
+        if query.startswith("LISTEN spike_barrier_"):
+            return None
+        return self._conn.execute(query, params)
+
+    def notifies(self, **kwargs: Any) -> Any:
+        return self._conn.notifies(**kwargs)
+
+
+def test_barriers_that_never_come_back_leave_the_cache_serving_nothing(
+    url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(postgres_changes, "BARRIER_LOST", 0.3)
+    caplog.set_level(logging.WARNING, logger="spike.nexus.store")
+    cache = ReadCache(staleness=STALENESS, max_bytes=1 << 20, clock=time.monotonic)
+    listener = ChangeListener(lambda: LosesBarriers(psycopg.connect(url, autocommit=True)), cache)  # type: ignore[arg-type,return-value]
+    listener.start()
+    try:
+        wait_until(lambda: listener.connections == 1, "the listener listening", 10)
+        cache.end_fill(cache.begin_fill(), ("p", 0, None))
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:  # reads keep asking; not one is answered from memory
+            assert cache.lookup("p", 0) is MISS
+            time.sleep(0.01)
+        assert listener.barriers == 0
+        wait_until(lambda: "did not deliver" in caplog.text, "the warning", 5)
+        assert caplog.text.count("did not deliver") == 1
+    finally:
+        listener.close()

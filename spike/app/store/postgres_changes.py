@@ -6,16 +6,20 @@ whoever writes it: this spike, an older one, a person with psql.  One thread
 per Nexus instance listens on a connection of its own and drops the paths
 from the read cache (read_cache.py) as they come.
 
-It also sends barriers: `SELECT 1` on that connection.  PostgreSQL sends a
-listener the notifications of every transaction committed before a query
-reached it ahead of that query's answer, so when the answer is in, every
-write acknowledged before the barrier was sent has been dropped here: the
-cache may serve reads for `staleness` seconds from the barrier's sending.
-While reads come, a barrier goes every `staleness / 2`; while none come, one
-a second (a listener that never reads lets the server's notification queue
-grow).  A broken connection makes the cache serve nothing until a new one
-listens, and everything kept before is dropped then: notifications sent
-meanwhile are lost.
+It also sends barriers: a notification to itself, on a channel of its own
+connection (`SELECT pg_notify(...)`, its own transaction).  PostgreSQL queues
+notifications in commit order and a listener reads them in queue order, so
+when the barrier comes back, the notifications of every transaction committed
+before the barrier's transaction have come ahead of it: every write
+acknowledged before the barrier was sent has been dropped here, and the cache
+may serve reads for `staleness` seconds from the barrier's sending.  This
+holds whatever sits between Nexus and PostgreSQL: a pooler that does not
+deliver notifications (PgBouncer in transaction mode) never brings a barrier
+back, and the cache then serves nothing (said once in the log).  While reads
+come, a barrier goes every `staleness / 2`; while none come, one a second (a
+listener that never reads lets the server's notification queue grow).  A
+broken connection makes the cache serve nothing until a new one listens, and
+everything kept before is dropped then: notifications sent meanwhile are lost.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -39,6 +43,7 @@ EVERYTHING = ""  # the payload of a change that names no single path (TRUNCATE, 
 IDLE_BARRIER = 1.0  # seconds between barriers while no read asks the cache
 SLICE = 0.1  # seconds the thread waits at most before it looks at the reads (and at `close`) again
 RETRY = 1.0  # seconds between attempts to listen again after the connection broke
+BARRIER_LOST = 5.0  # seconds after which a barrier not back is given up (and said once) and another one sent
 
 
 class ChangeListener:
@@ -56,6 +61,7 @@ class ChangeListener:
         self._clock = clock
         self._stop = threading.Event()
         self._broken = False  # logged once per outage
+        self._lost_said = False  # a barrier that never came back, logged once
         self.barriers = 0  # barriers answered
         self.connections = 0  # times it started listening
         self.last_answered_sent = -float("inf")  # when the newest answered barrier was sent
@@ -85,7 +91,12 @@ class ChangeListener:
             self._stop.wait(RETRY)
 
     def _listen(self, conn: psycopg.Connection[Any]) -> None:
+        # A barrier's transaction changes nothing worth a flush to disk: its commit need not wait for one.
+        conn.execute("SET synchronous_commit = off")
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        barrier_channel = f"spike_barrier_{row[0] if row else 0}"  # this session's own: no other sees it
         conn.execute(f"LISTEN {CHANNEL}")
+        conn.execute(f"LISTEN {barrier_channel}")
         # Whatever changed while nobody listened was announced to nobody.
         self._cache.drop_all()
         self.connections += 1
@@ -94,27 +105,47 @@ class ChangeListener:
             log.info("the read cache is on again", extra={"event": "read_cache_on"})
         asked = -1
         due = self._clock()
+        sent = 0
+        pending: tuple[str, float] | None = None  # the barrier sent and not yet back: its payload, when sent
         while not self._stop.is_set():
             lookups = self._cache.hits + self._cache.misses
             if lookups != asked:  # reads are coming: barriers often enough for the cache to serve them
                 asked = lookups
                 due = min(due, self.last_answered_sent + self._cache.staleness / 2)
-            if self._clock() >= due:
-                sent = self._clock()
-                conn.execute("SELECT 1")
-                self._apply(conn.notifies(timeout=0))  # those that came ahead of the answer
-                self._cache.barrier(sent)
-                self.barriers += 1
-                self.last_answered_sent = sent
-                due = sent + IDLE_BARRIER
-                continue
-            # Until the next barrier, drop paths as their notifications come.
-            self._apply(conn.notifies(timeout=min(due - self._clock(), SLICE)))
+            now = self._clock()
+            if pending is not None and now - pending[1] > BARRIER_LOST:
+                self._say_lost()
+                pending = None
+            if pending is None and now >= due:
+                sent += 1
+                pending = (str(sent), now)
+                conn.execute("SELECT pg_notify(%s, %s)", (barrier_channel, pending[0]))
+                due = now + IDLE_BARRIER
+            wait = SLICE if pending is not None else min(due - self._clock(), SLICE)
+            # stop_after=1: back after the first packet of notifications, every one of them handed over.
+            for note in conn.notifies(timeout=max(wait, 0.0), stop_after=1):
+                if note.channel != barrier_channel:
+                    self._apply(note)
+                elif pending is not None and note.payload == pending[0]:
+                    # Everything committed before the barrier's own commit came ahead of it.
+                    self._cache.barrier(pending[1])
+                    self.barriers += 1
+                    self.last_answered_sent = pending[1]
+                    pending = None
 
-    def _apply(self, notes: Iterable[psycopg.Notify]) -> None:
-        cache = self._cache
-        for note in notes:
-            if note.payload == EVERYTHING:
-                cache.drop_all()
-            else:
-                cache.drop([note.payload])
+    def _apply(self, note: psycopg.Notify) -> None:
+        if note.payload == EVERYTHING:
+            self._cache.drop_all()
+        else:
+            self._cache.drop([note.payload])
+
+    def _say_lost(self) -> None:
+        if not self._lost_said:
+            self._lost_said = True
+            log.warning(
+                "the read cache serves nothing: the database did not deliver this instance's own notification "
+                "within %gs (a connection pooler in transaction mode drops them: reach PostgreSQL directly, or "
+                "set --read-cache-staleness 0)",
+                BARRIER_LOST,
+                extra={"event": "read_cache_barrier_lost"},
+            )
