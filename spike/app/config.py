@@ -45,9 +45,9 @@ DEFAULT_TRUST_DOMAIN = "spike.ist"
 DEFAULT_KEEPER_PORT = 8443
 DEFAULT_NEXUS_PORT = 8553
 DEFAULT_NEXUS_URL = f"https://localhost:{DEFAULT_NEXUS_PORT}"
-# How often Nexus says again, in its log, what stays wrong (see `Summaries` in nexus.py).
 READ_CACHE_STALENESS = 0.02  # seconds (PostgreSQL's read cache, docs/postgresql.md)
 MAX_READ_CACHE_STALENESS = 10.0
+# How often Nexus says again, in its log, what stays wrong (see `Summaries` in nexus.py).
 WAITING_SUMMARY_EVERY = 30.0  # while it waits for shards
 KEEPER_SUMMARY_EVERY = 300.0  # while a keeper stays without its shard
 
