@@ -42,7 +42,6 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
@@ -50,7 +49,7 @@ sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests"), str(ROOT / "tests" / "
 import loadgen  # noqa: E402
 import pg_server  # noqa: E402
 from harness import Cluster  # noqa: E402
-from postgres_rows import target  # noqa: E402
+from postgres_rows import split_load, target  # noqa: E402
 
 from spike.app.commands.devca import mint_dev_identity  # noqa: E402
 
@@ -71,8 +70,6 @@ def load(
 ) -> tuple[float, float, float]:
     """The same total load split evenly over these instances at once: requests per second, and the CPU time
     per request of the Nexus instances and of PostgreSQL (every process of the server, in microseconds)."""
-    results: list[dict[str, Any]] = []
-    errors: list[BaseException] = []
     nexus = [cluster.nexus(i).popen.pid for i in indices]
     marks: dict[str, float] = {}
     started = threading.Barrier(
@@ -81,25 +78,7 @@ def load(
             nexus=cpu_seconds(nexus), db=cpu_seconds(descendants(db_pid)) if cluster.database_url else 0.0
         ),
     )
-
-    def one(index: int) -> None:
-        share = connections // len(indices)
-        try:
-            results.append(
-                loadgen.run(
-                    target(cluster, index), kind, share, max(1, share // 8), seconds, paths, on_start=started.wait
-                )
-            )
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in indices]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
+    results = split_load(cluster, indices, kind, connections, seconds, paths, on_start=started.wait)
     if any(int(r["errors"]) for r in results):
         raise RuntimeError(f"errors under load: {results}")
     nexus_cpu = cpu_seconds(nexus) - marks["nexus"]

@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,25 +45,43 @@ def target(cluster: Cluster, index: int) -> loadgen.Target:
     )
 
 
-def load(cluster: Cluster, instances: int, kind: str, connections: int, seconds: float, paths: int) -> dict[str, Any]:
-    """The same total load, split evenly over `instances` Nexus instances at once."""
+def split_load(
+    cluster: Cluster,
+    indices: list[int],
+    kind: str,
+    connections: int,
+    seconds: float,
+    paths: int,
+    *,
+    on_start: Callable[[], None] = lambda: None,
+) -> list[dict[str, Any]]:
+    """The same total load split evenly over these instances at once: each instance's load generator result
+    (`on_start`: called by each of them once its connections are open)."""
     results: list[dict[str, Any]] = []
     errors: list[BaseException] = []
+    share = connections // len(indices)
 
     def one(index: int) -> None:
-        share = connections // instances
         try:
-            results.append(loadgen.run(target(cluster, index), kind, share, max(1, share // 8), seconds, paths))
+            results.append(
+                loadgen.run(target(cluster, index), kind, share, max(1, share // 8), seconds, paths, on_start=on_start)
+            )
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(1, instances + 1)]
+    threads = [threading.Thread(target=one, args=(i,)) for i in indices]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     if errors:
         raise errors[0]
+    return results
+
+
+def load(cluster: Cluster, instances: int, kind: str, connections: int, seconds: float, paths: int) -> dict[str, Any]:
+    """The same total load, split evenly over `instances` Nexus instances at once."""
+    results = split_load(cluster, list(range(1, instances + 1)), kind, connections, seconds, paths)
     requests = sum(int(r["requests"]) for r in results)
     seconds_taken = max(float(r["seconds"]) for r in results)
     return {

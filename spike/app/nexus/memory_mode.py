@@ -36,7 +36,7 @@ from spike.app.store.policies import PolicyStore
 from spike.protocol.identity import TrustDomains
 from spike.protocol.material import RootKey
 from spike.transports.identity import IdentitySource
-from spike.transports.runner import run_event_loop, serve
+from spike.transports.runner import serve
 
 log = logging.getLogger("spike.nexus")
 
@@ -50,7 +50,7 @@ NOTHING_KEPT = (
 
 def run_memory(config: NexusConfig, identity: IdentitySource, memory: Protection) -> None:
     """Serve until SIGTERM with nothing kept; the in-memory database is freed as the process ends."""
-    from spike.app.nexus.server import CallRecorder
+    from spike.app.nexus.server import CallRecorder, serve_until_stopped
 
     secrets = MemoryBackend(default_max_versions=config.max_secret_versions)
     try:
@@ -59,24 +59,15 @@ def run_memory(config: NexusConfig, identity: IdentitySource, memory: Protection
     except BaseException:
         secrets.close()
         raise
-    started = False
 
-    def on_start() -> None:
-        nonlocal started
-        started = True
-        memory.say("Nexus")
-
-    async def main() -> None:
-        nexus = MemoryNexus(config, identity, secrets, CallRecorder(audit, None))
-        await nexus.serve(on_start)
-
-    try:
-        run_event_loop(main)
-    finally:
+    def close() -> None:
         secrets.close()  # the last connection: SQLite frees the database
         audit.close()
-        if started:
-            log.info("Nexus stopped; its memory backend's secrets and policies are gone")
+
+    async def serve_nexus(on_start: Callable[[], None]) -> None:
+        await MemoryNexus(config, identity, secrets, CallRecorder(audit, None)).serve(on_start)
+
+    serve_until_stopped(serve_nexus, memory, close, "Nexus stopped; its memory backend's secrets and policies are gone")
 
 
 def memory_api(

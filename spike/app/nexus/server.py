@@ -274,6 +274,27 @@ def _run(
         raise
     stored = Stored(record, pending, highest)
     offload = LoopOffload()
+
+    def close() -> None:
+        offload.close()  # a store write under way finishes
+        secrets.close()  # lets queued writes finish their commit
+        audit.close()
+
+    async def serve_nexus(on_start: Callable[[], None]) -> None:
+        # Made inside the event loop: the custody machine's clock is the loop's.
+        await Nexus(config, identity, secrets, audit, stored, offload, reload).serve(on_start)
+
+    serve_until_stopped(serve_nexus, memory, close, "Nexus stopped; the root key is gone from memory")
+
+
+def serve_until_stopped(
+    serve_nexus: Callable[[Callable[[], None]], Coroutine[Any, Any, None]],
+    memory: Protection,
+    close: Callable[[], None],
+    stopped: str,
+) -> None:
+    """Run `serve_nexus(on_start)` on the event loop until it returns; `close` what it used in any case, and
+    log `stopped` if it had started (a Nexus that could not start says why in one line, from the CLI)."""
     started = False
 
     def on_start() -> None:
@@ -281,18 +302,12 @@ def _run(
         started = True
         memory.say("Nexus")
 
-    async def main() -> None:
-        # Made inside the event loop: the custody machine's clock is the loop's.
-        await Nexus(config, identity, secrets, audit, stored, offload, reload).serve(on_start)
-
     try:
-        run_event_loop(main)
+        run_event_loop(lambda: serve_nexus(on_start))
     finally:
-        offload.close()  # a store write under way finishes
-        secrets.close()  # lets queued writes finish their commit
-        audit.close()
-        if started:  # a Nexus that could not start says so in one line, from the CLI
-            log.info("Nexus stopped; the root key is gone from memory")
+        close()
+        if started:
+            log.info(stopped)
 
 
 def _custody_machine(config: NexusConfig, stored: Stored, now: float) -> NexusCustody:
